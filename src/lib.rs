@@ -1,0 +1,5 @@
+//! vblkd — a vhost-user-blk backend daemon with a userspace block-device stack.
+//!
+//! Layers (each imports only the ones below it):
+//! `vhost` → `bdev` ← (`ftl`, `cache`) → `ocssd` → `nvme`.
+#![deny(clippy::undocumented_unsafe_blocks)]

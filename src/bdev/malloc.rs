@@ -1,0 +1,165 @@
+//! `malloc`: a RAM-backed bdev (SPEC §2 modules).
+//!
+//! # Design
+//! One anonymous mapping holds the data; every channel copies between it and the I/O memory with raw
+//! copies (no lock: concurrent overlapping writes give unspecified content, as on a real disk).
+//! I/O completes in `submit` but is only reported by `poll` (one completion path).
+//! Unmap and write_zeroes zero the range; flush is a no-op.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::{Bdev, BdevError, BdevInfo, BdevIo, Completion, IoKind, IoKinds, ModuleChannel, Rejected};
+
+/// Anonymous memory owned by the bdev.
+struct Region {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is process memory owned by `Region`; access is by raw pointer copies only.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping created in `MallocBdev::new`, unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// A RAM disk.
+pub struct MallocBdev {
+    info: BdevInfo,
+    region: Arc<Region>,
+}
+
+impl MallocBdev {
+    /// A zeroed RAM disk of `size_bytes` (a multiple of `block_size`, which is 512 or 4096).
+    pub fn new(name: &str, size_bytes: u64, block_size: u32) -> Result<Self, BdevError> {
+        if block_size != 512 && block_size != 4096 {
+            return Err(BdevError::InvalidConfig(format!("block size {block_size} is not 512 or 4096")));
+        }
+        if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+            return Err(BdevError::InvalidConfig(format!(
+                "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
+            )));
+        }
+        let len = usize::try_from(size_bytes)
+            .map_err(|_| BdevError::InvalidConfig(format!("size {size_bytes} does not fit in memory")))?;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(BdevError::io(
+                format!("malloc bdev '{name}': mmap {len} bytes"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut info = BdevInfo::new(name, "malloc", block_size, size_bytes / u64::from(block_size));
+        info.supports = IoKinds { flush: true, unmap: true, write_zeroes: true, reset: true };
+        info.unmap_reads_zeroes = true;
+        Ok(Self { info, region: Arc::new(Region { ptr: ptr.cast(), len }) })
+    }
+}
+
+impl Bdev for MallocBdev {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
+        Ok(Box::new(MallocChannel {
+            region: self.region.clone(),
+            block_size: u64::from(self.info.block_size),
+            done: VecDeque::new(),
+        }))
+    }
+}
+
+struct MallocChannel {
+    region: Arc<Region>,
+    block_size: u64,
+    done: VecDeque<Completion>,
+}
+
+impl ModuleChannel for MallocChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        // The generic layer checked the range against num_blocks, so offsets are inside the region.
+        let off = (io.offset_blocks * self.block_size) as usize;
+        let len = (io.num_blocks * self.block_size) as usize;
+        debug_assert!(off + len <= self.region.len);
+        match io.kind {
+            IoKind::Read => {
+                // SAFETY: `off..off+len` is inside the mapping (validated range); the I/O memory is
+                // distinct from our private mapping.
+                unsafe { io.bufs.copy_from_raw(0, self.region.ptr.add(off), len) };
+            }
+            IoKind::Write => {
+                // SAFETY: as above, copying in the other direction.
+                unsafe { io.bufs.copy_to_raw(0, self.region.ptr.add(off), len) };
+            }
+            IoKind::Unmap | IoKind::WriteZeroes => {
+                // SAFETY: `off..off+len` is inside the mapping.
+                unsafe { std::ptr::write_bytes(self.region.ptr.add(off), 0, len) };
+            }
+            IoKind::Flush | IoKind::Reset => {}
+        }
+        self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        let n = self.done.len();
+        done.extend(self.done.drain(..));
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::{IoError, IoVecs, Registry};
+
+    #[test]
+    fn write_read_unmap_and_validation() {
+        let reg = Registry::new();
+        reg.register(Arc::new(MallocBdev::new("m0", 1 << 20, 512).expect("malloc"))).expect("register");
+        let desc = reg.open("m0", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let data: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+        ch.submit(BdevIo::write(10, 2, IoVecs::from_slice(&data), 1));
+        let rbuf = IoVecs::alloc(1024);
+        let keep = rbuf.slice(0, 1024).expect("slice");
+        ch.submit(BdevIo::read(10, 2, rbuf, 2));
+        ch.submit(BdevIo::no_data(IoKind::Unmap, 0, 0, 3));
+        ch.submit(BdevIo::read(2047, 2, IoVecs::alloc(1024), 4));
+        let mut done = Vec::new();
+        ch.poll(&mut done);
+        done.sort_by_key(|c| c.tag);
+        assert_eq!(done.len(), 4);
+        assert_eq!(done[0].result, Ok(()));
+        assert_eq!(done[1].result, Ok(()));
+        assert_eq!(keep.to_vec(), data);
+        assert_eq!(done[2].result, Err(IoError::InvalidRange));
+        assert_eq!(done[3].result, Err(IoError::InvalidRange));
+
+        let ro = reg.open("m0", false).expect("open ro");
+        let mut ch = ro.channel().expect("channel");
+        ch.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 9));
+        let mut done = Vec::new();
+        ch.poll(&mut done);
+        assert_eq!(done, vec![Completion { tag: 9, result: Err(IoError::ReadOnly) }]);
+    }
+}

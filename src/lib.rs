@@ -3,3 +3,5 @@
 //! Layers (each imports only the ones below it):
 //! `vhost` → `bdev` ← (`ftl`, `cache`) → `ocssd` → `nvme`.
 #![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod ocssd;

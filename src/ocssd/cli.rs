@@ -128,7 +128,6 @@ pub fn parse_bad_chunks(s: &str) -> Result<Vec<Ppa>, MediaCliError> {
 }
 
 /// Builds and checks the emulator configuration of `create`.
-#[allow(clippy::too_many_arguments)]
 fn create_config(cmd: &MediaCommand) -> Result<(PathBuf, EmuConfig), MediaCliError> {
     let MediaCommand::Create {
         path,

@@ -224,6 +224,8 @@ fn free_bytes(dir: &Path) -> Result<u64, MediaError> {
     }
     // SAFETY: `st` was zero-initialised (a valid statvfs) and statvfs succeeded.
     let st = unsafe { st.assume_init() };
+    // The field types differ between targets (u32 on some 32-bit ones).
+    #[allow(clippy::useless_conversion)]
     Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 

@@ -455,8 +455,14 @@ impl PpaList {
 
     /// `num_blocks` consecutive blocks of one chunk from `start`.
     pub fn contiguous(start: Ppa, num_blocks: usize) -> Result<Self, MediaError> {
-        let n = u64::try_from(num_blocks).map_err(|_| MediaError::BadPpaList(num_blocks))?;
-        Self::new((0..n).map(|i| start.with_lbk(start.lbk + i)).collect())
+        if num_blocks == 0 || num_blocks > MAX_VECTOR_LBAS {
+            return Err(MediaError::BadPpaList(num_blocks));
+        }
+        let ppas: Option<Vec<Ppa>> = (0..num_blocks as u64)
+            .map(|i| start.lbk.checked_add(i).map(|lbk| start.with_lbk(lbk)))
+            .collect();
+        // An overflowing block number cannot address any device: refuse the list.
+        Self::new(ppas.ok_or(MediaError::BadPpaList(num_blocks))?)
     }
 
     /// The addresses.
@@ -654,5 +660,6 @@ mod tests {
             PpaList::contiguous(Ppa::default(), 65),
             Err(MediaError::BadPpaList(65))
         ));
+        assert!(PpaList::contiguous(Ppa::new(0, 0, 0, u64::MAX), 2).is_err());
     }
 }

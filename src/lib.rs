@@ -5,3 +5,4 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bdev;
+pub mod ocssd;

@@ -5,4 +5,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bdev;
+pub mod cli;
+pub mod client;
 pub mod ocssd;

@@ -1,1 +1,169 @@
-fn main() {}
+//! `vblkd`: parse flags → build the bdev stack → start exports → wait for a signal → tear down.
+//!
+//! Signals: SIGINT/SIGTERM stop gracefully (finish in-flight I/O, flush and close every bdev, remove
+//! the sockets, exit 0); SIGUSR1 prints statistics as JSON on stdout.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use vblkd::bdev::{Bdev, Registry};
+use vblkd::cli::{self, Args, BdevSpec, Command, Config, SocketState};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Command::Media(cmd)) = args.command {
+        return match vblkd::ocssd::cli::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vblkd media: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let config = match cli::build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vblkd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::new().filter_level(config.log_level).format_timestamp_micros().init();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vblkd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Blocks the stop/stats signals in this thread (and every thread it spawns later) so `sigwait` sees them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it; pthread_sigmask only changes
+    // this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
+    let rc = unsafe { libc::sigwait(set, &mut sig) };
+    if rc != 0 {
+        libc::SIGTERM
+    } else {
+        sig
+    }
+}
+
+fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
+    use vblkd::bdev::file::{Engine, FileBdev};
+    use vblkd::bdev::malloc::MallocBdev;
+    use vblkd::bdev::null::NullBdev;
+    let flag = |e: &dyn std::fmt::Display| format!("--bdev name={}: {e}", spec.name());
+    Ok(match spec {
+        BdevSpec::Malloc { name, size_bytes, block_size } => {
+            Arc::new(MallocBdev::new(name, *size_bytes, *block_size).map_err(|e| flag(&e))?)
+        }
+        BdevSpec::Null { name, size_bytes, block_size } => {
+            Arc::new(NullBdev::new(name, *size_bytes, *block_size).map_err(|e| flag(&e))?)
+        }
+        BdevSpec::File { name, path, size_bytes, block_size, direct, engine } => {
+            let engine = match engine {
+                cli::FileEngine::IoUring => Engine::IoUring,
+                cli::FileEngine::Threads => Engine::Threads,
+            };
+            Arc::new(
+                FileBdev::open(name, path, *size_bytes, *block_size, *direct, engine)
+                    .map_err(|e| flag(&e))?,
+            )
+        }
+    })
+}
+
+fn run(config: Config) -> Result<(), String> {
+    let sigset = block_signals();
+    if config.is_default {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("--data-dir {}: cannot create: {e}", config.data_dir.display()))?;
+    }
+    // Sockets first: a live daemon on a path is an error before anything is built.
+    for ex in &config.exports {
+        match cli::probe_socket(&ex.socket) {
+            SocketState::Free => {}
+            SocketState::Stale => {
+                log::warn!("replacing stale socket {}", ex.socket.display());
+                std::fs::remove_file(&ex.socket).map_err(|e| {
+                    format!("--export socket={}: cannot remove stale socket: {e}", ex.socket.display())
+                })?;
+            }
+            SocketState::InUse => {
+                return Err(format!("--export socket={}: in use by a running daemon", ex.socket.display()))
+            }
+            SocketState::NotASocket => {
+                return Err(format!("--export socket={}: exists and is not a socket", ex.socket.display()))
+            }
+        }
+    }
+    let registry = Arc::new(Registry::new());
+    for spec in &config.bdevs {
+        let bdev = build_bdev(spec)?;
+        registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
+    }
+    let mut exports = Vec::new();
+    for ex in &config.exports {
+        let handle =
+            vblkd::export::start(&registry, ex).map_err(|e| format!("--export bdev={}: {e}", ex.bdev))?;
+        println!("vblkd: serving bdev '{}' on {}", ex.bdev, ex.socket.display());
+        println!(
+            "vblkd: attach with: qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \
+             -numa node,memdev=mem -m 1G -chardev socket,id=c0,path={} \
+             -device vhost-user-blk-pci,chardev=c0,num-queues={}",
+            ex.socket.display(),
+            ex.queues
+        );
+        exports.push(handle);
+    }
+    loop {
+        match wait_signal(&sigset) {
+            libc::SIGUSR1 => println!("{}", vblkd::export::stats_json(&registry, &exports)),
+            sig => {
+                log::info!("signal {sig}: stopping");
+                break;
+            }
+        }
+    }
+    // Top-down teardown: exports (finish in-flight I/O, remove sockets), then bdevs in reverse order.
+    let mut failed = false;
+    for handle in exports.into_iter().rev() {
+        if let Err(e) = handle.stop() {
+            log::error!("stopping export: {e}");
+            failed = true;
+        }
+    }
+    for name in registry.names().into_iter().rev() {
+        match registry.unregister(&name) {
+            Ok(bdev) => {
+                if let Err(e) = bdev.shutdown() {
+                    log::error!("closing bdev '{name}': {e}");
+                    failed = true;
+                }
+            }
+            Err(e) => log::error!("removing bdev '{name}': {e}"),
+        }
+    }
+    if failed {
+        Err("errors during shutdown (see log)".into())
+    } else {
+        log::info!("stopped cleanly");
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need on a fresh machine, then runs every test
+# (unit, vhost-user frontend, libblkio, CLI, and the QEMU guest end-to-end workloads).
+#
+#   scripts/test.sh            # everything (about 10-15 minutes on 2 cores, guests under TCG)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Host packages for the guest bench and qemu-storage-daemon (apt-get when missing).
+bash qemu/deps.sh
+
+# The guest kernel + initramfs are built once and cached outside the repo.
+bash qemu/build-guest.sh
+
+export RUST_BACKTRACE=1
+cargo build --release --all-targets
+cargo test --release --all-targets -- --test-threads=2

@@ -17,13 +17,19 @@
 //! * Completion order may differ from submission order; completions carry the caller's `tag`.
 
 pub mod channel;
+pub mod file;
 pub mod iov;
 pub mod malloc;
+pub mod null;
 pub mod registry;
+pub mod stats;
+#[cfg(test)]
+mod tests;
 
 pub use channel::Channel;
 pub use iov::{AlignedBuf, IoVecs};
-pub use registry::{Descriptor, Registry};
+pub use registry::{Descriptor, Registry, RemoveCallback};
+pub use stats::{BdevStats, BdevStatsSnapshot};
 
 use std::os::fd::RawFd;
 

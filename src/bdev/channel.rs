@@ -174,12 +174,24 @@ impl Channel {
                 let mut off = io.offset_blocks;
                 let end = io.offset_blocks + io.num_blocks;
                 if next_len(info, off, io.num_blocks) == io.num_blocks {
-                    children.push(BdevIo { kind: io.kind, offset_blocks: off, num_blocks: io.num_blocks, bufs, tag: 0 });
+                    children.push(BdevIo {
+                        kind: io.kind,
+                        offset_blocks: off,
+                        num_blocks: io.num_blocks,
+                        bufs,
+                        tag: 0,
+                    });
                 } else {
                     while off < end {
                         let n = next_len(info, off, end - off);
                         let b = bufs.slice((off - io.offset_blocks) * bs, n * bs).expect("validated length");
-                        children.push(BdevIo { kind: io.kind, offset_blocks: off, num_blocks: n, bufs: b, tag: 0 });
+                        children.push(BdevIo {
+                            kind: io.kind,
+                            offset_blocks: off,
+                            num_blocks: n,
+                            bufs: b,
+                            tag: 0,
+                        });
                         off += n;
                     }
                 }

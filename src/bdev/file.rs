@@ -42,7 +42,9 @@ use io_uring::{opcode, types, IoUring};
 
 use super::channel::{zero_buf, ZERO_BUF_BYTES};
 use super::iov::AlignedBuf;
-use super::{Bdev, BdevError, BdevInfo, BdevIo, Completion, IoError, IoKind, IoKinds, ModuleChannel, Rejected};
+use super::{
+    Bdev, BdevError, BdevInfo, BdevIo, Completion, IoError, IoKind, IoKinds, ModuleChannel, Rejected,
+};
 
 /// How a file bdev does its I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -177,7 +179,10 @@ impl FileBdev {
             let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs as *mut libc::c_int) };
             if rc == 0 && lbs > 0 && (lbs as u64) > bs {
                 if lbs != 4096 {
-                    return Err(BdevError::InvalidConfig(format!("{}: logical block size {lbs}", ctx("device"))));
+                    return Err(BdevError::InvalidConfig(format!(
+                        "{}: logical block size {lbs}",
+                        ctx("device")
+                    )));
                 }
                 bs = 4096;
             }
@@ -545,7 +550,9 @@ impl Drop for UringChannel {
                 Ok(_) => self.reap(),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
-                    log::error!("file bdev: io_uring wait at teardown failed ({e}); leaking in-flight buffers");
+                    log::error!(
+                        "file bdev: io_uring wait at teardown failed ({e}); leaking in-flight buffers"
+                    );
                     std::mem::forget(std::mem::take(&mut self.slots));
                     break;
                 }
@@ -570,7 +577,8 @@ struct ThreadsChannel {
 
 impl ThreadsChannel {
     fn new(shared: Arc<Shared>, name: &str) -> Result<Self, BdevError> {
-        let efd = Arc::new(new_eventfd().map_err(|e| BdevError::io(format!("file bdev '{name}': eventfd"), e))?);
+        let efd =
+            Arc::new(new_eventfd().map_err(|e| BdevError::io(format!("file bdev '{name}': eventfd"), e))?);
         let (tx, rx) = mpsc::channel::<BdevIo>();
         let (done_tx, done_rx) = mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));

@@ -122,7 +122,12 @@ impl Registry {
         self.open_inner(name, writable, Some(Arc::new(on_remove)))
     }
 
-    fn open_inner(&self, name: &str, writable: bool, cb: Option<RemoveCallback>) -> Result<Descriptor, BdevError> {
+    fn open_inner(
+        &self,
+        name: &str,
+        writable: bool,
+        cb: Option<RemoveCallback>,
+    ) -> Result<Descriptor, BdevError> {
         let entry = lock(&self.inner)
             .by_name
             .get(name)

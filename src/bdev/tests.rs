@@ -20,8 +20,8 @@ use super::file::{Engine, FileBdev};
 use super::malloc::MallocBdev;
 use super::null::NullBdev;
 use super::{
-    AlignedBuf, Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, ModuleChannel,
-    Registry, Rejected,
+    AlignedBuf, Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, IoError, IoKind, IoVecs,
+    ModuleChannel, Registry, Rejected,
 };
 
 /// Polls until nothing is outstanding; returns completions in arrival order.
@@ -275,7 +275,8 @@ fn conformance_file_direct() {
 fn conformance_file_zero_write_fallback() {
     let d = tmp();
     for engine in [Engine::IoUring, Engine::Threads] {
-        let f = FileBdev::open("fz", d.path().join(format!("{engine:?}")), Some(4 << 20), false, engine).expect("file");
+        let f = FileBdev::open("fz", d.path().join(format!("{engine:?}")), Some(4 << 20), false, engine)
+            .expect("file");
         f.force_zero_write_fallback();
         conformance(Arc::new(f));
     }
@@ -285,7 +286,10 @@ fn conformance_file_zero_write_fallback() {
 fn file_open_rules() {
     let d = tmp();
     let p = d.path().join("a");
-    assert!(matches!(FileBdev::open("a", &p, None, false, Engine::Threads), Err(BdevError::InvalidConfig(_))));
+    assert!(matches!(
+        FileBdev::open("a", &p, None, false, Engine::Threads),
+        Err(BdevError::InvalidConfig(_))
+    ));
     let f = FileBdev::open("a", &p, Some(1 << 20), false, Engine::Threads).expect("create");
     assert_eq!(f.info().num_blocks, 2048);
     assert!(f.info().volatile_write_cache);
@@ -314,7 +318,10 @@ fn null_validation_and_zeros() {
     let mut ch = desc.channel().expect("channel");
     write_pat(&mut ch, 3, 5, 4096, 1, true);
     same(&read_back(&mut ch, 3, 5, 4096, true), &vec![0u8; 5 * 4096]);
-    let r = run(&mut ch, vec![BdevIo::read(256, 1, IoVecs::alloc(4096), 1), BdevIo::no_data(IoKind::Unmap, 0, 0, 2)]);
+    let r = run(
+        &mut ch,
+        vec![BdevIo::read(256, 1, IoVecs::alloc(4096), 1), BdevIo::no_data(IoKind::Unmap, 0, 0, 2)],
+    );
     assert!(r.values().all(|v| *v == Err(IoError::InvalidRange)));
 }
 
@@ -437,8 +444,9 @@ fn nomem_backpressure_keeps_order_and_threshold() {
             c.per_poll = 1;
         }
         let (_reg, _desc, mut ch) = open_stub(bdev);
-        let ios: Vec<BdevIo> =
-            (0..100u64).map(|i| BdevIo::write(i, 1, IoVecs::from_slice(&pattern(i, 1, 512, 1)), 1000 + i)).collect();
+        let ios: Vec<BdevIo> = (0..100u64)
+            .map(|i| BdevIo::write(i, 1, IoVecs::from_slice(&pattern(i, 1, 512, 1)), 1000 + i))
+            .collect();
         let r = run(&mut ch, ios);
         assert!(r.values().all(|v| v.is_ok()), "no error may reach the caller");
         let order: Vec<u64> = accepts(&ctl).iter().map(|a| a.1).collect();
@@ -486,7 +494,10 @@ fn split_on_boundary_and_max_io() {
     assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 5, 20, 0)), Ok(()));
     assert_eq!(run1(&mut ch, BdevIo::write(16, 8, IoVecs::from_slice(&pattern(16, 8, 512, 4)), 0)), Ok(()));
     use IoKind::*;
-    assert_eq!(accepts(&ctl), vec![(Write, 5, 3), (Write, 8, 8), (Write, 16, 8), (Write, 24, 1), (Unmap, 5, 20), (Write, 16, 8)]);
+    assert_eq!(
+        accepts(&ctl),
+        vec![(Write, 5, 3), (Write, 8, 8), (Write, 16, 8), (Write, 24, 1), (Unmap, 5, 20), (Write, 16, 8)]
+    );
 
     let (bdev, ctl) = StubBdev::new(|i| i.max_io_blocks = 4);
     let (_reg, _desc, mut ch) = open_stub(bdev);
@@ -546,7 +557,9 @@ fn hot_remove_notifies_open_descriptors() {
     reg.register(Arc::new(MallocBdev::new("hr", 1 << 20, 512).expect("malloc"))).expect("register");
     let fired = Arc::new(Mutex::new(Vec::<String>::new()));
     let f2 = fired.clone();
-    let d1 = reg.open_with_remove("hr", true, move |n| f2.lock().expect("lock").push(n.to_string())).expect("open");
+    let d1 = reg
+        .open_with_remove("hr", true, move |n| f2.lock().expect("lock").push(n.to_string()))
+        .expect("open");
     let f3 = fired.clone();
     let d2 = reg.open_with_remove("hr", false, move |n| f3.lock().expect("lock").push(format!("closed-{n}")));
     drop(d2);

@@ -570,3 +570,37 @@ fn hot_remove_notifies_open_descriptors() {
     write_pat(&mut ch, 0, 1, 512, 0, false);
     assert!(reg.open("hr", false).is_err());
 }
+
+#[test]
+fn channel_is_send() {
+    fn send<T: Send>() {}
+    send::<Channel>();
+    send::<super::Descriptor>();
+}
+
+#[test]
+fn file_wait_fd_wakes_and_drop_waits_for_inflight() {
+    let d = tmp();
+    for engine in [Engine::IoUring, Engine::Threads] {
+        let reg = Registry::new();
+        let f = FileBdev::open("w", d.path().join(format!("{engine:?}")), Some(4 << 20), false, engine)
+            .expect("file");
+        reg.register(Arc::new(f)).expect("register");
+        let desc = reg.open("w", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let fd = ch.wait_fd().expect("file channels have a wait fd");
+        ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&pattern(0, 8, 512, 1)), 1));
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on the stack.
+        let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert_eq!(n, 1, "{engine:?}: wait_fd never became readable");
+        assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }]);
+        // Dropping a channel with I/O in flight must wait for the kernel/workers (no use after free).
+        for i in 0..200u64 {
+            ch.submit(BdevIo::read(i, 1, IoVecs::alloc(512), i));
+        }
+        drop(ch);
+        let mut ch = desc.channel().expect("channel");
+        same(&read_back(&mut ch, 0, 8, 512, true), &pattern(0, 8, 512, 1));
+    }
+}

@@ -29,7 +29,7 @@ pub mod null;
 pub mod registry;
 pub mod stats;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use channel::Channel;
 pub use iov::{AlignedBuf, IoVecs};

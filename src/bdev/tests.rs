@@ -25,7 +25,7 @@ use super::{
 };
 
 /// Polls until nothing is outstanding; returns completions in arrival order.
-fn drive(ch: &mut Channel) -> Vec<Completion> {
+pub(crate) fn drive(ch: &mut Channel) -> Vec<Completion> {
     let mut done = Vec::new();
     let mut idle = 0u32;
     while ch.outstanding() > 0 {
@@ -51,7 +51,7 @@ fn wait_readable(fd: RawFd, ms: i32) {
 }
 
 /// Submits `ios` and returns each tag's result, asserting every tag completes exactly once.
-fn run(ch: &mut Channel, ios: Vec<BdevIo>) -> HashMap<u64, Result<(), IoError>> {
+pub(crate) fn run(ch: &mut Channel, ios: Vec<BdevIo>) -> HashMap<u64, Result<(), IoError>> {
     let n = ios.len();
     for io in ios {
         ch.submit(io);
@@ -126,7 +126,7 @@ fn write_pat(ch: &mut Channel, off: u64, n: u64, bs: u64, seed: u8, scatter: boo
 }
 
 /// The shared suite: every data-storing bdev must pass it.
-fn conformance(bdev: Arc<dyn Bdev>) {
+pub(crate) fn conformance(bdev: Arc<dyn Bdev>) {
     let reg = Registry::new();
     let name = bdev.info().name.clone();
     reg.register(bdev).expect("register");
@@ -602,5 +602,42 @@ fn file_wait_fd_wakes_and_drop_waits_for_inflight() {
         drop(ch);
         let mut ch = desc.channel().expect("channel");
         same(&read_back(&mut ch, 0, 8, 512, true), &pattern(0, 8, 512, 1));
+    }
+}
+
+/// A loop device over a temp file, detached on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(img: &std::path::Path) -> Option<Self> {
+        let out = std::process::Command::new("losetup").arg("--find").arg("--show").arg(img).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        dev.starts_with("/dev/").then_some(Self(dev))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn conformance_file_block_device() {
+    let d = tmp();
+    let img = d.path().join("loop.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(8 << 20)).expect("image");
+    let Some(dev) = LoopDev::attach(&img) else {
+        eprintln!("no loop device (needs root and losetup); skipped");
+        return;
+    };
+    for (engine, direct) in [(Engine::IoUring, false), (Engine::Threads, true), (Engine::IoUring, true)] {
+        let f = FileBdev::open("blk", &dev.0, None, direct, engine).expect("open block device");
+        assert_eq!(f.info().num_blocks, (8 << 20) / 512);
+        assert!(FileBdev::open("big", &dev.0, Some(16 << 20), false, engine).is_err());
+        conformance(Arc::new(f));
     }
 }

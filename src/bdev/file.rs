@@ -16,7 +16,8 @@
 //!   holds raw pointers into it), `fsync(DATASYNC)` for flush, `fallocate(PUNCH_HOLE|KEEP_SIZE)` for
 //!   unmap, `fallocate(ZERO_RANGE|KEEP_SIZE)` for write_zeroes. `EOPNOTSUPP` from either makes the
 //!   bdev fall back (from then on) to writes from the shared zero buffer, one 1 MiB write at a time.
-//!   Short reads/writes are resubmitted for the remainder. An eventfd registered with the ring is the
+//!   Short reads/writes (and the part beyond the first `IOV_MAX` segments) are resubmitted for the
+//!   remainder. An eventfd registered with the ring is the
 //!   channel's `wait_fd`. A full ring or SQ → `Rejected::NoMem`.
 //! * If io_uring cannot be set up (EPERM under seccomp, ENOSYS on old kernels), the threads engine is
 //!   used instead, with a warning.
@@ -25,7 +26,8 @@
 //! * The write cache is volatile (page cache or disk cache): flush is needed; `shutdown` fsyncs.
 //!
 //! # Limitations
-//! More than `IOV_MAX` (1024) segments in one I/O fails with `EINVAL`. No `BLKDISCARD`/`BLKZEROOUT`
+//! An I/O with more than `IOV_MAX` (1024) segments is done in several syscalls (treated like a short
+//! transfer), so it is not atomic with respect to concurrent overlapping I/O. No `BLKDISCARD`/`BLKZEROOUT`
 //! ioctls: block devices use `fallocate` (Linux ≥ 4.9) or the zero-write fallback. No registered
 //! buffers or files, no SQPOLL.
 
@@ -62,6 +64,8 @@ const BLKGETSIZE64: libc::Ioctl = 0x8008_1272u32 as libc::Ioctl;
 const RING_ENTRIES: u32 = 128;
 /// In-flight limit of a threads channel.
 const THREADS_MAX_INFLIGHT: usize = 128;
+/// Most segments passed to one readv/writev (`IOV_MAX`); longer lists go in several rounds.
+const IOV_MAX: usize = 1024;
 /// Workers per threads channel.
 const THREADS_WORKERS: usize = 4;
 
@@ -367,7 +371,7 @@ impl UringChannel {
             match s.io.kind {
                 IoKind::Read | IoKind::Write => {
                     let v = s.rest.as_ref().unwrap_or(&s.io.bufs);
-                    let iov = v.as_iovecs();
+                    let iov = &v.as_iovecs()[..v.segments().min(IOV_MAX)];
                     let at = off + s.done_bytes;
                     if s.io.kind == IoKind::Read {
                         opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32).offset(at).build()
@@ -628,7 +632,7 @@ fn blocking_io(shared: &Shared, io: &BdevIo) -> Result<(), IoError> {
                     rest = io.bufs.slice(done, len - done).ok_or(IoError::Errno(libc::EIO))?;
                     &rest
                 };
-                let iov = v.as_iovecs();
+                let iov = &v.as_iovecs()[..v.segments().min(IOV_MAX)];
                 let cnt = iov.len() as libc::c_int;
                 let at = (off + done) as libc::off_t;
                 // SAFETY: the iovecs describe memory kept valid by `io.bufs` for this call's duration.

@@ -641,3 +641,36 @@ fn conformance_file_block_device() {
         conformance(Arc::new(f));
     }
 }
+
+/// `n` single-block segments of 512 bytes, every other one taken from a second buffer.
+fn many_segments(n: usize) -> IoVecs {
+    let buf = Arc::new(AlignedBuf::zeroed(n * 1024));
+    let iovs = (0..n)
+        .map(|i| libc::iovec { iov_base: buf.as_ptr().wrapping_add(i * 1024).cast(), iov_len: 512 })
+        .collect();
+    let keep: Arc<dyn std::any::Any + Send + Sync> = buf;
+    // SAFETY: all segments lie inside `buf`, kept alive by `keep`.
+    unsafe { IoVecs::from_raw_parts(iovs, Some(keep)) }
+}
+
+#[test]
+fn file_more_than_iov_max_segments() {
+    let d = tmp();
+    for (engine, direct) in [(Engine::IoUring, false), (Engine::Threads, false), (Engine::IoUring, true)] {
+        let reg = Registry::new();
+        let path = d.path().join(format!("{engine:?}-{direct}"));
+        let f = FileBdev::open("seg", path, Some(4 << 20), direct, engine).expect("file");
+        reg.register(Arc::new(f)).expect("register");
+        let desc = reg.open("seg", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let data = pattern(10, 1500, 512, 7);
+        let w = many_segments(1500);
+        w.copy_from_slice(0, &data);
+        assert_eq!(run1(&mut ch, BdevIo::write(10, 1500, w, 0)), Ok(()));
+        let r = many_segments(1500);
+        let view = r.slice(0, 1500 * 512).expect("view");
+        assert_eq!(run1(&mut ch, BdevIo::read(10, 1500, r, 0)), Ok(()));
+        same(&view.to_vec(), &data);
+        same(&read_back(&mut ch, 10, 1500, 512, false), &data);
+    }
+}

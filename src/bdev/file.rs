@@ -220,16 +220,7 @@ impl FileBdev {
         if direct {
             info.buf_align = bs.max(512) as u32;
         }
-        let engine = match engine {
-            Engine::IoUring => match IoUring::new(8) {
-                Ok(_) => Engine::IoUring,
-                Err(e) => {
-                    log::warn!("file bdev '{name}': io_uring unavailable ({e}); using the threads engine");
-                    Engine::Threads
-                }
-            },
-            Engine::Threads => Engine::Threads,
-        };
+        let engine = pick_engine(name, engine, || IoUring::new(8).map(drop));
         let shared = Arc::new(Shared {
             file,
             block_size: bs,
@@ -249,6 +240,20 @@ impl FileBdev {
     pub fn force_zero_write_fallback(&self) {
         self.shared.wz_fallback.store(true, Ordering::Relaxed);
         self.shared.unmap_fallback.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine to use: `IoUring` only if `probe` (setting up a ring) succeeds, else `Threads` with a warning.
+fn pick_engine(name: &str, wanted: Engine, probe: impl FnOnce() -> std::io::Result<()>) -> Engine {
+    match wanted {
+        Engine::IoUring => match probe() {
+            Ok(()) => Engine::IoUring,
+            Err(e) => {
+                log::warn!("file bdev '{name}': io_uring unavailable ({e}); using the threads engine");
+                Engine::Threads
+            }
+        },
+        Engine::Threads => Engine::Threads,
     }
 }
 
@@ -735,5 +740,20 @@ impl Drop for ThreadsChannel {
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_uring_setup_failure_falls_back_to_threads() {
+        let eperm = || Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        let enosys = || Err(std::io::Error::from_raw_os_error(libc::ENOSYS));
+        assert_eq!(pick_engine("x", Engine::IoUring, eperm), Engine::Threads);
+        assert_eq!(pick_engine("x", Engine::IoUring, enosys), Engine::Threads);
+        assert_eq!(pick_engine("x", Engine::IoUring, || Ok(())), Engine::IoUring);
+        assert_eq!(pick_engine("x", Engine::Threads, || panic!("no probe for threads")), Engine::Threads);
     }
 }

@@ -1,71 +1,337 @@
-//! The generic per-thread I/O channel: validation, NOMEM backpressure, one completion path.
+//! The generic per-thread I/O channel: validation, splitting, bouncing, emulation, NOMEM backpressure,
+//! statistics and one completion path.
+//!
+//! ```text
+//!  submit(parent) ─► validate ─► bounce? ─► split / emulate ─► children ─► queue ─► ModuleChannel
+//!                        │ error                                 (internal tags)  │ NoMem: push_front,
+//!                        ▼                                                        │ retry at threshold
+//!  poll() ◄── local_done ◄── parent done (all children done; copy-out; stats) ◄──┘ module poll
+//! ```
 //!
 //! # Design
-//! Every I/O enters through [`Channel::submit`] and leaves through [`Channel::poll`], errors included
-//! (SPDK never completes inside `submit_request`; neither do we). Validation follows SPDK's order:
-//! write on a read-only descriptor → `ReadOnly`; range overflow or beyond the end → `InvalidRange`;
-//! unmap of 0 blocks → `InvalidRange`.
+//! * Every I/O enters through [`Channel::submit`] and leaves through [`Channel::poll`], errors included
+//!   (SPDK never completes inside `submit_request`; neither do we). Validation follows SPDK's order:
+//!   write on a read-only descriptor → `ReadOnly`; range overflow or beyond the end → `InvalidRange`;
+//!   unmap of 0 blocks → `InvalidRange`.
+//! * The caller's I/O becomes a *parent*; the module only ever sees *children* carrying internal tags,
+//!   so the caller's tag comes back exactly once, when the last child is done. A parent fails with the
+//!   first error any child reports.
+//! * Reads and writes are split where they cross `optimal_io_boundary_blocks` (when
+//!   `split_on_optimal_io_boundary`) and at `max_io_blocks`; native write_zeroes at
+//!   `max_write_zeroes_blocks`; unmap, flush and reset are never split.
+//! * Buffers that are not aligned to `buf_align` are bounced through an aligned heap buffer (copied in
+//!   before a write, copied out after a successful read).
+//! * write_zeroes on a module without it is emulated by sequential writes (one child at a time) from a
+//!   shared, process-wide 1 MiB zero buffer.
+//! * NOMEM (SPDK's `nomem_io`): the refused child goes back to the head of the queue and the retry
+//!   threshold is recorded at that moment as `max(outstanding/2, outstanding-8)`; the queue is retried
+//!   from `poll` once the module's outstanding count falls to it. While anything is queued, new children
+//!   queue behind it, so the order in which the module sees I/O is the submission order.
+//! * Statistics are recorded per parent at completion, into the bdev's shared atomics and this
+//!   channel's own counters.
+//!
+//! # Where QoS and reset go
+//! QoS (SPEC §2) belongs between validation and splitting in [`Channel::submit`]: a per-bdev token
+//! bucket refilled per 1 ms timeslice, with parents over quota parked in a per-channel queue that
+//! `poll` drains. Reset would freeze the channel (park new parents), fail every queued child with
+//! `Aborted`, pass the reset to the module and unfreeze on its completion; today a reset is passed
+//! through to the module like a flush.
 //!
 //! # Limitations
-//! First cut: no splitting, no write_zeroes emulation, no buffer bouncing yet.
+//! The NOMEM queue is per channel (not shared between bdevs on one underlying channel). No QoS, no
+//! buffer pools for I/O without caller buffers, no queue-depth sampling.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-use super::{Bdev, BdevIo, Completion, IoError, IoKind, ModuleChannel, Rejected};
+use super::iov::AlignedBuf;
+use super::stats::{BdevStats, BdevStatsSnapshot, Sample};
+use super::{Bdev, BdevInfo, BdevIo, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
+
+/// Size of the shared zero buffer used by write_zeroes emulation.
+pub const ZERO_BUF_BYTES: usize = 1 << 20;
+
+/// SPDK's `NOMEM_THRESHOLD_COUNT`: how many I/O must complete before queued I/O is retried
+/// (or half of the outstanding ones, whichever is fewer).
+pub const NOMEM_THRESHOLD_COUNT: usize = 8;
+
+/// The process-wide zero buffer (never written: only used as the source of writes).
+pub(crate) fn zero_buf() -> Arc<AlignedBuf> {
+    static ZERO: OnceLock<Arc<AlignedBuf>> = OnceLock::new();
+    ZERO.get_or_init(|| Arc::new(AlignedBuf::zeroed(ZERO_BUF_BYTES))).clone()
+}
+
+/// One caller I/O in flight.
+struct Parent {
+    tag: u64,
+    kind: IoKind,
+    bytes: u64,
+    start: Instant,
+    /// Children submitted or queued and not yet completed.
+    pending: usize,
+    error: Option<IoError>,
+    /// Read bounce: (caller's memory, bounce buffer), copied out at successful completion.
+    copy_out: Option<(IoVecs, IoVecs)>,
+    /// write_zeroes emulation: next block to zero and the end of the range.
+    wz_next: u64,
+    wz_end: u64,
+}
 
 /// A per-thread handle for submitting I/O to one bdev.
 pub struct Channel {
     bdev: Arc<dyn Bdev>,
     module: Box<dyn ModuleChannel>,
     writable: bool,
-    /// Completions produced by the generic layer itself (validation failures, rejects).
+    stats: Arc<BdevStats>,
+    local_stats: BdevStatsSnapshot,
+    /// Finished parents (and validation failures) waiting for `poll`.
     local_done: VecDeque<Completion>,
-    /// I/O the module refused with NOMEM, in submission order.
-    nomem_queue: VecDeque<BdevIo>,
-    /// I/O handed to the module and not yet completed.
-    outstanding: usize,
+    /// Children waiting for the module (refused with NOMEM, or behind one that was), in order.
+    queue: VecDeque<BdevIo>,
+    /// Retry `queue` once `in_module` is at or below this (recorded at the last NOMEM).
+    nomem_threshold: usize,
+    /// Children handed to the module and not yet completed.
+    in_module: usize,
+    parents: HashMap<u64, Parent>,
+    /// Child internal tag → parent id.
+    children: HashMap<u64, u64>,
+    next_id: u64,
+    scratch: Vec<Completion>,
 }
 
 impl Channel {
-    pub(crate) fn new(bdev: Arc<dyn Bdev>, module: Box<dyn ModuleChannel>, writable: bool) -> Self {
+    pub(crate) fn new(
+        bdev: Arc<dyn Bdev>,
+        module: Box<dyn ModuleChannel>,
+        writable: bool,
+        stats: Arc<BdevStats>,
+    ) -> Self {
         Self {
             bdev,
             module,
             writable,
+            stats,
+            local_stats: BdevStatsSnapshot::default(),
             local_done: VecDeque::new(),
-            nomem_queue: VecDeque::new(),
-            outstanding: 0,
+            queue: VecDeque::new(),
+            nomem_threshold: 0,
+            in_module: 0,
+            parents: HashMap::new(),
+            children: HashMap::new(),
+            next_id: 0,
+            scratch: Vec::new(),
         }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
     }
 
     /// Submits an I/O. Never blocks and never completes inline: the outcome comes from `poll`.
     pub fn submit(&mut self, io: BdevIo) {
-        if let Err(e) = self.validate(&io) {
+        let bdev = self.bdev.clone();
+        let info = bdev.info();
+        if let Err(e) = self.validate(info, &io) {
+            self.record(Sample { kind: io.kind, bytes: 0, latency_ns: 0, ok: false });
             self.local_done.push_back(Completion { tag: io.tag, result: Err(e) });
             return;
         }
-        if !self.nomem_queue.is_empty() {
-            // Keep order behind I/O already waiting for resources.
-            self.nomem_queue.push_back(io);
+        let bs = u64::from(info.block_size);
+        let id = self.new_id();
+        let mut parent = Parent {
+            tag: io.tag,
+            kind: io.kind,
+            bytes: if matches!(io.kind, IoKind::Flush | IoKind::Reset) { 0 } else { io.num_blocks * bs },
+            start: Instant::now(),
+            pending: 0,
+            error: None,
+            copy_out: None,
+            wz_next: 0,
+            wz_end: 0,
+        };
+        // (QoS would admit or park the parent here; see the module docs.)
+        let mut children: Vec<BdevIo> = Vec::new();
+        match io.kind {
+            IoKind::Read | IoKind::Write if io.num_blocks > 0 => {
+                let mut bufs = io.bufs;
+                let align = info.buf_align.max(1) as usize;
+                if align > 1 && !bufs.is_aligned(align) {
+                    let len = bufs.len_bytes();
+                    let tmp = IoVecs::alloc(len as usize);
+                    if io.kind == IoKind::Write {
+                        let dst = tmp.as_iovecs()[0].iov_base.cast::<u8>();
+                        // SAFETY: `tmp` is a fresh private buffer of `len` bytes, distinct from `bufs`.
+                        unsafe { bufs.copy_to_raw(0, dst, len as usize) };
+                    } else {
+                        let tmp_view = tmp.slice(0, len).expect("whole buffer");
+                        parent.copy_out = Some((bufs, tmp_view));
+                    }
+                    bufs = tmp;
+                }
+                let mut off = io.offset_blocks;
+                let end = io.offset_blocks + io.num_blocks;
+                if next_len(info, off, io.num_blocks) == io.num_blocks {
+                    children.push(BdevIo {
+                        kind: io.kind,
+                        offset_blocks: off,
+                        num_blocks: io.num_blocks,
+                        bufs,
+                        tag: 0,
+                    });
+                } else {
+                    while off < end {
+                        let n = next_len(info, off, end - off);
+                        let b = bufs.slice((off - io.offset_blocks) * bs, n * bs).expect("validated length");
+                        children.push(BdevIo {
+                            kind: io.kind,
+                            offset_blocks: off,
+                            num_blocks: n,
+                            bufs: b,
+                            tag: 0,
+                        });
+                        off += n;
+                    }
+                }
+            }
+            IoKind::Read | IoKind::Write => {}
+            IoKind::WriteZeroes if !info.supports.write_zeroes => {
+                parent.wz_next = io.offset_blocks;
+                parent.wz_end = io.offset_blocks + io.num_blocks;
+            }
+            IoKind::WriteZeroes if info.max_write_zeroes_blocks > 0 => {
+                let mut off = io.offset_blocks;
+                let end = io.offset_blocks + io.num_blocks;
+                while off < end {
+                    let n = (end - off).min(info.max_write_zeroes_blocks);
+                    children.push(BdevIo::no_data(IoKind::WriteZeroes, off, n, 0));
+                    off += n;
+                }
+            }
+            IoKind::WriteZeroes if io.num_blocks == 0 => {}
+            IoKind::WriteZeroes | IoKind::Unmap | IoKind::Flush | IoKind::Reset => {
+                children.push(BdevIo { tag: 0, ..io });
+            }
+        }
+        parent.pending = children.len();
+        let emulate = parent.wz_next < parent.wz_end;
+        self.parents.insert(id, parent);
+        if emulate {
+            self.issue_wz_step(id);
             return;
         }
-        self.submit_to_module(io);
+        if children.is_empty() {
+            self.finish(id);
+            return;
+        }
+        for mut child in children {
+            child.tag = self.new_id();
+            self.children.insert(child.tag, id);
+            self.dispatch(child);
+        }
     }
 
-    fn submit_to_module(&mut self, io: BdevIo) {
-        match self.module.submit(io) {
-            Ok(()) => self.outstanding += 1,
-            Err(Rejected::NoMem(io)) => self.nomem_queue.push_front(io),
-            Err(Rejected::Failed(io, e)) => {
-                self.local_done.push_back(Completion { tag: io.tag, result: Err(e) })
+    /// Issues the next emulated write_zeroes child of parent `id`.
+    fn issue_wz_step(&mut self, id: u64) {
+        let bdev = self.bdev.clone();
+        let info = bdev.info();
+        let bs = u64::from(info.block_size);
+        let ctag = self.new_id();
+        let Some(p) = self.parents.get_mut(&id) else { return };
+        let off = p.wz_next;
+        let n = next_len(info, off, p.wz_end - off).min(ZERO_BUF_BYTES as u64 / bs);
+        p.wz_next += n;
+        p.pending = 1;
+        self.children.insert(ctag, id);
+        let bufs = IoVecs::from_aligned(zero_buf()).slice(0, n * bs).expect("within the zero buffer");
+        self.dispatch(BdevIo::write(off, n, bufs, ctag));
+    }
+
+    /// Sends a child to the module, or queues it behind earlier refused ones.
+    fn dispatch(&mut self, child: BdevIo) {
+        if !self.queue.is_empty() {
+            self.queue.push_back(child);
+            return;
+        }
+        self.try_module(child);
+    }
+
+    /// Hands a child to the module; false when it was refused with NOMEM (it is then at the queue head).
+    fn try_module(&mut self, child: BdevIo) -> bool {
+        match self.module.submit(child) {
+            Ok(()) => {
+                self.in_module += 1;
+                true
+            }
+            Err(Rejected::NoMem(child)) => {
+                self.queue.push_front(child);
+                self.nomem_threshold =
+                    (self.in_module / 2).max(self.in_module.saturating_sub(NOMEM_THRESHOLD_COUNT));
+                false
+            }
+            Err(Rejected::Failed(child, e)) => {
+                self.child_done(child.tag, Err(e));
+                true
             }
         }
     }
 
-    fn validate(&self, io: &BdevIo) -> Result<(), IoError> {
-        let info = self.bdev.info();
+    /// Retries queued children once enough module I/O has completed (SPDK `_spdk_bdev_ch_retry_io`).
+    fn retry_queue(&mut self) {
+        if self.queue.is_empty() || self.in_module > self.nomem_threshold {
+            return;
+        }
+        while let Some(child) = self.queue.pop_front() {
+            if !self.try_module(child) {
+                break;
+            }
+        }
+    }
+
+    fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
+        let Some(id) = self.children.remove(&ctag) else {
+            log::warn!("bdev '{}': completion for unknown tag {ctag}", self.bdev.info().name);
+            return;
+        };
+        let Some(p) = self.parents.get_mut(&id) else { return };
+        if let Err(e) = result {
+            p.error.get_or_insert(e);
+        }
+        p.pending -= 1;
+        if p.pending > 0 {
+            return;
+        }
+        if p.error.is_none() && p.wz_next < p.wz_end {
+            self.issue_wz_step(id);
+        } else {
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: u64) {
+        let Some(p) = self.parents.remove(&id) else { return };
+        let result = match p.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if let (Ok(()), Some((orig, tmp))) = (result, p.copy_out.as_ref()) {
+            let src = tmp.as_iovecs()[0].iov_base.cast::<u8>();
+            // SAFETY: `tmp` is our contiguous bounce buffer of the same length, distinct from `orig`.
+            unsafe { orig.copy_from_raw(0, src, tmp.len_bytes() as usize) };
+        }
+        let latency_ns = u64::try_from(p.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.record(Sample { kind: p.kind, bytes: p.bytes, latency_ns, ok: result.is_ok() });
+        self.local_done.push_back(Completion { tag: p.tag, result });
+    }
+
+    fn record(&mut self, s: Sample) {
+        self.stats.record(s);
+        self.local_stats.record(s);
+    }
+
+    fn validate(&self, info: &BdevInfo, io: &BdevIo) -> Result<(), IoError> {
         let is_write = matches!(io.kind, IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes);
         if is_write && !self.writable {
             return Err(IoError::ReadOnly);
@@ -95,25 +361,21 @@ impl Channel {
     /// Appends finished I/O to `done`; returns how many were appended.
     pub fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
         let before = done.len();
-        done.extend(self.local_done.drain(..));
-        let n = self.module.poll(done);
-        self.outstanding = self.outstanding.saturating_sub(n);
-        // Retry queued I/O once outstanding work has dropped (SPDK's nomem threshold).
-        if n > 0 {
-            while let Some(io) = self.nomem_queue.pop_front() {
-                let queued = self.nomem_queue.len();
-                self.submit_to_module(io);
-                if self.nomem_queue.len() > queued {
-                    break; // refused again
-                }
-            }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.module.poll(&mut scratch);
+        self.in_module = self.in_module.saturating_sub(scratch.len());
+        for c in scratch.drain(..) {
+            self.child_done(c.tag, c.result);
         }
+        self.scratch = scratch;
+        self.retry_queue();
+        done.extend(self.local_done.drain(..));
         done.len() - before
     }
 
     /// I/O submitted and not yet returned by `poll` (including queued and locally failed ones).
     pub fn outstanding(&self) -> usize {
-        self.outstanding + self.nomem_queue.len() + self.local_done.len()
+        self.parents.len() + self.local_done.len()
     }
 
     /// An fd an idle poller may sleep on for this channel's completions.
@@ -125,4 +387,23 @@ impl Channel {
     pub fn bdev(&self) -> &Arc<dyn Bdev> {
         &self.bdev
     }
+
+    /// This channel's own counters (the bdev-wide ones are in [`super::Descriptor::stats`]).
+    pub fn stats(&self) -> BdevStatsSnapshot {
+        self.local_stats
+    }
+}
+
+/// Blocks of a read/write child starting at `off`, at most `remaining`, not crossing the optimal
+/// boundary (when splitting on it) and at most `max_io_blocks`.
+fn next_len(info: &BdevInfo, off: u64, remaining: u64) -> u64 {
+    let mut n = remaining;
+    if info.split_on_optimal_io_boundary && info.optimal_io_boundary_blocks > 0 {
+        let b = u64::from(info.optimal_io_boundary_blocks);
+        n = n.min(b - off % b);
+    }
+    if info.max_io_blocks > 0 {
+        n = n.min(u64::from(info.max_io_blocks));
+    }
+    n
 }

@@ -13,6 +13,9 @@
 //!
 //! Memory behind an `IoVecs` may be written concurrently by someone else (a guest vCPU), exactly like
 //! a DMA buffer: copies use raw-pointer copies, never Rust references, so no aliasing assumption is made.
+//!
+//! # Limitations
+//! Slicing allocates a new iovec array; no inline small-vector optimisation.
 
 use std::alloc::{self, Layout};
 use std::any::Any;

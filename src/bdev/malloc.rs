@@ -1,10 +1,17 @@
 //! `malloc`: a RAM-backed bdev (SPEC §2 modules).
 //!
+//! ```text
+//!  submit ─► memcpy to/from one anonymous mapping ─► done queue ─► poll
+//! ```
+//!
 //! # Design
 //! One anonymous mapping holds the data; every channel copies between it and the I/O memory with raw
 //! copies (no lock: concurrent overlapping writes give unspecified content, as on a real disk).
 //! I/O completes in `submit` but is only reported by `poll` (one completion path).
 //! Unmap and write_zeroes zero the range; flush is a no-op.
+//!
+//! # Limitations
+//! Contents are lost at exit; no persistence, no NUMA placement.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -15,15 +15,26 @@
 //!   module stays small.
 //! * Submission never completes inline: every outcome, errors included, comes out of `poll`.
 //! * Completion order may differ from submission order; completions carry the caller's `tag`.
+//! * Statistics per bdev ([`BdevStats`]) live with the registry entry and outlive channels.
+//!
+//! # Limitations
+//! No QoS, no reset freeze/abort (a reset is passed through to modules that support it), no shared
+//! backpressure queue between bdevs on one underlying channel, no internal buffer pools.
 
 pub mod channel;
+pub mod file;
 pub mod iov;
 pub mod malloc;
+pub mod null;
 pub mod registry;
+pub mod stats;
+#[cfg(test)]
+pub(crate) mod tests;
 
 pub use channel::Channel;
 pub use iov::{AlignedBuf, IoVecs};
-pub use registry::{Descriptor, Registry};
+pub use registry::{Descriptor, Registry, RemoveCallback};
+pub use stats::{BdevStats, BdevStatsSnapshot};
 
 use std::os::fd::RawFd;
 

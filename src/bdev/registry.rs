@@ -5,18 +5,39 @@
 //! read-write); a module that builds on a bdev (FTL, cache) *claims* it through its descriptor,
 //! after which other read-write opens fail with [`BdevError::Claimed`]. Each descriptor hands out
 //! per-thread generic [`Channel`]s.
+//!
+//! ```text
+//!  Registry ─name/alias─► Entry { bdev, claim, stats, remove callbacks } ◄─ Descriptor ─► Channel
+//! ```
+//!
+//! Hot-remove: a descriptor opened with [`Registry::open_with_remove`] gets its callback called (once,
+//! with the bdev name) when the bdev is unregistered; the bdev object lives on until every descriptor
+//! and channel holding it is dropped.
+//!
+//! # Limitations
+//! Callbacks run on the thread calling `unregister`, not on the descriptor's thread.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::channel::Channel;
+use super::stats::{BdevStats, BdevStatsSnapshot};
 use super::{Bdev, BdevError, BdevInfo};
+
+/// Called with the bdev name when an open bdev is being removed.
+pub type RemoveCallback = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// One registered bdev and its shared state.
 pub(crate) struct Entry {
     pub(crate) bdev: Arc<dyn Bdev>,
     claim: Mutex<Option<String>>,
+    pub(crate) stats: Arc<BdevStats>,
+    /// Descriptor id → hot-remove callback.
+    on_remove: Mutex<Vec<(u64, RemoveCallback)>>,
 }
+
+static NEXT_DESC_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The set of bdevs of one process.
 #[derive(Default)]
@@ -52,7 +73,12 @@ impl Registry {
         if inner.by_name.contains_key(&name) {
             return Err(BdevError::Exists(name));
         }
-        let entry = Arc::new(Entry { bdev, claim: Mutex::new(None) });
+        let entry = Arc::new(Entry {
+            bdev,
+            claim: Mutex::new(None),
+            stats: Arc::new(BdevStats::default()),
+            on_remove: Mutex::new(Vec::new()),
+        });
         inner.by_name.insert(name.clone(), entry);
         inner.order.push(name);
         Ok(())
@@ -83,6 +109,25 @@ impl Registry {
 
     /// Opens a descriptor. A read-write open of a claimed bdev fails (`EPERM`).
     pub fn open(&self, name: &str, writable: bool) -> Result<Descriptor, BdevError> {
+        self.open_inner(name, writable, None)
+    }
+
+    /// Like [`Registry::open`], with a hot-remove callback fired (once) by [`Registry::unregister`].
+    pub fn open_with_remove(
+        &self,
+        name: &str,
+        writable: bool,
+        on_remove: impl Fn(&str) + Send + Sync + 'static,
+    ) -> Result<Descriptor, BdevError> {
+        self.open_inner(name, writable, Some(Arc::new(on_remove)))
+    }
+
+    fn open_inner(
+        &self,
+        name: &str,
+        writable: bool,
+        cb: Option<RemoveCallback>,
+    ) -> Result<Descriptor, BdevError> {
         let entry = lock(&self.inner)
             .by_name
             .get(name)
@@ -93,7 +138,23 @@ impl Registry {
                 return Err(BdevError::Claimed { name: name.to_string(), by: by.clone() });
             }
         }
-        Ok(Descriptor { entry, writable, claimed: false })
+        let id = NEXT_DESC_ID.fetch_add(1, Ordering::Relaxed);
+        if let Some(cb) = cb {
+            lock(&entry.on_remove).push((id, cb));
+        }
+        Ok(Descriptor { entry, writable, claimed: false, id })
+    }
+
+    /// Statistics of every registered bdev as a JSON object keyed by name.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let inner = lock(&self.inner);
+        let mut map = serde_json::Map::new();
+        for name in &inner.order {
+            if let Some(e) = inner.by_name.get(name) {
+                map.insert(name.clone(), serde_json::to_value(e.stats.snapshot()).unwrap_or_default());
+            }
+        }
+        serde_json::Value::Object(map)
     }
 
     /// Removes a bdev by name and returns it (the caller shuts it down once its users are gone).
@@ -106,6 +167,11 @@ impl Registry {
             inner.by_name.remove(&alias);
         }
         inner.order.retain(|n| n != &canonical);
+        drop(inner);
+        let callbacks = std::mem::take(&mut *lock(&entry.on_remove));
+        for (_, cb) in callbacks {
+            cb(&canonical);
+        }
         Ok(entry.bdev.clone())
     }
 }
@@ -115,6 +181,7 @@ pub struct Descriptor {
     entry: Arc<Entry>,
     writable: bool,
     claimed: bool,
+    id: u64,
 }
 
 impl Descriptor {
@@ -147,12 +214,18 @@ impl Descriptor {
     /// A new generic I/O channel for the calling thread.
     pub fn channel(&self) -> Result<Channel, BdevError> {
         let module = self.entry.bdev.create_channel()?;
-        Ok(Channel::new(self.entry.bdev.clone(), module, self.writable))
+        Ok(Channel::new(self.entry.bdev.clone(), module, self.writable, self.entry.stats.clone()))
+    }
+
+    /// The bdev-wide statistics (all channels, including closed ones).
+    pub fn stats(&self) -> BdevStatsSnapshot {
+        self.entry.stats.snapshot()
     }
 }
 
 impl Drop for Descriptor {
     fn drop(&mut self) {
+        lock(&self.entry.on_remove).retain(|(id, _)| *id != self.id);
         if self.claimed {
             *lock(&self.entry.claim) = None;
         }

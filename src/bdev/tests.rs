@@ -1,0 +1,673 @@
+//! Bdev conformance suite and generic-layer tests.
+//!
+//! ```text
+//!  conformance(bdev) ── run against malloc, file/io_uring, file/threads, file direct, file zero-write fallback
+//!  StubBdev (wraps malloc) ── deterministic NOMEM, child recording, failures, no native write_zeroes
+//! ```
+//!
+//! # Design
+//! Everything completes through `Channel::poll`; `drive` polls (sleeping on `wait_fd` when there is one)
+//! until nothing is outstanding, so no test depends on timing.
+//!
+//! # Limitations
+//! Block devices are not exercised (no privileged device in CI).
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use super::file::{Engine, FileBdev};
+use super::malloc::MallocBdev;
+use super::null::NullBdev;
+use super::{
+    AlignedBuf, Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, IoError, IoKind, IoVecs,
+    ModuleChannel, Registry, Rejected,
+};
+
+/// Polls until nothing is outstanding; returns completions in arrival order.
+pub(crate) fn drive(ch: &mut Channel) -> Vec<Completion> {
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ch.outstanding() > 0 {
+        if ch.poll(&mut done) == 0 {
+            assert!(std::time::Instant::now() < deadline, "I/O never completed");
+            if let Some(fd) = ch.wait_fd() {
+                wait_readable(fd, 100);
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+    done
+}
+
+fn wait_readable(fd: RawFd, ms: i32) {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack.
+    unsafe { libc::poll(&mut p, 1, ms) };
+}
+
+/// Submits `ios` and returns each tag's result, asserting every tag completes exactly once.
+pub(crate) fn run(ch: &mut Channel, ios: Vec<BdevIo>) -> HashMap<u64, Result<(), IoError>> {
+    let n = ios.len();
+    for io in ios {
+        ch.submit(io);
+    }
+    let mut out = HashMap::new();
+    for c in drive(ch) {
+        assert!(out.insert(c.tag, c.result).is_none(), "tag {} completed twice", c.tag);
+    }
+    assert_eq!(out.len(), n);
+    out
+}
+
+fn run1(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
+    run(ch, vec![io])[&io_tag_zero()]
+}
+
+const fn io_tag_zero() -> u64 {
+    0
+}
+
+/// Deterministic content: each block carries its number and a seed.
+fn pattern(off: u64, n: u64, bs: u64, seed: u8) -> Vec<u8> {
+    let mut v = Vec::with_capacity((n * bs) as usize);
+    for b in off..off + n {
+        for i in 0..bs {
+            v.push((b.wrapping_mul(31) as u8) ^ (i as u8).wrapping_mul(7) ^ seed ^ ((i >> 8) as u8));
+        }
+    }
+    v
+}
+
+/// Byte comparison that reports the first difference instead of dumping both buffers.
+#[track_caller]
+fn same(got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("first difference at byte {i} (block {}): got {} want {}", i / 512, got[i], want[i]);
+    }
+}
+
+/// `len` bytes spread over several unaligned segments of one heap buffer.
+fn scattered(len: usize) -> IoVecs {
+    let sizes = [7usize, 500, 1029, 3, 2000];
+    let buf = Arc::new(AlignedBuf::zeroed(len + 64 * (len / 7 + 2)));
+    let mut iovs = Vec::new();
+    let (mut pos, mut left, mut k) = (3usize, len, 0usize);
+    while left > 0 {
+        let n = sizes[k % sizes.len()].min(left);
+        iovs.push(libc::iovec { iov_base: buf.as_ptr().wrapping_add(pos).cast(), iov_len: n });
+        pos += n + 5;
+        left -= n;
+        k += 1;
+    }
+    let keep: Arc<dyn std::any::Any + Send + Sync> = buf;
+    // SAFETY: all segments lie inside `buf`, kept alive by `keep`.
+    unsafe { IoVecs::from_raw_parts(iovs, Some(keep)) }
+}
+
+fn read_back(ch: &mut Channel, off: u64, n: u64, bs: u64, scatter: bool) -> Vec<u8> {
+    let len = (n * bs) as usize;
+    let bufs = if scatter { scattered(len) } else { IoVecs::alloc(len) };
+    let view = bufs.slice(0, len as u64).expect("view");
+    assert_eq!(run1(ch, BdevIo::read(off, n, bufs, 0)), Ok(()));
+    view.to_vec()
+}
+
+fn write_pat(ch: &mut Channel, off: u64, n: u64, bs: u64, seed: u8, scatter: bool) {
+    let data = pattern(off, n, bs, seed);
+    let bufs = if scatter { scattered(data.len()) } else { IoVecs::alloc(data.len()) };
+    bufs.copy_from_slice(0, &data);
+    assert_eq!(run1(ch, BdevIo::write(off, n, bufs, 0)), Ok(()));
+}
+
+/// The shared suite: every data-storing bdev must pass it.
+pub(crate) fn conformance(bdev: Arc<dyn Bdev>) {
+    let reg = Registry::new();
+    let name = bdev.info().name.clone();
+    reg.register(bdev).expect("register");
+    let desc = reg.open(&name, true).expect("open");
+    let mut ch = desc.channel().expect("channel");
+    let bs = u64::from(desc.info().block_size);
+    let nb = desc.info().num_blocks;
+    assert!(nb >= 1024, "conformance needs at least 1024 blocks");
+
+    // Patterns at various offsets, scattered and plain buffers in both directions.
+    let cases = [(0u64, 1u64), (1, 5), (7, 3), (100, 64), (nb - 9, 9)];
+    for (k, &(off, n)) in cases.iter().enumerate() {
+        write_pat(&mut ch, off, n, bs, k as u8, k % 2 == 0);
+    }
+    for (k, &(off, n)) in cases.iter().enumerate() {
+        let want = pattern(off, n, bs, k as u8);
+        same(&read_back(&mut ch, off, n, bs, true), &want);
+        same(&read_back(&mut ch, off, n, bs, false), &want);
+    }
+    assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, 0)), Ok(()));
+
+    // Unmap reads back zeros; neighbours intact.
+    write_pat(&mut ch, 200, 32, bs, 9, false);
+    assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 208, 8, 0)), Ok(()));
+    if desc.info().unmap_reads_zeroes {
+        same(&read_back(&mut ch, 208, 8, bs, true), &vec![0u8; (8 * bs) as usize]);
+    }
+    same(&read_back(&mut ch, 200, 8, bs, false), &pattern(200, 8, bs, 9));
+    same(&read_back(&mut ch, 216, 16, bs, false), &pattern(216, 16, bs, 9));
+
+    // write_zeroes.
+    write_pat(&mut ch, 300, 40, bs, 3, false);
+    assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 305, 30, 0)), Ok(()));
+    same(&read_back(&mut ch, 305, 30, bs, false), &vec![0u8; (30 * bs) as usize]);
+    same(&read_back(&mut ch, 300, 5, bs, false), &pattern(300, 5, bs, 3));
+    same(&read_back(&mut ch, 335, 5, bs, false), &pattern(335, 5, bs, 3));
+
+    // Range checks.
+    let r = run(
+        &mut ch,
+        vec![
+            BdevIo::read(nb, 1, IoVecs::alloc(bs as usize), 1),
+            BdevIo::write(nb - 1, 2, IoVecs::alloc(2 * bs as usize), 2),
+            BdevIo::no_data(IoKind::Unmap, 0, 0, 3),
+            BdevIo::no_data(IoKind::WriteZeroes, u64::MAX, 2, 4),
+            BdevIo::read(0, 2, IoVecs::alloc(bs as usize), 5),
+        ],
+    );
+    assert!(r.values().all(|v| *v == Err(IoError::InvalidRange)), "{r:?}");
+
+    // Read-only descriptor.
+    let ro = reg.open(&name, false).expect("open ro");
+    let mut rch = ro.channel().expect("channel");
+    let r = run(
+        &mut rch,
+        vec![
+            BdevIo::write(0, 1, IoVecs::alloc(bs as usize), 1),
+            BdevIo::no_data(IoKind::Unmap, 0, 1, 2),
+            BdevIo::no_data(IoKind::WriteZeroes, 0, 1, 3),
+        ],
+    );
+    assert!(r.values().all(|v| *v == Err(IoError::ReadOnly)), "{r:?}");
+    same(&read_back(&mut rch, 1, 5, bs, false), &pattern(1, 5, bs, 1));
+    drop(rch);
+
+    // Many I/O in flight (more than any module's queue), completions in any order.
+    let many = 300u64.min(nb / 2);
+    let ios = (0..many)
+        .map(|i| BdevIo::write(400 + i, 1, IoVecs::from_slice(&pattern(400 + i, 1, bs, 0x5a)), i))
+        .collect();
+    assert!(run(&mut ch, ios).values().all(|v| v.is_ok()));
+    let views: Vec<IoVecs> = (0..many).map(|_| IoVecs::alloc(bs as usize)).collect();
+    let ios = views
+        .iter()
+        .enumerate()
+        .map(|(i, v)| BdevIo::read(400 + i as u64, 1, v.slice(0, bs).expect("view"), i as u64))
+        .collect();
+    assert!(run(&mut ch, ios).values().all(|v| v.is_ok()));
+    for (i, v) in views.iter().enumerate() {
+        assert_eq!(v.to_vec(), pattern(400 + i as u64, 1, bs, 0x5a), "block {}", 400 + i);
+    }
+
+    // Statistics survive the channel.
+    drop(ch);
+    let s = desc.stats();
+    assert!(s.write_ops >= many && s.read_ops >= many, "{s:?}");
+    assert!(s.errors >= 8);
+    assert_eq!(s.unmap_ops, 1);
+    assert_eq!(s.write_zeroes_ops, 1);
+    assert!(s.read_latency_ns_max > 0 && s.read_latency_ns_sum >= s.read_latency_ns_max);
+    let json = reg.stats_json();
+    assert_eq!(json[&name]["unmap_ops"], 1);
+    drop(desc);
+    let bdev = reg.unregister(&name).expect("unregister");
+    bdev.shutdown().expect("shutdown");
+}
+
+#[test]
+fn conformance_malloc() {
+    conformance(Arc::new(MallocBdev::new("m", 4 << 20, 512).expect("malloc")));
+    conformance(Arc::new(MallocBdev::new("m4k", 8 << 20, 4096).expect("malloc")));
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn conformance_file_io_uring() {
+    let d = tmp();
+    let f = FileBdev::open("fu", d.path().join("img"), Some(4 << 20), false, Engine::IoUring).expect("file");
+    if f.engine() != Engine::IoUring {
+        eprintln!("io_uring unavailable here: the io_uring run used the threads fallback");
+    }
+    conformance(Arc::new(f));
+}
+
+#[test]
+fn conformance_file_threads() {
+    let d = tmp();
+    let f = FileBdev::open("ft", d.path().join("img"), Some(4 << 20), false, Engine::Threads).expect("file");
+    assert_eq!(f.engine(), Engine::Threads);
+    conformance(Arc::new(f));
+}
+
+#[test]
+fn conformance_file_direct() {
+    let d = tmp();
+    for (engine, bs) in [(Engine::IoUring, 512), (Engine::Threads, 512), (Engine::IoUring, 4096)] {
+        let path = d.path().join(format!("img-{engine:?}-{bs}"));
+        match FileBdev::open_with_block_size("fd", &path, Some(8 << 20), true, engine, bs) {
+            Ok(f) => {
+                assert_eq!(f.info().buf_align, bs);
+                conformance(Arc::new(f));
+            }
+            Err(BdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("O_DIRECT not supported on this filesystem; skipped");
+                return;
+            }
+            Err(e) => panic!("open direct: {e}"),
+        }
+    }
+}
+
+#[test]
+fn conformance_file_zero_write_fallback() {
+    let d = tmp();
+    for engine in [Engine::IoUring, Engine::Threads] {
+        let f = FileBdev::open("fz", d.path().join(format!("{engine:?}")), Some(4 << 20), false, engine)
+            .expect("file");
+        f.force_zero_write_fallback();
+        conformance(Arc::new(f));
+    }
+}
+
+#[test]
+fn file_open_rules() {
+    let d = tmp();
+    let p = d.path().join("a");
+    assert!(matches!(
+        FileBdev::open("a", &p, None, false, Engine::Threads),
+        Err(BdevError::InvalidConfig(_))
+    ));
+    let f = FileBdev::open("a", &p, Some(1 << 20), false, Engine::Threads).expect("create");
+    assert_eq!(f.info().num_blocks, 2048);
+    assert!(f.info().volatile_write_cache);
+    assert_eq!(f.info().buf_align, 1);
+    drop(f);
+    // Existing file: size defaults to its length; a larger size extends it.
+    let f = FileBdev::open("a", &p, None, false, Engine::Threads).expect("reopen");
+    assert_eq!(f.info().num_blocks, 2048);
+    drop(f);
+    let f = FileBdev::open("a", &p, Some(2 << 20), false, Engine::Threads).expect("extend");
+    assert_eq!(f.info().num_blocks, 4096);
+    assert_eq!(std::fs::metadata(&p).expect("stat").len(), 2 << 20);
+    assert!(f.module_stats().is_some());
+    drop(f);
+    std::fs::write(d.path().join("odd"), [0u8; 1000]).expect("write");
+    assert!(FileBdev::open("o", d.path().join("odd"), None, false, Engine::Threads).is_err());
+    assert!(FileBdev::open("dir", d.path(), None, false, Engine::Threads).is_err());
+    assert!(FileBdev::open_with_block_size("b", &p, None, false, Engine::Threads, 1024).is_err());
+}
+
+#[test]
+fn null_validation_and_zeros() {
+    let reg = Registry::new();
+    reg.register(Arc::new(NullBdev::new("n", 1 << 20, 4096).expect("null"))).expect("register");
+    let desc = reg.open("n", true).expect("open");
+    let mut ch = desc.channel().expect("channel");
+    write_pat(&mut ch, 3, 5, 4096, 1, true);
+    same(&read_back(&mut ch, 3, 5, 4096, true), &vec![0u8; 5 * 4096]);
+    let r = run(
+        &mut ch,
+        vec![BdevIo::read(256, 1, IoVecs::alloc(4096), 1), BdevIo::no_data(IoKind::Unmap, 0, 0, 2)],
+    );
+    assert!(r.values().all(|v| *v == Err(IoError::InvalidRange)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A deterministic stub module wrapping malloc.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ev {
+    /// Accepted (kind, offset, blocks, module in-flight count before accepting, buffers aligned to 4096).
+    Accept(IoKind, u64, u64, usize, bool),
+    /// Refused with NOMEM at this in-flight count.
+    NoMem(usize),
+}
+
+#[derive(Default)]
+struct StubCtl {
+    events: Vec<Ev>,
+    /// Refuse with NOMEM while this many are in flight.
+    cap: Option<usize>,
+    /// Completions released per poll (0 = all).
+    per_poll: usize,
+    /// Fail children starting at this block.
+    fail_at: Option<u64>,
+}
+
+struct StubBdev {
+    info: BdevInfo,
+    inner: MallocBdev,
+    ctl: Arc<Mutex<StubCtl>>,
+}
+
+impl StubBdev {
+    fn new(adjust: impl FnOnce(&mut BdevInfo)) -> (Arc<Self>, Arc<Mutex<StubCtl>>) {
+        let inner = MallocBdev::new("stub", 8 << 20, 512).expect("malloc");
+        let mut info = inner.info().clone();
+        adjust(&mut info);
+        let ctl = Arc::new(Mutex::new(StubCtl::default()));
+        (Arc::new(Self { info, inner, ctl: ctl.clone() }), ctl)
+    }
+}
+
+impl Bdev for StubBdev {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+    fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
+        Ok(Box::new(StubChannel {
+            inner: self.inner.create_channel()?,
+            ctl: self.ctl.clone(),
+            held: VecDeque::new(),
+            inflight: 0,
+        }))
+    }
+}
+
+struct StubChannel {
+    inner: Box<dyn ModuleChannel>,
+    ctl: Arc<Mutex<StubCtl>>,
+    held: VecDeque<Completion>,
+    inflight: usize,
+}
+
+impl ModuleChannel for StubChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        let mut ctl = self.ctl.lock().expect("ctl");
+        if ctl.cap.is_some_and(|c| self.inflight >= c) {
+            ctl.events.push(Ev::NoMem(self.inflight));
+            return Err(Rejected::NoMem(io));
+        }
+        let aligned = io.bufs.is_aligned(4096);
+        ctl.events.push(Ev::Accept(io.kind, io.offset_blocks, io.num_blocks, self.inflight, aligned));
+        self.inflight += 1;
+        if ctl.fail_at == Some(io.offset_blocks) {
+            self.held.push_back(Completion { tag: io.tag, result: Err(IoError::Errno(libc::EIO)) });
+            return Ok(());
+        }
+        drop(ctl);
+        self.inner.submit(io)
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        let mut tmp = Vec::new();
+        self.inner.poll(&mut tmp);
+        self.held.extend(tmp);
+        let per = self.ctl.lock().expect("ctl").per_poll;
+        let n = if per == 0 { self.held.len() } else { per.min(self.held.len()) };
+        done.extend(self.held.drain(..n));
+        self.inflight -= n;
+        n
+    }
+}
+
+fn open_stub(bdev: Arc<StubBdev>) -> (Registry, super::Descriptor, Channel) {
+    let reg = Registry::new();
+    reg.register(bdev).expect("register");
+    let desc = reg.open("stub", true).expect("open");
+    let ch = desc.channel().expect("channel");
+    (reg, desc, ch)
+}
+
+fn accepts(ctl: &Mutex<StubCtl>) -> Vec<(IoKind, u64, u64)> {
+    ctl.lock()
+        .expect("ctl")
+        .events
+        .iter()
+        .filter_map(|e| match *e {
+            Ev::Accept(k, o, n, _, _) => Some((k, o, n)),
+            Ev::NoMem(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn nomem_backpressure_keeps_order_and_threshold() {
+    for (cap, threshold) in [(16usize, 8usize), (4, 2), (20, 12)] {
+        let (bdev, ctl) = StubBdev::new(|_| {});
+        {
+            let mut c = ctl.lock().expect("ctl");
+            c.cap = Some(cap);
+            c.per_poll = 1;
+        }
+        let (_reg, _desc, mut ch) = open_stub(bdev);
+        let ios: Vec<BdevIo> = (0..100u64)
+            .map(|i| BdevIo::write(i, 1, IoVecs::from_slice(&pattern(i, 1, 512, 1)), 1000 + i))
+            .collect();
+        let r = run(&mut ch, ios);
+        assert!(r.values().all(|v| v.is_ok()), "no error may reach the caller");
+        let order: Vec<u64> = accepts(&ctl).iter().map(|a| a.1).collect();
+        assert_eq!(order, (0..100).collect::<Vec<_>>(), "module saw I/O out of order");
+        let ev = ctl.lock().expect("ctl").events.clone();
+        let mut saw_nomem = false;
+        for w in ev.windows(2) {
+            if let [Ev::NoMem(at), Ev::Accept(_, _, _, inflight, _)] = *w {
+                saw_nomem = true;
+                assert_eq!(at, cap);
+                assert_eq!(inflight, threshold, "retried before outstanding fell to the threshold");
+            }
+        }
+        assert!(saw_nomem);
+        same(&read_back(&mut ch, 0, 100, 512, true), &pattern(0, 100, 512, 1));
+    }
+}
+
+#[test]
+fn nomem_with_nothing_outstanding_retries_on_poll() {
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    ctl.lock().expect("ctl").cap = Some(0);
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    ch.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 7));
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        assert_eq!(ch.poll(&mut done), 0);
+    }
+    assert_eq!(ch.outstanding(), 1);
+    ctl.lock().expect("ctl").cap = None;
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 7, result: Ok(()) }]);
+}
+
+#[test]
+fn split_on_boundary_and_max_io() {
+    let (bdev, ctl) = StubBdev::new(|i| {
+        i.optimal_io_boundary_blocks = 8;
+        i.split_on_optimal_io_boundary = true;
+    });
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    let data = pattern(5, 20, 512, 4);
+    let w = scattered(data.len());
+    w.copy_from_slice(0, &data);
+    assert_eq!(run1(&mut ch, BdevIo::write(5, 20, w, 0)), Ok(()));
+    assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 5, 20, 0)), Ok(()));
+    assert_eq!(run1(&mut ch, BdevIo::write(16, 8, IoVecs::from_slice(&pattern(16, 8, 512, 4)), 0)), Ok(()));
+    use IoKind::*;
+    assert_eq!(
+        accepts(&ctl),
+        vec![(Write, 5, 3), (Write, 8, 8), (Write, 16, 8), (Write, 24, 1), (Unmap, 5, 20), (Write, 16, 8)]
+    );
+
+    let (bdev, ctl) = StubBdev::new(|i| i.max_io_blocks = 4);
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    write_pat(&mut ch, 0, 10, 512, 6, true);
+    ctl.lock().expect("ctl").events.clear();
+    same(&read_back(&mut ch, 0, 10, 512, true), &pattern(0, 10, 512, 6));
+    assert_eq!(accepts(&ctl), vec![(Read, 0, 4), (Read, 4, 4), (Read, 8, 2)]);
+}
+
+#[test]
+fn child_failure_fails_parent_once() {
+    let (bdev, ctl) = StubBdev::new(|i| i.max_io_blocks = 4);
+    ctl.lock().expect("ctl").fail_at = Some(4);
+    let (_reg, desc, mut ch) = open_stub(bdev);
+    let r = run(&mut ch, vec![BdevIo::write(0, 12, IoVecs::alloc(12 * 512), 42)]);
+    assert_eq!(r[&42], Err(IoError::Errno(libc::EIO)));
+    assert_eq!(accepts(&ctl).len(), 3);
+    assert_eq!(desc.stats().errors, 1);
+    assert_eq!(ch.stats().errors, 1);
+}
+
+#[test]
+fn write_zeroes_emulation_is_sequential() {
+    let (bdev, ctl) = StubBdev::new(|i| i.supports.write_zeroes = false);
+    let (_reg, desc, mut ch) = open_stub(bdev);
+    write_pat(&mut ch, 90, 5020, 512, 8, false);
+    ctl.lock().expect("ctl").events.clear();
+    assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 100, 5000, 0)), Ok(()));
+    let ev = ctl.lock().expect("ctl").events.clone();
+    let expect = [(100u64, 2048u64), (2148, 2048), (4196, 904)];
+    assert_eq!(ev.len(), expect.len());
+    for (e, (o, n)) in ev.iter().zip(expect) {
+        assert_eq!(*e, Ev::Accept(IoKind::Write, o, n, 0, true), "one zero write at a time");
+    }
+    same(&read_back(&mut ch, 100, 5000, 512, false), &vec![0u8; 5000 * 512]);
+    same(&read_back(&mut ch, 90, 10, 512, false), &pattern(90, 10, 512, 8));
+    same(&read_back(&mut ch, 5100, 10, 512, false), &pattern(5100, 10, 512, 8));
+    assert_eq!(desc.stats().write_zeroes_ops, 1);
+    assert_eq!(desc.stats().write_zeroes_bytes, 5000 * 512);
+}
+
+#[test]
+fn unaligned_buffers_are_bounced() {
+    let (bdev, ctl) = StubBdev::new(|i| i.buf_align = 4096);
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    write_pat(&mut ch, 8, 24, 512, 2, true);
+    same(&read_back(&mut ch, 8, 24, 512, true), &pattern(8, 24, 512, 2));
+    write_pat(&mut ch, 40, 8, 512, 3, false);
+    let ev = ctl.lock().expect("ctl").events.clone();
+    assert_eq!(ev.len(), 3);
+    assert!(ev.iter().all(|e| matches!(e, Ev::Accept(_, _, _, _, true))), "{ev:?}");
+}
+
+#[test]
+fn hot_remove_notifies_open_descriptors() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("hr", 1 << 20, 512).expect("malloc"))).expect("register");
+    let fired = Arc::new(Mutex::new(Vec::<String>::new()));
+    let f2 = fired.clone();
+    let d1 = reg
+        .open_with_remove("hr", true, move |n| f2.lock().expect("lock").push(n.to_string()))
+        .expect("open");
+    let f3 = fired.clone();
+    let d2 = reg.open_with_remove("hr", false, move |n| f3.lock().expect("lock").push(format!("closed-{n}")));
+    drop(d2);
+    let mut ch = d1.channel().expect("channel");
+    reg.unregister("hr").expect("unregister");
+    assert_eq!(*fired.lock().expect("lock"), vec!["hr".to_string()]);
+    // The bdev stays usable until its users are gone.
+    write_pat(&mut ch, 0, 1, 512, 0, false);
+    assert!(reg.open("hr", false).is_err());
+}
+
+#[test]
+fn channel_is_send() {
+    fn send<T: Send>() {}
+    send::<Channel>();
+    send::<super::Descriptor>();
+}
+
+#[test]
+fn file_wait_fd_wakes_and_drop_waits_for_inflight() {
+    let d = tmp();
+    for engine in [Engine::IoUring, Engine::Threads] {
+        let reg = Registry::new();
+        let f = FileBdev::open("w", d.path().join(format!("{engine:?}")), Some(4 << 20), false, engine)
+            .expect("file");
+        reg.register(Arc::new(f)).expect("register");
+        let desc = reg.open("w", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let fd = ch.wait_fd().expect("file channels have a wait fd");
+        ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&pattern(0, 8, 512, 1)), 1));
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on the stack.
+        let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert_eq!(n, 1, "{engine:?}: wait_fd never became readable");
+        assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }]);
+        // Dropping a channel with I/O in flight must wait for the kernel/workers (no use after free).
+        for i in 0..200u64 {
+            ch.submit(BdevIo::read(i, 1, IoVecs::alloc(512), i));
+        }
+        drop(ch);
+        let mut ch = desc.channel().expect("channel");
+        same(&read_back(&mut ch, 0, 8, 512, true), &pattern(0, 8, 512, 1));
+    }
+}
+
+/// A loop device over a temp file, detached on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(img: &std::path::Path) -> Option<Self> {
+        let out = std::process::Command::new("losetup").arg("--find").arg("--show").arg(img).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        dev.starts_with("/dev/").then_some(Self(dev))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn conformance_file_block_device() {
+    let d = tmp();
+    let img = d.path().join("loop.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(8 << 20)).expect("image");
+    let Some(dev) = LoopDev::attach(&img) else {
+        eprintln!("no loop device (needs root and losetup); skipped");
+        return;
+    };
+    for (engine, direct) in [(Engine::IoUring, false), (Engine::Threads, true), (Engine::IoUring, true)] {
+        let f = FileBdev::open("blk", &dev.0, None, direct, engine).expect("open block device");
+        assert_eq!(f.info().num_blocks, (8 << 20) / 512);
+        assert!(FileBdev::open("big", &dev.0, Some(16 << 20), false, engine).is_err());
+        conformance(Arc::new(f));
+    }
+}
+
+/// `n` single-block segments of 512 bytes, every other one taken from a second buffer.
+fn many_segments(n: usize) -> IoVecs {
+    let buf = Arc::new(AlignedBuf::zeroed(n * 1024));
+    let iovs = (0..n)
+        .map(|i| libc::iovec { iov_base: buf.as_ptr().wrapping_add(i * 1024).cast(), iov_len: 512 })
+        .collect();
+    let keep: Arc<dyn std::any::Any + Send + Sync> = buf;
+    // SAFETY: all segments lie inside `buf`, kept alive by `keep`.
+    unsafe { IoVecs::from_raw_parts(iovs, Some(keep)) }
+}
+
+#[test]
+fn file_more_than_iov_max_segments() {
+    let d = tmp();
+    for (engine, direct) in [(Engine::IoUring, false), (Engine::Threads, false), (Engine::IoUring, true)] {
+        let reg = Registry::new();
+        let path = d.path().join(format!("{engine:?}-{direct}"));
+        let f = FileBdev::open("seg", path, Some(4 << 20), direct, engine).expect("file");
+        reg.register(Arc::new(f)).expect("register");
+        let desc = reg.open("seg", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let data = pattern(10, 1500, 512, 7);
+        let w = many_segments(1500);
+        w.copy_from_slice(0, &data);
+        assert_eq!(run1(&mut ch, BdevIo::write(10, 1500, w, 0)), Ok(()));
+        let r = many_segments(1500);
+        let view = r.slice(0, 1500 * 512).expect("view");
+        assert_eq!(run1(&mut ch, BdevIo::read(10, 1500, r, 0)), Ok(()));
+        same(&view.to_vec(), &data);
+        same(&read_back(&mut ch, 10, 1500, 512, false), &data);
+    }
+}

@@ -6,3 +6,4 @@
 
 pub mod bdev;
 pub mod ocssd;
+pub mod vhost;

@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 
 use vblkd::ocssd::emu::EmuConfig;
 use vblkd::ocssd::spec::{
-    ChunkState, Status, NOTIFY_MASK_BLOCKS, NOTIFY_MASK_CHUNK, NOTIFY_STATE_HIGH_ECC,
-    NOTIFY_STATE_WEAR_INDEX,
+    ChunkState, Status, NOTIFY_MASK_BLOCKS, NOTIFY_MASK_CHUNK, NOTIFY_STATE_HIGH_ECC, NOTIFY_STATE_WEAR_INDEX,
 };
 use vblkd::ocssd::{
-    Command, Completion, EmuDevice, EmuGeometry, Fault, IoBuf, LbaBitmap, MediaDevice, MediaError,
-    Op, Ppa, PpaList, QueuePair, ReadErrorKind, RejectReason, SgList,
+    Command, Completion, EmuDevice, EmuGeometry, Fault, IoBuf, LbaBitmap, MediaDevice, MediaError, Op, Ppa,
+    PpaList, QueuePair, ReadErrorKind, RejectReason, SgList,
 };
 
 const BS: usize = 4096;
@@ -37,18 +36,13 @@ fn create(cfg: EmuConfig) -> (tempfile::TempDir, PathBuf, EmuDevice) {
 }
 
 fn setup() -> (tempfile::TempDir, PathBuf, EmuDevice) {
-    create(EmuConfig {
-        geometry: geom(),
-        ..EmuConfig::default()
-    })
+    create(EmuConfig { geometry: geom(), ..EmuConfig::default() })
 }
 
 /// Deterministic content of a block.
 fn pattern(ppa: Ppa, salt: u8) -> Vec<u8> {
     let seed = (ppa.grp * 131 + ppa.pu * 31 + ppa.chk * 7 + ppa.lbk) as u8 ^ salt;
-    (0..BS)
-        .map(|i| seed.wrapping_add((i % 251) as u8))
-        .collect()
+    (0..BS).map(|i| seed.wrapping_add((i % 251) as u8)).collect()
 }
 
 fn oob_of(ppa: Ppa) -> Vec<u8> {
@@ -103,13 +97,7 @@ fn read_list(qp: &mut dyn QueuePair, ppas: Vec<Ppa>) -> (Completion, Vec<u8>, Ve
         },
     );
     let data = c.buffers.data.take().expect("data returned").to_vec();
-    let oob = c
-        .buffers
-        .oob
-        .take()
-        .expect("oob returned")
-        .into_vec()
-        .expect("owned");
+    let oob = c.buffers.oob.take().expect("oob returned").into_vec().expect("owned");
     (c, data, oob)
 }
 
@@ -118,19 +106,11 @@ fn read(qp: &mut dyn QueuePair, start: Ppa, n: usize) -> (Completion, Vec<u8>, V
 }
 
 fn reset(qp: &mut dyn QueuePair, chunks: Vec<Ppa>) -> Completion {
-    run(
-        qp,
-        Op::Reset {
-            chunks: PpaList::new(chunks).expect("valid list"),
-        },
-    )
+    run(qp, Op::Reset { chunks: PpaList::new(chunks).expect("valid list") })
 }
 
 fn assert_block(data: &[u8], i: usize, ppa: Ppa, salt: u8) {
-    assert!(
-        data[i * BS..(i + 1) * BS] == pattern(ppa, salt)[..],
-        "block {i} ({ppa}) differs"
-    );
+    assert!(data[i * BS..(i + 1) * BS] == pattern(ppa, salt)[..], "block {i} ({ppa}) differs");
 }
 
 fn chunk(grp: u64, pu: u64, chk: u64) -> Ppa {
@@ -150,10 +130,7 @@ fn write_then_read_returns_data_and_oob() {
     assert_eq!(r.status, Status::SUCCESS);
     for i in 0..8 {
         assert_block(&data, i, c0.with_lbk(i as u64), 0);
-        assert_eq!(
-            &oob[i * OOB..(i + 1) * OOB],
-            &oob_of(c0.with_lbk(i as u64))[..]
-        );
+        assert_eq!(&oob[i * OOB..(i + 1) * OOB], &oob_of(c0.with_lbk(i as u64))[..]);
     }
     let info = dev.chunk_info(c0).expect("in range");
     assert_eq!(info.state, ChunkState::Open);
@@ -196,10 +173,7 @@ fn full_chunk_closes_and_refuses_writes() {
     let mut qp = dev.queue_pair(8).expect("qp");
     let c0 = chunk(1, 0, 3);
     for i in 0..4 {
-        assert_eq!(
-            write(qp.as_mut(), c0.with_lbk(i * 8), 8).status,
-            Status::SUCCESS
-        );
+        assert_eq!(write(qp.as_mut(), c0.with_lbk(i * 8), 8).status, Status::SUCCESS);
     }
     let info = dev.chunk_info(c0).expect("ok");
     assert_eq!(info.state, ChunkState::Closed);
@@ -231,11 +205,7 @@ fn read_beyond_write_pointer_fails_per_block() {
 #[test]
 fn offline_chunks_reject_all_io() {
     let bad = chunk(1, 1, 1);
-    let (_d, _p, dev) = create(EmuConfig {
-        geometry: geom(),
-        bad_chunks: vec![bad],
-        faults: vec![],
-    });
+    let (_d, _p, dev) = create(EmuConfig { geometry: geom(), bad_chunks: vec![bad], faults: vec![] });
     let mut qp = dev.queue_pair(8).expect("qp");
     assert_eq!(dev.chunk_info(bad).expect("ok").state, ChunkState::Offline);
     assert_eq!(write(qp.as_mut(), bad, 4).status, Status::OFFLINE_CHUNK);
@@ -249,30 +219,17 @@ fn offline_chunks_reject_all_io() {
 
 #[test]
 fn reset_rules_follow_mccap() {
-    let (_d, _p, dev) = create(EmuConfig {
-        geometry: EmuGeometry { mccap: 0, ..geom() },
-        ..EmuConfig::default()
-    });
+    let (_d, _p, dev) =
+        create(EmuConfig { geometry: EmuGeometry { mccap: 0, ..geom() }, ..EmuConfig::default() });
     let mut qp = dev.queue_pair(8).expect("qp");
     let c0 = chunk(0, 1, 1);
     let r = reset(qp.as_mut(), vec![c0]);
-    assert_eq!(
-        r.status,
-        Status::INVALID_RESET,
-        "free chunk, no multiple resets"
-    );
+    assert_eq!(r.status, Status::INVALID_RESET, "free chunk, no multiple resets");
     assert_eq!(r.status.sc, 0xC1);
     assert_eq!(write(qp.as_mut(), c0, 8).status, Status::SUCCESS);
-    assert_eq!(
-        reset(qp.as_mut(), vec![c0]).status,
-        Status::INVALID_RESET,
-        "open chunk, no early reset"
-    );
+    assert_eq!(reset(qp.as_mut(), vec![c0]).status, Status::INVALID_RESET, "open chunk, no early reset");
     for i in 1..4 {
-        assert_eq!(
-            write(qp.as_mut(), c0.with_lbk(i * 8), 8).status,
-            Status::SUCCESS
-        );
+        assert_eq!(write(qp.as_mut(), c0.with_lbk(i * 8), 8).status, Status::SUCCESS);
     }
     assert_eq!(reset(qp.as_mut(), vec![c0]).status, Status::SUCCESS);
 
@@ -296,23 +253,15 @@ fn reset_frees_the_chunk_and_counts_wear() {
     assert_eq!(info.write_pointer_blocks, 0);
     assert_eq!(dev.erase_count(c0).expect("ok"), 1);
     assert_eq!(read(qp.as_mut(), c0, 1).0.status, Status::UNWRITTEN_BLOCK);
-    assert_eq!(
-        write_list(qp.as_mut(), list(c0, 4).as_slice().to_vec(), 9).status,
-        Status::SUCCESS
-    );
+    assert_eq!(write_list(qp.as_mut(), list(c0, 4).as_slice().to_vec(), 9).status, Status::SUCCESS);
     let (_, data, _) = read(qp.as_mut(), c0, 4);
     assert_block(&data, 3, c0.with_lbk(3), 9);
 }
 
 #[test]
 fn chunk_wears_out_after_pe_cycles() {
-    let (_d, _p, dev) = create(EmuConfig {
-        geometry: EmuGeometry {
-            pe_cycles: 3,
-            ..geom()
-        },
-        ..EmuConfig::default()
-    });
+    let (_d, _p, dev) =
+        create(EmuConfig { geometry: EmuGeometry { pe_cycles: 3, ..geom() }, ..EmuConfig::default() });
     let mut qp = dev.queue_pair(8).expect("qp");
     let c0 = chunk(0, 0, 3);
     assert_eq!(reset(qp.as_mut(), vec![c0]).status, Status::SUCCESS);
@@ -322,26 +271,17 @@ fn chunk_wears_out_after_pe_cycles() {
     assert_eq!(dev.chunk_info(c0).expect("ok").state, ChunkState::Offline);
     let mut notes = Vec::new();
     dev.take_notifications(&mut notes);
-    assert!(notes
-        .iter()
-        .any(|n| n.state == NOTIFY_STATE_WEAR_INDEX && n.mask == NOTIFY_MASK_CHUNK));
+    assert!(notes.iter().any(|n| n.state == NOTIFY_STATE_WEAR_INDEX && n.mask == NOTIFY_MASK_CHUNK));
 }
 
 #[test]
 fn out_of_range_addresses_are_flagged() {
     let (_d, _p, dev) = setup();
     let mut qp = dev.queue_pair(8).expect("qp");
-    let r = read_list(
-        qp.as_mut(),
-        vec![Ppa::new(0, 0, 0, 32), Ppa::new(2, 0, 0, 0)],
-    )
-    .0;
+    let r = read_list(qp.as_mut(), vec![Ppa::new(0, 0, 0, 32), Ppa::new(2, 0, 0, 0)]).0;
     assert_eq!(r.status, Status::LBA_OUT_OF_RANGE);
     assert_eq!(r.failed, LbaBitmap(0b11));
-    assert!(matches!(
-        dev.chunk_info(Ppa::new(0, 2, 0, 0)),
-        Err(MediaError::ChunkOutOfRange { .. })
-    ));
+    assert!(matches!(dev.chunk_info(Ppa::new(0, 2, 0, 0)), Err(MediaError::ChunkOutOfRange { .. })));
 }
 
 #[test]
@@ -362,10 +302,7 @@ fn vector_write_spans_chunks_with_per_run_results() {
     assert_eq!(dev.chunk_info(b).expect("ok").write_pointer_blocks, 4);
     assert_eq!(dev.chunk_info(c).expect("ok").state, ChunkState::Free);
     // A scattered read across both chunks.
-    let (r, data, _) = read_list(
-        qp.as_mut(),
-        vec![b.with_lbk(2), a.with_lbk(1), a.with_lbk(3)],
-    );
+    let (r, data, _) = read_list(qp.as_mut(), vec![b.with_lbk(2), a.with_lbk(1), a.with_lbk(3)]);
     assert_eq!(r.status, Status::SUCCESS);
     assert_block(&data, 0, b.with_lbk(2), 3);
     assert_block(&data, 1, a.with_lbk(1), 3);
@@ -384,21 +321,11 @@ fn scatter_gather_segments_and_missing_oob() {
         sg.push(IoBuf::from_vec(b[..1000].to_vec()));
         sg.push(IoBuf::from_vec(b[1000..].to_vec()));
     }
-    let w = run(
-        qp.as_mut(),
-        Op::Write {
-            ppas: list(c0, 4),
-            data: sg,
-            oob: None,
-        },
-    );
+    let w = run(qp.as_mut(), Op::Write { ppas: list(c0, 4), data: sg, oob: None });
     assert_eq!(w.status, Status::SUCCESS);
     let (_, data, oob) = read(qp.as_mut(), c0, 4);
     assert_block(&data, 2, c0.with_lbk(2), 5);
-    assert!(
-        oob.iter().all(|b| *b == 0),
-        "missing OOB is written as zeros"
-    );
+    assert!(oob.iter().all(|b| *b == 0), "missing OOB is written as zeros");
 }
 
 #[test]
@@ -406,23 +333,12 @@ fn wrong_buffer_lengths_are_invalid_field() {
     let (_d, _p, dev) = setup();
     let mut qp = dev.queue_pair(8).expect("qp");
     let c0 = chunk(0, 0, 0);
-    let w = run(
-        qp.as_mut(),
-        Op::Write {
-            ppas: list(c0, 4),
-            data: vec![0u8; 3 * BS].into(),
-            oob: None,
-        },
-    );
+    let w = run(qp.as_mut(), Op::Write { ppas: list(c0, 4), data: vec![0u8; 3 * BS].into(), oob: None });
     assert_eq!(w.status, Status::INVALID_FIELD);
     assert_eq!(w.failed, LbaBitmap::first(4));
     let r = run(
         qp.as_mut(),
-        Op::Read {
-            ppas: list(c0, 1),
-            data: vec![0u8; BS].into(),
-            oob: Some(IoBuf::zeroed(OOB - 1)),
-        },
+        Op::Read { ppas: list(c0, 1), data: vec![0u8; BS].into(), oob: Some(IoBuf::zeroed(OOB - 1)) },
     );
     assert_eq!(r.status, Status::INVALID_FIELD);
     assert_eq!(dev.chunk_info(c0).expect("ok").state, ChunkState::Free);
@@ -433,16 +349,11 @@ fn injected_write_failure_fails_its_unit_and_moves_on() {
     let (_d, _p, dev) = setup();
     let mut qp = dev.queue_pair(8).expect("qp");
     let c0 = chunk(1, 1, 3);
-    dev.inject(Fault::WriteFail(c0.with_lbk(5)))
-        .expect("in range");
+    dev.inject(Fault::WriteFail(c0.with_lbk(5))).expect("in range");
     let w = write(qp.as_mut(), c0, 8);
     assert_eq!(w.status, Status::WRITE_FAIL_NEXT_UNIT);
     assert_eq!(w.status.sc, 0xF0);
-    assert_eq!(
-        w.failed,
-        LbaBitmap(0b1111_0000),
-        "the ws_min unit 4..8 failed"
-    );
+    assert_eq!(w.failed, LbaBitmap(0b1111_0000), "the ws_min unit 4..8 failed");
     let info = dev.chunk_info(c0).expect("ok");
     assert_eq!(info.state, ChunkState::Open);
     assert_eq!(info.write_pointer_blocks, 8);
@@ -450,10 +361,7 @@ fn injected_write_failure_fails_its_unit_and_moves_on() {
     assert_eq!(r.status, Status::SUCCESS);
     assert_block(&data, 3, c0.with_lbk(3), 0);
     // One shot: the next unit writes fine.
-    assert_eq!(
-        write(qp.as_mut(), c0.with_lbk(8), 8).status,
-        Status::SUCCESS
-    );
+    assert_eq!(write(qp.as_mut(), c0.with_lbk(8), 8).status, Status::SUCCESS);
     let mut notes = Vec::new();
     assert_eq!(dev.take_notifications(&mut notes), 1);
     assert_eq!(notes[0].mask, NOTIFY_MASK_BLOCKS);
@@ -468,16 +376,8 @@ fn injected_read_errors_report_ecc_status() {
     let mut qp = dev.queue_pair(8).expect("qp");
     let c0 = chunk(0, 1, 2);
     assert_eq!(write(qp.as_mut(), c0, 8).status, Status::SUCCESS);
-    dev.inject(Fault::ReadError {
-        ppa: c0.with_lbk(2),
-        kind: ReadErrorKind::HighEcc,
-    })
-    .expect("ok");
-    dev.inject(Fault::ReadError {
-        ppa: c0.with_lbk(6),
-        kind: ReadErrorKind::Unrecoverable,
-    })
-    .expect("ok");
+    dev.inject(Fault::ReadError { ppa: c0.with_lbk(2), kind: ReadErrorKind::HighEcc }).expect("ok");
+    dev.inject(Fault::ReadError { ppa: c0.with_lbk(6), kind: ReadErrorKind::Unrecoverable }).expect("ok");
     let (r, data, _) = read(qp.as_mut(), c0, 4);
     assert_eq!(r.status, Status::HIGH_ECC);
     assert_eq!(r.status.sc, 0xD0);
@@ -516,10 +416,7 @@ fn injected_early_close_closes_the_chunk_at_the_block() {
     let (r, data, _) = read(qp.as_mut(), c0.with_lbk(8), 4);
     assert_eq!(r.status, Status::SUCCESS);
     assert_block(&data, 3, c0.with_lbk(11), 0);
-    assert_eq!(
-        write(qp.as_mut(), c0.with_lbk(12), 4).status,
-        Status::WRITE_FAULT
-    );
+    assert_eq!(write(qp.as_mut(), c0.with_lbk(12), 4).status, Status::WRITE_FAULT);
     let mut notes = Vec::new();
     assert_eq!(dev.take_notifications(&mut notes), 1);
     assert_eq!(notes[0].mask, NOTIFY_MASK_CHUNK);
@@ -540,11 +437,7 @@ fn runtime_offline_injection() {
     drop(qp);
     drop(dev);
     let dev = EmuDevice::open(&path).expect("reopen");
-    assert_eq!(
-        dev.chunk_info(c0).expect("ok").state,
-        ChunkState::Offline,
-        "persisted"
-    );
+    assert_eq!(dev.chunk_info(c0).expect("ok").state, ChunkState::Offline, "persisted");
 }
 
 #[test]
@@ -554,25 +447,13 @@ fn vector_copy_moves_data_and_oob() {
     let src = chunk(0, 0, 0);
     let dst = chunk(1, 1, 1);
     assert_eq!(write(qp.as_mut(), src, 8).status, Status::SUCCESS);
-    let c = run(
-        qp.as_mut(),
-        Op::Copy {
-            src: list(src.with_lbk(4), 4),
-            dst: list(dst, 4),
-        },
-    );
+    let c = run(qp.as_mut(), Op::Copy { src: list(src.with_lbk(4), 4), dst: list(dst, 4) });
     assert_eq!(c.status, Status::SUCCESS);
     let (_, data, oob) = read(qp.as_mut(), dst, 4);
     assert_block(&data, 0, src.with_lbk(4), 0);
     assert_eq!(&oob[..OOB], &oob_of(src.with_lbk(4))[..]);
     // Copying unwritten blocks fails without writing the destination.
-    let c = run(
-        qp.as_mut(),
-        Op::Copy {
-            src: list(src.with_lbk(8), 4),
-            dst: list(dst.with_lbk(4), 4),
-        },
-    );
+    let c = run(qp.as_mut(), Op::Copy { src: list(src.with_lbk(8), 4), dst: list(dst.with_lbk(4), 4) });
     assert_eq!(c.status, Status::UNWRITTEN_BLOCK);
     assert_eq!(dev.chunk_info(dst).expect("ok").write_pointer_blocks, 4);
 }
@@ -588,14 +469,7 @@ fn append_writes_at_the_write_pointer() {
         for i in 0..8u64 {
             data.extend_from_slice(&pattern(c0.with_lbk(i + 8 * u64::from(salt - 1)), salt));
         }
-        let c = run(
-            qp.as_mut(),
-            Op::Append {
-                chunk: c0.with_lbk(31),
-                data: data.into(),
-                oob: None,
-            },
-        );
+        let c = run(qp.as_mut(), Op::Append { chunk: c0.with_lbk(31), data: data.into(), oob: None });
         assert_eq!(c.status, Status::SUCCESS);
         at.push(c.appended_at.expect("address returned"));
     }
@@ -612,21 +486,11 @@ fn state_persists_across_reopen() {
     {
         let mut qp = dev.queue_pair(8).expect("qp");
         for i in 0..4 {
-            assert_eq!(
-                write(qp.as_mut(), b.with_lbk(i * 8), 8).status,
-                Status::SUCCESS
-            );
+            assert_eq!(write(qp.as_mut(), b.with_lbk(i * 8), 8).status, Status::SUCCESS);
         }
         assert_eq!(write(qp.as_mut(), a, 12).status, Status::SUCCESS);
-        assert_eq!(
-            reset(qp.as_mut(), vec![chunk(1, 1, 1)]).status,
-            Status::SUCCESS
-        );
-        assert_eq!(
-            run(qp.as_mut(), Op::Flush).status,
-            Status::SUCCESS,
-            "flush syncs the image"
-        );
+        assert_eq!(reset(qp.as_mut(), vec![chunk(1, 1, 1)]).status, Status::SUCCESS);
+        assert_eq!(run(qp.as_mut(), Op::Flush).status, Status::SUCCESS, "flush syncs the image");
     }
     let before: Vec<_> = {
         let mut v = Vec::new();
@@ -653,14 +517,8 @@ fn state_persists_across_reopen() {
     assert_eq!(r.status, Status::SUCCESS);
     assert_block(&data, 0, b.with_lbk(31), 0);
     // Writing continues at the persisted write pointer.
-    assert_eq!(
-        write(qp.as_mut(), a.with_lbk(8), 4).status,
-        Status::OUT_OF_ORDER_WRITE
-    );
-    assert_eq!(
-        write(qp.as_mut(), a.with_lbk(12), 4).status,
-        Status::SUCCESS
-    );
+    assert_eq!(write(qp.as_mut(), a.with_lbk(8), 4).status, Status::OUT_OF_ORDER_WRITE);
+    assert_eq!(write(qp.as_mut(), a.with_lbk(12), 4).status, Status::SUCCESS);
 }
 
 fn reopen_err(path: &Path) -> MediaError {
@@ -672,10 +530,7 @@ fn reopen_err(path: &Path) -> MediaError {
 
 fn patch(path: &Path, off: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open");
+    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open");
     f.write_all_at(bytes, off).expect("patch");
 }
 
@@ -695,49 +550,28 @@ fn truncated_foreign_and_corrupt_images_are_refused() {
     let (d, path, dev) = setup();
     drop(dev);
     let len = std::fs::metadata(&path).expect("stat").len();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .expect("open");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
     f.set_len(len - 4096).expect("truncate");
     drop(f);
     assert!(matches!(reopen_err(&path), MediaError::Truncated { .. }));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .expect("open");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
     f.set_len(100).expect("truncate");
     drop(f);
     assert!(matches!(reopen_err(&path), MediaError::Truncated { .. }));
 
     let foreign = d.path().join("foreign");
     std::fs::write(&foreign, vec![7u8; 10_000]).expect("write");
-    assert!(matches!(
-        reopen_err(&foreign),
-        MediaError::NotAnImage { .. }
-    ));
+    assert!(matches!(reopen_err(&foreign), MediaError::NotAnImage { .. }));
     let empty = d.path().join("empty");
     std::fs::write(&empty, b"").expect("write");
     assert!(matches!(reopen_err(&empty), MediaError::NotAnImage { .. }));
 
     let path2 = d.path().join("second.img");
-    drop(
-        EmuDevice::create(
-            &path2,
-            &EmuConfig {
-                geometry: geom(),
-                ..EmuConfig::default()
-            },
-        )
-        .expect("create"),
-    );
+    drop(EmuDevice::create(&path2, &EmuConfig { geometry: geom(), ..EmuConfig::default() }).expect("create"));
     // Flip a byte of chunk record 3's write pointer: its crc32c no longer matches.
     patch(&path2, 4096 + 3 * 64 + 24, &[1]);
     let e = reopen_err(&path2);
-    assert!(
-        matches!(e, MediaError::CorruptChunkEntry { index: 3, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, MediaError::CorruptChunkEntry { index: 3, .. }), "{e}");
 }
 
 #[test]
@@ -753,13 +587,7 @@ fn an_open_image_is_locked() {
 fn existing_file_is_not_overwritten() {
     let (_d, path, dev) = setup();
     drop(dev);
-    let again = EmuDevice::create(
-        &path,
-        &EmuConfig {
-            geometry: geom(),
-            ..EmuConfig::default()
-        },
-    );
+    let again = EmuDevice::create(&path, &EmuConfig { geometry: geom(), ..EmuConfig::default() });
     assert!(matches!(again, Err(MediaError::Io { .. })));
 }
 
@@ -775,11 +603,7 @@ fn chunk_report_order_and_slba() {
     for (i, ci) in all.iter().enumerate() {
         let at = info.chunk_at(i as u64).expect("in range");
         assert_eq!(info.chunk_index(&at), Some(i as u64));
-        assert_eq!(
-            i as u64,
-            (at.grp * 2 + at.pu) * 4 + at.chk,
-            "(grp*num_pu + pu)*num_chk + chk"
-        );
+        assert_eq!(i as u64, (at.grp * 2 + at.pu) * 4 + at.chk, "(grp*num_pu + pu)*num_chk + chk");
         assert_eq!(info.ppa_format.unpack(ci.slba), Ok(at));
     }
     assert!(dev.report_chunks(16, 1, &mut Vec::new()).is_err());
@@ -792,11 +616,7 @@ fn full_queue_hands_the_command_back() {
     assert_eq!(qp.depth(), 2);
     let fd = qp.wait_fd().expect("eventfd");
     let readable = |fd| {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: `p` is a valid pollfd for the duration of the call; timeout 0.
         unsafe { libc::poll(&mut p, 1, 0) == 1 }
     };
@@ -805,12 +625,7 @@ fn full_queue_hands_the_command_back() {
         qp.submit(Command { tag, op: Op::Flush }).expect("room");
     }
     assert!(readable(fd));
-    let rej = qp
-        .submit(Command {
-            tag: 9,
-            op: Op::Flush,
-        })
-        .expect_err("full");
+    let rej = qp.submit(Command { tag: 9, op: Op::Flush }).expect_err("full");
     assert_eq!(rej.reason, RejectReason::QueueFull);
     assert_eq!(rej.command.tag, 9);
     assert_eq!(qp.in_flight(), 2);
@@ -880,14 +695,8 @@ fn concurrent_writers_on_one_chunk_keep_the_write_pointer_rule() {
             s.spawn(move || {
                 let mut qp = dev.queue_pair(4).expect("qp");
                 for _ in 0..4 {
-                    let c = run(
-                        qp.as_mut(),
-                        Op::Append {
-                            chunk: c0,
-                            data: vec![1u8; 4 * BS].into(),
-                            oob: None,
-                        },
-                    );
+                    let c =
+                        run(qp.as_mut(), Op::Append { chunk: c0, data: vec![1u8; 4 * BS].into(), oob: None });
                     assert_eq!(c.status, Status::SUCCESS);
                 }
             });

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vblkd::ocssd::{
-    Command, Completion, EmuConfig, EmuDevice, EmuGeometry, IoBuf, MediaDevice, Op, Ppa, PpaList,
-    QueuePair, SgList, Status,
+    Command, Completion, EmuConfig, EmuDevice, EmuGeometry, IoBuf, MediaDevice, Op, Ppa, PpaList, QueuePair,
+    SgList, Status,
 };
 
 const CHUNK_BLOCKS: u32 = 4096;
@@ -75,9 +75,7 @@ fn run_phase(
     let mut qp = dev.queue_pair(QUEUE_DEPTH).expect("queue pair");
     let oob_bytes = dev.info().oob_bytes_per_block as usize;
     let n = blocks_per_cmd as usize;
-    let mut pool: Vec<SgList> = (0..QUEUE_DEPTH)
-        .map(|i| SgList::from(vec![(i as u8) | 1; n * BS]))
-        .collect();
+    let mut pool: Vec<SgList> = (0..QUEUE_DEPTH).map(|i| SgList::from(vec![(i as u8) | 1; n * BS])).collect();
     let mut done = Vec::with_capacity(QUEUE_DEPTH);
     let mut cmds = 0u64;
     barrier.wait();
@@ -93,11 +91,7 @@ fn run_phase(
             };
             let ppas = PpaList::contiguous(Ppa::new(0, pu, chk, lbk), n).expect("≤ 64 blocks");
             let oob = Some(IoBuf::zeroed(n * oob_bytes));
-            let op = if write {
-                Op::Write { ppas, data, oob }
-            } else {
-                Op::Read { ppas, data, oob }
-            };
+            let op = if write { Op::Write { ppas, data, oob } } else { Op::Read { ppas, data, oob } };
             let mut cmd = Command { tag: lbk, op };
             while let Err(r) = qp.submit(cmd) {
                 cmd = r.command;
@@ -108,11 +102,7 @@ fn run_phase(
     while qp.in_flight() > 0 {
         cmds += drain(qp.as_mut(), &mut done, &mut pool);
     }
-    Phase {
-        bytes: num_chk * u64::from(CHUNK_BLOCKS) * BS as u64,
-        cmds,
-        elapsed: start.elapsed(),
-    }
+    Phase { bytes: num_chk * u64::from(CHUNK_BLOCKS) * BS as u64, cmds, elapsed: start.elapsed() }
 }
 
 /// Resets every chunk (64 per vector reset).
@@ -121,15 +111,10 @@ fn reset_all(dev: &EmuDevice) {
     let total = dev.info().geometry.total_chunks();
     let mut done = Vec::new();
     for first in (0..total).step_by(64) {
-        let chunks: Vec<Ppa> = (first..total.min(first + 64))
-            .filter_map(|i| dev.info().chunk_at(i))
-            .collect();
+        let chunks: Vec<Ppa> =
+            (first..total.min(first + 64)).filter_map(|i| dev.info().chunk_at(i)).collect();
         let chunks = PpaList::new(chunks).expect("1..=64 chunks");
-        qp.submit(Command {
-            tag: first,
-            op: Op::Reset { chunks },
-        })
-        .expect("depth 1, drained below");
+        qp.submit(Command { tag: first, op: Op::Reset { chunks } }).expect("depth 1, drained below");
         qp.poll(&mut done, 1);
         if let Some(c) = done.pop() {
             if c.status != Status::SUCCESS {
@@ -143,10 +128,7 @@ fn reset_all(dev: &EmuDevice) {
 fn report(name: &str, phases: &[Phase]) {
     let bytes: u64 = phases.iter().map(|p| p.bytes).sum();
     let cmds: u64 = phases.iter().map(|p| p.cmds).sum();
-    let secs = phases
-        .iter()
-        .map(|p| p.elapsed.as_secs_f64())
-        .fold(0.0, f64::max);
+    let secs = phases.iter().map(|p| p.elapsed.as_secs_f64()).fold(0.0, f64::max);
     let mib = bytes as f64 / (1024.0 * 1024.0);
     println!(
         "{name:28} {:9.1} MiB/s  {:9.0} cmd/s  ({mib:.0} MiB, {cmds} cmds, {secs:.3} s)",
@@ -217,10 +199,7 @@ fn main() {
                     s.spawn(move || run_phase(&dev, u64::from(t), num_chk, blocks, write, &barrier))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("bench thread"))
-                .collect()
+            handles.into_iter().map(|h| h.join().expect("bench thread")).collect()
         });
         report(name, &phases);
     }

@@ -173,10 +173,7 @@ fn create_config(cmd: &MediaCommand) -> Result<(PathBuf, EmuConfig), MediaCliErr
         None => *ws_min,
     };
     if ws_opt == 0 {
-        return Err(flag_err(
-            "--ws-opt",
-            "--ws-opt 0: must be at least 1".into(),
-        ));
+        return Err(flag_err("--ws-opt", "--ws-opt 0: must be at least 1".into()));
     }
     if ws_opt % ws_min != 0 {
         return Err(flag_err(
@@ -234,14 +231,7 @@ fn create_config(cmd: &MediaCommand) -> Result<(PathBuf, EmuConfig), MediaCliErr
         oob_bytes: *oob_bytes,
         ..EmuGeometry::default()
     };
-    Ok((
-        path.clone(),
-        EmuConfig {
-            geometry,
-            bad_chunks: bad,
-            faults: Vec::new(),
-        },
-    ))
+    Ok((path.clone(), EmuConfig { geometry, bad_chunks: bad, faults: Vec::new() }))
 }
 
 /// Maps emulator errors back to flags.
@@ -251,11 +241,7 @@ fn name_flag(e: MediaError, path: &Path) -> MediaCliError {
             let flag = flag_of(field);
             flag_err(flag, format!("{flag} ({field}): {reason}"))
         }
-        MediaError::NoSpace {
-            needed_bytes,
-            available_bytes,
-            ..
-        } => flag_err(
+        MediaError::NoSpace { needed_bytes, available_bytes, .. } => flag_err(
             "--path",
             format!(
                 "--path {}: image of {needed_bytes} bytes (--groups × --pus × --chunks × \
@@ -371,17 +357,7 @@ mod tests {
         let ps = p.to_str().expect("utf8");
         let mut out = Vec::new();
         run_to(
-            parse(&create_args(
-                ps,
-                &[
-                    "--ws-min",
-                    "4",
-                    "--ws-opt",
-                    "8",
-                    "--bad-chunks",
-                    "1:0:3,0:1:0",
-                ],
-            )),
+            parse(&create_args(ps, &["--ws-min", "4", "--ws-opt", "8", "--bad-chunks", "1:0:3,0:1:0"])),
             &mut out,
         )
         .expect("create works");

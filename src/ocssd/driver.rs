@@ -76,9 +76,7 @@ pub enum MediaError {
         path: String,
     },
     /// The image format version is not supported.
-    #[error(
-        "{path}: image format version {found} is not supported (this build reads {supported})"
-    )]
+    #[error("{path}: image format version {found} is not supported (this build reads {supported})")]
     UnsupportedVersion {
         /// Image path.
         path: String,
@@ -195,9 +193,7 @@ impl MediaInfo {
     /// or `None` outside the geometry.
     pub fn chunk_index(&self, ppa: &Ppa) -> Option<u64> {
         let g = &self.geometry;
-        if ppa.grp >= u64::from(g.num_grp)
-            || ppa.pu >= u64::from(g.num_pu)
-            || ppa.chk >= u64::from(g.num_chk)
+        if ppa.grp >= u64::from(g.num_grp) || ppa.pu >= u64::from(g.num_pu) || ppa.chk >= u64::from(g.num_chk)
         {
             return None;
         }
@@ -252,11 +248,7 @@ impl IoBuf {
         // A Vec's pointer is never null (dangling but non-null when empty), and it stays
         // put when the Vec is moved into `owner`.
         let ptr = NonNull::new(v.as_mut_ptr()).unwrap_or(NonNull::dangling());
-        IoBuf {
-            ptr,
-            len_bytes,
-            owner: Owner::Heap(v),
-        }
+        IoBuf { ptr, len_bytes, owner: Owner::Heap(v) }
     }
 
     /// Wraps caller memory without copying.
@@ -458,9 +450,8 @@ impl PpaList {
         if num_blocks == 0 || num_blocks > MAX_VECTOR_LBAS {
             return Err(MediaError::BadPpaList(num_blocks));
         }
-        let ppas: Option<Vec<Ppa>> = (0..num_blocks as u64)
-            .map(|i| start.lbk.checked_add(i).map(|lbk| start.with_lbk(lbk)))
-            .collect();
+        let ppas: Option<Vec<Ppa>> =
+            (0..num_blocks as u64).map(|i| start.lbk.checked_add(i).map(|lbk| start.with_lbk(lbk))).collect();
         // An overflowing block number cannot address any device: refuse the list.
         Self::new(ppas.ok_or(MediaError::BadPpaList(num_blocks))?)
     }
@@ -651,15 +642,9 @@ mod tests {
 
     #[test]
     fn ppa_list_limits() {
-        assert!(matches!(
-            PpaList::new(vec![]),
-            Err(MediaError::BadPpaList(0))
-        ));
+        assert!(matches!(PpaList::new(vec![]), Err(MediaError::BadPpaList(0))));
         assert!(PpaList::contiguous(Ppa::default(), 64).is_ok());
-        assert!(matches!(
-            PpaList::contiguous(Ppa::default(), 65),
-            Err(MediaError::BadPpaList(65))
-        ));
+        assert!(matches!(PpaList::contiguous(Ppa::default(), 65), Err(MediaError::BadPpaList(65))));
         assert!(PpaList::contiguous(Ppa::new(0, 0, 0, u64::MAX), 2).is_err());
     }
 }

@@ -54,14 +54,14 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard}
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::driver::{
-    Buffers, Capabilities, Command, Completion, IoBuf, MediaDevice, MediaError, MediaInfo,
-    MediaKind, Op, PpaList, QueuePair, RejectReason, Rejected, SgList,
+    Buffers, Capabilities, Command, Completion, IoBuf, MediaDevice, MediaError, MediaInfo, MediaKind, Op,
+    PpaList, QueuePair, RejectReason, Rejected, SgList,
 };
 use super::ppa::{Ppa, PpaFormat};
 use super::spec::{
-    ChunkInfo, ChunkNotification, ChunkState, Geometry, Status, CHUNK_TYPE_SEQUENTIAL,
-    MAX_VECTOR_LBAS, MCCAP_EARLY_RESET, MCCAP_MULTIPLE_RESETS, NOTIFY_MASK_BLOCKS,
-    NOTIFY_MASK_CHUNK, NOTIFY_STATE_HIGH_ECC, NOTIFY_STATE_UNRECOVERABLE, NOTIFY_STATE_WEAR_INDEX,
+    ChunkInfo, ChunkNotification, ChunkState, Geometry, Status, CHUNK_TYPE_SEQUENTIAL, MAX_VECTOR_LBAS,
+    MCCAP_EARLY_RESET, MCCAP_MULTIPLE_RESETS, NOTIFY_MASK_BLOCKS, NOTIFY_MASK_CHUNK, NOTIFY_STATE_HIGH_ECC,
+    NOTIFY_STATE_UNRECOVERABLE, NOTIFY_STATE_WEAR_INDEX,
 };
 use super::vector::LbaBitmap;
 
@@ -160,15 +160,11 @@ fn io_err(context: String) -> impl FnOnce(std::io::Error) -> MediaError {
 
 fn media_info(g: &EmuGeometry) -> Result<MediaInfo, MediaError> {
     let lbaf = g.lbaf();
-    let ppa_format = PpaFormat::new(lbaf).map_err(|e| MediaError::InvalidConfig {
-        field: "lbaf",
-        reason: e.to_string(),
-    })?;
+    let ppa_format = PpaFormat::new(lbaf)
+        .map_err(|e| MediaError::InvalidConfig { field: "lbaf", reason: e.to_string() })?;
     let to_u16 = |field: &'static str, v: u32| {
-        u16::try_from(v).map_err(|_| MediaError::InvalidConfig {
-            field,
-            reason: format!("{v} exceeds 65535"),
-        })
+        u16::try_from(v)
+            .map_err(|_| MediaError::InvalidConfig { field, reason: format!("{v} exceeds 65535") })
     };
     Ok(MediaInfo {
         kind: MediaKind::OpenChannel,
@@ -234,9 +230,9 @@ fn lock_exclusive(file: &File, path: &str) -> Result<(), MediaError> {
     // SAFETY: flock only reads the fd number, which `file` keeps open during the call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        return Err(io_err(format!(
-            "locking image {path} (is another vblkd using it?)"
-        ))(std::io::Error::last_os_error()));
+        return Err(io_err(format!("locking image {path} (is another vblkd using it?)"))(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -262,20 +258,13 @@ fn load(path: &Path, writable: bool) -> Result<Loaded, MediaError> {
     let len = file.metadata().map_err(io_err(format!("stat {p}")))?.len();
     let head_len = usize::try_from(len.min(HEADER_BYTES as u64)).unwrap_or(HEADER_BYTES);
     let mut head = vec![0u8; head_len];
-    file.read_exact_at(&mut head, 0)
-        .map_err(io_err(format!("reading header of {p}")))?;
+    file.read_exact_at(&mut head, 0).map_err(io_err(format!("reading header of {p}")))?;
     let (geometry, layout) = image::decode_header(&p, &head)?;
     if len < layout.image_bytes {
-        return Err(MediaError::Truncated {
-            path: p,
-            expected_bytes: layout.image_bytes,
-            found_bytes: len,
-        });
+        return Err(MediaError::Truncated { path: p, expected_bytes: layout.image_bytes, found_bytes: len });
     }
-    let info = media_info(&geometry).map_err(|e| MediaError::CorruptHeader {
-        path: p.clone(),
-        reason: e.to_string(),
-    })?;
+    let info = media_info(&geometry)
+        .map_err(|e| MediaError::CorruptHeader { path: p.clone(), reason: e.to_string() })?;
     let chunks = geometry.total_chunks();
     let table_bytes = usize::try_from(chunks)
         .ok()
@@ -290,26 +279,12 @@ fn load(path: &Path, writable: bool) -> Result<Loaded, MediaError> {
     let mut records = Vec::with_capacity(table_bytes / CHUNK_RECORD_BYTES);
     for (index, rec) in table.chunks_exact(CHUNK_RECORD_BYTES).enumerate() {
         let index = index as u64;
-        let slba = info
-            .chunk_at(index)
-            .and_then(|c| info.ppa_format.pack(c).ok())
-            .unwrap_or(u64::MAX);
-        let r = ChunkRecord::decode(rec, slba, u64::from(geometry.clba)).map_err(|reason| {
-            MediaError::CorruptChunkEntry {
-                path: p.clone(),
-                index,
-                reason,
-            }
-        })?;
+        let slba = info.chunk_at(index).and_then(|c| info.ppa_format.pack(c).ok()).unwrap_or(u64::MAX);
+        let r = ChunkRecord::decode(rec, slba, u64::from(geometry.clba))
+            .map_err(|reason| MediaError::CorruptChunkEntry { path: p.clone(), index, reason })?;
         records.push(r);
     }
-    Ok(Loaded {
-        file,
-        geometry,
-        layout,
-        info,
-        records,
-    })
+    Ok(Loaded { file, geometry, layout, info, records })
 }
 
 impl EmuDevice {
@@ -321,12 +296,10 @@ impl EmuDevice {
         let info = media_info(&g)?;
         let mut offline = std::collections::BTreeSet::new();
         for bad in &cfg.bad_chunks {
-            let idx = info
-                .chunk_index(bad)
-                .ok_or_else(|| MediaError::InvalidConfig {
-                    field: "bad_chunks",
-                    reason: format!("chunk {bad} is outside the geometry"),
-                })?;
+            let idx = info.chunk_index(bad).ok_or_else(|| MediaError::InvalidConfig {
+                field: "bad_chunks",
+                reason: format!("chunk {bad} is outside the geometry"),
+            })?;
             offline.insert(idx);
         }
         let p = path.display().to_string();
@@ -336,11 +309,7 @@ impl EmuDevice {
         };
         let available_bytes = free_bytes(dir)?;
         if layout.image_bytes > available_bytes {
-            return Err(MediaError::NoSpace {
-                path: p,
-                needed_bytes: layout.image_bytes,
-                available_bytes,
-            });
+            return Err(MediaError::NoSpace { path: p, needed_bytes: layout.image_bytes, available_bytes });
         }
         let file = OpenOptions::new()
             .read(true)
@@ -349,8 +318,7 @@ impl EmuDevice {
             .open(path)
             .map_err(io_err(format!("creating image {p}")))?;
         let written = (|| {
-            file.set_len(layout.image_bytes)
-                .map_err(io_err(format!("sizing image {p}")))?;
+            file.set_len(layout.image_bytes).map_err(io_err(format!("sizing image {p}")))?;
             // The chunk table is written in batches so huge geometries need little memory.
             const BATCH_RECORDS: u64 = 16 * 1024;
             let total = g.total_chunks();
@@ -378,8 +346,7 @@ impl EmuDevice {
                     table.extend_from_slice(&rec.encode());
                 }
                 let off = layout.chunk_table_offset + first * CHUNK_RECORD_BYTES as u64;
-                file.write_all_at(&table, off)
-                    .map_err(io_err(format!("writing chunk table of {p}")))?;
+                file.write_all_at(&table, off).map_err(io_err(format!("writing chunk table of {p}")))?;
                 first += n;
             }
             // The header goes last: an interrupted create leaves no valid image.
@@ -422,10 +389,7 @@ impl EmuDevice {
                 layout: l.layout,
                 info: l.info,
                 chunks,
-                notifications: Mutex::new(Notifications {
-                    next_nc: 1,
-                    log: VecDeque::new(),
-                }),
+                notifications: Mutex::new(Notifications { next_nc: 1, log: VecDeque::new() }),
             }),
         })
     }
@@ -439,13 +403,7 @@ impl EmuDevice {
             counts.add(r.info.state);
             total_erases = total_erases.saturating_add(r.erase_count);
         }
-        Ok(ImageSummary {
-            geometry: l.geometry,
-            info: l.info,
-            layout: l.layout,
-            counts,
-            total_erases,
-        })
+        Ok(ImageSummary { geometry: l.geometry, info: l.info, layout: l.layout, counts, total_erases })
     }
 
     /// The emulated geometry.
@@ -582,10 +540,7 @@ impl Inner {
     }
 
     fn persist(&self, idx: usize, slot: &ChunkSlot) -> std::io::Result<()> {
-        let rec = ChunkRecord {
-            info: self.chunk_info(idx, slot),
-            erase_count: slot.erase_count,
-        };
+        let rec = ChunkRecord { info: self.chunk_info(idx, slot), erase_count: slot.erase_count };
         let off = self.layout.chunk_table_offset + (idx * CHUNK_RECORD_BYTES) as u64;
         self.file.write_all_at(&rec.encode(), off)
     }
@@ -597,14 +552,7 @@ impl Inner {
         if n.log.len() >= NOTIFICATION_LOG_ENTRIES {
             n.log.pop_front();
         }
-        n.log.push_back(ChunkNotification {
-            nc,
-            lba,
-            nsid: NSID,
-            state,
-            mask,
-            nlb,
-        });
+        n.log.push_back(ChunkNotification { nc, lba, nsid: NSID, state, mask, nlb });
     }
 
     fn inject(&self, fault: Fault) -> Result<(), MediaError> {
@@ -617,14 +565,8 @@ impl Inner {
         match fault {
             Fault::OfflineChunk(_) => {
                 slot.state = ChunkState::Offline;
-                self.persist(idx, &slot)
-                    .map_err(io_err(format!("writing chunk table of {}", self.path)))?;
-                self.notify(
-                    self.pack(ppa.chunk_start()),
-                    NOTIFY_STATE_UNRECOVERABLE,
-                    NOTIFY_MASK_CHUNK,
-                    0,
-                );
+                self.persist(idx, &slot).map_err(io_err(format!("writing chunk table of {}", self.path)))?;
+                self.notify(self.pack(ppa.chunk_start()), NOTIFY_STATE_UNRECOVERABLE, NOTIFY_MASK_CHUNK, 0);
             }
             Fault::WriteFail(_) => slot.faults.write_fail_at.push(ppa.lbk),
             Fault::CloseEarly(_) => slot.faults.close_early_at = Some(ppa.lbk),
@@ -669,10 +611,7 @@ impl Inner {
         result?;
         let ob = self.oob_bytes();
         let oob_off = self.oob_offset(idx, lbk);
-        match src
-            .oob
-            .and_then(|o| o.as_slice().get(src_block * ob..(src_block + n) * ob))
-        {
+        match src.oob.and_then(|o| o.as_slice().get(src_block * ob..(src_block + n) * ob)) {
             Some(bytes) => self.file.write_all_at(bytes, oob_off),
             None => self.file.write_all_at(&vec![0u8; n * ob], oob_off),
         }
@@ -710,10 +649,7 @@ impl Inner {
             if let Some(at) = slot.faults.close_early_at.filter(|at| *at < end) {
                 slot.faults.close_early_at = None;
                 let at = at.max(start);
-                if self
-                    .write_blocks(idx, start, at - start, src, src.first_block)
-                    .is_err()
-                {
+                if self.write_blocks(idx, start, at - start, src, src.first_block).is_err() {
                     return (Status::INTERNAL_ERROR, all);
                 }
                 slot.state = ChunkState::Closed;
@@ -721,12 +657,7 @@ impl Inner {
                 if self.persist(idx, slot).is_err() {
                     return (Status::INTERNAL_ERROR, all);
                 }
-                self.notify(
-                    self.pack(chunk),
-                    NOTIFY_STATE_UNRECOVERABLE,
-                    NOTIFY_MASK_CHUNK,
-                    0,
-                );
+                self.notify(self.pack(chunk), NOTIFY_STATE_UNRECOVERABLE, NOTIFY_MASK_CHUNK, 0);
                 return (Status::CHUNK_CLOSED_EARLY, range_mask(at - start, n));
             }
             if let Some(at) = slot.faults.take_write_fail_in(start, end) {
@@ -739,9 +670,7 @@ impl Inner {
                 let after = end - unit_hi;
                 let skip = (unit_hi - start) as usize;
                 if self.write_blocks(idx, start, before, src, first).is_err()
-                    || self
-                        .write_blocks(idx, unit_hi, after, src, first + skip)
-                        .is_err()
+                    || self.write_blocks(idx, unit_hi, after, src, first + skip).is_err()
                 {
                     return (Status::INTERNAL_ERROR, all);
                 }
@@ -756,16 +685,10 @@ impl Inner {
                     NOTIFY_MASK_BLOCKS,
                     nlb,
                 );
-                return (
-                    Status::WRITE_FAIL_NEXT_UNIT,
-                    range_mask(unit_lo - start, unit_hi - start),
-                );
+                return (Status::WRITE_FAIL_NEXT_UNIT, range_mask(unit_lo - start, unit_hi - start));
             }
         }
-        if self
-            .write_blocks(idx, start, n, src, src.first_block)
-            .is_err()
-        {
+        if self.write_blocks(idx, start, n, src, src.first_block).is_err() {
             return (Status::INTERNAL_ERROR, all);
         }
         self.advance(slot, end);
@@ -777,11 +700,7 @@ impl Inner {
 
     fn advance(&self, slot: &mut ChunkSlot, end: u64) {
         slot.wp = end;
-        slot.state = if end >= self.clba() {
-            ChunkState::Closed
-        } else {
-            ChunkState::Open
-        };
+        slot.state = if end >= self.clba() { ChunkState::Closed } else { ChunkState::Open };
     }
 
     /// Splits a list into runs of consecutive in-range blocks of one chunk and calls `f`
@@ -819,15 +738,9 @@ impl Inner {
         }
     }
 
-    fn exec_write(
-        &self,
-        ppas: &PpaList,
-        data: &SgList,
-        oob: Option<&IoBuf>,
-    ) -> (Status, LbaBitmap) {
+    fn exec_write(&self, ppas: &PpaList, data: &SgList, oob: Option<&IoBuf>) -> (Status, LbaBitmap) {
         let n = ppas.len();
-        if data.len_bytes() != n * self.bs() || oob.is_some_and(|o| o.len() != n * self.oob_bytes())
-        {
+        if data.len_bytes() != n * self.bs() || oob.is_some_and(|o| o.len() != n * self.oob_bytes()) {
             return (Status::INVALID_FIELD, LbaBitmap::first(n));
         }
         let list = ppas.as_slice();
@@ -835,11 +748,7 @@ impl Inner {
         let mut failed = LbaBitmap::NONE;
         self.for_each_run(list, &mut status, &mut failed, |idx, i, len| {
             let mut slot = write_slot(&self.chunks[idx]);
-            let src = WriteSource {
-                data,
-                oob,
-                first_block: i,
-            };
+            let src = WriteSource { data, oob, first_block: i };
             self.write_run(idx, &mut slot, list[i].lbk, len as u64, &src)
         });
         (status, failed)
@@ -865,26 +774,13 @@ impl Inner {
         };
         let mut slot = write_slot(&self.chunks[idx]);
         let start = slot.wp;
-        let src = WriteSource {
-            data,
-            oob,
-            first_block: 0,
-        };
+        let src = WriteSource { data, oob, first_block: 0 };
         let (status, mask) = self.write_run(idx, &mut slot, start, n as u64, &src);
         let wrote = slot.wp > start;
-        (
-            status,
-            LbaBitmap(mask),
-            wrote.then(|| chunk.with_lbk(start)),
-        )
+        (status, LbaBitmap(mask), wrote.then(|| chunk.with_lbk(start)))
     }
 
-    fn exec_read(
-        &self,
-        ppas: &PpaList,
-        data: &mut SgList,
-        mut oob: Option<&mut IoBuf>,
-    ) -> ReadOutcome {
+    fn exec_read(&self, ppas: &PpaList, data: &mut SgList, mut oob: Option<&mut IoBuf>) -> ReadOutcome {
         let n = ppas.len();
         let bs = self.bs();
         let ob = self.oob_bytes();
@@ -907,11 +803,8 @@ impl Inner {
                 return (Status::OFFLINE_CHUNK, all);
             }
             let start = list[i].lbk;
-            let readable_end = if slot.state == ChunkState::Free {
-                start
-            } else {
-                slot.wp.clamp(start, start + len)
-            };
+            let readable_end =
+                if slot.state == ChunkState::Free { start } else { slot.wp.clamp(start, start + len) };
             let readable = readable_end - start;
             let mut run_status = Status::SUCCESS;
             let mut mask = range_mask(readable, len);
@@ -928,10 +821,7 @@ impl Inner {
                 });
                 let oob_ok = match oob.as_deref_mut() {
                     Some(o) => match o.as_mut_slice().get_mut(i * ob..(i + k) * ob) {
-                        Some(dst) => self
-                            .file
-                            .read_exact_at(dst, self.oob_offset(idx, start))
-                            .is_ok(),
+                        Some(dst) => self.file.read_exact_at(dst, self.oob_offset(idx, start)).is_ok(),
                         None => false,
                     },
                     None => true,
@@ -965,11 +855,7 @@ impl Inner {
             }
             (run_status, mask)
         });
-        ReadOutcome {
-            status,
-            failed,
-            high_ecc,
-        }
+        ReadOutcome { status, failed, high_ecc }
     }
 
     fn exec_copy(&self, src: &PpaList, dst: &PpaList) -> (Status, LbaBitmap) {
@@ -1017,23 +903,14 @@ impl Inner {
             slot.faults.read_errors.clear();
             slot.wp = 0;
             let worn_out = slot.erase_count >= u64::from(self.geometry.pe_cycles);
-            slot.state = if worn_out {
-                ChunkState::Offline
-            } else {
-                ChunkState::Free
-            };
+            slot.state = if worn_out { ChunkState::Offline } else { ChunkState::Free };
             if self.persist(idx, &slot).is_err() {
                 failed.set(i);
                 note(&mut status, Status::INTERNAL_ERROR);
                 continue;
             }
             if worn_out {
-                self.notify(
-                    self.pack(p.chunk_start()),
-                    NOTIFY_STATE_WEAR_INDEX,
-                    NOTIFY_MASK_CHUNK,
-                    0,
-                );
+                self.notify(self.pack(p.chunk_start()), NOTIFY_STATE_WEAR_INDEX, NOTIFY_MASK_CHUNK, 0);
                 failed.set(i);
                 note(&mut status, Status::OFFLINE_CHUNK);
             }
@@ -1053,30 +930,17 @@ impl Inner {
             Op::Reset { chunks } => (c.status, c.failed) = self.exec_reset(&chunks),
             Op::Write { ppas, data, oob } => {
                 (c.status, c.failed) = self.exec_write(&ppas, &data, oob.as_ref());
-                c.buffers = Buffers {
-                    data: Some(data),
-                    oob,
-                };
+                c.buffers = Buffers { data: Some(data), oob };
             }
-            Op::Read {
-                ppas,
-                mut data,
-                mut oob,
-            } => {
+            Op::Read { ppas, mut data, mut oob } => {
                 let r = self.exec_read(&ppas, &mut data, oob.as_mut());
                 (c.status, c.failed) = (r.status, r.failed);
-                c.buffers = Buffers {
-                    data: Some(data),
-                    oob,
-                };
+                c.buffers = Buffers { data: Some(data), oob };
             }
             Op::Copy { src, dst } => (c.status, c.failed) = self.exec_copy(&src, &dst),
             Op::Append { chunk, data, oob } => {
                 (c.status, c.failed, c.appended_at) = self.exec_append(chunk, &data, oob.as_ref());
-                c.buffers = Buffers {
-                    data: Some(data),
-                    oob,
-                };
+                c.buffers = Buffers { data: Some(data), oob };
             }
             Op::Flush => {
                 if self.file.sync_data().is_err() {
@@ -1105,12 +969,9 @@ impl MediaDevice for EmuDevice {
         max: usize,
         out: &mut Vec<ChunkInfo>,
     ) -> Result<usize, MediaError> {
-        let first = usize::try_from(first_index)
-            .ok()
-            .filter(|i| *i < self.inner.chunks.len())
-            .ok_or(MediaError::ChunkOutOfRange {
-                ppa: self.inner.info.chunk_at(first_index).unwrap_or_default(),
-            })?;
+        let first = usize::try_from(first_index).ok().filter(|i| *i < self.inner.chunks.len()).ok_or(
+            MediaError::ChunkOutOfRange { ppa: self.inner.info.chunk_at(first_index).unwrap_or_default() },
+        )?;
         let mut n = 0;
         for (idx, slot) in self.inner.chunks.iter().enumerate().skip(first).take(max) {
             out.push(self.inner.chunk_info(idx, &read_slot(slot)));
@@ -1120,11 +981,7 @@ impl MediaDevice for EmuDevice {
     }
 
     fn take_notifications(&self, out: &mut Vec<ChunkNotification>) -> usize {
-        let mut n = self
-            .inner
-            .notifications
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut n = self.inner.notifications.lock().unwrap_or_else(|e| e.into_inner());
         let count = n.log.len();
         out.extend(n.log.drain(..));
         count
@@ -1158,10 +1015,7 @@ struct EmuQueuePair {
 impl QueuePair for EmuQueuePair {
     fn submit(&mut self, cmd: Command) -> Result<(), Rejected> {
         if self.done.len() >= self.depth {
-            return Err(Rejected {
-                command: cmd,
-                reason: RejectReason::QueueFull,
-            });
+            return Err(Rejected { command: cmd, reason: RejectReason::QueueFull });
         }
         let c = self.inner.execute(cmd);
         self.done.push_back(c);

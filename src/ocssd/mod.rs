@@ -20,8 +20,8 @@ pub mod spec;
 pub mod vector;
 
 pub use driver::{
-    Buffers, Capabilities, Command, Completion, IoBuf, MediaDevice, MediaError, MediaInfo,
-    MediaKind, Op, PpaList, QueuePair, RejectReason, Rejected, SgList,
+    Buffers, Capabilities, Command, Completion, IoBuf, MediaDevice, MediaError, MediaInfo, MediaKind, Op,
+    PpaList, QueuePair, RejectReason, Rejected, SgList,
 };
 pub use emu::{EmuConfig, EmuDevice, EmuGeometry, Fault, ReadErrorKind};
 pub use ppa::{Ppa, PpaFormat};

@@ -54,11 +54,7 @@ impl Ppa {
 
 impl std::fmt::Display for Ppa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "grp {} pu {} chk {} lbk {}",
-            self.grp, self.pu, self.chk, self.lbk
-        )
+        write!(f, "grp {} pu {} chk {} lbk {}", self.grp, self.pu, self.chk, self.lbk)
     }
 }
 
@@ -111,11 +107,7 @@ fn mask(len_bits: u8) -> u64 {
 
 fn field_in(field: &'static str, value: u64, len_bits: u8, offset: u32) -> Result<u64, PpaError> {
     if value & !mask(len_bits) != 0 {
-        return Err(PpaError::FieldOverflow {
-            field,
-            value,
-            len_bits,
-        });
+        return Err(PpaError::FieldOverflow { field, value, len_bits });
     }
     if len_bits == 0 {
         // Value is 0 here; offset may be 64 for a trailing empty field.
@@ -144,13 +136,7 @@ impl PpaFormat {
         let chk_offset = lbk_offset + u32::from(lbaf.lbk_len);
         let pu_offset = chk_offset + u32::from(lbaf.chk_len);
         let grp_offset = pu_offset + u32::from(lbaf.pu_len);
-        Ok(PpaFormat {
-            lbaf,
-            lbk_offset,
-            chk_offset,
-            pu_offset,
-            grp_offset,
-        })
+        Ok(PpaFormat { lbaf, lbk_offset, chk_offset, pu_offset, grp_offset })
     }
 
     /// The LBA format.
@@ -194,13 +180,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn fmt(g: u8, p: u8, c: u8, l: u8) -> PpaFormat {
-        PpaFormat::new(LbaFormat {
-            grp_len: g,
-            pu_len: p,
-            chk_len: c,
-            lbk_len: l,
-        })
-        .expect("valid format")
+        PpaFormat::new(LbaFormat { grp_len: g, pu_len: p, chk_len: c, lbk_len: l }).expect("valid format")
     }
 
     #[test]
@@ -220,34 +200,19 @@ mod tests {
         assert_eq!(f.unpack(1 << 63), Ok(Ppa::new(1 << 63, 0, 0, 0)));
         let f = fmt(0, 0, 0, 0);
         assert_eq!(f.pack(Ppa::default()), Ok(0));
-        assert_eq!(
-            f.unpack(1),
-            Err(PpaError::StrayBits {
-                raw: 1,
-                total_bits: 0
-            })
-        );
+        assert_eq!(f.unpack(1), Err(PpaError::StrayBits { raw: 1, total_bits: 0 }));
     }
 
     #[test]
     fn refuses_too_wide_and_overflowing_fields() {
         assert_eq!(
-            PpaFormat::new(LbaFormat {
-                grp_len: 32,
-                pu_len: 32,
-                chk_len: 1,
-                lbk_len: 0
-            }),
+            PpaFormat::new(LbaFormat { grp_len: 32, pu_len: 32, chk_len: 1, lbk_len: 0 }),
             Err(PpaError::TooWide { total_bits: 65 })
         );
         let f = fmt(1, 1, 1, 1);
         assert_eq!(
             f.pack(Ppa::new(0, 2, 0, 0)),
-            Err(PpaError::FieldOverflow {
-                field: "pu",
-                value: 2,
-                len_bits: 1
-            })
+            Err(PpaError::FieldOverflow { field: "pu", value: 2, len_bits: 1 })
         );
         assert!(matches!(f.unpack(16), Err(PpaError::StrayBits { .. })));
     }

@@ -78,11 +78,7 @@ pub enum SpecError {
 
 fn check_len(what: &'static str, buf: &[u8], need_bytes: usize) -> Result<(), SpecError> {
     if buf.len() < need_bytes {
-        return Err(SpecError::Short {
-            what,
-            got_bytes: buf.len(),
-            need_bytes,
-        });
+        return Err(SpecError::Short { what, got_bytes: buf.len(), need_bytes });
     }
     Ok(())
 }
@@ -130,10 +126,7 @@ impl LbaFormat {
 
     /// Sum of the four widths.
     pub fn total_bits(&self) -> u32 {
-        u32::from(self.grp_len)
-            + u32::from(self.pu_len)
-            + u32::from(self.chk_len)
-            + u32::from(self.lbk_len)
+        u32::from(self.grp_len) + u32::from(self.pu_len) + u32::from(self.chk_len) + u32::from(self.lbk_len)
     }
 }
 
@@ -244,12 +237,7 @@ impl Geometry {
         Ok(Geometry {
             mjr: buf[0],
             mnr: buf[1],
-            lbaf: LbaFormat {
-                grp_len: buf[8],
-                pu_len: buf[9],
-                chk_len: buf[10],
-                lbk_len: buf[11],
-            },
+            lbaf: LbaFormat { grp_len: buf[8], pu_len: buf[9], chk_len: buf[10], lbk_len: buf[11] },
             mccap: get_u32(buf, 16),
             wit: buf[32],
             num_grp: get_u16(buf, 64),
@@ -410,11 +398,7 @@ impl ChunkNotification {
 
     /// Decodes a 64-byte entry.
     pub fn decode(buf: &[u8]) -> Result<Self, SpecError> {
-        check_len(
-            "chunk notification entry",
-            buf,
-            CHUNK_NOTIFICATION_ENTRY_BYTES,
-        )?;
+        check_len("chunk notification entry", buf, CHUNK_NOTIFICATION_ENTRY_BYTES)?;
         Ok(ChunkNotification {
             nc: get_u64(buf, 0),
             lba: get_u64(buf, 8),
@@ -501,10 +485,7 @@ impl Status {
     /// Parses the 15-bit status field of a completion (CQE DW3 bits 31:17, i.e.
     /// `dw3 >> 17`): SC in bits 7:0, SCT in bits 10:8.
     pub fn from_status_field(sf: u16) -> Self {
-        Status {
-            sc: (sf & 0xff) as u8,
-            sct: ((sf >> 8) & 0x7) as u8,
-        }
+        Status { sc: (sf & 0xff) as u8, sct: ((sf >> 8) & 0x7) as u8 }
     }
 
     /// The status field (without the phase bit), with the do-not-retry bit as given.
@@ -515,13 +496,7 @@ impl Status {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (sct {:#x}, sc {:#04x})",
-            self.name(),
-            self.sct,
-            self.sc
-        )
+        write!(f, "{} (sct {:#x}, sc {:#04x})", self.name(), self.sct, self.sc)
     }
 }
 
@@ -534,12 +509,7 @@ mod tests {
         let g = Geometry {
             mjr: 2,
             mnr: 0,
-            lbaf: LbaFormat {
-                grp_len: 1,
-                pu_len: 2,
-                chk_len: 3,
-                lbk_len: 4,
-            },
+            lbaf: LbaFormat { grp_len: 1, pu_len: 2, chk_len: 3, lbk_len: 4 },
             mccap: 0x0102_0304,
             wit: 10,
             num_grp: 0x1122,
@@ -571,10 +541,7 @@ mod tests {
         assert_eq!(&b[136..140], &12u32.to_le_bytes());
         assert_eq!(&b[212..216], &12u32.to_le_bytes());
         assert_eq!(Geometry::decode(&b), Ok(g));
-        assert!(matches!(
-            Geometry::decode(&b[..100]),
-            Err(SpecError::Short { .. })
-        ));
+        assert!(matches!(Geometry::decode(&b[..100]), Err(SpecError::Short { .. })));
     }
 
     #[test]

@@ -42,9 +42,7 @@ pub fn encode_lba_list(fmt: &PpaFormat, ppas: &[Ppa]) -> Result<Vec<u8>, VectorE
     }
     let mut out = Vec::with_capacity(ppas.len() * 8);
     for (index, ppa) in ppas.iter().enumerate() {
-        let raw = fmt
-            .pack(*ppa)
-            .map_err(|source| VectorError::Ppa { index, source })?;
+        let raw = fmt.pack(*ppa).map_err(|source| VectorError::Ppa { index, source })?;
         out.extend_from_slice(&raw.to_le_bytes());
     }
     Ok(out)
@@ -62,8 +60,7 @@ pub fn decode_lba_list(fmt: &PpaFormat, bytes: &[u8]) -> Result<Vec<Ppa>, Vector
         .map(|(index, c)| {
             let mut b = [0u8; 8];
             b.copy_from_slice(c);
-            fmt.unpack(u64::from_le_bytes(b))
-                .map_err(|source| VectorError::Ppa { index, source })
+            fmt.unpack(u64::from_le_bytes(b)).map_err(|source| VectorError::Ppa { index, source })
         })
         .collect()
 }
@@ -185,13 +182,7 @@ mod tests {
     use crate::ocssd::spec::{LbaFormat, OPC_VECTOR_WRITE};
 
     fn fmt() -> PpaFormat {
-        PpaFormat::new(LbaFormat {
-            grp_len: 2,
-            pu_len: 3,
-            chk_len: 10,
-            lbk_len: 12,
-        })
-        .expect("fits")
+        PpaFormat::new(LbaFormat { grp_len: 2, pu_len: 3, chk_len: 10, lbk_len: 12 }).expect("fits")
     }
 
     #[test]
@@ -204,10 +195,7 @@ mod tests {
         assert_eq!(decode_lba_list(&f, &bytes), Ok(ppas.clone()));
         let mut too_many = ppas.clone();
         too_many.push(Ppa::default());
-        assert_eq!(
-            encode_lba_list(&f, &too_many),
-            Err(VectorError::BadLength(65))
-        );
+        assert_eq!(encode_lba_list(&f, &too_many), Err(VectorError::BadLength(65)));
         assert_eq!(encode_lba_list(&f, &[]), Err(VectorError::BadLength(0)));
         assert!(matches!(
             encode_lba_list(&f, &[Ppa::new(4, 0, 0, 0)]),
@@ -233,10 +221,7 @@ mod tests {
         assert_eq!(&b[40..48], &0x4000u64.to_le_bytes());
         assert_eq!(&b[48..52], &63u32.to_le_bytes());
         assert_eq!(VectorSqe::decode(&b), sqe);
-        let bad = VectorSqe {
-            num_lbas: 65,
-            ..sqe
-        };
+        let bad = VectorSqe { num_lbas: 65, ..sqe };
         assert_eq!(bad.encode(), Err(VectorError::BadLength(65)));
     }
 

@@ -69,25 +69,17 @@ pub struct ChunkFaults {
 impl ChunkFaults {
     /// True when nothing is armed (the fast path).
     pub fn is_empty(&self) -> bool {
-        self.write_fail_at.is_empty()
-            && self.close_early_at.is_none()
-            && self.read_errors.is_empty()
+        self.write_fail_at.is_empty() && self.close_early_at.is_none() && self.read_errors.is_empty()
     }
 
     /// The read error armed at `lbk`, if any.
     pub fn read_error_at(&self, lbk: u64) -> Option<ReadErrorKind> {
-        self.read_errors
-            .iter()
-            .find(|(at, _)| *at == lbk)
-            .map(|(_, k)| *k)
+        self.read_errors.iter().find(|(at, _)| *at == lbk).map(|(_, k)| *k)
     }
 
     /// Removes and returns the first write failure armed in `[start, end)`.
     pub fn take_write_fail_in(&mut self, start: u64, end: u64) -> Option<u64> {
-        let pos = self
-            .write_fail_at
-            .iter()
-            .position(|at| *at >= start && *at < end)?;
+        let pos = self.write_fail_at.iter().position(|at| *at >= start && *at < end)?;
         Some(self.write_fail_at.swap_remove(pos))
     }
 }

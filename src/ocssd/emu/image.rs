@@ -23,9 +23,7 @@
 
 use super::super::driver::MediaError;
 use super::super::ppa::PpaFormat;
-use super::super::spec::{
-    ChunkInfo, ChunkState, LbaFormat, CHUNK_INFO_ENTRY_BYTES, MAX_VECTOR_LBAS,
-};
+use super::super::spec::{ChunkInfo, ChunkState, LbaFormat, CHUNK_INFO_ENTRY_BYTES, MAX_VECTOR_LBAS};
 
 /// Header magic.
 pub const MAGIC: [u8; 8] = *b"VBLKOCSD";
@@ -115,39 +113,24 @@ impl EmuGeometry {
             return Err(bad("num_pu", format!("{} exceeds 65535", self.num_pu)));
         }
         if self.ws_min as usize > MAX_VECTOR_LBAS {
-            return Err(bad(
-                "ws_min",
-                format!("{} exceeds the 64-LBA vector limit", self.ws_min),
-            ));
+            return Err(bad("ws_min", format!("{} exceeds the 64-LBA vector limit", self.ws_min)));
         }
         if self.ws_opt % self.ws_min != 0 {
             return Err(bad(
                 "ws_opt",
-                format!(
-                    "{} is not a multiple of ws_min {}",
-                    self.ws_opt, self.ws_min
-                ),
+                format!("{} is not a multiple of ws_min {}", self.ws_opt, self.ws_min),
             ));
         }
         if self.ws_opt as usize > MAX_VECTOR_LBAS {
-            return Err(bad(
-                "ws_opt",
-                format!("{} exceeds the 64-LBA vector limit", self.ws_opt),
-            ));
+            return Err(bad("ws_opt", format!("{} exceeds the 64-LBA vector limit", self.ws_opt)));
         }
         if self.clba % self.ws_opt != 0 {
-            return Err(bad(
-                "clba",
-                format!("{} is not a multiple of ws_opt {}", self.clba, self.ws_opt),
-            ));
+            return Err(bad("clba", format!("{} is not a multiple of ws_opt {}", self.clba, self.ws_opt)));
         }
         if self.oob_bytes < MIN_OOB_BYTES || self.oob_bytes > MAX_OOB_BYTES {
             return Err(bad(
                 "oob_bytes",
-                format!(
-                    "{} is outside {MIN_OOB_BYTES}..={MAX_OOB_BYTES}",
-                    self.oob_bytes
-                ),
+                format!("{} is outside {MIN_OOB_BYTES}..={MAX_OOB_BYTES}", self.oob_bytes),
             ));
         }
         PpaFormat::new(self.lbaf()).map_err(|e| bad("lbaf", e.to_string()))?;
@@ -185,8 +168,7 @@ pub struct Layout {
 }
 
 fn align_up(v: u64) -> Option<u64> {
-    v.checked_add(ALIGN_BYTES - 1)
-        .map(|x| x / ALIGN_BYTES * ALIGN_BYTES)
+    v.checked_add(ALIGN_BYTES - 1).map(|x| x / ALIGN_BYTES * ALIGN_BYTES)
 }
 
 impl Layout {
@@ -195,31 +177,17 @@ impl Layout {
         let overflow = || bad("geometry", "the image size overflows 64 bits".into());
         let chunks = g.total_chunks();
         let blocks = chunks.checked_mul(u64::from(g.clba)).ok_or_else(overflow)?;
-        let table = chunks
-            .checked_mul(CHUNK_RECORD_BYTES as u64)
-            .ok_or_else(overflow)?;
-        let oob = blocks
-            .checked_mul(u64::from(g.oob_bytes))
-            .ok_or_else(overflow)?;
-        let data = blocks
-            .checked_mul(u64::from(BLOCK_SIZE_BYTES))
-            .ok_or_else(overflow)?;
+        let table = chunks.checked_mul(CHUNK_RECORD_BYTES as u64).ok_or_else(overflow)?;
+        let oob = blocks.checked_mul(u64::from(g.oob_bytes)).ok_or_else(overflow)?;
+        let data = blocks.checked_mul(u64::from(BLOCK_SIZE_BYTES)).ok_or_else(overflow)?;
         let chunk_table_offset = HEADER_BYTES as u64;
         let oob_offset = align_up(chunk_table_offset + table).ok_or_else(overflow)?;
-        let data_offset = oob_offset
-            .checked_add(oob)
-            .and_then(align_up)
-            .ok_or_else(overflow)?;
+        let data_offset = oob_offset.checked_add(oob).and_then(align_up).ok_or_else(overflow)?;
         let image_bytes = data_offset.checked_add(data).ok_or_else(overflow)?;
         if image_bytes > i64::MAX as u64 {
             return Err(overflow());
         }
-        Ok(Layout {
-            chunk_table_offset,
-            oob_offset,
-            data_offset,
-            image_bytes,
-        })
+        Ok(Layout { chunk_table_offset, oob_offset, data_offset, image_bytes })
     }
 }
 
@@ -254,12 +222,8 @@ pub fn encode_header(g: &EmuGeometry, l: &Layout) -> [u8; HEADER_BYTES] {
     for (off, v) in words {
         b[off..off + 4].copy_from_slice(&v.to_le_bytes());
     }
-    for (off, v) in [
-        (64, l.chunk_table_offset),
-        (72, l.oob_offset),
-        (80, l.data_offset),
-        (88, l.image_bytes),
-    ] {
+    for (off, v) in [(64, l.chunk_table_offset), (72, l.oob_offset), (80, l.data_offset), (88, l.image_bytes)]
+    {
         b[off..off + 8].copy_from_slice(&v.to_le_bytes());
     }
     let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
@@ -283,11 +247,7 @@ pub fn decode_header(path: &str, buf: &[u8]) -> Result<(EmuGeometry, Layout), Me
     let stored = u32_at(buf, CRC_OFFSET);
     let computed = crc32c::crc32c(&buf[..CRC_OFFSET]);
     if stored != computed {
-        return Err(MediaError::HeaderChecksum {
-            path: path.into(),
-            stored,
-            computed,
-        });
+        return Err(MediaError::HeaderChecksum { path: path.into(), stored, computed });
     }
     let version = u32_at(buf, 8);
     if version != IMAGE_VERSION {
@@ -297,10 +257,7 @@ pub fn decode_header(path: &str, buf: &[u8]) -> Result<(EmuGeometry, Layout), Me
             supported: IMAGE_VERSION,
         });
     }
-    let corrupt = |reason: String| MediaError::CorruptHeader {
-        path: path.into(),
-        reason,
-    };
+    let corrupt = |reason: String| MediaError::CorruptHeader { path: path.into(), reason };
     if u32_at(buf, 12) as usize != HEADER_BYTES {
         return Err(corrupt(format!("header size {}", u32_at(buf, 12))));
     }
@@ -363,16 +320,11 @@ impl ChunkRecord {
         let stored = u32_at(b, 60);
         let computed = crc32c::crc32c(&b[..60]);
         if stored != computed {
-            return Err(format!(
-                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ));
+            return Err(format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"));
         }
         let info = ChunkInfo::decode(&b[..CHUNK_INFO_ENTRY_BYTES]).map_err(|e| e.to_string())?;
         if info.slba != expected_slba {
-            return Err(format!(
-                "slba {:#x}, expected {expected_slba:#x}",
-                info.slba
-            ));
+            return Err(format!("slba {:#x}, expected {expected_slba:#x}", info.slba));
         }
         if info.cnlb != clba {
             return Err(format!("cnlb {}, expected {clba}", info.cnlb));
@@ -385,15 +337,9 @@ impl ChunkRecord {
             ChunkState::Offline => true,
         };
         if !ok {
-            return Err(format!(
-                "state {:?} with write pointer {wp} of {clba}",
-                info.state
-            ));
+            return Err(format!("state {:?} with write pointer {wp} of {clba}", info.state));
         }
-        Ok(ChunkRecord {
-            info,
-            erase_count: u64_at(b, 32),
-        })
+        Ok(ChunkRecord { info, erase_count: u64_at(b, 32) })
     }
 }
 
@@ -410,18 +356,9 @@ mod tests {
         assert_eq!(decode_header("x", &h).expect("valid"), (g, l));
         let mut torn = h;
         torn[2048..].fill(0);
-        assert!(matches!(
-            decode_header("x", &torn),
-            Err(MediaError::HeaderChecksum { .. })
-        ));
-        assert!(matches!(
-            decode_header("x", &h[..100]),
-            Err(MediaError::Truncated { .. })
-        ));
-        assert!(matches!(
-            decode_header("x", b"ELF\x7f...."),
-            Err(MediaError::NotAnImage { .. })
-        ));
+        assert!(matches!(decode_header("x", &torn), Err(MediaError::HeaderChecksum { .. })));
+        assert!(matches!(decode_header("x", &h[..100]), Err(MediaError::Truncated { .. })));
+        assert!(matches!(decode_header("x", b"ELF\x7f...."), Err(MediaError::NotAnImage { .. })));
     }
 
     #[test]
@@ -432,10 +369,7 @@ mod tests {
         h[8..12].copy_from_slice(&2u32.to_le_bytes());
         let crc = crc32c::crc32c(&h[..CRC_OFFSET]);
         h[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(
-            decode_header("x", &h),
-            Err(MediaError::UnsupportedVersion { found: 2, .. })
-        ));
+        assert!(matches!(decode_header("x", &h), Err(MediaError::UnsupportedVersion { found: 2, .. })));
     }
 
     #[test]
@@ -447,14 +381,7 @@ mod tests {
         let d = EmuGeometry::default();
         assert_eq!(field_of(EmuGeometry { num_grp: 0, ..d }), "num_grp");
         assert_eq!(field_of(EmuGeometry { clba: 0, ..d }), "clba");
-        assert_eq!(
-            field_of(EmuGeometry {
-                ws_min: 4,
-                ws_opt: 6,
-                ..d
-            }),
-            "ws_opt"
-        );
+        assert_eq!(field_of(EmuGeometry { ws_min: 4, ws_opt: 6, ..d }), "ws_opt");
         assert_eq!(field_of(EmuGeometry { oob_bytes: 8, ..d }), "oob_bytes");
         assert_eq!(
             field_of(EmuGeometry {
@@ -487,13 +414,7 @@ mod tests {
         let mut flipped = b;
         flipped[24] ^= 1;
         assert!(ChunkRecord::decode(&flipped, 0x400, 1024).is_err());
-        let free_with_wp = ChunkRecord {
-            info: ChunkInfo {
-                state: ChunkState::Free,
-                ..r.info
-            },
-            ..r
-        };
+        let free_with_wp = ChunkRecord { info: ChunkInfo { state: ChunkState::Free, ..r.info }, ..r };
         assert!(ChunkRecord::decode(&free_with_wp.encode(), 0x400, 1024).is_err());
     }
 }

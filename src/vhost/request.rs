@@ -475,3 +475,321 @@ pub fn write_id(
     // At most 20.
     Ok(done as u32)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x8000;
+    const REGION: u64 = 0x10_0000;
+    const CAP: u64 = 1000;
+
+    fn mem() -> GuestMem {
+        // Two adjacent regions, then a hole.
+        GuestMem::from_ranges(&[(GuestAddress(0), REGION as usize), (GuestAddress(REGION), REGION as usize)])
+            .expect("guest memory")
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            block_size: 512,
+            seg_max: 4,
+            size_max: 1 << 20,
+            max_discard_sectors: 1 << 16,
+            max_write_zeroes_sectors: 1 << 16,
+            discard: true,
+            read_only: false,
+        }
+    }
+
+    fn header(m: &GuestMem, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        m.write_slice(&h, GuestAddress(HDR)).expect("header");
+    }
+
+    /// (addr, len, device-writable) descriptors, chained in order.
+    fn parse_with(m: &GuestMem, descs: &[(u64, u32, bool)], l: &Limits) -> Result<Request, BadRequest> {
+        let q = MockSplitQueue::create(m, GuestAddress(0x10_000), 16);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(a, len, w)| {
+                RawDescriptor::from(Descriptor::new(a, len, if w { VRING_DESC_F_WRITE as u16 } else { 0 }, 0))
+            })
+            .collect();
+        let chain = q.build_desc_chain(&raw).expect("chain");
+        Request::parse(chain, m, CAP, l)
+    }
+
+    fn parse(m: &GuestMem, descs: &[(u64, u32, bool)]) -> Result<Request, BadRequest> {
+        parse_with(m, descs, &limits())
+    }
+
+    fn err(r: Result<Request, BadRequest>) -> BadRequest {
+        r.expect_err("should be refused")
+    }
+
+    #[test]
+    fn good_read() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let r = parse(&m, &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)]).expect("ok");
+        assert_eq!(r.kind, RequestKind::Read { sector: 8 });
+        assert_eq!(r.data_len, 4096);
+        assert_eq!(r.iovecs.len(), 1);
+        assert_eq!(r.iovecs[0].iov_len, 4096);
+        assert_eq!(r.status_addr, GuestAddress(STATUS));
+    }
+
+    #[test]
+    fn good_write_split_at_region_end() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let r = parse(&m, &[(HDR, 16, false), (REGION - 512, 1024, false), (DATA, 512, false), (STATUS, 1, true)])
+            .expect("ok");
+        assert_eq!(r.kind, RequestKind::Write { sector: 0 });
+        assert_eq!(r.data_len, 1536);
+        assert_eq!(r.iovecs.len(), 3);
+        assert!(r.iovecs.iter().all(|v| v.iov_len == 512));
+    }
+
+    #[test]
+    fn status_is_last_byte_of_last_descriptor() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let r = parse(&m, &[(HDR, 16, false), (STATUS, 4, true)]).expect("ok");
+        assert_eq!(r.kind, RequestKind::Flush);
+        assert_eq!(r.status_addr, GuestAddress(STATUS + 3));
+    }
+
+    #[test]
+    fn wrong_data_direction() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::WrongDirection);
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::WrongDirection);
+    }
+
+    #[test]
+    fn status_not_writable_or_missing() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, false)]));
+        assert_eq!((e.error, e.status_addr), (ParseError::BadStatus, None));
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 0, true)]));
+        assert_eq!((e.error, e.status_addr), (ParseError::BadStatus, None));
+        // Status outside guest memory.
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 512, true), (0x40_0000, 1, true)]));
+        assert_eq!((e.error, e.status_addr), (ParseError::BadStatus, None));
+        // Status length overflowing the address space.
+        let e = err(parse(&m, &[(HDR, 16, false), (u64::MAX, 2, true)]));
+        assert_eq!((e.error, e.status_addr), (ParseError::BadStatus, None));
+    }
+
+    #[test]
+    fn header_problems() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(err(parse(&m, &[(STATUS, 1, true)])).error, ParseError::MissingHeader);
+        assert_eq!(err(parse(&m, &[(HDR, 16, true), (STATUS, 1, true)])).error, ParseError::HeaderWritable);
+        assert_eq!(err(parse(&m, &[(HDR, 8, false), (STATUS, 1, true)])).error, ParseError::HeaderTooShort);
+        let e = err(parse(&m, &[(0x30_0000, 16, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::HeaderOutOfMemory);
+        assert_eq!(e.error.status(), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn data_outside_guest_memory() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (0x30_0000, 512, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::DataOutOfMemory);
+        // Starts inside, runs past the last region.
+        let e = err(parse(&m, &[(HDR, 16, false), (2 * REGION - 512, 1024, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::DataOutOfMemory);
+    }
+
+    #[test]
+    fn too_many_segments() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let mut d = vec![(HDR, 16, false)];
+        d.extend((0..5).map(|i| (DATA + i * 512, 512, true)));
+        d.push((STATUS, 1, true));
+        let e = err(parse(&m, &d));
+        assert_eq!(e.error, ParseError::TooManySegments);
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+        d.remove(1);
+        assert!(parse(&m, &d).is_ok());
+    }
+
+    #[test]
+    fn segment_larger_than_size_max() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let l = Limits { size_max: 1024, ..limits() };
+        let e = err(parse_with(&m, &[(HDR, 16, false), (DATA, 2048, true), (STATUS, 1, true)], &l));
+        assert_eq!(e.error, ParseError::SegmentTooLarge);
+    }
+
+    #[test]
+    fn length_overflow() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let l = Limits { size_max: u32::MAX, ..limits() };
+        let e = err(parse_with(
+            &m,
+            &[(HDR, 16, false), (DATA, 0x8000_0000, true), (DATA, 0x8000_0000, true), (STATUS, 1, true)],
+            &l,
+        ));
+        // virtio-queue stops a chain longer than 4 GiB; either way it is refused without a crash.
+        assert!(matches!(e.error, ParseError::Truncated | ParseError::LengthOverflow), "{e:?}");
+    }
+
+    #[test]
+    fn sector_range_and_alignment() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, CAP - 1);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::OutOfRange);
+        header(&m, VIRTIO_BLK_T_IN, u64::MAX);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::OutOfRange);
+        header(&m, VIRTIO_BLK_T_IN, CAP - 1);
+        assert!(parse(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]).is_ok());
+        // Length not a multiple of the block size.
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 100, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::Misaligned);
+        // 4 KiB blocks: sector and length multiples of 8 sectors.
+        let l = Limits { block_size: 4096, ..limits() };
+        header(&m, VIRTIO_BLK_T_IN, 1);
+        let e = err(parse_with(&m, &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)], &l));
+        assert_eq!(e.error, ParseError::Misaligned);
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let e = err(parse_with(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)], &l));
+        assert_eq!(e.error, ParseError::Misaligned);
+        assert!(parse_with(&m, &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)], &l).is_ok());
+        // No data at all.
+        let e = err(parse(&m, &[(HDR, 16, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::NoData);
+    }
+
+    #[test]
+    fn descriptor_loop_is_cut() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let q = MockSplitQueue::create(&m, GuestAddress(0x10_000), 16);
+        let next = VRING_DESC_F_NEXT as u16;
+        let raw = [
+            RawDescriptor::from(Descriptor::new(HDR, 16, next, 1)),
+            RawDescriptor::from(Descriptor::new(DATA, 512, next | VRING_DESC_F_WRITE as u16, 0)),
+        ];
+        let chain = q.build_multiple_desc_chains(&raw).expect("chain");
+        let e = err(Request::parse(chain, &m, CAP, &limits()));
+        assert_eq!((e.error, e.status_addr), (ParseError::Truncated, None));
+    }
+
+    #[test]
+    fn unsupported_type() {
+        let m = mem();
+        header(&m, 99, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::Unsupported(99));
+        assert_eq!(e.error.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(e.status_addr, Some(GuestAddress(STATUS)));
+    }
+
+    #[test]
+    fn get_id() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let r = parse(&m, &[(HDR, 16, false), (DATA, 8, true), (DATA + 100, 64, true), (STATUS, 1, true)])
+            .expect("ok");
+        assert_eq!(r.kind, RequestKind::GetId);
+        let id = *b"0123456789abcdefghij";
+        assert_eq!(write_id(&m, &r.segments, &id), Ok(20));
+        let mut got = [0u8; 12];
+        m.read_slice(&mut got, GuestAddress(DATA + 100)).expect("read");
+        assert_eq!(&got, b"89abcdefghij");
+        let short = parse(&m, &[(HDR, 16, false), (DATA, 8, true), (STATUS, 1, true)]).expect("ok");
+        assert_eq!(write_id(&m, &short.segments, &id), Ok(8));
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 20, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::WrongDirection);
+        let e = err(parse(&m, &[(HDR, 16, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::NoData);
+    }
+
+    fn dwz(m: &GuestMem, addr: u64, sector: u64, n: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        m.write_slice(&s, GuestAddress(addr)).expect("segment");
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let m = mem();
+        let chain = [(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)];
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        dwz(&m, DATA, 16, 32, 0);
+        let r = parse(&m, &chain).expect("ok");
+        assert_eq!(r.kind, RequestKind::Discard { sector: 16, num_sectors: 32 });
+        dwz(&m, DATA, 16, 32, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert_eq!(err(parse(&m, &chain)).error, ParseError::UnknownFlags(1));
+        let e = err(parse_with(&m, &chain, &Limits { discard: false, ..limits() }));
+        assert_eq!(e.error, ParseError::DiscardUnsupported);
+        assert_eq!(e.error.status(), VIRTIO_BLK_S_UNSUPP as u8);
+
+        header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let r = parse(&m, &chain).expect("ok");
+        assert_eq!(r.kind, RequestKind::WriteZeroes { sector: 16, num_sectors: 32, unmap: true });
+        dwz(&m, DATA, 16, 32, 0);
+        let r = parse(&m, &chain).expect("ok");
+        assert_eq!(r.kind, RequestKind::WriteZeroes { sector: 16, num_sectors: 32, unmap: false });
+        dwz(&m, DATA, 16, 32, 2);
+        assert_eq!(err(parse(&m, &chain)).error, ParseError::UnknownFlags(2));
+        dwz(&m, DATA, CAP - 8, 16, 0);
+        assert_eq!(err(parse(&m, &chain)).error, ParseError::OutOfRange);
+        dwz(&m, DATA, 0, 0, 0);
+        assert_eq!(err(parse(&m, &chain)).error, ParseError::DwzTooLarge);
+        dwz(&m, DATA, 0, (1 << 16) + 1, 0);
+        assert_eq!(err(parse(&m, &chain)).error, ParseError::DwzTooLarge);
+        // Segment framing.
+        dwz(&m, DATA, 0, 8, 0);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 15, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::BadSegmentLength);
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 32, false), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::TooManyDwzSegments);
+        // A segment split over two descriptors is fine.
+        let r = parse(&m, &[(HDR, 16, false), (DATA, 8, false), (DATA + 8, 8, false), (STATUS, 1, true)])
+            .expect("ok");
+        assert_eq!(r.kind, RequestKind::WriteZeroes { sector: 0, num_sectors: 8, unmap: false });
+        // Writable payload.
+        let e = err(parse(&m, &[(HDR, 16, false), (DATA, 16, true), (STATUS, 1, true)]));
+        assert_eq!(e.error, ParseError::WrongDirection);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let m = mem();
+        let l = Limits { read_only: true, ..limits() };
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let e = err(parse_with(&m, &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)], &l));
+        assert_eq!(e.error, ParseError::ReadOnly);
+        assert_eq!(e.error.status(), VIRTIO_BLK_S_IOERR as u8);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        assert!(parse_with(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)], &l).is_ok());
+    }
+}

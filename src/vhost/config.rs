@@ -21,7 +21,7 @@ use crate::bdev::BdevInfo;
 pub const WCE_OFFSET: u32 = 32;
 /// Size of the config space we expose (up to and including `write_zeroes_may_unmap` + padding).
 pub const CONFIG_LEN: usize = 60;
-/// Largest data descriptor we accept (`size_max`), bytes.
+/// Upper bound of the largest data descriptor we accept (`size_max`), bytes.
 pub const SIZE_MAX_BYTES: u32 = 128 << 20;
 /// Default cap for discard / write-zeroes length, sectors (when the bdev declares no limit).
 const DEFAULT_DWZ_MAX_SECTORS: u64 = 1 << 22;
@@ -61,10 +61,13 @@ impl BlkConfig {
             u32::try_from(s - s % sectors_per_block).unwrap_or(0)
         };
         let discard = info.supports.unmap;
+        let seg_max = u32::from(queue_size.saturating_sub(2).max(1));
+        // Frontends compute size_max * seg_max in an i32 (libblkio panics on overflow): keep it below.
+        let size_max = SIZE_MAX_BYTES.min((i32::MAX.unsigned_abs() / seg_max) & !4095).max(4096);
         let limits = Limits {
             block_size: bs,
-            seg_max: u32::from(queue_size.saturating_sub(2).max(1)),
-            size_max: SIZE_MAX_BYTES,
+            seg_max,
+            size_max,
             max_discard_sectors: if discard { cap(info.max_unmap_blocks) } else { 0 },
             max_write_zeroes_sectors: cap(info.max_write_zeroes_blocks),
             discard,

@@ -551,8 +551,11 @@ mod tests {
     fn good_write_split_at_region_end() {
         let m = mem();
         header(&m, VIRTIO_BLK_T_OUT, 0);
-        let r = parse(&m, &[(HDR, 16, false), (REGION - 512, 1024, false), (DATA, 512, false), (STATUS, 1, true)])
-            .expect("ok");
+        let r = parse(
+            &m,
+            &[(HDR, 16, false), (REGION - 512, 1024, false), (DATA, 512, false), (STATUS, 1, true)],
+        )
+        .expect("ok");
         assert_eq!(r.kind, RequestKind::Write { sector: 0 });
         assert_eq!(r.data_len, 1536);
         assert_eq!(r.iovecs.len(), 3);

@@ -127,7 +127,7 @@ impl BlkBackend {
                 continue;
             }
             let end = fo.start().checked_add(region.len());
-            if end.is_none_or(|end| end > meta.len()) {
+            if end.map_or(true, |end| end > meta.len()) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(

@@ -36,6 +36,9 @@ use super::poller::{Gm, PollCtx, Vring, Worker};
 use super::request::{GuestMem, ID_BYTES};
 use crate::bdev::Descriptor;
 
+/// Largest config space a vhost-user message carries.
+const MAX_CONFIG_SIZE: usize = 256;
+
 /// Shared state of one connection's backend.
 pub struct BlkInner {
     desc: Arc<Descriptor>,
@@ -173,16 +176,17 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Fields past our layout (newer virtio_blk_config members) read as zero; vhost-user caps the
+        // config space at 256 bytes. Never answer with an empty payload (frontends may hang on it).
         let bytes = self.inner.cfg.to_bytes(self.inner.wce.load(Ordering::Relaxed));
+        let size = usize::try_from(size).unwrap_or(0).min(MAX_CONFIG_SIZE);
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let end = start.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
-        if end > bytes.len() {
-            // Out of range: answer with zeros of the requested size rather than an error (a size-0
-            // answer makes some frontends wait forever).
-            warn!("get_config out of range: offset {offset} size {size}");
-            return vec![0; usize::try_from(size).unwrap_or(0).min(256)];
+        let mut out = vec![0u8; size];
+        if start < bytes.len() {
+            let n = (bytes.len() - start).min(size);
+            out[..n].copy_from_slice(&bytes[start..start + n]);
         }
-        bytes[start..end].to_vec()
+        out
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

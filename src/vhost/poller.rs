@@ -72,6 +72,7 @@ struct InFlight {
 pub struct Worker {
     channel: Option<Channel>,
     channel_failed: bool,
+    invalid_logged: bool,
     vring: Option<Vring>,
     inflight: HashMap<u64, InFlight>,
     next_tag: u64,
@@ -131,6 +132,16 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        // A ring that does not fit in guest memory (or whose size the frontend set to an invalid
+        // value, which virtio-queue ignores) is not processed at all.
+        if !vring.get_ref().get_queue().is_valid(&*mem.memory()) {
+            if !self.invalid_logged {
+                error!("virtqueue is not valid for the current guest memory; ignoring it");
+                self.invalid_logged = true;
+            }
+            return;
+        }
+        self.invalid_logged = false;
         self.ensure_channel(ctx);
         let mut idle_since = Instant::now();
         if let Err(e) = vring.disable_notification() {

@@ -129,3 +129,51 @@ impl BlkConfig {
         b
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> BdevInfo {
+        let mut i = BdevInfo::new("t", "test", 4096, 1000);
+        i.supports.unmap = true;
+        i.unmap_reads_zeroes = true;
+        i.max_unmap_blocks = 16;
+        i.optimal_io_boundary_blocks = 32;
+        i
+    }
+
+    #[test]
+    fn layout_and_limits() {
+        let c = BlkConfig::new(&info(), 4, 256, false);
+        let b = c.to_bytes(1);
+        assert_eq!(u64::from_le_bytes(b[0..8].try_into().expect("8")), 8000);
+        let le32 = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+        assert_eq!(le32(12), 254, "seg_max");
+        assert!(u64::from(le32(8)) * 254 <= i32::MAX as u64, "size_max * seg_max fits i32");
+        assert_eq!(le32(20), 4096, "blk_size");
+        assert_eq!(le32(28), 32, "opt_io_size");
+        assert_eq!(b[WCE_OFFSET as usize], 1);
+        assert_eq!(u16::from_le_bytes([b[34], b[35]]), 4);
+        assert_eq!(le32(36), 128, "max_discard_sectors = 16 blocks");
+        assert_eq!(le32(44), 8, "discard_sector_alignment");
+        assert_eq!(b[56], 1);
+        assert!(c.features & (1 << VIRTIO_BLK_F_DISCARD) != 0);
+        assert!(c.features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0);
+        assert_eq!(c.features & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    #[test]
+    fn read_only_and_no_unmap() {
+        let mut i = info();
+        i.supports.unmap = false;
+        let c = BlkConfig::new(&i, 1, 128, true);
+        assert!(c.features & (1 << VIRTIO_BLK_F_RO) != 0);
+        assert_eq!(c.features & ((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)), 0);
+        assert!(c.limits.read_only && !c.limits.discard);
+        let c = BlkConfig::new(&i, 1, 128, false);
+        assert_eq!(c.features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert!(c.features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0);
+        assert_eq!(c.to_bytes(0)[56], 0, "write_zeroes_may_unmap without unmap");
+    }
+}

@@ -115,9 +115,8 @@ impl BlkBackend {
     /// Finishes every in-flight request on every queue (graceful stop).
     pub fn drain_all(&self) {
         let Some(mem) = lock(&self.inner.mem).clone() else { return };
-        for (i, w) in self.inner.workers.iter().enumerate() {
-            let ctx = self.ctx(i);
-            lock(w).drain(&ctx, &mem);
+        for w in &self.inner.workers {
+            lock(w).drain(&mem);
         }
     }
 
@@ -243,8 +242,7 @@ impl VhostUserBackend for BlkBackend {
         let i = usize::try_from(queue_index).unwrap_or(usize::MAX);
         let Some(w) = self.inner.workers.get(i) else { return Ok(()) };
         let Some(mem) = lock(&self.inner.mem).clone() else { return Ok(()) };
-        let ctx = self.ctx(i);
-        lock(w).drain(&ctx, &mem);
+        lock(w).drain(&mem);
         Ok(())
     }
 

@@ -150,7 +150,7 @@ impl Worker {
         loop {
             let snapshot: Arc<GuestMem> = mem.memory().into_inner();
             let mut progress = self.pop_and_submit(ctx, vring, &snapshot);
-            progress |= self.reap(ctx, vring, &snapshot);
+            progress |= self.reap(vring, &snapshot);
             drop(snapshot);
             if progress {
                 idle_since = Instant::now();
@@ -273,13 +273,12 @@ impl Worker {
     }
 
     /// Polls the channel and completes what finished. Returns true when anything completed.
-    fn reap(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &GuestMem) -> bool {
+    fn reap(&mut self, vring: &Vring, mem: &GuestMem) -> bool {
         let Some(ch) = self.channel.as_mut() else { return false };
         self.done.clear();
         if ch.poll(&mut self.done) == 0 {
             return false;
         }
-        let _ = ctx;
         for c in std::mem::take(&mut self.done) {
             let Some(f) = self.inflight.remove(&c.tag) else {
                 warn!("completion for unknown tag {}", c.tag);
@@ -335,12 +334,12 @@ impl Worker {
     }
 
     /// Waits for every in-flight request and completes it (stop_vring, shutdown).
-    pub fn drain(&mut self, ctx: &PollCtx<'_>, mem: &Gm) {
+    pub fn drain(&mut self, mem: &Gm) {
         let Some(vring) = self.vring.clone() else { return };
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.busy() {
             let snapshot: Arc<GuestMem> = mem.memory().into_inner();
-            let progress = self.reap(ctx, &vring, &snapshot);
+            let progress = self.reap(&vring, &snapshot);
             drop(snapshot);
             if !progress {
                 if Instant::now() > deadline {

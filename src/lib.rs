@@ -8,3 +8,4 @@ pub mod bdev;
 pub mod cli;
 pub mod client;
 pub mod ocssd;
+pub mod vhost;

@@ -1,0 +1,277 @@
+//! The vhost-user-blk backend: `VhostUserBackend` for one export and one frontend connection.
+//!
+//! ```text
+//!  frontend ──vhost-user──► VhostUserDaemon ──► BlkBackend (features, config, memory checks)
+//!                                  │ worker thread i (queue i) ──► handle_event ──► Worker::run
+//! ```
+//!
+//! # Design
+//! * One worker thread per queue (`queues_per_thread` = `1 << i`), each with its own [`Worker`]
+//!   behind a mutex that only that thread and `stop_vring` (draining) take.
+//! * `update_memory` refuses file-backed regions that extend past the end of their file (mapping
+//!   them would SIGBUS on first access); the refused table is replaced by an empty one before any
+//!   access.
+//! * `set_config` accepts only the `wce` byte.
+//!
+//! # Limitations
+//! * No dirty-page logging (`LOG_SHMFD` not offered) and no `INFLIGHT_SHMFD` yet.
+//! * Between vhost-user-backend installing a new memory table and `update_memory` refusing it there
+//!   is a short window in which a running worker could touch the new (unchecked) mapping.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use super::config::{BlkConfig, WCE_OFFSET};
+use super::poller::{Gm, PollCtx, Vring, Worker};
+use super::request::{GuestMem, ID_BYTES};
+use crate::bdev::Descriptor;
+
+/// Largest config space a vhost-user message carries.
+const MAX_CONFIG_SIZE: usize = 256;
+
+/// Shared state of one connection's backend.
+pub struct BlkInner {
+    desc: Arc<Descriptor>,
+    cfg: BlkConfig,
+    serial: [u8; ID_BYTES],
+    poll: Duration,
+    wce: AtomicU8,
+    event_idx: AtomicBool,
+    mem: Mutex<Option<Gm>>,
+    epoll_fds: Mutex<Vec<RawFd>>,
+    workers: Vec<Mutex<Worker>>,
+}
+
+/// The backend object handed to `VhostUserDaemon` (cheap to clone).
+#[derive(Clone)]
+pub struct BlkBackend {
+    inner: Arc<BlkInner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BlkBackend {
+    /// A backend for `desc` with `cfg`; `serial` is padded/truncated to 20 bytes.
+    pub fn new(desc: Arc<Descriptor>, cfg: BlkConfig, serial: &str, poll: Duration) -> Self {
+        let mut id = [0u8; ID_BYTES];
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let wce = u8::from(desc.info().volatile_write_cache);
+        let workers = (0..cfg.num_queues).map(|_| Mutex::new(Worker::default())).collect();
+        Self {
+            inner: Arc::new(BlkInner {
+                desc,
+                cfg,
+                serial: id,
+                poll,
+                wce: AtomicU8::new(wce),
+                event_idx: AtomicBool::new(false),
+                mem: Mutex::new(None),
+                epoll_fds: Mutex::new(Vec::new()),
+                workers,
+            }),
+        }
+    }
+
+    /// Device configuration.
+    pub fn config(&self) -> &BlkConfig {
+        &self.inner.cfg
+    }
+
+    /// Records each worker thread's epoll fd (from `VhostUserDaemon::get_epoll_handlers`).
+    pub fn set_epoll_fds(&self, fds: Vec<RawFd>) {
+        *lock(&self.inner.epoll_fds) = fds;
+    }
+
+    fn ctx(&self, thread: usize) -> PollCtx<'_> {
+        PollCtx {
+            desc: &self.inner.desc,
+            cfg: &self.inner.cfg,
+            serial: &self.inner.serial,
+            wce: self.inner.wce.load(Ordering::Relaxed),
+            poll: self.inner.poll,
+            epoll_fd: lock(&self.inner.epoll_fds).get(thread).copied(),
+            completion_event: self.completion_event(),
+        }
+    }
+
+    /// Epoll data value of the completion fd event (above `num_queues`, which is reserved).
+    fn completion_event(&self) -> u64 {
+        u64::from(self.inner.cfg.num_queues) + 1
+    }
+
+    /// Finishes every in-flight request on every queue (graceful stop).
+    pub fn drain_all(&self) {
+        let Some(mem) = lock(&self.inner.mem).clone() else { return };
+        for w in &self.inner.workers {
+            lock(w).drain(&mem);
+        }
+    }
+
+    /// Checks that every file-backed region fits in its file (vm-memory does not).
+    fn check_regions(mem: &GuestMem) -> io::Result<()> {
+        for region in mem.iter() {
+            let Some(fo) = region.file_offset() else { continue };
+            let meta = fo.file().metadata()?;
+            if !meta.file_type().is_file() {
+                continue;
+            }
+            let end = fo.start().checked_add(region.len());
+            if end.map_or(true, |end| end > meta.len()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "memory region at {:#x} ({} bytes at file offset {}) extends past its file ({} bytes)",
+                        region.start_addr().0,
+                        region.len(),
+                        fo.start(),
+                        meta.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.cfg.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        // seg_max = queue size - 2.
+        usize::try_from(self.inner.cfg.limits.seg_max).unwrap_or(0) + 2
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.cfg.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Fields past our layout (newer virtio_blk_config members) read as zero; vhost-user caps the
+        // config space at 256 bytes. Never answer with an empty payload (frontends may hang on it).
+        let bytes = self.inner.cfg.to_bytes(self.inner.wce.load(Ordering::Relaxed));
+        let size = usize::try_from(size).unwrap_or(0).min(MAX_CONFIG_SIZE);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut out = vec![0u8; size];
+        if start < bytes.len() {
+            let n = (bytes.len() - start).min(size);
+            out[..n].copy_from_slice(&bytes[start..start + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset != WCE_OFFSET || buf.len() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("config write at offset {offset} ({} bytes): only wce is writable", buf.len()),
+            ));
+        }
+        let wce = buf[0];
+        if wce > 1 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("wce {wce} is not 0 or 1")));
+        }
+        info!(
+            "{}: write cache {}",
+            self.inner.desc.info().name,
+            if wce == 1 { "write-back" } else { "write-through" }
+        );
+        self.inner.wce.store(wce, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Gm) -> io::Result<()> {
+        let checked = Self::check_regions(&mem.memory());
+        if let Err(e) = checked {
+            error!("refusing memory table: {e}");
+            // Replace the unchecked table before anything touches it.
+            match mem.lock() {
+                Ok(guard) => guard.replace(GuestMem::new()),
+                Err(p) => p.into_inner().replace(GuestMem::new()),
+            }
+            *lock(&self.inner.mem) = Some(mem);
+            return Err(e);
+        }
+        *lock(&self.inner.mem) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.cfg.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("cannot create exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let i = usize::try_from(queue_index).unwrap_or(usize::MAX);
+        let Some(w) = self.inner.workers.get(i) else { return Ok(()) };
+        let Some(mem) = lock(&self.inner.mem).clone() else { return Ok(()) };
+        lock(w).drain(&mem);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?}");
+        }
+        let Some(vring) = vrings.first() else { return Ok(()) };
+        let Some(w) = self.inner.workers.get(thread_id) else { return Ok(()) };
+        let Some(mem) = lock(&self.inner.mem).clone() else { return Ok(()) };
+        let ctx = self.ctx(thread_id);
+        let mut worker = lock(w);
+        if u64::from(device_event) == self.completion_event() || device_event == 0 {
+            worker.run(&ctx, vring, &mem);
+        } else {
+            warn!("unknown device event {device_event}");
+        }
+        Ok(())
+    }
+}
+
+/// Re-exported so tests can check the refusal path without a frontend.
+#[doc(hidden)]
+pub fn check_regions_for_test(mem: &GuestMem) -> io::Result<()> {
+    BlkBackend::check_regions(mem)
+}

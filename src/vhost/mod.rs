@@ -1,0 +1,19 @@
+//! The vhost-user-blk device (SPEC §1): a `VhostUserBackend` serving one bdev per socket.
+//!
+//! ```text
+//!  server (listen, reconnect, stop) ─► device (VhostUserBackend, config) ─► poller (per queue)
+//!                                                                              │ request (parse)
+//!                                                                              ▼
+//!                                                                        bdev::Channel
+//! ```
+//!
+//! Entry point for the daemon: [`serve`] with an [`ExportConfig`] and a stop [`EventFd`].
+
+pub mod config;
+pub mod device;
+pub mod poller;
+pub mod request;
+pub mod server;
+
+pub use server::{serve, ExportConfig, VhostError};
+pub use vmm_sys_util::eventfd::EventFd;

@@ -1,0 +1,357 @@
+//! Per-queue poller: pops chains, submits bdev I/O without waiting, completes out of order.
+//!
+//! ```text
+//!  kick / completion fd ─► handle_event ─► loop { pop+parse+submit ; poll ─► status, add_used ; signal }
+//!                                            └─ idle for poll_us: enable notifications, re-check, return
+//! ```
+//!
+//! # Design
+//! One [`Worker`] per virtqueue (one vhost-user-backend worker thread each). The worker lazily opens
+//! its own [`Channel`] on first use, so channels are created on the thread that uses them. Every
+//! submitted request gets a unique tag; the in-flight table maps tag → (head, status address, used
+//! length). Requests that never reach the bdev (parse errors, GET_ID, flush on a device without a
+//! volatile cache) go through the same [`Worker::finish`] path as bdev completions.
+//!
+//! With `wce = 0` (write-through selected by the driver) on a bdev with a volatile cache, a write is
+//! followed by a flush before it is reported.
+//!
+//! # Limitations
+//! * A bdev channel without a `wait_fd` that has I/O outstanding keeps the worker polling
+//!   (yielding the CPU between polls) until that I/O completes.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+use super::config::BlkConfig;
+use super::request::{write_id, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
+use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
+
+/// Guest memory as shared with vhost-user-backend.
+pub type Gm = GuestMemoryAtomic<GuestMem>;
+/// The vring type the device uses.
+pub type Vring = VringRwLock<Gm>;
+
+/// How long `drain` waits for in-flight I/O before giving up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Facts every worker of one connection shares (read-only after creation, except atomics).
+pub struct PollCtx<'a> {
+    /// The exported bdev.
+    pub desc: &'a Descriptor,
+    /// Device configuration.
+    pub cfg: &'a BlkConfig,
+    /// GET_ID answer.
+    pub serial: &'a [u8; ID_BYTES],
+    /// Current `wce` (1 = write-back).
+    pub wce: u8,
+    /// Busy-poll time before sleeping.
+    pub poll: Duration,
+    /// This worker's epoll fd (for registering the channel's completion fd).
+    pub epoll_fd: Option<RawFd>,
+    /// Epoll data value for completion events.
+    pub completion_event: u64,
+}
+
+struct InFlight {
+    head: u16,
+    status_addr: GuestAddress,
+    used_len: u32,
+    flush_after: bool,
+}
+
+/// The state of one queue's poller.
+#[derive(Default)]
+pub struct Worker {
+    channel: Option<Channel>,
+    channel_failed: bool,
+    invalid_logged: bool,
+    vring: Option<Vring>,
+    inflight: HashMap<u64, InFlight>,
+    next_tag: u64,
+    done: Vec<Completion>,
+}
+
+fn io_status(r: Result<(), IoError>) -> u8 {
+    let s = match r {
+        Ok(()) => VIRTIO_BLK_S_OK,
+        Err(IoError::Unsupported) => VIRTIO_BLK_S_UNSUPP,
+        Err(
+            IoError::ReadOnly
+            | IoError::InvalidRange
+            | IoError::Errno(_)
+            | IoError::Media(_)
+            | IoError::Removed
+            | IoError::Aborted,
+        ) => VIRTIO_BLK_S_IOERR,
+    };
+    // Status constants are 0..=2.
+    s as u8
+}
+
+impl Worker {
+    /// True when requests are in flight.
+    pub fn busy(&self) -> bool {
+        !self.inflight.is_empty()
+    }
+
+    fn ensure_channel(&mut self, ctx: &PollCtx<'_>) {
+        if self.channel.is_some() || self.channel_failed {
+            return;
+        }
+        match ctx.desc.channel() {
+            Ok(ch) => {
+                if let (Some(fd), Some(epfd)) = (ch.wait_fd(), ctx.epoll_fd) {
+                    let mut ev =
+                        libc::epoll_event { events: libc::EPOLLIN as u32, u64: ctx.completion_event };
+                    // SAFETY: plain epoll_ctl on fds we own for the connection's lifetime; `ev` is a
+                    // valid, initialised epoll_event.
+                    let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+                    if rc != 0 {
+                        warn!("cannot register completion fd: {}", std::io::Error::last_os_error());
+                    }
+                }
+                self.channel = Some(ch);
+            }
+            Err(e) => {
+                error!("cannot open a channel on '{}': {e}", ctx.desc.info().name);
+                self.channel_failed = true;
+            }
+        }
+    }
+
+    /// Processes the queue: busy-polls while there is work, then re-arms notifications and returns.
+    pub fn run(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        // A ring that does not fit in guest memory (or whose size the frontend set to an invalid
+        // value, which virtio-queue ignores) is not processed at all.
+        if !vring.get_ref().get_queue().is_valid(&*mem.memory()) {
+            if !self.invalid_logged {
+                error!("virtqueue is not valid for the current guest memory; ignoring it");
+                self.invalid_logged = true;
+            }
+            return;
+        }
+        self.invalid_logged = false;
+        self.ensure_channel(ctx);
+        let mut idle_since = Instant::now();
+        if let Err(e) = vring.disable_notification() {
+            warn!("disable_notification: {e}");
+        }
+        loop {
+            let snapshot: Arc<GuestMem> = mem.memory().into_inner();
+            let mut progress = self.pop_and_submit(ctx, vring, &snapshot);
+            progress |= self.reap(vring, &snapshot);
+            drop(snapshot);
+            if progress {
+                idle_since = Instant::now();
+                continue;
+            }
+            if idle_since.elapsed() < ctx.poll {
+                std::hint::spin_loop();
+                continue;
+            }
+            let outstanding = self.channel.as_ref().map_or(0, Channel::outstanding);
+            if outstanding > 0 && self.channel.as_ref().and_then(Channel::wait_fd).is_none() {
+                // Nobody will wake us for these completions: keep polling, politely.
+                std::thread::yield_now();
+                continue;
+            }
+            match vring.enable_notification() {
+                Ok(true) => {
+                    // New chains arrived while re-arming.
+                    if let Err(e) = vring.disable_notification() {
+                        warn!("disable_notification: {e}");
+                    }
+                    continue;
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    warn!("enable_notification: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pops every available chain, parses and submits it. Returns true when anything was popped.
+    fn pop_and_submit(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Arc<GuestMem>) -> bool {
+        let mut any = false;
+        let mut used = false;
+        let keep = mem;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+            let Some(chain) = chain else { break };
+            any = true;
+            match Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
+                Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
+                Err(bad) => {
+                    warn!("bad request (head {}): {}", bad.head, bad.error);
+                    Self::finish(vring, mem, bad.head, bad.status_addr, bad.error.status(), 1);
+                    used = true;
+                }
+            }
+        }
+        if used {
+            Self::signal(vring);
+        }
+        any
+    }
+
+    /// Starts one request. Returns true when it was completed on the spot.
+    fn submit(
+        &mut self,
+        ctx: &PollCtx<'_>,
+        vring: &Vring,
+        mem: &GuestMem,
+        keep: &Arc<GuestMem>,
+        req: Request,
+    ) -> bool {
+        let info = ctx.desc.info();
+        let spb = u64::from(info.block_size.max(512)) / SECTOR_SIZE;
+        let immediate = |status: u8, used_len: u32| {
+            Self::finish(vring, mem, req.head, Some(req.status_addr), status, used_len);
+            true
+        };
+        let ok = VIRTIO_BLK_S_OK as u8;
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let (io, used_len, flush_after) = match req.kind {
+            RequestKind::GetId => {
+                return match write_id(mem, &req.segments, ctx.serial) {
+                    Ok(n) => immediate(ok, n + 1),
+                    Err(_) => immediate(ioerr, 1),
+                };
+            }
+            RequestKind::Flush if !info.supports.flush => return immediate(ok, 1),
+            RequestKind::Flush => (BdevIo::no_data(IoKind::Flush, 0, 0, 0), 1, false),
+            RequestKind::Read { sector } | RequestKind::Write { sector } => {
+                let keep_any: Arc<dyn std::any::Any + Send + Sync> = keep.clone();
+                // SAFETY: the iovecs were built by `Request::parse` from checked look-ups in `mem`,
+                // which is the mapping behind `keep`; `keep` (an Arc of that GuestMemoryMmap) moves
+                // into the IoVecs and keeps every region mapped until the I/O is dropped, even if the
+                // frontend replaces the memory table meanwhile.
+                let bufs = unsafe { IoVecs::from_raw_parts(req.iovecs, Some(keep_any)) };
+                let offset = sector / spb;
+                let blocks = u64::from(req.data_len) / u64::from(info.block_size.max(512));
+                if matches!(req.kind, RequestKind::Read { .. }) {
+                    (BdevIo::read(offset, blocks, bufs, 0), req.data_len.saturating_add(1), false)
+                } else {
+                    let wt = ctx.wce == 0 && info.volatile_write_cache && info.supports.flush;
+                    (BdevIo::write(offset, blocks, bufs, 0), 1, wt)
+                }
+            }
+            RequestKind::Discard { sector, num_sectors } => {
+                (BdevIo::no_data(IoKind::Unmap, sector / spb, u64::from(num_sectors) / spb, 0), 1, false)
+            }
+            RequestKind::WriteZeroes { sector, num_sectors, unmap } => {
+                let kind = if unmap && info.supports.unmap && info.unmap_reads_zeroes {
+                    IoKind::Unmap
+                } else {
+                    IoKind::WriteZeroes
+                };
+                (BdevIo::no_data(kind, sector / spb, u64::from(num_sectors) / spb, 0), 1, false)
+            }
+        };
+        let Some(ch) = self.channel.as_mut() else {
+            return immediate(ioerr, 1);
+        };
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1);
+        self.inflight
+            .insert(tag, InFlight { head: req.head, status_addr: req.status_addr, used_len, flush_after });
+        ch.submit(BdevIo { tag, ..io });
+        false
+    }
+
+    /// Polls the channel and completes what finished. Returns true when anything completed.
+    fn reap(&mut self, vring: &Vring, mem: &GuestMem) -> bool {
+        let Some(ch) = self.channel.as_mut() else { return false };
+        self.done.clear();
+        if ch.poll(&mut self.done) == 0 {
+            return false;
+        }
+        for c in std::mem::take(&mut self.done) {
+            let Some(f) = self.inflight.remove(&c.tag) else {
+                warn!("completion for unknown tag {}", c.tag);
+                continue;
+            };
+            if f.flush_after && c.result.is_ok() {
+                let tag = self.next_tag;
+                self.next_tag = self.next_tag.wrapping_add(1);
+                self.inflight.insert(tag, InFlight { flush_after: false, ..f });
+                ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, tag));
+                continue;
+            }
+            Self::finish(vring, mem, f.head, Some(f.status_addr), io_status(c.result), f.used_len);
+        }
+        Self::signal(vring);
+        true
+    }
+
+    /// The one completion path: status byte, used ring.
+    fn finish(
+        vring: &Vring,
+        mem: &GuestMem,
+        head: u16,
+        status_addr: Option<GuestAddress>,
+        status: u8,
+        used_len: u32,
+    ) {
+        let used_len = match status_addr {
+            Some(addr) => match mem.write_obj(status, addr) {
+                Ok(()) => used_len,
+                Err(e) => {
+                    warn!("cannot write status of head {head}: {e}");
+                    0
+                }
+            },
+            None => 0,
+        };
+        if let Err(e) = vring.add_used(head, used_len) {
+            warn!("add_used({head}): {e}");
+        }
+    }
+
+    fn signal(vring: &Vring) {
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    warn!("signal_used_queue: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!("needs_notification: {e}"),
+        }
+    }
+
+    /// Waits for every in-flight request and completes it (stop_vring, shutdown).
+    pub fn drain(&mut self, mem: &Gm) {
+        let Some(vring) = self.vring.clone() else { return };
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.busy() {
+            let snapshot: Arc<GuestMem> = mem.memory().into_inner();
+            let progress = self.reap(&vring, &snapshot);
+            drop(snapshot);
+            if !progress {
+                if Instant::now() > deadline {
+                    error!(
+                        "{} requests still in flight after {:?}; giving up",
+                        self.inflight.len(),
+                        DRAIN_TIMEOUT
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Serving one export on a UNIX socket: listen, serve a frontend, re-listen; stop on request.
+//!
+//! ```text
+//!  serve() ─ bind (stale-socket check) ─► thread: loop { poll(listener, stop)
+//!                                                      ─► fresh BlkBackend + VhostUserDaemon, start
+//!                                                      ─► poll(disconnected, stop) }
+//!            on stop: drain in-flight I/O, close the connection, remove the socket
+//! ```
+//!
+//! # Design
+//! A fresh backend and daemon per connection keeps no state across frontends (no reconnection
+//! state is carried over; `INFLIGHT_SHMFD` is not implemented yet). The stop signal is an `EventFd`
+//! that the caller writes once; it is never read here, so one fd can stop several exports.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::BlkConfig;
+use super::device::BlkBackend;
+use super::request::GuestMem;
+use crate::bdev::Descriptor;
+
+/// Largest queue size offered.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most queues per export (queue masks are u64 bitmasks).
+pub const MAX_QUEUES: u16 = 64;
+
+/// Options of one export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Number of virtqueues (1..=64).
+    pub queues: u16,
+    /// Maximum queue size offered (power of two, 4..=1024).
+    pub queue_size: u16,
+    /// Export read-only (`VIRTIO_BLK_F_RO`); forced when the descriptor is read-only.
+    pub read_only: bool,
+    /// GET_ID serial (up to 20 bytes).
+    pub serial: String,
+    /// Busy-poll time before a poller sleeps, microseconds.
+    pub poll_us: u64,
+}
+
+impl ExportConfig {
+    /// Defaults: one queue per CPU, queue size 256, read-write, serial = bdev name, 50 µs polling.
+    pub fn new(socket: impl Into<PathBuf>, serial: &str) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            socket: socket.into(),
+            queues: u16::try_from(cpus).unwrap_or(MAX_QUEUES).clamp(1, MAX_QUEUES),
+            queue_size: 256,
+            read_only: false,
+            serial: serial.to_string(),
+            poll_us: 50,
+        }
+    }
+}
+
+/// Errors of [`serve`].
+#[derive(Debug, thiserror::Error)]
+pub enum VhostError {
+    /// A live daemon answers on the socket path.
+    #[error("socket path {0} in use")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Bad export options.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// An OS error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vhost-user-backend failed.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VhostError {
+    let context = context.into();
+    move |source| VhostError::Io { context, source }
+}
+
+/// Starts serving `desc` on `cfg.socket`; returns once the socket is bound.
+///
+/// The returned thread serves one frontend at a time and goes back to listening when it
+/// disconnects. Write to `stop` (e.g. from the SIGTERM handler: `stop.write(1)`) to end it: in-flight
+/// requests finish, the connection closes, the socket file is removed, and the thread returns.
+pub fn serve(
+    desc: Arc<Descriptor>,
+    cfg: ExportConfig,
+    stop: Arc<EventFd>,
+) -> Result<JoinHandle<Result<(), VhostError>>, VhostError> {
+    if cfg.queues == 0 || cfg.queues > MAX_QUEUES {
+        return Err(VhostError::InvalidConfig(format!("queues={} must be 1..={MAX_QUEUES}", cfg.queues)));
+    }
+    if !cfg.queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&cfg.queue_size) {
+        return Err(VhostError::InvalidConfig(format!(
+            "queue-size={} must be a power of two in 4..={MAX_QUEUE_SIZE}",
+            cfg.queue_size
+        )));
+    }
+    prepare_socket(&cfg.socket)?;
+    let listener = Listener::new(&cfg.socket, false)
+        .map_err(|e| VhostError::Daemon(format!("cannot listen on {}: {e}", cfg.socket.display())))?;
+    info!("export '{}' listening on {}", desc.info().name, cfg.socket.display());
+    std::thread::Builder::new()
+        .name(format!("vhost-{}", desc.info().name))
+        .spawn(move || serve_loop(desc, cfg, stop, listener))
+        .map_err(io_err("spawning the export thread"))
+}
+
+/// Removes a stale socket file (nobody listening); refuses a live one or a non-socket.
+fn prepare_socket(path: &Path) -> Result<(), VhostError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(VhostError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(VhostError::InUse(path.to_path_buf())),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            warn!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(io_err(format!("removing stale socket {}", path.display())))
+        }
+        Err(e) => Err(io_err(format!("probing {}", path.display()))(e)),
+    }
+}
+
+/// Waits until one of `fds` is readable; returns their readiness.
+fn wait_readable(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if rc >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn serve_loop(
+    desc: Arc<Descriptor>,
+    cfg: ExportConfig,
+    stop: Arc<EventFd>,
+    mut listener: Listener,
+) -> Result<(), VhostError> {
+    let read_only = cfg.read_only || !desc.writable();
+    let blk = BlkConfig::new(desc.info(), cfg.queues, cfg.queue_size, read_only);
+    let poll = Duration::from_micros(cfg.poll_us);
+    let name = desc.info().name.clone();
+    loop {
+        let ready = wait_readable(&[listener.as_raw_fd(), stop.as_raw_fd()]).map_err(io_err("poll"))?;
+        if ready[1] {
+            break;
+        }
+        let backend = BlkBackend::new(desc.clone(), blk, &cfg.serial, poll);
+        let mut daemon = VhostUserDaemon::new(
+            format!("vhost-{name}"),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMem::new()),
+        )
+        .map_err(|e| VhostError::Daemon(e.to_string()))?;
+        backend.set_epoll_fds(daemon.get_epoll_handlers().iter().map(|h| h.as_raw_fd()).collect());
+        if let Err(e) = daemon.start(&mut listener) {
+            error!("{name}: cannot accept a frontend: {e}");
+            continue;
+        }
+        info!("{name}: frontend connected");
+        let shutdown = daemon.shutdown_handle();
+        let done = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let done_w = done.try_clone().map_err(io_err("eventfd"))?;
+        let waiter = std::thread::Builder::new()
+            .name(format!("vhost-{name}-wait"))
+            .spawn(move || {
+                let r = daemon.wait();
+                let _ = done_w.write(1);
+                r
+            })
+            .map_err(io_err("spawning the wait thread"))?;
+        let ready = wait_readable(&[done.as_raw_fd(), stop.as_raw_fd()]).map_err(io_err("poll"))?;
+        let stopping = !ready[0] && ready[1];
+        if stopping {
+            info!("{name}: stopping: finishing in-flight requests");
+            backend.drain_all();
+            if let Some(h) = shutdown {
+                h.shutdown();
+            }
+        }
+        match waiter.join() {
+            Ok(Ok(())) => info!("{name}: frontend disconnected"),
+            Ok(Err(e)) => warn!("{name}: connection ended: {e}"),
+            Err(_) => error!("{name}: connection thread panicked"),
+        }
+        backend.drain_all();
+        if stopping {
+            break;
+        }
+    }
+    drop(listener);
+    info!("{name}: export stopped");
+    Ok(())
+}

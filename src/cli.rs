@@ -23,10 +23,7 @@ use crate::ocssd::cli::MediaCommand;
 
 /// Size of the default file disk served when no `--bdev`/`--export` is given.
 pub const DEFAULT_DISK_BYTES: u64 = 1 << 30;
-/// Largest virtqueue size offered.
-pub const MAX_QUEUE_SIZE: u16 = 1024;
-/// Largest number of queues per export.
-pub const MAX_QUEUES: u16 = 64;
+pub use crate::vhost::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 /// The raw command line.
 #[derive(Debug, Parser)]

@@ -44,8 +44,20 @@ impl BlkClient {
         queue_size: usize,
         mem_bytes: usize,
     ) -> Result<Self, ClientError> {
+        Self::connect_with(socket, num_queues, queue_size, mem_bytes, false)
+    }
+
+    /// As [`connect`](Self::connect), opening the device read-only when `read_only`.
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: usize,
+        queue_size: usize,
+        mem_bytes: usize,
+        read_only: bool,
+    ) -> Result<Self, ClientError> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(ctx("blkio_new"))?;
         blkio.set_str("path", &socket.to_string_lossy()).map_err(ctx("set path"))?;
+        blkio.set_bool("read-only", read_only).map_err(ctx("set read-only"))?;
         blkio.connect().map_err(ctx("connect"))?;
         blkio.set_i32("num-queues", num_queues as i32).map_err(ctx("set num-queues"))?;
         blkio.set_i32("queue-size", queue_size as i32).map_err(ctx("set queue-size"))?;

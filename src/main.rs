@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use vblkd::bdev::{Bdev, Registry};
-use vblkd::cli::{self, Args, BdevSpec, Command, Config, SocketState};
+use vblkd::cli::{self, Args, BdevSpec, Command, Config, ExportSpec, SocketState};
+use vblkd::vhost::ExportConfig;
+use vmm_sys_util::eventfd::EventFd;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -82,11 +84,26 @@ fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
                 cli::FileEngine::Threads => Engine::Threads,
             };
             Arc::new(
-                FileBdev::open(name, path, *size_bytes, *block_size, *direct, engine)
+                FileBdev::open_with_block_size(name, path, *size_bytes, *direct, engine, *block_size)
                     .map_err(|e| flag(&e))?,
             )
         }
     })
+}
+
+type ExportThread = std::thread::JoinHandle<Result<(), vblkd::vhost::VhostError>>;
+
+fn start_export(registry: &Registry, ex: &ExportSpec, stop: &Arc<EventFd>) -> Result<ExportThread, String> {
+    let desc = registry.open(&ex.bdev, !ex.readonly).map_err(|e| e.to_string())?;
+    let cfg = ExportConfig {
+        socket: ex.socket.clone(),
+        queues: ex.queues,
+        queue_size: ex.queue_size,
+        read_only: ex.readonly,
+        serial: ex.serial.clone(),
+        poll_us: ex.poll_us,
+    };
+    vblkd::vhost::serve(Arc::new(desc), cfg, stop.clone()).map_err(|e| e.to_string())
 }
 
 fn run(config: Config) -> Result<(), String> {
@@ -118,10 +135,13 @@ fn run(config: Config) -> Result<(), String> {
         let bdev = build_bdev(spec)?;
         registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
     }
+    let stop = Arc::new(
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("cannot create the stop eventfd: {e}"))?,
+    );
     let mut exports = Vec::new();
     for ex in &config.exports {
         let handle =
-            vblkd::export::start(&registry, ex).map_err(|e| format!("--export bdev={}: {e}", ex.bdev))?;
+            start_export(&registry, ex, &stop).map_err(|e| format!("--export bdev={}: {e}", ex.bdev))?;
         println!("vblkd: serving bdev '{}' on {}", ex.bdev, ex.socket.display());
         println!(
             "vblkd: attach with: qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \
@@ -130,11 +150,11 @@ fn run(config: Config) -> Result<(), String> {
             ex.socket.display(),
             ex.queues
         );
-        exports.push(handle);
+        exports.push((ex.bdev.clone(), handle));
     }
     loop {
         match wait_signal(&sigset) {
-            libc::SIGUSR1 => println!("{}", vblkd::export::stats_json(&registry, &exports)),
+            libc::SIGUSR1 => println!("{}", registry.stats_json()),
             sig => {
                 log::info!("signal {sig}: stopping");
                 break;
@@ -143,10 +163,20 @@ fn run(config: Config) -> Result<(), String> {
     }
     // Top-down teardown: exports (finish in-flight I/O, remove sockets), then bdevs in reverse order.
     let mut failed = false;
-    for handle in exports.into_iter().rev() {
-        if let Err(e) = handle.stop() {
-            log::error!("stopping export: {e}");
-            failed = true;
+    if let Err(e) = stop.write(1) {
+        log::error!("signalling the exports to stop: {e}");
+    }
+    for (name, handle) in exports.into_iter().rev() {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::error!("export '{name}': {e}");
+                failed = true;
+            }
+            Err(_) => {
+                log::error!("export '{name}': thread panicked");
+                failed = true;
+            }
         }
     }
     for name in registry.names().into_iter().rev() {

@@ -20,7 +20,8 @@
 #
 # Environment: VBLKD_GUEST_ACCEL=tcg|kvm (default tcg: KVM guests hang after
 # the firmware on some hosts), VBLKD_GUEST_CACHE (see build-guest.sh),
-# VBLKD_QEMU (default qemu-system-x86_64), VBLKD_GUEST_TIMEOUT.
+# VBLKD_QEMU (default qemu-system-x86_64), VBLKD_GUEST_TIMEOUT,
+# VBLKD_GUEST_CPU (the -cpu model; default max under TCG, host under KVM).
 #
 # Exit status: 0 when the guest printed "VBLKD-GUEST-RESULT: PASS"; 1 when it
 # printed FAIL; 2 when it printed no result (timeout, crash, panic); 3 on a
@@ -64,6 +65,7 @@ case "$accel" in
     kvm) [[ -w /dev/kvm ]] || die "VBLKD_GUEST_ACCEL=kvm but /dev/kvm is not usable"; cpu=host ;;
     *) die "VBLKD_GUEST_ACCEL must be tcg or kvm, not '$accel'" ;;
 esac
+cpu="${VBLKD_GUEST_CPU:-$cpu}"
 
 img="$("$HERE/build-guest.sh")" || die "guest build failed"
 [[ -e "$img/vmlinuz" && -e "$img/initramfs.cpio.gz" ]] || die "bad guest build at $img"

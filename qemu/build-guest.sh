@@ -59,11 +59,25 @@ exec 9>"$CACHE/.lock"
 flock 9
 
 # --- kernel package -------------------------------------------------------
+resolve_kpkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true
+}
+# Refresh the package lists (as root only) when a look-up or download fails.
+apt_update() {
+    if [[ $(id -u) -eq 0 ]]; then
+        log "apt-get update"
+        apt-get update >&2 || true
+    fi
+}
 kpkg="${VBLKD_GUEST_KERNEL_PKG:-}"
 if [[ -z "$kpkg" ]]; then
-    # A previous download may be reused when the package lists are gone.
-    kpkg="$(apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}')" || true
+    kpkg="$(resolve_kpkg)"
+    if [[ -z "$kpkg" ]] && ! compgen -G "$CACHE/kernel-linux-image-*/.done" >/dev/null; then
+        apt_update
+        kpkg="$(resolve_kpkg)"
+    fi
+    # A previous download is reused when the package lists are gone.
     if [[ -z "$kpkg" ]]; then
         kpkg="$(find "$CACHE" -maxdepth 1 -name 'kernel-linux-image-*' -printf '%f\n' 2>/dev/null |
             sed 's/^kernel-//' | sort | tail -1)"
@@ -76,8 +90,11 @@ if [[ ! -e "$KDIR/.done" ]]; then
     rm -rf "$KDIR" "$KDIR.tmp"
     mkdir -p "$KDIR.tmp/deb"
     # _apt cannot write into a root-owned cache dir; that warning is harmless.
-    (cd "$KDIR.tmp/deb" && apt-get download "$kpkg") >&2 ||
-        die "apt-get download $kpkg failed (run 'apt-get update' first)"
+    if ! (cd "$KDIR.tmp/deb" && apt-get download "$kpkg") >&2; then
+        apt_update
+        (cd "$KDIR.tmp/deb" && apt-get download "$kpkg") >&2 ||
+            die "apt-get download $kpkg failed (run 'apt-get update' first)"
+    fi
     dpkg -x "$KDIR.tmp"/deb/*.deb "$KDIR.tmp/root"
     rm -rf "$KDIR.tmp/deb"
     touch "$KDIR.tmp/.done"
@@ -92,7 +109,14 @@ kmods="$KDIR/root/lib/modules/$kver/kernel"
 # --- cache key ------------------------------------------------------------
 key="$(cat "$HERE/build-guest.sh" "$HERE/guest/init" <(echo "$kpkg $kver") | sha256sum | cut -c1-16)"
 OUT="$CACHE/$key"
+# Builds of other script versions unused for a week are removed.
+while IFS= read -r old; do
+    if [[ "$(basename "$old")" =~ ^[0-9a-f]{16}(\.tmp)?$ && "$(basename "$old")" != "$key" ]]; then
+        rm -rf "$old"
+    fi
+done < <(find "$CACHE" -mindepth 1 -maxdepth 1 -type d -mtime +7)
 if [[ -e "$OUT/.done" ]]; then
+    touch "$OUT"
     echo "$OUT"
     exit 0
 fi

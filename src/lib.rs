@@ -8,4 +8,5 @@ pub mod bdev;
 pub mod cli;
 pub mod client;
 pub mod ocssd;
+pub mod tagmap;
 pub mod vhost;

@@ -96,38 +96,22 @@ impl Daemon {
                     Bdev::Malloc => format!("driver=malloc,name=d0,size={DISK_SIZE}"),
                     Bdev::File => format!("driver=file,name=d0,path={}", image.display()),
                 };
-                let mut export =
-                    format!("bdev=d0,socket={},queues={}", socket.display(), cfg.queues);
+                let mut export = format!("bdev=d0,socket={},queues={}", socket.display(), cfg.queues);
                 if cfg.readonly {
                     export.push_str(",readonly=on");
                 }
                 export.push_str(&format!(",serial={SERIAL}"));
                 let mut c = Command::new(env!("CARGO_BIN_EXE_vblkd"));
                 c.arg("--data-dir").arg(&data_dir);
-                c.args([
-                    "--bdev",
-                    &bdev_arg,
-                    "--export",
-                    &export,
-                    "--log-level",
-                    "info",
-                ]);
+                c.args(["--bdev", &bdev_arg, "--export", &export, "--log-level", "info"]);
                 c
             }
             Backend::Qsd => {
                 // qsd has no RAM disk: "malloc" is a file on tmpfs.
-                let (ro, writable) = if cfg.readonly {
-                    (",read-only=on", "off")
-                } else {
-                    ("", "on")
-                };
-                let mut c = Command::new(
-                    std::env::var("VBLKD_QSD").unwrap_or("qemu-storage-daemon".into()),
-                );
-                c.arg("--blockdev").arg(format!(
-                    "driver=file,node-name=d0,filename={},discard=unmap{ro}",
-                    image.display()
-                ));
+                let (ro, writable) = if cfg.readonly { (",read-only=on", "off") } else { ("", "on") };
+                let mut c = Command::new(std::env::var("VBLKD_QSD").unwrap_or("qemu-storage-daemon".into()));
+                c.arg("--blockdev")
+                    .arg(format!("driver=file,node-name=d0,filename={},discard=unmap{ro}", image.display()));
                 c.arg("--export").arg(format!(
                     "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable={writable},num-queues={}",
                     socket.display(),
@@ -137,19 +121,11 @@ impl Daemon {
             }
         };
         let out = File::create(&log).unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
+        cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
         eprintln!("e2e: starting backend: {cmd:?}");
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start backend {:?}: {e}", cmd.get_program()));
-        let mut d = Daemon {
-            backend,
-            child: Some(child),
-            socket,
-            log,
-        };
+        let child =
+            cmd.spawn().unwrap_or_else(|e| panic!("cannot start backend {:?}: {e}", cmd.get_program()));
+        let mut d = Daemon { backend, child: Some(child), socket, log };
         d.wait_for_socket();
         d
     }
@@ -168,9 +144,7 @@ impl Daemon {
                     self.log_text()
                 );
             }
-            let is_sock = fs::metadata(&self.socket)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(false);
+            let is_sock = fs::metadata(&self.socket).map(|m| m.file_type().is_socket()).unwrap_or(false);
             if is_sock {
                 break;
             }
@@ -200,12 +174,8 @@ impl Daemon {
     /// SIGTERM; vblkd must exit 0 and remove its socket.
     fn stop(mut self) {
         let mut child = self.child.take().unwrap();
-        let status = sigterm_and_wait(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
-            panic!(
-                "backend ignored SIGTERM for 20 s; output:\n{}",
-                self.log_text()
-            )
-        });
+        let status = sigterm_and_wait(&mut child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("backend ignored SIGTERM for 20 s; output:\n{}", self.log_text()));
         match self.backend {
             Backend::Vblkd => {
                 assert!(
@@ -261,10 +231,7 @@ fn sigterm_and_wait(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 }
 
 fn now_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
 }
 
 /// Boot the guest on `socket` and run `workloads`; panics unless the guest
@@ -278,11 +245,7 @@ fn run_guest(
     workloads: &[&str],
 ) {
     let mut cmd = Command::new(repo().join("qemu/run-guest.sh"));
-    cmd.arg("--socket")
-        .arg(socket)
-        .arg("--queues")
-        .arg(queues.to_string())
-        .arg("--quiet");
+    cmd.arg("--socket").arg(socket).arg("--queues").arg(queues.to_string()).arg("--quiet");
     if reconnect {
         cmd.args(["--reconnect", "1"]);
     }
@@ -297,21 +260,13 @@ fn run_guest(
     let start = Instant::now();
     let out = cmd.output().expect("cannot run qemu/run-guest.sh");
     let secs = start.elapsed().as_secs_f64();
-    let console = fs::read_to_string(&log)
-        .unwrap_or_default()
-        .replace('\r', "");
+    let console = fs::read_to_string(&log).unwrap_or_default().replace('\r', "");
     let _ = fs::remove_file(&log);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let ok = out.status.success()
-        && console
-            .lines()
-            .any(|l| l.starts_with("VBLKD-GUEST-RESULT: PASS"))
+        && console.lines().any(|l| l.starts_with("VBLKD-GUEST-RESULT: PASS"))
         && workloads.iter().all(|w| {
-            let name = if w.ends_with(".sh") {
-                w.to_string()
-            } else {
-                format!("{w}.sh")
-            };
+            let name = if w.ends_with(".sh") { w.to_string() } else { format!("{w}.sh") };
             let want = format!("VBLKD-GUEST-WORKLOAD: {name} PASS");
             console.lines().any(|l| l.starts_with(&want))
         });
@@ -349,17 +304,10 @@ fn run_matrix(bdev: Bdev, queues: u32) {
     let backend = backend();
     let t0 = Instant::now();
     let label = format!("{bdev:?}/{queues}q/{backend:?}").to_lowercase();
-    let dir = tempfile::Builder::new()
-        .prefix("vblkd-e2e")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("vblkd-e2e").tempdir_in("/tmp").unwrap();
     // qsd's stand-in for a RAM disk is a file on tmpfs; vblkd's malloc bdev has no file.
-    let shm = (bdev == Bdev::Malloc && backend == Backend::Qsd).then(|| {
-        tempfile::Builder::new()
-            .prefix("vblkd-e2e")
-            .tempdir_in("/dev/shm")
-            .unwrap()
-    });
+    let shm = (bdev == Bdev::Malloc && backend == Backend::Qsd)
+        .then(|| tempfile::Builder::new().prefix("vblkd-e2e").tempdir_in("/dev/shm").unwrap());
     let image = match &shm {
         Some(shm) => shm.path().join("ram.img"),
         None => dir.path().join("disk.img"),
@@ -377,14 +325,8 @@ fn run_matrix(bdev: Bdev, queues: u32) {
     envs_ro.push(("GUEST_EXPECT_SERIAL", serial.to_string()));
     // Exercise the chardev reconnect= option on the 2-queue configurations.
     let reconnect = queues > 1;
-    let rw = ExportCfg {
-        queues,
-        readonly: false,
-    };
-    let ro = ExportCfg {
-        queues,
-        readonly: true,
-    };
+    let rw = ExportCfg { queues, readonly: false };
+    let ro = ExportCfg { queues, readonly: true };
 
     let d = Daemon::start(backend, dir.path(), bdev, &image, rw);
     run_guest(
@@ -443,14 +385,9 @@ fn run_matrix(bdev: Bdev, queues: u32) {
         }
     }
     if backend == Backend::Qsd {
-        eprintln!(
-            "e2e: [{label}] NOTE: backend is qemu-storage-daemon (development stand-in), not vblkd"
-        );
+        eprintln!("e2e: [{label}] NOTE: backend is qemu-storage-daemon (development stand-in), not vblkd");
     }
-    eprintln!(
-        "e2e: [{label}] all workloads PASS in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("e2e: [{label}] all workloads PASS in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
 #[test]

@@ -41,7 +41,9 @@
 //! The NOMEM queue is per channel (not shared between bdevs on one underlying channel). No QoS, no
 //! buffer pools for I/O without caller buffers, no queue-depth sampling.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::tagmap::TagMap;
 use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -94,9 +96,9 @@ pub struct Channel {
     nomem_threshold: usize,
     /// Children handed to the module and not yet completed.
     in_module: usize,
-    parents: HashMap<u64, Parent>,
+    parents: TagMap<Parent>,
     /// Child internal tag → parent id.
-    children: HashMap<u64, u64>,
+    children: TagMap<u64>,
     next_id: u64,
     scratch: Vec<Completion>,
 }
@@ -118,8 +120,8 @@ impl Channel {
             queue: VecDeque::new(),
             nomem_threshold: 0,
             in_module: 0,
-            parents: HashMap::new(),
-            children: HashMap::new(),
+            parents: TagMap::default(),
+            children: TagMap::default(),
             next_id: 0,
             scratch: Vec::new(),
         }

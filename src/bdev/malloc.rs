@@ -5,7 +5,8 @@
 //! ```
 //!
 //! # Design
-//! One anonymous mapping holds the data; every channel copies between it and the I/O memory with raw
+//! One anonymous mapping holds the data, populated up front (a RAM disk owns its RAM, and first-touch
+//! page faults would otherwise dominate write latency); every channel copies between it and the I/O memory with raw
 //! copies (no lock: concurrent overlapping writes give unspecified content, as on a real disk).
 //! I/O completes in `submit` but is only reported by `poll` (one completion path).
 //! Unmap and write_zeroes zero the range; flush is a no-op.
@@ -63,7 +64,7 @@ impl MallocBdev {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )

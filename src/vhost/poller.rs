@@ -19,7 +19,7 @@
 //! * A bdev channel without a `wait_fd` that has I/O outstanding keeps the worker polling
 //!   (yielding the CPU between polls) until that I/O completes.
 
-use std::collections::HashMap;
+use crate::tagmap::TagMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,7 +74,7 @@ pub struct Worker {
     channel_failed: bool,
     invalid_logged: bool,
     vring: Option<Vring>,
-    inflight: HashMap<u64, InFlight>,
+    inflight: TagMap<InFlight>,
     next_tag: u64,
     done: Vec<Completion>,
 }

@@ -215,6 +215,10 @@ fn serve_loop(
         }
         match waiter.join() {
             Ok(Ok(())) => info!("{name}: frontend disconnected"),
+            // A frontend closing its socket surfaces as a "peer disconnected" handler error: normal.
+            Ok(Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected))) => {
+                info!("{name}: frontend disconnected")
+            }
             Ok(Err(e)) => warn!("{name}: connection ended: {e}"),
             Err(_) => error!("{name}: connection thread panicked"),
         }

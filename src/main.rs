@@ -142,12 +142,13 @@ fn run(config: Config) -> Result<(), String> {
     for ex in &config.exports {
         let handle =
             start_export(&registry, ex, &stop).map_err(|e| format!("--export bdev={}: {e}", ex.bdev))?;
-        println!("vblkd: serving bdev '{}' on {}", ex.bdev, ex.socket.display());
+        let shown = std::path::absolute(&ex.socket).unwrap_or_else(|_| ex.socket.clone());
+        println!("vblkd: serving bdev '{}' on {}", ex.bdev, shown.display());
         println!(
             "vblkd: attach with: qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \
              -numa node,memdev=mem -m 1G -chardev socket,id=c0,path={} \
              -device vhost-user-blk-pci,chardev=c0,num-queues={}",
-            ex.socket.display(),
+            shown.display(),
             ex.queues
         );
         exports.push((ex.bdev.clone(), handle));

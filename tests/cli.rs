@@ -148,3 +148,39 @@ fn media_create_and_info_through_the_binary() {
     assert_ne!(code, 0);
     assert!(err.contains("--groups"), "{err}");
 }
+
+#[test]
+fn sigusr1_prints_statistics_as_json() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("st.sock");
+    let mut child = vblkd()
+        .args(["--log-level", "warn", "--bdev", "driver=malloc,name=m0,size=8M", "--export"])
+        .arg(format!("bdev=m0,socket={},queues=1", sock.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    common::wait_for_socket(&sock, &mut child);
+    let mut c = vblkd::client::BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
+    assert_eq!(c.sync(0, |c, u| c.write(0, 0, 0, 8192, u)).expect("write"), 0);
+    drop(c);
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGUSR1);
+    }
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let stats = loop {
+        let line = lines.next().expect("a stats line").expect("read");
+        if line.starts_with('{') {
+            break line;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&stats).expect("json");
+    assert_eq!(v["m0"]["write_ops"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["m0"]["write_bytes"].as_u64(), Some(8192), "{v}");
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().expect("wait").success());
+}

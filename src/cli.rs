@@ -15,7 +15,7 @@
 //! anything is served. Every error names the flag and the problem.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -415,32 +415,6 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
     Ok(Config { data_dir: args.data_dir.clone(), bdevs, exports, log_level, is_default })
 }
 
-/// What is at a socket path.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SocketState {
-    /// Nothing there.
-    Free,
-    /// A socket file nobody accepts on (left by a crashed daemon): safe to replace.
-    Stale,
-    /// A live daemon accepts on it.
-    InUse,
-    /// Something that is not a socket.
-    NotASocket,
-}
-
-/// Looks at a socket path without changing it.
-pub fn probe_socket(path: &Path) -> SocketState {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Err(_) => SocketState::Free,
-        Ok(m) if !m.file_type().is_socket() => SocketState::NotASocket,
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => SocketState::InUse,
-            Err(_) => SocketState::Stale,
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,19 +524,5 @@ mod tests {
             assert!(msg.contains(want), "{argv:?}: '{msg}' lacks '{want}'");
             assert!(msg.starts_with("--"), "{argv:?}: '{msg}' does not name the flag");
         }
-    }
-
-    #[test]
-    fn socket_probe_tells_stale_from_live() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("s.sock");
-        assert_eq!(probe_socket(&p), SocketState::Free);
-        let l = std::os::unix::net::UnixListener::bind(&p).expect("bind");
-        assert_eq!(probe_socket(&p), SocketState::InUse);
-        drop(l);
-        assert_eq!(probe_socket(&p), SocketState::Stale);
-        let f = dir.path().join("plain");
-        std::fs::write(&f, b"x").expect("write");
-        assert_eq!(probe_socket(&f), SocketState::NotASocket);
     }
 }

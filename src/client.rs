@@ -164,15 +164,7 @@ impl BlkClient {
         out: &mut Vec<Completion>,
         timeout: Duration,
     ) -> Result<usize, ClientError> {
-        let cap = out.capacity().max(min).max(1);
-        let mut raw: Vec<MaybeUninit<Completion>> = (0..cap).map(|_| MaybeUninit::uninit()).collect();
-        let mut t = timeout;
-        let n = self.queues[q].do_io(&mut raw, min, Some(&mut t), None).map_err(ctx("do_io"))?;
-        for c in raw.iter().take(n) {
-            // SAFETY: libblkio initialised the first `n` entries.
-            out.push(unsafe { c.assume_init_read() });
-        }
-        Ok(n)
+        do_io(&mut self.queues[q], min, out, timeout)
     }
 
     /// Splits into one independent client per queue, each owning `bytes_per_queue` of the buffer memory
@@ -259,14 +251,24 @@ impl QueueClient {
         out: &mut Vec<Completion>,
         timeout: Duration,
     ) -> Result<usize, ClientError> {
-        let cap = out.capacity().max(min).max(1);
-        let mut raw: Vec<MaybeUninit<Completion>> = (0..cap).map(|_| MaybeUninit::uninit()).collect();
-        let mut t = timeout;
-        let n = self.q.do_io(&mut raw, min, Some(&mut t), None).map_err(ctx("do_io"))?;
-        for c in raw.iter().take(n) {
-            // SAFETY: libblkio initialised the first `n` entries.
-            out.push(unsafe { c.assume_init_read() });
-        }
-        Ok(n)
+        do_io(&mut self.q, min, out, timeout)
     }
+}
+
+/// Submits what is queued on `q` and appends at least `min` completions (up to `out`'s capacity).
+fn do_io(
+    q: &mut Blkioq,
+    min: usize,
+    out: &mut Vec<Completion>,
+    timeout: Duration,
+) -> Result<usize, ClientError> {
+    let cap = out.capacity().max(min).max(1);
+    let mut raw: Vec<MaybeUninit<Completion>> = (0..cap).map(|_| MaybeUninit::uninit()).collect();
+    let mut t = timeout;
+    let n = q.do_io(&mut raw, min, Some(&mut t), None).map_err(ctx("do_io"))?;
+    for c in raw.iter().take(n) {
+        // SAFETY: libblkio initialised the first `n` entries.
+        out.push(unsafe { c.assume_init_read() });
+    }
+    Ok(n)
 }

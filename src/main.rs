@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use vblkd::bdev::{Bdev, Registry};
-use vblkd::cli::{self, Args, BdevSpec, Command, Config, ExportSpec, SocketState};
+use vblkd::cli::{self, Args, BdevSpec, Command, Config, ExportSpec};
 use vblkd::vhost::ExportConfig;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -114,21 +114,9 @@ fn run(config: Config) -> Result<(), String> {
     }
     // Sockets first: a live daemon on a path is an error before anything is built.
     for ex in &config.exports {
-        match cli::probe_socket(&ex.socket) {
-            SocketState::Free => {}
-            SocketState::Stale => {
-                log::warn!("replacing stale socket {}", ex.socket.display());
-                std::fs::remove_file(&ex.socket).map_err(|e| {
-                    format!("--export socket={}: cannot remove stale socket: {e}", ex.socket.display())
-                })?;
-            }
-            SocketState::InUse => {
-                return Err(format!("--export socket={}: in use by a running daemon", ex.socket.display()))
-            }
-            SocketState::NotASocket => {
-                return Err(format!("--export socket={}: exists and is not a socket", ex.socket.display()))
-            }
-        }
+        // A stale socket file is replaced when the export binds it.
+        vblkd::vhost::check_socket(&ex.socket)
+            .map_err(|e| format!("--export socket={}: {e}", ex.socket.display()))?;
     }
     let registry = Arc::new(Registry::new());
     for spec in &config.bdevs {

@@ -72,7 +72,7 @@ impl ExportConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum VhostError {
     /// A live daemon answers on the socket path.
-    #[error("socket path {0} in use")]
+    #[error("socket path {0} is in use by a running daemon")]
     InUse(PathBuf),
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket")]
@@ -128,11 +128,13 @@ pub fn serve(
         .map_err(io_err("spawning the export thread"))
 }
 
-/// Removes a stale socket file (nobody listening); refuses a live one or a non-socket.
-fn prepare_socket(path: &Path) -> Result<(), VhostError> {
+/// Checks a socket path before anything is bound: `Ok(false)` when nothing is there, `Ok(true)` when a
+/// stale socket file is (nobody accepts on it: safe to replace); a live daemon's socket or a
+/// non-socket is refused. Changes nothing.
+pub fn check_socket(path: &Path) -> Result<bool, VhostError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
     };
     if !meta.file_type().is_socket() {
@@ -140,12 +142,18 @@ fn prepare_socket(path: &Path) -> Result<(), VhostError> {
     }
     match UnixStream::connect(path) {
         Ok(_) => Err(VhostError::InUse(path.to_path_buf())),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-            warn!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(io_err(format!("removing stale socket {}", path.display())))
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(true),
         Err(e) => Err(io_err(format!("probing {}", path.display()))(e)),
     }
+}
+
+/// Removes a stale socket file (nobody listening); refuses a live one or a non-socket.
+fn prepare_socket(path: &Path) -> Result<(), VhostError> {
+    if check_socket(path)? {
+        warn!("removing stale socket {}", path.display());
+        std::fs::remove_file(path).map_err(io_err(format!("removing stale socket {}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// Waits until one of `fds` is readable; returns their readiness.

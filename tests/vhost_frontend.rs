@@ -357,3 +357,38 @@ fn chains_on_a_real_vring() {
     // Stopping the ring drains it and reports the next avail index.
     assert_eq!(f.get_vring_base(0).expect("vring base"), u32::from(want));
 }
+
+#[test]
+fn unoffered_features_and_bad_vring_sizes_are_refused() {
+    let ex = Export::new();
+    // Feature bits the device did not offer (SCSI passthrough, bit 7; and a high unknown bit).
+    {
+        let mut f = Frontend::connect(&ex.sock, 2).expect("connect");
+        let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+        f.set_owner().expect("owner");
+        let features = f.get_features().expect("features");
+        assert_eq!(features & (1 << VIRTIO_BLK_F_SCSI), 0, "SCSI must not be offered");
+        f.get_protocol_features().expect("protocol features");
+        f.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK).expect("set protocol features");
+        let bad = features | (1 << VIRTIO_BLK_F_SCSI) | (1 << 50);
+        let r = acked(&mut f, |f| f.set_features(bad));
+        assert!(r.is_err(), "features that were not offered must be refused");
+    }
+    // A vring size of zero, or above the export's queue-size, is refused.
+    for num in [0u16, 2 * QSIZE * 2] {
+        let (mut f, _) = negotiate(&ex.sock);
+        let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+        let r = acked(&mut f, |f| f.set_vring_num(0, num));
+        assert!(r.is_err(), "vring size {num} must be refused");
+    }
+    // A size that is not a power of two is not taken (virtio-queue keeps the old size); the daemon
+    // carries on and serves the next frontend normally.
+    {
+        let (mut f, _) = negotiate(&ex.sock);
+        let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+        let _ = acked(&mut f, |f| f.set_vring_num(0, 33));
+    }
+    let (mut f, _) = negotiate(&ex.sock);
+    let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+    assert_eq!(u64::from_le_bytes(config(&mut f)[0..8].try_into().expect("8")), SIZE / 512);
+}

@@ -795,4 +795,106 @@ mod tests {
         header(&m, VIRTIO_BLK_T_IN, 0);
         assert!(parse_with(&m, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)], &l).is_ok());
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+        use vm_memory::GuestMemoryRegion;
+
+        fn kind() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                Just(VIRTIO_BLK_T_IN),
+                Just(VIRTIO_BLK_T_OUT),
+                Just(VIRTIO_BLK_T_FLUSH),
+                Just(VIRTIO_BLK_T_GET_ID),
+                Just(VIRTIO_BLK_T_DISCARD),
+                Just(VIRTIO_BLK_T_WRITE_ZEROES),
+                any::<u32>(),
+            ]
+        }
+
+        fn addr() -> impl Strategy<Value = u64> {
+            prop_oneof![0..3 * REGION, Just(REGION - 1), Just(2 * REGION - 1), any::<u64>()]
+        }
+
+        fn len() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                0u32..5000,
+                Just(16),
+                Just(1),
+                Just(512),
+                Just(4096),
+                (1u32..16).prop_map(|n| n * 512),
+                any::<u32>()
+            ]
+        }
+
+        /// Mostly well-formed shapes (header first, status last) so valid requests occur too,
+        /// with random data descriptors in between and random replacements at either end.
+        fn chain() -> impl Strategy<Value = Vec<(u64, u32, bool)>> {
+            let desc = || (addr(), len(), any::<bool>());
+            let head = prop_oneof![3 => Just((HDR, 16, false)), 1 => desc()];
+            let tail = prop_oneof![3 => Just((STATUS, 1, true)), 1 => desc()];
+            (head, proptest::collection::vec(desc(), 0..6), tail).prop_map(|(h, mid, t)| {
+                let mut v = vec![h];
+                v.extend(mid);
+                v.push(t);
+                v
+            })
+        }
+
+        /// True when `[ptr, ptr+len)` lies inside one host mapping of `m`.
+        fn inside_host_memory(m: &GuestMem, ptr: usize, len: usize) -> bool {
+            m.iter().any(|r| {
+                let base = r.get_host_address(vm_memory::MemoryRegionAddress(0)).map_or(0, |p| p as usize);
+                let size = r.len() as usize;
+                ptr >= base && ptr.checked_add(len).is_some_and(|end| end <= base + size)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any chain, however malformed, parses to an error or to a request whose every byte is
+            /// inside guest memory and inside the device — never a panic.
+            #[test]
+            fn random_chains_never_escape(
+                k in kind(),
+                sector in prop_oneof![0u64..2 * CAP, any::<u64>()],
+                descs in chain(),
+            ) {
+                let m = mem();
+                header(&m, k, sector);
+                match parse(&m, &descs) {
+                    Err(bad) => {
+                        // A status address, when given, is a writable byte inside guest memory.
+                        if let Some(a) = bad.status_addr {
+                            prop_assert!(m.check_address(a).is_some());
+                        }
+                        let _ = bad.error.status();
+                    }
+                    Ok(r) => {
+                        prop_assert!(m.check_address(r.status_addr).is_some());
+                        let mut total = 0u64;
+                        for v in &r.iovecs {
+                            prop_assert!(inside_host_memory(&m, v.iov_base as usize, v.iov_len));
+                            total += v.iov_len as u64;
+                        }
+                        match r.kind {
+                            RequestKind::Read { sector } | RequestKind::Write { sector } => {
+                                prop_assert_eq!(total, u64::from(r.data_len));
+                                prop_assert!(r.data_len % 512 == 0 && r.iovecs.len() <= 4);
+                                prop_assert!(sector + u64::from(r.data_len) / 512 <= CAP);
+                            }
+                            RequestKind::Discard { sector, num_sectors }
+                            | RequestKind::WriteZeroes { sector, num_sectors, .. } => {
+                                prop_assert!(sector + u64::from(num_sectors) <= CAP);
+                            }
+                            RequestKind::Flush | RequestKind::GetId => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

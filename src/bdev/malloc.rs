@@ -14,10 +14,12 @@
 //! # Limitations
 //! Contents are lost at exit; no persistence, no NUMA placement.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{Bdev, BdevError, BdevInfo, BdevIo, Completion, IoKind, IoKinds, ModuleChannel, Rejected};
+use super::{
+    check_geometry, Bdev, BdevError, BdevInfo, BdevIo, Completion, DoneQueue, IoKind, IoKinds, ModuleChannel,
+    Rejected,
+};
 
 /// Anonymous memory owned by the bdev.
 struct Region {
@@ -48,14 +50,7 @@ pub struct MallocBdev {
 impl MallocBdev {
     /// A zeroed RAM disk of `size_bytes` (a multiple of `block_size`, which is 512 or 4096).
     pub fn new(name: &str, size_bytes: u64, block_size: u32) -> Result<Self, BdevError> {
-        if block_size != 512 && block_size != 4096 {
-            return Err(BdevError::InvalidConfig(format!("block size {block_size} is not 512 or 4096")));
-        }
-        if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
-            return Err(BdevError::InvalidConfig(format!(
-                "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
-            )));
-        }
+        let num_blocks = check_geometry(size_bytes, block_size)?;
         let len = usize::try_from(size_bytes)
             .map_err(|_| BdevError::InvalidConfig(format!("size {size_bytes} does not fit in memory")))?;
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
@@ -75,7 +70,7 @@ impl MallocBdev {
                 std::io::Error::last_os_error(),
             ));
         }
-        let mut info = BdevInfo::new(name, "malloc", block_size, size_bytes / u64::from(block_size));
+        let mut info = BdevInfo::new(name, "malloc", block_size, num_blocks);
         info.supports = IoKinds { flush: true, unmap: true, write_zeroes: true, reset: true };
         info.unmap_reads_zeroes = true;
         Ok(Self { info, region: Arc::new(Region { ptr: ptr.cast(), len }) })
@@ -91,7 +86,7 @@ impl Bdev for MallocBdev {
         Ok(Box::new(MallocChannel {
             region: self.region.clone(),
             block_size: u64::from(self.info.block_size),
-            done: VecDeque::new(),
+            done: DoneQueue::default(),
         }))
     }
 }
@@ -99,7 +94,7 @@ impl Bdev for MallocBdev {
 struct MallocChannel {
     region: Arc<Region>,
     block_size: u64,
-    done: VecDeque<Completion>,
+    done: DoneQueue,
 }
 
 impl ModuleChannel for MallocChannel {
@@ -124,14 +119,12 @@ impl ModuleChannel for MallocChannel {
             }
             IoKind::Flush | IoKind::Reset => {}
         }
-        self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+        self.done.push_ok(io.tag);
         Ok(())
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
-        let n = self.done.len();
-        done.extend(self.done.drain(..));
-        n
+        self.done.drain_into(done)
     }
 }
 

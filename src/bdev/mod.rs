@@ -140,6 +140,38 @@ impl BdevInfo {
     }
 }
 
+/// Checks a module's size and block size: 512 or 4096-byte blocks, a non-zero whole number of them.
+/// Returns the number of blocks.
+pub fn check_geometry(size_bytes: u64, block_size: u32) -> Result<u64, BdevError> {
+    if block_size != 512 && block_size != 4096 {
+        return Err(BdevError::InvalidConfig(format!("block size {block_size} is not 512 or 4096")));
+    }
+    if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+        return Err(BdevError::InvalidConfig(format!(
+            "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
+        )));
+    }
+    Ok(size_bytes / u64::from(block_size))
+}
+
+/// Completions of a module that finishes I/O inside `submit` and reports it at `poll`.
+#[derive(Default)]
+pub struct DoneQueue(std::collections::VecDeque<Completion>);
+
+impl DoneQueue {
+    /// Records a successful completion of `tag`.
+    pub fn push_ok(&mut self, tag: u64) {
+        self.0.push_back(Completion { tag, result: Ok(()) });
+    }
+
+    /// Moves every recorded completion to `done`; returns how many.
+    pub fn drain_into(&mut self, done: &mut Vec<Completion>) -> usize {
+        let n = self.0.len();
+        done.extend(self.0.drain(..));
+        n
+    }
+}
+
 /// A random version-4 UUID from the OS RNG (falls back to time and pid).
 pub fn random_uuid() -> [u8; 16] {
     let mut b = [0u8; 16];

@@ -11,9 +11,10 @@
 //! # Limitations
 //! No fault injection and no artificial latency.
 
-use std::collections::VecDeque;
-
-use super::{Bdev, BdevError, BdevInfo, BdevIo, Completion, IoKind, IoKinds, ModuleChannel, Rejected};
+use super::{
+    check_geometry, Bdev, BdevError, BdevInfo, BdevIo, Completion, DoneQueue, IoKind, IoKinds, ModuleChannel,
+    Rejected,
+};
 
 /// A bdev that stores nothing.
 pub struct NullBdev {
@@ -23,15 +24,8 @@ pub struct NullBdev {
 impl NullBdev {
     /// A null bdev of `size_bytes` (a non-zero multiple of `block_size`, which is 512 or 4096).
     pub fn new(name: &str, size_bytes: u64, block_size: u32) -> Result<Self, BdevError> {
-        if block_size != 512 && block_size != 4096 {
-            return Err(BdevError::InvalidConfig(format!("block size {block_size} is not 512 or 4096")));
-        }
-        if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
-            return Err(BdevError::InvalidConfig(format!(
-                "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
-            )));
-        }
-        let mut info = BdevInfo::new(name, "null", block_size, size_bytes / u64::from(block_size));
+        let num_blocks = check_geometry(size_bytes, block_size)?;
+        let mut info = BdevInfo::new(name, "null", block_size, num_blocks);
         info.supports = IoKinds { flush: true, unmap: true, write_zeroes: true, reset: true };
         info.unmap_reads_zeroes = true;
         Ok(Self { info })
@@ -44,12 +38,12 @@ impl Bdev for NullBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
-        Ok(Box::new(NullChannel { done: VecDeque::new() }))
+        Ok(Box::new(NullChannel { done: DoneQueue::default() }))
     }
 }
 
 struct NullChannel {
-    done: VecDeque<Completion>,
+    done: DoneQueue,
 }
 
 impl ModuleChannel for NullChannel {
@@ -57,14 +51,12 @@ impl ModuleChannel for NullChannel {
         if io.kind == IoKind::Read {
             io.bufs.zero();
         }
-        self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+        self.done.push_ok(io.tag);
         Ok(())
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
-        let n = self.done.len();
-        done.extend(self.done.drain(..));
-        n
+        self.done.drain_into(done)
     }
 }
 

@@ -259,16 +259,8 @@ fn block_size(keys: &mut Keys<'_>) -> Result<u32, CliError> {
 }
 
 fn checked_size(keys: &Keys<'_>, size: u64, bs: u32) -> Result<u64, CliError> {
-    if size == 0 {
-        return Err(err(keys.flag, keys.value, "size must not be 0"));
-    }
-    if size % u64::from(bs) != 0 {
-        return Err(err(
-            keys.flag,
-            keys.value,
-            format!("size {size} is not a multiple of the block size {bs}"),
-        ));
-    }
+    // The same rule the modules apply, checked here so a bad flag fails before anything is built.
+    crate::bdev::check_geometry(size, bs).map_err(|e| err(keys.flag, keys.value, e.to_string()))?;
     Ok(size)
 }
 
@@ -315,19 +307,13 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
     Ok(spec)
 }
 
-/// The default number of queues: the CPU count, at least 1.
-pub fn default_queues() -> u16 {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, usize::from(MAX_QUEUES))
-        as u16
-}
-
 /// Parses one `--export` value.
 pub fn parse_export(value: &str) -> Result<ExportSpec, CliError> {
     let flag = "--export";
     let mut keys = Keys { flag, value, map: parse_kv(flag, value)? };
     let bdev = keys.required("bdev")?;
     let socket = PathBuf::from(keys.required("socket")?);
-    let queues: u16 = keys.number("queues")?.unwrap_or_else(default_queues);
+    let queues: u16 = keys.number("queues")?.unwrap_or_else(crate::vhost::default_queues);
     if queues == 0 || queues > MAX_QUEUES {
         return Err(err(flag, value, format!("queues={queues} must be between 1 and {MAX_QUEUES}")));
     }
@@ -370,7 +356,7 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
         let export = ExportSpec {
             bdev: "disk0".into(),
             socket: args.data_dir.join("vblkd.sock"),
-            queues: default_queues(),
+            queues: crate::vhost::default_queues(),
             queue_size: 256,
             readonly: false,
             serial: "vblkd-disk0".into(),

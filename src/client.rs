@@ -112,6 +112,11 @@ impl BlkClient {
         self.queues[q].write(start, buf, len, user_data, ReqFlags::empty());
     }
 
+    /// Host iovecs for `(mem_offset, len)` segments of the buffer memory.
+    fn iovecs(&self, segs: &[(usize, usize)]) -> Vec<libc::iovec> {
+        segs.iter().map(|&(o, l)| libc::iovec { iov_base: self.buf(o, l).cast(), iov_len: l }).collect()
+    }
+
     /// Queues a vectored read; `segs` are `(mem_offset, len)` pairs.
     pub fn readv(
         &mut self,
@@ -120,8 +125,7 @@ impl BlkClient {
         segs: &[(usize, usize)],
         user_data: usize,
     ) -> Vec<libc::iovec> {
-        let iovs: Vec<libc::iovec> =
-            segs.iter().map(|&(o, l)| libc::iovec { iov_base: self.buf(o, l).cast(), iov_len: l }).collect();
+        let iovs = self.iovecs(segs);
         self.queues[q].readv(start, iovs.as_ptr(), iovs.len() as u32, user_data, ReqFlags::empty());
         iovs
     }
@@ -134,8 +138,7 @@ impl BlkClient {
         segs: &[(usize, usize)],
         user_data: usize,
     ) -> Vec<libc::iovec> {
-        let iovs: Vec<libc::iovec> =
-            segs.iter().map(|&(o, l)| libc::iovec { iov_base: self.buf(o, l).cast(), iov_len: l }).collect();
+        let iovs = self.iovecs(segs);
         self.queues[q].writev(start, iovs.as_ptr(), iovs.len() as u32, user_data, ReqFlags::empty());
         iovs
     }

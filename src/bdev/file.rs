@@ -208,12 +208,11 @@ impl FileBdev {
             }
             want
         };
-        if size == 0 || size % bs != 0 {
-            return Err(BdevError::InvalidConfig(format!(
-                "file bdev '{name}': size {size} is not a non-zero multiple of the block size {bs}"
-            )));
-        }
-        let mut info = BdevInfo::new(name, "file", bs as u32, size / bs);
+        // `bs` is the requested block size, raised to the device's logical block size (512 or 4096).
+        let bs32 = bs as u32;
+        let num_blocks = super::check_geometry(size, bs32)
+            .map_err(|e| BdevError::InvalidConfig(format!("file bdev '{name}': {e}")))?;
+        let mut info = BdevInfo::new(name, "file", bs32, num_blocks);
         info.supports = IoKinds { flush: true, unmap: true, write_zeroes: true, reset: false };
         info.unmap_reads_zeroes = true;
         info.volatile_write_cache = true;

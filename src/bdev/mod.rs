@@ -148,7 +148,7 @@ pub fn check_geometry(size_bytes: u64, block_size: u32) -> Result<u64, BdevError
     }
     if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
         return Err(BdevError::InvalidConfig(format!(
-            "size {size_bytes} is not a non-zero multiple of the block size {block_size}"
+            "size {size_bytes} is zero or not a multiple of the block size {block_size}"
         )));
     }
     Ok(size_bytes / u64::from(block_size))

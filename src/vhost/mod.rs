@@ -15,5 +15,5 @@ pub mod poller;
 pub mod request;
 pub mod server;
 
-pub use server::{check_socket, serve, ExportConfig, VhostError, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use server::{check_socket, default_queues, serve, ExportConfig, VhostError, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use vmm_sys_util::eventfd::EventFd;

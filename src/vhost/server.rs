@@ -53,13 +53,18 @@ pub struct ExportConfig {
     pub poll_us: u64,
 }
 
+/// The default number of queues: the CPU count, within 1..=[`MAX_QUEUES`].
+pub fn default_queues() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u16::try_from(cpus).unwrap_or(MAX_QUEUES).clamp(1, MAX_QUEUES)
+}
+
 impl ExportConfig {
     /// Defaults: one queue per CPU, queue size 256, read-write, serial = bdev name, 50 µs polling.
     pub fn new(socket: impl Into<PathBuf>, serial: &str) -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             socket: socket.into(),
-            queues: u16::try_from(cpus).unwrap_or(MAX_QUEUES).clamp(1, MAX_QUEUES),
+            queues: default_queues(),
             queue_size: 256,
             read_only: false,
             serial: serial.to_string(),

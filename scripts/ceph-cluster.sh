@@ -100,18 +100,21 @@ osd objectstore = memstore
 memstore device bytes = 2147483648
 memstore page set = true
 osd memory target = 939524096
+# A client that died (vblkd killed) keeps its watch, and so the image's exclusive lock, this long:
+# a restarted vblkd's first write waits for it (Ceph's default is 30 s).
+osd client watch timeout = 5
 CONF
     monmaptool --create --fsid "$fsid" --addv a '[v2:127.0.0.1:3300,v1:127.0.0.1:6789]' "$DIR/monmap" >/dev/null
     ceph-mon "${C[@]}" -i a --mkfs --monmap "$DIR/monmap"
-    ceph-mon "${C[@]}" -i a
+    ceph-mon "${C[@]}" -i a 9>&-
     timeout 60 ceph "${C[@]}" mon stat >/dev/null
     log "monitor up ($((SECONDS - t0)) s)"
-    ceph-mgr "${C[@]}" -i x
+    ceph-mgr "${C[@]}" -i x 9>&-
     osd_uuid=$(cat /proc/sys/kernel/random/uuid)
     id=$(ceph "${C[@]}" osd new "$osd_uuid")
     mkdir -p "$DIR/osd/ceph-$id"
     ceph-osd "${C[@]}" -i "$id" --mkfs --osd-uuid "$osd_uuid" 2>>"$DIR/log/osd-mkfs.log"
-    ceph-osd "${C[@]}" -i "$id"
+    ceph-osd "${C[@]}" -i "$id" 9>&-
     for _ in $(seq 240); do
         ceph "${C[@]}" osd dump 2>/dev/null | grep -q "^osd.$id up *in" && break
         sleep 0.5

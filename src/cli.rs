@@ -5,6 +5,7 @@
 //!   --bdev driver=malloc,name=m0,size=1G[,block-size=512|4096]
 //!   --bdev driver=null,name=n0,size=1T[,block-size=...]
 //!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=io_uring|threads][,block-size=...]
+//!   --bdev driver=rbd,name=r0,pool=rbd,image=NAME[,conf=PATH][,user=admin][,keyring=PATH][,create=SIZE][,timeout=S]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //! vblkd media create|info ...
 //! ```
@@ -130,6 +131,13 @@ pub enum BdevSpec {
         /// Engine.
         engine: FileEngine,
     },
+    /// A Ceph RBD image.
+    Rbd {
+        /// Name.
+        name: String,
+        /// Pool, image, credentials, create and time-out options.
+        cfg: crate::bdev::rbd::RbdConfig,
+    },
 }
 
 impl BdevSpec {
@@ -137,6 +145,7 @@ impl BdevSpec {
     pub fn name(&self) -> &str {
         match self {
             Self::Malloc { name, .. } | Self::Null { name, .. } | Self::File { name, .. } => name,
+            Self::Rbd { name, .. } => name,
         }
     }
 }
@@ -356,8 +365,39 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
             };
             BdevSpec::File { name, path, size_bytes, block_size: bs, direct, engine }
         }
+        "rbd" => {
+            let pool = keys.required("pool")?;
+            let image = keys.required("image")?;
+            let conf = keys.optional("conf").map(PathBuf::from);
+            let user = keys.optional("user").unwrap_or_else(|| "admin".to_string());
+            let keyring = keys.optional("keyring").map(PathBuf::from);
+            let create_bytes = match keys.size("create")? {
+                Some(s) => Some(checked_size(&keys, s, 512)?),
+                None => None,
+            };
+            let timeout_secs: u32 = keys.number("timeout")?.unwrap_or(30);
+            if timeout_secs == 0 || timeout_secs > 3600 {
+                return Err(err(flag, value, format!("timeout={timeout_secs} must be 1..=3600 seconds")));
+            }
+            for (k, v) in [("pool", &pool), ("image", &image), ("user", &user)] {
+                if v.is_empty() || v.contains(['/', '@', ' ']) {
+                    return Err(err(
+                        flag,
+                        value,
+                        format!("{k}='{v}' must be non-empty without '/', '@' or spaces"),
+                    ));
+                }
+            }
+            let cfg =
+                crate::bdev::rbd::RbdConfig { pool, image, conf, user, keyring, create_bytes, timeout_secs };
+            BdevSpec::Rbd { name, cfg }
+        }
         other => {
-            return Err(err(flag, value, format!("unknown driver '{other}' (expected malloc, null or file)")))
+            return Err(err(
+                flag,
+                value,
+                format!("unknown driver '{other}' (expected malloc, null, file or rbd)"),
+            ))
         }
     };
     keys.finish()?;

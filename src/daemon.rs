@@ -99,6 +99,9 @@ pub fn build_bdev(spec: &BdevSpec, _registry: &Registry) -> Result<Arc<dyn Bdev>
                     .map_err(|e| flag(&e))?,
             )
         }
+        BdevSpec::Rbd { name, cfg } => {
+            Arc::new(crate::bdev::rbd::RbdBdev::open(name, cfg).map_err(|e| flag(&e))?)
+        }
     })
 }
 

@@ -30,6 +30,7 @@ pub mod null;
 pub mod qos;
 #[cfg(test)]
 mod qos_reset_tests;
+pub mod rbd;
 pub mod registry;
 pub mod stats;
 #[cfg(test)]

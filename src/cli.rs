@@ -4,7 +4,7 @@
 //! vblkd [--data-dir DIR] [--bdev KEY=VAL,...]... [--export KEY=VAL,...]... [--log-level LEVEL]
 //!   --bdev driver=malloc,name=m0,size=1G[,block-size=512|4096]
 //!   --bdev driver=null,name=n0,size=1T[,block-size=...]
-//!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=io_uring|threads][,block-size=...]
+//!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=auto|io_uring|threads][,block-size=...]
 //!   --bdev driver=rbd,name=r0,pool=rbd,image=NAME[,conf=PATH][,user=admin][,keyring=PATH][,create=SIZE][,timeout=S]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //! vblkd media create|info ...
@@ -89,6 +89,8 @@ pub struct CtlArgs {
 /// I/O engine of a file bdev.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileEngine {
+    /// Cache hits inline on the poller thread (`RWF_NOWAIT`), the rest on io_uring (the default).
+    Auto,
     /// io_uring (falls back to threads when unavailable).
     IoUring,
     /// A thread pool doing preadv/pwritev.
@@ -359,9 +361,12 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
             };
             let direct = keys.on_off("direct", false)?;
             let engine = match keys.optional("engine").as_deref() {
-                None | Some("io_uring") => FileEngine::IoUring,
+                None | Some("auto") => FileEngine::Auto,
+                Some("io_uring") => FileEngine::IoUring,
                 Some("threads") => FileEngine::Threads,
-                Some(e) => return Err(err(flag, value, format!("engine={e} must be io_uring or threads"))),
+                Some(e) => {
+                    return Err(err(flag, value, format!("engine={e} must be auto, io_uring or threads")))
+                }
             };
             BdevSpec::File { name, path, size_bytes, block_size: bs, direct, engine }
         }
@@ -461,7 +466,7 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
             size_bytes: Some(DEFAULT_DISK_BYTES),
             block_size: 512,
             direct: false,
-            engine: FileEngine::IoUring,
+            engine: FileEngine::Auto,
         };
         let export = ExportSpec {
             bdev: "disk0".into(),

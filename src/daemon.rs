@@ -90,13 +90,15 @@ pub fn build_bdev(spec: &BdevSpec, _registry: &Registry) -> Result<Arc<dyn Bdev>
             Arc::new(NullBdev::new(name, *size_bytes, *block_size).map_err(|e| flag(&e))?)
         }
         BdevSpec::File { name, path, size_bytes, block_size, direct, engine } => {
-            let engine = match engine {
-                cli::FileEngine::IoUring => Engine::IoUring,
-                cli::FileEngine::Threads => Engine::Threads,
+            let (engine, inline) = match engine {
+                cli::FileEngine::Auto => (Engine::IoUring, true),
+                cli::FileEngine::IoUring => (Engine::IoUring, false),
+                cli::FileEngine::Threads => (Engine::Threads, false),
             };
             Arc::new(
                 FileBdev::open_with_block_size(name, path, *size_bytes, *direct, engine, *block_size)
-                    .map_err(|e| flag(&e))?,
+                    .map_err(|e| flag(&e))?
+                    .with_inline(inline),
             )
         }
         BdevSpec::Rbd { name, cfg } => {

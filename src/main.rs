@@ -33,11 +33,23 @@ fn main() -> ExitCode {
     env_logger::Builder::new().filter_level(config.log_level).format_timestamp_micros().init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // README: every start-up error exits 2 before anything is served; 1 only for errors while
+        // stopping (a bdev that fails to flush or close, an export thread that failed).
+        Err(RunError::Startup(e)) => {
+            eprintln!("vblkd: {e}");
+            ExitCode::from(2)
+        }
+        Err(RunError::Shutdown(e)) => {
             eprintln!("vblkd: {e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Why `run` failed: before serving (exit 2) or while stopping (exit 1).
+enum RunError {
+    Startup(String),
+    Shutdown(String),
 }
 
 /// Blocks the stop/stats signals in this thread (and every thread it spawns later) so `sigwait` sees them.
@@ -102,12 +114,40 @@ fn start_export(registry: &Registry, ex: &ExportSpec, stop: &Arc<EventFd>) -> Re
         read_only: ex.readonly,
         serial: ex.serial.clone(),
         poll_us: ex.poll_us,
+        socket_perms: ex.socket_perms,
     };
     vblkd::vhost::serve(Arc::new(desc), cfg, stop.clone()).map_err(|e| e.to_string())
 }
 
-fn run(config: Config) -> Result<(), String> {
+/// What `start` leaves running.
+struct Running {
+    registry: Arc<Registry>,
+    stop: Arc<EventFd>,
+    exports: Vec<(String, ExportThread)>,
+}
+
+fn run(config: Config) -> Result<(), RunError> {
     let sigset = block_signals();
+    let Running { registry, stop, exports } = start(&config).map_err(RunError::Startup)?;
+    loop {
+        match wait_signal(&sigset) {
+            libc::SIGUSR1 => println!("{}", registry.stats_json()),
+            sig => {
+                log::info!("signal {sig}: stopping");
+                break;
+            }
+        }
+    }
+    if teardown(&registry, &stop, exports) {
+        Err(RunError::Shutdown("errors during shutdown (see log)".into()))
+    } else {
+        log::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+/// Builds the bdevs and starts the exports; on error, stops what was started (removing its sockets).
+fn start(config: &Config) -> Result<Running, String> {
     if config.is_default {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("--data-dir {}: cannot create: {e}", config.data_dir.display()))?;
@@ -119,17 +159,23 @@ fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("--export socket={}: {e}", ex.socket.display()))?;
     }
     let registry = Arc::new(Registry::new());
-    for spec in &config.bdevs {
-        let bdev = build_bdev(spec)?;
-        registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
-    }
     let stop = Arc::new(
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("cannot create the stop eventfd: {e}"))?,
     );
     let mut exports = Vec::new();
+    let built = build_all(config, &registry);
+    if let Err(e) = built {
+        teardown(&registry, &stop, exports);
+        return Err(e);
+    }
     for ex in &config.exports {
-        let handle =
-            start_export(&registry, ex, &stop).map_err(|e| format!("--export bdev={}: {e}", ex.bdev))?;
+        let handle = match start_export(&registry, ex, &stop) {
+            Ok(h) => h,
+            Err(e) => {
+                teardown(&registry, &stop, exports);
+                return Err(format!("--export bdev={}: {e}", ex.bdev));
+            }
+        };
         let shown = std::path::absolute(&ex.socket).unwrap_or_else(|_| ex.socket.clone());
         println!("vblkd: serving bdev '{}' on {}", ex.bdev, shown.display());
         println!(
@@ -141,16 +187,20 @@ fn run(config: Config) -> Result<(), String> {
         );
         exports.push((ex.bdev.clone(), handle));
     }
-    loop {
-        match wait_signal(&sigset) {
-            libc::SIGUSR1 => println!("{}", registry.stats_json()),
-            sig => {
-                log::info!("signal {sig}: stopping");
-                break;
-            }
-        }
+    Ok(Running { registry, stop, exports })
+}
+
+fn build_all(config: &Config, registry: &Registry) -> Result<(), String> {
+    for spec in &config.bdevs {
+        let bdev = build_bdev(spec)?;
+        registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
     }
-    // Top-down teardown: exports (finish in-flight I/O, remove sockets), then bdevs in reverse order.
+    Ok(())
+}
+
+/// Top-down teardown: exports (finish in-flight I/O, remove sockets), then bdevs in reverse order
+/// (flushed and closed). Returns true when something failed (logged).
+fn teardown(registry: &Registry, stop: &EventFd, exports: Vec<(String, ExportThread)>) -> bool {
     let mut failed = false;
     if let Err(e) = stop.write(1) {
         log::error!("signalling the exports to stop: {e}");
@@ -179,10 +229,5 @@ fn run(config: Config) -> Result<(), String> {
             Err(e) => log::error!("removing bdev '{name}': {e}"),
         }
     }
-    if failed {
-        Err("errors during shutdown (see log)".into())
-    } else {
-        log::info!("stopped cleanly");
-        Ok(())
-    }
+    failed
 }

@@ -273,9 +273,18 @@ impl ModuleChannel for HeldChannel {
     }
 }
 
+/// True when the backend closed the frontend's socket within `timeout_ms`.
+fn hung_up(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd on the stack.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
+
 /// Graceful stop: requests in flight when the stop comes are finished (status OK in the guest's
 /// memory, used entries published) before the export ends; the export does not end while they are
-/// held. Mutation caught: removing `backend.drain_all()` from the stop path in `src/vhost/server.rs`.
+/// held, and they complete before the connection closes. Mutation caught: removing the
+/// `backend.drain_all()` before the shutdown in the stop path of `src/vhost/server.rs`.
 #[test]
 fn stop_finishes_requests_in_flight() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -301,13 +310,17 @@ fn stop_finishes_requests_in_flight() {
     let handle = ex.stop();
     std::thread::sleep(Duration::from_millis(300));
     assert!(!handle.is_finished(), "the export ended with requests still in flight");
+    assert!(!hung_up(g.f.as_raw_fd(), 0), "the connection was closed with requests still in flight");
     release.store(true, Ordering::Release);
     for fd in wake.lock().expect("lock").iter() {
         fd.write(1).expect("wake");
     }
+    // The requests complete while the frontend is still connected (so QEMU sees them as done, not as
+    // requests to re-send to the next backend): at the hang-up every one is in the used ring.
+    assert!(hung_up(g.f.as_raw_fd(), 10_000), "the connection was not closed after the stop");
+    assert_eq!(q.used().idx().load(), 8, "every in-flight request completed before the connection closed");
     let r = handle.join().expect("join");
     assert!(r.is_ok(), "{r:?}");
-    assert_eq!(q.used().idx().load(), 8, "every in-flight request completed before the export ended");
     for i in 0..8 {
         assert_eq!(status(&mem, i), VIRTIO_BLK_S_OK as u8, "request {i}");
     }

@@ -487,6 +487,13 @@ fn note(status: &mut Status, s: Status) {
 }
 
 impl Inner {
+    /// `fdatasync` of the image, counted in `data_syncs` when it succeeds.
+    fn sync_image(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        self.data_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn clba(&self) -> u64 {
         u64::from(self.geometry.clba)
     }
@@ -952,10 +959,8 @@ impl Inner {
                 c.buffers = Buffers { data: Some(data), oob };
             }
             Op::Flush => {
-                if self.file.sync_data().is_err() {
+                if self.sync_image().is_err() {
                     c.status = Status::INTERNAL_ERROR;
-                } else {
-                    self.data_syncs.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -429,3 +429,78 @@ fn io_uring_file_bdevs_really_use_io_uring() {
         assert_eq!(f.module_stats().expect("stats")["engine"], serde_json::json!("io_uring"));
     }
 }
+
+/// A vring size that is not a power of two (33) is not taken: the queue keeps its size (the
+/// export's 64). Seen from the frontend: 34 chains published at once (more than 33) are all served,
+/// the 34th (avail slot 33, a GET_ID) into used slot 33; a ring of 33 would refuse 34 pending chains
+/// or wrap slot 33 onto slot 0, where a different (malformed) chain waits.
+#[test]
+fn vring_size_33_is_not_taken() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("v0", 4 << 20, 512).expect("malloc"))).expect("register");
+    let ex = Export::new(&reg, "v0", dir.path());
+    let (mut g, mem) = Guest::connect(&ex.sock);
+    const N: u16 = 64;
+    acked(&mut g.f, |f| f.set_vring_num(0, 33)).expect("33 is not refused outright (it is ignored)");
+    g.f.set_vring_base(0, 0).expect("base");
+    let q = MockSplitQueue::create(&mem, GuestAddress(0), N);
+    // The mock places its used ring over the tail of its avail ring (it sizes the avail ring in
+    // elements, not bytes): use a used ring of our own.
+    const USED: u64 = 0x8000;
+    let used_idx = || mem.read_obj::<u16>(GuestAddress(USED + 2)).expect("used idx");
+    let used = |i: u64| {
+        let id = mem.read_obj::<u32>(GuestAddress(USED + 4 + 8 * i)).expect("id");
+        let len = mem.read_obj::<u32>(GuestAddress(USED + 8 + 8 * i)).expect("len");
+        (id, len)
+    };
+    let host = mem.iter().next().expect("region").as_ptr() as u64;
+    g.f.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: N,
+            queue_size: N,
+            flags: 0,
+            desc_table_addr: host + q.desc_table_addr().0,
+            used_ring_addr: host + USED,
+            avail_ring_addr: host + q.avail_addr().0,
+            log_addr: None,
+        },
+    )
+    .expect("addr");
+    // Descriptors 10..12: GET_ID, published in avail slot 33 only.
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(H)).expect("header");
+    mem.write_obj(0xffu8, GuestAddress(S)).expect("status");
+    let t = q.desc_table();
+    t.store(10, RawDescriptor::from(Descriptor::new(H, 16, VRING_DESC_F_NEXT as u16, 11))).expect("d");
+    t.store(
+        11,
+        RawDescriptor::from(Descriptor::new(D, 20, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, 12)),
+    )
+    .expect("d");
+    t.store(12, RawDescriptor::from(Descriptor::new(S, 1, VRING_DESC_F_WRITE as u16, 0))).expect("d");
+    // Descriptor 20: a lone read-only descriptor (refused with used length 0), in slots 0..=32.
+    t.store(20, RawDescriptor::from(Descriptor::new(H, 16, 0, 0))).expect("d");
+    for slot in 0..33 {
+        q.avail().ring().ref_at(slot).expect("slot").store(20);
+    }
+    q.avail().ring().ref_at(33).expect("slot 33").store(10);
+    q.avail().idx().store(34);
+    g.f.set_vring_kick(0, &g.kick).expect("kick");
+    g.f.set_vring_call(0, &g.call).expect("call");
+    g.f.set_vring_enable(0, true).expect("enable");
+    g.kick.write(1).expect("kick");
+    let t = Instant::now();
+    while used_idx() < 34 {
+        assert!(t.elapsed() < Duration::from_secs(10), "used idx {} < 34", used_idx());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(used(33), (10, 21), "the chain in avail slot 33 was served into used slot 33");
+    assert_eq!(used(0), (20, 0), "slot 0 held the malformed chain");
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK as u8);
+    let mut id = [0u8; 3];
+    mem.read_slice(&mut id, GuestAddress(D)).expect("id");
+    assert_eq!(&id, b"ops");
+}

@@ -12,10 +12,15 @@ bash qemu/deps.sh
 # The guest kernel + initramfs are built once and cached outside the repo.
 bash qemu/build-guest.sh
 
+# Ceph for the rbd tests: packages, and a one-node cluster shared by the test binaries (stopped at exit).
+bash scripts/deps-ceph.sh
+bash scripts/ceph-cluster.sh start >/dev/null
+trap 'bash scripts/ceph-cluster.sh stop' EXIT
+
 export RUST_BACKTRACE=1
 cargo build --release --all-targets
 # Everything but the guest boots, then the guest boots with their workload times and fio figures shown.
-cargo test --release --all-targets -- --test-threads=2 --skip guest_malloc_ --skip guest_file_ \
+cargo test --release --all-targets -- --test-threads=2 --skip guest_malloc_ --skip guest_file_ --skip guest_rbd_ \
     --skip libvirt_guest_
 cargo test --release --test guest_e2e -- --nocapture
 # libvirt (default non-root QEMU user) on vblkd, with vblkd restarted twice under a guest I/O loop.

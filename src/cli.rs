@@ -5,6 +5,7 @@
 //!   --bdev driver=malloc,name=m0,size=1G[,block-size=512|4096]
 //!   --bdev driver=null,name=n0,size=1T[,block-size=...]
 //!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=io_uring|threads][,block-size=...]
+//!   --bdev driver=rbd,name=r0,pool=rbd,image=NAME[,conf=PATH][,user=admin][,keyring=PATH][,create=SIZE][,timeout=S]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::bdev::qos::QosLimits;
 use crate::ocssd::cli::MediaCommand;
 
 /// Size of the default file disk served when no `--bdev`/`--export` is given.
@@ -47,6 +49,12 @@ pub struct Args {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Control socket (JSON-RPC): a path, or `none`. Default: DATA_DIR/vblkd.ctl.
+    #[arg(long, value_name = "PATH|none")]
+    pub control: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
     /// Subcommands (media tools).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -58,6 +66,25 @@ pub enum Command {
     /// Emulated OCSSD media images.
     #[command(subcommand)]
     Media(MediaCommand),
+    /// Send one request to a running daemon's control socket and print the JSON result.
+    Ctl(CtlArgs),
+}
+
+/// `vblkd ctl [--control PATH] METHOD [key=value | value]...`
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = "vblkd-data/vblkd.ctl")]
+    pub control: PathBuf,
+    /// Seconds to wait for the answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+    /// The method (bdev-list, bdev-stats, bdev-add, bdev-remove, export-list, export-add,
+    /// export-remove, qos-set, bdev-reset, log-level).
+    pub method: String,
+    /// Parameters as key=value; a bare first value is the method's main parameter (a name, a level,
+    /// a socket or bdev).
+    pub params: Vec<String>,
 }
 
 /// I/O engine of a file bdev.
@@ -105,6 +132,13 @@ pub enum BdevSpec {
         /// Engine.
         engine: FileEngine,
     },
+    /// A Ceph RBD image.
+    Rbd {
+        /// Name.
+        name: String,
+        /// Pool, image, credentials, create and time-out options.
+        cfg: crate::bdev::rbd::RbdConfig,
+    },
 }
 
 impl BdevSpec {
@@ -112,6 +146,7 @@ impl BdevSpec {
     pub fn name(&self) -> &str {
         match self {
             Self::Malloc { name, .. } | Self::Null { name, .. } | Self::File { name, .. } => name,
+            Self::Rbd { name, .. } => name,
         }
     }
 }
@@ -150,6 +185,14 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     /// True when the defaults were used (no --bdev/--export given).
     pub is_default: bool,
+    /// QoS limits given on `--bdev` (`qos-iops`, `qos-bps`), by bdev name.
+    pub qos: Vec<(String, QosLimits)>,
+    /// The control socket path (None: `--control none`).
+    pub control: Option<PathBuf>,
+    /// True when `--control` named the path (a busy default path is only a warning).
+    pub control_explicit: bool,
+    /// Metrics endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A command-line error: names the flag and the problem.
@@ -267,6 +310,29 @@ fn checked_size(keys: &Keys<'_>, size: u64, bs: u32) -> Result<u64, CliError> {
     Ok(size)
 }
 
+/// Parses one `--bdev` value with its optional QoS keys (`qos-iops=N`, `qos-bps=SIZE`), which every
+/// driver accepts.
+pub fn parse_bdev_with_qos(value: &str) -> Result<(BdevSpec, QosLimits), CliError> {
+    let flag = "--bdev";
+    let mut qos = QosLimits::default();
+    let mut rest = Vec::new();
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("qos-iops", v)) => {
+                qos.iops =
+                    v.parse().map_err(|_| err(flag, value, format!("qos-iops={v} is not a whole number")))?;
+            }
+            Some(("qos-bps", v)) => {
+                qos.bps = parse_size(v).map_err(|p| err(flag, value, format!("qos-bps: {p}")))?;
+            }
+            _ => rest.push(part),
+        }
+    }
+    qos.validate().map_err(|p| err(flag, value, format!("qos-{p}")))?;
+    let spec = parse_bdev(&rest.join(",")).map_err(|e| CliError { value: value.to_string(), ..e })?;
+    Ok((spec, qos))
+}
+
 /// Parses one `--bdev` value.
 pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
     let flag = "--bdev";
@@ -302,8 +368,39 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
             };
             BdevSpec::File { name, path, size_bytes, block_size: bs, direct, engine }
         }
+        "rbd" => {
+            let pool = keys.required("pool")?;
+            let image = keys.required("image")?;
+            let conf = keys.optional("conf").map(PathBuf::from);
+            let user = keys.optional("user").unwrap_or_else(|| "admin".to_string());
+            let keyring = keys.optional("keyring").map(PathBuf::from);
+            let create_bytes = match keys.size("create")? {
+                Some(s) => Some(checked_size(&keys, s, 512)?),
+                None => None,
+            };
+            let timeout_secs: u32 = keys.number("timeout")?.unwrap_or(30);
+            if timeout_secs == 0 || timeout_secs > 3600 {
+                return Err(err(flag, value, format!("timeout={timeout_secs} must be 1..=3600 seconds")));
+            }
+            for (k, v) in [("pool", &pool), ("image", &image), ("user", &user)] {
+                if v.is_empty() || v.contains(['/', '@', ' ']) {
+                    return Err(err(
+                        flag,
+                        value,
+                        format!("{k}='{v}' must be non-empty without '/', '@' or spaces"),
+                    ));
+                }
+            }
+            let cfg =
+                crate::bdev::rbd::RbdConfig { pool, image, conf, user, keyring, create_bytes, timeout_secs };
+            BdevSpec::Rbd { name, cfg }
+        }
         other => {
-            return Err(err(flag, value, format!("unknown driver '{other}' (expected malloc, null or file)")))
+            return Err(err(
+                flag,
+                value,
+                format!("unknown driver '{other}' (expected malloc, null, file or rbd)"),
+            ))
         }
     };
     keys.finish()?;
@@ -362,6 +459,19 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
         err("--log-level", &args.log_level, "must be one of off, error, warn, info, debug, trace")
     })?;
     let is_default = args.bdevs.is_empty() && args.exports.is_empty();
+    let mut qos = Vec::new();
+    let (control, control_explicit) = match args.control.as_deref() {
+        Some("none") => (None, true),
+        Some("") => return Err(err("--control", "", "must be a path or 'none'")),
+        Some(p) => (Some(PathBuf::from(p)), true),
+        None => (Some(args.data_dir.join("vblkd.ctl")), false),
+    };
+    let metrics = match args.metrics.as_deref() {
+        None => None,
+        Some(v) => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+            err("--metrics", v, "must be ADDR:PORT, e.g. 127.0.0.1:9100 (an IPv6 address goes in brackets)")
+        })?),
+    };
     let (bdevs, exports) = if is_default {
         let bdev = BdevSpec::File {
             name: "disk0".into(),
@@ -386,9 +496,12 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
         let mut bdevs = Vec::new();
         let mut names = HashSet::new();
         for v in &args.bdevs {
-            let spec = parse_bdev(v)?;
+            let (spec, limits) = parse_bdev_with_qos(v)?;
             if !names.insert(spec.name().to_string()) {
                 return Err(err("--bdev", v, format!("duplicate bdev name '{}'", spec.name())));
+            }
+            if !limits.is_unlimited() {
+                qos.push((spec.name().to_string(), limits));
             }
             bdevs.push(spec);
         }
@@ -417,7 +530,17 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
         }
         (bdevs, exports)
     };
-    Ok(Config { data_dir: args.data_dir.clone(), bdevs, exports, log_level, is_default })
+    Ok(Config {
+        data_dir: args.data_dir.clone(),
+        bdevs,
+        exports,
+        log_level,
+        is_default,
+        qos,
+        control,
+        control_explicit,
+        metrics,
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 pub mod bdev;
 pub mod cli;
 pub mod client;
+pub mod control;
+pub mod ctl;
+pub mod daemon;
+pub mod metrics;
 pub mod ocssd;
 pub mod tagmap;
 pub mod vhost;

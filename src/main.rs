@@ -7,21 +7,35 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use vblkd::bdev::{Bdev, Registry};
-use vblkd::cli::{self, Args, BdevSpec, Command, Config, ExportSpec};
-use vblkd::vhost::ExportConfig;
+use vblkd::cli::{self, Args, Command, Config};
+use vblkd::daemon::Daemon;
 use vmm_sys_util::eventfd::EventFd;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Media(cmd)) = args.command {
-        return match vblkd::ocssd::cli::run(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vblkd media: {e}");
-                ExitCode::from(2)
-            }
-        };
+    match args.command {
+        Some(Command::Media(cmd)) => {
+            return match vblkd::ocssd::cli::run(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vblkd media: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Some(Command::Ctl(ctl)) => {
+            return match vblkd::ctl::call(&ctl) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vblkd ctl: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
+        None => {}
     }
     let config = match cli::build_config(&args) {
         Ok(c) => c,
@@ -30,7 +44,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::new().filter_level(config.log_level).format_timestamp_micros().init();
+    // The logger passes everything; `log`'s max level gates, so `vblkd ctl log-level` can change it.
+    env_logger::Builder::new().filter_level(log::LevelFilter::Trace).format_timestamp_micros().init();
+    log::set_max_level(config.log_level);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         // README: every start-up error exits 2 before anything is served; 1 only for errors while
@@ -50,6 +66,13 @@ fn main() -> ExitCode {
 enum RunError {
     Startup(String),
     Shutdown(String),
+}
+
+/// Errors before the daemon serves are start-up errors.
+impl From<String> for RunError {
+    fn from(e: String) -> Self {
+        Self::Startup(e)
+    }
 }
 
 /// Blocks the stop/stats signals in this thread (and every thread it spawns later) so `sigwait` sees them.
@@ -78,76 +101,8 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
-    use vblkd::bdev::file::{Engine, FileBdev};
-    use vblkd::bdev::malloc::MallocBdev;
-    use vblkd::bdev::null::NullBdev;
-    let flag = |e: &dyn std::fmt::Display| format!("--bdev name={}: {e}", spec.name());
-    Ok(match spec {
-        BdevSpec::Malloc { name, size_bytes, block_size } => {
-            Arc::new(MallocBdev::new(name, *size_bytes, *block_size).map_err(|e| flag(&e))?)
-        }
-        BdevSpec::Null { name, size_bytes, block_size } => {
-            Arc::new(NullBdev::new(name, *size_bytes, *block_size).map_err(|e| flag(&e))?)
-        }
-        BdevSpec::File { name, path, size_bytes, block_size, direct, engine } => {
-            let engine = match engine {
-                cli::FileEngine::IoUring => Engine::IoUring,
-                cli::FileEngine::Threads => Engine::Threads,
-            };
-            Arc::new(
-                FileBdev::open_with_block_size(name, path, *size_bytes, *direct, engine, *block_size)
-                    .map_err(|e| flag(&e))?,
-            )
-        }
-    })
-}
-
-type ExportThread = std::thread::JoinHandle<Result<(), vblkd::vhost::VhostError>>;
-
-fn start_export(registry: &Registry, ex: &ExportSpec, stop: &Arc<EventFd>) -> Result<ExportThread, String> {
-    let desc = registry.open(&ex.bdev, !ex.readonly).map_err(|e| e.to_string())?;
-    let cfg = ExportConfig {
-        socket: ex.socket.clone(),
-        queues: ex.queues,
-        queue_size: ex.queue_size,
-        read_only: ex.readonly,
-        serial: ex.serial.clone(),
-        poll_us: ex.poll_us,
-        socket_perms: ex.socket_perms,
-    };
-    vblkd::vhost::serve(Arc::new(desc), cfg, stop.clone()).map_err(|e| e.to_string())
-}
-
-/// What `start` leaves running.
-struct Running {
-    registry: Arc<Registry>,
-    stop: Arc<EventFd>,
-    exports: Vec<(String, ExportThread)>,
-}
-
 fn run(config: Config) -> Result<(), RunError> {
     let sigset = block_signals();
-    let Running { registry, stop, exports } = start(&config).map_err(RunError::Startup)?;
-    loop {
-        match wait_signal(&sigset) {
-            libc::SIGUSR1 => println!("{}", registry.stats_json()),
-            sig => {
-                log::info!("signal {sig}: stopping");
-                break;
-            }
-        }
-    }
-    if teardown(&registry, &stop, exports) {
-        Err(RunError::Shutdown("errors during shutdown (see log)".into()))
-    } else {
-        log::info!("stopped cleanly");
-        Ok(())
-    }
-}
-
-/// Builds the bdevs and starts the exports; on error, stops what was started (removing its sockets).
-fn start(config: &Config) -> Result<Running, String> {
     if config.is_default {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("--data-dir {}: cannot create: {e}", config.data_dir.display()))?;
@@ -158,25 +113,62 @@ fn start(config: &Config) -> Result<Running, String> {
         vblkd::vhost::check_socket(&ex.socket)
             .map_err(|e| format!("--export socket={}: {e}", ex.socket.display()))?;
     }
-    let registry = Arc::new(Registry::new());
+    let daemon = Arc::new(Daemon::new());
+    for spec in &config.bdevs {
+        let limits = config.qos.iter().find(|(n, _)| n == spec.name()).map(|(_, l)| *l).unwrap_or_default();
+        if let Err(e) = daemon.add_bdev(spec, limits) {
+            daemon.shutdown();
+            return Err(RunError::Startup(match e {
+                vblkd::daemon::DaemonError::Failed(m) => m,
+                e => format!("--bdev name={}: {e}", spec.name()),
+            }));
+        }
+    }
     let stop = Arc::new(
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("cannot create the stop eventfd: {e}"))?,
     );
-    let mut exports = Vec::new();
-    let built = build_all(config, &registry);
-    if let Err(e) = built {
-        teardown(&registry, &stop, exports);
-        return Err(e);
+    let mut services = Vec::new();
+    if let Some(path) = &config.control {
+        if !config.control_explicit {
+            // The default path lives in the data directory.
+            let _ = std::fs::create_dir_all(&config.data_dir);
+        }
+        match vblkd::control::start(path, daemon.clone(), stop.clone()) {
+            Ok(h) => services.push(h),
+            Err(e) if !config.control_explicit => {
+                log::warn!(
+                    "no control socket at the default path {}: {e} (use --control PATH)",
+                    path.display()
+                )
+            }
+            Err(e) => {
+                daemon.shutdown();
+                return Err(RunError::Startup(format!("--control {}: {e}", path.display())));
+            }
+        }
+    }
+    if let Some(addr) = config.metrics {
+        match vblkd::metrics::start(addr, daemon.clone(), stop.clone()) {
+            Ok((bound, h)) => {
+                println!("vblkd: metrics on http://{bound}/metrics");
+                services.push(h);
+            }
+            Err(e) => {
+                let _ = stop.write(1);
+                daemon.shutdown();
+                return Err(RunError::Startup(format!("--metrics {addr}: cannot listen: {e}")));
+            }
+        }
     }
     for ex in &config.exports {
-        let handle = match start_export(&registry, ex, &stop) {
-            Ok(h) => h,
+        let shown = match daemon.add_export(ex.clone()) {
+            Ok(p) => p,
             Err(e) => {
-                teardown(&registry, &stop, exports);
-                return Err(format!("--export bdev={}: {e}", ex.bdev));
+                let _ = stop.write(1);
+                daemon.shutdown();
+                return Err(RunError::Startup(format!("--export bdev={}: {e}", ex.bdev)));
             }
         };
-        let shown = std::path::absolute(&ex.socket).unwrap_or_else(|_| ex.socket.clone());
         println!("vblkd: serving bdev '{}' on {}", ex.bdev, shown.display());
         println!(
             "vblkd: attach with: qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on \
@@ -185,49 +177,28 @@ fn start(config: &Config) -> Result<Running, String> {
             shown.display(),
             ex.queues
         );
-        exports.push((ex.bdev.clone(), handle));
     }
-    Ok(Running { registry, stop, exports })
-}
-
-fn build_all(config: &Config, registry: &Registry) -> Result<(), String> {
-    for spec in &config.bdevs {
-        let bdev = build_bdev(spec)?;
-        registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
+    loop {
+        match wait_signal(&sigset) {
+            libc::SIGUSR1 => println!("{}", daemon.registry().stats_json()),
+            sig => {
+                log::info!("signal {sig}: stopping");
+                break;
+            }
+        }
     }
-    Ok(())
-}
-
-/// Top-down teardown: exports (finish in-flight I/O, remove sockets), then bdevs in reverse order
-/// (flushed and closed). Returns true when something failed (logged).
-fn teardown(registry: &Registry, stop: &EventFd, exports: Vec<(String, ExportThread)>) -> bool {
-    let mut failed = false;
+    // Top-down teardown: control and metrics, exports (finish in-flight I/O, remove sockets), then
+    // bdevs in reverse order.
     if let Err(e) = stop.write(1) {
-        log::error!("signalling the exports to stop: {e}");
+        log::error!("signalling the services to stop: {e}");
     }
-    for (name, handle) in exports.into_iter().rev() {
-        match handle.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                log::error!("export '{name}': {e}");
-                failed = true;
-            }
-            Err(_) => {
-                log::error!("export '{name}': thread panicked");
-                failed = true;
-            }
-        }
+    for h in services {
+        let _ = h.join();
     }
-    for name in registry.names().into_iter().rev() {
-        match registry.unregister(&name) {
-            Ok(bdev) => {
-                if let Err(e) = bdev.shutdown() {
-                    log::error!("closing bdev '{name}': {e}");
-                    failed = true;
-                }
-            }
-            Err(e) => log::error!("removing bdev '{name}': {e}"),
-        }
+    if daemon.shutdown() {
+        log::info!("stopped cleanly");
+        Ok(())
+    } else {
+        Err(RunError::Shutdown("errors during shutdown (see log)".into()))
     }
-    failed
 }

@@ -214,3 +214,13 @@ fn a_frontend_can_reconnect_after_disconnect() {
     }
     assert!(d.stop().success());
 }
+
+#[test]
+fn rbd_read_write_vectored_flush_discard_write_zeroes() {
+    basic_io(&common::rbd_bdev("d0", "blkio-basic", "64M"));
+}
+
+#[test]
+fn rbd_two_queues_qd32_verify() {
+    two_queues_qd32(&common::rbd_bdev("d0", "blkio-2q", "64M"));
+}

@@ -63,6 +63,8 @@ fn backend() -> Backend {
 enum Bdev {
     Malloc,
     File,
+    /// An image in the machine's one-node Ceph test cluster (scripts/ceph-cluster.sh).
+    Rbd,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +97,12 @@ impl Daemon {
                 let bdev_arg = match bdev {
                     Bdev::Malloc => format!("driver=malloc,name=d0,size={DISK_SIZE}"),
                     Bdev::File => format!("driver=file,name=d0,path={}", image.display()),
+                    Bdev::Rbd => format!(
+                        "driver=rbd,name=d0,pool=rbd,image=e2e-{}-{},conf={},create={DISK_SIZE}",
+                        std::process::id(),
+                        now_nanos(),
+                        ceph_conf().display()
+                    ),
                 };
                 let mut export = format!("bdev=d0,socket={},queues={}", socket.display(), cfg.queues);
                 if cfg.readonly {
@@ -362,7 +370,7 @@ fn run_matrix(bdev: Bdev, queues: u32) {
             );
             d.stop();
         }
-        Bdev::Malloc => {
+        Bdev::Malloc | Bdev::Rbd => {
             run_guest(
                 &format!("{label} boot B (guest power cycle)"),
                 &d.socket,
@@ -388,6 +396,31 @@ fn run_matrix(bdev: Bdev, queues: u32) {
         eprintln!("e2e: [{label}] NOTE: backend is qemu-storage-daemon (development stand-in), not vblkd");
     }
     eprintln!("e2e: [{label}] all workloads PASS in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// The machine's one-node Ceph test cluster (started unless it already answers); its ceph.conf.
+fn ceph_conf() -> PathBuf {
+    let out = Command::new("bash").arg(repo().join("scripts/ceph-cluster.sh")).arg("start").output().unwrap();
+    assert!(out.status.success(), "ceph-cluster.sh start: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// ext4 + fio verify on an RBD image, 2 queues.
+#[test]
+fn guest_rbd_2q() {
+    let _guard = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new().prefix("vblkd-e2e").tempdir_in("/tmp").unwrap();
+    let d = Daemon::start(
+        Backend::Vblkd,
+        dir.path(),
+        Bdev::Rbd,
+        &dir.path().join("unused"),
+        ExportCfg { queues: 2, readonly: false },
+    );
+    run_guest("rbd/2q/vblkd", &d.socket, 2, true, &[], &["fio-verify", "ext4"]);
+    d.stop();
+    eprintln!("e2e: [rbd/2q/vblkd] all workloads PASS in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
 #[test]

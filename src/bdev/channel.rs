@@ -30,23 +30,30 @@
 //! * Statistics are recorded per parent at completion, into the bdev's shared atomics and this
 //!   channel's own counters.
 //!
-//! # Where QoS and reset go
-//! QoS (SPEC §2) belongs between validation and splitting in [`Channel::submit`]: a per-bdev token
-//! bucket refilled per 1 ms timeslice, with parents over quota parked in a per-channel queue that
-//! `poll` drains. Reset would freeze the channel (park new parents), fail every queued child with
-//! `Aborted`, pass the reset to the module and unfreeze on its completion; today a reset is passed
-//! through to the module like a flush.
+//! * QoS ([`super::qos`]): between validation and splitting, a parent is admitted by the bdev's shared
+//!   token buckets or parked in this channel's FIFO `parked` queue (new parents queue behind parked
+//!   ones, so submission order holds); `poll` releases parked parents as each 1 ms slice refills, and
+//!   [`Channel::parked_until`] tells an idle poller when to look again.
+//! * Reset (SPEC §2, SPDK's freeze/unfreeze): a reset parent sets the bdev-wide `frozen` flag and bumps
+//!   the reset epoch. Every channel of the bdev fails new parents with `Aborted` while frozen, and on
+//!   its next `submit`/`poll` after the epoch moved it fails its queued work (NOMEM-queued children,
+//!   QoS-parked parents) with `Aborted`. The reset then goes to the module when it supports resets
+//!   (I/O already in the module completes or fails there), and the bdev unfreezes when the reset
+//!   parent completes. A reset never waits for other threads, so it cannot deadlock a poller.
 //!
 //! # Limitations
-//! The NOMEM queue is per channel (not shared between bdevs on one underlying channel). No QoS, no
-//! buffer pools for I/O without caller buffers, no queue-depth sampling.
+//! The NOMEM queue is per channel (not shared between bdevs on one underlying channel). No buffer
+//! pools for I/O without caller buffers.
 
 use std::collections::VecDeque;
 
 use crate::tagmap::TagMap;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use super::qos::Qos;
 
 use super::iov::AlignedBuf;
 use super::stats::{BdevStats, BdevStatsSnapshot, Sample};
@@ -65,6 +72,24 @@ pub(crate) fn zero_buf() -> Arc<AlignedBuf> {
     ZERO.get_or_init(|| Arc::new(AlignedBuf::zeroed(ZERO_BUF_BYTES))).clone()
 }
 
+/// Run-time controls shared by every channel of one bdev: QoS buckets and the reset freeze.
+#[derive(Debug, Default)]
+pub struct BdevControl {
+    /// QoS limits and buckets.
+    pub qos: Qos,
+    /// A reset is in progress: new I/O fails with `Aborted`.
+    frozen: AtomicBool,
+    /// Bumped by every reset; a channel that sees it move fails its queued I/O.
+    reset_epoch: AtomicU64,
+}
+
+impl BdevControl {
+    /// True while a reset is in progress.
+    pub fn frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+}
+
 /// One caller I/O in flight.
 struct Parent {
     tag: u64,
@@ -79,6 +104,11 @@ struct Parent {
     /// write_zeroes emulation: next block to zero and the end of the range.
     wz_next: u64,
     wz_end: u64,
+}
+
+/// True for the kinds QoS counts (flush and reset are never held back).
+fn qos_counted(kind: IoKind) -> bool {
+    matches!(kind, IoKind::Read | IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes)
 }
 
 /// A per-thread handle for submitting I/O to one bdev.
@@ -101,6 +131,11 @@ pub struct Channel {
     children: TagMap<u64>,
     next_id: u64,
     scratch: Vec<Completion>,
+    control: Arc<BdevControl>,
+    /// Parents held back by QoS, in submission order.
+    parked: VecDeque<BdevIo>,
+    /// The reset epoch this channel has caught up with.
+    seen_epoch: u64,
 }
 
 impl Channel {
@@ -109,8 +144,13 @@ impl Channel {
         module: Box<dyn ModuleChannel>,
         writable: bool,
         stats: Arc<BdevStats>,
+        control: Arc<BdevControl>,
     ) -> Self {
+        let seen_epoch = control.reset_epoch.load(Ordering::Acquire);
         Self {
+            control,
+            parked: VecDeque::new(),
+            seen_epoch,
             bdev,
             module,
             writable,
@@ -134,13 +174,93 @@ impl Channel {
 
     /// Submits an I/O. Never blocks and never completes inline: the outcome comes from `poll`.
     pub fn submit(&mut self, io: BdevIo) {
+        self.stats.submitted();
         let bdev = self.bdev.clone();
         let info = bdev.info();
         if let Err(e) = self.validate(info, &io) {
-            self.record(Sample { kind: io.kind, bytes: 0, latency_ns: 0, ok: false });
-            self.local_done.push_back(Completion { tag: io.tag, result: Err(e) });
+            self.fail_now(io.kind, io.tag, e);
             return;
         }
+        self.catch_up_reset();
+        if io.kind == IoKind::Reset {
+            self.start_reset(io);
+            return;
+        }
+        if self.control.frozen() {
+            self.fail_now(io.kind, io.tag, IoError::Aborted);
+            return;
+        }
+        if qos_counted(io.kind) && self.control.qos.enabled() {
+            let bytes = if matches!(io.kind, IoKind::Read | IoKind::Write) {
+                io.num_blocks * u64::from(info.block_size)
+            } else {
+                0
+            };
+            if !self.parked.is_empty() || !self.control.qos.try_admit(bytes, Instant::now()) {
+                self.parked.push_back(io);
+                return;
+            }
+        }
+        self.start(io);
+    }
+
+    /// Fails a parent that never started.
+    fn fail_now(&mut self, kind: IoKind, tag: u64, e: IoError) {
+        self.record(Sample { kind, bytes: 0, latency_ns: 0, ok: false });
+        self.local_done.push_back(Completion { tag, result: Err(e) });
+    }
+
+    /// Fails this channel's queued work when a reset happened since we last looked.
+    fn catch_up_reset(&mut self) {
+        let epoch = self.control.reset_epoch.load(Ordering::Acquire);
+        if epoch == self.seen_epoch {
+            return;
+        }
+        self.seen_epoch = epoch;
+        while let Some(io) = self.parked.pop_front() {
+            self.fail_now(io.kind, io.tag, IoError::Aborted);
+        }
+        while let Some(child) = self.queue.pop_front() {
+            self.child_done(child.tag, Err(IoError::Aborted));
+        }
+    }
+
+    /// A reset: freeze the bdev, abort queued work everywhere, then pass it to the module (if it
+    /// resets) and unfreeze when it completes.
+    fn start_reset(&mut self, io: BdevIo) {
+        self.control.frozen.store(true, Ordering::Release);
+        self.control.reset_epoch.fetch_add(1, Ordering::AcqRel);
+        self.catch_up_reset();
+        let id = self.new_id();
+        let parent = Parent {
+            tag: io.tag,
+            kind: IoKind::Reset,
+            bytes: 0,
+            start: Instant::now(),
+            pending: 0,
+            error: None,
+            copy_out: None,
+            wz_next: 0,
+            wz_end: 0,
+        };
+        self.parents.insert(id, parent);
+        if !self.bdev.info().supports.reset {
+            self.finish(id);
+            return;
+        }
+        if let Some(p) = self.parents.get_mut(&id) {
+            p.pending = 1;
+        }
+        let child = BdevIo { tag: self.new_id(), ..io };
+        self.children.insert(child.tag, id);
+        // Straight to the module: the NOMEM queue was just emptied by the abort.
+        self.try_module(child);
+    }
+
+    /// Starts an admitted parent: bounce, split or emulate, hand children to the module.
+    fn start(&mut self, io: BdevIo) {
+        let bdev = self.bdev.clone();
+        let info = bdev.info();
         let bs = u64::from(info.block_size);
         let id = self.new_id();
         let mut parent = Parent {
@@ -154,7 +274,6 @@ impl Channel {
             wz_next: 0,
             wz_end: 0,
         };
-        // (QoS would admit or park the parent here; see the module docs.)
         let mut children: Vec<BdevIo> = Vec::new();
         match io.kind {
             IoKind::Read | IoKind::Write if io.num_blocks > 0 => {
@@ -314,6 +433,9 @@ impl Channel {
 
     fn finish(&mut self, id: u64) {
         let Some(p) = self.parents.remove(&id) else { return };
+        if p.kind == IoKind::Reset {
+            self.control.frozen.store(false, Ordering::Release);
+        }
         let result = match p.error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -370,14 +492,44 @@ impl Channel {
             self.child_done(c.tag, c.result);
         }
         self.scratch = scratch;
+        self.catch_up_reset();
         self.retry_queue();
+        self.release_parked();
         done.extend(self.local_done.drain(..));
         done.len() - before
     }
 
-    /// I/O submitted and not yet returned by `poll` (including queued and locally failed ones).
+    /// Starts QoS-parked parents, oldest first, while the current slice admits them.
+    fn release_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let bs = u64::from(self.bdev.info().block_size);
+        let now = Instant::now();
+        while let Some(io) = self.parked.front() {
+            let bytes = if matches!(io.kind, IoKind::Read | IoKind::Write) { io.num_blocks * bs } else { 0 };
+            // Limits lifted at run time release everything at once.
+            if self.control.qos.enabled() && !self.control.qos.try_admit(bytes, now) {
+                break;
+            }
+            if let Some(io) = self.parked.pop_front() {
+                self.start(io);
+            }
+        }
+    }
+
+    /// I/O submitted and not yet returned by `poll` (including queued, parked and locally failed ones).
     pub fn outstanding(&self) -> usize {
-        self.parents.len() + self.local_done.len()
+        self.parents.len() + self.local_done.len() + self.parked.len()
+    }
+
+    /// When I/O is parked by QoS: the instant `poll` can release more (no fd signals it).
+    pub fn parked_until(&self) -> Option<Instant> {
+        if self.parked.is_empty() {
+            None
+        } else {
+            Some(self.control.qos.next_slice_start(Instant::now()))
+        }
     }
 
     /// An fd an idle poller may sleep on for this channel's completions.

@@ -17,21 +17,26 @@
 //! * Completion order may differ from submission order; completions carry the caller's `tag`.
 //! * Statistics per bdev ([`BdevStats`]) live with the registry entry and outlive channels.
 //!
+//! * QoS limits and the reset freeze are per bdev ([`BdevControl`], shared by its channels).
+//!
 //! # Limitations
-//! No QoS, no reset freeze/abort (a reset is passed through to modules that support it), no shared
-//! backpressure queue between bdevs on one underlying channel, no internal buffer pools.
+//! No shared backpressure queue between bdevs on one underlying channel, no internal buffer pools.
 
 pub mod channel;
 pub mod file;
 pub mod iov;
 pub mod malloc;
 pub mod null;
+pub mod qos;
+#[cfg(test)]
+mod qos_reset_tests;
+pub mod rbd;
 pub mod registry;
 pub mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use channel::Channel;
+pub use channel::{BdevControl, Channel};
 pub use iov::{AlignedBuf, IoVecs};
 pub use registry::{Descriptor, Registry, RemoveCallback};
 pub use stats::{BdevStats, BdevStatsSnapshot};
@@ -135,7 +140,8 @@ impl BdevInfo {
             IoKind::Flush => self.supports.flush,
             IoKind::Unmap => self.supports.unmap,
             IoKind::WriteZeroes => true,
-            IoKind::Reset => self.supports.reset,
+            // The generic layer freezes and aborts; the module sees the reset only if it supports it.
+            IoKind::Reset => true,
         }
     }
 }

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::channel::Channel;
+use super::channel::{BdevControl, Channel};
 use super::stats::{BdevStats, BdevStatsSnapshot};
 use super::{Bdev, BdevError, BdevInfo};
 
@@ -33,6 +33,8 @@ pub(crate) struct Entry {
     pub(crate) bdev: Arc<dyn Bdev>,
     claim: Mutex<Option<String>>,
     pub(crate) stats: Arc<BdevStats>,
+    /// QoS and reset state shared by the bdev's channels.
+    pub(crate) control: Arc<BdevControl>,
     /// Descriptor id → hot-remove callback.
     on_remove: Mutex<Vec<(u64, RemoveCallback)>>,
 }
@@ -77,6 +79,7 @@ impl Registry {
             bdev,
             claim: Mutex::new(None),
             stats: Arc::new(BdevStats::default()),
+            control: Arc::new(BdevControl::default()),
             on_remove: Mutex::new(Vec::new()),
         });
         inner.by_name.insert(name.clone(), entry);
@@ -157,6 +160,35 @@ impl Registry {
         serde_json::Value::Object(map)
     }
 
+    /// The module holding a claim on `name`, if any.
+    pub fn claimed_by(&self, name: &str) -> Result<Option<String>, BdevError> {
+        let entry = self.entry(name)?;
+        let claim = lock(&entry.claim).clone();
+        Ok(claim)
+    }
+
+    /// The shared statistics of `name` (histogram and queue depth included).
+    pub fn bdev_stats(&self, name: &str) -> Result<Arc<BdevStats>, BdevError> {
+        Ok(self.entry(name)?.stats.clone())
+    }
+
+    /// The QoS and reset controls of `name`.
+    pub fn control(&self, name: &str) -> Result<Arc<BdevControl>, BdevError> {
+        Ok(self.entry(name)?.control.clone())
+    }
+
+    /// Sets the QoS limits of `name` (validated: [`super::qos::QosLimits::validate`]); takes effect at
+    /// once on every channel.
+    pub fn set_qos(&self, name: &str, limits: super::qos::QosLimits) -> Result<(), BdevError> {
+        limits.validate().map_err(BdevError::InvalidConfig)?;
+        self.entry(name)?.control.qos.set(limits);
+        Ok(())
+    }
+
+    fn entry(&self, name: &str) -> Result<Arc<Entry>, BdevError> {
+        lock(&self.inner).by_name.get(name).cloned().ok_or_else(|| BdevError::NotFound(name.to_string()))
+    }
+
     /// Removes a bdev by name and returns it (the caller shuts it down once its users are gone).
     pub fn unregister(&self, name: &str) -> Result<Arc<dyn Bdev>, BdevError> {
         let mut inner = lock(&self.inner);
@@ -214,7 +246,13 @@ impl Descriptor {
     /// A new generic I/O channel for the calling thread.
     pub fn channel(&self) -> Result<Channel, BdevError> {
         let module = self.entry.bdev.create_channel()?;
-        Ok(Channel::new(self.entry.bdev.clone(), module, self.writable, self.entry.stats.clone()))
+        Ok(Channel::new(
+            self.entry.bdev.clone(),
+            module,
+            self.writable,
+            self.entry.stats.clone(),
+            self.entry.control.clone(),
+        ))
     }
 
     /// The bdev-wide statistics (all channels, including closed ones).

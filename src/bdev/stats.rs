@@ -11,8 +11,8 @@
 //! atomics (relaxed; counters are independent) and into the channel's own plain counters. Because the
 //! bdev's counters are updated directly, they survive channel teardown without a merge step.
 //!
-//! # Limitations
-//! No queue-depth sampling yet; latency is a sum and a maximum (no histogram).
+//! Besides the counters, the bdev keeps a read/write latency histogram (power-of-two buckets from
+//! 1 µs) and submitted/completed counts whose difference is the queue depth, for the metrics endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,6 +33,31 @@ pub struct BdevStats {
     write_latency_ns_sum: AtomicU64,
     write_latency_ns_max: AtomicU64,
     errors: AtomicU64,
+    /// Parents submitted (every kind), for the queue depth.
+    submitted: AtomicU64,
+    /// Parents completed (every kind, failed ones included).
+    completed: AtomicU64,
+    /// Read/write latency histogram: bucket `i` counts latencies below `2^i` µs (the last one: the rest).
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Number of latency histogram buckets: `< 1 µs, < 2 µs, ... < 2^(N-2) µs`, then everything else.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// Upper bound in seconds of latency bucket `i` (`f64::INFINITY` for the last one).
+pub fn latency_bucket_bound_seconds(i: usize) -> f64 {
+    if i + 1 >= LATENCY_BUCKETS {
+        f64::INFINITY
+    } else {
+        (1u64 << i) as f64 * 1e-6
+    }
+}
+
+fn latency_bucket(latency_ns: u64) -> usize {
+    let us = latency_ns / 1000;
+    // Bucket i holds us < 2^i: i = number of significant bits of us.
+    let i = (u64::BITS - us.leading_zeros()) as usize;
+    i.min(LATENCY_BUCKETS - 1)
 }
 
 /// A point-in-time copy of the counters of a bdev (or of one channel).
@@ -118,18 +143,21 @@ impl BdevStats {
         let add = |c: &AtomicU64, v: u64| {
             c.fetch_add(v, Ordering::Relaxed);
         };
+        add(&self.completed, 1);
         if !s.ok {
             add(&self.errors, 1);
             return;
         }
         match s.kind {
             Read => {
+                add(&self.latency_buckets[latency_bucket(s.latency_ns)], 1);
                 add(&self.read_ops, 1);
                 add(&self.read_bytes, s.bytes);
                 add(&self.read_latency_ns_sum, s.latency_ns);
                 self.read_latency_ns_max.fetch_max(s.latency_ns, Ordering::Relaxed);
             }
             Write => {
+                add(&self.latency_buckets[latency_bucket(s.latency_ns)], 1);
                 add(&self.write_ops, 1);
                 add(&self.write_bytes, s.bytes);
                 add(&self.write_latency_ns_sum, s.latency_ns);
@@ -146,6 +174,22 @@ impl BdevStats {
             }
             Reset => {}
         }
+    }
+
+    /// Counts one submitted parent (for the queue depth).
+    pub(crate) fn submitted(&self) {
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// I/O submitted and not yet completed, across all channels.
+    pub fn queue_depth(&self) -> u64 {
+        let completed = self.completed.load(Ordering::Relaxed);
+        self.submitted.load(Ordering::Relaxed).saturating_sub(completed)
+    }
+
+    /// The read/write latency histogram (non-cumulative bucket counts, see [`latency_bucket_bound_seconds`]).
+    pub fn latency_histogram(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.latency_buckets[i].load(Ordering::Relaxed))
     }
 
     /// A copy of the counters.

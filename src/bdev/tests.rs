@@ -332,24 +332,26 @@ enum Ev {
 }
 
 #[derive(Default)]
-struct StubCtl {
+pub(crate) struct StubCtl {
     events: Vec<Ev>,
     /// Refuse with NOMEM while this many are in flight.
-    cap: Option<usize>,
+    pub(crate) cap: Option<usize>,
     /// Completions released per poll (0 = all).
     per_poll: usize,
     /// Fail children starting at this block.
     fail_at: Option<u64>,
+    /// Release no completion at all while set.
+    pub(crate) hold_all: bool,
 }
 
-struct StubBdev {
+pub(crate) struct StubBdev {
     info: BdevInfo,
     inner: MallocBdev,
     ctl: Arc<Mutex<StubCtl>>,
 }
 
 impl StubBdev {
-    fn new(adjust: impl FnOnce(&mut BdevInfo)) -> (Arc<Self>, Arc<Mutex<StubCtl>>) {
+    pub(crate) fn new(adjust: impl FnOnce(&mut BdevInfo)) -> (Arc<Self>, Arc<Mutex<StubCtl>>) {
         let inner = MallocBdev::new("stub", 8 << 20, 512).expect("malloc");
         let mut info = inner.info().clone();
         adjust(&mut info);
@@ -401,7 +403,13 @@ impl ModuleChannel for StubChannel {
         let mut tmp = Vec::new();
         self.inner.poll(&mut tmp);
         self.held.extend(tmp);
-        let per = self.ctl.lock().expect("ctl").per_poll;
+        let (per, hold) = {
+            let c = self.ctl.lock().expect("ctl");
+            (c.per_poll, c.hold_all)
+        };
+        if hold {
+            return 0;
+        }
         let n = if per == 0 { self.held.len() } else { per.min(self.held.len()) };
         done.extend(self.held.drain(..n));
         self.inflight -= n;
@@ -409,7 +417,7 @@ impl ModuleChannel for StubChannel {
     }
 }
 
-fn open_stub(bdev: Arc<StubBdev>) -> (Registry, super::Descriptor, Channel) {
+pub(crate) fn open_stub(bdev: Arc<StubBdev>) -> (Registry, super::Descriptor, Channel) {
     let reg = Registry::new();
     reg.register(bdev).expect("register");
     let desc = reg.open("stub", true).expect("open");
@@ -417,7 +425,7 @@ fn open_stub(bdev: Arc<StubBdev>) -> (Registry, super::Descriptor, Channel) {
     (reg, desc, ch)
 }
 
-fn accepts(ctl: &Mutex<StubCtl>) -> Vec<(IoKind, u64, u64)> {
+pub(crate) fn accepts(ctl: &Mutex<StubCtl>) -> Vec<(IoKind, u64, u64)> {
     ctl.lock()
         .expect("ctl")
         .events

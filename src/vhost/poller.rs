@@ -160,6 +160,11 @@ impl Worker {
                 std::hint::spin_loop();
                 continue;
             }
+            if let Some(at) = self.channel.as_ref().and_then(Channel::parked_until) {
+                // QoS holds requests until the next 1 ms slice: nothing signals that, so nap until then.
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                continue;
+            }
             let outstanding = self.channel.as_ref().map_or(0, Channel::outstanding);
             if outstanding > 0 && self.channel.as_ref().and_then(Channel::wait_fd).is_none() {
                 // Nobody will wake us for these completions: keep polling, politely.

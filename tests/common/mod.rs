@@ -71,3 +71,21 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The machine's one-node Ceph test cluster (started by `scripts/ceph-cluster.sh` unless it already
+/// answers); returns its ceph.conf path.
+pub fn ceph_conf() -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ceph-cluster.sh");
+    let out = Command::new("bash").args([script, "start"]).output().expect("run ceph-cluster.sh");
+    assert!(out.status.success(), "ceph-cluster.sh start failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A `--bdev` value for a fresh rbd image of `size` in the test cluster, named after `tag` and this process.
+pub fn rbd_bdev(name: &str, tag: &str, size: &str) -> String {
+    format!(
+        "driver=rbd,name={name},pool=rbd,image={tag}-{},conf={},create={size},timeout=10",
+        std::process::id(),
+        ceph_conf().display()
+    )
+}

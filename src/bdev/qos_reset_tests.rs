@@ -1,0 +1,111 @@
+//! QoS admission and reset freeze in the generic channel, on the deterministic stub module.
+
+use std::time::{Duration, Instant};
+
+use super::qos::QosLimits;
+use super::tests::{accepts, drive, open_stub, StubBdev};
+use super::{BdevIo, Completion, IoError, IoKind, IoVecs};
+
+#[test]
+fn qos_parks_in_submission_order_and_releases_per_slice() {
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    let (reg, _desc, mut ch) = open_stub(bdev);
+    reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
+    let t0 = Instant::now();
+    for i in 0..35u64 {
+        ch.submit(BdevIo::write(i, 1, IoVecs::alloc(512), 100 + i));
+    }
+    // 10,000 IOPS = 10 I/O per 1 ms slice: the rest waits, and says until when.
+    assert_eq!(accepts(&ctl).len(), 10, "the first slice admits exactly its budget");
+    assert_eq!(ch.outstanding(), 35);
+    let until = ch.parked_until().expect("parked I/O reports its wake-up");
+    assert!(until <= Instant::now() + Duration::from_millis(1));
+    let mut done = Vec::new();
+    while done.len() < 35 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "parked I/O never released");
+        done.extend(drive(&mut ch));
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // Slices N..N+3 are needed; N may be nearly over when the limit is set.
+    assert!(t0.elapsed() >= Duration::from_millis(2), "35 I/O at 10 per ms need four slices");
+    let order: Vec<u64> = accepts(&ctl).iter().map(|a| a.1).collect();
+    assert_eq!(order, (0..35).collect::<Vec<_>>(), "QoS must keep submission order");
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert!(ch.parked_until().is_none());
+}
+
+#[test]
+fn qos_lifted_at_run_time_releases_parked_io() {
+    let (bdev, _ctl) = StubBdev::new(|_| {});
+    let (reg, _desc, mut ch) = open_stub(bdev);
+    reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
+    for i in 0..50u64 {
+        ch.submit(BdevIo::write(i, 1, IoVecs::alloc(512), i));
+    }
+    reg.set_qos("stub", QosLimits::default()).expect("lift");
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    done.extend(drive(&mut ch));
+    assert_eq!(done.len(), 50, "lifting the limit releases everything at the next poll");
+    assert!(reg.set_qos("stub", QosLimits { iops: 12_345, bps: 0 }).is_err());
+}
+
+#[test]
+fn flush_is_not_held_back_by_qos() {
+    let (bdev, _ctl) = StubBdev::new(|_| {});
+    let (reg, _desc, mut ch) = open_stub(bdev);
+    reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
+    for i in 0..40u64 {
+        ch.submit(BdevIo::write(i, 1, IoVecs::alloc(512), i));
+    }
+    ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 999));
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    let mut tries = 0;
+    while !done.iter().any(|c| c.tag == 999) {
+        tries += 1;
+        assert!(tries < 1000);
+        ch.poll(&mut done);
+    }
+    assert!(done.len() < 41, "the flush overtook parked writes");
+}
+
+#[test]
+fn reset_aborts_queued_io_on_every_channel() {
+    // A module that refuses everything (NOMEM) and has no reset of its own.
+    let (bdev, ctl) = StubBdev::new(|i| i.supports.reset = false);
+    ctl.lock().expect("ctl").cap = Some(0);
+    let (_reg, desc, mut a) = open_stub(bdev);
+    for i in 0..3u64 {
+        a.submit(BdevIo::write(i, 1, IoVecs::alloc(512), 10 + i));
+    }
+    let mut done = Vec::new();
+    a.poll(&mut done);
+    assert!(done.is_empty(), "NOMEM-queued I/O waits");
+    let mut b = desc.channel().expect("second channel");
+    b.submit(BdevIo::no_data(IoKind::Reset, 0, 0, 77));
+    assert_eq!(drive(&mut b), vec![Completion { tag: 77, result: Ok(()) }]);
+    a.poll(&mut done);
+    done.sort_by_key(|c| c.tag);
+    let want: Vec<Completion> =
+        (10..13).map(|tag| Completion { tag, result: Err(IoError::Aborted) }).collect();
+    assert_eq!(done, want, "queued I/O of the other channel must be aborted by the reset");
+}
+
+#[test]
+fn io_fails_while_a_reset_is_in_the_module_and_flows_after() {
+    let (bdev, ctl) = StubBdev::new(|i| i.supports.reset = true);
+    let (_reg, desc, mut a) = open_stub(bdev);
+    let mut b = desc.channel().expect("second channel");
+    ctl.lock().expect("ctl").hold_all = true;
+    b.submit(BdevIo::no_data(IoKind::Reset, 0, 0, 1));
+    let mut done = Vec::new();
+    b.poll(&mut done);
+    assert!(done.is_empty(), "the reset is held in the module");
+    a.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 2));
+    assert_eq!(drive(&mut a), vec![Completion { tag: 2, result: Err(IoError::Aborted) }]);
+    ctl.lock().expect("ctl").hold_all = false;
+    assert_eq!(drive(&mut b), vec![Completion { tag: 1, result: Ok(()) }]);
+    a.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 3));
+    assert_eq!(drive(&mut a), vec![Completion { tag: 3, result: Ok(()) }]);
+}

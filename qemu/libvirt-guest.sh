@@ -109,7 +109,7 @@ cat "$img/initramfs.cpio.gz" "$T/workload.cpio" >"$T/initrd"
 
 # --- vblkd ---------------------------------------------------------------------------------------
 sock="$T/vblkd.sock"
-vblkd_args=(--log-level info --bdev "driver=file,name=d0,path=$T/disk.img,size=128M"
+vblkd_args=(--log-level info --control none --bdev "driver=file,name=d0,path=$T/disk.img,size=128M"
     --export "bdev=d0,socket=$sock,queues=2,socket-group=libvirt-qemu,socket-mode=0660")
 start_vblkd() {
     local t0 n=0

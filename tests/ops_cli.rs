@@ -22,6 +22,8 @@ fn export_args(sock: &std::path::Path, extra: &str) -> Vec<String> {
     vec![
         "--log-level".into(),
         "warn".into(),
+        "--control".into(),
+        "none".into(),
         "--bdev".into(),
         "driver=malloc,name=m0,size=4M".into(),
         "--export".into(),
@@ -97,6 +99,8 @@ fn start_up_errors_exit_2() {
         (export_args(&no_dir, ""), "bind"),
         (
             vec![
+                "--control".into(),
+                "none".into(),
                 "--bdev".into(),
                 format!("driver=file,name=f0,path={}", missing_img.display()),
                 "--export".into(),

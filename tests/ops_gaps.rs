@@ -337,7 +337,7 @@ fn sigterm_syncs_every_file_bdev_before_exit() {
     let dir = tempfile::tempdir().expect("tmp");
     let sock = dir.path().join("s.sock");
     let mut child = common::vblkd()
-        .args(["--log-level", "info", "--bdev"])
+        .args(["--log-level", "info", "--control", "none", "--bdev"])
         .arg(format!("driver=file,name=fa,path={},size=8M", dir.path().join("a.img").display()))
         .arg("--bdev")
         .arg(format!(

@@ -107,6 +107,8 @@ fn stop_and_restart_are_fast_on_ram_and_file_stacks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("r.sock");
     let ram = vec![
+        "--control".to_string(),
+        "none".to_string(),
         "--bdev".to_string(),
         "driver=malloc,name=m0,size=256M".to_string(),
         "--export".to_string(),
@@ -115,6 +117,8 @@ fn stop_and_restart_are_fast_on_ram_and_file_stacks() {
     measure("RAM 256 MiB", &ram, &sock);
     let img = dir.path().join("disk.img");
     let file = vec![
+        "--control".to_string(),
+        "none".to_string(),
         "--bdev".to_string(),
         format!("driver=file,name=f0,path={},size=256M", img.display()),
         "--export".to_string(),

@@ -11,6 +11,9 @@ PKGS=(qemu-system-x86 fio busybox-static e2fsprogs util-linux cpio gzip coreutil
 # qemu-storage-daemon (the development stand-in backend) is in qemu-system-common,
 # which qemu-system-x86 depends on; listed for clarity.
 PKGS+=(qemu-system-common)
+# The libvirt guest test (tests/libvirt_guest.rs, qemu/libvirt-guest.sh) and the systemd unit check
+# (systemd-analyze verify in tests/ops_systemd.rs).
+PKGS+=(libvirt-daemon-system libvirt-clients systemd)
 
 missing=()
 for pkg in "${PKGS[@]}"; do

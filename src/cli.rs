@@ -7,6 +7,7 @@
 //!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=auto|io_uring|threads][,block-size=...]
 //!   --bdev driver=rbd,name=r0,pool=rbd,image=NAME[,conf=PATH][,user=admin][,keyring=PATH][,create=SIZE][,timeout=S]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
+//!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
 //! ```
 //!
@@ -169,6 +170,8 @@ pub struct ExportSpec {
     pub serial: String,
     /// Idle time before a poller sleeps, in µs.
     pub poll_us: u64,
+    /// Owner, group and mode of the socket file (`socket-owner`, `socket-group`, `socket-mode`).
+    pub socket_perms: crate::vhost::SocketPerms,
 }
 
 /// The validated configuration.
@@ -409,6 +412,20 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
     Ok(spec)
 }
 
+/// `socket-mode=0660`, `socket-owner=NAME|UID`, `socket-group=NAME|GID` of an export.
+fn socket_perms(keys: &mut Keys<'_>) -> Result<crate::vhost::SocketPerms, CliError> {
+    use crate::vhost::SocketPerms;
+    let e = |keys: &Keys<'_>, p: crate::vhost::SocketError| err(keys.flag, keys.value, p.to_string());
+    let mode = keys.optional("socket-mode").map(|m| SocketPerms::parse_mode(&m));
+    let owner = keys.optional("socket-owner").map(|o| SocketPerms::parse_owner(&o));
+    let group = keys.optional("socket-group").map(|g| SocketPerms::parse_group(&g));
+    Ok(SocketPerms {
+        mode: mode.transpose().map_err(|p| e(keys, p))?,
+        owner: owner.transpose().map_err(|p| e(keys, p))?,
+        group: group.transpose().map_err(|p| e(keys, p))?,
+    })
+}
+
 /// Parses one `--export` value.
 pub fn parse_export(value: &str) -> Result<ExportSpec, CliError> {
     let flag = "--export";
@@ -436,8 +453,9 @@ pub fn parse_export(value: &str) -> Result<ExportSpec, CliError> {
     if poll_us > 1_000_000 {
         return Err(err(flag, value, format!("poll-us={poll_us} is above 1000000")));
     }
+    let socket_perms = socket_perms(&mut keys)?;
     keys.finish()?;
-    Ok(ExportSpec { bdev, socket, queues, queue_size, readonly, serial, poll_us })
+    Ok(ExportSpec { bdev, socket, queues, queue_size, readonly, serial, poll_us, socket_perms })
 }
 
 /// Turns parsed flags into a validated configuration (no side effects).
@@ -476,6 +494,7 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
             readonly: false,
             serial: "vblkd-disk0".into(),
             poll_us: 50,
+            socket_perms: crate::vhost::SocketPerms::default(),
         };
         (vec![bdev], vec![export])
     } else {

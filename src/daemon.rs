@@ -179,6 +179,7 @@ impl Daemon {
             read_only: spec.readonly,
             serial: spec.serial.clone(),
             poll_us: spec.poll_us,
+            socket_perms: spec.socket_perms,
         };
         let stop = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK)

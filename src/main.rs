@@ -49,10 +49,29 @@ fn main() -> ExitCode {
     log::set_max_level(config.log_level);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        // README: every start-up error exits 2 before anything is served; 1 only for errors while
+        // stopping (a bdev that fails to flush or close, an export thread that failed).
+        Err(RunError::Startup(e)) => {
+            eprintln!("vblkd: {e}");
+            ExitCode::from(2)
+        }
+        Err(RunError::Shutdown(e)) => {
             eprintln!("vblkd: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Why `run` failed: before serving (exit 2) or while stopping (exit 1).
+enum RunError {
+    Startup(String),
+    Shutdown(String),
+}
+
+/// Errors before the daemon serves are start-up errors.
+impl From<String> for RunError {
+    fn from(e: String) -> Self {
+        Self::Startup(e)
     }
 }
 
@@ -82,7 +101,7 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn run(config: Config) -> Result<(), String> {
+fn run(config: Config) -> Result<(), RunError> {
     let sigset = block_signals();
     if config.is_default {
         std::fs::create_dir_all(&config.data_dir)
@@ -99,10 +118,10 @@ fn run(config: Config) -> Result<(), String> {
         let limits = config.qos.iter().find(|(n, _)| n == spec.name()).map(|(_, l)| *l).unwrap_or_default();
         if let Err(e) = daemon.add_bdev(spec, limits) {
             daemon.shutdown();
-            return Err(match e {
+            return Err(RunError::Startup(match e {
                 vblkd::daemon::DaemonError::Failed(m) => m,
                 e => format!("--bdev name={}: {e}", spec.name()),
-            });
+            }));
         }
     }
     let stop = Arc::new(
@@ -124,7 +143,7 @@ fn run(config: Config) -> Result<(), String> {
             }
             Err(e) => {
                 daemon.shutdown();
-                return Err(format!("--control {}: {e}", path.display()));
+                return Err(RunError::Startup(format!("--control {}: {e}", path.display())));
             }
         }
     }
@@ -137,7 +156,7 @@ fn run(config: Config) -> Result<(), String> {
             Err(e) => {
                 let _ = stop.write(1);
                 daemon.shutdown();
-                return Err(format!("--metrics {addr}: cannot listen: {e}"));
+                return Err(RunError::Startup(format!("--metrics {addr}: cannot listen: {e}")));
             }
         }
     }
@@ -147,7 +166,7 @@ fn run(config: Config) -> Result<(), String> {
             Err(e) => {
                 let _ = stop.write(1);
                 daemon.shutdown();
-                return Err(format!("--export bdev={}: {e}", ex.bdev));
+                return Err(RunError::Startup(format!("--export bdev={}: {e}", ex.bdev)));
             }
         };
         println!("vblkd: serving bdev '{}' on {}", ex.bdev, shown.display());
@@ -180,6 +199,6 @@ fn run(config: Config) -> Result<(), String> {
         log::info!("stopped cleanly");
         Ok(())
     } else {
-        Err("errors during shutdown (see log)".into())
+        Err(RunError::Shutdown("errors during shutdown (see log)".into()))
     }
 }

@@ -24,7 +24,7 @@ use virtio_bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const SIZE: u64 = 4 << 20;
 const MEM: usize = 1 << 20;
@@ -249,7 +249,7 @@ fn header(m: &GuestMemoryMmap<()>, at: u64, kind: u32, sector: u64) {
 #[test]
 fn chains_on_a_real_vring() {
     let ex = Export::new();
-    let (mut f, features) = negotiate(&ex.sock);
+    let (mut f, _) = negotiate(&ex.sock);
     let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(30));
     let file = memfd(MEM);
     let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
@@ -262,7 +262,6 @@ fn chains_on_a_real_vring() {
     let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
     f.set_mem_table(&[info]).expect("mem table");
     let host = info.userspace_addr;
-    let _ = region.len();
 
     let q = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     let kick = EventFd::new(0).expect("kick");
@@ -285,7 +284,6 @@ fn chains_on_a_real_vring() {
     f.set_vring_kick(0, &kick).expect("kick");
     f.set_vring_call(0, &call).expect("call");
     f.set_vring_enable(0, true).expect("enable");
-    let _ = features;
 
     const H: u64 = 0x10000; // headers, 16 bytes apart
     const D: u64 = 0x20000; // data

@@ -36,7 +36,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -80,6 +80,9 @@ struct Shared {
     wz_fallback: AtomicBool,
     /// `fallocate(PUNCH_HOLE)` returned EOPNOTSUPP: write zeros instead.
     unmap_fallback: AtomicBool,
+    /// Successful `fdatasync`/`fsync` calls (flushes and the sync on close): the seam through which
+    /// tests see that a flush reached the disk (`module_stats()["syncs"]`, the close log line).
+    syncs: AtomicU64,
 }
 
 impl Shared {
@@ -237,6 +240,7 @@ impl FileBdev {
             zeros: zero_buf(),
             wz_fallback: AtomicBool::new(false),
             unmap_fallback: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
         });
         let inline = Arc::new(InlineState::new(shared.file.as_raw_fd()));
         Ok(Self {
@@ -311,7 +315,10 @@ impl Bdev for FileBdev {
         self.shared
             .file
             .sync_all()
-            .map_err(|e| BdevError::io(format!("file bdev '{}': fsync", self.info.name), e))
+            .map_err(|e| BdevError::io(format!("file bdev '{}': fsync", self.info.name), e))?;
+        let n = self.shared.syncs.fetch_add(1, Ordering::Relaxed) + 1;
+        log::info!("file bdev '{}': synced on close ({n} syncs since open)", self.info.name);
+        Ok(())
     }
 
     fn module_stats(&self) -> Option<serde_json::Value> {
@@ -324,6 +331,7 @@ impl Bdev for FileBdev {
             "inline": self.inline_on,
             "inline_ops": inline_ops,
             "inline_misses": inline_misses,
+            "syncs": self.shared.syncs.load(Ordering::Relaxed),
         }))
     }
 }
@@ -534,6 +542,10 @@ impl UringChannel {
                 self.resubmit(i);
             }
             _ if res < 0 => self.finish(i, Err(IoError::Errno(-res))),
+            IoKind::Flush => {
+                self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+                self.finish(i, Ok(()))
+            }
             _ => self.finish(i, Ok(())),
         }
     }
@@ -716,6 +728,7 @@ fn blocking_io(shared: &Shared, io: &BdevIo) -> Result<(), IoError> {
             if unsafe { libc::fdatasync(fd) } != 0 {
                 return Err(IoError::Errno(errno()));
             }
+            shared.syncs.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
         IoKind::Unmap | IoKind::WriteZeroes => {

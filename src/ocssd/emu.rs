@@ -49,6 +49,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -146,6 +147,8 @@ struct Inner {
     info: MediaInfo,
     chunks: Vec<RwLock<ChunkSlot>>,
     notifications: Mutex<Notifications>,
+    /// Successful `fdatasync`s behind `Op::Flush` (the seam tests use to see a flush reach the image).
+    data_syncs: AtomicU64,
 }
 
 /// The emulated OCSSD. Cheap to clone; all clones share the device.
@@ -288,6 +291,11 @@ fn load(path: &Path, writable: bool) -> Result<Loaded, MediaError> {
 }
 
 impl EmuDevice {
+    /// How many `Op::Flush` commands synced the image to disk (`fdatasync`) since it was opened.
+    pub fn data_syncs(&self) -> u64 {
+        self.inner.data_syncs.load(Ordering::Relaxed)
+    }
+
     /// Creates a new image at `path` (refused if the file exists) and opens it.
     pub fn create(path: &Path, cfg: &EmuConfig) -> Result<Self, MediaError> {
         let g = cfg.geometry;
@@ -390,6 +398,7 @@ impl EmuDevice {
                 info: l.info,
                 chunks,
                 notifications: Mutex::new(Notifications { next_nc: 1, log: VecDeque::new() }),
+                data_syncs: AtomicU64::new(0),
             }),
         })
     }
@@ -478,6 +487,13 @@ fn note(status: &mut Status, s: Status) {
 }
 
 impl Inner {
+    /// `fdatasync` of the image, counted in `data_syncs` when it succeeds.
+    fn sync_image(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        self.data_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn clba(&self) -> u64 {
         u64::from(self.geometry.clba)
     }
@@ -943,7 +959,7 @@ impl Inner {
                 c.buffers = Buffers { data: Some(data), oob };
             }
             Op::Flush => {
-                if self.file.sync_data().is_err() {
+                if self.sync_image().is_err() {
                     c.status = Status::INTERNAL_ERROR;
                 }
             }

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::BlkConfig;
 use super::device::BlkBackend;
 use super::request::GuestMem;
+use super::socket::{bind_listener, SocketError, SocketFile, SocketPerms};
 use crate::bdev::Descriptor;
 
 /// Largest queue size offered.
@@ -51,6 +52,8 @@ pub struct ExportConfig {
     pub serial: String,
     /// Busy-poll time before a poller sleeps, microseconds.
     pub poll_us: u64,
+    /// Owner, group and mode of the socket file, applied before it accepts.
+    pub socket_perms: SocketPerms,
 }
 
 /// The default number of queues: the CPU count, within 1..=[`MAX_QUEUES`].
@@ -69,6 +72,7 @@ impl ExportConfig {
             read_only: false,
             serial: serial.to_string(),
             poll_us: 50,
+            socket_perms: SocketPerms::default(),
         }
     }
 }
@@ -94,6 +98,9 @@ pub enum VhostError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket could not be created with the requested ownership and mode.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// vhost-user-backend failed.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
@@ -124,12 +131,16 @@ pub fn serve(
         )));
     }
     prepare_socket(&cfg.socket)?;
-    let listener = Listener::new(&cfg.socket, false)
-        .map_err(|e| VhostError::Daemon(format!("cannot listen on {}: {e}", cfg.socket.display())))?;
+    // Bound, given its owner/group/mode, then listening (no window with the wrong permissions).
+    let listener = Listener::from(bind_listener(&cfg.socket, &cfg.socket_perms)?);
+    let socket_file = SocketFile(cfg.socket.clone());
     info!("export '{}' listening on {}", desc.info().name, cfg.socket.display());
     std::thread::Builder::new()
         .name(format!("vhost-{}", desc.info().name))
-        .spawn(move || serve_loop(desc, cfg, stop, listener))
+        .spawn(move || {
+            let _remove_at_end = socket_file;
+            serve_loop(desc, cfg, stop, listener)
+        })
         .map_err(io_err("spawning the export thread"))
 }
 

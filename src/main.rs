@@ -23,6 +23,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Cache(cli::CacheCommand::Info { cache })) = &args.command {
+        return match vblkd::cache::info_json(cache) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vblkd cache info: --cache {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let config = match cli::build_config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -66,7 +78,7 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
+fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
     use vblkd::bdev::file::{Engine, FileBdev};
     use vblkd::bdev::malloc::MallocBdev;
     use vblkd::bdev::null::NullBdev;
@@ -88,6 +100,7 @@ fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
                     .map_err(|e| flag(&e))?,
             )
         }
+        BdevSpec::Cache(cfg) => vblkd::cache::CacheBdev::create(cfg, registry).map_err(|e| flag(&e))?,
     })
 }
 
@@ -120,7 +133,7 @@ fn run(config: Config) -> Result<(), String> {
     }
     let registry = Arc::new(Registry::new());
     for spec in &config.bdevs {
-        let bdev = build_bdev(spec)?;
+        let bdev = build_bdev(spec, &registry)?;
         registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
     }
     let stop = Arc::new(

@@ -11,18 +11,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{vblkd, wait_for_socket};
 use vblkd::client::BlkClient;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 2048; // 8 MiB core
 const BATCH: usize = 16;
-/// Stronger than the promise (flushed writes survive): every *acknowledged* write-back write
-/// survives `kill -9`, because its line record is written before the acknowledgement.
-const STRICT: bool = true;
 
 struct Model {
     /// Value (seed) durable for sure.
@@ -101,13 +97,8 @@ fn kill_9_in_write_back_keeps_every_flushed_block() {
     let mut seed = 1u64;
     for cycle in 0..12 {
         let cleaner = if cycle % 2 == 0 { "alru" } else { "acp" };
-        let mut child = vblkd()
-            .args(args(dir.path(), cleaner))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn vblkd");
-        wait_for_socket(&sock, &mut child);
+        // Killed on drop, so a failing assertion leaves no daemon behind.
+        let mut d = common::Daemon::start(&args(dir.path(), cleaner), &sock);
         let mut c = BlkClient::connect(&sock, 1, 64, BATCH * BLOCK).expect("connect");
         verify(&mut c, &mut m);
         for round in 0..6 {
@@ -137,19 +128,17 @@ fn kill_9_in_write_back_keeps_every_flushed_block() {
                 n += c.wait(0, BATCH - n, &mut out, Duration::from_secs(30)).expect("writes");
             }
             assert!(out.iter().all(|x| x.ret == 0), "write failed");
-            if round % 2 == 1 || STRICT {
-                if !STRICT {
-                    sync_ok(&mut c, |c, u| c.flush(0, u));
-                }
-                for (b, v) in m.pending.drain() {
-                    m.committed.insert(b, *v.last().expect("value"));
-                }
-            }
             if round % 2 == 1 {
                 sync_ok(&mut c, |c, u| c.flush(0, u));
             }
+            // Stronger than the promise (flushed writes survive): every *acknowledged* write-back
+            // write survives `kill -9`, because its line record is written before the acknowledgement.
+            for (b, v) in m.pending.drain() {
+                m.committed.insert(b, *v.last().expect("value"));
+            }
         }
         // kill -9, no goodbye.
+        let mut child = d.child.take().expect("running");
         child.kill().expect("kill -9");
         child.wait().expect("reap");
         drop(c);

@@ -322,7 +322,11 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
         }
         "cache" => BdevSpec::Cache(parse_cache(&mut keys, name)?),
         other => {
-            return Err(err(flag, value, format!("unknown driver '{other}' (expected malloc, null, file or cache)")))
+            return Err(err(
+                flag,
+                value,
+                format!("unknown driver '{other}' (expected malloc, null, file or cache)"),
+            ))
         }
     };
     keys.finish()?;
@@ -457,11 +461,19 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
             if let BdevSpec::Cache(c) = &spec {
                 for (key, b) in [("cache", &c.cache), ("core", &c.core)] {
                     if !names.contains(b) {
-                        return Err(err("--bdev", v, format!("{key}={b}: no bdev of that name defined before it")));
+                        return Err(err(
+                            "--bdev",
+                            v,
+                            format!("{key}={b}: no bdev of that name defined before it"),
+                        ));
                     }
                 }
                 if let Some(other) = cores.insert(c.core.clone(), c.name.clone()) {
-                    return Err(err("--bdev", v, format!("core={} is already the core of cache bdev '{other}'", c.core)));
+                    return Err(err(
+                        "--bdev",
+                        v,
+                        format!("core={} is already the core of cache bdev '{other}'", c.core),
+                    ));
                 }
             }
             if !names.insert(spec.name().to_string()) {

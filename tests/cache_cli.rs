@@ -50,7 +50,10 @@ fn refusals_name_the_option() {
         ("driver=cache,name=c0,cache=ram,core=disk,line-size=3K", "line-size=3072 must be 4K"),
         ("driver=cache,name=c0,cache=ram,core=disk,line-size=128K", "line-size=131072 must be 4K"),
         ("driver=cache,name=c0,cache=ram,core=disk,cleaner=lru", "cleaner=lru must be alru, acp or nop"),
-        ("driver=cache,name=c0,cache=ram,core=disk,seq-cutoff=some", "seq-cutoff=some must be off, full or always"),
+        (
+            "driver=cache,name=c0,cache=ram,core=disk,seq-cutoff=some",
+            "seq-cutoff=some must be off, full or always",
+        ),
         ("driver=cache,name=c0,cache=ram,core=disk,seq-cutoff-size=0", "seq-cutoff-size=0"),
         ("driver=cache,name=c0,cache=ram,core=disk,load=maybe", "load=maybe must be auto, on or off"),
         ("driver=cache,name=c0,cache=ram,core=disk,clean-batch=0", "clean-batch=0"),
@@ -58,7 +61,10 @@ fn refusals_name_the_option() {
         ("driver=cache,name=c0,cache=ram", "missing required key 'core'"),
         ("driver=cache,name=c0,core=disk", "missing required key 'cache'"),
         ("driver=cache,name=c0,cache=disk,core=disk", "must be different bdevs"),
-        ("driver=cache,name=c0,cache=ram,core=nothing", "core=nothing: no bdev of that name defined before it"),
+        (
+            "driver=cache,name=c0,cache=ram,core=nothing",
+            "core=nothing: no bdev of that name defined before it",
+        ),
         ("driver=cache,name=c0,cache=ram,core=disk,colour=red", "unknown key 'colour'"),
     ];
     for (spec, want) in cases {
@@ -105,7 +111,9 @@ fn build_time_refusals_exit_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("--bdev name=c1") && err.contains("must agree") && err.contains("mode=wt (the shared cache uses wb)"),
+        err.contains("--bdev name=c1")
+            && err.contains("must agree")
+            && err.contains("mode=wt (the shared cache uses wb)"),
         "{err}"
     );
     // A clean run formats the device; another line size later is another cache's metadata.

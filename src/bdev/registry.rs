@@ -153,7 +153,9 @@ impl Registry {
             if let Some(e) = inner.by_name.get(name) {
                 let mut v = serde_json::to_value(e.stats.snapshot()).unwrap_or_default();
                 // Module statistics (e.g. the cache's hit counters) sit beside the generic ones.
-                if let (Some(obj), Some(serde_json::Value::Object(m))) = (v.as_object_mut(), e.bdev.module_stats()) {
+                if let (Some(obj), Some(serde_json::Value::Object(m))) =
+                    (v.as_object_mut(), e.bdev.module_stats())
+                {
                     obj.extend(m);
                 }
                 map.insert(name.clone(), v);

@@ -231,7 +231,9 @@ impl Owner {
                                 }
                                 self.cores.insert(id, (ch, bs));
                             }
-                            Err(e) => log::error!("cache '{}': channel on core id {id}: {e}", self.sh.cache_name),
+                            Err(e) => {
+                                log::error!("cache '{}': channel on core id {id}: {e}", self.sh.cache_name)
+                            }
                         }
                     }
                 }
@@ -251,7 +253,7 @@ impl Owner {
         let remaining: HashSet<Key> = map
             .lines
             .iter()
-            .filter_map(|l| l.key.filter(|k| l.dirty != 0 && core.is_none_or(|c| c == k.0)))
+            .filter_map(|l| l.key.filter(|k| l.dirty != 0 && core.map_or(true, |c| c == k.0)))
             .collect();
         drop(map);
         let remaining: HashSet<Key> = remaining.into_iter().filter(|k| self.attached(k.0)).collect();
@@ -296,10 +298,12 @@ impl Owner {
 
     fn start_md(&mut self) -> bool {
         let lazy_due = self.last_md.elapsed() > Duration::from_millis(100);
-        let final_round = self.shutdown.is_some() && self.clean.is_none() && self.jobs.is_empty() && !self.final_md_done;
+        let final_round =
+            self.shutdown.is_some() && self.clean.is_none() && self.jobs.is_empty() && !self.final_md_done;
         let sh = self.sh.clone();
         let mut map = lock(&sh.map);
-        if self.md_waiting.is_empty() && !final_round && !(lazy_due && !map.md_pending.is_empty()) {
+        let lazy = lazy_due && !map.md_pending.is_empty();
+        if self.md_waiting.is_empty() && !final_round && !lazy {
             return false;
         }
         if final_round {
@@ -328,7 +332,11 @@ impl Owner {
             snaps.push((i, l.dirty, l.seq));
             let page = i / layout::LINES_PER_PAGE;
             let base = page as usize * layout::PAGE_BYTES as usize;
-            layout::put_record(&mut self.image[base..base + layout::PAGE_BYTES as usize], i % layout::LINES_PER_PAGE, &rec);
+            layout::put_record(
+                &mut self.image[base..base + layout::PAGE_BYTES as usize],
+                i % layout::LINES_PER_PAGE,
+                &rec,
+            );
             pages.insert(page);
         }
         drop(map);
@@ -340,7 +348,12 @@ impl Owner {
             let base = p as usize * layout::PAGE_BYTES as usize;
             let buf = IoVecs::from_slice(&self.image[base..base + layout::PAGE_BYTES as usize]);
             let t = self.tag(Purpose::Md);
-            self.cache_ch.submit(BdevIo::write(layout::page_offset(p) / cbs, layout::PAGE_BYTES / cbs, buf, t));
+            self.cache_ch.submit(BdevIo::write(
+                layout::page_offset(p) / cbs,
+                layout::PAGE_BYTES / cbs,
+                buf,
+                t,
+            ));
             round.pending += 1;
         }
         self.md = Some(round);
@@ -450,7 +463,8 @@ impl Owner {
             return false;
         }
         let cbs = u64::from(sh.cache_block);
-        let mut round = CleanRound { owner, lines: Vec::new(), stage: CleanStage::Read, pending: 0, error: None };
+        let mut round =
+            CleanRound { owner, lines: Vec::new(), stage: CleanStage::Read, pending: 0, error: None };
         for l in lines {
             let bs = self.cores.get(&l.key.0).map_or(512, |c| u64::from(c.1));
             let off = sh.data_offset + u64::from(l.slot) * u64::from(sh.line_size) + l.first * bs;
@@ -587,7 +601,8 @@ impl Owner {
             let attached: HashSet<u16> = self.cores.keys().copied().filter(|c| self.attached(*c)).collect();
             for j in &mut self.jobs {
                 j.remaining.retain(|k| {
-                    attached.contains(&k.0) && map.lookup(*k).is_some_and(|s| map.lines[s as usize].dirty != 0)
+                    attached.contains(&k.0)
+                        && map.lookup(*k).is_some_and(|s| map.lines[s as usize].dirty != 0)
                 });
             }
         }
@@ -646,7 +661,12 @@ impl Owner {
         }
         let j = self.jobs.remove(pos);
         if j.total > 1000 {
-            log::info!("cache '{}': flush: {} lines cleaned in {} ms", self.sh.cache_name, j.total, j.started.elapsed().as_millis());
+            log::info!(
+                "cache '{}': flush: {} lines cleaned in {} ms",
+                self.sh.cache_name,
+                j.total,
+                j.started.elapsed().as_millis()
+            );
         }
         j.mb.post(j.token, j.error.map_or(Ok(()), Err));
     }

@@ -148,8 +148,10 @@ impl CacheChannel {
         }
         // SAFETY: `raw` is a fresh fd we own.
         let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let fds: Vec<RawFd> =
-            [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()].into_iter().flatten().collect();
+        let fds: Vec<RawFd> = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()]
+            .into_iter()
+            .flatten()
+            .collect();
         for fd in fds {
             let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
             // SAFETY: valid epoll fd and event; `fd` stays open as long as this channel (owned by it).
@@ -328,7 +330,15 @@ impl CacheChannel {
                     );
                     return Err(IoError::Errno(libc::EIO));
                 }
-                push_seg(segs, Seg { dev: Dev::Core, dev_off: (line * self.lb + a) * self.bs, buf_off: boff, len: (e - a) * self.bs });
+                push_seg(
+                    segs,
+                    Seg {
+                        dev: Dev::Core,
+                        dev_off: (line * self.lb + a) * self.bs,
+                        buf_off: boff,
+                        len: (e - a) * self.bs,
+                    },
+                );
                 miss += e - a;
                 continue;
             }
@@ -352,10 +362,18 @@ impl CacheChannel {
                     push_seg(segs, Seg { dev: Dev::Cache, dev_off: self.cache_off(slot, s), buf_off, len });
                     hit += t - s;
                 } else {
-                    push_seg(segs, Seg { dev: Dev::Core, dev_off: (line * self.lb + s) * self.bs, buf_off, len });
+                    push_seg(
+                        segs,
+                        Seg { dev: Dev::Core, dev_off: (line * self.lb + s) * self.bs, buf_off, len },
+                    );
                     miss += t - s;
                     if let Some(i) = ins {
-                        req.inserts.push(Seg { dev: Dev::Cache, dev_off: self.cache_off(i, s), buf_off, len });
+                        req.inserts.push(Seg {
+                            dev: Dev::Cache,
+                            dev_off: self.cache_off(i, s),
+                            buf_off,
+                            len,
+                        });
                         fill |= mask(s, t);
                     }
                 }
@@ -397,7 +415,10 @@ impl CacheChannel {
                 Some(s) => {
                     if act != Act::Invalidate {
                         let dev_off = self.cache_off(s, a);
-                        push_seg(segs, Seg { dev: Dev::Cache, dev_off, buf_off: boff, len: (e - a) * self.bs });
+                        push_seg(
+                            segs,
+                            Seg { dev: Dev::Cache, dev_off, buf_off: boff, len: (e - a) * self.bs },
+                        );
                     }
                     req.plans.push(Plan { slot: s, key, mask: m, act });
                 }
@@ -407,7 +428,12 @@ impl CacheChannel {
                     let _ = self.sh.owner_efd.write(1);
                     push_seg(
                         &mut core_segs,
-                        Seg { dev: Dev::Core, dev_off: (line * self.lb + a) * self.bs, buf_off: boff, len: (e - a) * self.bs },
+                        Seg {
+                            dev: Dev::Core,
+                            dev_off: (line * self.lb + a) * self.bs,
+                            buf_off: boff,
+                            len: (e - a) * self.bs,
+                        },
                     );
                 }
                 None => {}
@@ -541,7 +567,11 @@ impl CacheChannel {
                     (Act::WriteClean | Act::WriteDirty, false) => {
                         // The line's copy of these sectors is unknown now; dirty data there is lost.
                         if d & p.mask != 0 {
-                            log::error!("cache: write to a dirty line failed: core id {} line {}", p.key.0, p.key.1);
+                            log::error!(
+                                "cache: write to a dirty line failed: core id {} line {}",
+                                p.key.0,
+                                p.key.1
+                            );
                         }
                         v &= !p.mask;
                         d &= !p.mask;

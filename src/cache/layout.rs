@@ -201,7 +201,10 @@ pub fn check_superblock(sb: &Superblock, dev_bytes: u64, dev_block: u32) -> Resu
         _ => return bad(format!("{} lines at {} do not fit this device", sb.num_lines, sb.data_offset)),
     }
     if sb.cache_block_size != dev_block {
-        return bad(format!("cache block size {} differs from the device's {dev_block}", sb.cache_block_size));
+        return bad(format!(
+            "cache block size {} differs from the device's {dev_block}",
+            sb.cache_block_size
+        ));
     }
     Ok(())
 }

@@ -350,11 +350,8 @@ impl LineMap {
             .enumerate()
             .filter_map(|(i, l)| {
                 let key = l.key?;
-                (l.dirty != 0
-                    && core.map_or(true, |c| c == key.0)
-                    && attached(key.0)
-                    && !self.is_locked(key))
-                .then_some((l.dirty_since_ms, i as u32))
+                (l.dirty != 0 && core.map_or(true, |c| c == key.0) && attached(key.0) && !self.is_locked(key))
+                    .then_some((l.dirty_since_ms, i as u32))
             })
             .collect();
         v.sort_unstable();

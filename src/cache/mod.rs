@@ -52,8 +52,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bdev::{
-    Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs, ModuleChannel,
-    Registry,
+    Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs,
+    ModuleChannel, Registry,
 };
 use layout::{CoreEntry, LayoutError, Superblock};
 use map::{Counters, LineMap};
@@ -241,7 +241,11 @@ impl Mailbox {
                 return items.remove(p).1;
             }
             drop(items);
-            let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.efd), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.efd),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd on the stack.
             unsafe { libc::poll(&mut pfd, 1, 100) };
             let _ = self.efd.read();
@@ -377,7 +381,7 @@ impl Shared {
         let map = lock(&self.map);
         let mut c = Counters::default();
         for (i, x) in map.counters.iter().enumerate() {
-            if core.is_none_or(|k| usize::from(k) == i) {
+            if core.map_or(true, |k| usize::from(k) == i) {
                 c.add(x);
             }
         }
@@ -414,7 +418,9 @@ impl Instance {
         self.sh.send(OwnerReq::Shutdown(mb.clone(), 1));
         let r = mb.wait_for(1);
         let _ = h.join();
-        r.map_err(|e| BdevError::Module(format!("cache '{}': final metadata write failed: {e}", self.sh.cache_name)))
+        r.map_err(|e| {
+            BdevError::Module(format!("cache '{}': final metadata write failed: {e}", self.sh.cache_name))
+        })
     }
 }
 
@@ -459,14 +465,21 @@ pub(crate) fn sync_io(
 ) -> Result<(), BdevError> {
     let bs = u64::from(block);
     let io = match (kind, data) {
-        (IoKind::Write, Some(d)) => BdevIo::write(off_bytes / bs, d.len() as u64 / bs, IoVecs::from_slice(d), 0),
+        (IoKind::Write, Some(d)) => {
+            BdevIo::write(off_bytes / bs, d.len() as u64 / bs, IoVecs::from_slice(d), 0)
+        }
         _ => BdevIo::no_data(kind, 0, 0, 0),
     };
     ch.submit(io);
     wait_one(ch).map_err(|e| BdevError::Module(format!("cache device I/O failed: {e}")))
 }
 
-pub(crate) fn sync_read(ch: &mut Channel, off_bytes: u64, len: usize, block: u32) -> Result<Vec<u8>, BdevError> {
+pub(crate) fn sync_read(
+    ch: &mut Channel,
+    off_bytes: u64,
+    len: usize,
+    block: u32,
+) -> Result<Vec<u8>, BdevError> {
     let bs = u64::from(block);
     let buf = IoVecs::alloc(len);
     let view = buf.slice(0, len as u64).ok_or_else(|| BdevError::Module("buffer".into()))?;
@@ -508,7 +521,9 @@ impl CacheBdev {
         if cfg.cache == cfg.core {
             return Err(cfg_err(cfg, "cache and core must be different bdevs"));
         }
-        let cache_bdev = registry.get(&cfg.cache).ok_or_else(|| cfg_err(cfg, format!("cache={}: no such bdev", cfg.cache)))?;
+        let cache_bdev = registry
+            .get(&cfg.cache)
+            .ok_or_else(|| cfg_err(cfg, format!("cache={}: no such bdev", cfg.cache)))?;
         let key = Arc::as_ptr(&cache_bdev).cast::<()>() as usize;
         // Core first: claiming it tells a second cache bdev on the same core to go away.
         let core_removed = Arc::new(AtomicBool::new(false));
@@ -522,7 +537,10 @@ impl CacheBdev {
         core.claim("cache").map_err(|e| cfg_err(cfg, format!("core={}: {e}", cfg.core)))?;
         let core_bs = core.info().block_size;
         if cfg.line_size / core_bs > 128 {
-            return Err(cfg_err(cfg, format!("line-size={} holds more than 128 blocks of {core_bs} B", cfg.line_size)));
+            return Err(cfg_err(
+                cfg,
+                format!("line-size={} holds more than 128 blocks of {core_bs} B", cfg.line_size),
+            ));
         }
         let inst = {
             let mut table = lock(&INSTANCES);
@@ -532,16 +550,30 @@ impl CacheBdev {
                     let sh = &inst.sh;
                     let mut why = Vec::new();
                     if sh.mode() != cfg.mode {
-                        why.push(format!("mode={} (the shared cache uses {})", cfg.mode.as_str(), sh.mode().as_str()));
+                        why.push(format!(
+                            "mode={} (the shared cache uses {})",
+                            cfg.mode.as_str(),
+                            sh.mode().as_str()
+                        ));
                     }
                     if sh.line_size != cfg.line_size {
-                        why.push(format!("line-size={} (the shared cache uses {})", cfg.line_size, sh.line_size));
+                        why.push(format!(
+                            "line-size={} (the shared cache uses {})",
+                            cfg.line_size, sh.line_size
+                        ));
                     }
                     if sh.cleaner != cfg.cleaner {
-                        why.push(format!("cleaner={} (the shared cache uses {})", cfg.cleaner.as_str(), sh.cleaner.as_str()));
+                        why.push(format!(
+                            "cleaner={} (the shared cache uses {})",
+                            cfg.cleaner.as_str(),
+                            sh.cleaner.as_str()
+                        ));
                     }
                     if !why.is_empty() {
-                        return Err(cfg_err(cfg, format!("cache={} is shared and must agree: {}", cfg.cache, why.join(", "))));
+                        return Err(cfg_err(
+                            cfg,
+                            format!("cache={} is shared and must agree: {}", cfg.cache, why.join(", ")),
+                        ));
                     }
                     inst
                 }
@@ -554,9 +586,13 @@ impl CacheBdev {
         };
         let sh = inst.sh.clone();
         if sh.cache_block > core_bs {
-            return Err(cfg_err(cfg, format!(
-                "cache={} has {} B blocks, larger than the core's {core_bs} B", cfg.cache, sh.cache_block
-            )));
+            return Err(cfg_err(
+                cfg,
+                format!(
+                    "cache={} has {} B blocks, larger than the core's {core_bs} B",
+                    cfg.cache, sh.cache_block
+                ),
+            ));
         }
         let core_blocks = core.info().num_blocks;
         // Find or add this cache bdev in the core table.
@@ -564,7 +600,9 @@ impl CacheBdev {
             let mut g = lock(&sh.sb);
             let sb = &mut g.0;
             match sb.cores.iter().find(|c| c.cache_bdev == cfg.name) {
-                Some(c) if c.core_bdev != cfg.core || c.core_blocks != core_blocks || c.block_size != core_bs => {
+                Some(c)
+                    if c.core_bdev != cfg.core || c.core_blocks != core_blocks || c.block_size != core_bs =>
+                {
                     return Err(cfg_err(cfg, format!(
                         "cache={} holds metadata of cache bdev '{}' over core '{}' ({} blocks of {} B), not over \
                          core={} ({core_blocks} blocks of {core_bs} B); use load=off to re-create the cache",
@@ -587,7 +625,10 @@ impl CacheBdev {
             }
         };
         if lock(&sh.cores).contains_key(&core_id) {
-            return Err(cfg_err(cfg, format!("cache bdev '{}' is already attached to cache={}", cfg.name, cfg.cache)));
+            return Err(cfg_err(
+                cfg,
+                format!("cache bdev '{}' is already attached to cache={}", cfg.name, cfg.cache),
+            ));
         }
         sh.write_superblock(false)?;
         let core = Arc::new(core);
@@ -608,7 +649,13 @@ impl CacheBdev {
         info.optimal_io_boundary_blocks = cfg.line_size / core_bs;
         log::info!(
             "cache bdev '{}': core '{}' (id {core_id}) on cache '{}', mode {}, {} lines of {} B, cleaner {}",
-            cfg.name, cfg.core, cfg.cache, sh.mode().as_str(), sh.num_lines, sh.line_size, sh.cleaner.as_str()
+            cfg.name,
+            cfg.core,
+            cfg.cache,
+            sh.mode().as_str(),
+            sh.num_lines,
+            sh.line_size,
+            sh.cleaner.as_str()
         );
         Ok(Arc::new(CacheBdev {
             info,
@@ -645,7 +692,8 @@ impl CacheBdev {
         let loaded = match (cfg.load, found) {
             (LoadPolicy::Off, _) => None,
             (_, Ok((sb, seq))) => {
-                layout::check_superblock(&sb, dev_bytes, cbs).map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
+                layout::check_superblock(&sb, dev_bytes, cbs)
+                    .map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
                 if sb.line_size != cfg.line_size {
                     return Err(cfg_err(cfg, format!(
                         "cache={} holds another cache's metadata (line size {} B, this one asks for {} B); {force}",
@@ -660,15 +708,22 @@ impl CacheBdev {
             (LoadPolicy::Auto, Err(LayoutError::Absent)) => None,
             (_, Err(e)) => return Err(cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache))),
         };
-        let (num_lines, data_offset) = layout::geometry(dev_bytes, u64::from(cfg.line_size))
-            .ok_or_else(|| cfg_err(cfg, format!("cache={} is too small for one {} B line", cfg.cache, cfg.line_size)))?;
-        let md_bytes = (layout::page_offset(num_lines.div_ceil(layout::LINES_PER_PAGE)) - layout::MD_OFFSET) as usize;
+        let (num_lines, data_offset) =
+            layout::geometry(dev_bytes, u64::from(cfg.line_size)).ok_or_else(|| {
+                cfg_err(cfg, format!("cache={} is too small for one {} B line", cfg.cache, cfg.line_size))
+            })?;
+        let md_bytes =
+            (layout::page_offset(num_lines.div_ceil(layout::LINES_PER_PAGE)) - layout::MD_OFFSET) as usize;
         let mut map = LineMap::new(num_lines);
         let (sb, seq, image) = match loaded {
             Some((sb, seq)) => {
                 let t = Instant::now();
-                log::info!("cache '{}': loading {} line records ({} shutdown)", cfg.cache, num_lines,
-                    if sb.clean_shutdown { "clean" } else { "after an unclean" });
+                log::info!(
+                    "cache '{}': loading {} line records ({} shutdown)",
+                    cfg.cache,
+                    num_lines,
+                    if sb.clean_shutdown { "clean" } else { "after an unclean" }
+                );
                 let image = sync_read(&mut ch, layout::MD_OFFSET, md_bytes, cbs)?;
                 let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
                 let (mut loaded_lines, mut dirty_lines) = (0u64, 0u64);
@@ -720,12 +775,22 @@ impl CacheBdev {
                 (sb, seq, image)
             }
             None => {
-                log::info!("cache '{}': attaching fresh: formatting {num_lines} lines of {} B", cfg.cache, cfg.line_size);
+                log::info!(
+                    "cache '{}': attaching fresh: formatting {num_lines} lines of {} B",
+                    cfg.cache,
+                    cfg.line_size
+                );
                 let zeros = vec![0u8; md_bytes];
                 // Records first, then the superblock: until the superblock is written the old one (if
                 // any) still describes the device, and its records now read as free.
                 for (k, chunk) in zeros.chunks(1 << 20).enumerate() {
-                    sync_io(&mut ch, IoKind::Write, layout::MD_OFFSET + (k as u64) * (1 << 20), Some(chunk), cbs)?;
+                    sync_io(
+                        &mut ch,
+                        IoKind::Write,
+                        layout::MD_OFFSET + (k as u64) * (1 << 20),
+                        Some(chunk),
+                        cbs,
+                    )?;
                 }
                 let sb = Superblock {
                     uuid: hex(&crate::bdev::random_uuid()),
@@ -803,7 +868,9 @@ impl CacheBdev {
     pub fn clean_all(&self) -> Result<(), BdevError> {
         let mb = Mailbox::new()?;
         self.inst.sh.send(OwnerReq::Flush(None, mb.clone(), 1));
-        mb.wait_for(1).map_err(|e| BdevError::Module(format!("cache '{}': cleaning failed: {e}", self.inst.sh.cache_name)))
+        mb.wait_for(1).map_err(|e| {
+            BdevError::Module(format!("cache '{}': cleaning failed: {e}", self.inst.sh.cache_name))
+        })
     }
 
     fn stats_value(&self, c: &Counters) -> serde_json::Value {
@@ -894,8 +961,10 @@ pub fn info_json(path: &std::path::Path) -> Result<serde_json::Value, String> {
     let mut first = vec![0u8; layout::MD_OFFSET as usize];
     f.read_exact(&mut first).map_err(|e| format!("{}: {e}", path.display()))?;
     let (sb, seq) = layout::decode_superblock(&first).map_err(|e| format!("{}: {e}", path.display()))?;
-    layout::check_superblock(&sb, dev_bytes, sb.cache_block_size).map_err(|e| format!("{}: {e}", path.display()))?;
-    let md_bytes = (layout::page_offset(sb.num_lines.div_ceil(layout::LINES_PER_PAGE)) - layout::MD_OFFSET) as usize;
+    layout::check_superblock(&sb, dev_bytes, sb.cache_block_size)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let md_bytes =
+        (layout::page_offset(sb.num_lines.div_ceil(layout::LINES_PER_PAGE)) - layout::MD_OFFSET) as usize;
     let mut image = vec![0u8; md_bytes];
     f.read_exact(&mut image).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut per_core: HashMap<u16, (u64, u64)> = HashMap::new();

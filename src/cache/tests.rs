@@ -113,7 +113,11 @@ fn model(mode: Mode, line: u32, cleaner: CleanerPolicy, seed: u64) {
             0 => {
                 flush(&mut ch);
                 // The promise of a completed flush: the core itself holds every acknowledged write.
-                same(&read(&mut core_ch, 0, nb), &reference, &format!("{mode:?} core after flush at step {step}"));
+                same(
+                    &read(&mut core_ch, 0, nb),
+                    &reference,
+                    &format!("{mode:?} core after flush at step {step}"),
+                );
             }
             1 => {
                 let n = 1 + rng.below(max_len);
@@ -144,7 +148,11 @@ fn model(mode: Mode, line: u32, cleaner: CleanerPolicy, seed: u64) {
                 let n = 1 + rng.below(max_len);
                 let off = if rng.below(2) == 0 { rng.below(nb / 8) } else { rng.below(nb - n) };
                 let got = read(&mut ch, off, n);
-                same(&got, &reference[(off * BS) as usize..((off + n) * BS) as usize], &format!("{mode:?} read step {step}"));
+                same(
+                    &got,
+                    &reference[(off * BS) as usize..((off + n) * BS) as usize],
+                    &format!("{mode:?} read step {step}"),
+                );
             }
         }
     }
@@ -162,7 +170,18 @@ fn model(mode: Mode, line: u32, cleaner: CleanerPolicy, seed: u64) {
         assert!(s["cleaner_writes"].as_u64().unwrap() > 0, "{s}");
     }
     assert_eq!(s["dirty_lines"], 0, "after the final flush: {s}");
-    for k in ["read_hits", "read_misses", "read_partial_hits", "write_hits", "write_misses", "occupancy_lines", "dirty_lines", "evictions", "cleaner_writes", "mode"] {
+    for k in [
+        "read_hits",
+        "read_misses",
+        "read_partial_hits",
+        "write_hits",
+        "write_misses",
+        "occupancy_lines",
+        "dirty_lines",
+        "evictions",
+        "cleaner_writes",
+        "mode",
+    ] {
         assert!(s.get(k).is_some(), "key {k} missing in {s}");
     }
     assert_eq!(s["mode"], mode.as_str());

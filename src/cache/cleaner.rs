@@ -302,7 +302,7 @@ impl Owner {
             self.shutdown.is_some() && self.clean.is_none() && self.jobs.is_empty() && !self.final_md_done;
         let sh = self.sh.clone();
         let mut map = lock(&sh.map);
-        let lazy = lazy_due && !map.md_pending.is_empty();
+        let lazy = lazy_due && !map.md_pending.is_empty() && !sh.cache_removed.load(Ordering::Acquire);
         if self.md_waiting.is_empty() && !final_round && !lazy {
             return false;
         }
@@ -400,6 +400,9 @@ impl Owner {
     // ---- cleaning ----
 
     fn start_clean(&mut self) -> bool {
+        if self.sh.cache_removed.load(Ordering::Acquire) {
+            return false;
+        }
         let now = self.sh.now_ms();
         let batch = self.sh.clean_batch as usize;
         let sh = self.sh.clone();
@@ -607,6 +610,16 @@ impl Owner {
             }
         }
         let mut progress = false;
+        if sh.cache_removed.load(Ordering::Acquire) {
+            // Dirty data on a removed cache device cannot be written back: the flush fails (the
+            // lines were reported when the device went away).
+            for j in &mut self.jobs {
+                if !j.remaining.is_empty() {
+                    j.error.get_or_insert(IoError::Errno(libc::EIO));
+                    j.remaining.clear();
+                }
+            }
+        }
         let mut to_flush: Vec<(u64, Vec<u16>)> = Vec::new();
         for j in &mut self.jobs {
             if j.remaining.is_empty() && j.flushing == 0 {

@@ -509,6 +509,13 @@ fn hot_remove_of_the_cache_device() {
     let d = fill(3, 4096);
     write(&mut ch, 200, &d);
     same(&read(&mut ch, 200, 8), &d, "pass-through after removal");
+    // A flush cannot make the stranded dirty data durable: it fails instead of pretending.
+    let r = run(&mut ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 0)]);
+    assert_eq!(r[&0], Err(IoError::Errno(libc::EIO)));
+    // Overwriting the dirty sectors makes them whole again on the core.
+    let d = fill(5, 4096);
+    write(&mut ch, 0, &d);
+    same(&read(&mut ch, 0, 8), &d, "dirty sectors overwritten after removal");
 
     // Clean: carries on in pass-through with the data intact.
     let reg = Registry::new();

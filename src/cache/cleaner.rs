@@ -445,6 +445,9 @@ impl Owner {
             return false;
         }
         let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        // The cleaner retries on its own schedule: its failed try_locks must not clear (or set) the
+        // flag that tells lock holders to wake waiting channels.
+        let waiters = map.lock_waiters;
         let mut lines = Vec::new();
         for i in pick {
             let l = &map.lines[i as usize];
@@ -459,8 +462,7 @@ impl Owner {
             let buf = IoVecs::alloc(((last + 1 - first) * bs) as usize);
             lines.push(CleanLine { slot: i, key, dirty, first, buf });
         }
-        // try_lock failures set the waiter flag; they are not waiters.
-        map.lock_waiters = false;
+        map.lock_waiters = waiters;
         drop(map);
         if lines.is_empty() {
             return false;

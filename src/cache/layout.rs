@@ -317,7 +317,9 @@ mod tests {
         a.mode = "wt".into();
         dev[4096..].copy_from_slice(&encode_superblock(&a, 2).unwrap());
         assert_eq!(decode_superblock(&dev).unwrap().0.mode, "wt");
-        dev[4096 + 40] ^= 1; // torn newest copy: the old one is used
+        // Damage that still parses ("wt" → "wu"): only the checksum catches it; the old copy is used.
+        let at = 4096 + dev[4096..].windows(4).position(|w| w == b"\"wt\"").unwrap() + 2;
+        dev[at] = b'u';
         assert_eq!(decode_superblock(&dev).unwrap().0.mode, "wb");
         dev[40] ^= 1; // both bad: corrupt
         assert!(matches!(decode_superblock(&dev), Err(LayoutError::Corrupt(_))));

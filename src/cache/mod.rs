@@ -508,6 +508,21 @@ fn cfg_err(cfg: &CacheConfig, m: impl std::fmt::Display) -> BdevError {
     BdevError::InvalidConfig(format!("cache bdev '{}': {m}", cfg.name))
 }
 
+fn same_core(c: &CoreEntry, cfg: &CacheConfig, core_blocks: u64, core_bs: u32) -> bool {
+    c.core_bdev == cfg.core && c.core_blocks == core_blocks && c.block_size == core_bs
+}
+
+fn core_mismatch(cfg: &CacheConfig, c: &CoreEntry, core_blocks: u64, core_bs: u32) -> BdevError {
+    cfg_err(
+        cfg,
+        format!(
+            "cache={} holds metadata of cache bdev '{}' over core '{}' ({} blocks of {} B), not over core={} \
+             ({core_blocks} blocks of {core_bs} B); use load=off to re-create the cache",
+            cfg.cache, c.cache_bdev, c.core_bdev, c.core_blocks, c.block_size, cfg.core
+        ),
+    )
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -542,6 +557,7 @@ impl CacheBdev {
                 format!("line-size={} holds more than 128 blocks of {core_bs} B", cfg.line_size),
             ));
         }
+        let core_blocks = core.info().num_blocks;
         let inst = {
             let mut table = lock(&INSTANCES);
             table.retain(|(_, w)| w.strong_count() > 0);
@@ -578,7 +594,7 @@ impl CacheBdev {
                     inst
                 }
                 None => {
-                    let inst = Self::open_instance(cfg, registry)?;
+                    let inst = Self::open_instance(cfg, registry, (core_blocks, core_bs))?;
                     table.push((key, Arc::downgrade(&inst)));
                     inst
                 }
@@ -594,20 +610,13 @@ impl CacheBdev {
                 ),
             ));
         }
-        let core_blocks = core.info().num_blocks;
         // Find or add this cache bdev in the core table.
         let core_id = {
             let mut g = lock(&sh.sb);
             let sb = &mut g.0;
             match sb.cores.iter().find(|c| c.cache_bdev == cfg.name) {
-                Some(c)
-                    if c.core_bdev != cfg.core || c.core_blocks != core_blocks || c.block_size != core_bs =>
-                {
-                    return Err(cfg_err(cfg, format!(
-                        "cache={} holds metadata of cache bdev '{}' over core '{}' ({} blocks of {} B), not over \
-                         core={} ({core_blocks} blocks of {core_bs} B); use load=off to re-create the cache",
-                        cfg.cache, c.cache_bdev, c.core_bdev, c.core_blocks, c.block_size, cfg.core
-                    )));
+                Some(c) if !same_core(c, cfg, core_blocks, core_bs) => {
+                    return Err(core_mismatch(cfg, c, core_blocks, core_bs));
                 }
                 Some(c) => c.id,
                 None => {
@@ -671,7 +680,11 @@ impl CacheBdev {
     }
 
     /// Opens the cache device: format, or load its metadata, per `cfg.load`; starts the owner thread.
-    fn open_instance(cfg: &CacheConfig, registry: &Registry) -> Result<Arc<Instance>, BdevError> {
+    fn open_instance(
+        cfg: &CacheConfig,
+        registry: &Registry,
+        (core_blocks, core_bs): (u64, u32),
+    ) -> Result<Arc<Instance>, BdevError> {
         let weak_slot: Arc<Mutex<Weak<Shared>>> = Arc::new(Mutex::new(Weak::new()));
         let ws = weak_slot.clone();
         let mut desc = registry
@@ -694,6 +707,11 @@ impl CacheBdev {
             (_, Ok((sb, seq))) => {
                 layout::check_superblock(&sb, dev_bytes, cbs)
                     .map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
+                if let Some(c) = sb.cores.iter().find(|c| c.cache_bdev == cfg.name) {
+                    if !same_core(c, cfg, core_blocks, core_bs) {
+                        return Err(core_mismatch(cfg, c, core_blocks, core_bs));
+                    }
+                }
                 if sb.line_size != cfg.line_size {
                     return Err(cfg_err(cfg, format!(
                         "cache={} holds another cache's metadata (line size {} B, this one asks for {} B); {force}",

@@ -357,16 +357,30 @@ fn background_cleaning_without_io() {
     reg.register(bdev.clone()).unwrap();
     let desc = reg.open("c0", true).unwrap();
     let mut ch = desc.channel().unwrap();
+    let t_first_write = Instant::now();
     for i in 0..20 {
         write(&mut ch, i * 8, &fill(i, 4096));
     }
-    assert_eq!(stats(&bdev)["dirty_lines"], 20);
-    let t = Instant::now();
-    while stats(&bdev)["dirty_lines"] != 0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "the cleaner made no progress: {}", stats(&bdev));
-        std::thread::sleep(Duration::from_millis(10));
+    // No I/O from here on: the cleaner must get everything clean by itself, and never clean a line
+    // before it has been dirty for the staleness time (a line is dirty since its write, which came
+    // after `t_first_write`, so the first clean seen here cannot come sooner than that).
+    let mut first_clean = None;
+    loop {
+        let dirty = stats(&bdev)["dirty_lines"].as_u64().unwrap();
+        if dirty < 20 && first_clean.is_none() {
+            first_clean = Some(t_first_write.elapsed());
+        }
+        if dirty == 0 {
+            break;
+        }
+        assert!(
+            t_first_write.elapsed() < Duration::from_secs(10),
+            "the cleaner made no progress: {}",
+            stats(&bdev)
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(t.elapsed() >= Duration::from_millis(40), "alru must wait for staleness");
+    assert!(first_clean.unwrap() >= Duration::from_millis(50), "alru cleaned before the staleness time");
     assert_eq!(stats(&bdev)["cleaner_writes"], 20);
 }
 
@@ -456,6 +470,18 @@ fn corrupt_or_foreign_metadata_is_refused_and_left_unmodified() {
     other.line_size = 8192;
     let e = try_open(&other).unwrap_err().to_string();
     assert!(e.contains("another cache") && e.contains("load=off"), "{e}");
+    assert_eq!(sha(&img), before, "refusal must not modify the device");
+    // The same cache bdev name over another core: refused, device untouched.
+    let before = sha(&img);
+    let e = {
+        let reg = Registry::new();
+        file_setup(&reg, dir.path(), cache_bytes);
+        reg.register(Arc::new(MallocBdev::new("other", 1 << 20, 512).unwrap())).unwrap();
+        let mut c = cfg(Mode::Wb);
+        c.core = "other".into();
+        CacheBdev::create(&c, &reg).err().unwrap().to_string()
+    };
+    assert!(e.contains("over core 'core0'") && e.contains("load=off"), "{e}");
     assert_eq!(sha(&img), before, "refusal must not modify the device");
     // Corrupt both superblock copies.
     let mut bytes = std::fs::read(&img).unwrap();

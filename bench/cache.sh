@@ -9,6 +9,8 @@
 #   cache-wt   same pattern through a wt cache (malloc cache device) after one warm-up run;
 #              hit ratio from the cache's own statistics (SIGUSR1 JSON), over the measured run only
 #   wb-burst   4 KiB randwrite burst into a wb cache (cleaner=acp), then the time until dirty_lines = 0
+#   hits-1q / hits-2q  all-hit randread (span = half the cache, warmed) with 1 and 2 queues, alternating
+#              three times: does the shared line map let a second queue add throughput?
 # Work files live under target/ (a disk filesystem), never /tmp or tmpfs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +32,10 @@ truncate -s "$CORE" "$TMP/core.img"
 dd if=/dev/urandom of="$TMP/core.img" bs=1M count="$CORE_MIB" conv=notrunc status=none
 
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; return 1; }
+QUEUES=1
 start() { # bdev args...
     rm -f "$SOCK"
-    "$VBLKD" --log-level warn "$@" --export "bdev=d0,socket=$SOCK,queues=1" >"$TMP/stdout" &
+    "$VBLKD" --log-level warn "$@" --export "bdev=d0,socket=$SOCK,queues=$QUEUES" >"$TMP/stdout" &
     SERVER=$!
     wait_sock "$SOCK"
 }
@@ -75,6 +78,23 @@ t0=$(date +%s.%N); d=$(stats dirty_lines); d0=$d
 while [ "$d" != 0 ]; do sleep 0.1; d=$(stats dirty_lines); done
 CLEAN=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
 echo "{\"run\":\"wb-burst\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"result\":$WB}"; stop
+
+# 5. hit-heavy: 1 vs 2 queues on one wt cache, everything cached
+QUEUES=2
+start --bdev "$FILE_BDEV" --bdev "driver=malloc,name=cd,size=$CACHE" \
+      --bdev "driver=cache,name=d0,cache=cd,core=core,mode=wt,seq-cutoff=off"
+HALF=$((CACHE_MIB / 2))
+bench --rw randread --span-mib $HALF >/dev/null
+bench --rw randread --span-mib $HALF >/dev/null
+for i in 1 2 3; do
+  for q in 1 2; do
+    R=$(bench --rw randread --span-mib $HALF --queues $q)
+    echo "{\"run\":\"hits-${q}q\",\"round\":$i,\"result\":$R}"
+    eval "H${q}_$i=\$(field \"\$R\" \"['iops']\")"
+  done
+done
+stop
+echo "# hits: 1 queue $H1_1 $H1_2 $H1_3 IOPS; 2 queues $H2_1 $H2_2 $H2_3 IOPS" >&2
 
 {
   echo "| run | IOPS | p50 µs | p99 µs | note |"

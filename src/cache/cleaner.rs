@@ -112,6 +112,7 @@ struct Owner {
     shutdown: Option<(Arc<Mailbox>, u64)>,
     final_md_done: bool,
     final_flush: Option<FinalFlush>,
+    dead: bool,
 }
 
 /// Runs the owner loop until shutdown.
@@ -147,6 +148,7 @@ pub(crate) fn run(sh: Arc<Shared>, image: Vec<u8>) {
         shutdown: None,
         final_md_done: false,
         final_flush: None,
+        dead: false,
         sh,
     };
     o.watch(o.sh.owner_efd.as_raw_fd());
@@ -177,6 +179,9 @@ impl Owner {
     fn main_loop(&mut self) {
         loop {
             let mut progress = self.take_requests();
+            if self.dead {
+                return;
+            }
             progress |= self.poll_channels();
             if self.md.is_none() {
                 progress |= self.start_md();
@@ -236,6 +241,12 @@ impl Owner {
                             }
                         }
                     }
+                }
+                OwnerReq::Shutdown(mb, t) if self.sh.simulate_crash.load(Ordering::Acquire) => {
+                    // Tests: die like `kill -9` (no final records, no clean superblock).
+                    self.sh.stopped.store(true, Ordering::Release);
+                    mb.post(t, Ok(()));
+                    self.dead = true;
                 }
                 OwnerReq::Shutdown(mb, t) => self.shutdown = Some((mb, t)),
             }
@@ -297,7 +308,7 @@ impl Owner {
     // ---- metadata rounds ----
 
     fn start_md(&mut self) -> bool {
-        let lazy_due = self.last_md.elapsed() > Duration::from_millis(100);
+        let lazy_due = self.last_md.elapsed() > Duration::from_millis(self.sh.md_lazy_ms);
         let final_round =
             self.shutdown.is_some() && self.clean.is_none() && self.jobs.is_empty() && !self.final_md_done;
         let sh = self.sh.clone();

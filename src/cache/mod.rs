@@ -174,6 +174,8 @@ pub struct CacheConfig {
     pub seq_cutoff: SeqCutoff,
     /// Sequential cut-off threshold in bytes.
     pub seq_cutoff_bytes: u64,
+    /// Records changed without a waiter (cleaned lines, evictions) are written within this time.
+    pub md_lazy_ms: u64,
     /// Load policy.
     pub load: LoadPolicy,
 }
@@ -193,6 +195,7 @@ impl CacheConfig {
             clean_batch: 100,
             seq_cutoff: SeqCutoff::Full,
             seq_cutoff_bytes: 1 << 20,
+            md_lazy_ms: 100,
             load: LoadPolicy::Auto,
         }
     }
@@ -293,6 +296,9 @@ pub struct Shared {
     pub(crate) alru_wake_ms: u64,
     pub(crate) alru_stale_ms: u64,
     pub(crate) clean_batch: u32,
+    pub(crate) md_lazy_ms: u64,
+    /// Tests: the next shutdown behaves like `kill -9`.
+    pub(crate) simulate_crash: AtomicBool,
     mode: AtomicU8,
     pub(crate) map: Mutex<LineMap>,
     pub(crate) cache_desc: Arc<Descriptor>,
@@ -835,6 +841,8 @@ impl CacheBdev {
             alru_wake_ms: cfg.alru_wake_ms,
             alru_stale_ms: cfg.alru_stale_ms,
             clean_batch: cfg.clean_batch.max(1),
+            md_lazy_ms: cfg.md_lazy_ms,
+            simulate_crash: AtomicBool::new(false),
             mode: AtomicU8::new(cfg.mode.to_u8()),
             map: Mutex::new(map),
             cache_desc: Arc::new(desc),

@@ -412,7 +412,8 @@ fn guest_file_2q() {
 
 /// One boot of `fio-verify` and `ext4` on a vblkd built from `bdevs` (bottom-up; the top one must be
 /// named `d0`; `DIR` in an argument is replaced by the test's temp dir). Adding a stack to the guest
-/// matrix is one line, e.g. for a cache over the FTL:
+/// matrix is one line in a `#[test] fn guest_stack_NAME()` (the `guest_stack_` prefix keeps it out of the
+/// parallel first pass of `scripts/test.sh`), e.g. for a cache over the FTL:
 /// `run_stack("cache-wb/ftl", &["driver=ftl,...,name=ftl0", "driver=malloc,name=cd,size=64M",
 /// "driver=cache,name=d0,cache=cd,core=ftl0,mode=wb"], 1)`.
 fn run_stack(label: &str, bdevs: &[&str], queues: u32) {
@@ -439,7 +440,7 @@ fn run_stack(label: &str, bdevs: &[&str], queues: u32) {
 }
 
 #[test]
-fn guest_cache_wt_over_file() {
+fn guest_stack_cache_wt_over_file() {
     run_stack(
         "cache-wt/file",
         &[

@@ -443,9 +443,10 @@ impl Owner {
                     CleanerPolicy::Nop => {}
                     CleanerPolicy::Acp => pick = map.dirty_lines(None, &is_attached, batch),
                     CleanerPolicy::Alru if now >= self.next_clean_ms => {
-                        let stale = now.saturating_sub(sh.alru_stale_ms);
                         pick = map.dirty_lines(None, &is_attached, batch);
-                        pick.retain(|&i| map.lines[i as usize].dirty_since_ms <= stale);
+                        pick.retain(|&i| {
+                            now.saturating_sub(map.lines[i as usize].dirty_since_ms) >= sh.alru_stale_ms
+                        });
                         self.next_clean_ms = if pick.len() == batch { now } else { now + sh.alru_wake_ms };
                     }
                     CleanerPolicy::Alru => {}

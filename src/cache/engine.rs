@@ -542,6 +542,7 @@ impl CacheChannel {
         let Some(r) = self.reqs.get_mut(&id) else { return };
         let removed = sh.cache_removed.load(Ordering::Acquire);
         let mut persist = false;
+        let mut wake = false;
         {
             let mut map = lock(&sh.map);
             let now = sh.now_ms();
@@ -586,6 +587,14 @@ impl CacheChannel {
                 }
                 map.set_bits(p.slot, v, d, now);
             }
+            if !(persist && !removed) && r.locked {
+                // Done: release the lines in the same critical section.
+                r.locked = false;
+                wake = map.unlock(id);
+            }
+        }
+        if wake {
+            sh.wake_all();
         }
         if persist && !removed {
             r.stage = Stage::Persist;

@@ -20,6 +20,9 @@
 //! the number of requests in flight.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use crate::tagmap::TagHasher;
 
 /// (core id, line number within the core).
 pub type Key = (u16, u64);
@@ -108,7 +111,7 @@ impl Counters {
 pub struct LineMap {
     /// Every cache line.
     pub lines: Vec<Line>,
-    index: HashMap<Key, u32>,
+    index: HashMap<Key, u32, BuildHasherDefault<TagHasher>>,
     free: Vec<u32>,
     head: u32,
     tail: u32,
@@ -126,7 +129,7 @@ impl LineMap {
     pub fn new(num_lines: u32) -> Self {
         Self {
             lines: vec![Line::empty(); num_lines as usize],
-            index: HashMap::new(),
+            index: HashMap::default(),
             free: (0..num_lines).rev().collect(),
             head: NIL,
             tail: NIL,

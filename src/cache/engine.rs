@@ -587,7 +587,8 @@ impl CacheChannel {
                 }
                 map.set_bits(p.slot, v, d, now);
             }
-            if !(persist && !removed) && r.locked {
+            let wait_persist = persist && !removed;
+            if !wait_persist && r.locked {
                 // Done: release the lines in the same critical section.
                 r.locked = false;
                 wake = map.unlock(id);

@@ -347,3 +347,28 @@ mod tests {
         assert!(geometry(8192, 4096).is_none());
     }
 }
+
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a cache device holds, decoding never panics (it loads, or says absent/corrupt).
+        #[test]
+        fn decoders_never_panic(body in proptest::collection::vec(any::<u8>(), 0..600), seq in any::<u64>(),
+                                flip in 0usize..8192, rec in proptest::collection::vec(any::<u8>(), 128)) {
+            let mut dev = vec![0u8; MD_OFFSET as usize];
+            for copy in [0usize, SB_BYTES as usize] {
+                dev[copy..copy + 8].copy_from_slice(MAGIC);
+                dev[copy + 8..copy + 12].copy_from_slice(&VERSION.to_le_bytes());
+                dev[copy + 12..copy + 20].copy_from_slice(&seq.to_le_bytes());
+                dev[copy + 20..copy + 24].copy_from_slice(&(body.len() as u32).to_le_bytes());
+                dev[copy + SB_HEADER..copy + SB_HEADER + body.len()].copy_from_slice(&body);
+            }
+            dev[flip] ^= 0xa5;
+            let _ = decode_superblock(&dev);
+            let _ = decode_line(&rec, 0);
+        }
+    }
+}

@@ -538,8 +538,17 @@ impl Owner {
             CleanStage::Write => {
                 round.stage = CleanStage::Flush;
                 let cores: BTreeSet<u16> = round.lines.iter().map(|l| l.key.0).collect();
-                let ios = cores.into_iter().map(|c| (c, BdevIo::no_data(IoKind::Flush, 0, 0, 0))).collect();
-                self.submit_core(ios, Purpose::CleanFlush);
+                // A core without a volatile cache to flush (no flush support) is durable as written.
+                let ios: Vec<(u16, BdevIo)> = cores
+                    .into_iter()
+                    .filter(|c| self.cores.get(c).is_some_and(|(ch, _)| ch.bdev().info().supports.flush))
+                    .map(|c| (c, BdevIo::no_data(IoKind::Flush, 0, 0, 0)))
+                    .collect();
+                if ios.is_empty() {
+                    self.finish_clean();
+                } else {
+                    self.submit_core(ios, Purpose::CleanFlush);
+                }
             }
             CleanStage::Flush => self.finish_clean(),
         }
@@ -657,7 +666,9 @@ impl Owner {
             let mut n = 0;
             for c in cores {
                 let t = self.tag(Purpose::JobFlush(id));
-                if let Some((ch, _)) = self.cores.get_mut(&c) {
+                if let Some((ch, _)) =
+                    self.cores.get_mut(&c).filter(|(ch, _)| ch.bdev().info().supports.flush)
+                {
                     ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, t));
                     n += 1;
                 } else {

@@ -14,6 +14,9 @@
 //!   `persist-verify`; then the daemon is restarted read-only with a serial and
 //!   boot C runs `readonly`.
 //!
+//! Stacked bdevs (`guest_stack_*`, one boot each: `fio-verify`, `ext4`): cache(wt) over file, and
+//! cache(wb, 2 queues, cache device smaller than fio's span) over file.
+//!
 //! The backend is vblkd (`CARGO_BIN_EXE_vblkd`). For developing the harness
 //! without vblkd, `VBLKD_E2E_BACKEND=qsd` uses qemu-storage-daemon instead (its
 //! "malloc" is a file on /dev/shm; its GET_ID string is fixed at
@@ -449,5 +452,18 @@ fn guest_stack_cache_wt_over_file() {
             "driver=cache,name=d0,cache=cd,core=core,mode=wt",
         ],
         1,
+    );
+}
+
+#[test]
+fn guest_stack_cache_wb_over_file() {
+    run_stack(
+        "cache-wb/file",
+        &[
+            "driver=file,name=core,path=DIR/core.img,size=256M",
+            "driver=malloc,name=cd,size=32M",
+            "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp",
+        ],
+        2,
     );
 }

@@ -6,9 +6,13 @@
 //!   --bdev driver=null,name=n0,size=1T[,block-size=...]
 //!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=auto|io_uring|threads][,block-size=...]
 //!   --bdev driver=rbd,name=r0,pool=rbd,image=NAME[,conf=PATH][,user=admin][,keyring=PATH][,create=SIZE][,timeout=S]
+//!   --bdev driver=cache,name=c0,cache=BDEV,core=BDEV[,mode=wt|wb|wa|pt|wi|wo][,line-size=4K..64K]
+//!          [,cleaner=alru|acp|nop][,alru-wake-ms=N][,alru-stale-ms=N][,clean-batch=N]
+//!          [,seq-cutoff=off|full|always][,seq-cutoff-size=1M][,load=auto|on|off]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
+//! vblkd cache info --cache PATH
 //! ```
 //!
 //! # Design
@@ -68,6 +72,9 @@ pub enum Command {
     Media(MediaCommand),
     /// Send one request to a running daemon's control socket and print the JSON result.
     Ctl(CtlArgs),
+    /// Cache devices.
+    #[command(subcommand)]
+    Cache(CacheCommand),
 }
 
 /// `vblkd ctl [--control PATH] METHOD [key=value | value]...`
@@ -85,6 +92,17 @@ pub struct CtlArgs {
     /// Parameters as key=value; a bare first value is the method's main parameter (a name, a level,
     /// a socket or bdev).
     pub params: Vec<String>,
+}
+
+/// `vblkd cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print a cache device's metadata and saved statistics as JSON (read-only).
+    Info {
+        /// The cache device: an image file or block device path.
+        #[arg(long, value_name = "PATH")]
+        cache: PathBuf,
+    },
 }
 
 /// I/O engine of a file bdev.
@@ -141,6 +159,8 @@ pub enum BdevSpec {
         /// Pool, image, credentials, create and time-out options.
         cfg: crate::bdev::rbd::RbdConfig,
     },
+    /// A cache bdev over a core, on a cache device.
+    Cache(crate::cache::CacheConfig),
 }
 
 impl BdevSpec {
@@ -149,6 +169,7 @@ impl BdevSpec {
         match self {
             Self::Malloc { name, .. } | Self::Null { name, .. } | Self::File { name, .. } => name,
             Self::Rbd { name, .. } => name,
+            Self::Cache(c) => &c.name,
         }
     }
 }
@@ -400,11 +421,12 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
                 crate::bdev::rbd::RbdConfig { pool, image, conf, user, keyring, create_bytes, timeout_secs };
             BdevSpec::Rbd { name, cfg }
         }
+        "cache" => BdevSpec::Cache(parse_cache(&mut keys, name)?),
         other => {
             return Err(err(
                 flag,
                 value,
-                format!("unknown driver '{other}' (expected malloc, null, file or rbd)"),
+                format!("unknown driver '{other}' (expected malloc, null, file, rbd or cache)"),
             ))
         }
     };
@@ -424,6 +446,69 @@ fn socket_perms(keys: &mut Keys<'_>) -> Result<crate::vhost::SocketPerms, CliErr
         owner: owner.transpose().map_err(|p| e(keys, p))?,
         group: group.transpose().map_err(|p| e(keys, p))?,
     })
+}
+
+fn parse_cache(keys: &mut Keys<'_>, name: String) -> Result<crate::cache::CacheConfig, CliError> {
+    use crate::cache::{CacheConfig, CleanerPolicy, LoadPolicy, Mode, SeqCutoff};
+    let (flag, value) = (keys.flag, keys.value);
+    let cache = keys.required("cache")?;
+    let core = keys.required("core")?;
+    if cache == core {
+        return Err(err(flag, value, format!("cache={cache} and core={core} must be different bdevs")));
+    }
+    let mut c = CacheConfig::new(&name, &cache, &core);
+    if let Some(m) = keys.optional("mode") {
+        c.mode = Mode::parse(&m)
+            .ok_or_else(|| err(flag, value, format!("mode={m} must be one of wt, wb, wa, pt, wi, wo")))?;
+    }
+    if let Some(ls) = keys.size("line-size")? {
+        let ok = u32::try_from(ls).ok().filter(|&l| crate::cache::valid_line_size(l));
+        c.line_size =
+            ok.ok_or_else(|| err(flag, value, format!("line-size={ls} must be 4K, 8K, 16K, 32K or 64K")))?;
+    }
+    c.cleaner = match keys.optional("cleaner").as_deref() {
+        None | Some("alru") => CleanerPolicy::Alru,
+        Some("acp") => CleanerPolicy::Acp,
+        Some("nop") => CleanerPolicy::Nop,
+        Some(v) => return Err(err(flag, value, format!("cleaner={v} must be alru, acp or nop"))),
+    };
+    if let Some(v) = keys.number::<u64>("alru-wake-ms")? {
+        if v == 0 || v > 3_600_000 {
+            return Err(err(flag, value, format!("alru-wake-ms={v} must be between 1 and 3600000")));
+        }
+        c.alru_wake_ms = v;
+    }
+    if let Some(v) = keys.number::<u64>("alru-stale-ms")? {
+        if v > 3_600_000 {
+            return Err(err(flag, value, format!("alru-stale-ms={v} must be at most 3600000")));
+        }
+        c.alru_stale_ms = v;
+    }
+    if let Some(v) = keys.number::<u32>("clean-batch")? {
+        if v == 0 || v > 10_000 {
+            return Err(err(flag, value, format!("clean-batch={v} must be between 1 and 10000")));
+        }
+        c.clean_batch = v;
+    }
+    c.seq_cutoff = match keys.optional("seq-cutoff").as_deref() {
+        None | Some("full") => SeqCutoff::Full,
+        Some("off") => SeqCutoff::Off,
+        Some("always") => SeqCutoff::Always,
+        Some(v) => return Err(err(flag, value, format!("seq-cutoff={v} must be off, full or always"))),
+    };
+    if let Some(v) = keys.size("seq-cutoff-size")? {
+        if v == 0 {
+            return Err(err(flag, value, "seq-cutoff-size=0 must be positive"));
+        }
+        c.seq_cutoff_bytes = v;
+    }
+    c.load = match keys.optional("load").as_deref() {
+        None | Some("auto") => LoadPolicy::Auto,
+        Some("on") => LoadPolicy::On,
+        Some("off") => LoadPolicy::Off,
+        Some(v) => return Err(err(flag, value, format!("load={v} must be auto, on or off"))),
+    };
+    Ok(c)
 }
 
 /// Parses one `--export` value.
@@ -500,8 +585,27 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
     } else {
         let mut bdevs = Vec::new();
         let mut names = HashSet::new();
+        let mut cores = std::collections::HashMap::new();
         for v in &args.bdevs {
             let (spec, limits) = parse_bdev_with_qos(v)?;
+            if let BdevSpec::Cache(c) = &spec {
+                for (key, b) in [("cache", &c.cache), ("core", &c.core)] {
+                    if !names.contains(b) {
+                        return Err(err(
+                            "--bdev",
+                            v,
+                            format!("{key}={b}: no bdev of that name defined before it"),
+                        ));
+                    }
+                }
+                if let Some(other) = cores.insert(c.core.clone(), c.name.clone()) {
+                    return Err(err(
+                        "--bdev",
+                        v,
+                        format!("core={} is already the core of cache bdev '{other}'", c.core),
+                    ));
+                }
+            }
             if !names.insert(spec.name().to_string()) {
                 return Err(err("--bdev", v, format!("duplicate bdev name '{}'", spec.name())));
             }

@@ -77,7 +77,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Builds the module object for one bdev spec (stacked modules open their bases in `registry`).
-pub fn build_bdev(spec: &BdevSpec, _registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
+pub fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
     use crate::bdev::file::{Engine, FileBdev};
     use crate::bdev::malloc::MallocBdev;
     use crate::bdev::null::NullBdev;
@@ -101,6 +101,7 @@ pub fn build_bdev(spec: &BdevSpec, _registry: &Registry) -> Result<Arc<dyn Bdev>
                     .with_inline(inline),
             )
         }
+        BdevSpec::Cache(cfg) => crate::cache::CacheBdev::create(cfg, registry).map_err(|e| flag(&e))?,
         BdevSpec::Rbd { name, cfg } => {
             Arc::new(crate::bdev::rbd::RbdBdev::open(name, cfg).map_err(|e| flag(&e))?)
         }

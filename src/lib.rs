@@ -5,6 +5,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bdev;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod control;

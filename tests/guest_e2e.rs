@@ -14,6 +14,9 @@
 //!   `persist-verify`; then the daemon is restarted read-only with a serial and
 //!   boot C runs `readonly`.
 //!
+//! Stacked bdevs (`guest_stack_*`, one boot each: `fio-verify`, `ext4`): cache(wt) over file, and
+//! cache(wb, 2 queues, cache device smaller than fio's span) over file.
+//!
 //! The backend is vblkd (`CARGO_BIN_EXE_vblkd`). For developing the harness
 //! without vblkd, `VBLKD_E2E_BACKEND=qsd` uses qemu-storage-daemon instead (its
 //! "malloc" is a file on /dev/shm; its GET_ID string is fixed at
@@ -441,4 +444,59 @@ fn guest_file_1q() {
 #[test]
 fn guest_file_2q() {
     run_matrix(Bdev::File, 2);
+}
+
+/// One boot of `fio-verify` and `ext4` on a vblkd built from `bdevs` (bottom-up; the top one must be
+/// named `d0`; `DIR` in an argument is replaced by the test's temp dir). Adding a stack to the guest
+/// matrix is one line in a `#[test] fn guest_stack_NAME()` (the `guest_stack_` prefix keeps it out of the
+/// parallel first pass of `scripts/test.sh`), e.g. for a cache over the FTL:
+/// `run_stack("cache-wb/ftl", &["driver=ftl,...,name=ftl0", "driver=malloc,name=cd,size=64M",
+/// "driver=cache,name=d0,cache=cd,core=ftl0,mode=wb"], 1)`.
+fn run_stack(label: &str, bdevs: &[&str], queues: u32) {
+    let _guard = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new().prefix("vblkd-e2e").tempdir_in("/tmp").unwrap();
+    let socket = dir.path().join("vblkd.sock");
+    let log = dir.path().join("daemon.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vblkd"));
+    cmd.arg("--data-dir").arg(dir.path().join("data")).args(["--log-level", "info"]);
+    for b in bdevs {
+        cmd.arg("--bdev").arg(b.replace("DIR", &dir.path().display().to_string()));
+    }
+    cmd.arg("--export").arg(format!("bdev=d0,socket={},queues={queues},serial={SERIAL}", socket.display()));
+    let out = File::create(&log).unwrap();
+    cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
+    eprintln!("e2e: starting backend: {cmd:?}");
+    let child = cmd.spawn().expect("cannot start vblkd");
+    let mut d = Daemon { backend: Backend::Vblkd, child: Some(child), socket, log };
+    d.wait_for_socket();
+    run_guest(label, &d.socket, queues, false, &[], &["fio-verify", "ext4"]);
+    d.stop();
+    eprintln!("e2e: [{label}] all workloads PASS in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn guest_stack_cache_wt_over_file() {
+    run_stack(
+        "cache-wt/file",
+        &[
+            "driver=file,name=core,path=DIR/core.img,size=256M",
+            "driver=malloc,name=cd,size=64M",
+            "driver=cache,name=d0,cache=cd,core=core,mode=wt",
+        ],
+        1,
+    );
+}
+
+#[test]
+fn guest_stack_cache_wb_over_file() {
+    run_stack(
+        "cache-wb/file",
+        &[
+            "driver=file,name=core,path=DIR/core.img,size=256M",
+            "driver=malloc,name=cd,size=32M",
+            "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp",
+        ],
+        2,
+    );
 }

@@ -7,6 +7,7 @@
 pub mod bdev;
 pub mod cli;
 pub mod client;
+pub mod ftl;
 pub mod ocssd;
 pub mod tagmap;
 pub mod vhost;

@@ -14,14 +14,26 @@ use vmm_sys_util::eventfd::EventFd;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Media(cmd)) = args.command {
-        return match vblkd::ocssd::cli::run(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vblkd media: {e}");
-                ExitCode::from(2)
-            }
-        };
+    match args.command {
+        Some(Command::Media(cmd)) => {
+            return match vblkd::ocssd::cli::run(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vblkd media: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Some(Command::Ftl(cmd)) => {
+            return match vblkd::ftl::cli::run_to(cmd, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vblkd ftl: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        None => {}
     }
     let config = match cli::build_config(&args) {
         Ok(c) => c,
@@ -66,7 +78,46 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
+/// Opens (or creates) an emulated OCSSD image into the process's media table.
+fn open_media(spec: &BdevSpec) -> Result<(), String> {
+    use vblkd::ocssd::table::{open_or_create, MediaTable};
+    use vblkd::ocssd::{EmuConfig, MediaDevice};
+    let BdevSpec::OcssdEmu { name, path, create, geometry, given, bad_chunks } = spec else {
+        return Ok(());
+    };
+    let flag = |e: &dyn std::fmt::Display| format!("--bdev name={name}: {e}");
+    let cfg = EmuConfig { geometry: *geometry, bad_chunks: bad_chunks.clone(), faults: Vec::new() };
+    let (dev, created) = open_or_create(path, *create, &cfg).map_err(|e| flag(&e))?;
+    if !created {
+        // An existing image keeps its geometry: keys that disagree are refused, never applied.
+        let g = dev.geometry();
+        for (key, want, have) in [
+            ("groups", geometry.num_grp, g.num_grp),
+            ("pus", geometry.num_pu, g.num_pu),
+            ("chunks", geometry.num_chk, g.num_chk),
+            ("chunk-blocks", geometry.clba, g.clba),
+            ("ws-min", geometry.ws_min, g.ws_min),
+            ("ws-opt", geometry.ws_opt, g.ws_opt),
+            ("oob-bytes", geometry.oob_bytes, g.oob_bytes),
+        ] {
+            if given.contains(&key) && want != have {
+                return Err(flag(&format!(
+                    "{key}={want}: the existing image {} has {key}={have} (it is never reformatted)",
+                    path.display()
+                )));
+            }
+        }
+    } else {
+        log::info!("created emulated OCSSD image {}", path.display());
+    }
+    let dev: Arc<dyn MediaDevice> = Arc::new(dev);
+    if !MediaTable::global().insert(name, dev) {
+        return Err(flag(&"a media device of this name already exists"));
+    }
+    Ok(())
+}
+
+fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
     use vblkd::bdev::file::{Engine, FileBdev};
     use vblkd::bdev::malloc::MallocBdev;
     use vblkd::bdev::null::NullBdev;
@@ -87,6 +138,17 @@ fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
                 FileBdev::open_with_block_size(name, path, *size_bytes, *direct, engine, *block_size)
                     .map_err(|e| flag(&e))?,
             )
+        }
+        BdevSpec::OcssdEmu { .. } => return Err(flag(&"a media device is not a block bdev")),
+        BdevSpec::Ftl { base, cfg, nv_cache } => {
+            if let Some(nv) = nv_cache {
+                return Err(flag(&format!("nv-cache={nv}: not supported by this build")));
+            }
+            let media = vblkd::ocssd::table::MediaTable::global().get(base).ok_or_else(|| {
+                let hint = if registry.get(base).is_some() { " (it is a block bdev, not media)" } else { "" };
+                flag(&format!("base={base}: no media device of that name{hint} (define it with --bdev driver=ocssd-emu,name={base},...)"))
+            })?;
+            Arc::new(vblkd::ftl::FtlBdev::open(cfg.clone(), media).map_err(|e| flag(&e))?)
         }
     })
 }
@@ -120,7 +182,11 @@ fn run(config: Config) -> Result<(), String> {
     }
     let registry = Arc::new(Registry::new());
     for spec in &config.bdevs {
-        let bdev = build_bdev(spec)?;
+        if matches!(spec, BdevSpec::OcssdEmu { .. }) {
+            open_media(spec)?;
+            continue;
+        }
+        let bdev = build_bdev(spec, &registry)?;
         registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
     }
     let stop = Arc::new(

@@ -151,7 +151,12 @@ impl Registry {
         let mut map = serde_json::Map::new();
         for name in &inner.order {
             if let Some(e) = inner.by_name.get(name) {
-                map.insert(name.clone(), serde_json::to_value(e.stats.snapshot()).unwrap_or_default());
+                let mut v = serde_json::to_value(e.stats.snapshot()).unwrap_or_default();
+                // Module-specific statistics (e.g. the FTL's WAF and band counts) under "module".
+                if let (Some(obj), Some(m)) = (v.as_object_mut(), e.bdev.module_stats()) {
+                    obj.insert("module".into(), m);
+                }
+                map.insert(name.clone(), v);
             }
         }
         serde_json::Value::Object(map)

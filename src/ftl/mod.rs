@@ -43,6 +43,7 @@
 //! positions are reclaimed by relocation).
 
 pub mod band;
+pub mod cli;
 pub mod core;
 pub mod info;
 pub mod l2p;

@@ -235,6 +235,18 @@ pub fn read_area(
     let bad = |id: RegionId, e: LayoutError| FtlError::Corrupt(format!("{}: {e}", id.name()));
     let first = read_blocks(qp, geo, &chunks, 0, 1)?;
     let sb = Superblock::decode(&first).map_err(|e| bad(RegionId::Superblock, e))?;
+    if u64::from(sb.pu_end - sb.pu_begin) + 1 != geo.pus.len() as u64 || sb.num_bands != geo.num_bands {
+        return Err(FtlError::Config {
+            option: "punits",
+            reason: format!(
+                "the FTL on this media covers parallel units {}-{} ({} bands), not the {} PUs asked for",
+                sb.pu_begin,
+                sb.pu_end,
+                sb.num_bands,
+                geo.pus.len()
+            ),
+        });
+    }
     let nb = sb.num_bands as usize;
     let read_region = |qp: &mut dyn QueuePair, id: RegionId| -> Result<Vec<u8>, FtlError> {
         let off = u64::from(sb.region_offsets[id as usize]);
@@ -281,6 +293,7 @@ pub fn load(media: &dyn MediaDevice, qp: &mut dyn QueuePair, geo: &Geo) -> Resul
             return Ok(Loaded { ckpt: again, md_bands: k, primary_bad: None });
         }
         Ok(_) => "block 0 holds a mirror superblock".to_string(),
+        Err(e @ FtlError::Config { .. }) => return Err(e),
         Err(e) => e.to_string(),
     };
     let mut mirror_err = String::from("no mirror superblock found");

@@ -123,7 +123,7 @@ fn kill_9_at_random_points_never_loses_flushed_data() {
     let mut ver = 1u64;
     let cycles = 24;
     for cycle in 0..cycles {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (cycle as u64 + 1) * 0x1234_5678_9abc);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((cycle as u64 + 1) * 0x1234_5678_9abc));
         let mut child = spawn(dir.path(), &sock);
         let mut c = BlkClient::connect(&sock, 1, 128, MEM).expect("connect");
         let nblocks = c.get_u64("capacity").expect("capacity") / BS as u64;

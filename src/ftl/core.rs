@@ -541,9 +541,6 @@ impl Worker {
             },
         };
         let mut c = lock(&sh.core);
-        if std::env::var("FTL_DEBUG").is_ok() {
-            eprintln!("OPEN band {id} good {:?}", c.bands[id as usize].good);
-        }
         let seq = c.next_seq;
         let b = &mut c.bands[id as usize];
         let positions = b.positions(&sh.geo);
@@ -608,10 +605,9 @@ impl Worker {
                 }
                 let tail_blocks = self.tail_cache.as_ref().map_or(0, |t| t.1.len() / BLOCK_BYTES);
                 // Index of this position among the non-hole tail positions.
-                let mut idx = (data_end..pos).filter(|p| !b.is_hole(geo, *p)).count();
-                for _ in 0..geo.ws_min {
+                let first = (data_end..pos).filter(|p| !b.is_hole(geo, *p)).count();
+                for idx in first..first + geo.ws_min as usize {
                     items.push(if idx < tail_blocks { Src::Tail(idx) } else { Src::Pad });
-                    idx += 1;
                 }
             } else {
                 // Data region: need ws_min live entries (or padding).
@@ -624,18 +620,16 @@ impl Worker {
                     }
                     n += 1;
                 }
-                if picked.len() < want && !(pad && !picked.is_empty()) {
-                    if !(pad
-                        && pos == 0
-                        && c.bands[id as usize].state == BandState::Opening
-                        && picked.is_empty())
-                    {
-                        // Not enough for a mini-unit: dead entries up to `n` may still be retired.
-                        if picked.is_empty() {
-                            c.wbuf.taken = n;
+                if picked.len() < want && (!pad || picked.is_empty()) {
+                    // Not enough for a mini-unit. Dead entries up to `n` are dropped now when no
+                    // run of this batch still refers to the buffer before them.
+                    if picked.is_empty() {
+                        c.wbuf.taken = n;
+                        if runs.is_empty() {
+                            c.wbuf.retire_to(n);
                         }
-                        break;
                     }
+                    break;
                 }
                 c.wbuf.taken = n;
                 if pos == 0 {
@@ -724,9 +718,6 @@ impl Worker {
                 layout::encode_oob(lba, seq, &mut oob[k * oob_bytes..(k + 1) * oob_bytes]);
             }
             let first = b.ppa(geo, r.first_pos).unwrap_or_default();
-            if std::env::var("FTL_DEBUG").is_ok() {
-                eprintln!("WRITE band {} pos {} n {} at {first} items {:?}", r.band, r.first_pos, n, r.items);
-            }
             match PpaList::contiguous(first, n) {
                 Ok(ppas) => ops.push((
                     Op::Write { ppas, data: SgList::from(data), oob: Some(IoBuf::from_vec(oob)) },
@@ -764,7 +755,7 @@ impl Worker {
                 let failed = if d.status.is_success() {
                     0
                 } else {
-                    d.failed.0 | u64::from(d.failed.0 == 0) * u64::MAX
+                    d.failed.0 | (u64::from(d.failed.0 == 0) * u64::MAX)
                 };
                 results.push((d.tag as usize, failed));
             }
@@ -802,9 +793,6 @@ impl Worker {
                     }
                 }
                 sh.stats.write_failures.fetch_add(1, Ordering::Relaxed);
-                if std::env::var("FTL_DEBUG").is_ok() {
-                    eprintln!("WRITE FAILED band {} pos {} failed {failed:#x}", r.band, r.first_pos);
-                }
                 if r.items.iter().any(|it| matches!(it, Src::Tail(_))) {
                     band.has_tail = false;
                 }
@@ -888,9 +876,6 @@ impl Worker {
         for (id, cur) in std::mem::take(&mut c.relocs) {
             let b = &mut c.bands[id as usize];
             if b.valid == 0 {
-                if std::env::var("FTL_DEBUG").is_ok() {
-                    eprintln!("FREED band {id} reloc_pending {}", b.reloc_pending);
-                }
                 b.state = BandState::Free;
                 b.dirty = true;
                 b.written = 0;
@@ -920,12 +905,6 @@ impl Worker {
                 })
                 .map(|b| b.id);
             if let Some(id) = best {
-                if std::env::var("FTL_DEBUG").is_ok() {
-                    eprintln!(
-                        "VICTIM band {id} valid {} written {}",
-                        c.bands[id as usize].valid, c.bands[id as usize].written
-                    );
-                }
                 c.relocs.push((id, 0));
                 sh.stats.relocated_bands.fetch_add(1, Ordering::Relaxed);
             }

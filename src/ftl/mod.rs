@@ -900,10 +900,6 @@ impl FtlChannel {
                     self.sh.geo.ppa_of(addr),
                     c.status
                 );
-                if std::env::var("FTL_DEBUG").is_ok() {
-                    let p = self.sh.geo.ppa_of(addr);
-                    eprintln!("READ FAIL lba {lba} addr {addr} {p} chunk {:?}", self.sh.media.chunk_info(p));
-                }
                 r.error = Some(IoError::Media(c.status.to_status_field(false)));
                 continue;
             }

@@ -74,7 +74,7 @@ fn read(
     let ok = done.status.is_success();
     let data = done.buffers.data.map(|d| d.to_vec()).unwrap_or_default();
     let oob = done.buffers.oob.map(|o| o.as_slice().to_vec()).unwrap_or_default();
-    Ok((data, oob, if ok { 0 } else { done.failed.0 | u64::from(done.failed.0 == 0) * u64::MAX }, ok))
+    Ok((data, oob, if ok { 0 } else { done.failed.0 | (u64::from(done.failed.0 == 0) * u64::MAX) }, ok))
 }
 
 fn scan_band(

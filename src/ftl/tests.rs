@@ -530,7 +530,8 @@ fn metadata_primary_corruption_uses_mirror_and_repairs_both_corrupt_fails_untouc
 
 #[test]
 fn config_rules_name_the_option() {
-    let cases: Vec<(Box<dyn Fn(&mut FtlConfig)>, &str)> = vec![
+    type Tweak = Box<dyn Fn(&mut FtlConfig)>;
+    let cases: Vec<(Tweak, &str)> = vec![
         (Box::new(|c| c.invalid_thld = 100), "invalid-thld"),
         (Box::new(|c| c.lba_rsvd = 0), "lba-rsvd"),
         (Box::new(|c| c.lba_rsvd = 100), "lba-rsvd"),

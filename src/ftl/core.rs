@@ -228,7 +228,14 @@ impl Shared {
     pub fn invalidate(&self, c: &mut Core, old: Loc) {
         match old {
             Loc::Unmapped => {}
-            Loc::Cache(n) => c.wbuf.kill(n),
+            Loc::Cache(n) => {
+                // A relocated block overwritten while buffered no longer pins its source band.
+                if let Some(Origin::Reloc(src)) = c.wbuf.kill(n) {
+                    if let Some(b) = c.bands.get_mut(src as usize) {
+                        b.reloc_pending = b.reloc_pending.saturating_sub(1);
+                    }
+                }
+            }
             Loc::Media(a) => {
                 let (band, _, _) = self.geo.split(a);
                 if clear_bit(&mut c.valid, a) {
@@ -313,7 +320,7 @@ pub fn run(shared: Arc<Shared>) {
             return;
         }
     };
-    let mut worker = Worker { sh: shared, tail_cache: None };
+    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None };
     worker.main(qp.as_mut());
 }
 
@@ -326,6 +333,9 @@ fn fail_flushes(sh: &Shared) {
 
 struct Worker {
     sh: Arc<Shared>,
+    /// Pad a partial mini-unit on the next step: the core went idle with blocks waiting (nothing
+    /// else will complete it soon, e.g. the last relocated blocks of a band, or a quiet writer).
+    pad_next: bool,
     /// Encoded tail of the band being closed.
     tail_cache: Option<(u32, Vec<u8>)>,
 }
@@ -352,7 +362,14 @@ impl Worker {
                     }
                     let c = lock(&self.sh.core);
                     if c.flushes.is_empty() && c.wbuf.waiting() < self.sh.geo.ws_min {
-                        let _ = self.sh.wake.wait_timeout(c, Duration::from_millis(20));
+                        let waiting = c.wbuf.waiting();
+                        let (c, timeout) = self
+                            .sh
+                            .wake
+                            .wait_timeout(c, Duration::from_millis(20))
+                            .unwrap_or_else(|e| e.into_inner());
+                        // Still the same partial unit after a quiet period: pad it next time.
+                        self.pad_next = timeout.timed_out() && waiting > 0 && c.wbuf.waiting() == waiting;
                     }
                 }
                 Err(e) => {
@@ -389,7 +406,7 @@ impl Worker {
             return Ok(true);
         }
         // 2. A batch of writes.
-        let pad = flush_wanted;
+        let pad = flush_wanted || std::mem::take(&mut self.pad_next);
         let runs = self.build_batch(&mut c, pad);
         if !runs.is_empty() {
             let prepared = self.prepare(&c, &runs);
@@ -449,7 +466,8 @@ impl Worker {
                     lock(&sh.core).next = Some(id);
                     return Ok(true);
                 }
-                return Ok(false);
+                // No free band yet: relocation below makes one.
+                return self.relocate(qp);
             }
         }
         // 5. Relocation.
@@ -811,7 +829,7 @@ impl Worker {
                 let Some(addr) = band.addr(geo, pos) else { continue };
                 if ok {
                     band.written += 1;
-                    if let Origin::Reloc(src) = origin {
+                    if let (Origin::Reloc(src), true) = (origin, live) {
                         let s = &mut c.bands[src as usize];
                         s.reloc_pending = s.reloc_pending.saturating_sub(1);
                     }
@@ -828,11 +846,8 @@ impl Worker {
                         *slot = LBA_PAD;
                     }
                     if live && sh.l2p.get(lba) == Loc::Cache(n) {
-                        requeue.push((lba, origin, bytes.to_vec()));
                         // Keep the L2P on the old entry until re-queued below.
-                    } else if let Origin::Reloc(src) = origin {
-                        let s = &mut c.bands[src as usize];
-                        s.reloc_pending = s.reloc_pending.saturating_sub(1);
+                        requeue.push((lba, origin, bytes.to_vec()));
                     }
                 }
             }

@@ -112,12 +112,15 @@ impl WriteBuffer {
         Some((&self.entries[s], &self.data[s * BLOCK_BYTES..(s + 1) * BLOCK_BYTES]))
     }
 
-    /// Marks entry `n` dead (overwritten or unmapped).
-    pub fn kill(&mut self, n: u64) {
+    /// Marks entry `n` dead (overwritten or unmapped); returns its origin if it was live.
+    pub fn kill(&mut self, n: u64) -> Option<Origin> {
         if n >= self.head && n < self.tail {
             let s = self.slot(n);
+            let was = self.entries[s].live;
             self.entries[s].live = false;
+            return was.then_some(self.entries[s].origin);
         }
+        None
     }
 
     /// Drops every entry below `n` (they are on media).

@@ -67,6 +67,8 @@ pub struct Mailbox {
     pub event: EventFd,
     /// The channel is waiting for write-buffer space.
     pub want_space: AtomicBool,
+    /// The eventfd has been written since the channel last cleared it (saves syscalls).
+    signaled: AtomicBool,
 }
 
 impl Mailbox {
@@ -76,6 +78,7 @@ impl Mailbox {
             done: Mutex::new(Vec::new()),
             event: EventFd::new(EFD_NONBLOCK).map_err(|e| FtlError::Media(format!("eventfd: {e}")))?,
             want_space: AtomicBool::new(false),
+            signaled: AtomicBool::new(false),
         })
     }
 
@@ -87,8 +90,18 @@ impl Mailbox {
 
     /// Wakes the channel.
     pub fn wake(&self) {
-        // A full counter only means the fd is already readable.
-        let _ = self.event.write(1);
+        if !self.signaled.swap(true, Ordering::SeqCst) {
+            // A full counter only means the fd is already readable.
+            let _ = self.event.write(1);
+        }
+    }
+
+    /// Clears the wakeup (the channel is about to look at everything).
+    pub fn clear(&self) {
+        if self.signaled.swap(false, Ordering::SeqCst) {
+            // EAGAIN when already clear.
+            let _ = self.event.read();
+        }
     }
 
     /// Takes posted completions.

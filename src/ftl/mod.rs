@@ -937,8 +937,8 @@ impl ModuleChannel for FtlChannel {
             self.read_done(c);
         }
         self.scratch = scratch;
-        // Clear the eventfd before draining so a post racing with us re-arms it.
-        let _ = self.mailbox.event.read();
+        // Clear the wakeup before draining so a post racing with us re-arms it.
+        self.mailbox.clear();
         self.mailbox.take(done);
         done.extend(self.local.drain(..));
         if !self.cmds.is_empty() || !self.local.is_empty() {

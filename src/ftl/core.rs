@@ -602,7 +602,7 @@ impl Worker {
                 b.state = BandState::Closed;
                 b.lba_map = Vec::new();
                 c.open = None;
-                self.tail_cache = None;
+                // `tail_cache` stays: this batch may still hold the band's tail blocks.
                 break;
             }
             let pos = b.next_pos;
@@ -736,7 +736,7 @@ impl Worker {
                         LBA_HEAD
                     }
                     Src::Tail(i) => {
-                        if let Some((_, t)) = &self.tail_cache {
+                        if let Some((_, t)) = self.tail_cache.as_ref().filter(|t| t.0 == r.band) {
                             if let Some(s) = t.get(i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES) {
                                 d.copy_from_slice(s);
                             }

@@ -456,6 +456,8 @@ impl FtlBdev {
                 valid: vec![0u64; geo.addr_space().div_ceil(64) as usize],
                 next_seq: 1,
                 generation: 0,
+                from_tail: 0,
+                from_oob: 0,
             };
             (cfg.uuid.unwrap_or_else(crate::bdev::random_uuid), s.num_lbas, s.entry_bytes, rebuilt, None)
         } else {
@@ -493,6 +495,7 @@ impl FtlBdev {
             );
             (sb.uuid, sb.num_lbas, sb.l2p_entry_bytes, rebuilt, loaded.primary_bad)
         };
+        let rebuilt_counts = (rebuilt.from_tail, rebuilt.from_oob);
         let data_bands = u64::from(geo.num_bands - geo.first_data_band());
         let total_data: u64 = rebuilt
             .bands
@@ -578,6 +581,8 @@ impl FtlBdev {
             c.generation = ckpt.sb.generation;
             shared.update_limits(&mut c);
         }
+        shared.stats.restore_tail_bands.store(rebuilt_counts.0, Ordering::Relaxed);
+        shared.stats.restore_oob_bands.store(rebuilt_counts.1, Ordering::Relaxed);
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("ftl-{}", cfg.name))

@@ -40,6 +40,10 @@ pub struct Rebuilt {
     pub next_seq: u64,
     /// Checkpoint generation.
     pub generation: u64,
+    /// Bands restored from tail metadata / by OOB scan (dirty restore).
+    pub from_tail: u64,
+    /// Bands restored by reading every block's OOB.
+    pub from_oob: u64,
 }
 
 /// What a scan found in one band.
@@ -202,6 +206,7 @@ pub fn rebuild(
     }
     let mut valid = vec![0u64; geo.addr_space().div_ceil(64) as usize];
     let mut l2p = ckpt.l2p.clone();
+    let (mut from_tail, mut from_oob) = (0u64, 0u64);
     let mut next_seq = ckpt.sb.ckpt_seq.max(1);
     let start = Instant::now();
     let mut last_log = start;
@@ -240,11 +245,13 @@ pub fn rebuild(
         valid.clone_from(&ckpt.valid);
     } else {
         // Index of what each block holds now.
-        let mut holds: std::collections::HashMap<u64, (u64, u64)> = std::collections::HashMap::new();
+        let mut holds: Vec<(u64, u64)> = vec![(UNMAPPED, 0); geo.addr_space() as usize];
         let mut replay: Vec<(u64, u64, u64)> = Vec::new();
         for s in &scans {
             for &(addr, lba, seq) in &s.blocks {
-                holds.insert(addr, (lba, seq));
+                if let Some(h) = holds.get_mut(addr as usize) {
+                    *h = (lba, seq);
+                }
                 if seq >= ckpt.sb.ckpt_seq {
                     replay.push((seq, lba, addr));
                 }
@@ -253,7 +260,8 @@ pub fn rebuild(
         let c = ckpt.sb.ckpt_seq;
         let mut dropped = 0u64;
         for (lba, v) in l2p.iter_mut().enumerate() {
-            if *v != UNMAPPED && !matches!(holds.get(v), Some((l, s)) if *l == lba as u64 && *s < c) {
+            if *v != UNMAPPED && !matches!(holds.get(*v as usize), Some((l, s)) if *l == lba as u64 && *s < c)
+            {
                 *v = UNMAPPED;
                 dropped += 1;
             }
@@ -274,7 +282,13 @@ pub fn rebuild(
             }
             let _ = lba;
         }
-        log::info!("ftl '{name}': dirty restore replayed {replayed} blocks in {:?}", start.elapsed());
+        let tails = scans.iter().filter(|s| s.has_tail).count();
+        let oob = scans.iter().filter(|s| s.written && !s.has_tail).count();
+        (from_tail, from_oob) = (tails as u64, oob as u64);
+        log::info!(
+            "ftl '{name}': dirty restore replayed {replayed} blocks ({tails} bands from tail metadata, {oob} by OOB scan) in {:?}",
+            start.elapsed()
+        );
     }
     // Band counts and states.
     for (id, s) in scans.iter().enumerate() {
@@ -304,5 +318,5 @@ pub fn rebuild(
             b.dirty = false;
         }
     }
-    Ok(Rebuilt { l2p, bands, valid, next_seq, generation: ckpt.sb.generation })
+    Ok(Rebuilt { l2p, bands, valid, next_seq, generation: ckpt.sb.generation, from_tail, from_oob })
 }

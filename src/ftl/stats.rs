@@ -34,6 +34,10 @@ pub struct Stats {
     pub read_errors: AtomicU64,
     /// Chunks retired after a failure.
     pub retired_chunks: AtomicU64,
+    /// Bands the last (dirty) restore read from tail metadata.
+    pub restore_tail_bands: AtomicU64,
+    /// Bands the last (dirty) restore read block by block (OOB).
+    pub restore_oob_bands: AtomicU64,
 }
 
 impl Stats {
@@ -68,6 +72,8 @@ impl Stats {
             "write_failures": g(&self.write_failures),
             "read_errors": g(&self.read_errors),
             "retired_chunks": g(&self.retired_chunks),
+            "restore_tail_bands": g(&self.restore_tail_bands),
+            "restore_oob_bands": g(&self.restore_oob_bands),
             "current_limit": core.level.map(|i| LIMIT_NAMES[i]),
             "limits": thresholds,
             "buffered_blocks": core.wbuf.tail - core.wbuf.head,

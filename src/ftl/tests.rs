@@ -720,3 +720,25 @@ fn relocation_progresses_without_io() {
     }
     h.stop(false);
 }
+
+#[test]
+fn dirty_restore_reads_closed_bands_from_their_tail() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("tail"));
+    let n = h.num_lbas();
+    // Several bands' worth (a band holds 123 data blocks here).
+    for lba in 0..n.min(600) {
+        h.write(lba, &[lba + 1]);
+    }
+    h.cmd(IoKind::Flush, 0, 0);
+    h.stop(true);
+    h.start();
+    let s = h.stats();
+    assert!(s["restore_tail_bands"].as_u64().unwrap_or(0) >= 3, "{s}");
+    assert!(s["restore_oob_bands"].as_u64().unwrap_or(9) <= 1, "{s}");
+    for lba in 0..n.min(600) {
+        assert_eq!(decode(&h.read(lba, 1).expect("read")), Some((lba, lba + 1)));
+    }
+    h.stop(false);
+}

@@ -25,6 +25,12 @@
 //! checkpoint and replays only media blocks with a sequence number at or above it, so a flushed
 //! unmap is never undone by older data still on media.
 //!
+//! Progress guarantee: user writes may hold at most as many buffer slots as the free bands above
+//! the CRIT reserve (plus the rest of the open band) can take, and the CRIT limit stops them
+//! altogether, so relocation always has a band to write the blocks it moves; a partial mini-unit
+//! left alone for one idle period (20 ms) is padded, so the last relocated blocks of a band never
+//! wait for more data.
+//!
 //! # Limitations
 //! Copies into the write buffer and out of it are serialised by the core lock (memcpy-sized
 //! critical sections). A write failure on a band's tail leaves that band without tail metadata
@@ -187,6 +193,8 @@ pub struct Shared {
     pub limits: [Limit; 4],
     /// Blocks of one batch at most.
     pub max_batch: u64,
+    /// Data positions of an average data band.
+    pub band_data_avg: u64,
     /// Wall clock of the last checkpoint (ms since start), for `ftl info`.
     pub ckpt_count: AtomicU64,
 }
@@ -235,6 +243,14 @@ impl Shared {
                 break;
             }
         }
+        // Never buffer more user data than the free space above the CRIT reserve can take (plus the
+        // rest of the open band): relocation must always find room for the blocks it moves.
+        let open_left = c.open.map_or(0, |o| {
+            let b = &c.bands[o as usize];
+            b.data_end(&self.geo).saturating_sub(b.next_pos)
+        });
+        let room = free.saturating_sub(self.limits[0].thld) * self.band_data_avg + open_left;
+        c.user_limit = c.user_limit.min(usize::try_from(room).unwrap_or(usize::MAX));
     }
 
     /// Marks the old location of an LBA invalid.

@@ -563,6 +563,7 @@ impl FtlBdev {
             stop: AtomicU8::new(0),
             limits,
             max_batch,
+            band_data_avg: avg,
             ckpt_count: AtomicU64::new(0),
         });
         // A dirty-marked checkpoint before serving: a crash from now on restores from here

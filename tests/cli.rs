@@ -162,6 +162,15 @@ fn ftl_flags_are_validated_by_the_binary_and_ftl_info_reads_only() {
         run_err(&["--bdev", &media, "--bdev", "driver=ftl,name=f0,base=o0,mode=create", "--export", &export]);
     assert_ne!(code, 0);
     assert!(err.contains("force=on"), "{err}");
+    // An existing image is never reformatted: geometry keys that disagree are refused.
+    let other = format!(
+        "driver=ocssd-emu,name=o0,path={},create=on,groups=2,pus=2,chunks=8,chunk-blocks=64",
+        img.display()
+    );
+    let (code, err) =
+        run_err(&["--bdev", &other, "--bdev", "driver=ftl,name=f0,base=o0", "--export", &export]);
+    assert_ne!(code, 0);
+    assert!(err.contains("chunks=8") && err.contains("never reformatted"), "{err}");
     let before = std::fs::read(&img).expect("image");
     let out = vblkd().args(["ftl", "info", "--media"]).arg(&img).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

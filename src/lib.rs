@@ -11,6 +11,7 @@ pub mod client;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
+pub mod ftl;
 pub mod metrics;
 pub mod ocssd;
 pub mod tagmap;

@@ -47,6 +47,15 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Ftl(cmd)) => {
+            return match vblkd::ftl::cli::run_to(cmd, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vblkd ftl: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         None => {}
     }
     let config = match cli::build_config(&args) {

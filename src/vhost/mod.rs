@@ -11,7 +11,9 @@
 
 pub mod config;
 pub mod device;
+pub mod frontdoor;
 pub mod poller;
+pub mod ratelimit;
 pub mod request;
 pub mod server;
 

@@ -15,6 +15,20 @@
 //! With `wce = 0` (write-through selected by the driver) on a bdev with a volatile cache, a write is
 //! followed by a flush before it is reported.
 //!
+//! # The avail ring is untrusted (virtio 1.2 §2.7, QEMU `virtqueue_num_heads`/`virtqueue_get_head`)
+//! Before popping, the worker reads the avail index itself: an index more than the queue size ahead
+//! of what was consumed, a head index outside the queue, or an avail ring that cannot be read marks
+//! the queue **broken**: logged once, never processed again (no descriptor is read, no used element
+//! written, no spinning) until the frontend stops the ring (`GET_VRING_BASE` → [`Worker::drain`]) or
+//! re-initialises it with other addresses or size. Other queues and the vhost-user socket are not
+//! affected: the worker returns at once, so its mutex is free for `stop_vring`. Per-request warnings
+//! go through a per-queue [`RateLimit`].
+//!
+//! virtio-queue 0.18 on its own refuses to pop when the index runs ahead (its `AvailIter::new`), while
+//! `enable_notification` keeps reporting "new work": the poller used to spin forever holding this
+//! worker's mutex, and `GET_VRING_BASE` (which drains through that mutex while holding the
+//! vhost-user handler lock) then blocked the whole connection.
+//!
 //! # Limitations
 //! * A bdev channel without a `wait_fd` that has I/O outstanding keeps the worker polling
 //!   (yielding the CPU between polls) until that I/O completes.
@@ -25,12 +39,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
+use std::sync::atomic::Ordering;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::config::BlkConfig;
+use super::ratelimit::RateLimit;
 use super::request::{write_id, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
 use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
 
@@ -67,12 +83,55 @@ struct InFlight {
     flush_after: bool,
 }
 
+/// What identifies one set-up of a vring (a change means the frontend re-initialised it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RingKey {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    ready: bool,
+}
+
+/// Why a queue was marked broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// The avail index is more than the queue size ahead of the next chain to consume.
+    #[error("avail index {avail} is {ahead} entries ahead of the next one ({next}), more than the queue size {size}")]
+    IndexTooFarAhead {
+        /// Avail index read from the ring.
+        avail: u16,
+        /// Next avail index the device consumes.
+        next: u16,
+        /// Entries ahead.
+        ahead: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A head index in the avail ring is not below the queue size.
+    #[error("head index {head} in the avail ring is outside the queue (size {size})")]
+    HeadOutOfRange {
+        /// The head index.
+        head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// The avail ring could not be read.
+    #[error("the avail ring cannot be read")]
+    Unreadable,
+}
+
 /// The state of one queue's poller.
 #[derive(Default)]
 pub struct Worker {
     channel: Option<Channel>,
     channel_failed: bool,
     invalid_logged: bool,
+    /// Last ring set-up checked with `is_valid` (with the memory it was checked against) and the result.
+    checked: Option<(RingKey, usize, bool)>,
+    /// The ring set-up that was found broken; nothing is processed while it stays in place.
+    broken: Option<RingKey>,
+    log: RateLimit,
     vring: Option<Vring>,
     inflight: TagMap<InFlight>,
     next_tag: u64,
@@ -127,14 +186,50 @@ impl Worker {
         }
     }
 
+    /// True when the queue was marked broken and not re-initialised since.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    fn ring_key(vring: &Vring) -> RingKey {
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        RingKey {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+            ready: q.ready(),
+        }
+    }
+
     /// Processes the queue: busy-polls while there is work, then re-arms notifications and returns.
     pub fn run(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.log.flush("virtqueue");
+        let key = Self::ring_key(vring);
+        if let Some(b) = self.broken {
+            if b == key {
+                return;
+            }
+            // Re-initialised with another set-up: start afresh.
+            self.broken = None;
+        }
         // A ring that does not fit in guest memory (or whose size the frontend set to an invalid
-        // value, which virtio-queue ignores) is not processed at all.
-        if !vring.get_ref().get_queue().is_valid(&*mem.memory()) {
+        // value, which virtio-queue ignores) is not processed at all. `is_valid` logs on every call,
+        // so it runs once per ring set-up and memory table.
+        let mem_id = Arc::as_ptr(&mem.memory().into_inner()) as usize;
+        let valid = match self.checked {
+            Some((k, m, v)) if k == key && m == mem_id => v,
+            _ => {
+                let v = vring.get_ref().get_queue().is_valid(&*mem.memory());
+                self.checked = Some((key, mem_id, v));
+                v
+            }
+        };
+        if !valid {
             if !self.invalid_logged {
                 error!("virtqueue is not valid for the current guest memory; ignoring it");
                 self.invalid_logged = true;
@@ -149,9 +244,13 @@ impl Worker {
         }
         loop {
             let snapshot: Arc<GuestMem> = mem.memory().into_inner();
-            let mut progress = self.pop_and_submit(ctx, vring, &snapshot);
+            let mut progress = self.pop_and_submit(ctx, vring, &snapshot, key);
             progress |= self.reap(vring, &snapshot);
             drop(snapshot);
+            if self.broken.is_some() && !self.busy() {
+                // Nothing more will be taken from this ring; in-flight requests were reaped.
+                return;
+            }
             if progress {
                 idle_since = Instant::now();
                 continue;
@@ -183,19 +282,79 @@ impl Worker {
         }
     }
 
+    /// Checks the avail ring before anything is popped: returns how many chains may be taken, or marks
+    /// the queue broken.
+    fn pending(&mut self, vring: &Vring, mem: &GuestMem, key: RingKey) -> u16 {
+        if self.broken.is_some() {
+            return 0;
+        }
+        let (avail, next, head) = {
+            let g = vring.get_ref();
+            let q = g.get_queue();
+            let next = q.next_avail();
+            let avail = match q.avail_idx(mem, Ordering::Acquire) {
+                Ok(a) => a.0,
+                Err(_) => return self.mark_broken(key, RingError::Unreadable),
+            };
+            if avail == next {
+                return 0;
+            }
+            let ahead = avail.wrapping_sub(next);
+            if ahead > key.size {
+                return self
+                    .mark_broken(key, RingError::IndexTooFarAhead { avail, next, ahead, size: key.size });
+            }
+            // The head of the next chain (virtio-queue does not check it against the queue size).
+            let slot = u64::from(next % key.size.max(1));
+            let head = GuestAddress(key.avail)
+                .checked_add(4 + 2 * slot)
+                .and_then(|a| mem.read_obj::<u16>(a).ok())
+                .map(u16::from_le);
+            (avail, next, head)
+        };
+        match head {
+            None => self.mark_broken(key, RingError::Unreadable),
+            Some(h) if h >= key.size => {
+                self.mark_broken(key, RingError::HeadOutOfRange { head: h, size: key.size })
+            }
+            Some(_) => avail.wrapping_sub(next),
+        }
+    }
+
+    fn mark_broken(&mut self, key: RingKey, why: RingError) -> u16 {
+        error!(
+            "virtqueue (desc {:#x}) marked broken: {why}; it is not processed until the frontend resets it",
+            key.desc
+        );
+        self.broken = Some(key);
+        0
+    }
+
     /// Pops every available chain, parses and submits it. Returns true when anything was popped.
-    fn pop_and_submit(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Arc<GuestMem>) -> bool {
+    fn pop_and_submit(
+        &mut self,
+        ctx: &PollCtx<'_>,
+        vring: &Vring,
+        mem: &Arc<GuestMem>,
+        key: RingKey,
+    ) -> bool {
         let mut any = false;
         let mut used = false;
         let keep = mem;
-        loop {
+        // One chain at a time: each head is checked just before it is popped.
+        while self.pending(vring, mem, key) > 0 {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                self.mark_broken(key, RingError::Unreadable);
+                break;
+            };
             any = true;
             match Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
                 Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
                 Err(bad) => {
-                    warn!("bad request (head {}): {}", bad.head, bad.error);
+                    if self.log.allow("virtqueue") {
+                        warn!("bad request (head {}): {}", bad.head, bad.error);
+                    }
                     Self::finish(vring, mem, bad.head, bad.status_addr, bad.error.status(), 1);
                     used = true;
                 }
@@ -333,8 +492,11 @@ impl Worker {
         }
     }
 
-    /// Waits for every in-flight request and completes it (stop_vring, shutdown).
+    /// Waits for every in-flight request and completes it (stop_vring, shutdown). A stopped ring
+    /// starts afresh: a broken mark is cleared.
     pub fn drain(&mut self, mem: &Gm) {
+        self.broken = None;
+        self.checked = None;
         let Some(vring) = self.vring.clone() else { return };
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.busy() {

@@ -66,7 +66,7 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
+fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
     use vblkd::bdev::file::{Engine, FileBdev};
     use vblkd::bdev::malloc::MallocBdev;
     use vblkd::bdev::null::NullBdev;
@@ -87,6 +87,18 @@ fn build_bdev(spec: &BdevSpec) -> Result<Arc<dyn Bdev>, String> {
                 FileBdev::open_with_block_size(name, path, *size_bytes, *direct, engine, *block_size)
                     .map_err(|e| flag(&e))?,
             )
+        }
+        BdevSpec::Delay { name, base, read_us, write_us, jitter_us } => {
+            use std::time::Duration;
+            use vblkd::bdev::delay::{DelayBdev, DelayOptions};
+            let opts = DelayOptions {
+                name: name.clone(),
+                base: base.clone(),
+                read: Duration::from_micros(*read_us),
+                write: Duration::from_micros(*write_us),
+                jitter: Duration::from_micros(*jitter_us),
+            };
+            Arc::new(DelayBdev::new(opts, registry).map_err(|e| flag(&e))?)
         }
     })
 }
@@ -120,7 +132,7 @@ fn run(config: Config) -> Result<(), String> {
     }
     let registry = Arc::new(Registry::new());
     for spec in &config.bdevs {
-        let bdev = build_bdev(spec)?;
+        let bdev = build_bdev(spec, &registry)?;
         registry.register(bdev).map_err(|e| format!("--bdev name={}: {e}", spec.name()))?;
     }
     let stop = Arc::new(

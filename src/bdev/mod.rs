@@ -22,6 +22,7 @@
 //! backpressure queue between bdevs on one underlying channel, no internal buffer pools.
 
 pub mod channel;
+pub mod delay;
 pub mod file;
 pub mod iov;
 pub mod malloc;

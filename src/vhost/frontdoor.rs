@@ -833,6 +833,16 @@ pub fn run_proxy(
                     warn!("{name}: backend gone: {e}");
                     break;
                 }
+                if m.hdr.request == req::SET_VRING_KICK {
+                    // Kick once: after a reconnection the guest may be waiting for requests that
+                    // are resubmitted from the in-flight table and would never kick by itself
+                    // (libvhost-user does the same). A spurious kick is harmless.
+                    if let Some(fd) = m.fds.first() {
+                        let one = 1u64.to_ne_bytes();
+                        // SAFETY: an 8-byte write from a local buffer to the kick eventfd we hold.
+                        let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+                    }
+                }
             }
             Verdict::Refuse(why) => {
                 if log.allow(name) {
@@ -846,27 +856,33 @@ pub fn run_proxy(
                 }
             }
             Verdict::Local => {
-                let res = if m.hdr.request == req::GET_INFLIGHT_FD {
-                    local.get_inflight_fd(&m.body).and_then(|(body, fd)| {
+                if m.hdr.request == req::GET_INFLIGHT_FD {
+                    // The reply must carry an fd: a failure cannot be answered and closes.
+                    let res = local.get_inflight_fd(&m.body).and_then(|(body, fd)| {
                         reply(&m.hdr, &body, &[fd.as_raw_fd()]).map_err(|e| Refusal::Local(e.to_string()))
-                    })
+                    });
+                    if let Err(e) = res {
+                        warn!("{name}: GET_INFLIGHT_FD failed: {e}; closing the connection");
+                        break;
+                    }
                 } else {
                     let mut fds = m.fds;
-                    match fds.pop() {
+                    let res = match fds.pop() {
                         Some(fd) => local.set_inflight_fd(&m.body, fd),
                         None => Err(Refusal::BadPayload { got: 0, want: 1 }),
-                    }
-                    .and_then(|()| {
-                        if door.reply_ack() && m.hdr.need_reply() {
-                            reply(&m.hdr, &0u64.to_le_bytes(), &[]).map_err(|e| Refusal::Local(e.to_string()))
-                        } else {
-                            Ok(())
+                    };
+                    if let Err(e) = &res {
+                        if log.allow(name) {
+                            warn!("{name}: refusing SET_INFLIGHT_FD: {e}");
                         }
-                    })
-                };
-                if let Err(e) = res {
-                    warn!("{name}: request {} failed: {e}; closing the connection", m.hdr.request);
-                    break;
+                    }
+                    if door.reply_ack() && m.hdr.need_reply() {
+                        let v: u64 = if res.is_ok() { 0 } else { 1 };
+                        if let Err(e) = reply(&m.hdr, &v.to_le_bytes(), &[]) {
+                            warn!("{name}: cannot answer: {e}");
+                            break;
+                        }
+                    }
                 }
             }
             Verdict::Close(e) => {

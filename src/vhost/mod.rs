@@ -9,9 +9,11 @@
 //!
 //! Entry point for the daemon: [`serve`] with an [`ExportConfig`] and a stop [`EventFd`].
 
+pub mod chain;
 pub mod config;
 pub mod device;
 pub mod frontdoor;
+pub mod inflight;
 pub mod poller;
 pub mod ratelimit;
 pub mod request;

@@ -45,7 +45,9 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
+use super::chain::ChainWalker;
 use super::config::BlkConfig;
+use super::inflight::InflightRegion;
 use super::ratelimit::RateLimit;
 use super::request::{write_id, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
 use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
@@ -74,6 +76,10 @@ pub struct PollCtx<'a> {
     pub epoll_fd: Option<RawFd>,
     /// Epoll data value for completion events.
     pub completion_event: u64,
+    /// This worker's queue index.
+    pub queue: u16,
+    /// The in-flight table (INFLIGHT_SHMFD), when the frontend set one up.
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 struct InFlight {
@@ -132,6 +138,15 @@ pub struct Worker {
     /// The ring set-up that was found broken; nothing is processed while it stays in place.
     broken: Option<RingKey>,
     log: RateLimit,
+    /// In-flight table of this connection and this worker's queue index in it.
+    region: Option<Arc<InflightRegion>>,
+    queue: u16,
+    /// The ring start was handled (in-flight table initialised or recovered).
+    started: bool,
+    /// Next in-flight counter.
+    counter: u64,
+    /// Heads to resubmit (recovered from the in-flight table), in order.
+    resubmit: std::collections::VecDeque<u16>,
     vring: Option<Vring>,
     inflight: TagMap<InFlight>,
     next_tag: u64,
@@ -237,6 +252,14 @@ impl Worker {
             return;
         }
         self.invalid_logged = false;
+        if !self.started {
+            self.started = true;
+            self.queue = ctx.queue;
+            self.region = ctx.inflight.clone();
+            if let Some(r) = self.region.clone() {
+                self.recover(&r, vring, mem);
+            }
+        }
         self.ensure_channel(ctx);
         let mut idle_since = Instant::now();
         if let Err(e) = vring.disable_notification() {
@@ -321,6 +344,34 @@ impl Worker {
         }
     }
 
+    /// At a ring start with an in-flight table: initialise it, or take up what a previous
+    /// incarnation left in flight (resubmitted before anything new is popped).
+    fn recover(&mut self, r: &InflightRegion, vring: &Vring, mem: &Gm) {
+        let used = match vring.get_ref().get_queue().used_idx(&*mem.memory(), Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                warn!("queue {}: cannot read the used index: {e}", self.queue);
+                return;
+            }
+        };
+        let rec = r.recover(self.queue, used);
+        if let Some(next) = rec.next_avail {
+            let mut g = vring.get_mut();
+            let q = g.get_queue_mut();
+            q.set_next_avail(next);
+            q.set_next_used(used);
+        }
+        self.counter = rec.next_counter;
+        if !rec.resubmit.is_empty() {
+            log::info!(
+                "queue {}: resubmitting {} requests left in flight (used idx {used})",
+                self.queue,
+                rec.resubmit.len()
+            );
+        }
+        self.resubmit = rec.resubmit.into();
+    }
+
     fn mark_broken(&mut self, key: RingKey, why: RingError) -> u16 {
         error!(
             "virtqueue (desc {:#x}) marked broken: {why}; it is not processed until the frontend resets it",
@@ -341,6 +392,24 @@ impl Worker {
         let mut any = false;
         let mut used = false;
         let keep = mem;
+        let inf = self.region.clone();
+        let inf = inf.as_deref().map(|r| (r, self.queue));
+        // Requests a previous incarnation left in flight go first, in their original order (they
+        // are still marked in flight; their heads are below the queue size by construction).
+        while let Some(head) = self.resubmit.pop_front() {
+            any = true;
+            let walker = ChainWalker::new(mem, GuestAddress(key.desc), key.size, head);
+            match Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
+                Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
+                Err(bad) => {
+                    if self.log.allow("virtqueue") {
+                        warn!("bad resubmitted request (head {}): {}", bad.head, bad.error);
+                    }
+                    Self::finish(vring, mem, inf, bad.head, bad.status_addr, bad.error.status(), 1);
+                    used = true;
+                }
+            }
+        }
         // One chain at a time: each head is checked just before it is popped.
         while self.pending(vring, mem, key) > 0 {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
@@ -349,13 +418,17 @@ impl Worker {
                 break;
             };
             any = true;
+            if let Some((r, q)) = inf {
+                r.get(q, chain.head_index(), self.counter);
+                self.counter = self.counter.wrapping_add(1);
+            }
             match Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
                 Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
                 Err(bad) => {
                     if self.log.allow("virtqueue") {
                         warn!("bad request (head {}): {}", bad.head, bad.error);
                     }
-                    Self::finish(vring, mem, bad.head, bad.status_addr, bad.error.status(), 1);
+                    Self::finish(vring, mem, inf, bad.head, bad.status_addr, bad.error.status(), 1);
                     used = true;
                 }
             }
@@ -377,8 +450,10 @@ impl Worker {
     ) -> bool {
         let info = ctx.desc.info();
         let spb = u64::from(info.block_size.max(512)) / SECTOR_SIZE;
+        let region = self.region.clone();
+        let inf = region.as_deref().map(|r| (r, self.queue));
         let immediate = |status: u8, used_len: u32| {
-            Self::finish(vring, mem, req.head, Some(req.status_addr), status, used_len);
+            Self::finish(vring, mem, inf, req.head, Some(req.status_addr), status, used_len);
             true
         };
         let ok = VIRTIO_BLK_S_OK as u8;
@@ -433,6 +508,8 @@ impl Worker {
 
     /// Polls the channel and completes what finished. Returns true when anything completed.
     fn reap(&mut self, vring: &Vring, mem: &GuestMem) -> bool {
+        let region = self.region.clone();
+        let inf = region.as_deref().map(|r| (r, self.queue));
         let Some(ch) = self.channel.as_mut() else { return false };
         self.done.clear();
         if ch.poll(&mut self.done) == 0 {
@@ -450,16 +527,19 @@ impl Worker {
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, tag));
                 continue;
             }
-            Self::finish(vring, mem, f.head, Some(f.status_addr), io_status(c.result), f.used_len);
+            Self::finish(vring, mem, inf, f.head, Some(f.status_addr), io_status(c.result), f.used_len);
         }
         Self::signal(vring);
         true
     }
 
-    /// The one completion path: status byte, used ring.
+    /// The one completion path: status byte, used ring, in-flight table (libvhost-user's order:
+    /// `last_batch_head`, used element and index, then the in-flight mark is cleared).
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         vring: &Vring,
         mem: &GuestMem,
+        inf: Option<(&InflightRegion, u16)>,
         head: u16,
         status_addr: Option<GuestAddress>,
         status: u8,
@@ -475,8 +555,16 @@ impl Worker {
             },
             None => 0,
         };
-        if let Err(e) = vring.add_used(head, used_len) {
-            warn!("add_used({head}): {e}");
+        if let Some((r, q)) = inf {
+            r.pre_put(q, head);
+        }
+        match vring.add_used(head, used_len) {
+            Ok(()) => {
+                if let Some((r, q)) = inf {
+                    r.post_put(q, head, vring.get_ref().get_queue().next_used());
+                }
+            }
+            Err(e) => warn!("add_used({head}): {e}"),
         }
     }
 
@@ -497,6 +585,7 @@ impl Worker {
     pub fn drain(&mut self, mem: &Gm) {
         self.broken = None;
         self.checked = None;
+        self.started = false;
         let Some(vring) = self.vring.clone() else { return };
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.busy() {

@@ -8,8 +8,8 @@
 //! ```
 //!
 //! # Design
-//! A fresh backend and daemon per connection keeps no state across frontends (no reconnection
-//! state is carried over; `INFLIGHT_SHMFD` is not implemented yet). The stop signal is an `EventFd`
+//! A fresh backend and daemon per connection keeps no state across frontends; what survives a
+//! restart lives in the frontend's in-flight table (`INFLIGHT_SHMFD`, [`super::inflight`]). The stop signal is an `EventFd`
 //! that the caller writes once; it is never read here, so one fd can stop several exports.
 //!
 //! The frontend's connection is accepted here and served by the front door
@@ -32,8 +32,9 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::BlkConfig;
-use super::device::BlkBackend;
+use super::device::{BlkBackend, InflightSlot};
 use super::frontdoor::{run_proxy, FrontDoor, LocalHandler, Refusal};
+use super::inflight::InflightRegion;
 use super::request::GuestMem;
 use crate::bdev::Descriptor;
 
@@ -184,15 +185,53 @@ fn wait_readable(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
     }
 }
 
-/// No locally answered messages (INFLIGHT_SHMFD not offered).
-struct NoLocal;
+/// Answers GET/SET_INFLIGHT_FD and puts the table where the connection's workers find it.
+struct InflightHandler {
+    slot: InflightSlot,
+    num_queues: u16,
+}
 
-impl LocalHandler for NoLocal {
-    fn get_inflight_fd(&self, _body: &[u8]) -> Result<(Vec<u8>, std::os::fd::OwnedFd), Refusal> {
-        Err(Refusal::Unsupported(super::frontdoor::req::GET_INFLIGHT_FD))
+fn inflight_msg(body: &[u8]) -> (u64, u64, u16, u16) {
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&body[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u16_at = |i: usize| u16::from_le_bytes([body[i], body[i + 1]]);
+    (u64_at(0), u64_at(8), u16_at(16), u16_at(18))
+}
+
+impl LocalHandler for InflightHandler {
+    fn get_inflight_fd(&self, body: &[u8]) -> Result<(Vec<u8>, std::os::fd::OwnedFd), Refusal> {
+        let (_, _, num_queues, queue_size) = inflight_msg(body);
+        if num_queues > self.num_queues {
+            return Err(Refusal::Local(format!(
+                "GET_INFLIGHT_FD for {num_queues} queues; the export has {}",
+                self.num_queues
+            )));
+        }
+        let region =
+            InflightRegion::create(num_queues, queue_size).map_err(|e| Refusal::Local(e.to_string()))?;
+        let fd = region.fd().try_clone().map_err(|e| Refusal::Local(format!("dup: {e}")))?;
+        let reply = region.reply().to_vec();
+        info!("in-flight table: {num_queues} queues of {queue_size}");
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        Ok((reply, fd))
     }
-    fn set_inflight_fd(&self, _body: &[u8], _fd: std::os::fd::OwnedFd) -> Result<(), Refusal> {
-        Err(Refusal::Unsupported(super::frontdoor::req::SET_INFLIGHT_FD))
+
+    fn set_inflight_fd(&self, body: &[u8], fd: std::os::fd::OwnedFd) -> Result<(), Refusal> {
+        let (size, offset, num_queues, queue_size) = inflight_msg(body);
+        if num_queues > self.num_queues {
+            return Err(Refusal::Local(format!(
+                "SET_INFLIGHT_FD for {num_queues} queues; the export has {}",
+                self.num_queues
+            )));
+        }
+        let region = InflightRegion::open(fd, size, offset, num_queues, queue_size)
+            .map_err(|e| Refusal::Local(e.to_string()))?;
+        info!("in-flight table handed back: {num_queues} queues of {queue_size}");
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        Ok(())
     }
 }
 
@@ -270,9 +309,10 @@ fn serve_loop(
             (vhost_user_backend::VhostUserBackend::protocol_features(&backend)
                 | vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK)
                 .bits(),
-            0,
+            super::frontdoor::pf::INFLIGHT_SHMFD,
         );
-        let local: Arc<dyn LocalHandler> = Arc::new(NoLocal);
+        let local: Arc<dyn LocalHandler> =
+            Arc::new(InflightHandler { slot: backend.inflight_slot(), num_queues: blk.num_queues });
         let proxy_name = format!("{name}-door");
         let proxy = std::thread::Builder::new()
             .name(proxy_name.clone())

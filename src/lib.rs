@@ -7,6 +7,8 @@
 pub mod bdev;
 pub mod cli;
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ocssd;
 pub mod tagmap;
 pub mod vhost;

@@ -127,6 +127,34 @@ pub enum RingError {
     Unreadable,
 }
 
+/// How many chains the avail ring offers beyond what was consumed, checked as an untrusted ring
+/// must be (virtio 1.2 §2.7; QEMU `virtqueue_num_heads` / `virtqueue_get_head`): the index may run
+/// at most the queue size ahead, and the next head must lie inside the queue. Used by the poller
+/// before every pop (and fuzzed: `fuzz/`).
+pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError> {
+    let size = q.size();
+    let next = q.next_avail();
+    let avail = q.avail_idx(mem, Ordering::Acquire).map_err(|_| RingError::Unreadable)?.0;
+    if avail == next {
+        return Ok(0);
+    }
+    let ahead = avail.wrapping_sub(next);
+    if ahead > size {
+        return Err(RingError::IndexTooFarAhead { avail, next, ahead, size });
+    }
+    // The head of the next chain (virtio-queue does not check it against the queue size).
+    let slot = u64::from(next % size.max(1));
+    let head = GuestAddress(q.avail_ring())
+        .checked_add(4 + 2 * slot)
+        .and_then(|a| mem.read_obj::<u16>(a).ok())
+        .map(u16::from_le)
+        .ok_or(RingError::Unreadable)?;
+    if head >= size {
+        return Err(RingError::HeadOutOfRange { head, size });
+    }
+    Ok(ahead)
+}
+
 /// The state of one queue's poller.
 #[derive(Default)]
 pub struct Worker {
@@ -311,36 +339,10 @@ impl Worker {
         if self.broken.is_some() {
             return 0;
         }
-        let (avail, next, head) = {
-            let g = vring.get_ref();
-            let q = g.get_queue();
-            let next = q.next_avail();
-            let avail = match q.avail_idx(mem, Ordering::Acquire) {
-                Ok(a) => a.0,
-                Err(_) => return self.mark_broken(key, RingError::Unreadable),
-            };
-            if avail == next {
-                return 0;
-            }
-            let ahead = avail.wrapping_sub(next);
-            if ahead > key.size {
-                return self
-                    .mark_broken(key, RingError::IndexTooFarAhead { avail, next, ahead, size: key.size });
-            }
-            // The head of the next chain (virtio-queue does not check it against the queue size).
-            let slot = u64::from(next % key.size.max(1));
-            let head = GuestAddress(key.avail)
-                .checked_add(4 + 2 * slot)
-                .and_then(|a| mem.read_obj::<u16>(a).ok())
-                .map(u16::from_le);
-            (avail, next, head)
-        };
-        match head {
-            None => self.mark_broken(key, RingError::Unreadable),
-            Some(h) if h >= key.size => {
-                self.mark_broken(key, RingError::HeadOutOfRange { head: h, size: key.size })
-            }
-            Some(_) => avail.wrapping_sub(next),
+        let r = avail_pending(vring.get_ref().get_queue(), mem);
+        match r {
+            Ok(n) => n,
+            Err(e) => self.mark_broken(key, e),
         }
     }
 
@@ -370,6 +372,13 @@ impl Worker {
             );
         }
         self.resubmit = rec.resubmit.into();
+        if rec.next_avail.is_some() {
+            // The previous incarnation may have published used elements without signalling them:
+            // one interrupt now (spurious at worst) so the guest does not wait for it forever.
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("signal_used_queue: {e}");
+            }
+        }
     }
 
     fn mark_broken(&mut self, key: RingKey, why: RingError) -> u16 {

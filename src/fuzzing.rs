@@ -32,31 +32,33 @@ const REGION: u64 = 0x4000;
 const REGION2: u64 = 0x10000;
 
 thread_local! {
-    static MEM: RefCell<Option<GuestMem>> = const { RefCell::new(None) };
+    static MEM: RefCell<Option<(GuestMem, Vec<u8>)>> = const { RefCell::new(None) };
 }
 
 fn with_mem<R>(data: &[u8], f: impl FnOnce(&GuestMem) -> R) -> R {
     MEM.with(|m| {
         let mut m = m.borrow_mut();
-        let mem = m.get_or_insert_with(|| {
-            GuestMem::from_ranges(&[
+        let (mem, buf) = m.get_or_insert_with(|| {
+            let mem = GuestMem::from_ranges(&[
                 (GuestAddress(0), REGION as usize),
                 (GuestAddress(REGION2), REGION as usize),
             ])
-            .unwrap_or_else(|_| GuestMem::new())
+            .unwrap_or_else(|_| GuestMem::new());
+            (mem, vec![0u8; REGION as usize])
         });
         // Fill both regions from the input (repeated), so every descriptor and buffer is fuzzed.
-        let mut buf = vec![0u8; REGION as usize];
-        if !data.is_empty() {
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = data[i % data.len()];
+        if data.is_empty() {
+            buf.fill(0);
+        } else {
+            let mut at = 0;
+            while at < buf.len() {
+                let n = data.len().min(buf.len() - at);
+                buf[at..at + n].copy_from_slice(&data[..n]);
+                at += n;
             }
-            let n = data.len().min(buf.len());
-            buf[..n].copy_from_slice(&data[..n]);
         }
-        let _ = mem.write_slice(&buf, GuestAddress(0));
-        buf.reverse();
-        let _ = mem.write_slice(&buf, GuestAddress(REGION2));
+        let _ = mem.write_slice(buf, GuestAddress(0));
+        let _ = mem.write_slice(buf, GuestAddress(REGION2));
         f(mem)
     })
 }
@@ -98,10 +100,11 @@ fn check_request(mem: &GuestMem, req: &Request, l: &Limits) {
     }
 }
 
-/// Target `chain_parser`: input = [head lo, head hi, table size lo, flags, ...memory].
-pub fn chain_parser(data: &[u8]) {
+/// Target `chain_parser`: input = [head lo, head hi, log2 table size, flags, ...memory]. Returns
+/// 1 when the chain parsed into a request.
+pub fn chain_parser(data: &[u8]) -> u64 {
     if data.len() < 4 {
-        return;
+        return 0;
     }
     let head = u16::from_le_bytes([data[0], data[1]]) % 64;
     let size = 1u16 << (data[2] % 8);
@@ -109,23 +112,28 @@ pub fn chain_parser(data: &[u8]) {
     with_mem(&data[4..], |mem| {
         // The descriptor table sits at 0x100 in the first region.
         let walker = ChainWalker::new(mem, GuestAddress(0x100), size, head);
-        if let Ok(req) = Request::parse_descs(head, walker, mem, CAPACITY, &l) {
-            check_request(mem, &req, &l);
+        match Request::parse_descs(head, walker, mem, CAPACITY, &l) {
+            Ok(req) => {
+                check_request(mem, &req, &l);
+                1
+            }
+            Err(_) => 0,
         }
-    });
+    })
 }
 
 /// Target `avail_ring`: input = [size exp, next_avail lo, next_avail hi, flags, ...memory]. The
-/// ring is at 0x100 (descriptors), avail and used rings after it, all in fuzzed memory.
-pub fn avail_ring(data: &[u8]) {
+/// ring is at 0x100 (descriptors), avail and used rings after it, all in fuzzed memory. Returns the
+/// number of chains popped.
+pub fn avail_ring(data: &[u8]) -> u64 {
     if data.len() < 4 {
-        return;
+        return 0;
     }
     let size = 1u16 << (data[0] % 7);
     let next = u16::from_le_bytes([data[1], data[2]]);
     let l = limits(data[3]);
     with_mem(&data[4..], |mem| {
-        let Ok(mut q) = Queue::new(64) else { return };
+        let Ok(mut q) = Queue::new(64) else { return 0 };
         q.set_size(size);
         let desc = 0x100u64;
         let avail = desc + 16 * u64::from(size);
@@ -137,7 +145,7 @@ pub fn avail_ring(data: &[u8]) {
         q.set_next_used(next);
         q.set_ready(true);
         if !q.is_valid(mem) {
-            return;
+            return 0;
         }
         // The poller's loop: it must end within `size` pops, and every popped head is in range.
         let mut pops = 0u32;
@@ -157,11 +165,14 @@ pub fn avail_ring(data: &[u8]) {
             assert!(q.add_used(mem, head, 1).is_ok(), "add_used of an in-range head failed");
         }
         let _ = q.iter(mem);
-    });
+        u64::from(pops)
+    })
 }
 
 /// Target `front_door`: input = a sequence of [12-byte header][fd count][fd sizes 8 B each][body].
-pub fn front_door(data: &[u8]) {
+/// Returns the number of messages forwarded.
+pub fn front_door(data: &[u8]) -> u64 {
+    let mut forwarded = 0;
     let features = (1u64 << 32) | (1 << 30) | (1 << 29) | 0x3fff;
     let protocol = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 15);
     let mut door = FrontDoor::new(2, 64, features, protocol, 1 << 12);
@@ -198,6 +209,7 @@ pub fn front_door(data: &[u8]) {
         rest = &rest[len..];
         let verdict = door.check(&hdr, body, &sizes);
         if let Verdict::Forward(_) = verdict {
+            forwarded += 1;
             match hdr.request {
                 5 => {
                     // An accepted table: regions fit their fds and do not overlap.
@@ -226,33 +238,41 @@ pub fn front_door(data: &[u8]) {
             }
         }
     }
+    forwarded
 }
 
 /// Target `wire`: the bytes arrive on a socket; `recv_message` must end with a message or an error,
-/// never panic or allocate more than one payload's bound.
-pub fn wire(data: &[u8]) {
+/// never panic or allocate more than one payload's bound. Returns the number of messages read.
+pub fn wire(data: &[u8]) -> u64 {
     use std::io::Write;
-    let Ok((mut a, b)) = std::os::unix::net::UnixStream::pair() else { return };
+    let Ok((mut a, b)) = std::os::unix::net::UnixStream::pair() else { return 0 };
+    let mut n = 0;
     let data = &data[..data.len().min(64 * 1024)];
     let _ = a.set_nonblocking(true);
     let _ = a.write_all(data);
     drop(a);
     for _ in 0..64 {
         match crate::vhost::frontdoor::recv_message(&b) {
-            Ok(m) => assert!(m.body.len() <= crate::vhost::frontdoor::MAX_PAYLOAD),
+            Ok(m) => {
+                assert!(m.body.len() <= crate::vhost::frontdoor::MAX_PAYLOAD);
+                n += 1;
+            }
             Err(_) => break,
         }
     }
+    n
 }
 
 /// Target `ocssd_image`: header and chunk-record decoders. Byte 0 bit 0 asks for the header's
-/// crc32c to be fixed up (to reach the field checks), bit 1 for the record's.
-pub fn ocssd_image(data: &[u8]) {
+/// crc32c to be fixed up (to reach the field checks), bit 1 for the record's. Returns 1 when the
+/// header decoded, plus 2 when the chunk record did.
+pub fn ocssd_image(data: &[u8]) -> u64 {
     use crate::ocssd::emu::image::{decode_header, ChunkRecord, CHUNK_RECORD_BYTES, HEADER_BYTES, MAGIC};
     if data.is_empty() {
-        return;
+        return 0;
     }
     let flags = data[0];
+    let mut r = 0;
     let body = &data[1..];
     let mut hdr = vec![0u8; HEADER_BYTES];
     hdr[..MAGIC.len()].copy_from_slice(&MAGIC);
@@ -267,6 +287,7 @@ pub fn ocssd_image(data: &[u8]) {
     if let Ok((g, layout)) = decode_header("fuzz", &hdr) {
         assert!(layout.image_bytes >= layout.data_offset);
         let _ = g.total_chunks();
+        r |= 1;
     }
     let mut rec = [0u8; CHUNK_RECORD_BYTES];
     let m = body.len().min(CHUNK_RECORD_BYTES);
@@ -275,7 +296,11 @@ pub fn ocssd_image(data: &[u8]) {
         let crc = crc32c::crc32c(&rec[..60]);
         rec[60..].copy_from_slice(&crc.to_le_bytes());
     }
-    let slba = u64::from_le_bytes(rec[16..24].try_into().unwrap_or([0; 8]));
-    let _ = ChunkRecord::decode(&rec, slba, u64::from(flags));
+    let slba = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
+    let cnlb = u64::from_le_bytes(rec[16..24].try_into().unwrap_or([0; 8]));
+    if ChunkRecord::decode(&rec, slba, cnlb).is_ok() {
+        r |= 2;
+    }
     let _ = ChunkRecord::decode(&rec[..m], 0, 0);
+    r
 }

@@ -356,6 +356,10 @@ impl Request {
             for &(addr, len) in &segments {
                 push_iovecs(mem, addr, len, &mut iovecs).map_err(fail_s)?;
             }
+        } else if segments.iter().any(|&(a, l)| !GuestMemoryBackend::check_range(mem, a, l as usize)) {
+            // Data a flush or discard never uses must still lie in guest memory (found by the
+            // chain_parser fuzz target: a flush with a data descriptor outside memory was accepted).
+            return Err(fail_s(ParseError::DataOutOfMemory));
         }
 
         let bs = u64::from(limits.block_size.max(512));

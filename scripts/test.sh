@@ -15,5 +15,6 @@ bash qemu/build-guest.sh
 export RUST_BACKTRACE=1
 cargo build --release --all-targets
 # Everything but the guest boots, then the guest boots with their workload times and fio figures shown.
-cargo test --release --all-targets -- --test-threads=2 --skip guest_malloc_ --skip guest_file_
+cargo test --release --all-targets -- --test-threads=2 --skip guest_malloc_ --skip guest_file_ --skip guest_sees_
 cargo test --release --test guest_e2e -- --nocapture
+cargo test --release --test guest_restart -- --nocapture

@@ -414,7 +414,16 @@ impl Worker {
                     if self.log.allow("virtqueue") {
                         warn!("bad resubmitted request (head {}): {}", bad.head, bad.error);
                     }
-                    Self::finish(vring, mem, inf, bad.head, bad.status_addr, bad.error.status(), 1);
+                    Self::finish(
+                        vring,
+                        mem,
+                        inf,
+                        &mut self.log,
+                        bad.head,
+                        bad.status_addr,
+                        bad.error.status(),
+                        1,
+                    );
                     used = true;
                 }
             }
@@ -437,7 +446,16 @@ impl Worker {
                     if self.log.allow("virtqueue") {
                         warn!("bad request (head {}): {}", bad.head, bad.error);
                     }
-                    Self::finish(vring, mem, inf, bad.head, bad.status_addr, bad.error.status(), 1);
+                    Self::finish(
+                        vring,
+                        mem,
+                        inf,
+                        &mut self.log,
+                        bad.head,
+                        bad.status_addr,
+                        bad.error.status(),
+                        1,
+                    );
                     used = true;
                 }
             }
@@ -461,8 +479,9 @@ impl Worker {
         let spb = u64::from(info.block_size.max(512)) / SECTOR_SIZE;
         let region = self.region.clone();
         let inf = region.as_deref().map(|r| (r, self.queue));
-        let immediate = |status: u8, used_len: u32| {
-            Self::finish(vring, mem, inf, req.head, Some(req.status_addr), status, used_len);
+        let log = &mut self.log;
+        let mut immediate = |status: u8, used_len: u32| {
+            Self::finish(vring, mem, inf, log, req.head, Some(req.status_addr), status, used_len);
             true
         };
         let ok = VIRTIO_BLK_S_OK as u8;
@@ -536,7 +555,16 @@ impl Worker {
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, tag));
                 continue;
             }
-            Self::finish(vring, mem, inf, f.head, Some(f.status_addr), io_status(c.result), f.used_len);
+            Self::finish(
+                vring,
+                mem,
+                inf,
+                &mut self.log,
+                f.head,
+                Some(f.status_addr),
+                io_status(c.result),
+                f.used_len,
+            );
         }
         Self::signal(vring);
         true
@@ -549,6 +577,7 @@ impl Worker {
         vring: &Vring,
         mem: &GuestMem,
         inf: Option<(&InflightRegion, u16)>,
+        log: &mut RateLimit,
         head: u16,
         status_addr: Option<GuestAddress>,
         status: u8,
@@ -558,7 +587,9 @@ impl Worker {
             Some(addr) => match mem.write_obj(status, addr) {
                 Ok(()) => used_len,
                 Err(e) => {
-                    warn!("cannot write status of head {head}: {e}");
+                    if log.allow("virtqueue") {
+                        warn!("cannot write status of head {head}: {e}");
+                    }
                     0
                 }
             },
@@ -573,7 +604,11 @@ impl Worker {
                     r.post_put(q, head, vring.get_ref().get_queue().next_used());
                 }
             }
-            Err(e) => warn!("add_used({head}): {e}"),
+            Err(e) => {
+                if log.allow("virtqueue") {
+                    warn!("add_used({head}): {e}");
+                }
+            }
         }
     }
 

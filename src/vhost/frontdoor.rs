@@ -32,8 +32,8 @@
 //!   size (`fstat`: vm-memory does not check, and the first access past the end would SIGBUS the
 //!   daemon), no overlapping guest ranges, at most [`MAX_MEM_SLOTS`] regions in all.
 //! * Vring messages: index < queue count; size a power of two in `1..=max`; a ring whose size was
-//!   refused cannot be started (its SET_VRING_KICK is refused) until a good size is set; a size
-//!   refused while the ring runs closes the connection (the device cannot follow it).
+//!   refused cannot be started (its SET_VRING_KICK is refused) until a good size is set; a ring
+//!   that runs when a size is refused (the protocol sets sizes on stopped rings) keeps its size.
 //!
 //! # Limitations
 //! * Messages that need a reply by themselves (GET_*) cannot be refused without one: a bad
@@ -167,9 +167,6 @@ pub enum ProtocolError {
     /// A message that needs a reply by itself had bad parameters.
     #[error("request {0} cannot be answered: {1}")]
     Unanswerable(u32, Refusal),
-    /// A ring size was refused while the ring runs.
-    #[error("vring {0}: size {1} refused while the ring is running")]
-    SizeOnRunningRing(u32, u32),
 }
 
 /// Why a well-formed message was refused (the connection stays usable).
@@ -255,7 +252,6 @@ pub struct FrontDoor {
     acked_features: u64,
     acked_protocol: u64,
     ring_size_ok: Vec<bool>,
-    ring_started: Vec<bool>,
     regions: Vec<Region>,
 }
 
@@ -311,7 +307,6 @@ impl FrontDoor {
             acked_protocol: 0,
             // virtio-queue starts every ring at the maximum size.
             ring_size_ok: vec![true; n],
-            ring_started: vec![false; n],
             regions: Vec::new(),
         }
     }
@@ -446,6 +441,9 @@ impl FrontDoor {
                 let i = self.index(u32_at(body, 0))?;
                 let num = u32_at(body, 4);
                 if num == 0 || num > u32::from(self.max_queue_size) || !num.is_power_of_two() {
+                    // A stopped ring cannot be started again until a good size is set; a running
+                    // one (the protocol sends sizes to stopped rings) keeps its size, and the
+                    // frontend has been told.
                     self.ring_size_ok[i] = false;
                     return Err(Refusal::BadRingSize(num, self.max_queue_size));
                 }
@@ -473,8 +471,7 @@ impl FrontDoor {
             }
             req::GET_VRING_BASE => {
                 want_len(body, 8)?;
-                let i = self.index(u32_at(body, 0))?;
-                self.ring_started[i] = false;
+                self.index(u32_at(body, 0))?;
                 fwd
             }
             req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => {
@@ -485,11 +482,8 @@ impl FrontDoor {
                     return Err(Refusal::BadPayload { got: fds.len(), want: usize::from(!nofd) });
                 }
                 let i = self.index((v & 0xff) as u32)?;
-                if request == req::SET_VRING_KICK {
-                    if !self.ring_size_ok[i] {
-                        return Err(Refusal::RingSizeNotSet(i as u32));
-                    }
-                    self.ring_started[i] = true;
+                if request == req::SET_VRING_KICK && !self.ring_size_ok[i] {
+                    return Err(Refusal::RingSizeNotSet(i as u32));
                 }
                 fwd
             }
@@ -898,4 +892,145 @@ pub fn run_proxy(
         let _ = h.join();
     }
     info!("{name}: front door closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FEATURES: u64 = (1 << 32) | F_PROTOCOL_FEATURES | 0xff;
+    const PROTOCOL: u64 = pf::MQ | pf::REPLY_ACK | pf::CONFIG | pf::CONFIGURE_MEM_SLOTS;
+
+    fn door() -> FrontDoor {
+        let mut d = FrontDoor::new(2, 64, FEATURES, PROTOCOL, pf::INFLIGHT_SHMFD);
+        let v =
+            d.check(&hdr(req::SET_PROTOCOL_FEATURES, 8), &(PROTOCOL | pf::INFLIGHT_SHMFD).to_le_bytes(), &[]);
+        // The locally answered bit is stripped before vhost-user-backend sees it.
+        assert_eq!(v, Verdict::Forward(Some(PROTOCOL.to_le_bytes().to_vec())));
+        d
+    }
+
+    fn hdr(request: u32, size: usize) -> Header {
+        Header { request, flags: 1 | FLAG_NEED_REPLY, size: size as u32 }
+    }
+
+    fn check(d: &mut FrontDoor, request: u32, body: &[u8], fds: &[Option<u64>]) -> Verdict {
+        d.check(&hdr(request, body.len()), body, fds)
+    }
+
+    fn region(gpa: u64, size: u64, off: u64) -> Vec<u8> {
+        [gpa.to_le_bytes(), size.to_le_bytes(), 0x7f00_0000_0000u64.to_le_bytes(), off.to_le_bytes()].concat()
+    }
+
+    fn table(regions: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = (regions.len() as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; 4]);
+        for r in regions {
+            b.extend_from_slice(r);
+        }
+        b
+    }
+
+    fn state(i: u32, n: u32) -> Vec<u8> {
+        [i.to_le_bytes(), n.to_le_bytes()].concat()
+    }
+
+    fn refused(v: Verdict) -> bool {
+        matches!(v, Verdict::Refuse(_))
+    }
+
+    #[test]
+    fn broken_stream_closes() {
+        let mut d = door();
+        let bad_version = Header { request: req::GET_FEATURES, flags: 2, size: 0 };
+        assert!(matches!(d.check(&bad_version, &[], &[]), Verdict::Close(_)));
+        let reply_flag = Header { request: req::GET_FEATURES, flags: 1 | FLAG_REPLY, size: 0 };
+        assert!(matches!(d.check(&reply_flag, &[], &[]), Verdict::Close(_)));
+        let big = Header { request: req::SET_CONFIG, flags: 1, size: 5000 };
+        assert!(matches!(d.check(&big, &[], &[]), Verdict::Close(ProtocolError::TooLarge(5000))));
+        assert!(
+            matches!(check(&mut d, req::GET_FEATURES, &[], &[Some(4096)]), Verdict::Close(_)),
+            "fd on GET_FEATURES"
+        );
+        assert!(
+            matches!(check(&mut d, req::GET_VRING_BASE, &state(9, 0), &[]), Verdict::Close(_)),
+            "unanswerable"
+        );
+    }
+
+    #[test]
+    fn memory_tables() {
+        let mut d = door();
+        let m = 1u64 << 20;
+        assert_eq!(
+            check(&mut d, req::SET_MEM_TABLE, &table(&[region(0, m, 0)]), &[Some(m)]),
+            Verdict::Forward(None)
+        );
+        for (what, t, fds) in [
+            ("past the fd", table(&[region(0, m, 4096)]), vec![Some(m)]),
+            ("zero-sized", table(&[region(0, 0, 0)]), vec![Some(m)]),
+            ("overlap", table(&[region(0, m, 0), region(m - 1, m, 0)]), vec![Some(2 * m), Some(2 * m)]),
+            ("offset overflow", table(&[region(0, m, u64::MAX - 5)]), vec![None]),
+            ("guest overflow", table(&[region(u64::MAX - 5, m, 0)]), vec![None]),
+            ("fd count", table(&[region(0, m, 0), region(m, m, 0)]), vec![Some(m)]),
+            ("no regions", table(&[]), vec![]),
+            ("too many", table(&vec![region(0, 4096, 0); 33]), vec![None; 32]),
+        ] {
+            assert!(refused(check(&mut d, req::SET_MEM_TABLE, &t, &fds)), "{what}");
+        }
+        // ADD_MEM_REG may not overlap what is there; REM_MEM_REG must name a region.
+        let add = |gpa: u64| [vec![0u8; 8], region(gpa, m, 0)].concat();
+        assert!(refused(check(&mut d, req::ADD_MEM_REG, &add(m / 2), &[Some(m)])));
+        assert_eq!(check(&mut d, req::ADD_MEM_REG, &add(m), &[Some(m)]), Verdict::Forward(None));
+        assert!(refused(check(&mut d, req::REM_MEM_REG, &add(3 * m), &[])));
+        assert_eq!(check(&mut d, req::REM_MEM_REG, &add(m), &[]), Verdict::Forward(None));
+    }
+
+    #[test]
+    fn vring_sizes_and_kicks() {
+        let mut d = door();
+        for n in [0u32, 3, 33, 128] {
+            assert!(refused(check(&mut d, req::SET_VRING_NUM, &state(0, n), &[])), "size {n}");
+        }
+        assert!(refused(check(&mut d, req::SET_VRING_NUM, &state(2, 32), &[])), "index 2 of 2 queues");
+        // After a refused size the ring cannot be started ...
+        assert!(refused(check(&mut d, req::SET_VRING_KICK, &0u64.to_le_bytes(), &[None])));
+        // ... until a good size is set.
+        assert_eq!(check(&mut d, req::SET_VRING_NUM, &state(0, 32), &[]), Verdict::Forward(None));
+        assert_eq!(check(&mut d, req::SET_VRING_KICK, &0u64.to_le_bytes(), &[None]), Verdict::Forward(None));
+        // Stopped (GET_VRING_BASE), refused a size, it cannot start again until a good one.
+        assert_eq!(check(&mut d, req::GET_VRING_BASE, &state(0, 0), &[]), Verdict::Forward(None));
+        assert!(refused(check(&mut d, req::SET_VRING_NUM, &state(0, 33), &[])));
+        assert!(refused(check(&mut d, req::SET_VRING_KICK, &0u64.to_le_bytes(), &[None])));
+        // NOFD without an fd is fine; an fd with NOFD is not.
+        assert_eq!(check(&mut d, req::SET_VRING_CALL, &0x100u64.to_le_bytes(), &[]), Verdict::Forward(None));
+        assert!(refused(check(&mut d, req::SET_VRING_CALL, &0x100u64.to_le_bytes(), &[None])));
+        assert!(refused(check(&mut d, req::SET_VRING_ENABLE, &state(0, 2), &[])));
+    }
+
+    #[test]
+    fn features_and_config() {
+        let mut d = door();
+        assert!(refused(check(&mut d, req::SET_FEATURES, &(FEATURES | 1 << 40).to_le_bytes(), &[])));
+        assert!(
+            refused(check(&mut d, req::SET_PROTOCOL_FEATURES, &(1u64 << 1).to_le_bytes(), &[])),
+            "LOG_SHMFD"
+        );
+        let wce = |off: u32, v: u8| {
+            [off.to_le_bytes(), 1u32.to_le_bytes(), 0u32.to_le_bytes()]
+                .concat()
+                .into_iter()
+                .chain([v])
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(check(&mut d, req::SET_CONFIG, &wce(32, 1), &[]), Verdict::Forward(None));
+        assert!(refused(check(&mut d, req::SET_CONFIG, &wce(32, 2), &[])));
+        assert!(refused(check(&mut d, req::SET_CONFIG, &wce(0, 1), &[])));
+        assert!(refused(check(&mut d, 99, &[], &[])), "unknown request");
+        let inflight =
+            [0u64.to_le_bytes().to_vec(), 0u64.to_le_bytes().to_vec(), vec![2, 0, 32, 0, 0, 0, 0, 0]]
+                .concat();
+        assert_eq!(check(&mut d, req::GET_INFLIGHT_FD, &inflight, &[]), Verdict::Local);
+        assert!(d.reply_ack());
+    }
 }

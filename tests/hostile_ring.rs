@@ -368,6 +368,14 @@ fn avail_index_far_ahead_never_hangs() {
     g.assert_responsive();
     let other = other_queue_works(&mut g, 64, 2);
     g.assert_responsive();
+    // Another export of the same process is not disturbed.
+    let ex2 = Export::new();
+    let mut g2 = Guest::connect(&ex2);
+    let data2 = pattern(4096, 7);
+    g2.write(0, 0, 8, &data2, DATA, STATUS);
+    g2.assert_responsive();
+    drop(g2);
+    assert_disk(&ex2, &[(8 * 512, &data2)]);
     // Stopping the broken ring is answered at once and reports what was really consumed.
     assert_eq!(g.assert_ring_stops(0), u32::from(idx));
     drop(g);

@@ -421,13 +421,13 @@ fn dispatch(method: &str, map: BTreeMap<String, String>, daemon: &Daemon) -> Res
         "export-list" => {
             p.finish()?;
             let list: Vec<Value> = daemon
-                .exports()
+                .export_states()
                 .iter()
-                .map(|e| {
+                .map(|(e, connected, connections)| {
                     json!({
                         "bdev": e.bdev, "socket": e.socket.display().to_string(), "queues": e.queues,
                         "queue_size": e.queue_size, "readonly": e.readonly, "serial": e.serial,
-                        "poll_us": e.poll_us,
+                        "poll_us": e.poll_us, "connected": connected, "connections": connections,
                     })
                 })
                 .collect();

@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bdev::qos::QosLimits;
 use crate::bdev::{Bdev, BdevIo, IoKind, Registry};
 use crate::cli::{self, BdevSpec, ExportSpec};
-use crate::vhost::{ExportConfig, VhostError};
+use crate::vhost::{ExportConfig, ExportStatus, VhostError};
 
 /// Errors of management operations; each names the parameter or object at fault.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,7 @@ type ExportThread = JoinHandle<Result<(), VhostError>>;
 
 struct Export {
     spec: ExportSpec,
+    status: Arc<ExportStatus>,
     stop: Arc<EventFd>,
     handle: Option<ExportThread>,
 }
@@ -239,6 +240,7 @@ impl Daemon {
             .map_err(|e| DaemonError::param("socket", format!("{}: {e}", spec.socket.display())))?;
         let desc =
             self.registry.open(&spec.bdev, !spec.readonly).map_err(|e| DaemonError::param("bdev", e))?;
+        let status = Arc::new(ExportStatus::default());
         let cfg = ExportConfig {
             socket: spec.socket.clone(),
             queues: spec.queues,
@@ -247,6 +249,7 @@ impl Daemon {
             serial: spec.serial.clone(),
             poll_us: spec.poll_us,
             socket_perms: spec.socket_perms,
+            status: status.clone(),
         };
         let stop = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK)
@@ -255,7 +258,7 @@ impl Daemon {
         let handle = crate::vhost::serve(Arc::new(desc), cfg, stop.clone())
             .map_err(|e| DaemonError::Failed(format!("export of bdev '{}': {e}", spec.bdev)))?;
         let shown = std::path::absolute(&spec.socket).unwrap_or_else(|_| spec.socket.clone());
-        exports.push(Export { spec, stop, handle: Some(handle) });
+        exports.push(Export { spec, status, stop, handle: Some(handle) });
         Ok(shown)
     }
 
@@ -278,6 +281,18 @@ impl Daemon {
     /// The exports being served.
     pub fn exports(&self) -> Vec<ExportSpec> {
         lock(&self.exports).iter().map(|e| e.spec.clone()).collect()
+    }
+
+    /// The exports with their live connection state: (spec, frontend connected, connections so far).
+    pub fn export_states(&self) -> Vec<(ExportSpec, bool, u64)> {
+        use std::sync::atomic::Ordering;
+        lock(&self.exports)
+            .iter()
+            .map(|e| {
+                let s = &e.status;
+                (e.spec.clone(), s.connected.load(Ordering::Acquire), s.connections.load(Ordering::Acquire))
+            })
+            .collect()
     }
 
     /// Sends a reset to `name` from the calling thread and waits (bounded) for it.

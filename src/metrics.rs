@@ -14,7 +14,8 @@
 //! * Families: `vblkd_bdev_ops_total{bdev,kind}`, `vblkd_bdev_bytes_total{bdev,kind}`,
 //!   `vblkd_bdev_errors_total{bdev}`, `vblkd_bdev_io_latency_seconds{bdev}` (histogram of reads and
 //!   writes), `vblkd_bdev_queue_depth{bdev}`, `vblkd_bdev_qos_limit{bdev,limit}`,
-//!   `vblkd_export_queues{bdev,socket}`, and every number a module reports (FTL, cache) as
+//!   `vblkd_export_queues{bdev,socket}`, `vblkd_export_connected{bdev,socket}`,
+//!   `vblkd_export_connections_total{bdev,socket}`, and every number a module reports (FTL, cache) as
 //!   `vblkd_module_stat{bdev,module,key}`.
 //! * Loopback by default: the operator names the address; nothing listens unless `--metrics` is given.
 
@@ -225,14 +226,22 @@ pub fn render(daemon: &Daemon) -> Vec<u8> {
         }
     }
     let mut exports = family("vblkd_export_queues", "Virtqueues offered by each export.", MetricType::GAUGE);
-    for e in daemon.exports() {
+    let mut connected =
+        family("vblkd_export_connected", "1 while a frontend is connected to the export.", MetricType::GAUGE);
+    let mut connections =
+        family("vblkd_export_connections_total", "Frontends accepted by the export.", MetricType::COUNTER);
+    for (e, is_connected, n) in daemon.export_states() {
         let socket = e.socket.display().to_string();
-        exports.mut_metric().push(gauge(&[("bdev", &e.bdev), ("socket", &socket)], f64::from(e.queues)));
+        let l = [("bdev", e.bdev.as_str()), ("socket", socket.as_str())];
+        exports.mut_metric().push(gauge(&l, f64::from(e.queues)));
+        connected.mut_metric().push(gauge(&l, if is_connected { 1.0 } else { 0.0 }));
+        connections.mut_metric().push(counter(&l, n as f64));
     }
-    let families: Vec<MetricFamily> = [ops, bytes, errors, lat, qd, qos, module, exports]
-        .into_iter()
-        .filter(|f| !f.get_metric().is_empty())
-        .collect();
+    let families: Vec<MetricFamily> =
+        [ops, bytes, errors, lat, qd, qos, module, exports, connected, connections]
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty())
+            .collect();
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         log::warn!("metrics encoding: {e}");

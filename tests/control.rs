@@ -117,6 +117,7 @@ fn every_method_succeeds_and_fails_cleanly() {
     ctl.err(&["export-add", "bdev=m1", "socket=/tmp/x.sock", "queue-size=100"], "power of two");
     let exports = ctl.ok(&["export-list"]);
     assert_eq!(exports.as_array().expect("array").len(), 2);
+    assert_eq!(exports[1]["connected"], false, "{exports}");
     ctl.err(&["bdev-remove", "m1"], "remove the export first");
     assert_eq!(ctl.ok(&["export-remove", &s1.display().to_string()])["bdev"], "m1");
     assert!(!s1.exists(), "the socket file is removed with the export");
@@ -393,6 +394,18 @@ fn metrics_scrape_parses_as_prometheus_text() {
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("spawn");
+    /// Kills the daemon if the test fails half-way (it holds the test's stderr open).
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: plain kill(2) on our own child's pid (harmless if it already exited and was reaped
+            // moments ago: pids are not reused that fast).
+            unsafe {
+                libc::kill(self.0 as i32, libc::SIGKILL);
+            }
+        }
+    }
+    let _guard = KillOnDrop(child.id());
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut addr = None;
     for _ in 0..10 {
@@ -454,9 +467,26 @@ fn metrics_scrape_parses_as_prometheus_text() {
     }
     assert!(body.contains("vblkd_bdev_qos_limit{bdev=\"d0\",limit=\"iops\"} 20000"), "{body}");
     assert!(body.contains("vblkd_export_queues{"), "{body}");
+    let connected = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("vblkd_export_connected{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    assert_eq!(connected(&body).as_deref(), Some("1"), "a frontend is attached: {body}");
     let (head, _) = get("/other");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get("/metrics");
+        if connected(&body).as_deref() == Some("0") {
+            assert!(body.contains("vblkd_export_connections_total{"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the export still reports a frontend after it left:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

@@ -20,6 +20,8 @@ pub mod request;
 pub mod server;
 pub mod socket;
 
-pub use server::{check_socket, default_queues, serve, ExportConfig, VhostError, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use server::{
+    check_socket, default_queues, serve, ExportConfig, ExportStatus, VhostError, MAX_QUEUES, MAX_QUEUE_SIZE,
+};
 pub use socket::{SocketError, SocketPerms};
 pub use vmm_sys_util::eventfd::EventFd;

@@ -61,7 +61,26 @@ pub struct ExportConfig {
     pub poll_us: u64,
     /// Owner, group and mode of the socket file, applied before it accepts.
     pub socket_perms: SocketPerms,
+    /// Live connection state, for the control socket and metrics.
+    pub status: Arc<ExportStatus>,
 }
+
+/// What an export's serving thread reports while it runs.
+#[derive(Debug, Default)]
+pub struct ExportStatus {
+    /// A frontend is connected right now.
+    pub connected: std::sync::atomic::AtomicBool,
+    /// Frontends accepted since the export started.
+    pub connections: std::sync::atomic::AtomicU64,
+}
+
+impl PartialEq for ExportStatus {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for ExportStatus {}
 
 /// The default number of queues: the CPU count, within 1..=[`MAX_QUEUES`].
 pub fn default_queues() -> u16 {
@@ -80,6 +99,7 @@ impl ExportConfig {
             serial: serial.to_string(),
             poll_us: 50,
             socket_perms: SocketPerms::default(),
+            status: Arc::default(),
         }
     }
 }
@@ -330,6 +350,8 @@ fn serve_loop(
             .spawn(move || run_proxy(&proxy_name, frontend, to_daemon, door, local))
             .map_err(io_err("spawning the front door thread"))?;
         info!("{name}: frontend connected");
+        cfg.status.connected.store(true, std::sync::atomic::Ordering::Release);
+        cfg.status.connections.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let shutdown = daemon.shutdown_handle();
         let done = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
         let done_w = done.try_clone().map_err(io_err("eventfd"))?;
@@ -359,6 +381,7 @@ fn serve_loop(
             Ok(Err(e)) => warn!("{name}: connection ended: {e}"),
             Err(_) => error!("{name}: connection thread panicked"),
         }
+        cfg.status.connected.store(false, std::sync::atomic::Ordering::Release);
         if proxy.join().is_err() {
             error!("{name}: front door thread panicked");
         }

@@ -4,11 +4,20 @@
 //! vblkd [--data-dir DIR] [--bdev KEY=VAL,...]... [--export KEY=VAL,...]... [--log-level LEVEL]
 //!   --bdev driver=malloc,name=m0,size=1G[,block-size=512|4096]
 //!   --bdev driver=null,name=n0,size=1T[,block-size=...]
-//!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=io_uring|threads][,block-size=...]
+//!   --bdev driver=file,name=f0,path=disk.img[,size=1G][,direct=on|off][,engine=auto|io_uring|threads][,block-size=...]
 //!   --bdev driver=rbd,name=r0,pool=rbd,image=NAME[,conf=PATH][,user=admin][,keyring=PATH][,create=SIZE][,timeout=S]
+//!   --bdev driver=cache,name=c0,cache=BDEV,core=BDEV[,mode=wt|wb|wa|pt|wi|wo][,line-size=4K..64K]
+//!          [,cleaner=alru|acp|nop][,alru-wake-ms=N][,alru-stale-ms=N][,clean-batch=N]
+//!          [,seq-cutoff=off|full|always][,seq-cutoff-size=1M][,load=auto|on|off]
+//!   --bdev driver=ocssd-emu,name=o0,path=media.img[,create=on,groups=G,pus=U,chunks=C,chunk-blocks=B,
+//!          ws-min=N,ws-opt=N,oob-bytes=N,bad-chunks=GRP:PU:CHK+...]
+//!   --bdev driver=ftl,name=ftl0,base=o0[,punits=B-E][,mode=auto|create|restore][,force=on][,uuid=U]
+//!          [,wbuf=6M][,lba-rsvd=20][,band-thld=90][,invalid-thld=10][,reloc-qdepth=32][,reloc-bands=3]
+//!          [,interleave=1][,size=BYTES][,nv-cache=BDEV]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
+//! vblkd cache info --cache PATH
 //! ```
 //!
 //! # Design
@@ -22,7 +31,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::bdev::qos::QosLimits;
+use crate::ftl::cli::FtlCommand;
+use crate::ftl::{FtlConfig, Mode as FtlMode};
 use crate::ocssd::cli::MediaCommand;
+use crate::ocssd::{EmuGeometry, Ppa};
 
 /// Size of the default file disk served when no `--bdev`/`--export` is given.
 pub const DEFAULT_DISK_BYTES: u64 = 1 << 30;
@@ -68,6 +80,12 @@ pub enum Command {
     Media(MediaCommand),
     /// Send one request to a running daemon's control socket and print the JSON result.
     Ctl(CtlArgs),
+    /// Cache devices.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// FTL tools.
+    #[command(subcommand)]
+    Ftl(FtlCommand),
 }
 
 /// `vblkd ctl [--control PATH] METHOD [key=value | value]...`
@@ -87,9 +105,22 @@ pub struct CtlArgs {
     pub params: Vec<String>,
 }
 
+/// `vblkd cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print a cache device's metadata and saved statistics as JSON (read-only).
+    Info {
+        /// The cache device: an image file or block device path.
+        #[arg(long, value_name = "PATH")]
+        cache: PathBuf,
+    },
+}
+
 /// I/O engine of a file bdev.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileEngine {
+    /// Cache hits inline on the poller thread (`RWF_NOWAIT`), the rest on io_uring (the default).
+    Auto,
     /// io_uring (falls back to threads when unavailable).
     IoUring,
     /// A thread pool doing preadv/pwritev.
@@ -139,14 +170,46 @@ pub enum BdevSpec {
         /// Pool, image, credentials, create and time-out options.
         cfg: crate::bdev::rbd::RbdConfig,
     },
+    /// A cache bdev over a core, on a cache device.
+    Cache(crate::cache::CacheConfig),
+    /// An emulated OCSSD image (a media device, not a block bdev: see `ocssd::table`).
+    OcssdEmu {
+        /// Name.
+        name: String,
+        /// Image path.
+        path: PathBuf,
+        /// Create the image when it does not exist.
+        create: bool,
+        /// Geometry for a new image (keys given on the command line are checked against an
+        /// existing image).
+        geometry: EmuGeometry,
+        /// Geometry keys given explicitly.
+        given: Vec<&'static str>,
+        /// Chunks offline at creation.
+        bad_chunks: Vec<Ppa>,
+    },
+    /// The FTL over a media device.
+    Ftl {
+        /// Media device name.
+        base: String,
+        /// Configuration (holds the name).
+        cfg: FtlConfig,
+        /// Non-volatile cache bdev (refused: not implemented).
+        nv_cache: Option<String>,
+    },
 }
 
 impl BdevSpec {
     /// The bdev's name.
     pub fn name(&self) -> &str {
         match self {
-            Self::Malloc { name, .. } | Self::Null { name, .. } | Self::File { name, .. } => name,
+            Self::Malloc { name, .. }
+            | Self::Null { name, .. }
+            | Self::File { name, .. }
+            | Self::OcssdEmu { name, .. } => name,
+            Self::Ftl { cfg, .. } => &cfg.name,
             Self::Rbd { name, .. } => name,
+            Self::Cache(c) => &c.name,
         }
     }
 }
@@ -362,9 +425,12 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
             };
             let direct = keys.on_off("direct", false)?;
             let engine = match keys.optional("engine").as_deref() {
-                None | Some("io_uring") => FileEngine::IoUring,
+                None | Some("auto") => FileEngine::Auto,
+                Some("io_uring") => FileEngine::IoUring,
                 Some("threads") => FileEngine::Threads,
-                Some(e) => return Err(err(flag, value, format!("engine={e} must be io_uring or threads"))),
+                Some(e) => {
+                    return Err(err(flag, value, format!("engine={e} must be auto, io_uring or threads")))
+                }
             };
             BdevSpec::File { name, path, size_bytes, block_size: bs, direct, engine }
         }
@@ -395,11 +461,16 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
                 crate::bdev::rbd::RbdConfig { pool, image, conf, user, keyring, create_bytes, timeout_secs };
             BdevSpec::Rbd { name, cfg }
         }
+        "cache" => BdevSpec::Cache(parse_cache(&mut keys, name)?),
+        "ocssd-emu" => parse_ocssd_emu(&mut keys, name)?,
+        "ftl" => parse_ftl(&mut keys, name)?,
         other => {
             return Err(err(
                 flag,
                 value,
-                format!("unknown driver '{other}' (expected malloc, null, file or rbd)"),
+                format!(
+                    "unknown driver '{other}' (expected malloc, null, file, rbd, cache, ocssd-emu or ftl)"
+                ),
             ))
         }
     };
@@ -419,6 +490,189 @@ fn socket_perms(keys: &mut Keys<'_>) -> Result<crate::vhost::SocketPerms, CliErr
         owner: owner.transpose().map_err(|p| e(keys, p))?,
         group: group.transpose().map_err(|p| e(keys, p))?,
     })
+}
+
+fn parse_cache(keys: &mut Keys<'_>, name: String) -> Result<crate::cache::CacheConfig, CliError> {
+    use crate::cache::{CacheConfig, CleanerPolicy, LoadPolicy, Mode, SeqCutoff};
+    let (flag, value) = (keys.flag, keys.value);
+    let cache = keys.required("cache")?;
+    let core = keys.required("core")?;
+    if cache == core {
+        return Err(err(flag, value, format!("cache={cache} and core={core} must be different bdevs")));
+    }
+    let mut c = CacheConfig::new(&name, &cache, &core);
+    if let Some(m) = keys.optional("mode") {
+        c.mode = Mode::parse(&m)
+            .ok_or_else(|| err(flag, value, format!("mode={m} must be one of wt, wb, wa, pt, wi, wo")))?;
+    }
+    if let Some(ls) = keys.size("line-size")? {
+        let ok = u32::try_from(ls).ok().filter(|&l| crate::cache::valid_line_size(l));
+        c.line_size =
+            ok.ok_or_else(|| err(flag, value, format!("line-size={ls} must be 4K, 8K, 16K, 32K or 64K")))?;
+    }
+    c.cleaner = match keys.optional("cleaner").as_deref() {
+        None | Some("alru") => CleanerPolicy::Alru,
+        Some("acp") => CleanerPolicy::Acp,
+        Some("nop") => CleanerPolicy::Nop,
+        Some(v) => return Err(err(flag, value, format!("cleaner={v} must be alru, acp or nop"))),
+    };
+    if let Some(v) = keys.number::<u64>("alru-wake-ms")? {
+        if v == 0 || v > 3_600_000 {
+            return Err(err(flag, value, format!("alru-wake-ms={v} must be between 1 and 3600000")));
+        }
+        c.alru_wake_ms = v;
+    }
+    if let Some(v) = keys.number::<u64>("alru-stale-ms")? {
+        if v > 3_600_000 {
+            return Err(err(flag, value, format!("alru-stale-ms={v} must be at most 3600000")));
+        }
+        c.alru_stale_ms = v;
+    }
+    if let Some(v) = keys.number::<u32>("clean-batch")? {
+        if v == 0 || v > 10_000 {
+            return Err(err(flag, value, format!("clean-batch={v} must be between 1 and 10000")));
+        }
+        c.clean_batch = v;
+    }
+    c.seq_cutoff = match keys.optional("seq-cutoff").as_deref() {
+        None | Some("full") => SeqCutoff::Full,
+        Some("off") => SeqCutoff::Off,
+        Some("always") => SeqCutoff::Always,
+        Some(v) => return Err(err(flag, value, format!("seq-cutoff={v} must be off, full or always"))),
+    };
+    if let Some(v) = keys.size("seq-cutoff-size")? {
+        if v == 0 {
+            return Err(err(flag, value, "seq-cutoff-size=0 must be positive"));
+        }
+        c.seq_cutoff_bytes = v;
+    }
+    c.load = match keys.optional("load").as_deref() {
+        None | Some("auto") => LoadPolicy::Auto,
+        Some("on") => LoadPolicy::On,
+        Some("off") => LoadPolicy::Off,
+        Some(v) => return Err(err(flag, value, format!("load={v} must be auto, on or off"))),
+    };
+    Ok(c)
+}
+
+/// The geometry of the default disk's emulated media: 2 groups × 4 PUs, 64 chunks of 4 MiB
+/// (2 GiB of sparse media for a 1 GiB FTL, so relocation has room).
+pub fn default_media_geometry() -> EmuGeometry {
+    EmuGeometry {
+        num_grp: 2,
+        num_pu: 4,
+        num_chk: 64,
+        clba: 1024,
+        ws_min: 4,
+        ws_opt: 16,
+        ..EmuGeometry::default()
+    }
+}
+
+fn parse_ocssd_emu(keys: &mut Keys<'_>, name: String) -> Result<BdevSpec, CliError> {
+    let (flag, value) = (keys.flag, keys.value);
+    let path = PathBuf::from(keys.required("path")?);
+    let create = match keys.optional("create").as_deref() {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => return Err(err(flag, value, format!("create={v} must be on or off"))),
+    };
+    let mut g = EmuGeometry::default();
+    let mut given = Vec::new();
+    for (key, field) in [
+        ("groups", &mut g.num_grp),
+        ("pus", &mut g.num_pu),
+        ("chunks", &mut g.num_chk),
+        ("chunk-blocks", &mut g.clba),
+        ("ws-min", &mut g.ws_min),
+        ("ws-opt", &mut g.ws_opt),
+        ("oob-bytes", &mut g.oob_bytes),
+    ] {
+        if let Some(v) = keys.number::<u32>(key)? {
+            *field = v;
+            given.push(key);
+        }
+    }
+    if given.contains(&"ws-min") && !given.contains(&"ws-opt") {
+        g.ws_opt = if g.clba % (4 * g.ws_min) == 0 { 4 * g.ws_min } else { g.ws_min };
+    }
+    if !given.is_empty() && !create {
+        return Err(err(flag, value, "geometry keys need create=on (an existing image keeps its geometry)"));
+    }
+    if let Err(e) = g.validate() {
+        let key = match &e {
+            crate::ocssd::MediaError::InvalidConfig { field, .. } => match *field {
+                "num_grp" => "groups",
+                "num_pu" => "pus",
+                "num_chk" => "chunks",
+                "clba" => "chunk-blocks",
+                "ws_min" => "ws-min",
+                "ws_opt" => "ws-opt",
+                "oob_bytes" => "oob-bytes",
+                _ => "geometry",
+            },
+            _ => "geometry",
+        };
+        return Err(err(flag, value, format!("{key}: {e}")));
+    }
+    let bad_chunks = match keys.optional("bad-chunks") {
+        None => Vec::new(),
+        Some(v) => crate::ocssd::cli::parse_bad_chunks(&v.replace('+', ","))
+            .map_err(|e| err(flag, value, format!("bad-chunks: {e} (separate entries with '+')")))?,
+    };
+    Ok(BdevSpec::OcssdEmu { name, path, create, geometry: g, given, bad_chunks })
+}
+
+fn parse_ftl(keys: &mut Keys<'_>, name: String) -> Result<BdevSpec, CliError> {
+    let (flag, value) = (keys.flag, keys.value);
+    let base = keys.required("base")?;
+    let mut cfg = FtlConfig::new(&name);
+    if let Some(p) = keys.optional("punits") {
+        let (b, e) = crate::ftl::cli::parse_punits(&p).map_err(|m| err(flag, value, m))?;
+        cfg.pu_begin = b;
+        cfg.pu_end = Some(e);
+    }
+    cfg.mode = match keys.optional("mode").as_deref() {
+        None | Some("auto") => FtlMode::Auto,
+        Some("create") => FtlMode::Create,
+        Some("restore") => FtlMode::Restore,
+        Some(m) => return Err(err(flag, value, format!("mode={m} must be auto, create or restore"))),
+    };
+    cfg.force = keys.on_off("force", false)?;
+    if cfg.force && cfg.mode != FtlMode::Create {
+        return Err(err(flag, value, "force=on only applies to mode=create"));
+    }
+    if let Some(u) = keys.optional("uuid") {
+        cfg.uuid = Some(
+            crate::ftl::layout::parse_uuid(&u)
+                .ok_or_else(|| err(flag, value, format!("uuid={u} is not a UUID (32 hex digits)")))?,
+        );
+    }
+    if let Some(w) = keys.size("wbuf")? {
+        cfg.wbuf_bytes = w;
+    }
+    if let Some(v) = keys.number("lba-rsvd")? {
+        cfg.lba_rsvd = v;
+    }
+    if let Some(v) = keys.number("band-thld")? {
+        cfg.band_thld = v;
+    }
+    if let Some(v) = keys.number("invalid-thld")? {
+        cfg.invalid_thld = v;
+    }
+    if let Some(v) = keys.number("reloc-qdepth")? {
+        cfg.reloc_qdepth = v;
+    }
+    if let Some(v) = keys.number("reloc-bands")? {
+        cfg.reloc_bands = v;
+    }
+    if let Some(v) = keys.number("interleave")? {
+        cfg.interleave_units = v;
+    }
+    cfg.size_bytes = keys.size("size")?;
+    let nv_cache = keys.optional("nv-cache");
+    cfg.validate().map_err(|e| err(flag, value, e.to_string()))?;
+    Ok(BdevSpec::Ftl { base, cfg, nv_cache })
 }
 
 /// Parses one `--export` value.
@@ -473,14 +727,19 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
         })?),
     };
     let (bdevs, exports) = if is_default {
-        let bdev = BdevSpec::File {
-            name: "disk0".into(),
-            path: args.data_dir.join("disk0.img"),
-            size_bytes: Some(DEFAULT_DISK_BYTES),
-            block_size: 512,
-            direct: false,
-            engine: FileEngine::IoUring,
+        // The default disk: an FTL on an emulated OCSSD image in the data directory, created on the
+        // first start and restored on every later one.
+        let media = BdevSpec::OcssdEmu {
+            name: "media0".into(),
+            path: args.data_dir.join("media0.img"),
+            create: true,
+            geometry: default_media_geometry(),
+            given: Vec::new(),
+            bad_chunks: Vec::new(),
         };
+        let mut cfg = FtlConfig::new("disk0");
+        cfg.size_bytes = Some(DEFAULT_DISK_BYTES);
+        let bdev = BdevSpec::Ftl { base: "media0".into(), cfg, nv_cache: None };
         let export = ExportSpec {
             bdev: "disk0".into(),
             socket: args.data_dir.join("vblkd.sock"),
@@ -491,12 +750,31 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
             poll_us: 50,
             socket_perms: crate::vhost::SocketPerms::default(),
         };
-        (vec![bdev], vec![export])
+        (vec![media, bdev], vec![export])
     } else {
         let mut bdevs = Vec::new();
         let mut names = HashSet::new();
+        let mut cores = std::collections::HashMap::new();
         for v in &args.bdevs {
             let (spec, limits) = parse_bdev_with_qos(v)?;
+            if let BdevSpec::Cache(c) = &spec {
+                for (key, b) in [("cache", &c.cache), ("core", &c.core)] {
+                    if !names.contains(b) {
+                        return Err(err(
+                            "--bdev",
+                            v,
+                            format!("{key}={b}: no bdev of that name defined before it"),
+                        ));
+                    }
+                }
+                if let Some(other) = cores.insert(c.core.clone(), c.name.clone()) {
+                    return Err(err(
+                        "--bdev",
+                        v,
+                        format!("core={} is already the core of cache bdev '{other}'", c.core),
+                    ));
+                }
+            }
             if !names.insert(spec.name().to_string()) {
                 return Err(err("--bdev", v, format!("duplicate bdev name '{}'", spec.name())));
             }
@@ -588,13 +866,94 @@ mod tests {
     }
 
     #[test]
-    fn defaults_serve_a_file_disk() {
+    fn defaults_serve_an_ftl_disk() {
         let c = build_config(&args(&["--data-dir", "/tmp/d"])).expect("valid");
         assert!(c.is_default);
         assert_eq!(c.exports[0].socket, PathBuf::from("/tmp/d/vblkd.sock"));
         assert!(
-            matches!(&c.bdevs[0], BdevSpec::File { size_bytes: Some(s), .. } if *s == DEFAULT_DISK_BYTES)
+            matches!(&c.bdevs[0], BdevSpec::OcssdEmu { path, create: true, .. } if path == &PathBuf::from("/tmp/d/media0.img"))
         );
+        assert!(matches!(&c.bdevs[1], BdevSpec::Ftl { base, cfg, .. }
+            if base == "media0" && cfg.size_bytes == Some(DEFAULT_DISK_BYTES)));
+        assert_eq!(c.exports[0].bdev, "disk0");
+    }
+
+    #[test]
+    fn ftl_and_media_keys() {
+        let c = build_config(&args(&[
+            "--bdev",
+            "driver=ocssd-emu,name=o0,path=/tmp/m.img,create=on,groups=1,pus=4,chunks=16,chunk-blocks=64,ws-min=4,ws-opt=8,bad-chunks=0:1:3+0:2:4",
+            "--bdev",
+            "driver=ftl,name=f0,base=o0,punits=0-3,mode=create,force=on,wbuf=1M,lba-rsvd=30,band-thld=80,invalid-thld=20,reloc-qdepth=16,reloc-bands=2,uuid=0102030405060708090a0b0c0d0e0f10",
+            "--export",
+            "bdev=f0,socket=/tmp/f0.sock",
+        ]))
+        .expect("valid");
+        match &c.bdevs[0] {
+            BdevSpec::OcssdEmu { geometry, bad_chunks, create: true, .. } => {
+                assert_eq!(
+                    (geometry.num_grp, geometry.num_pu, geometry.num_chk, geometry.clba),
+                    (1, 4, 16, 64)
+                );
+                assert_eq!(bad_chunks.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &c.bdevs[1] {
+            BdevSpec::Ftl { base, cfg, .. } => {
+                assert_eq!(base, "o0");
+                assert_eq!(
+                    (cfg.pu_begin, cfg.pu_end, cfg.mode, cfg.force),
+                    (0, Some(3), FtlMode::Create, true)
+                );
+                assert_eq!(
+                    (cfg.wbuf_bytes, cfg.lba_rsvd, cfg.band_thld, cfg.invalid_thld),
+                    (1 << 20, 30, 80, 20)
+                );
+                assert_eq!((cfg.reloc_qdepth, cfg.reloc_bands), (16, 2));
+                assert_eq!(cfg.uuid.map(|u| u[0]), Some(1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ftl_refusals_name_the_option() {
+        let cases: &[(&str, &str)] = &[
+            ("invalid-thld=100", "invalid-thld"),
+            ("lba-rsvd=0", "lba-rsvd"),
+            ("lba-rsvd=100", "lba-rsvd"),
+            ("wbuf=0", "wbuf"),
+            ("wbuf=5000", "wbuf"),
+            ("mode=sometimes", "mode=sometimes"),
+            ("force=on", "force=on"),
+            ("uuid=xyz", "uuid=xyz"),
+            ("punits=5-2", "punits=5-2"),
+            ("band-thld=0", "band-thld"),
+            ("reloc-qdepth=0", "reloc-qdepth"),
+        ];
+        for (extra, want) in cases {
+            let bdev = format!("driver=ftl,name=f,base=o,{extra}");
+            let e = build_config(&args(&["--bdev", &bdev, "--export", "bdev=f,socket=/s"])).expect_err(extra);
+            let msg = e.to_string();
+            assert!(msg.starts_with("--bdev") && msg.contains(want), "{extra}: '{msg}' lacks '{want}'");
+        }
+        let e = build_config(&args(&[
+            "--bdev",
+            "driver=ocssd-emu,name=o,path=/x,chunks=4",
+            "--export",
+            "bdev=o,socket=/s",
+        ]))
+        .expect_err("geometry without create");
+        assert!(e.to_string().contains("create=on"), "{e}");
+        let e = build_config(&args(&[
+            "--bdev",
+            "driver=ocssd-emu,name=o,path=/x,create=on,ws-min=3,ws-opt=8",
+            "--export",
+            "bdev=o,socket=/s",
+        ]))
+        .expect_err("bad ws-opt");
+        assert!(e.to_string().contains("ws-opt"), "{e}");
     }
 
     #[test]

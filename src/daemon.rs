@@ -76,8 +76,47 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Opens (or creates) an emulated OCSSD image into the process's media table.
+pub fn open_media(spec: &BdevSpec) -> Result<(), String> {
+    use crate::ocssd::table::{open_or_create, MediaTable};
+    use crate::ocssd::{EmuConfig, MediaDevice};
+    let BdevSpec::OcssdEmu { name, path, create, geometry, given, bad_chunks } = spec else {
+        return Ok(());
+    };
+    let flag = |e: &dyn std::fmt::Display| format!("--bdev name={name}: {e}");
+    let cfg = EmuConfig { geometry: *geometry, bad_chunks: bad_chunks.clone(), faults: Vec::new() };
+    let (dev, created) = open_or_create(path, *create, &cfg).map_err(|e| flag(&e))?;
+    if !created {
+        // An existing image keeps its geometry: keys that disagree are refused, never applied.
+        let g = dev.geometry();
+        for (key, want, have) in [
+            ("groups", geometry.num_grp, g.num_grp),
+            ("pus", geometry.num_pu, g.num_pu),
+            ("chunks", geometry.num_chk, g.num_chk),
+            ("chunk-blocks", geometry.clba, g.clba),
+            ("ws-min", geometry.ws_min, g.ws_min),
+            ("ws-opt", geometry.ws_opt, g.ws_opt),
+            ("oob-bytes", geometry.oob_bytes, g.oob_bytes),
+        ] {
+            if given.contains(&key) && want != have {
+                return Err(flag(&format!(
+                    "{key}={want}: the existing image {} has {key}={have} (it is never reformatted)",
+                    path.display()
+                )));
+            }
+        }
+    } else {
+        log::info!("created emulated OCSSD image {}", path.display());
+    }
+    let dev: Arc<dyn MediaDevice> = Arc::new(dev);
+    if !MediaTable::global().insert(name, dev) {
+        return Err(flag(&"a media device of this name already exists"));
+    }
+    Ok(())
+}
+
 /// Builds the module object for one bdev spec (stacked modules open their bases in `registry`).
-pub fn build_bdev(spec: &BdevSpec, _registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
+pub fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>, String> {
     use crate::bdev::file::{Engine, FileBdev};
     use crate::bdev::malloc::MallocBdev;
     use crate::bdev::null::NullBdev;
@@ -90,14 +129,28 @@ pub fn build_bdev(spec: &BdevSpec, _registry: &Registry) -> Result<Arc<dyn Bdev>
             Arc::new(NullBdev::new(name, *size_bytes, *block_size).map_err(|e| flag(&e))?)
         }
         BdevSpec::File { name, path, size_bytes, block_size, direct, engine } => {
-            let engine = match engine {
-                cli::FileEngine::IoUring => Engine::IoUring,
-                cli::FileEngine::Threads => Engine::Threads,
+            let (engine, inline) = match engine {
+                cli::FileEngine::Auto => (Engine::IoUring, true),
+                cli::FileEngine::IoUring => (Engine::IoUring, false),
+                cli::FileEngine::Threads => (Engine::Threads, false),
             };
             Arc::new(
                 FileBdev::open_with_block_size(name, path, *size_bytes, *direct, engine, *block_size)
-                    .map_err(|e| flag(&e))?,
+                    .map_err(|e| flag(&e))?
+                    .with_inline(inline),
             )
+        }
+        BdevSpec::Cache(cfg) => crate::cache::CacheBdev::create(cfg, registry).map_err(|e| flag(&e))?,
+        BdevSpec::OcssdEmu { .. } => return Err(flag(&"a media device is not a block bdev")),
+        BdevSpec::Ftl { base, cfg, nv_cache } => {
+            if let Some(nv) = nv_cache {
+                return Err(flag(&format!("nv-cache={nv}: not supported by this build")));
+            }
+            let media = crate::ocssd::table::MediaTable::global().get(base).ok_or_else(|| {
+                let hint = if registry.get(base).is_some() { " (it is a block bdev, not media)" } else { "" };
+                flag(&format!("base={base}: no media device of that name{hint} (define it with --bdev driver=ocssd-emu,name={base},...)"))
+            })?;
+            Arc::new(crate::ftl::FtlBdev::open(cfg.clone(), media).map_err(|e| flag(&e))?)
         }
         BdevSpec::Rbd { name, cfg } => {
             Arc::new(crate::bdev::rbd::RbdBdev::open(name, cfg).map_err(|e| flag(&e))?)
@@ -121,6 +174,10 @@ impl Daemon {
         qos.validate().map_err(|e| DaemonError::param("qos", e))?;
         if self.registry.get(spec.name()).is_some() {
             return Err(DaemonError::param("name", format!("bdev '{}' already exists", spec.name())));
+        }
+        if matches!(spec, BdevSpec::OcssdEmu { .. }) {
+            // A media device is not a block bdev: it goes to the media table for an FTL to use.
+            return open_media(spec).map_err(DaemonError::Failed);
         }
         let bdev = build_bdev(spec, &self.registry).map_err(DaemonError::Failed)?;
         self.registry.register(bdev.clone()).map_err(|e| DaemonError::param("name", e))?;

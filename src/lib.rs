@@ -5,11 +5,13 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bdev;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
+pub mod ftl;
 pub mod metrics;
 pub mod ocssd;
 pub mod tagmap;

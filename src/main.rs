@@ -35,6 +35,27 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Cache(cli::CacheCommand::Info { cache })) => {
+            return match vblkd::cache::info_json(&cache) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vblkd cache info: --cache {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Some(Command::Ftl(cmd)) => {
+            return match vblkd::ftl::cli::run_to(cmd, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vblkd ftl: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         None => {}
     }
     let config = match cli::build_config(&args) {

@@ -92,16 +92,96 @@ fn stale_socket_is_replaced_and_sigterm_exits_0_without_socket() {
 }
 
 #[test]
-fn no_arguments_serve_a_file_disk_in_the_data_dir() {
+fn no_arguments_serve_an_ftl_disk_in_the_data_dir_and_restore_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let sock = data.join("vblkd.sock");
     let args = vec!["--data-dir".to_string(), data.display().to_string()];
     let mut d = Daemon::start(&args, &sock);
-    let img = std::fs::metadata(data.join("disk0.img")).expect("default image");
-    assert_eq!(img.len(), 1 << 30);
+    let img = data.join("media0.img");
+    assert!(img.exists(), "default media image");
+    let mut c = vblkd::client::BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
+    assert_eq!(c.get_u64("capacity").expect("capacity"), 1 << 30, "1 GiB exposed");
+    c.mem()[..8192].fill(0xa5);
+    assert_eq!(c.sync(0, |c, u| c.write(0, 1 << 20, 0, 8192, u)).expect("write"), 0);
+    drop(c);
     assert!(d.stop().success());
     assert!(!sock.exists());
+    // Sparse: the data directory stays small.
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&img).expect("stat")) * 512;
+    assert!(used < 64 << 20, "image uses {used} bytes on disk");
+    // The next start restores the same disk.
+    let mut d = Daemon::start(&args, &sock);
+    let mut c = vblkd::client::BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
+    assert_eq!(c.sync(0, |c, u| c.read(0, 1 << 20, 4096, 8192, u)).expect("read"), 0);
+    assert!(c.mem()[4096..4096 + 8192].iter().all(|b| *b == 0xa5), "data lost across restart");
+    drop(c);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn ftl_flags_are_validated_by_the_binary_and_ftl_info_reads_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("m.img");
+    let media = format!(
+        "driver=ocssd-emu,name=o0,path={},create=on,groups=2,pus=2,chunks=16,chunk-blocks=64",
+        img.display()
+    );
+    let sock = dir.path().join("f.sock");
+    let export = format!("bdev=f0,socket={}", sock.display());
+    for (ftl, want) in [
+        ("driver=ftl,name=f0,base=o0,lba-rsvd=0", "lba-rsvd"),
+        ("driver=ftl,name=f0,base=o0,invalid-thld=100", "invalid-thld"),
+        ("driver=ftl,name=f0,base=o0,wbuf=1000", "wbuf"),
+        ("driver=ftl,name=f0,base=nope", "base=nope"),
+        ("driver=ftl,name=f0,base=o0,punits=0-9", "punits"),
+        ("driver=ftl,name=f0,base=o0,nv-cache=m", "nv-cache"),
+        ("driver=ftl,name=f0,base=o0,mode=restore", "mode=restore"),
+    ] {
+        let (code, err) = run_err(&["--bdev", &media, "--bdev", ftl, "--export", &export]);
+        assert_ne!(code, 0, "{ftl}");
+        assert!(err.contains(want), "{ftl}: '{err}' lacks '{want}'");
+    }
+    // Create it, then refuse mode=create without force, and read it with `ftl info`.
+    let args: Vec<String> = [
+        "--log-level",
+        "warn",
+        "--bdev",
+        &media,
+        "--bdev",
+        "driver=ftl,name=f0,base=o0",
+        "--export",
+        &export,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut d = Daemon::start(&args, &sock);
+    assert!(d.stop().success());
+    let (code, err) =
+        run_err(&["--bdev", &media, "--bdev", "driver=ftl,name=f0,base=o0,mode=create", "--export", &export]);
+    assert_ne!(code, 0);
+    assert!(err.contains("force=on"), "{err}");
+    // An existing image is never reformatted: geometry keys that disagree are refused.
+    let other = format!(
+        "driver=ocssd-emu,name=o0,path={},create=on,groups=2,pus=2,chunks=8,chunk-blocks=64",
+        img.display()
+    );
+    let (code, err) =
+        run_err(&["--bdev", &other, "--bdev", "driver=ftl,name=f0,base=o0", "--export", &export]);
+    assert_ne!(code, 0);
+    assert!(err.contains("chunks=8") && err.contains("never reformatted"), "{err}");
+    let before = std::fs::read(&img).expect("image");
+    let out = vblkd().args(["ftl", "info", "--media"]).arg(&img).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["superblock"]["clean"], true, "{v}");
+    assert!(v["bands"].as_array().is_some_and(|b| b.len() == 16), "{v}");
+    assert!(v["statistics"]["num_lbas"].as_u64().unwrap_or(0) > 0);
+    assert!(std::fs::read(&img).expect("image") == before, "ftl info modified the image");
+    let (code, err) = run_err(&["ftl", "info", "--media", img.to_str().expect("utf8"), "--punits", "0-1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("punits"), "{err}");
 }
 
 #[test]

@@ -3,16 +3,22 @@
 //! Each test starts a backend, boots a QEMU guest (TCG by default) with
 //! `qemu/run-guest.sh` attached to the backend's vhost-user socket, runs the
 //! guest workloads of `qemu/workloads/`, and checks the guest's result line.
-//! The matrix is (malloc, file) bdev x (1, 2) queues; in each:
+//! The matrix is (malloc, file) bdev x (1, 2) queues, plus the FTL (on an emulated OCSSD image)
+//! with 1 queue; in each:
 //!
 //! * boot A, read-write export: `fio-verify` (workload 1), `ext4` (2),
 //!   `discard` (3), `persist-write` (4, first half);
 //! * file bdev: the daemon is restarted (SIGTERM, exit 0) and the token is
 //!   checked in the image file; boot B on a read-only export with a serial:
 //!   `persist-verify` (4, second half) and `readonly` (5);
+//! * ftl bdev: like file, except that the token is checked by the guest only (the image holds
+//!   media, not a flat disk): the daemon restart restores the FTL from its metadata;
 //! * malloc bdev: boot B on the same daemon (guest power cycle):
 //!   `persist-verify`; then the daemon is restarted read-only with a serial and
 //!   boot C runs `readonly`.
+//!
+//! Stacked bdevs (`guest_stack_*`, one boot each: `fio-verify`, `ext4`): cache(wt) over file, and
+//! cache(wb, 2 queues, cache device smaller than fio's span) over file.
 //!
 //! The backend is vblkd (`CARGO_BIN_EXE_vblkd`). For developing the harness
 //! without vblkd, `VBLKD_E2E_BACKEND=qsd` uses qemu-storage-daemon instead (its
@@ -65,6 +71,7 @@ enum Bdev {
     File,
     /// An image in the machine's one-node Ceph test cluster (scripts/ceph-cluster.sh).
     Rbd,
+    Ftl,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,15 +101,22 @@ impl Daemon {
             Backend::Vblkd => {
                 let data_dir = dir.join("data");
                 fs::create_dir_all(&data_dir).unwrap();
-                let bdev_arg = match bdev {
-                    Bdev::Malloc => format!("driver=malloc,name=d0,size={DISK_SIZE}"),
-                    Bdev::File => format!("driver=file,name=d0,path={}", image.display()),
-                    Bdev::Rbd => format!(
+                let bdev_args = match bdev {
+                    Bdev::Malloc => vec![format!("driver=malloc,name=d0,size={DISK_SIZE}")],
+                    Bdev::File => vec![format!("driver=file,name=d0,path={}", image.display())],
+                    Bdev::Ftl => vec![
+                        format!(
+                            "driver=ocssd-emu,name=o0,path={},create=on,groups=2,pus=2,chunks=48,chunk-blocks=512",
+                            image.display()
+                        ),
+                        format!("driver=ftl,name=d0,base=o0,size={DISK_SIZE}"),
+                    ],
+                    Bdev::Rbd => vec![format!(
                         "driver=rbd,name=d0,pool=rbd,image=e2e-{}-{},conf={},create={DISK_SIZE}",
                         std::process::id(),
                         now_nanos(),
                         ceph_conf().display()
-                    ),
+                    )],
                 };
                 let mut export = format!("bdev=d0,socket={},queues={}", socket.display(), cfg.queues);
                 if cfg.readonly {
@@ -111,7 +125,10 @@ impl Daemon {
                 export.push_str(&format!(",serial={SERIAL}"));
                 let mut c = Command::new(env!("CARGO_BIN_EXE_vblkd"));
                 c.arg("--data-dir").arg(&data_dir);
-                c.args(["--bdev", &bdev_arg, "--export", &export, "--log-level", "info"]);
+                for b in &bdev_args {
+                    c.args(["--bdev", b]);
+                }
+                c.args(["--export", &export, "--log-level", "info"]);
                 c
             }
             Backend::Qsd => {
@@ -320,6 +337,11 @@ fn run_matrix(bdev: Bdev, queues: u32) {
         Some(shm) => shm.path().join("ram.img"),
         None => dir.path().join("disk.img"),
     };
+    assert!(
+        bdev != Bdev::Ftl || backend == Backend::Vblkd,
+        "the FTL matrix needs the vblkd backend (qemu-storage-daemon has no FTL)"
+    );
+    let image = if bdev == Bdev::Ftl { dir.path().join("media.img") } else { image };
     if bdev == Bdev::File || backend == Backend::Qsd {
         File::create(&image).unwrap().set_len(DISK_BYTES).unwrap();
     }
@@ -346,6 +368,20 @@ fn run_matrix(bdev: Bdev, queues: u32) {
         &["fio-verify", "ext4", "discard", "persist-write"],
     );
     match bdev {
+        Bdev::Ftl => {
+            // Clean stop (the FTL persists its metadata), restart: the FTL is restored.
+            d.stop();
+            let d = Daemon::start(backend, dir.path(), bdev, &image, ro);
+            run_guest(
+                &format!("{label} boot B (daemon restarted, FTL restored, read-only)"),
+                &d.socket,
+                queues,
+                reconnect,
+                &envs_ro,
+                &["persist-verify", "readonly"],
+            );
+            d.stop();
+        }
         Bdev::File => {
             d.stop();
             // The pattern reached the backing file, not only a cache.
@@ -441,4 +477,78 @@ fn guest_file_1q() {
 #[test]
 fn guest_file_2q() {
     run_matrix(Bdev::File, 2);
+}
+
+/// One boot of `fio-verify` and `ext4` on a vblkd built from `bdevs` (bottom-up; the top one must be
+/// named `d0`; `DIR` in an argument is replaced by the test's temp dir). Adding a stack to the guest
+/// matrix is one line in a `#[test] fn guest_stack_NAME()` (the `guest_stack_` prefix keeps it out of the
+/// parallel first pass of `scripts/test.sh`), e.g. for a cache over the FTL:
+/// `run_stack("cache-wb/ftl", &["driver=ftl,...,name=ftl0", "driver=malloc,name=cd,size=64M",
+/// "driver=cache,name=d0,cache=cd,core=ftl0,mode=wb"], 1)`.
+fn run_stack(label: &str, bdevs: &[&str], queues: u32) {
+    let _guard = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new().prefix("vblkd-e2e").tempdir_in("/tmp").unwrap();
+    let socket = dir.path().join("vblkd.sock");
+    let log = dir.path().join("daemon.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vblkd"));
+    cmd.arg("--data-dir").arg(dir.path().join("data")).args(["--log-level", "info"]);
+    for b in bdevs {
+        cmd.arg("--bdev").arg(b.replace("DIR", &dir.path().display().to_string()));
+    }
+    cmd.arg("--export").arg(format!("bdev=d0,socket={},queues={queues},serial={SERIAL}", socket.display()));
+    let out = File::create(&log).unwrap();
+    cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
+    eprintln!("e2e: starting backend: {cmd:?}");
+    let child = cmd.spawn().expect("cannot start vblkd");
+    let mut d = Daemon { backend: Backend::Vblkd, child: Some(child), socket, log };
+    d.wait_for_socket();
+    run_guest(label, &d.socket, queues, false, &[], &["fio-verify", "ext4"]);
+    d.stop();
+    eprintln!("e2e: [{label}] all workloads PASS in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn guest_stack_cache_wt_over_file() {
+    run_stack(
+        "cache-wt/file",
+        &[
+            "driver=file,name=core,path=DIR/core.img,size=256M",
+            "driver=malloc,name=cd,size=64M",
+            "driver=cache,name=d0,cache=cd,core=core,mode=wt",
+        ],
+        1,
+    );
+}
+
+#[test]
+fn guest_stack_cache_wb_over_file() {
+    run_stack(
+        "cache-wb/file",
+        &[
+            "driver=file,name=core,path=DIR/core.img,size=256M",
+            "driver=malloc,name=cd,size=32M",
+            "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp",
+        ],
+        2,
+    );
+}
+
+#[test]
+fn guest_stack_cache_wb_over_ftl() {
+    run_stack(
+        "cache-wb/ftl",
+        &[
+            "driver=ocssd-emu,name=o0,path=DIR/media.img,create=on,groups=2,pus=2,chunks=48,chunk-blocks=512",
+            "driver=ftl,name=ftl0,base=o0,size=256M",
+            "driver=malloc,name=cd,size=32M",
+            "driver=cache,name=d0,cache=cd,core=ftl0,mode=wb",
+        ],
+        1,
+    );
+}
+
+#[test]
+fn guest_ftl_1q() {
+    run_matrix(Bdev::Ftl, 1);
 }

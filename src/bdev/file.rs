@@ -43,6 +43,7 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, types, IoUring};
 
 use super::channel::{zero_buf, ZERO_BUF_BYTES};
+use super::file_inline::{InlineChannel, InlineState};
 use super::iov::AlignedBuf;
 use super::{
     Bdev, BdevError, BdevInfo, BdevIo, Completion, IoError, IoKind, IoKinds, ModuleChannel, Rejected,
@@ -118,6 +119,16 @@ pub struct FileBdev {
     engine: Engine,
     direct: bool,
     block_device: bool,
+    /// Counters and switches of the inline fast path.
+    inline: Arc<InlineState>,
+    /// Inline fast path in use (buffered files, `engine=auto`).
+    inline_on: bool,
+}
+
+impl AsRawFd for Shared {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
 }
 
 impl FileBdev {
@@ -231,7 +242,33 @@ impl FileBdev {
             unmap_fallback: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
         });
-        Ok(Self { info, shared, path: path.to_path_buf(), engine, direct, block_device })
+        let inline = Arc::new(InlineState::new(shared.file.as_raw_fd()));
+        Ok(Self {
+            info,
+            shared,
+            path: path.to_path_buf(),
+            engine,
+            direct,
+            block_device,
+            inline,
+            inline_on: false,
+        })
+    }
+
+    /// Turns the inline `RWF_NOWAIT` fast path on or off (buffered files only; see `file_inline`).
+    pub fn with_inline(mut self, on: bool) -> Self {
+        self.inline_on = on && !self.direct;
+        self
+    }
+
+    /// True when cache-hitting reads and writes are done inline on the submitting thread.
+    pub fn inline(&self) -> bool {
+        self.inline_on
+    }
+
+    /// Requests completed inline and requests that fell back to the engine after trying.
+    pub fn inline_counts(&self) -> (u64, u64) {
+        (self.inline.inline_ops.load(Ordering::Relaxed), self.inline.misses.load(Ordering::Relaxed))
     }
 
     /// The engine actually in use (after any fallback).
@@ -266,16 +303,12 @@ impl Bdev for FileBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
-        if self.engine == Engine::IoUring {
-            match UringChannel::new(self.shared.clone()) {
-                Ok(ch) => return Ok(Box::new(ch)),
-                Err(e) => log::warn!(
-                    "file bdev '{}': io_uring channel setup failed ({e}); using the threads engine",
-                    self.info.name
-                ),
-            }
+        let engine = self.engine_channel()?;
+        if !self.inline_on {
+            return Ok(engine);
         }
-        Ok(Box::new(ThreadsChannel::new(self.shared.clone(), &self.info.name)?))
+        let file: Arc<dyn AsRawFd + Send + Sync> = self.shared.clone();
+        Ok(Box::new(InlineChannel::new(file, self.shared.block_size, engine, self.inline.clone())))
     }
 
     fn shutdown(&self) -> Result<(), BdevError> {
@@ -289,13 +322,33 @@ impl Bdev for FileBdev {
     }
 
     fn module_stats(&self) -> Option<serde_json::Value> {
+        let (inline_ops, inline_misses) = self.inline_counts();
         Some(serde_json::json!({
             "path": self.path.display().to_string(),
             "engine": self.engine,
             "direct": self.direct,
             "block_device": self.block_device,
+            "inline": self.inline_on,
+            "inline_ops": inline_ops,
+            "inline_misses": inline_misses,
             "syncs": self.shared.syncs.load(Ordering::Relaxed),
         }))
+    }
+}
+
+impl FileBdev {
+    /// A channel of the asynchronous engine.
+    fn engine_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
+        if self.engine == Engine::IoUring {
+            match UringChannel::new(self.shared.clone()) {
+                Ok(ch) => return Ok(Box::new(ch)),
+                Err(e) => log::warn!(
+                    "file bdev '{}': io_uring channel setup failed ({e}); using the threads engine",
+                    self.info.name
+                ),
+            }
+        }
+        Ok(Box::new(ThreadsChannel::new(self.shared.clone(), &self.info.name)?))
     }
 }
 

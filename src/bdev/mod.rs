@@ -24,6 +24,7 @@
 
 pub mod channel;
 pub mod file;
+mod file_inline;
 pub mod iov;
 pub mod malloc;
 pub mod null;

@@ -154,7 +154,14 @@ impl Registry {
         let mut map = serde_json::Map::new();
         for name in &inner.order {
             if let Some(e) = inner.by_name.get(name) {
-                map.insert(name.clone(), serde_json::to_value(e.stats.snapshot()).unwrap_or_default());
+                let mut v = serde_json::to_value(e.stats.snapshot()).unwrap_or_default();
+                // Module statistics (e.g. the cache's hit counters) sit beside the generic ones.
+                if let (Some(obj), Some(serde_json::Value::Object(m))) =
+                    (v.as_object_mut(), e.bdev.module_stats())
+                {
+                    obj.extend(m);
+                }
+                map.insert(name.clone(), v);
             }
         }
         serde_json::Value::Object(map)

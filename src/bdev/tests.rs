@@ -266,6 +266,12 @@ fn conformance_file_direct() {
 }
 
 #[test]
+fn conformance_ftl() {
+    let d = tmp();
+    conformance(crate::ftl::tests::small_ftl(d.path()));
+}
+
+#[test]
 fn conformance_file_zero_write_fallback() {
     let d = tmp();
     for engine in [Engine::IoUring, Engine::Threads] {

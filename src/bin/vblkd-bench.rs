@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! vblkd-bench --socket PATH [--rw randread|randwrite|read|write] [--bs 4096] [--qd 32] [--queues 1]
-//!             [--seconds 5] [--span-mib 1024]
+//!             [--seconds 5] [--span-mib 1024] [--hot-pct 90 --hot-set-pct 10]
 //! ```
+//! `--hot-pct P` sends P % of random I/O to the first `--hot-set-pct` % of the span (a hot/cold
+//! pattern for cache benchmarks; 0 = uniform).
 //! One client thread per queue keeps `qd` requests in flight; prints IOPS, MiB/s and latency
 //! percentiles (p50/p99/p99.9) as one JSON line, so runs against vblkd and qemu-storage-daemon compare.
 
@@ -36,6 +38,12 @@ struct Opts {
     /// Bytes of the device to address, in MiB (capped at the capacity).
     #[arg(long, default_value_t = 1024)]
     span_mib: u64,
+    /// Share of random I/O (percent) that goes to the hot set; 0 = uniform.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
+    hot_pct: u64,
+    /// Size of the hot set, in percent of the span.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
+    hot_set_pct: u64,
 }
 
 struct QueueResult {
@@ -63,7 +71,15 @@ fn run_queue(opts: &Opts, q: usize, capacity: u64, mut c: QueueClient) -> Result
     let mut started = vec![Instant::now(); opts.qd];
     let mut res = QueueResult { ops: 0, errors: 0, lat_ns: Vec::with_capacity(1 << 20) };
     let mut issue = |c: &mut QueueClient, slot: usize, started: &mut [Instant]| {
-        let lba = if random {
+        let lba = if random && opts.hot_pct > 0 {
+            let hot = (blocks * opts.hot_set_pct / 100).max(1);
+            let r = xorshift(&mut seed);
+            if r % 100 < opts.hot_pct || hot >= blocks {
+                (r >> 8) % hot
+            } else {
+                hot + (r >> 8) % (blocks - hot)
+            }
+        } else if random {
             xorshift(&mut seed) % blocks
         } else {
             seq = (seq + 1) % blocks;

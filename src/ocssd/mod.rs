@@ -17,6 +17,7 @@ pub mod driver;
 pub mod emu;
 pub mod ppa;
 pub mod spec;
+pub mod table;
 pub mod vector;
 
 pub use driver::{

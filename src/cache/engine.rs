@@ -1,0 +1,694 @@
+//! The cache engine: one `CacheChannel` per poller thread, running each request as a small state
+//! machine over its own channels on the cache device and the core.
+//!
+//! ```text
+//!  submit ─► lock core lines (map) ─► plan per line (hit / miss / partial, mode, cut-off) ─► Data
+//!     │ busy: wait in `blocked`                                                              │ children on
+//!     ▼                                                                                      ▼ cache + core
+//!  Flush ─► owner (clean + core flush) ─► mailbox        Insert (read misses: fill the cache from the data read)
+//!                                                             ▼
+//!                                          finalize: apply valid/dirty bits ─► Persist? (owner writes the
+//!                                          records) ─► unlock, complete
+//! ```
+//!
+//! # Design
+//! * Modes (OCF): reads fill the cache in wt, wb, wa and wi; pt and wo read from the core, except
+//!   sectors valid in the cache (dirty data always comes from the cache). Writes: wb/wo → cache only
+//!   (dirty); wt → core and cache; wa → core, and cache lines already present; pt/wi → core, and
+//!   cached sectors are invalidated. Unmap and write_zeroes go to the core and invalidate.
+//! * Sequential cut-off: a stream of back-to-back requests on one core that passes the threshold is
+//!   handled as pass-through (`always`), or only while the cache has no free line (`full`).
+//! * Counters per request: a read is a hit when every sector came from the cache, a miss when none
+//!   did, partial otherwise; a write is a hit when every line it touched was cached.
+//! * Write-back acknowledgement waits for the record write when it adds dirty bits the device does
+//!   not have yet (`disk_dirty`); invalidation of sectors that may be dirty on the device waits too.
+//! * When no clean line can be evicted, a wb write goes to the core for that line (never waits for
+//!   the cleaner) and the cleaner is told that clean lines are needed.
+//!
+//! # Limitations
+//! Requests that wait for a lock are retried in submission order (head-of-line blocking on that
+//! channel only). Read misses fill exactly the sectors read.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::map::{Key, LineMap};
+use super::{lock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
+use crate::bdev::{BdevError, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
+use crate::tagmap::TagMap;
+
+/// Lock owner ids, unique across every channel and cleaner of the process.
+pub(crate) static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    Data,
+    Insert,
+    Persist,
+    Flush,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Act {
+    Fill,
+    WriteClean,
+    WriteDirty,
+    Invalidate,
+}
+
+#[derive(Debug)]
+struct Plan {
+    slot: u32,
+    key: Key,
+    mask: u128,
+    act: Act,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dev {
+    Cache,
+    Core,
+}
+
+/// One child I/O: `len` bytes at `buf_off` in the request's memory ↔ `dev_off` (bytes) on `dev`.
+#[derive(Debug)]
+struct Seg {
+    dev: Dev,
+    dev_off: u64,
+    buf_off: u64,
+    len: u64,
+}
+
+struct Req {
+    tag: u64,
+    kind: IoKind,
+    off: u64,
+    nb: u64,
+    bufs: IoVecs,
+    pending: usize,
+    error: Option<IoError>,
+    stage: Stage,
+    plans: Vec<Plan>,
+    inserts: Vec<Seg>,
+    locked: bool,
+}
+
+/// A per-thread channel of a cache bdev.
+pub struct CacheChannel {
+    sh: Arc<Shared>,
+    core_id: u16,
+    bs: u64,
+    lb: u64,
+    core_removed: Arc<AtomicBool>,
+    seq: Arc<Mutex<SeqState>>,
+    seq_cutoff: SeqCutoff,
+    seq_cutoff_bytes: u64,
+    cache_ch: Channel,
+    core_ch: Channel,
+    mailbox: Arc<Mailbox>,
+    epfd: OwnedFd,
+    reqs: TagMap<Req>,
+    children: TagMap<u64>,
+    next_child: u64,
+    blocked: VecDeque<BdevIo>,
+    done: VecDeque<Completion>,
+    scratch: Vec<Completion>,
+}
+
+fn mask(a: u64, b: u64) -> u128 {
+    // Sectors a..b of a line (b ≤ 128).
+    let hi = if b >= 128 { u128::MAX } else { (1u128 << b) - 1 };
+    let lo = if a >= 128 { u128::MAX } else { (1u128 << a) - 1 };
+    hi & !lo
+}
+
+fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
+    if let Some(l) = segs.last_mut() {
+        if l.dev == s.dev && l.dev_off + l.len == s.dev_off && l.buf_off + l.len == s.buf_off {
+            l.len += s.len;
+            return;
+        }
+    }
+    segs.push(s);
+}
+
+impl CacheChannel {
+    pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
+        let sh = b.inst.sh.clone();
+        let cache_ch = sh.cache_desc.channel()?;
+        let core_ch = b.core.channel()?;
+        let mailbox = Mailbox::new()?;
+        lock(&sh.mailboxes).push(Arc::downgrade(&mailbox));
+        // SAFETY: plain syscall; the returned fd is checked and owned below.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(BdevError::io("cache: epoll_create1", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd we own.
+        let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fds: Vec<RawFd> = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()]
+            .into_iter()
+            .flatten()
+            .collect();
+        for fd in fds {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+            // SAFETY: valid epoll fd and event; `fd` stays open as long as this channel (owned by it).
+            let rc = unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            if rc != 0 {
+                return Err(BdevError::io("cache: epoll_ctl", std::io::Error::last_os_error()));
+            }
+        }
+        let bs = u64::from(b.info.block_size);
+        Ok(Self {
+            lb: sh.line_blocks(b.info.block_size),
+            sh,
+            core_id: b.core_id,
+            bs,
+            core_removed: b.core_removed.clone(),
+            seq: b.seq.clone(),
+            seq_cutoff: b.seq_cutoff,
+            seq_cutoff_bytes: b.seq_cutoff_bytes,
+            cache_ch,
+            core_ch,
+            mailbox,
+            epfd,
+            reqs: TagMap::default(),
+            children: TagMap::default(),
+            next_child: 0,
+            blocked: VecDeque::new(),
+            done: VecDeque::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    fn cache_off(&self, slot: u32, sector: u64) -> u64 {
+        self.sh.data_offset + u64::from(slot) * u64::from(self.sh.line_size) + sector * self.bs
+    }
+
+    /// True when this request is part of a sequential stream that must bypass the cache.
+    fn cut_off(&self, io: &BdevIo, map: &LineMap) -> bool {
+        if self.seq_cutoff == SeqCutoff::Off || !matches!(io.kind, IoKind::Read | IoKind::Write) {
+            return false;
+        }
+        let len = io.num_blocks * self.bs;
+        let mut s = lock(&self.seq);
+        if io.offset_blocks == s.last_end {
+            s.bytes = s.bytes.saturating_add(len);
+        } else {
+            s.bytes = len;
+        }
+        s.last_end = io.offset_blocks + io.num_blocks;
+        let over = s.bytes >= self.seq_cutoff_bytes;
+        match self.seq_cutoff {
+            SeqCutoff::Always => over,
+            SeqCutoff::Full => over && map.free_lines() == 0,
+            SeqCutoff::Off => false,
+        }
+    }
+
+    /// Starts a request; gives it back when its lines are locked by someone else.
+    fn start(&mut self, io: BdevIo) -> Result<(), BdevIo> {
+        if self.core_removed.load(Ordering::Acquire) {
+            self.done.push_back(Completion { tag: io.tag, result: Err(IoError::Removed) });
+            return Ok(());
+        }
+        match io.kind {
+            IoKind::Reset => {
+                self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+                return Ok(());
+            }
+            IoKind::Flush => {
+                let id = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+                self.reqs.insert(id, self.new_req(io, Stage::Flush));
+                self.sh.send(OwnerReq::Flush(Some(self.core_id), self.mailbox.clone(), id));
+                return Ok(());
+            }
+            _ => {}
+        }
+        if io.num_blocks == 0 {
+            self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+            return Ok(());
+        }
+        let id = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        let first = io.offset_blocks / self.lb;
+        let last = (io.offset_blocks + io.num_blocks - 1) / self.lb;
+        let sh = self.sh.clone();
+        let mut map = lock(&sh.map);
+        if !map.try_lock(self.core_id, first, last, id) {
+            return Err(io);
+        }
+        let removed = sh.cache_removed.load(Ordering::Acquire);
+        let cut = !removed && self.cut_off(&io, &map);
+        let mode = sh.mode();
+        let mut req = self.new_req(io, Stage::Data);
+        req.locked = true;
+        let mut segs = Vec::new();
+        let r = match req.kind {
+            IoKind::Read => self.plan_read(&mut map, &mut req, &mut segs, mode, cut, removed),
+            IoKind::Write => {
+                self.plan_write(&mut map, &mut req, &mut segs, if removed || cut { Mode::Pt } else { mode });
+                Ok(())
+            }
+            _ => {
+                self.plan_invalidate(&map, &mut req, first, last);
+                Ok(())
+            }
+        };
+        drop(map);
+        if let Err(e) = r {
+            req.error = Some(e);
+            self.reqs.insert(id, req);
+            self.complete(id);
+            return Ok(());
+        }
+        if matches!(req.kind, IoKind::Unmap | IoKind::WriteZeroes) {
+            let ct = self.child_tag(id);
+            req.pending = 1;
+            let (kind, off, nb) = (req.kind, req.off, req.nb);
+            self.reqs.insert(id, req);
+            self.core_ch.submit(BdevIo::no_data(kind, off, nb, ct));
+            return Ok(());
+        }
+        self.reqs.insert(id, req);
+        self.issue(id, segs, false);
+        Ok(())
+    }
+
+    fn new_req(&self, io: BdevIo, stage: Stage) -> Req {
+        Req {
+            tag: io.tag,
+            kind: io.kind,
+            off: io.offset_blocks,
+            nb: io.num_blocks,
+            bufs: io.bufs,
+            pending: 0,
+            error: None,
+            stage,
+            plans: Vec::new(),
+            inserts: Vec::new(),
+            locked: false,
+        }
+    }
+
+    /// Per-line pieces of a request: (core line, first sector, end sector, byte offset in the request).
+    fn pieces(&self, off: u64, nb: u64) -> Vec<(u64, u64, u64, u64)> {
+        let mut v = Vec::new();
+        let end = off + nb;
+        let mut b = off;
+        while b < end {
+            let line = b / self.lb;
+            let a = b - line * self.lb;
+            let e = ((line + 1) * self.lb).min(end) - line * self.lb;
+            v.push((line, a, e, (b - off) * self.bs));
+            b = line * self.lb + e;
+        }
+        v
+    }
+
+    fn plan_read(
+        &self,
+        map: &mut LineMap,
+        req: &mut Req,
+        segs: &mut Vec<Seg>,
+        mode: Mode,
+        cut: bool,
+        removed: bool,
+    ) -> Result<(), IoError> {
+        let insert_ok = !removed && !cut && matches!(mode, Mode::Wt | Mode::Wb | Mode::Wa | Mode::Wi);
+        let (mut hit, mut miss) = (0u64, 0u64);
+        for (line, a, e, boff) in self.pieces(req.off, req.nb) {
+            let key = (self.core_id, line);
+            let want = mask(a, e);
+            let slot = map.lookup(key);
+            if removed {
+                if slot.is_some_and(|s| map.lines[s as usize].dirty & want != 0) {
+                    log::error!(
+                        "cache bdev on core id {}: read of core line {line} needs dirty data of the removed cache device",
+                        self.core_id
+                    );
+                    return Err(IoError::Errno(libc::EIO));
+                }
+                push_seg(
+                    segs,
+                    Seg {
+                        dev: Dev::Core,
+                        dev_off: (line * self.lb + a) * self.bs,
+                        buf_off: boff,
+                        len: (e - a) * self.bs,
+                    },
+                );
+                miss += e - a;
+                continue;
+            }
+            let valid = slot.map_or(0, |s| map.lines[s as usize].valid);
+            if let Some(s) = slot {
+                map.touch(s);
+            }
+            let ins = if valid & want != want && insert_ok { slot.or_else(|| map.alloc(key)) } else { None };
+            let mut fill = 0u128;
+            let mut s = a;
+            while s < e {
+                let v = valid >> s & 1 == 1;
+                let mut t = s + 1;
+                while t < e && (valid >> t & 1 == 1) == v {
+                    t += 1;
+                }
+                let buf_off = boff + (s - a) * self.bs;
+                let len = (t - s) * self.bs;
+                if v {
+                    let slot = slot.unwrap_or(0);
+                    push_seg(segs, Seg { dev: Dev::Cache, dev_off: self.cache_off(slot, s), buf_off, len });
+                    hit += t - s;
+                } else {
+                    push_seg(
+                        segs,
+                        Seg { dev: Dev::Core, dev_off: (line * self.lb + s) * self.bs, buf_off, len },
+                    );
+                    miss += t - s;
+                    if let Some(i) = ins {
+                        req.inserts.push(Seg {
+                            dev: Dev::Cache,
+                            dev_off: self.cache_off(i, s),
+                            buf_off,
+                            len,
+                        });
+                        fill |= mask(s, t);
+                    }
+                }
+                s = t;
+            }
+            if let Some(i) = ins {
+                req.plans.push(Plan { slot: i, key, mask: fill, act: Act::Fill });
+            }
+        }
+        let c = map.counters(self.core_id);
+        match (hit, miss) {
+            (_, 0) => c.read_hits += 1,
+            (0, _) => c.read_misses += 1,
+            _ => c.read_partial_hits += 1,
+        }
+        Ok(())
+    }
+
+    fn plan_write(&self, map: &mut LineMap, req: &mut Req, segs: &mut Vec<Seg>, mode: Mode) {
+        let mut all_hit = true;
+        let core_seg = Seg { dev: Dev::Core, dev_off: req.off * self.bs, buf_off: 0, len: req.nb * self.bs };
+        let mut to_core = !matches!(mode, Mode::Wb | Mode::Wo);
+        let mut core_segs = Vec::new();
+        for (line, a, e, boff) in self.pieces(req.off, req.nb) {
+            let key = (self.core_id, line);
+            let m = mask(a, e);
+            let slot = map.lookup(key);
+            all_hit &= slot.is_some();
+            if let Some(s) = slot {
+                map.touch(s);
+            }
+            let (slot, act) = match mode {
+                Mode::Wb | Mode::Wo => (slot.or_else(|| map.alloc(key)), Act::WriteDirty),
+                Mode::Wt => (slot.or_else(|| map.alloc(key)), Act::WriteClean),
+                Mode::Wa => (slot, Act::WriteClean),
+                Mode::Pt | Mode::Wi => (slot, Act::Invalidate),
+            };
+            match slot {
+                Some(s) => {
+                    if act != Act::Invalidate {
+                        let dev_off = self.cache_off(s, a);
+                        push_seg(
+                            segs,
+                            Seg { dev: Dev::Cache, dev_off, buf_off: boff, len: (e - a) * self.bs },
+                        );
+                    }
+                    req.plans.push(Plan { slot: s, key, mask: m, act });
+                }
+                None if matches!(mode, Mode::Wb | Mode::Wo) => {
+                    // No clean line to evict: this piece goes to the core; ask for cleaning.
+                    self.sh.pressure.store(true, Ordering::Release);
+                    let _ = self.sh.owner_efd.write(1);
+                    push_seg(
+                        &mut core_segs,
+                        Seg {
+                            dev: Dev::Core,
+                            dev_off: (line * self.lb + a) * self.bs,
+                            buf_off: boff,
+                            len: (e - a) * self.bs,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+        if to_core {
+            segs.push(core_seg);
+            to_core = false;
+        }
+        let _ = to_core;
+        segs.extend(core_segs);
+        let c = map.counters(self.core_id);
+        if all_hit {
+            c.write_hits += 1;
+        } else {
+            c.write_misses += 1;
+        }
+    }
+
+    /// Unmap / write_zeroes: invalidate every cached line of the range after the core did it.
+    fn plan_invalidate(&self, map: &LineMap, req: &mut Req, first: u64, last: u64) {
+        let end = req.off + req.nb;
+        let mut add = |slot: u32, line: u64| {
+            let a = req.off.max(line * self.lb) - line * self.lb;
+            let e = end.min((line + 1) * self.lb) - line * self.lb;
+            req.plans.push(Plan { slot, key: (self.core_id, line), mask: mask(a, e), act: Act::Invalidate });
+        };
+        if last - first < 4 * u64::from(self.sh.num_lines) {
+            for line in first..=last {
+                if let Some(s) = map.lookup((self.core_id, line)) {
+                    add(s, line);
+                }
+            }
+        } else {
+            for (i, l) in map.lines.iter().enumerate() {
+                if let Some((c, line)) = l.key {
+                    if c == self.core_id && (first..=last).contains(&line) {
+                        add(i as u32, line);
+                    }
+                }
+            }
+        }
+    }
+
+    fn child_tag(&mut self, id: u64) -> u64 {
+        self.next_child = self.next_child.wrapping_add(1);
+        self.children.insert(self.next_child, id);
+        self.next_child
+    }
+
+    /// Submits `segs` as children of request `id`.
+    fn issue(&mut self, id: u64, segs: Vec<Seg>, writes: bool) {
+        let Some(kind) = self.reqs.get(&id).map(|r| r.kind) else { return };
+        let mut n = 0;
+        for s in segs {
+            let Some(buf) = self.reqs.get(&id).and_then(|r| r.bufs.slice(s.buf_off, s.len)) else {
+                if let Some(r) = self.reqs.get_mut(&id) {
+                    r.error.get_or_insert(IoError::InvalidRange);
+                }
+                continue;
+            };
+            let ct = self.child_tag(id);
+            let write = writes || kind == IoKind::Write;
+            let (ch, bs) = match s.dev {
+                Dev::Cache => (&mut self.cache_ch, u64::from(self.sh.cache_block)),
+                Dev::Core => (&mut self.core_ch, self.bs),
+            };
+            let io = if write {
+                BdevIo::write(s.dev_off / bs, s.len / bs, buf, ct)
+            } else {
+                BdevIo::read(s.dev_off / bs, s.len / bs, buf, ct)
+            };
+            ch.submit(io);
+            n += 1;
+        }
+        if let Some(r) = self.reqs.get_mut(&id) {
+            r.pending += n;
+            if r.pending == 0 {
+                self.finalize(id);
+            }
+        }
+    }
+
+    fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
+        let Some(id) = self.children.remove(&ctag) else { return };
+        let Some(r) = self.reqs.get_mut(&id) else { return };
+        if let Err(e) = result {
+            r.error.get_or_insert(e);
+        }
+        r.pending -= 1;
+        if r.pending > 0 {
+            return;
+        }
+        if r.stage == Stage::Data && !r.inserts.is_empty() && r.error.is_none() {
+            r.stage = Stage::Insert;
+            let segs = std::mem::take(&mut r.inserts);
+            self.issue(id, segs, true);
+            return;
+        }
+        self.finalize(id);
+    }
+
+    /// Applies the request's outcome to the map; persists when the device's dirty state must change.
+    fn finalize(&mut self, id: u64) {
+        let sh = self.sh.clone();
+        let Some(r) = self.reqs.get_mut(&id) else { return };
+        let removed = sh.cache_removed.load(Ordering::Acquire);
+        let mut persist = false;
+        let mut wake = false;
+        {
+            let mut map = lock(&sh.map);
+            let now = sh.now_ms();
+            let ok = r.error.is_none();
+            for p in &r.plans {
+                let l = &map.lines[p.slot as usize];
+                if l.key != Some(p.key) {
+                    continue;
+                }
+                let (mut v, mut d, dd) = (l.valid, l.dirty, l.disk_dirty);
+                match (p.act, ok) {
+                    (Act::Fill, true) => v |= p.mask,
+                    (Act::Fill, false) => {}
+                    (Act::WriteClean, true) => {
+                        v |= p.mask;
+                        d &= !p.mask;
+                    }
+                    (Act::WriteDirty, true) => {
+                        v |= p.mask;
+                        d |= p.mask;
+                        persist |= p.mask & !dd != 0;
+                    }
+                    (Act::WriteClean | Act::WriteDirty, false) => {
+                        // The line's copy of these sectors is unknown now; dirty data there is lost.
+                        if d & p.mask != 0 {
+                            log::error!(
+                                "cache: write to a dirty line failed: core id {} line {}",
+                                p.key.0,
+                                p.key.1
+                            );
+                        }
+                        v &= !p.mask;
+                        d &= !p.mask;
+                        persist |= dd & p.mask != 0;
+                    }
+                    (Act::Invalidate, true) => {
+                        v &= !p.mask;
+                        d &= !p.mask;
+                        persist |= dd & p.mask != 0;
+                    }
+                    (Act::Invalidate, false) => {}
+                }
+                map.set_bits(p.slot, v, d, now);
+            }
+            let wait_persist = persist && !removed;
+            if !wait_persist && r.locked {
+                // Done: release the lines in the same critical section.
+                r.locked = false;
+                wake = map.unlock(id);
+            }
+        }
+        if wake {
+            sh.wake_all();
+        }
+        if persist && !removed {
+            r.stage = Stage::Persist;
+            sh.send(OwnerReq::Persist(self.mailbox.clone(), id));
+            return;
+        }
+        self.complete(id);
+    }
+
+    fn complete(&mut self, id: u64) {
+        let Some(r) = self.reqs.remove(&id) else { return };
+        if r.locked && lock(&self.sh.map).unlock(id) {
+            self.sh.wake_all();
+        }
+        let result = match r.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        self.done.push_back(Completion { tag: r.tag, result });
+    }
+
+    fn on_reply(&mut self, id: u64, res: Result<(), IoError>) {
+        let Some(r) = self.reqs.get_mut(&id) else { return };
+        if let Err(e) = res {
+            r.error.get_or_insert(e);
+        }
+        if matches!(r.stage, Stage::Persist | Stage::Flush) {
+            self.complete(id);
+        }
+    }
+}
+
+impl ModuleChannel for CacheChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        if !self.blocked.is_empty() {
+            self.blocked.push_back(io);
+            return Ok(());
+        }
+        if let Err(io) = self.start(io) {
+            self.blocked.push_back(io);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        loop {
+            let mut progress = false;
+            for (id, res) in self.mailbox.take() {
+                progress = true;
+                self.on_reply(id, res);
+            }
+            let mut scratch = std::mem::take(&mut self.scratch);
+            self.cache_ch.poll(&mut scratch);
+            self.core_ch.poll(&mut scratch);
+            progress |= !scratch.is_empty();
+            for c in scratch.drain(..) {
+                self.child_done(c.tag, c.result);
+            }
+            self.scratch = scratch;
+            while let Some(io) = self.blocked.pop_front() {
+                match self.start(io) {
+                    Ok(()) => progress = true,
+                    Err(io) => {
+                        self.blocked.push_front(io);
+                        break;
+                    }
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        let n = self.done.len();
+        done.extend(self.done.drain(..));
+        n
+    }
+
+    fn wait_fd(&self) -> Option<RawFd> {
+        Some(self.epfd.as_raw_fd())
+    }
+}
+
+impl Drop for CacheChannel {
+    fn drop(&mut self) {
+        // Finish what is in flight so no line stays locked and no child outlives its memory.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut sink = Vec::new();
+        while (!self.reqs.is_empty() || !self.blocked.is_empty()) && std::time::Instant::now() < deadline {
+            if self.poll(&mut sink) == 0 {
+                let mut p = libc::pollfd { fd: self.epfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack.
+                unsafe { libc::poll(&mut p, 1, 10) };
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The line map of one cache instance: which core line each cache line holds, its valid and dirty
+//! sectors, LRU order, line-range locks and the per-core counters.
+//!
+//! ```text
+//!  index: (core id, core line) ──► cache line ──► Line { key, valid, dirty, disk_dirty, seq, lru links }
+//!  lru:   head (most recent) ⇄ … ⇄ tail (eviction candidates)        free: unused cache lines
+//!  locks: [(core, first line, last line, owner)]  — one entry per request or cleaning batch in flight
+//! ```
+//!
+//! # Design
+//! Plain data behind the instance's one `Mutex` (see `cache/mod.rs` for the locking rule: held only
+//! for look-ups and bookkeeping, never across base I/O). Range locks make every request exclusive on
+//! the core lines it touches for its whole life (data I/O, metadata persist), so no two requests or a
+//! request and the cleaner ever interleave on a line. `disk_dirty` is the dirty mask that may be on
+//! the cache device: a line is only reused when it is zero, so a stale dirty record can never point
+//! at another line's data (see `layout.rs`).
+//!
+//! # Limitations
+//! The eviction scan looks at most `EVICT_SCAN` lines from the LRU tail; lock look-up is linear in
+//! the number of requests in flight.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+
+use crate::tagmap::TagHasher;
+
+/// (core id, line number within the core).
+pub type Key = (u16, u64);
+const NIL: u32 = u32::MAX;
+/// Lines examined from the LRU tail when looking for a victim.
+pub const EVICT_SCAN: usize = 512;
+
+/// One cache line at run time.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// The core line held, if any.
+    pub key: Option<Key>,
+    /// Valid sectors.
+    pub valid: u128,
+    /// Dirty sectors (newer than the core).
+    pub dirty: u128,
+    /// Dirty sectors that may be recorded on the cache device.
+    pub disk_dirty: u128,
+    /// Runtime state differs from the persisted record.
+    pub md_dirty: bool,
+    /// Sequence number of the last persisted record.
+    pub seq: u64,
+    /// When the line became dirty (ms since the instance started).
+    pub dirty_since_ms: u64,
+    prev: u32,
+    next: u32,
+    in_lru: bool,
+}
+
+impl Line {
+    fn empty() -> Self {
+        Self {
+            key: None,
+            valid: 0,
+            dirty: 0,
+            disk_dirty: 0,
+            md_dirty: false,
+            seq: 0,
+            dirty_since_ms: 0,
+            prev: NIL,
+            next: NIL,
+            in_lru: false,
+        }
+    }
+}
+
+/// Counters of one core (or of the whole instance when summed).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Reads served entirely from the cache.
+    pub read_hits: u64,
+    /// Reads served entirely from the core.
+    pub read_misses: u64,
+    /// Reads served partly from each.
+    pub read_partial_hits: u64,
+    /// Writes to lines already cached.
+    pub write_hits: u64,
+    /// Writes to lines not cached.
+    pub write_misses: u64,
+    /// Cache lines holding this core's data.
+    pub occupancy_lines: u64,
+    /// Cache lines with dirty sectors.
+    pub dirty_lines: u64,
+    /// Lines evicted to make room.
+    pub evictions: u64,
+    /// Line runs written back to the core by the cleaner.
+    pub cleaner_writes: u64,
+}
+
+impl Counters {
+    /// Adds `o` to `self`.
+    pub fn add(&mut self, o: &Counters) {
+        self.read_hits += o.read_hits;
+        self.read_misses += o.read_misses;
+        self.read_partial_hits += o.read_partial_hits;
+        self.write_hits += o.write_hits;
+        self.write_misses += o.write_misses;
+        self.occupancy_lines += o.occupancy_lines;
+        self.dirty_lines += o.dirty_lines;
+        self.evictions += o.evictions;
+        self.cleaner_writes += o.cleaner_writes;
+    }
+}
+
+/// The line map.
+pub struct LineMap {
+    /// Every cache line.
+    pub lines: Vec<Line>,
+    index: HashMap<Key, u32, BuildHasherDefault<TagHasher>>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+    locks: Vec<(u16, u64, u64, u64)>,
+    /// Lines whose record must be written.
+    pub md_pending: Vec<u32>,
+    /// Per-core counters, indexed by core id.
+    pub counters: Vec<Counters>,
+    /// Someone waits for a lock.
+    pub lock_waiters: bool,
+}
+
+impl LineMap {
+    /// An empty map of `num_lines` lines.
+    pub fn new(num_lines: u32) -> Self {
+        Self {
+            lines: vec![Line::empty(); num_lines as usize],
+            index: HashMap::default(),
+            free: (0..num_lines).rev().collect(),
+            head: NIL,
+            tail: NIL,
+            locks: Vec::new(),
+            md_pending: Vec::new(),
+            counters: Vec::new(),
+            lock_waiters: false,
+        }
+    }
+
+    /// Counters of `core`.
+    pub fn counters(&mut self, core: u16) -> &mut Counters {
+        let i = usize::from(core);
+        if self.counters.len() <= i {
+            self.counters.resize(i + 1, Counters::default());
+        }
+        &mut self.counters[i]
+    }
+
+    /// The cache line holding `key`.
+    pub fn lookup(&self, key: Key) -> Option<u32> {
+        self.index.get(&key).copied()
+    }
+
+    /// Number of free lines.
+    pub fn free_lines(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Locks core lines `first..=last` of `core` for `owner`; false when any is held by someone else.
+    pub fn try_lock(&mut self, core: u16, first: u64, last: u64, owner: u64) -> bool {
+        if self.locks.iter().any(|&(c, f, l, _)| c == core && f <= last && first <= l) {
+            self.lock_waiters = true;
+            return false;
+        }
+        self.locks.push((core, first, last, owner));
+        true
+    }
+
+    /// True when a core line is locked.
+    pub fn is_locked(&self, key: Key) -> bool {
+        self.locks.iter().any(|&(c, f, l, _)| c == key.0 && f <= key.1 && key.1 <= l)
+    }
+
+    /// Releases every lock of `owner`; returns true when someone was waiting (wake them).
+    pub fn unlock(&mut self, owner: u64) -> bool {
+        self.locks.retain(|&(_, _, _, o)| o != owner);
+        std::mem::take(&mut self.lock_waiters)
+    }
+
+    fn lru_remove(&mut self, i: u32) {
+        let (p, n) = {
+            let l = &mut self.lines[i as usize];
+            if !l.in_lru {
+                return;
+            }
+            l.in_lru = false;
+            (l.prev, l.next)
+        };
+        if p != NIL {
+            self.lines[p as usize].next = n;
+        } else {
+            self.head = n;
+        }
+        if n != NIL {
+            self.lines[n as usize].prev = p;
+        } else {
+            self.tail = p;
+        }
+    }
+
+    fn lru_push_front(&mut self, i: u32) {
+        let old = self.head;
+        {
+            let l = &mut self.lines[i as usize];
+            l.prev = NIL;
+            l.next = old;
+            l.in_lru = true;
+        }
+        if old != NIL {
+            self.lines[old as usize].prev = i;
+        } else {
+            self.tail = i;
+        }
+        self.head = i;
+    }
+
+    /// Marks a line most recently used.
+    pub fn touch(&mut self, i: u32) {
+        self.lru_remove(i);
+        self.lru_push_front(i);
+    }
+
+    /// Queues the line's record for writing.
+    pub fn mark_md(&mut self, i: u32) {
+        let l = &mut self.lines[i as usize];
+        if !l.md_dirty {
+            l.md_dirty = true;
+            self.md_pending.push(i);
+        }
+    }
+
+    /// A cache line for `key` (which must not be present): a free one or an evicted clean one.
+    pub fn alloc(&mut self, key: Key) -> Option<u32> {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => self.evict()?,
+        };
+        let l = &mut self.lines[i as usize];
+        l.key = Some(key);
+        l.valid = 0;
+        l.dirty = 0;
+        self.index.insert(key, i);
+        self.lru_push_front(i);
+        self.counters(key.0).occupancy_lines += 1;
+        self.mark_md(i);
+        Some(i)
+    }
+
+    fn evict(&mut self) -> Option<u32> {
+        let mut i = self.tail;
+        for _ in 0..EVICT_SCAN {
+            if i == NIL {
+                return None;
+            }
+            let l = &self.lines[i as usize];
+            let prev = l.prev;
+            if let Some(key) = l.key {
+                if l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) {
+                    self.drop_line(i);
+                    self.counters(key.0).evictions += 1;
+                    self.free.pop();
+                    return Some(i);
+                }
+            }
+            i = prev;
+        }
+        None
+    }
+
+    /// Forgets line `i` (its record becomes "free" at the next persist) and puts it on the free list.
+    fn drop_line(&mut self, i: u32) {
+        self.lru_remove(i);
+        let l = &mut self.lines[i as usize];
+        if let Some(key) = l.key.take() {
+            self.index.remove(&key);
+            let dirty = l.dirty != 0;
+            l.valid = 0;
+            l.dirty = 0;
+            let c = self.counters(key.0);
+            c.occupancy_lines = c.occupancy_lines.saturating_sub(1);
+            if dirty {
+                c.dirty_lines = c.dirty_lines.saturating_sub(1);
+            }
+        }
+        self.free.push(i);
+        self.mark_md(i);
+    }
+
+    /// Frees line `i` if it holds nothing and nothing dirty may be recorded for it (after a record write).
+    pub fn drop_if_empty(&mut self, i: u32) {
+        let l = &self.lines[i as usize];
+        if let Some(key) = l.key {
+            if l.valid == 0 && l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) {
+                self.drop_line(i);
+            }
+        }
+    }
+
+    /// Sets the valid and dirty masks of line `i`, keeping the counters right; frees a line left empty
+    /// when nothing dirty may be recorded for it on disk.
+    pub fn set_bits(&mut self, i: u32, valid: u128, dirty: u128, now_ms: u64) {
+        let l = &mut self.lines[i as usize];
+        let Some(key) = l.key else { return };
+        let was_dirty = l.dirty != 0;
+        let changed = l.valid != valid || l.dirty != dirty;
+        l.valid = valid;
+        l.dirty = dirty;
+        if !was_dirty && dirty != 0 {
+            l.dirty_since_ms = now_ms;
+        }
+        let disk_dirty = l.disk_dirty;
+        let c = self.counters(key.0);
+        match (was_dirty, dirty != 0) {
+            (false, true) => c.dirty_lines += 1,
+            (true, false) => c.dirty_lines = c.dirty_lines.saturating_sub(1),
+            _ => {}
+        }
+        if changed {
+            self.mark_md(i);
+        }
+        if valid == 0 && dirty == 0 && disk_dirty == 0 {
+            self.drop_line(i);
+        }
+    }
+
+    /// Loads a persisted record into an empty line (at start-up).
+    pub fn load(&mut self, i: u32, key: Key, valid: u128, dirty: u128, seq: u64) {
+        self.free.retain(|&f| f != i);
+        let l = &mut self.lines[i as usize];
+        l.key = Some(key);
+        l.valid = valid;
+        l.dirty = dirty;
+        l.disk_dirty = dirty;
+        l.seq = seq;
+        self.index.insert(key, i);
+        self.lru_push_front(i);
+        let c = self.counters(key.0);
+        c.occupancy_lines += 1;
+        if dirty != 0 {
+            c.dirty_lines += 1;
+        }
+    }
+
+    /// Dirty lines of `core` (all cores when `None`), oldest first, at most `max`, skipping locked ones
+    /// and lines of cores not in `attached`.
+    pub fn dirty_lines(&self, core: Option<u16>, attached: &dyn Fn(u16) -> bool, max: usize) -> Vec<u32> {
+        let mut v: Vec<(u64, u32)> = self
+            .lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let key = l.key?;
+                (l.dirty != 0 && core.map_or(true, |c| c == key.0) && attached(key.0) && !self.is_locked(key))
+                    .then_some((l.dirty_since_ms, i as u32))
+            })
+            .collect();
+        v.sort_unstable();
+        v.truncate(max);
+        v.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Keys of every dirty line of `core`.
+    pub fn dirty_keys(&self, core: u16) -> Vec<Key> {
+        self.lines.iter().filter_map(|l| l.key.filter(|k| k.0 == core && l.dirty != 0)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_oldest_clean_line() {
+        let mut m = LineMap::new(3);
+        let a = m.alloc((0, 1)).unwrap();
+        let b = m.alloc((0, 2)).unwrap();
+        let c = m.alloc((0, 3)).unwrap();
+        m.set_bits(a, 1, 1, 0); // dirty: not evictable
+        m.set_bits(b, 1, 0, 0);
+        m.set_bits(c, 1, 0, 0);
+        m.touch(b);
+        let d = m.alloc((0, 4)).unwrap();
+        assert_eq!(d, c, "c is the least recently used clean line");
+        assert_eq!(m.lookup((0, 3)), None);
+        assert_eq!(m.counters(0).evictions, 1);
+        assert_eq!(m.counters(0).dirty_lines, 1);
+        assert!(m.try_lock(0, 2, 4, 7));
+        assert!(!m.try_lock(0, 1, 5, 8));
+        m.set_bits(d, 1, 0, 0);
+        assert!(m.alloc((0, 9)).is_none(), "b and d are locked, a is dirty");
+        assert!(m.unlock(7));
+    }
+}

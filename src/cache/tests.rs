@@ -1,0 +1,632 @@
+//! Cache bdev tests: a model test per mode, conformance, shared caches, mode switch, persistence,
+//! corrupt metadata, hot remove, background cleaning.
+//!
+//! ```text
+//!  malloc/file cache device ─┐
+//!  malloc/file core ─────────┴─► CacheBdev ──► Channel ◄── model (Vec<u8> reference), checked block by block
+//! ```
+//!
+//! # Design
+//! Every test builds its own registry and devices, so tests run in parallel. The model test keeps a
+//! reference image of what the guest wrote; after every completed flush the *core itself* (read
+//! through a read-only descriptor) must equal the reference, which is the write-back promise.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::bdev::file::{Engine, FileBdev};
+use crate::bdev::malloc::MallocBdev;
+use crate::bdev::tests::{conformance, drive, run};
+use crate::bdev::{BdevIo, IoKind, IoVecs, Registry};
+
+const BS: u64 = 512;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Bytes of a cache device with `lines` lines of `line` bytes.
+fn cache_dev_bytes(lines: u64, line: u64) -> u64 {
+    let pages = lines.div_ceil(u64::from(layout::LINES_PER_PAGE));
+    layout::MD_OFFSET + pages * layout::PAGE_BYTES + lines * line
+}
+
+fn setup(reg: &Registry, cache_bytes: u64, core_bytes: u64) {
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_bytes, 512).unwrap())).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", core_bytes, 512).unwrap())).unwrap();
+}
+
+fn cfg(mode: Mode) -> CacheConfig {
+    let mut c = CacheConfig::new("c0", "cdev", "core0");
+    c.mode = mode;
+    c
+}
+
+fn stats(b: &CacheBdev) -> serde_json::Value {
+    b.module_stats().unwrap()
+}
+
+fn fill(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..len).map(|_| r.next() as u8).collect()
+}
+
+fn read(ch: &mut crate::bdev::Channel, off: u64, n: u64) -> Vec<u8> {
+    let buf = IoVecs::alloc((n * BS) as usize);
+    let view = buf.slice(0, n * BS).unwrap();
+    let r = run(ch, vec![BdevIo::read(off, n, buf, 0)]);
+    assert_eq!(r[&0], Ok(()), "read {off}+{n}");
+    view.to_vec()
+}
+
+fn write(ch: &mut crate::bdev::Channel, off: u64, data: &[u8]) {
+    let r = run(ch, vec![BdevIo::write(off, data.len() as u64 / BS, IoVecs::from_slice(data), 0)]);
+    assert_eq!(r[&0], Ok(()));
+}
+
+fn flush(ch: &mut crate::bdev::Channel) {
+    assert_eq!(run(ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 0)])[&0], Ok(()));
+}
+
+#[track_caller]
+fn same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at block {} (byte {i})", i as u64 / BS);
+    }
+}
+
+/// Random reads, writes, unmaps and flushes over a core 4× the cache, checked against a reference.
+fn model(mode: Mode, line: u32, cleaner: CleanerPolicy, seed: u64) {
+    let lines = 32u64;
+    let core_bytes = 4 * lines * u64::from(line);
+    let nb = core_bytes / BS;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(lines, u64::from(line)), core_bytes);
+    let mut c = cfg(mode);
+    c.line_size = line;
+    c.cleaner = cleaner;
+    c.alru_wake_ms = 5;
+    c.alru_stale_ms = 2;
+    c.clean_batch = 4;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    let mut reference = vec![0u8; core_bytes as usize];
+    let mut rng = Rng(seed);
+    let max_len = 3 * u64::from(line) / BS;
+    for step in 0..1500u64 {
+        match rng.below(20) {
+            0 => {
+                flush(&mut ch);
+                // The promise of a completed flush: the core itself holds every acknowledged write.
+                same(
+                    &read(&mut core_ch, 0, nb),
+                    &reference,
+                    &format!("{mode:?} core after flush at step {step}"),
+                );
+            }
+            1 => {
+                let n = 1 + rng.below(max_len);
+                let off = rng.below(nb - n);
+                let r = run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, off, n, 0)]);
+                assert_eq!(r[&0], Ok(()));
+                reference[(off * BS) as usize..((off + n) * BS) as usize].fill(0);
+            }
+            2..=10 => {
+                // A batch of non-overlapping writes in flight together.
+                let mut ios = Vec::new();
+                let mut taken: Vec<(u64, u64)> = Vec::new();
+                for k in 0..1 + rng.below(6) {
+                    let n = 1 + rng.below(max_len);
+                    let off = rng.below(nb - n);
+                    if taken.iter().any(|&(o, m)| o < off + n && off < o + m) {
+                        continue;
+                    }
+                    taken.push((off, n));
+                    let data = fill(rng.next(), (n * BS) as usize);
+                    reference[(off * BS) as usize..((off + n) * BS) as usize].copy_from_slice(&data);
+                    ios.push(BdevIo::write(off, n, IoVecs::from_slice(&data), k));
+                }
+                assert!(run(&mut ch, ios).values().all(|r| r.is_ok()));
+            }
+            _ => {
+                // Reads, some concentrated on a hot area so hits happen.
+                let n = 1 + rng.below(max_len);
+                let off = if rng.below(2) == 0 { rng.below(nb / 8) } else { rng.below(nb - n) };
+                let got = read(&mut ch, off, n);
+                same(
+                    &got,
+                    &reference[(off * BS) as usize..((off + n) * BS) as usize],
+                    &format!("{mode:?} read step {step}"),
+                );
+            }
+        }
+    }
+    same(&read(&mut ch, 0, nb), &reference, &format!("{mode:?} final read"));
+    flush(&mut ch);
+    same(&read(&mut core_ch, 0, nb), &reference, &format!("{mode:?} core at the end"));
+    let s = stats(&bdev);
+    if !matches!(mode, Mode::Pt) {
+        assert!(s["read_hits"].as_u64().unwrap() + s["read_partial_hits"].as_u64().unwrap() > 0, "{s}");
+    }
+    if matches!(mode, Mode::Wt | Mode::Wb | Mode::Wi | Mode::Wa) {
+        assert!(s["evictions"].as_u64().unwrap() > 0, "working set 4x the cache must evict: {s}");
+    }
+    if matches!(mode, Mode::Wb | Mode::Wo) {
+        assert!(s["cleaner_writes"].as_u64().unwrap() > 0, "{s}");
+    }
+    assert_eq!(s["dirty_lines"], 0, "after the final flush: {s}");
+    for k in [
+        "read_hits",
+        "read_misses",
+        "read_partial_hits",
+        "write_hits",
+        "write_misses",
+        "occupancy_lines",
+        "dirty_lines",
+        "evictions",
+        "cleaner_writes",
+        "mode",
+    ] {
+        assert!(s.get(k).is_some(), "key {k} missing in {s}");
+    }
+    assert_eq!(s["mode"], mode.as_str());
+    drop(ch);
+    drop(desc);
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+}
+
+#[test]
+fn model_wt() {
+    model(Mode::Wt, 4096, CleanerPolicy::Alru, 1);
+}
+#[test]
+fn model_wb() {
+    model(Mode::Wb, 4096, CleanerPolicy::Alru, 2);
+    model(Mode::Wb, 16384, CleanerPolicy::Acp, 3);
+}
+#[test]
+fn model_wb_nop_cleaner() {
+    model(Mode::Wb, 8192, CleanerPolicy::Nop, 4);
+}
+#[test]
+fn model_wa() {
+    model(Mode::Wa, 8192, CleanerPolicy::Alru, 5);
+}
+#[test]
+fn model_pt() {
+    model(Mode::Pt, 4096, CleanerPolicy::Alru, 6);
+}
+#[test]
+fn model_wi() {
+    model(Mode::Wi, 4096, CleanerPolicy::Alru, 7);
+}
+#[test]
+fn model_wo() {
+    model(Mode::Wo, 4096, CleanerPolicy::Acp, 8);
+}
+
+#[test]
+fn conformance_cache_modes() {
+    for (i, mode) in [Mode::Wt, Mode::Wb, Mode::Pt, Mode::Wo].into_iter().enumerate() {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 2 << 20);
+        let mut c = cfg(mode);
+        c.name = format!("cache{i}");
+        let b = CacheBdev::create(&c, &reg).unwrap();
+        conformance(b);
+    }
+}
+
+#[test]
+fn shared_cache_two_cores_concurrent() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    for n in ["core0", "core1"] {
+        reg.register(Arc::new(MallocBdev::new(n, 1 << 20, 512).unwrap())).unwrap();
+    }
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Acp;
+    let mut b = a.clone();
+    b.name = "c1".into();
+    b.core = "core1".into();
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let cb = CacheBdev::create(&b, &reg).unwrap();
+    reg.register(ca.clone()).unwrap();
+    reg.register(cb.clone()).unwrap();
+    // Disagreeing third one is refused with the reason; a core is claimed by one cache bdev.
+    let mut bad = b.clone();
+    bad.name = "c2".into();
+    bad.core = "core0".into();
+    let e = CacheBdev::create(&bad, &reg).err().unwrap().to_string();
+    assert!(e.contains("claimed"), "{e}");
+    reg.register(Arc::new(MallocBdev::new("core2", 1 << 20, 512).unwrap())).unwrap();
+    bad.core = "core2".into();
+    bad.mode = Mode::Wt;
+    bad.line_size = 8192;
+    let e = CacheBdev::create(&bad, &reg).err().unwrap().to_string();
+    assert!(e.contains("must agree") && e.contains("mode=wt") && e.contains("line-size=8192"), "{e}");
+
+    let threads: Vec<_> = ["c0", "c1"]
+        .into_iter()
+        .enumerate()
+        .flat_map(|(k, name)| {
+            let reg = &reg;
+            (0..2u64).map(move |t| {
+                let desc = reg.open(name, true).unwrap();
+                std::thread::spawn(move || {
+                    // Each thread owns a disjoint quarter of its core.
+                    let mut ch = desc.channel().unwrap();
+                    let base = t * 1024;
+                    let mut reference = vec![0u8; 1024 * BS as usize];
+                    let mut rng = Rng(99 + k as u64 * 7 + t);
+                    for _ in 0..400 {
+                        let n = 1 + rng.below(16);
+                        let off = rng.below(1024 - n);
+                        if rng.below(2) == 0 {
+                            let d = fill(rng.next(), (n * BS) as usize);
+                            write(&mut ch, base + off, &d);
+                            reference[(off * BS) as usize..((off + n) * BS) as usize].copy_from_slice(&d);
+                        } else {
+                            let got = read(&mut ch, base + off, n);
+                            same(&got, &reference[(off * BS) as usize..((off + n) * BS) as usize], "shared");
+                        }
+                    }
+                    flush(&mut ch);
+                    same(&read(&mut ch, base, 1024), &reference, "shared final");
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (sa, sb) = (stats(&ca), stats(&cb));
+    let occ = sa["occupancy_lines"].as_u64().unwrap() + sb["occupancy_lines"].as_u64().unwrap();
+    assert_eq!(sa["shared_cache"]["occupancy_lines"].as_u64().unwrap(), occ);
+    assert!(occ > 0 && occ <= 64);
+    assert_eq!(sa["shared_cache"]["cores"], serde_json::json!(["c0", "c1"]));
+    // The SIGUSR1 JSON path carries the module keys next to the generic ones.
+    let j = reg.stats_json();
+    assert!(j["c0"]["read_hits"].is_u64() && j["c0"]["write_ops"].is_u64(), "{j}");
+}
+
+#[test]
+fn mode_switch_wb_to_wt_under_load() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let worker = std::thread::spawn(move || {
+        let mut ch = desc.channel().unwrap();
+        let mut reference = vec![0u8; 2048 * BS as usize];
+        let mut rng = Rng(5);
+        let mut i = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) || i < 200 {
+            let n = 1 + rng.below(8);
+            let off = rng.below(2048 - n);
+            let d = fill(rng.next(), (n * BS) as usize);
+            write(&mut ch, off, &d);
+            reference[(off * BS) as usize..((off + n) * BS) as usize].copy_from_slice(&d);
+            i += 1;
+        }
+        same(&read(&mut ch, 0, 2048), &reference, "after the mode switch");
+        reference
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(stats(&bdev)["dirty_lines"].as_u64().unwrap() > 0);
+    bdev.set_mode(Mode::Wt).unwrap();
+    assert_eq!(stats(&bdev)["dirty_lines"], 0, "leaving wb cleans every line");
+    assert_eq!(stats(&bdev)["mode"], "wt");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reference = worker.join().unwrap();
+    assert_eq!(stats(&bdev)["dirty_lines"], 0, "wt makes no dirty lines");
+    let core = reg.open("core0", false).unwrap();
+    let mut cch = core.channel().unwrap();
+    same(&read(&mut cch, 0, 2048), &reference, "core after the switch");
+}
+
+#[test]
+fn background_cleaning_without_io() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.alru_wake_ms = 20;
+    c.alru_stale_ms = 50;
+    c.clean_batch = 3;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let t_first_write = Instant::now();
+    for i in 0..20 {
+        write(&mut ch, i * 8, &fill(i, 4096));
+    }
+    // No I/O from here on: the cleaner must get everything clean by itself, and never clean a line
+    // before it has been dirty for the staleness time (a line is dirty since its write, which came
+    // after `t_first_write`, so the first clean seen here cannot come sooner than that).
+    let mut first_clean = None;
+    loop {
+        let dirty = stats(&bdev)["dirty_lines"].as_u64().unwrap();
+        if dirty < 20 && first_clean.is_none() {
+            first_clean = Some(t_first_write.elapsed());
+        }
+        if dirty == 0 {
+            break;
+        }
+        assert!(
+            t_first_write.elapsed() < Duration::from_secs(10),
+            "the cleaner made no progress: {}",
+            stats(&bdev)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Dirty times are kept in whole milliseconds: allow that one millisecond.
+    let first = first_clean.unwrap();
+    assert!(
+        first >= Duration::from_millis(49),
+        "alru cleaned {first:?} after the write, before the staleness time"
+    );
+    assert_eq!(stats(&bdev)["cleaner_writes"], 20);
+}
+
+fn file_setup(reg: &Registry, dir: &std::path::Path, cache_bytes: u64) {
+    let f = FileBdev::open("cdev", dir.join("cache.img"), Some(cache_bytes), false, Engine::Threads).unwrap();
+    reg.register(Arc::new(f)).unwrap();
+    let f = FileBdev::open("core0", dir.join("core.img"), Some(1 << 20), false, Engine::Threads).unwrap();
+    reg.register(Arc::new(f)).unwrap();
+}
+
+#[test]
+fn write_back_survives_restart_and_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_bytes = cache_dev_bytes(64, 4096);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    let mut reference = vec![0u8; 1 << 20];
+    {
+        let reg = Registry::new();
+        file_setup(&reg, dir.path(), cache_bytes);
+        let bdev = CacheBdev::create(&c, &reg).unwrap();
+        reg.register(bdev.clone()).unwrap();
+        let desc = reg.open("c0", true).unwrap();
+        let mut ch = desc.channel().unwrap();
+        for i in 0..30u64 {
+            let d = fill(i + 100, 3 * BS as usize);
+            write(&mut ch, i * 13, &d);
+            reference[(i * 13 * BS) as usize..((i * 13 + 3) * BS) as usize].copy_from_slice(&d);
+        }
+        assert!(stats(&bdev)["dirty_lines"].as_u64().unwrap() > 0);
+        drop(ch);
+        drop(desc);
+        reg.unregister("c0").unwrap().shutdown().unwrap();
+    }
+    // The core alone does not have the data yet; the cache must be *loaded*, dirty lines and all.
+    let core_img = std::fs::read(dir.path().join("core.img")).unwrap();
+    assert_ne!(core_img, reference);
+    let info = info_json(&dir.path().join("cache.img")).unwrap();
+    assert_eq!(info["clean_shutdown"], true);
+    assert!(info["dirty_lines"].as_u64().unwrap() > 0, "{info}");
+    assert_eq!(info["cores"][0]["cache_bdev"], "c0");
+    let reg = Registry::new();
+    file_setup(&reg, dir.path(), cache_bytes);
+    c.load = LoadPolicy::On;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    assert!(stats(&bdev)["dirty_lines"].as_u64().unwrap() > 0);
+    assert!(stats(&bdev)["write_misses"].as_u64().unwrap() > 0, "saved statistics are loaded");
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    same(&read(&mut ch, 0, 2048), &reference, "after the restart");
+    flush(&mut ch);
+    assert_eq!(std::fs::read(dir.path().join("core.img")).unwrap(), reference);
+}
+
+fn sha(p: &std::path::Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(p).unwrap())
+}
+
+#[test]
+fn corrupt_or_foreign_metadata_is_refused_and_left_unmodified() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_bytes = cache_dev_bytes(64, 4096);
+    let img = dir.path().join("cache.img");
+    {
+        let reg = Registry::new();
+        file_setup(&reg, dir.path(), cache_bytes);
+        let b = CacheBdev::create(&cfg(Mode::Wb), &reg).unwrap();
+        let desc = {
+            reg.register(b.clone()).unwrap();
+            reg.open("c0", true).unwrap()
+        };
+        let mut ch = desc.channel().unwrap();
+        write(&mut ch, 0, &fill(1, 4096));
+        drop(ch);
+        drop(desc);
+        reg.unregister("c0").unwrap().shutdown().unwrap();
+    }
+    let try_open = |c: &CacheConfig| {
+        let reg = Registry::new();
+        file_setup(&reg, dir.path(), cache_bytes);
+        CacheBdev::create(c, &reg).map(|_| ())
+    };
+    // Another cache's metadata (other line size): refused, naming the flag that forces it.
+    let before = sha(&img);
+    let mut other = cfg(Mode::Wb);
+    other.line_size = 8192;
+    let e = try_open(&other).unwrap_err().to_string();
+    assert!(e.contains("another cache") && e.contains("load=off"), "{e}");
+    assert_eq!(sha(&img), before, "refusal must not modify the device");
+    // The same cache bdev name over another core: refused, device untouched.
+    let before = sha(&img);
+    let e = {
+        let reg = Registry::new();
+        file_setup(&reg, dir.path(), cache_bytes);
+        reg.register(Arc::new(MallocBdev::new("other", 1 << 20, 512).unwrap())).unwrap();
+        let mut c = cfg(Mode::Wb);
+        c.core = "other".into();
+        CacheBdev::create(&c, &reg).err().unwrap().to_string()
+    };
+    assert!(e.contains("over core 'core0'") && e.contains("load=off"), "{e}");
+    assert_eq!(sha(&img), before, "refusal must not modify the device");
+    // Corrupt both superblock copies.
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[100] ^= 0xff;
+    bytes[4096 + 100] ^= 0xff;
+    std::fs::write(&img, &bytes).unwrap();
+    let before = sha(&img);
+    let e = try_open(&cfg(Mode::Wb)).unwrap_err().to_string();
+    assert!(e.contains("corrupt") && e.contains("load=off"), "{e}");
+    assert_eq!(sha(&img), before, "refusal must not modify the device");
+    assert!(info_json(&img).is_err());
+    // Repair the superblock, corrupt a line record (both slots).
+    bytes[100] ^= 0xff;
+    bytes[4096 + 100] ^= 0xff;
+    bytes[layout::MD_OFFSET as usize + 5] ^= 0xff;
+    bytes[layout::MD_OFFSET as usize + 64 + 5] ^= 0xff;
+    std::fs::write(&img, &bytes).unwrap();
+    let before = sha(&img);
+    let e = try_open(&cfg(Mode::Wb)).unwrap_err().to_string();
+    assert!(e.contains("corrupt") && e.contains("line 0"), "{e}");
+    assert_eq!(sha(&img), before);
+    // load=off re-creates.
+    let mut force = cfg(Mode::Wb);
+    force.load = LoadPolicy::Off;
+    try_open(&force).unwrap();
+    assert_ne!(sha(&img), before);
+    // load=on on a device without metadata is refused.
+    std::fs::write(&img, vec![0u8; cache_bytes as usize]).unwrap();
+    let mut on = cfg(Mode::Wb);
+    on.load = LoadPolicy::On;
+    let e = try_open(&on).unwrap_err().to_string();
+    assert!(e.contains("load=on") && e.contains("no cache metadata"), "{e}");
+}
+
+#[test]
+fn hot_remove_of_the_cache_device() {
+    // Dirty: reads of dirty sectors fail, others pass through to the core; never stale data.
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    write(&mut ch, 0, &fill(1, 4096));
+    write(&mut ch, 64, &fill(2, 4096));
+    drop(reg.unregister("cdev").unwrap());
+    let r = run(&mut ch, vec![BdevIo::read(0, 8, IoVecs::alloc(4096), 0)]);
+    assert_eq!(r[&0], Err(IoError::Errno(libc::EIO)), "dirty data of a removed cache is never served stale");
+    let d = fill(3, 4096);
+    write(&mut ch, 200, &d);
+    same(&read(&mut ch, 200, 8), &d, "pass-through after removal");
+    // A flush cannot make the stranded dirty data durable: it fails instead of pretending.
+    let r = run(&mut ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 0)]);
+    assert_eq!(r[&0], Err(IoError::Errno(libc::EIO)));
+    // Overwriting the dirty sectors makes them whole again on the core.
+    let d = fill(5, 4096);
+    write(&mut ch, 0, &d);
+    same(&read(&mut ch, 0, 8), &d, "dirty sectors overwritten after removal");
+
+    // Clean: carries on in pass-through with the data intact.
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let bdev = CacheBdev::create(&cfg(Mode::Wt), &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let d = fill(4, 8192);
+    write(&mut ch, 8, &d);
+    same(&read(&mut ch, 8, 16), &d, "before removal");
+    drop(reg.unregister("cdev").unwrap());
+    same(&read(&mut ch, 8, 16), &d, "after removal of a clean cache");
+    // Core removal fails further I/O.
+    drop(reg.unregister("core0").unwrap());
+    let r = run(&mut ch, vec![BdevIo::read(0, 1, IoVecs::alloc(512), 0)]);
+    assert_eq!(r[&0], Err(IoError::Removed));
+    let _ = drive(&mut ch);
+}
+
+#[test]
+fn sequential_cutoff_bypasses_the_cache() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Always;
+    c.seq_cutoff_bytes = 64 << 10;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    // 256 KiB streamed in 16 KiB reads: only the first 64 KiB are inserted.
+    for i in 0..16 {
+        read(&mut ch, i * 32, 32);
+    }
+    let occ = stats(&bdev)["occupancy_lines"].as_u64().unwrap();
+    assert!(occ <= 20, "a sequential stream past the cut-off must not fill the cache: {occ}");
+}
+
+/// A crash (the owner dies without its final records) right after a cleaned line was evicted and its
+/// cache line refilled with another core line's data: the stale "dirty" record on the device must not
+/// bring the other line's data back as this one's. Deterministic: lazy record writes are held back.
+#[test]
+fn crash_after_clean_and_reuse_loads_the_right_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = 4u64;
+    let cache_bytes = cache_dev_bytes(lines, 4096);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000;
+    c.seq_cutoff = SeqCutoff::Off;
+    let x = fill(7, 4096);
+    {
+        let reg = Registry::new();
+        file_setup(&reg, dir.path(), cache_bytes);
+        let bdev = CacheBdev::create(&c, &reg).unwrap();
+        reg.register(bdev.clone()).unwrap();
+        let desc = reg.open("c0", true).unwrap();
+        let mut ch = desc.channel().unwrap();
+        write(&mut ch, 0, &x); // line 0 dirty, its record written before the ack
+        flush(&mut ch); // cleaned: clean at run time, still "dirty" on the device
+        for l in 1..=2 * lines {
+            read(&mut ch, l * 8, 8); // fills evict clean lines and reuse them
+        }
+        same(&read(&mut ch, 0, 8), &x, "before the crash");
+        bdev.shared().simulate_crash.store(true, Ordering::Release);
+        drop(ch);
+        drop(desc);
+        drop(reg.unregister("c0").unwrap());
+        drop(bdev);
+    }
+    let reg = Registry::new();
+    file_setup(&reg, dir.path(), cache_bytes);
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    same(&read(&mut ch, 0, 8), &x, "after the crash");
+    for l in 1..=2 * lines {
+        same(&read(&mut ch, l * 8, 8), &vec![0u8; 4096], "other lines after the crash");
+    }
+}

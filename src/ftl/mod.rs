@@ -1,0 +1,959 @@
+//! The FTL bdev: a crash-safe flash translation layer exposing 4 KiB blocks over OCSSD media
+//! (SPEC §4).
+//!
+//! ```text
+//!  Channel (per export queue) ── write: copy into wbuf, ack ─┐
+//!     │ read: L2P (atomics) → own media QueuePair            │ Mutex<Core> (memory work only)
+//!     │ flush: FlushReq → mailbox/eventfd ◄──────────────────┤
+//!     ▼                                                      ▼
+//!  media (MediaDevice)  ◄──────────────────────────── core thread: stripes, bands, relocation,
+//!                                                     erase-ahead, checkpoints, shutdown
+//!  files: layout.rs (on-media formats)  band.rs (geometry, states)  l2p.rs  wbuf.rs
+//!         core.rs (core thread)  md.rs (metadata areas + mirror)  restore.rs  stats.rs
+//! ```
+//!
+//! # Design
+//! * **Ownership.** The L2P is a flat array of atomics read by every channel without a lock. All
+//!   other shared state sits in one `Mutex<Core>` that is held only for memory work, never across
+//!   media I/O. The core thread is the only writer to media: it takes buffered blocks in order,
+//!   stripes them `ws_min`-unit by unit, `ws_opt` blocks per chunk round-robin over the band's good
+//!   chunks, one command per chunk in flight, and commits the L2P once they are written.
+//! * **Channels.** A channel owns a media queue pair for reads (so no queue waits for another's
+//!   media I/O), a local completion queue (writes are acknowledged once copied into the buffer;
+//!   unmap and write_zeroes are L2P updates) and a mailbox whose eventfd is its `wait_fd`: the core
+//!   posts flush completions there and wakes channels waiting for buffer space (their writes got
+//!   NOMEM and are retried by the generic layer).
+//! * **Background work** runs on the core thread, which sleeps on a condition variable with a
+//!   20 ms timeout: a flush request, a full stripe, erase-ahead at `band-thld`, relocation below the
+//!   START limit all progress without guest I/O.
+//! * **Metadata** (superblock, band md, L2P, valid map, trim map; version + CRC32C each) lives in
+//!   two reserved areas at the start of the range (bands `[0,k)` primary, `[k,2k)` mirror), reset
+//!   and rewritten mirror-first (see `md.rs`). Bands carry head metadata (position 0) and tail
+//!   metadata (the LBA of every block, at the end); every block's OOB carries `(lba, seq)`.
+//! * **Crash safety.** A checkpoint is written at creation, at every start (marked dirty), when a
+//!   flush follows unmaps (so trims survive a crash once flushed), and at clean shutdown (marked
+//!   clean). Restore after a crash replays blocks newer than the checkpoint (see `restore.rs`).
+//!   Before a band is erased the media is flushed, so relocated copies are durable first.
+//! * **Limits** (CRIT/HIGH/LOW/START) are scaled to the band count (see [`core::scale_limits`]):
+//!   `round(spdk × data_bands / 256)`, clamped to `1..=spare_bands-1`.
+//!
+//! # Limitations
+//! `nv-cache` is parsed but refused (not implemented). Reads bounce through a heap buffer (one copy
+//! into guest memory). A band open at shutdown or crash is closed as it is (its unwritten
+//! positions are reclaimed by relocation).
+
+pub mod band;
+pub mod cli;
+pub mod core;
+pub mod info;
+pub mod l2p;
+pub mod layout;
+pub mod md;
+pub mod restore;
+pub mod stats;
+#[cfg(test)]
+pub(crate) mod tests;
+pub mod wbuf;
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::bdev::{
+    Bdev, BdevError, BdevInfo, BdevIo, Completion, IoError, IoKind, IoKinds, IoVecs, ModuleChannel, Rejected,
+};
+use crate::ocssd::{ChunkState, Command, IoBuf, MediaDevice, Op, PpaList, QueuePair, SgList};
+
+use self::band::{Band, BandState, Geo, MAX_PUS};
+use self::core::{lock, Core, FlushReq, Limit, Mailbox, Shared};
+use self::l2p::{L2p, Loc};
+use self::layout::BLOCK_BYTES;
+use self::wbuf::{Origin, WriteBuffer};
+
+/// Errors of the FTL module.
+#[derive(Debug, thiserror::Error)]
+pub enum FtlError {
+    /// A configuration value is refused; `option` is the `--bdev` key.
+    #[error("{option}: {reason}")]
+    Config {
+        /// The option (`lba-rsvd`, `punits`, ...).
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Media failure.
+    #[error("media error: {0}")]
+    Media(String),
+    /// On-media metadata is corrupt.
+    #[error("corrupt FTL metadata: {0}")]
+    Corrupt(String),
+}
+
+impl From<FtlError> for BdevError {
+    fn from(e: FtlError) -> Self {
+        match e {
+            FtlError::Config { .. } => BdevError::InvalidConfig(e.to_string()),
+            _ => BdevError::Module(e.to_string()),
+        }
+    }
+}
+
+/// What to do at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Restore when the media holds an FTL for the range, else create.
+    Auto,
+    /// Always create (refused on media holding an FTL unless `force`).
+    Create,
+    /// Always restore (refused on media without an FTL).
+    Restore,
+}
+
+/// FTL configuration (the `--bdev driver=ftl` keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FtlConfig {
+    /// Bdev name.
+    pub name: String,
+    /// First PU of the range.
+    pub pu_begin: u32,
+    /// Last PU (inclusive); `None` = last of the device.
+    pub pu_end: Option<u32>,
+    /// Start mode.
+    pub mode: Mode,
+    /// Allow `mode=create` over an existing FTL.
+    pub force: bool,
+    /// Expected (restore) or new (create) UUID.
+    pub uuid: Option<[u8; 16]>,
+    /// Write buffer bytes.
+    pub wbuf_bytes: u64,
+    /// Overprovisioning, percent.
+    pub lba_rsvd: u32,
+    /// Erase the next band when the open one is this full, percent.
+    pub band_thld: u32,
+    /// Relocate bands with more invalid blocks than this, percent.
+    pub invalid_thld: u32,
+    /// Blocks relocated per step.
+    pub reloc_qdepth: u32,
+    /// Bands relocated at once.
+    pub reloc_bands: u32,
+    /// Interleave units (`ws_opt` must be a multiple).
+    pub interleave_units: u32,
+    /// Write limits (SPDK's, before scaling).
+    pub limits: [Limit; 4],
+    /// Exposed size cap in bytes.
+    pub size_bytes: Option<u64>,
+}
+
+impl FtlConfig {
+    /// Defaults (SPDK's).
+    pub fn new(name: &str) -> Self {
+        FtlConfig {
+            name: name.to_string(),
+            pu_begin: 0,
+            pu_end: None,
+            mode: Mode::Auto,
+            force: false,
+            uuid: None,
+            wbuf_bytes: 6 << 20,
+            lba_rsvd: 20,
+            band_thld: 90,
+            invalid_thld: 10,
+            reloc_qdepth: 32,
+            reloc_bands: 3,
+            interleave_units: 1,
+            limits: [
+                Limit { thld: 5, pct: 0 },
+                Limit { thld: 10, pct: 5 },
+                Limit { thld: 20, pct: 40 },
+                Limit { thld: 40, pct: 100 },
+            ],
+            size_bytes: None,
+        }
+    }
+
+    /// Checks every rule that does not need the media (SPEC §4).
+    pub fn validate(&self) -> Result<(), FtlError> {
+        let bad = |option, reason: String| Err(FtlError::Config { option, reason });
+        if self.invalid_thld >= 100 {
+            return bad("invalid-thld", format!("{} must be below 100", self.invalid_thld));
+        }
+        if self.lba_rsvd == 0 || self.lba_rsvd >= 100 {
+            return bad("lba-rsvd", format!("{} must be between 1 and 99", self.lba_rsvd));
+        }
+        if self.wbuf_bytes == 0 || self.wbuf_bytes % BLOCK_BYTES as u64 != 0 {
+            return bad(
+                "wbuf",
+                format!("{} bytes must be a non-zero multiple of {BLOCK_BYTES}", self.wbuf_bytes),
+            );
+        }
+        if self.wbuf_bytes / (BLOCK_BYTES as u64) < 16 {
+            return bad("wbuf", format!("{} bytes is below the 64 KiB minimum", self.wbuf_bytes));
+        }
+        if self.band_thld == 0 || self.band_thld > 100 {
+            return bad("band-thld", format!("{} must be between 1 and 100", self.band_thld));
+        }
+        if self.reloc_qdepth == 0 || self.reloc_qdepth > 1024 {
+            return bad("reloc-qdepth", format!("{} must be between 1 and 1024", self.reloc_qdepth));
+        }
+        if self.reloc_bands == 0 {
+            return bad("reloc-bands", "must be at least 1".into());
+        }
+        if self.interleave_units == 0 {
+            return bad("interleave", "must be at least 1".into());
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            if l.pct > 100 {
+                return bad("limits", format!("{} limit {}% is above 100%", core::LIMIT_NAMES[i], l.pct));
+            }
+        }
+        if let Some(end) = self.pu_end {
+            if end < self.pu_begin {
+                return bad("punits", format!("{}-{end} ends before it begins", self.pu_begin));
+            }
+        }
+        if let Some(s) = self.size_bytes {
+            if s == 0 || s % BLOCK_BYTES as u64 != 0 {
+                return bad("size", format!("{s} must be a non-zero multiple of {BLOCK_BYTES}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PU ranges in use per media device (two FTLs may not overlap).
+static RANGES: Mutex<Vec<(usize, u32, u32)>> = Mutex::new(Vec::new());
+
+fn media_key(media: &Arc<dyn MediaDevice>) -> usize {
+    Arc::as_ptr(media) as *const u8 as usize
+}
+
+/// The FTL bdev.
+pub struct FtlBdev {
+    info: BdevInfo,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    range_key: (usize, u32, u32),
+}
+
+fn geo_for(media: &dyn MediaDevice, cfg: &FtlConfig) -> Result<Geo, FtlError> {
+    let info = media.info();
+    let g = &info.geometry;
+    let total = g.total_pus();
+    let end = cfg.pu_end.map_or(total.saturating_sub(1), u64::from);
+    if u64::from(cfg.pu_begin) >= total || end >= total {
+        return Err(FtlError::Config {
+            option: "punits",
+            reason: format!("{}-{end} is outside the device's {total} parallel units", cfg.pu_begin),
+        });
+    }
+    let n = end - u64::from(cfg.pu_begin) + 1;
+    if n as usize > MAX_PUS {
+        return Err(FtlError::Config {
+            option: "punits",
+            reason: format!("{n} PUs; at most {MAX_PUS} per FTL"),
+        });
+    }
+    let ng = u64::from(g.num_grp);
+    // Consecutive PUs alternate across groups.
+    let pus = (u64::from(cfg.pu_begin)..=end).map(|i| (i % ng, i / ng)).collect();
+    if info.block_size_bytes as usize != BLOCK_BYTES {
+        return Err(FtlError::Config {
+            option: "base",
+            reason: format!("media block size {} is not {BLOCK_BYTES}", info.block_size_bytes),
+        });
+    }
+    if (info.oob_bytes_per_block as usize) < layout::OOB_BYTES_USED {
+        return Err(FtlError::Config {
+            option: "base",
+            reason: format!(
+                "media has {} OOB bytes per block; the FTL needs {}",
+                info.oob_bytes_per_block,
+                layout::OOB_BYTES_USED
+            ),
+        });
+    }
+    if g.ws_opt % cfg.interleave_units != 0 {
+        return Err(FtlError::Config {
+            option: "interleave",
+            reason: format!(
+                "ws_opt {} is not divisible by {} interleave units",
+                g.ws_opt, cfg.interleave_units
+            ),
+        });
+    }
+    if g.ws_min == 0
+        || g.ws_opt % g.ws_min != 0
+        || g.ws_opt > 64
+        || u64::from(g.clba) % u64::from(g.ws_opt) != 0
+    {
+        return Err(FtlError::Config { option: "base", reason: "unsupported write-size geometry".into() });
+    }
+    Ok(Geo {
+        pus,
+        clba: u64::from(g.clba),
+        ws_min: u64::from(g.ws_min),
+        ws_opt: u64::from(g.ws_opt),
+        num_bands: g.num_chk,
+        md_bands: 1,
+        max_positions: n * u64::from(g.clba),
+    })
+}
+
+/// Data positions of a band with `good` chunks.
+fn band_data(geo: &Geo, good: usize) -> u64 {
+    if good == 0 {
+        return 0;
+    }
+    geo.positions(good).saturating_sub(1 + geo.tail_len(good))
+}
+
+/// True when the first bands of the range hold anything (an FTL, or foreign data).
+fn media_in_use(media: &dyn MediaDevice, geo: &Geo) -> bool {
+    let probe = (2 * md::MAX_MD_BANDS).min(geo.num_bands);
+    (0..probe).any(|b| {
+        (0..geo.pus.len()).any(|i| {
+            media
+                .chunk_info(geo.chunk(b, i))
+                .is_ok_and(|c| matches!(c.state, ChunkState::Open | ChunkState::Closed))
+        })
+    })
+}
+
+/// Sizing of a new FTL: md bands, exposed LBAs, L2P entry width.
+struct Sizing {
+    num_lbas: u64,
+    entry_bytes: u32,
+}
+
+fn size_new(media: &dyn MediaDevice, geo: &mut Geo, cfg: &FtlConfig) -> Result<Sizing, FtlError> {
+    let good: Vec<usize> = (0..geo.num_bands).map(|b| md::online_chunks(media, geo, b).len()).collect();
+    let entry_bytes = if geo.addr_space() < u64::from(u32::MAX) { 4 } else { 8 };
+    for k in 1..=md::MAX_MD_BANDS {
+        if 2 * k + 2 > geo.num_bands {
+            break;
+        }
+        geo.md_bands = k;
+        let data: u64 = (2 * k..geo.num_bands).map(|b| band_data(geo, good[b as usize])).sum();
+        let mut num_lbas = data * u64::from(100 - cfg.lba_rsvd) / 100;
+        if let Some(s) = cfg.size_bytes {
+            let want = s / BLOCK_BYTES as u64;
+            if want > num_lbas {
+                return Err(FtlError::Config {
+                    option: "size",
+                    reason: format!(
+                        "{s} bytes is more than the {} bytes this media offers with lba-rsvd={}",
+                        num_lbas * BLOCK_BYTES as u64,
+                        cfg.lba_rsvd
+                    ),
+                });
+            }
+            num_lbas = want;
+        }
+        let need =
+            md::Checkpoint::blocks_needed(geo.num_bands as usize, num_lbas, entry_bytes, geo.addr_space());
+        let area =
+            |first: u32| -> u64 { (first..first + k).map(|b| good[b as usize] as u64 * geo.clba).sum() };
+        if area(0) >= need && area(k) >= need {
+            if num_lbas == 0 {
+                break;
+            }
+            return Ok(Sizing { num_lbas, entry_bytes });
+        }
+    }
+    Err(FtlError::Config {
+        option: "base",
+        reason: format!(
+            "the media ({} bands of {} PUs) is too small for an FTL",
+            geo.num_bands,
+            geo.pus.len()
+        ),
+    })
+}
+
+impl FtlBdev {
+    /// Creates or restores an FTL on `media` (see [`Mode`]).
+    pub fn open(cfg: FtlConfig, media: Arc<dyn MediaDevice>) -> Result<Self, FtlError> {
+        cfg.validate()?;
+        let mut geo = geo_for(media.as_ref(), &cfg)?;
+        let pu_end = cfg.pu_begin + geo.pus.len() as u32 - 1;
+        let key = (media_key(&media), cfg.pu_begin, pu_end);
+        {
+            let mut ranges = lock(&RANGES);
+            if let Some(r) = ranges.iter().find(|r| r.0 == key.0 && r.1 <= key.2 && key.1 <= r.2) {
+                return Err(FtlError::Config {
+                    option: "punits",
+                    reason: format!(
+                        "{}-{} overlaps another FTL's PUs {}-{} on the same media",
+                        key.1, key.2, r.1, r.2
+                    ),
+                });
+            }
+            ranges.push(key);
+        }
+        let r = Self::open_inner(cfg, media, &mut geo, key);
+        if r.is_err() {
+            lock(&RANGES).retain(|x| *x != key);
+        }
+        r
+    }
+
+    fn open_inner(
+        cfg: FtlConfig,
+        media: Arc<dyn MediaDevice>,
+        geo: &mut Geo,
+        key: (usize, u32, u32),
+    ) -> Result<Self, FtlError> {
+        let mut qp = media.queue_pair(64).map_err(|e| FtlError::Media(e.to_string()))?;
+        let in_use = media_in_use(media.as_ref(), geo);
+        let range = format!("{}-{}", key.1, key.2);
+        let create = match cfg.mode {
+            Mode::Auto => !in_use,
+            Mode::Restore => {
+                if !in_use {
+                    return Err(FtlError::Config {
+                        option: "mode",
+                        reason: format!("mode=restore: no FTL on parallel units {range} of this media"),
+                    });
+                }
+                false
+            }
+            Mode::Create => {
+                if in_use && !cfg.force {
+                    return Err(FtlError::Config {
+                        option: "mode",
+                        reason: format!(
+                            "mode=create: parallel units {range} already hold data (an FTL?); add force=on to reformat"
+                        ),
+                    });
+                }
+                true
+            }
+        };
+        let (uuid, num_lbas, entry_bytes, rebuilt, primary_bad) = if create {
+            let s = size_new(media.as_ref(), geo, &cfg)?;
+            log::info!("ftl '{}': formatting parallel units {range} ({} bands)", cfg.name, geo.num_bands);
+            // Format: every written chunk of the range is reset, so no old block can be replayed.
+            let mut last = std::time::Instant::now();
+            for b in 0..geo.num_bands {
+                let chunks: Vec<_> = (0..geo.pus.len()).map(|i| geo.chunk(b, i)).collect();
+                md::reset_chunks(media.as_ref(), qp.as_mut(), &chunks)?;
+                if last.elapsed().as_secs() >= 1 {
+                    last = std::time::Instant::now();
+                    log::info!("ftl '{}': format: band {} of {}", cfg.name, b + 1, geo.num_bands);
+                }
+            }
+            let mut bands: Vec<Band> = (0..geo.num_bands).map(Band::new).collect();
+            for b in bands.iter_mut() {
+                b.dirty = false;
+                if b.id < geo.first_data_band() {
+                    b.state = BandState::Metadata;
+                }
+            }
+            let rebuilt = restore::Rebuilt {
+                l2p: vec![layout::UNMAPPED; s.num_lbas as usize],
+                bands,
+                valid: vec![0u64; geo.addr_space().div_ceil(64) as usize],
+                next_seq: 1,
+                generation: 0,
+                from_tail: 0,
+                from_oob: 0,
+            };
+            (cfg.uuid.unwrap_or_else(crate::bdev::random_uuid), s.num_lbas, s.entry_bytes, rebuilt, None)
+        } else {
+            let t = std::time::Instant::now();
+            let loaded = md::load(media.as_ref(), qp.as_mut(), geo)?;
+            let sb = &loaded.ckpt.sb;
+            if let Some(u) = cfg.uuid {
+                if u != sb.uuid {
+                    return Err(FtlError::Config {
+                        option: "uuid",
+                        reason: format!(
+                            "{} does not match the FTL on the media ({})",
+                            layout::format_uuid(&u),
+                            layout::format_uuid(&sb.uuid)
+                        ),
+                    });
+                }
+            }
+            if sb.pu_begin != key.1 || sb.pu_end != key.2 || sb.num_bands != geo.num_bands {
+                return Err(FtlError::Config {
+                    option: "punits",
+                    reason: format!(
+                        "{range} does not match the FTL on the media (parallel units {}-{}, {} bands)",
+                        sb.pu_begin, sb.pu_end, sb.num_bands
+                    ),
+                });
+            }
+            geo.md_bands = loaded.md_bands;
+            let rebuilt = restore::rebuild(media.as_ref(), qp.as_mut(), geo, &loaded.ckpt, &cfg.name)?;
+            log::info!(
+                "ftl '{}': restored ({}) in {:?}",
+                cfg.name,
+                if sb.clean { "clean" } else { "after a crash" },
+                t.elapsed()
+            );
+            (sb.uuid, sb.num_lbas, sb.l2p_entry_bytes, rebuilt, loaded.primary_bad)
+        };
+        let rebuilt_counts = (rebuilt.from_tail, rebuilt.from_oob);
+        let data_bands = u64::from(geo.num_bands - geo.first_data_band());
+        let total_data: u64 = rebuilt
+            .bands
+            .iter()
+            .skip(geo.first_data_band() as usize)
+            .map(|b| {
+                let good = if b.good.is_empty() {
+                    md::online_chunks(media.as_ref(), geo, b.id).len()
+                } else {
+                    b.good.len()
+                };
+                band_data(geo, good)
+            })
+            .sum();
+        let avg = total_data / data_bands.max(1);
+        let spare = data_bands.saturating_sub(num_lbas.div_ceil(avg.max(1)));
+        if spare < 2 {
+            return Err(FtlError::Config {
+                option: "lba-rsvd",
+                reason: format!(
+                    "{}% leaves {spare} spare bands of {data_bands}; at least 2 are needed",
+                    cfg.lba_rsvd
+                ),
+            });
+        }
+        let limits = core::scale_limits(&cfg.limits, data_bands, spare);
+        let slots = (cfg.wbuf_bytes / BLOCK_BYTES as u64) as usize;
+        let max_batch = 64u64.min(slots as u64 / 2);
+        let mut info = BdevInfo::new(&cfg.name, "ftl", BLOCK_BYTES as u32, num_lbas);
+        info.uuid = uuid;
+        info.max_io_blocks = max_batch as u32;
+        info.volatile_write_cache = true;
+        info.unmap_reads_zeroes = true;
+        info.optimal_io_boundary_blocks = geo.ws_opt as u32;
+        info.supports = IoKinds { flush: true, unmap: true, write_zeroes: true, reset: false };
+        let shared = Arc::new(Shared {
+            geo: geo.clone(),
+            cfg: FtlConfig { pu_end: Some(key.2), ..cfg.clone() },
+            uuid,
+            num_lbas,
+            l2p_entry_bytes: entry_bytes,
+            media: Arc::clone(&media),
+            l2p: L2p::from_values(&rebuilt.l2p),
+            core: Mutex::new(Core {
+                wbuf: WriteBuffer::new(slots),
+                bands: rebuilt.bands,
+                valid: rebuilt.valid,
+                next_seq: rebuilt.next_seq,
+                open: None,
+                next: None,
+                flushes: VecDeque::new(),
+                gate: false,
+                trims_pending: false,
+                user_limit: slots,
+                level: None,
+                relocs: Vec::new(),
+                generation: rebuilt.generation,
+                ckpt_seq: 0,
+                unflushed: false,
+                failed: None,
+            }),
+            wake: Condvar::new(),
+            stats: stats::Stats::default(),
+            mailboxes: Mutex::new(Vec::new()),
+            stop: AtomicU8::new(0),
+            limits,
+            max_batch,
+            band_data_avg: avg,
+            ckpt_count: AtomicU64::new(0),
+        });
+        // A dirty-marked checkpoint before serving: a crash from now on restores from here
+        // (this also repairs a corrupt primary copy).
+        let ckpt = core::snapshot(&shared, false)?;
+        core::persist(&shared, qp.as_mut(), &ckpt)?;
+        if let Some(why) = primary_bad {
+            log::warn!(
+                "ftl '{}': primary metadata was unusable ({why}); restored from the mirror and repaired",
+                cfg.name
+            );
+        }
+        {
+            let mut c = lock(&shared.core);
+            c.ckpt_seq = ckpt.sb.ckpt_seq;
+            c.generation = ckpt.sb.generation;
+            shared.update_limits(&mut c);
+        }
+        shared.stats.restore_tail_bands.store(rebuilt_counts.0, Ordering::Relaxed);
+        shared.stats.restore_oob_bands.store(rebuilt_counts.1, Ordering::Relaxed);
+        let sh = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("ftl-{}", cfg.name))
+            .spawn(move || core::run(sh))
+            .map_err(|e| FtlError::Media(format!("spawning the core thread: {e}")))?;
+        log::info!(
+            "ftl '{}': {} blocks of {BLOCK_BYTES} bytes on parallel units {range}, uuid {}",
+            cfg.name,
+            num_lbas,
+            layout::format_uuid(&uuid)
+        );
+        Ok(FtlBdev { info, shared, thread: Mutex::new(Some(thread)), range_key: key })
+    }
+
+    /// Stops the core thread without persisting anything, as a crash would (tests).
+    pub fn crash(&self) {
+        self.shared.stop.store(2, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The shared state (tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn stop_clean(&self) -> Result<(), BdevError> {
+        let Some(t) = lock(&self.thread).take() else { return Ok(()) };
+        let t0 = std::time::Instant::now();
+        log::info!("ftl '{}': clean shutdown: writing buffered data and metadata", self.info.name);
+        self.shared.stop.store(1, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if t.join().is_err() {
+            return Err(BdevError::Module(format!("ftl '{}': core thread panicked", self.info.name)));
+        }
+        if let Some(e) = lock(&self.shared.core).failed.clone() {
+            return Err(BdevError::Module(format!("ftl '{}': {e}", self.info.name)));
+        }
+        log::info!("ftl '{}': clean shutdown done in {:?}", self.info.name, t0.elapsed());
+        Ok(())
+    }
+}
+
+impl Drop for FtlBdev {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_clean() {
+            log::error!("{e}");
+        }
+        lock(&RANGES).retain(|x| *x != self.range_key);
+    }
+}
+
+impl Bdev for FtlBdev {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
+        let qp = self.shared.media.queue_pair(256).map_err(|e| BdevError::Module(e.to_string()))?;
+        let mailbox = Arc::new(Mailbox::new()?);
+        lock(&self.shared.mailboxes).push(Arc::downgrade(&mailbox));
+        Ok(Box::new(FtlChannel {
+            sh: Arc::clone(&self.shared),
+            qp,
+            mailbox,
+            local: VecDeque::new(),
+            reads: HashMap::new(),
+            cmds: HashMap::new(),
+            next_id: 1,
+            scratch: Vec::new(),
+        }))
+    }
+
+    fn shutdown(&self) -> Result<(), BdevError> {
+        self.stop_clean()
+    }
+
+    fn module_stats(&self) -> Option<serde_json::Value> {
+        let c = lock(&self.shared.core);
+        Some(self.shared.stats.json(&c, &self.shared.limits, self.shared.ckpt_count.load(Ordering::Relaxed)))
+    }
+}
+
+/// A read in progress.
+struct ReadIo {
+    tag: u64,
+    bufs: IoVecs,
+    offset_blocks: u64,
+    cmds_left: usize,
+    retry: Vec<u64>,
+    error: Option<IoError>,
+}
+
+/// One media read command of a read.
+struct ReadCmd {
+    read_id: u64,
+    /// (block index within the I/O, lba, addr).
+    blocks: Vec<(u64, u64, u64)>,
+}
+
+/// A channel of the FTL.
+pub struct FtlChannel {
+    sh: Arc<Shared>,
+    qp: Box<dyn QueuePair>,
+    mailbox: Arc<Mailbox>,
+    local: VecDeque<Completion>,
+    reads: HashMap<u64, ReadIo>,
+    cmds: HashMap<u64, ReadCmd>,
+    next_id: u64,
+    scratch: Vec<crate::ocssd::Completion>,
+}
+
+impl FtlChannel {
+    fn done(&mut self, tag: u64, result: Result<(), IoError>) {
+        if self.local.is_empty() {
+            self.mailbox.wake();
+        }
+        self.local.push_back(Completion { tag, result });
+    }
+
+    fn write(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        let sh = Arc::clone(&self.sh);
+        let n = io.num_blocks as usize;
+        let mut c = lock(&sh.core);
+        if c.failed.is_some() {
+            drop(c);
+            return Err(Rejected::Failed(io, IoError::Errno(libc::EIO)));
+        }
+        let limited = c.wbuf.user + n > c.user_limit;
+        if c.gate || c.wbuf.free() < n || limited {
+            if limited {
+                if let Some(l) = c.level {
+                    sh.stats.limit_hits[l].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.mailbox.want_space.store(true, Ordering::SeqCst);
+            drop(c);
+            sh.wake.notify_one();
+            return Err(Rejected::NoMem(io));
+        }
+        for i in 0..n as u64 {
+            let lba = io.offset_blocks + i;
+            let e = c.wbuf.push(lba, Origin::User, |d| {
+                io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, d);
+            });
+            let old = sh.l2p.swap(lba, Loc::Cache(e));
+            sh.invalidate(&mut c, old);
+        }
+        let wake = c.wbuf.waiting() >= sh.geo.ws_opt;
+        drop(c);
+        sh.stats.user_write_blocks.fetch_add(n as u64, Ordering::Relaxed);
+        if wake {
+            sh.wake.notify_one();
+        }
+        self.done(io.tag, Ok(()));
+        Ok(())
+    }
+
+    fn unmap(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        let sh = Arc::clone(&self.sh);
+        let mut c = lock(&sh.core);
+        if c.gate {
+            self.mailbox.want_space.store(true, Ordering::SeqCst);
+            return Err(Rejected::NoMem(io));
+        }
+        for lba in io.offset_blocks..io.offset_blocks + io.num_blocks {
+            let old = sh.l2p.swap(lba, Loc::Unmapped);
+            sh.invalidate(&mut c, old);
+        }
+        c.trims_pending = true;
+        drop(c);
+        self.done(io.tag, Ok(()));
+        Ok(())
+    }
+
+    fn flush(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        let mut c = lock(&self.sh.core);
+        if c.failed.is_some() {
+            drop(c);
+            return Err(Rejected::Failed(io, IoError::Errno(libc::EIO)));
+        }
+        let upto = c.wbuf.tail;
+        c.flushes.push_back(FlushReq::new(Arc::clone(&self.mailbox), io.tag, upto));
+        drop(c);
+        self.sh.wake.notify_one();
+        Ok(())
+    }
+
+    /// Resolves blocks of a read: zeros and buffer hits are copied now; media blocks are returned.
+    fn resolve(&self, bufs: &IoVecs, offset: u64, blocks: &[u64]) -> Vec<(u64, u64, u64)> {
+        let mut media = Vec::new();
+        for &i in blocks {
+            let lba = offset + i;
+            let at = i * BLOCK_BYTES as u64;
+            loop {
+                match self.sh.l2p.get(lba) {
+                    Loc::Unmapped => {
+                        bufs.copy_from_slice(at, &[0u8; BLOCK_BYTES]);
+                        break;
+                    }
+                    Loc::Media(a) => {
+                        media.push((i, lba, a));
+                        break;
+                    }
+                    Loc::Cache(n) => {
+                        let c = lock(&self.sh.core);
+                        if self.sh.l2p.get(lba) != Loc::Cache(n) {
+                            continue;
+                        }
+                        if let Some((_, data)) = c.wbuf.get(n) {
+                            bufs.copy_from_slice(at, data);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        media
+    }
+
+    fn start_read(&mut self, id: u64, blocks: &[u64]) -> bool {
+        let Some(r) = self.reads.get(&id) else { return true };
+        let media = self.resolve(&r.bufs, r.offset_blocks, blocks);
+        if media.is_empty() {
+            return true;
+        }
+        let mut submitted = 0;
+        for chunk in media.chunks(64) {
+            let id_cmd = self.next_id;
+            self.next_id += 1;
+            let ppas: Vec<_> = chunk.iter().map(|(_, _, a)| self.sh.geo.ppa_of(*a)).collect();
+            let n = ppas.len();
+            let Ok(list) = PpaList::new(ppas) else { continue };
+            let cmd = Command {
+                tag: id_cmd,
+                op: Op::Read { ppas: list, data: SgList::from(IoBuf::zeroed(n * BLOCK_BYTES)), oob: None },
+            };
+            self.cmds.insert(id_cmd, ReadCmd { read_id: id, blocks: chunk.to_vec() });
+            if let Err(rej) = self.qp.submit(cmd) {
+                // The queue is sized above the channel's depth; treat a full queue as a retry.
+                self.cmds.remove(&id_cmd);
+                let _ = rej;
+                if let Some(r) = self.reads.get_mut(&id) {
+                    r.retry.extend(chunk.iter().map(|b| b.0));
+                }
+                continue;
+            }
+            submitted += 1;
+        }
+        if let Some(r) = self.reads.get_mut(&id) {
+            r.cmds_left += submitted;
+        }
+        if submitted > 0 {
+            self.mailbox.wake();
+        }
+        submitted == 0 && self.reads.get(&id).is_some_and(|r| r.retry.is_empty())
+    }
+
+    fn read(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        if self.qp.in_flight() + (io.num_blocks as usize).div_ceil(64) > self.qp.depth() {
+            return Err(Rejected::NoMem(io));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let tag = io.tag;
+        self.reads.insert(
+            id,
+            ReadIo {
+                tag,
+                bufs: io.bufs,
+                offset_blocks: io.offset_blocks,
+                cmds_left: 0,
+                retry: Vec::new(),
+                error: None,
+            },
+        );
+        let blocks: Vec<u64> = (0..io.num_blocks).collect();
+        self.start_read(id, &blocks);
+        self.finish_read_if_done(id);
+        Ok(())
+    }
+
+    fn finish_read_if_done(&mut self, id: u64) {
+        let Some(r) = self.reads.get_mut(&id) else { return };
+        if r.cmds_left > 0 {
+            return;
+        }
+        if r.error.is_none() && !r.retry.is_empty() {
+            let blocks = std::mem::take(&mut r.retry);
+            self.start_read(id, &blocks);
+            let Some(r) = self.reads.get(&id) else { return };
+            if r.cmds_left > 0 || !r.retry.is_empty() {
+                return;
+            }
+        }
+        if let Some(r) = self.reads.remove(&id) {
+            self.done(r.tag, r.error.map_or(Ok(()), Err));
+        }
+    }
+
+    fn read_done(&mut self, c: crate::ocssd::Completion) {
+        let Some(cmd) = self.cmds.remove(&c.tag) else { return };
+        let data = c.buffers.data.map(|d| d.to_vec()).unwrap_or_default();
+        let ok = c.status.is_success();
+        let Some(r) = self.reads.get_mut(&cmd.read_id) else { return };
+        r.cmds_left = r.cmds_left.saturating_sub(1);
+        for (k, &(i, lba, addr)) in cmd.blocks.iter().enumerate() {
+            if self.sh.l2p.get(lba) != Loc::Media(addr) {
+                // Moved or rewritten while we read: read it again.
+                r.retry.push(i);
+                continue;
+            }
+            if !ok && (k >= 64 || c.failed.0 & (1 << k) != 0 || c.failed.0 == 0) {
+                self.sh.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                log::debug!(
+                    "ftl '{}': read of lba {lba} at {} failed: {}",
+                    self.sh.cfg.name,
+                    self.sh.geo.ppa_of(addr),
+                    c.status
+                );
+                r.error = Some(IoError::Media(c.status.to_status_field(false)));
+                continue;
+            }
+            if let Some(src) = data.get(k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES) {
+                r.bufs.copy_from_slice(i * BLOCK_BYTES as u64, src);
+            }
+        }
+        let id = cmd.read_id;
+        self.finish_read_if_done(id);
+    }
+}
+
+impl FlushReq {
+    fn new(mailbox: Arc<Mailbox>, tag: u64, upto: u64) -> Self {
+        core::new_flush(mailbox, tag, upto)
+    }
+}
+
+impl ModuleChannel for FtlChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        match io.kind {
+            IoKind::Read => self.read(io),
+            IoKind::Write => self.write(io),
+            IoKind::Unmap | IoKind::WriteZeroes => self.unmap(io),
+            IoKind::Flush => self.flush(io),
+            IoKind::Reset => Err(Rejected::Failed(io, IoError::Unsupported)),
+        }
+    }
+
+    fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        let before = done.len();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.qp.poll(&mut scratch, usize::MAX);
+        for c in scratch.drain(..) {
+            self.read_done(c);
+        }
+        self.scratch = scratch;
+        // Clear the wakeup before draining so a post racing with us re-arms it.
+        self.mailbox.clear();
+        self.mailbox.take(done);
+        done.extend(self.local.drain(..));
+        if !self.cmds.is_empty() || !self.local.is_empty() {
+            self.mailbox.wake();
+        }
+        done.len() - before
+    }
+
+    fn wait_fd(&self) -> Option<RawFd> {
+        Some(self.mailbox.event.as_raw_fd())
+    }
+}

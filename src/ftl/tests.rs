@@ -1,0 +1,744 @@
+//! FTL tests: a model test (random write/read/unmap/write_zeroes/flush with crashes and clean
+//! restarts, checked block by block against an in-memory model), metadata corruption, injected
+//! media faults, configuration rules.
+//!
+//! # Design
+//! Every block written carries `(lba, version)` in its first 16 bytes and a filler derived from them,
+//! so a wrong block is identified exactly. A crash is `FtlBdev::crash()` (the core thread stops
+//! without persisting anything) followed by a restore on the same emulated device.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::core::Limit;
+use super::*;
+use crate::bdev::tests::{drive, run};
+use crate::bdev::{BdevIo, Channel, Descriptor, IoError, IoKind, IoVecs, Registry};
+use crate::ocssd::{EmuConfig, EmuDevice, EmuGeometry, Fault, Ppa, ReadErrorKind};
+
+pub(crate) fn geometry(chunks: u32, clba: u32) -> EmuGeometry {
+    EmuGeometry {
+        num_grp: 2,
+        num_pu: 2,
+        num_chk: chunks,
+        clba,
+        ws_min: 4,
+        ws_opt: 8,
+        ..EmuGeometry::default()
+    }
+}
+
+pub(crate) fn make_media(dir: &Path, g: EmuGeometry, bad: Vec<Ppa>) -> EmuDevice {
+    EmuDevice::create(&dir.join("media.img"), &EmuConfig { geometry: g, bad_chunks: bad, faults: vec![] })
+        .expect("create media")
+}
+
+/// A small FTL for the shared conformance suite.
+pub(crate) fn small_ftl(dir: &Path) -> Arc<FtlBdev> {
+    let media = make_media(dir, geometry(32, 64), vec![]);
+    Arc::new(FtlBdev::open(FtlConfig::new("ftl-conf"), Arc::new(media)).expect("open ftl"))
+}
+
+fn block(lba: u64, ver: u64) -> Vec<u8> {
+    if ver == 0 {
+        return vec![0u8; BLOCK_BYTES];
+    }
+    let mut b = vec![0u8; BLOCK_BYTES];
+    b[0..8].copy_from_slice(&lba.to_le_bytes());
+    b[8..16].copy_from_slice(&ver.to_le_bytes());
+    for (i, x) in b.iter_mut().enumerate().skip(16) {
+        *x = (lba as u8).wrapping_mul(13) ^ (ver as u8).wrapping_mul(7) ^ (i as u8);
+    }
+    b
+}
+
+fn decode(b: &[u8]) -> Option<(u64, u64)> {
+    if b.iter().all(|x| *x == 0) {
+        return Some((u64::MAX, 0));
+    }
+    let lba = u64::from_le_bytes(b[0..8].try_into().ok()?);
+    let ver = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    (block(lba, ver) == b).then_some((lba, ver))
+}
+
+struct Harness {
+    media: Arc<dyn MediaDevice>,
+    cfg: FtlConfig,
+    reg: Registry,
+    bdev: Option<Arc<FtlBdev>>,
+    desc: Option<Descriptor>,
+    ch: Option<Channel>,
+    relocated: u64,
+}
+
+impl Harness {
+    fn new(media: Arc<dyn MediaDevice>, cfg: FtlConfig) -> Self {
+        let mut h =
+            Harness { media, cfg, reg: Registry::new(), bdev: None, desc: None, ch: None, relocated: 0 };
+        h.start();
+        h
+    }
+
+    fn start(&mut self) {
+        let b = Arc::new(FtlBdev::open(self.cfg.clone(), Arc::clone(&self.media)).expect("open ftl"));
+        self.reg.register(b.clone()).expect("register");
+        let desc = self.reg.open(&self.cfg.name, true).expect("open desc");
+        self.ch = Some(desc.channel().expect("channel"));
+        self.desc = Some(desc);
+        self.bdev = Some(b);
+    }
+
+    fn stop(&mut self, crash: bool) {
+        self.relocated += self.stats()["relocated_blocks"].as_u64().unwrap_or(0);
+        self.ch = None;
+        self.desc = None;
+        let b = self.reg.unregister(&self.cfg.name).expect("unregister");
+        drop(b);
+        let b = self.bdev.take().expect("running");
+        if crash {
+            b.crash();
+        } else {
+            b.shutdown().expect("clean shutdown");
+        }
+        drop(b);
+    }
+
+    fn num_lbas(&self) -> u64 {
+        self.bdev.as_ref().expect("running").info().num_blocks
+    }
+
+    fn ch(&mut self) -> &mut Channel {
+        self.ch.as_mut().expect("channel")
+    }
+
+    fn write(&mut self, lba: u64, vers: &[u64]) {
+        let mut data = Vec::new();
+        for (i, v) in vers.iter().enumerate() {
+            data.extend_from_slice(&block(lba + i as u64, *v));
+        }
+        let r = run(self.ch(), vec![BdevIo::write(lba, vers.len() as u64, IoVecs::from_slice(&data), 0)]);
+        assert_eq!(r[&0], Ok(()), "write {lba}+{}", vers.len());
+    }
+
+    fn read(&mut self, lba: u64, n: u64) -> Result<Vec<u8>, IoError> {
+        let bufs = IoVecs::alloc(n as usize * BLOCK_BYTES);
+        let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+        let r = run(self.ch(), vec![BdevIo::read(lba, n, view, 0)]);
+        r[&0].map(|()| bufs.to_vec())
+    }
+
+    fn cmd(&mut self, kind: IoKind, lba: u64, n: u64) {
+        let r = run(self.ch(), vec![BdevIo::no_data(kind, lba, n, 0)]);
+        assert_eq!(r[&0], Ok(()), "{kind:?} {lba}+{n}");
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        self.bdev.as_ref().expect("running").module_stats().expect("stats")
+    }
+}
+
+fn invariants(h: &Harness, ctx: &str) {
+    let sh = h.bdev.as_ref().expect("running").shared();
+    let c = lock(&sh.core);
+    let mut counts = vec![0u64; sh.geo.num_bands as usize];
+    for lba in 0..sh.num_lbas {
+        match sh.l2p.get(lba) {
+            Loc::Media(a) => {
+                let (b, _, _) = sh.geo.split(a);
+                assert!(core::test_bit(&c.valid, a), "{ctx}: lba {lba} at {a} without valid bit");
+                let st = c.bands[b as usize].state;
+                assert!(
+                    !matches!(st, BandState::Free | BandState::Prep),
+                    "{ctx}: lba {lba} in band {b} state {st:?}"
+                );
+                counts[b as usize] += 1;
+            }
+            Loc::Cache(n) => assert!(c.wbuf.get(n).is_some(), "{ctx}: lba {lba} cache {n} gone"),
+            Loc::Unmapped => {}
+        }
+    }
+    let mut pending = vec![0u64; sh.geo.num_bands as usize];
+    for n in c.wbuf.head..c.wbuf.tail {
+        if let Some((e, _)) = c.wbuf.get(n) {
+            if let (true, wbuf::Origin::Reloc(b)) = (e.live, e.origin) {
+                pending[b as usize] += 1;
+            }
+        }
+    }
+    for (i, b) in c.bands.iter().enumerate() {
+        assert_eq!(b.valid, counts[i], "{ctx}: band {i} valid count (state {:?})", b.state);
+        assert_eq!(b.reloc_pending, pending[i], "{ctx}: band {i} relocated blocks still buffered");
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The model: current value per LBA, value at the last flush, values since.
+struct Model {
+    cur: Vec<u64>,
+    durable: Vec<u64>,
+    since: HashMap<u64, Vec<u64>>,
+}
+
+impl Model {
+    fn set(&mut self, lba: u64, v: u64) {
+        self.cur[lba as usize] = v;
+        self.since.entry(lba).or_default().push(v);
+    }
+    fn flush(&mut self) {
+        self.durable.clone_from(&self.cur);
+        self.since.clear();
+    }
+}
+
+fn check_all(h: &mut Harness, m: &mut Model, after_crash: bool) {
+    let n = h.num_lbas();
+    let mut lba = 0;
+    while lba < n {
+        let k = 32.min(n - lba);
+        let data = h.read(lba, k).expect("read");
+        for i in 0..k {
+            let l = lba + i;
+            let got = decode(&data[(i as usize) * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES]);
+            let Some((gl, gv)) = got else { panic!("lba {l}: block is not any block ever written") };
+            assert!(gv == 0 || gl == l, "lba {l}: holds lba {gl}'s data");
+            if after_crash {
+                let ok = gv == m.durable[l as usize] || m.since.get(&l).is_some_and(|s| s.contains(&gv));
+                assert!(
+                    ok,
+                    "lba {l}: version {gv} after crash; durable {} since {:?}",
+                    m.durable[l as usize],
+                    m.since.get(&l)
+                );
+                m.cur[l as usize] = gv;
+            } else {
+                assert_eq!(gv, m.cur[l as usize], "lba {l}");
+            }
+        }
+        lba += k;
+    }
+    if after_crash {
+        m.flush();
+    }
+}
+
+fn model_run(seed: u64, ops: usize) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let g = geometry(20, 32);
+    // Bad chunks at creation: one in the metadata band, two in data bands.
+    let bad = vec![Ppa::new(1, 1, 0, 0), Ppa::new(0, 1, 7, 0), Ppa::new(1, 0, 12, 0)];
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), g, bad));
+    let mut cfg = FtlConfig::new("model");
+    cfg.lba_rsvd = 35;
+    cfg.wbuf_bytes = 128 << 10;
+    let mut h = Harness::new(media, cfg);
+    let n = h.num_lbas();
+    let mut m = Model { cur: vec![0; n as usize], durable: vec![0; n as usize], since: HashMap::new() };
+    let mut rng = Rng(seed | 1);
+    let mut ver = 1u64;
+    let mut written = 0u64;
+    let debug = std::env::var("FTL_DEBUG").is_ok();
+    for op in 0..ops {
+        let r = rng.below(100);
+        if debug {
+            eprintln!("op {op}: {r}");
+            invariants(&h, &format!("before op {op}"));
+        }
+        match r {
+            0..=59 => {
+                let len = 1 + rng.below(8);
+                let lba = rng.below(n - len + 1);
+                let vers: Vec<u64> = (0..len)
+                    .map(|_| {
+                        ver += 1;
+                        ver
+                    })
+                    .collect();
+                h.write(lba, &vers);
+                for (i, v) in vers.iter().enumerate() {
+                    m.set(lba + i as u64, *v);
+                }
+                written += len;
+            }
+            60..=79 => {
+                let len = 1 + rng.below(16);
+                let lba = rng.below(n - len + 1);
+                let data = h.read(lba, len).expect("read");
+                for i in 0..len {
+                    let want = block(lba + i, m.cur[(lba + i) as usize]);
+                    assert!(
+                        data[(i as usize) * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES] == want[..],
+                        "seed {seed} op {op}: lba {} differs from the model (want version {}, got {:?})",
+                        lba + i,
+                        m.cur[(lba + i) as usize],
+                        decode(&data[(i as usize) * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES])
+                    );
+                }
+            }
+            80..=85 => {
+                let len = 1 + rng.below(32);
+                let lba = rng.below(n - len + 1);
+                let kind = if rng.below(2) == 0 { IoKind::Unmap } else { IoKind::WriteZeroes };
+                h.cmd(kind, lba, len);
+                for i in 0..len {
+                    m.set(lba + i, 0);
+                }
+            }
+            86..=96 => {
+                h.cmd(IoKind::Flush, 0, 0);
+                m.flush();
+            }
+            97 => {
+                if rng.below(6) == 0 {
+                    if debug {
+                        eprintln!("CRASH");
+                    }
+                    h.stop(true);
+                    h.start();
+                    check_all(&mut h, &mut m, true);
+                }
+            }
+            _ => {
+                if rng.below(10) == 0 {
+                    if debug {
+                        eprintln!("RESTART");
+                    }
+                    h.cmd(IoKind::Flush, 0, 0);
+                    m.flush();
+                    h.stop(false);
+                    h.start();
+                    check_all(&mut h, &mut m, false);
+                }
+            }
+        }
+    }
+    check_all(&mut h, &mut m, false);
+    assert!(written >= 5 * n, "seed {seed}: only {written} blocks written for {n} LBAs");
+    h.stop(false);
+    assert!(h.relocated > n, "seed {seed}: only {} blocks relocated", h.relocated);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn model_random_ops_with_crashes_and_bad_chunks(seed in any::<u64>()) {
+        model_run(seed, 3000);
+    }
+}
+
+#[test]
+fn flushed_unmap_survives_a_crash() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("trim"));
+    h.write(10, &[5, 6, 7, 8]);
+    h.cmd(IoKind::Flush, 0, 0);
+    h.cmd(IoKind::Unmap, 11, 2);
+    h.cmd(IoKind::Flush, 0, 0);
+    h.stop(true);
+    h.start();
+    let d = h.read(10, 4).expect("read");
+    assert_eq!(decode(&d[0..BLOCK_BYTES]), Some((10, 5)));
+    assert!(d[BLOCK_BYTES..3 * BLOCK_BYTES].iter().all(|b| *b == 0), "unmapped blocks came back");
+    assert_eq!(decode(&d[3 * BLOCK_BYTES..]), Some((13, 8)));
+    h.stop(false);
+}
+
+#[test]
+fn clean_restart_keeps_everything_and_stats_have_the_keys() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("clean"));
+    for i in 0..50 {
+        h.write(i * 3, &[i + 1]);
+    }
+    let s = h.stats();
+    for k in [
+        "user_write_blocks",
+        "media_write_blocks",
+        "waf",
+        "limit_hits",
+        "bands_free",
+        "bands_open",
+        "bands_closed",
+        "relocated_blocks",
+    ] {
+        assert!(s.get(k).is_some(), "missing {k} in {s}");
+    }
+    assert_eq!(s["user_write_blocks"], 50);
+    h.stop(false);
+    h.start();
+    for i in 0..50 {
+        assert_eq!(decode(&h.read(i * 3, 1).expect("read")), Some((i * 3, i + 1)));
+    }
+    h.stop(false);
+}
+
+#[test]
+fn flush_completes_without_further_io_and_background_writes_progress() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("bg"));
+    h.write(1, &[9]);
+    // A lone flush with a partial stripe completes (the core pads it) with no other I/O.
+    h.ch().submit(BdevIo::no_data(IoKind::Flush, 0, 0, 7));
+    let done = drive(h.ch());
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].result, Ok(()));
+    h.stop(true);
+    h.start();
+    assert_eq!(decode(&h.read(1, 1).expect("read")), Some((1, 9)));
+    h.stop(false);
+}
+
+#[test]
+fn read_error_is_an_io_error_and_write_failure_moves_data() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
+    let mut h = Harness::new(media, FtlConfig::new("faults"));
+    h.write(0, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    h.cmd(IoKind::Flush, 0, 0);
+    // Find where lba 3 lives and arm an ECC error there.
+    let addr = match h.bdev.as_ref().expect("bdev").shared().l2p.get(3) {
+        Loc::Media(a) => a,
+        other => panic!("lba 3 not on media: {other:?}"),
+    };
+    let ppa = h.bdev.as_ref().expect("bdev").shared().geo.ppa_of(addr);
+    emu.inject(Fault::ReadError { ppa, kind: ReadErrorKind::Unrecoverable }).expect("inject");
+    assert!(matches!(h.read(3, 1), Err(IoError::Media(_))), "a read error must reach the user");
+    assert!(matches!(h.read(0, 8), Err(IoError::Media(_))));
+    assert_eq!(decode(&h.read(2, 1).expect("neighbour")), Some((2, 3)));
+    // Arm a write failure on every PU of the next writes' band: data must still land correctly.
+    let geo = h.bdev.as_ref().expect("bdev").shared().geo.clone();
+    let open = lock(&h.bdev.as_ref().expect("bdev").shared().core).open.expect("open band");
+    for i in 0..geo.pus.len() {
+        for lbk in 8..16 {
+            let _ = emu.inject(Fault::WriteFail(geo.chunk(open, i).with_lbk(lbk)));
+        }
+    }
+    for r in 0..8u64 {
+        h.write(100 + r * 8, &[10 + r, 11 + r, 12 + r, 13 + r, 14 + r, 15 + r, 16 + r, 17 + r]);
+    }
+    h.cmd(IoKind::Flush, 0, 0);
+    let s = h.stats();
+    assert!(s["write_failures"].as_u64().unwrap_or(0) > 0, "no write failure seen: {s}");
+    assert!(s["retired_chunks"].as_u64().unwrap_or(0) > 0, "{s}");
+    for r in 0..8u64 {
+        let d = h.read(100 + r * 8, 8).expect("read");
+        for k in 0..8u64 {
+            assert_eq!(
+                decode(&d[(k as usize) * BLOCK_BYTES..(k as usize + 1) * BLOCK_BYTES]),
+                Some((100 + r * 8 + k, 10 + r + k))
+            );
+        }
+    }
+    h.stop(true);
+    h.start();
+    for r in 0..8u64 {
+        assert_eq!(decode(&h.read(100 + r * 8, 1).expect("read")), Some((100 + r * 8, 10 + r)));
+    }
+    h.stop(false);
+}
+
+fn image_sum(p: &Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(p).expect("read image"))
+}
+
+/// Corrupts one block of an area region on the image (via the emulator layout: data offset of
+/// the block, found by reading the area through the device).
+fn corrupt_region(dir: &Path, area_band: u32, region: layout::RegionId) {
+    let path = dir.join("media.img");
+    let dev = EmuDevice::open(&path).expect("open");
+    let media: Arc<dyn MediaDevice> = Arc::new(dev);
+    let mut cfg = FtlConfig::new("x");
+    cfg.pu_end = None;
+    let geo = geo_for(media.as_ref(), &cfg).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let k = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load").md_bands;
+    let first = if area_band == 0 { 0 } else { k };
+    let ck = md::read_area(media.as_ref(), qp.as_mut(), &geo, first, k).expect("area");
+    let block = u64::from(ck.sb.region_offsets[region as usize]);
+    // Area blocks are chunk-major over online chunks.
+    let chunks: Vec<usize> = md::online_chunks(media.as_ref(), &geo, first);
+    let chunk = geo.chunk(first, chunks[(block / geo.clba) as usize]).with_lbk(block % geo.clba);
+    let info = *media.info();
+    drop(qp);
+    drop(media);
+    let summary = EmuDevice::inspect(&path).expect("inspect");
+    let idx = info.chunk_index(&chunk).expect("index");
+    let off = summary.layout.data_offset + (idx * u64::from(info.geometry.clba) + chunk.lbk) * 4096 + 40;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open image");
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, off).expect("read");
+    b[0] ^= 0x5a;
+    std::os::unix::fs::FileExt::write_all_at(&f, &b, off).expect("write");
+}
+
+#[test]
+fn metadata_primary_corruption_uses_mirror_and_repairs_both_corrupt_fails_untouched() {
+    for region in layout::REGIONS {
+        let dir = tempfile::tempdir().expect("tmp");
+        let g = geometry(20, 32);
+        {
+            let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), g, vec![]));
+            let mut h = Harness::new(media, FtlConfig::new("md"));
+            h.write(5, &[42, 43]);
+            h.cmd(IoKind::Flush, 0, 0);
+            h.stop(false);
+        }
+        corrupt_region(dir.path(), 0, region);
+        {
+            let media: Arc<dyn MediaDevice> =
+                Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+            let mut qp = media.queue_pair(4).expect("qp");
+            let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+            let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("mirror");
+            assert!(l.primary_bad.is_some(), "{region:?}: corrupt primary not detected");
+            drop(qp);
+            let mut h = Harness::new(media, FtlConfig::new("md"));
+            assert_eq!(decode(&h.read(6, 1).expect("read")), Some((6, 43)), "{region:?}");
+            h.stop(false);
+        }
+        {
+            // Repaired: the primary loads on its own again.
+            let media: Arc<dyn MediaDevice> =
+                Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+            let mut qp = media.queue_pair(4).expect("qp");
+            let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+            assert!(
+                md::load(media.as_ref(), qp.as_mut(), &geo).expect("load").primary_bad.is_none(),
+                "{region:?}: not repaired"
+            );
+        }
+        // Both copies corrupt: a clear error and an untouched image.
+        corrupt_region(dir.path(), 0, region);
+        corrupt_region(dir.path(), 1, region);
+        let path = dir.path().join("media.img");
+        let before = image_sum(&path);
+        let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&path).expect("open"));
+        let e = FtlBdev::open(FtlConfig::new("md"), media).err().expect("must fail");
+        assert!(e.to_string().contains("both metadata copies"), "{region:?}: {e}");
+        assert_eq!(image_sum(&path), before, "{region:?}: image modified");
+    }
+}
+
+#[test]
+fn config_rules_name_the_option() {
+    type Tweak = Box<dyn Fn(&mut FtlConfig)>;
+    let cases: Vec<(Tweak, &str)> = vec![
+        (Box::new(|c| c.invalid_thld = 100), "invalid-thld"),
+        (Box::new(|c| c.lba_rsvd = 0), "lba-rsvd"),
+        (Box::new(|c| c.lba_rsvd = 100), "lba-rsvd"),
+        (Box::new(|c| c.wbuf_bytes = 0), "wbuf"),
+        (Box::new(|c| c.wbuf_bytes = 6000), "wbuf"),
+        (Box::new(|c| c.limits[1] = Limit { thld: 10, pct: 101 }), "limits"),
+        (Box::new(|c| c.interleave_units = 3), "interleave"),
+        (Box::new(|c| c.pu_begin = 9), "punits"),
+    ];
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    for (f, want) in cases {
+        let mut c = FtlConfig::new("cfg");
+        f(&mut c);
+        let e = FtlBdev::open(c, Arc::clone(&media)).err().expect("refused");
+        assert!(e.to_string().starts_with(want), "'{e}' does not name {want}");
+    }
+    // Overlapping ranges on one device; modes.
+    let mut a = FtlConfig::new("a");
+    a.pu_end = Some(1);
+    let fa = FtlBdev::open(a.clone(), Arc::clone(&media)).expect("a");
+    let mut b = FtlConfig::new("b");
+    b.pu_begin = 1;
+    let e = FtlBdev::open(b, Arc::clone(&media)).err().expect("overlap");
+    assert!(e.to_string().contains("overlaps"), "{e}");
+    drop(fa);
+    let mut c = a.clone();
+    c.mode = Mode::Create;
+    let e = FtlBdev::open(c.clone(), Arc::clone(&media)).err().expect("create over existing");
+    assert!(e.to_string().starts_with("mode"), "{e}");
+    c.force = true;
+    drop(FtlBdev::open(c, Arc::clone(&media)).expect("forced create"));
+    let mut r = FtlConfig::new("r");
+    r.pu_begin = 2;
+    r.mode = Mode::Restore;
+    let e = FtlBdev::open(r, Arc::clone(&media)).err().expect("restore of nothing");
+    assert!(e.to_string().starts_with("mode"), "{e}");
+    let mut u = a;
+    u.uuid = Some([9; 16]);
+    let e = FtlBdev::open(u, media).err().expect("uuid");
+    assert!(e.to_string().starts_with("uuid"), "{e}");
+}
+
+#[test]
+fn limits_scale_with_bands() {
+    let base = FtlConfig::new("x").limits;
+    let l = core::scale_limits(&base, 1024, 200);
+    assert_eq!(l.iter().map(|x| x.thld).collect::<Vec<_>>(), vec![20, 40, 80, 160]);
+    let l = core::scale_limits(&base, 18, 5);
+    assert!(l.iter().all(|x| (1..=4).contains(&x.thld)), "{l:?}");
+}
+
+#[test]
+#[ignore]
+fn model_debug_seed() {
+    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    model_run(seed, 3000);
+}
+
+#[test]
+fn two_channels_on_two_threads_write_and_read_concurrently() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(24, 64), vec![]));
+    let mut cfg = FtlConfig::new("mq");
+    cfg.wbuf_bytes = 256 << 10;
+    cfg.lba_rsvd = 30;
+    let bdev = Arc::new(FtlBdev::open(cfg, media).expect("open"));
+    let reg = Registry::new();
+    reg.register(bdev.clone()).expect("register");
+    let n = bdev.info().num_blocks;
+    let half = n / 2;
+    let handles: Vec<_> = (0..2u64)
+        .map(|t| {
+            let desc = reg.open("mq", true).expect("desc");
+            std::thread::spawn(move || {
+                let mut ch = desc.channel().expect("channel");
+                let base = t * half;
+                let mut rng = Rng(t + 7);
+                let mut cur = vec![0u64; half as usize];
+                // Several times this thread's half: relocation runs under both writers.
+                for round in 1..=(4 * half) {
+                    let lba = rng.below(half);
+                    let ver = round * 2 + t;
+                    let r = run(
+                        &mut ch,
+                        vec![BdevIo::write(base + lba, 1, IoVecs::from_slice(&block(base + lba, ver)), 1)],
+                    );
+                    assert_eq!(r[&1], Ok(()));
+                    cur[lba as usize] = ver;
+                    if round % 5 == 0 {
+                        let probe = rng.below(half);
+                        let bufs = IoVecs::alloc(BLOCK_BYTES);
+                        let view = bufs.slice(0, BLOCK_BYTES as u64).expect("view");
+                        let r = run(&mut ch, vec![BdevIo::read(base + probe, 1, view, 2)]);
+                        assert_eq!(r[&2], Ok(()));
+                        assert_eq!(
+                            bufs.to_vec(),
+                            block(base + probe, cur[probe as usize]),
+                            "thread {t} lba {}",
+                            base + probe
+                        );
+                    }
+                }
+                drop(ch);
+                drop(desc);
+                cur
+            })
+        })
+        .collect();
+    let wd = bdev.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(15));
+        if std::env::var("FTL_DEBUG").is_ok() {
+            let sh = wd.shared();
+            let c = lock(&sh.core);
+            eprintln!("WATCHDOG open {:?} next {:?} relocs {:?} wbuf head {} taken {} tail {} user {} limit {} level {:?} gate {} flushes {}",
+                c.open, c.next, c.relocs, c.wbuf.head, c.wbuf.taken, c.wbuf.tail, c.wbuf.user, c.user_limit, c.level, c.gate, c.flushes.len());
+            for b in &c.bands {
+                eprintln!(
+                    "  band {} {:?} valid {} written {} pending {} next_pos {} good {:?}",
+                    b.id, b.state, b.valid, b.written, b.reloc_pending, b.next_pos, b.good
+                );
+            }
+        }
+    });
+    let results: Vec<Vec<u64>> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    let desc = reg.open("mq", true).expect("desc");
+    let mut ch = desc.channel().expect("channel");
+    for (t, cur) in results.iter().enumerate() {
+        for (i, v) in cur.iter().enumerate() {
+            let lba = t as u64 * half + i as u64;
+            let bufs = IoVecs::alloc(BLOCK_BYTES);
+            let view = bufs.slice(0, BLOCK_BYTES as u64).expect("view");
+            assert_eq!(run(&mut ch, vec![BdevIo::read(lba, 1, view, 3)])[&3], Ok(()));
+            assert_eq!(bufs.to_vec(), block(lba, *v), "lba {lba}");
+        }
+    }
+    let s = bdev.module_stats().expect("stats");
+    assert!(s["relocated_blocks"].as_u64().unwrap_or(0) > 0, "{s}");
+    drop(ch);
+    drop(desc);
+    let b = reg.unregister("mq").expect("unregister");
+    b.shutdown().expect("shutdown");
+}
+
+#[test]
+fn relocation_progresses_without_io() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("idle");
+    cfg.lba_rsvd = 40;
+    cfg.wbuf_bytes = 64 << 10;
+    let mut h = Harness::new(media, cfg);
+    let n = h.num_lbas();
+    let mut rng = Rng(99);
+    // Overwrite until free bands are at or below the START threshold (relocation active).
+    let mut i = 0u64;
+    loop {
+        let lba = rng.below(n);
+        i += 1;
+        h.write(lba, &[i]);
+        if i % 64 == 0 && h.stats()["current_limit"].is_string() {
+            break;
+        }
+        assert!(i < 50 * n, "free bands never reached the START limit: {}", h.stats());
+    }
+    let before = h.stats()["relocated_blocks"].as_u64().unwrap_or(0);
+    // No I/O at all: the core thread keeps relocating until enough bands are free.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = h.stats();
+        if s["relocated_blocks"].as_u64().unwrap_or(0) > before && s["current_limit"].is_null() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "relocation stalled without I/O: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    h.stop(false);
+}
+
+#[test]
+fn dirty_restore_reads_closed_bands_from_their_tail() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("tail"));
+    let n = h.num_lbas();
+    // Several bands' worth (a band holds 123 data blocks here).
+    for lba in 0..n.min(600) {
+        h.write(lba, &[lba + 1]);
+    }
+    h.cmd(IoKind::Flush, 0, 0);
+    h.stop(true);
+    h.start();
+    let s = h.stats();
+    assert!(s["restore_tail_bands"].as_u64().unwrap_or(0) >= 3, "{s}");
+    assert!(s["restore_oob_bands"].as_u64().unwrap_or(9) <= 1, "{s}");
+    for lba in 0..n.min(600) {
+        assert_eq!(decode(&h.read(lba, 1).expect("read")), Some((lba, lba + 1)));
+    }
+    h.stop(false);
+}

@@ -21,7 +21,8 @@
 //! # Methods
 //! `bdev-list`, `bdev-stats [name]`, `bdev-add <--bdev keys>`, `bdev-remove name`, `export-list`,
 //! `export-add <--export keys>`, `export-remove socket|bdev`, `qos-set name iops bps`, `bdev-reset name`,
-//! `log-level level`.
+//! `log-level level`, `ftl-info name`, `cache-stats name`, `cache-mode-set name mode`,
+//! `cache-flush name`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -318,7 +319,33 @@ pub const METHODS: &[&str] = &[
     "qos-set",
     "bdev-reset",
     "log-level",
+    "ftl-info",
+    "cache-stats",
+    "cache-mode-set",
+    "cache-flush",
 ];
+
+/// The bdev `name` if it is of `module`, else a parameter error naming it.
+fn module_bdev(
+    reg: &crate::bdev::Registry,
+    name: &str,
+    module: &str,
+) -> Result<std::sync::Arc<dyn crate::bdev::Bdev>, RpcError> {
+    let b = reg.get(name).ok_or_else(|| RpcError::params(format!("name: no bdev named '{name}'")))?;
+    if b.info().module != module {
+        return Err(RpcError::params(format!(
+            "name: bdev '{name}' is a {} bdev, not {module}",
+            b.info().module
+        )));
+    }
+    Ok(b)
+}
+
+fn cache_of(b: &dyn crate::bdev::Bdev) -> Result<&crate::cache::CacheBdev, RpcError> {
+    b.as_any()
+        .and_then(|a| a.downcast_ref::<crate::cache::CacheBdev>())
+        .ok_or_else(|| RpcError { code: SERVER_ERROR, message: "not a cache bdev".into() })
+}
 
 fn dispatch(method: &str, map: BTreeMap<String, String>, daemon: &Daemon) -> Result<Value, RpcError> {
     let Some(&name) = METHODS.iter().find(|m| **m == method) else {
@@ -467,6 +494,42 @@ fn dispatch(method: &str, map: BTreeMap<String, String>, daemon: &Daemon) -> Res
             })?;
             log::set_max_level(level);
             Ok(json!({"level": level.to_string().to_lowercase()}))
+        }
+        "ftl-info" | "cache-stats" => {
+            let n = p.required("name")?;
+            p.finish()?;
+            let module = if name == "ftl-info" { "ftl" } else { "cache" };
+            let b = module_bdev(reg, &n, module)?;
+            let i = b.info();
+            let mut v = json!({
+                "name": i.name, "uuid": uuid_string(&i.uuid), "block_size": i.block_size,
+                "num_blocks": i.num_blocks,
+            });
+            if let (Some(o), Some(serde_json::Value::Object(m))) = (v.as_object_mut(), b.module_stats()) {
+                o.extend(m);
+            }
+            Ok(v)
+        }
+        "cache-mode-set" => {
+            let n = p.required("name")?;
+            let m = p.required("mode")?;
+            p.finish()?;
+            let mode = crate::cache::Mode::parse(&m)
+                .ok_or_else(|| RpcError::params(format!("mode={m} must be one of wt, wb, wa, pt, wi, wo")))?;
+            let b = module_bdev(reg, &n, "cache")?;
+            cache_of(b.as_ref())?
+                .set_mode(mode)
+                .map_err(|e| RpcError { code: SERVER_ERROR, message: e.to_string() })?;
+            Ok(json!({"name": n, "mode": mode.as_str()}))
+        }
+        "cache-flush" => {
+            let n = p.required("name")?;
+            p.finish()?;
+            let b = module_bdev(reg, &n, "cache")?;
+            cache_of(b.as_ref())?
+                .clean_all()
+                .map_err(|e| RpcError { code: SERVER_ERROR, message: e.to_string() })?;
+            Ok(json!({"flushed": n}))
         }
         _ => Err(RpcError { code: METHOD_NOT_FOUND, message: format!("unknown method '{method}'") }),
     }

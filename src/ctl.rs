@@ -48,7 +48,8 @@ impl CtlError {
 /// The key a bare value stands for, per method.
 fn main_key(method: &str, value: &str) -> Option<&'static str> {
     match method {
-        "bdev-stats" | "bdev-remove" | "qos-set" | "bdev-reset" => Some("name"),
+        "bdev-stats" | "bdev-remove" | "qos-set" | "bdev-reset" | "ftl-info" | "cache-stats"
+        | "cache-mode-set" | "cache-flush" => Some("name"),
         "log-level" => Some("level"),
         "export-remove" => Some(if value.contains('/') { "socket" } else { "bdev" }),
         _ => None,

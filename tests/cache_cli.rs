@@ -100,7 +100,7 @@ fn build_time_refusals_exit_with_the_reason() {
         args.push(format!("bdev=c0,socket={}", sock.display()));
         args
     };
-    // Shared cache, disagreeing mode and line size: refused with the reason, exit 1.
+    // Shared cache, disagreeing mode and line size: refused with the reason, exit 2 (a start-up error).
     let out = common::vblkd()
         .args(run(&[
             "driver=cache,name=c0,cache=cd,core=core0,mode=wb".into(),
@@ -109,7 +109,7 @@ fn build_time_refusals_exit_with_the_reason() {
         .output()
         .expect("run vblkd");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("--bdev name=c1")
             && err.contains("must agree")
@@ -126,7 +126,7 @@ fn build_time_refusals_exit_with_the_reason() {
         .output()
         .expect("run vblkd");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("another cache's metadata") && err.contains("load=off"), "{err}");
     assert_eq!(std::fs::read(dir.path().join("cache.img")).expect("image"), before, "device modified");
 }

@@ -487,3 +487,55 @@ fn bad_control_and_metrics_flags_name_the_flag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--control") && err.contains("in use"), "{err}");
 }
+
+#[test]
+fn ftl_and_cache_methods() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("d0.sock");
+    let ctl = Ctl { path: dir.path().join("c.ctl") };
+    let media = format!(
+        "driver=ocssd-emu,name=o0,path={},create=on,groups=2,pus=2,chunks=48,chunk-blocks=512",
+        dir.path().join("media.img").display()
+    );
+    let args: Vec<String> = [
+        "--log-level",
+        "warn",
+        "--control",
+        &ctl.path.display().to_string(),
+        "--bdev",
+        &media,
+        "--bdev",
+        "driver=ftl,name=ftl0,base=o0,size=32M",
+        "--bdev",
+        "driver=malloc,name=cd,size=16M",
+        "--bdev",
+        "driver=cache,name=d0,cache=cd,core=ftl0,mode=wb",
+        "--export",
+        &format!("bdev=d0,socket={},queues=1", sock.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _d = Daemon::start(&args, &sock);
+    let mut c = BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
+    for i in 0..8u64 {
+        assert_eq!(c.sync(0, |c, u| c.write(0, i * 4096, 0, 4096, u)).expect("write"), 0);
+    }
+    let f = ctl.ok(&["ftl-info", "ftl0"]);
+    for key in ["user_write_blocks", "media_write_blocks", "waf", "bands_free", "relocated_blocks"] {
+        assert!(f.get(key).is_some(), "ftl-info lacks {key}: {f}");
+    }
+    let s = ctl.ok(&["cache-stats", "d0"]);
+    assert_eq!(s["mode"], "wb", "{s}");
+    assert!(s["write_misses"].as_u64().unwrap_or(0) + s["write_hits"].as_u64().unwrap_or(0) >= 8, "{s}");
+    assert!(s["dirty_lines"].as_u64().unwrap_or(0) > 0, "write-back leaves dirty lines: {s}");
+    assert_eq!(ctl.ok(&["cache-flush", "d0"])["flushed"], "d0");
+    assert_eq!(ctl.ok(&["cache-stats", "d0"])["dirty_lines"], 0, "cache-flush cleans every line");
+    assert_eq!(ctl.ok(&["cache-mode-set", "d0", "mode=wt"])["mode"], "wt");
+    assert_eq!(ctl.ok(&["cache-stats", "d0"])["mode"], "wt");
+    ctl.err(&["cache-mode-set", "d0", "mode=fast"], "mode=fast");
+    ctl.err(&["ftl-info", "cd"], "is a malloc bdev, not ftl");
+    ctl.err(&["cache-flush", "ftl0"], "is a ftl bdev, not cache");
+    // Data still reads back after the mode switch.
+    assert_eq!(c.sync(0, |c, u| c.read(0, 0, 0, 4096, u)).expect("read"), 0);
+}

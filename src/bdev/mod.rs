@@ -329,6 +329,11 @@ pub trait Bdev: Send + Sync {
     fn module_stats(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The module object, for management calls specific to one module (the control socket's
+    /// `cache-mode-set`, ...). Modules without such calls keep the default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// A module's per-thread I/O channel. Never shared between threads while in use.

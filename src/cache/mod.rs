@@ -957,6 +957,10 @@ impl Bdev for CacheBdev {
         &self.info
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
         Ok(Box::new(engine::CacheChannel::new(self)?))
     }

@@ -42,8 +42,8 @@ tests_for() {
             echo "--lib --test vhost_frontend --test vhost_async --test vhost_blkio --test ops_gaps" ;;
         src/bdev/channel.rs | src/bdev/registry.rs) echo "--lib --test ops_registry -- bdev::" ;;
         src/ocssd/emu.rs) echo "--lib --test ocssd_emu --test ops_gaps" ;;
-        src/*ftl*) echo "--lib -- ftl" ;;
-        src/*cache*) echo "--lib -- cache" ;;
+        src/ftl/* | src/*ftl*) echo "--lib --test ftl_crash" ;;
+        src/cache/* | src/*cache*) echo "--lib --test cache_cli --test cache_crash" ;;
         *) echo "--lib" ;;
     esac
 }

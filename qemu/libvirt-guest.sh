@@ -180,12 +180,18 @@ cat >"$T/domain.xml" <<XML
   </devices>
 </domain>
 XML
-virsh -q define "$T/domain.xml" >/dev/null
+timeout 60 virsh -q define "$T/domain.xml" >/dev/null
 save_caps() {
     mkdir -p "$caps_cache.tmp.$$" && cp -a "$T/cache/qemu/capabilities/." "$caps_cache.tmp.$$/" &&
         rm -rf "$caps_cache" && mv "$caps_cache.tmp.$$" "$caps_cache" || rm -rf "$caps_cache.tmp.$$"
 }
-virsh -q start "$dom" >/dev/null || { tail -n 30 "$T"/log/qemu/*.log >&2 || true; die "virsh start failed"; }
+# With <reconnect>, QEMU retries a socket it cannot open (e.g. wrong group or mode) and `virsh start`
+# waits for minutes: bound it.
+timeout 120 virsh -q start "$dom" >/dev/null || {
+    tail -n 30 "$T"/log/qemu/*.log >&2 || true
+    ls -l "$sock" >&2 || true
+    die "virsh start failed or took over 120 s (can QEMU, as libvirt-qemu, open $sock?)"
+}
 qemu_user="$(ps -o user= -p "$(cat "$T/run/libvirt/qemu/$dom.pid")" 2>/dev/null || echo '?')"
 log "domain $dom started (QEMU runs as $qemu_user)"
 save_caps 2>/dev/null || true

@@ -21,7 +21,8 @@ export RUST_BACKTRACE=1
 cargo build --release --all-targets
 # Everything but the guest boots, then the guest boots with their workload times and fio figures shown.
 cargo test --release --all-targets -- --test-threads=2 --skip guest_malloc_ --skip guest_file_ --skip guest_rbd_ \
-    --skip guest_stack_ --skip guest_ftl_ --skip libvirt_guest_
+    --skip guest_stack_ --skip guest_ftl_ --skip guest_sees_ --skip libvirt_guest_
 cargo test --release --test guest_e2e -- --nocapture
+cargo test --release --test guest_restart -- --nocapture
 # libvirt (default non-root QEMU user) on vblkd, with vblkd restarted twice under a guest I/O loop.
 cargo test --release --test libvirt_guest -- --nocapture

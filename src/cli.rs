@@ -14,6 +14,7 @@
 //!   --bdev driver=ftl,name=ftl0,base=o0[,punits=B-E][,mode=auto|create|restore][,force=on][,uuid=U]
 //!          [,wbuf=6M][,lba-rsvd=20][,band-thld=90][,invalid-thld=10][,reloc-qdepth=32][,reloc-bands=3]
 //!          [,interleave=1][,size=BYTES][,nv-cache=BDEV]
+//!   --bdev driver=delay,name=d0,base=f0,read-us=N,write-us=N[,jitter-us=N]
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
@@ -197,6 +198,19 @@ pub enum BdevSpec {
         /// Non-volatile cache bdev (refused: not implemented).
         nv_cache: Option<String>,
     },
+    /// Delays every completion of `base` (stacked; `base` is defined by an earlier `--bdev`).
+    Delay {
+        /// Name.
+        name: String,
+        /// Base bdev.
+        base: String,
+        /// Read delay, µs.
+        read_us: u64,
+        /// Write (and other kinds) delay, µs.
+        write_us: u64,
+        /// Jitter either way, µs.
+        jitter_us: u64,
+    },
 }
 
 impl BdevSpec {
@@ -210,6 +224,7 @@ impl BdevSpec {
             Self::Ftl { cfg, .. } => &cfg.name,
             Self::Rbd { name, .. } => name,
             Self::Cache(c) => &c.name,
+            Self::Delay { name, .. } => name,
         }
     }
 }
@@ -464,15 +479,31 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
         "cache" => BdevSpec::Cache(parse_cache(&mut keys, name)?),
         "ocssd-emu" => parse_ocssd_emu(&mut keys, name)?,
         "ftl" => parse_ftl(&mut keys, name)?,
-        other => {
-            return Err(err(
-                flag,
-                value,
-                format!(
-                    "unknown driver '{other}' (expected malloc, null, file, rbd, cache, ocssd-emu or ftl)"
-                ),
-            ))
+        "delay" => {
+            let base = keys.required("base")?;
+            let mut us = |key: &str, required: bool| -> Result<u64, CliError> {
+                let v: Option<u64> = keys.number(key)?;
+                match v {
+                    Some(v) if v > 60_000_000 => {
+                        Err(err(flag, value, format!("{key}={v} is above 60000000 (60 s)")))
+                    }
+                    Some(v) => Ok(v),
+                    None if required => Err(err(flag, value, format!("missing required key '{key}'"))),
+                    None => Ok(0),
+                }
+            };
+            let read_us = us("read-us", true)?;
+            let write_us = us("write-us", true)?;
+            let jitter_us = us("jitter-us", false)?;
+            BdevSpec::Delay { name, base, read_us, write_us, jitter_us }
         }
+        other => return Err(err(
+            flag,
+            value,
+            format!(
+                "unknown driver '{other}' (expected malloc, null, file, rbd, cache, delay, ocssd-emu or ftl)"
+            ),
+        )),
     };
     keys.finish()?;
     Ok(spec)
@@ -775,6 +806,15 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
                     ));
                 }
             }
+            if let BdevSpec::Delay { base, .. } = &spec {
+                if !names.contains(base) {
+                    return Err(err(
+                        "--bdev",
+                        v,
+                        format!("base '{base}' is not defined by an earlier --bdev"),
+                    ));
+                }
+            }
             if !names.insert(spec.name().to_string()) {
                 return Err(err("--bdev", v, format!("duplicate bdev name '{}'", spec.name())));
             }
@@ -1010,6 +1050,65 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(want), "{argv:?}: '{msg}' lacks '{want}'");
             assert!(msg.starts_with("--"), "{argv:?}: '{msg}' does not name the flag");
+        }
+    }
+
+    #[test]
+    fn delay_bdev_flags() {
+        let c = build_config(&args(&[
+            "--bdev",
+            "driver=malloc,name=m0,size=64M",
+            "--bdev",
+            "driver=delay,name=d0,base=m0,read-us=100,write-us=250,jitter-us=50",
+            "--export",
+            "bdev=d0,socket=/tmp/s",
+        ]))
+        .expect("config");
+        assert_eq!(
+            c.bdevs[1],
+            BdevSpec::Delay {
+                name: "d0".into(),
+                base: "m0".into(),
+                read_us: 100,
+                write_us: 250,
+                jitter_us: 50
+            }
+        );
+        let bad: &[(&[&str], &str)] = &[
+            (&["--bdev", "driver=delay,name=d0,base=m0,read-us=1,write-us=1"], "not defined by an earlier"),
+            (
+                &[
+                    "--bdev",
+                    "driver=malloc,name=m0,size=1M",
+                    "--bdev",
+                    "driver=delay,name=d0,base=m0,read-us=1",
+                ],
+                "write-us",
+            ),
+            (
+                &[
+                    "--bdev",
+                    "driver=malloc,name=m0,size=1M",
+                    "--bdev",
+                    "driver=delay,name=d0,base=m0,read-us=x,write-us=1",
+                ],
+                "read-us",
+            ),
+            (
+                &[
+                    "--bdev",
+                    "driver=malloc,name=m0,size=1M",
+                    "--bdev",
+                    "driver=delay,name=d0,base=m0,read-us=99999999999,write-us=1",
+                ],
+                "above",
+            ),
+        ];
+        for (argv, want) in bad {
+            let mut v = argv.to_vec();
+            v.extend(["--export", "bdev=m0,socket=/s"]);
+            let msg = build_config(&args(&v)).expect_err("must fail").to_string();
+            assert!(msg.contains(want) && msg.starts_with("--bdev"), "{argv:?}: '{msg}' lacks '{want}'");
         }
     }
 }

@@ -152,6 +152,18 @@ pub fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>,
             })?;
             Arc::new(crate::ftl::FtlBdev::open(cfg.clone(), media).map_err(|e| flag(&e))?)
         }
+        BdevSpec::Delay { name, base, read_us, write_us, jitter_us } => {
+            use crate::bdev::delay::{DelayBdev, DelayOptions};
+            use std::time::Duration;
+            let opts = DelayOptions {
+                name: name.clone(),
+                base: base.clone(),
+                read: Duration::from_micros(*read_us),
+                write: Duration::from_micros(*write_us),
+                jitter: Duration::from_micros(*jitter_us),
+            };
+            Arc::new(DelayBdev::new(opts, registry).map_err(|e| flag(&e))?)
+        }
         BdevSpec::Rbd { name, cfg } => {
             Arc::new(crate::bdev::rbd::RbdBdev::open(name, cfg).map_err(|e| flag(&e))?)
         }

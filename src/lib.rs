@@ -12,6 +12,8 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod ftl;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod ocssd;
 pub mod tagmap;

@@ -174,8 +174,8 @@ fn negotiation_and_config_space() {
     acked(&mut f, |f| f.set_config(32, VhostUserConfigFlags::empty(), &[1])).expect("wce");
     assert_eq!(config(&mut f)[32], 1);
     drop(f);
-    // A refused message ends the connection (vhost-user-backend closes it on any handler error);
-    // the export goes back to listening, so each refusal gets a fresh frontend.
+    // Each refusal on a fresh frontend (a refused message keeps the connection since the front door;
+    // `tests/hostile_ring.rs` checks that).
     for (offset, buf) in [(32u32, vec![2u8]), (0, vec![0; 8]), (20, vec![0; 4]), (33, vec![1])] {
         let (mut f, _) = negotiate(&ex.sock);
         let r = acked(&mut f, |f| f.set_config(offset, VhostUserConfigFlags::empty(), &buf));
@@ -202,7 +202,7 @@ fn memory_region_past_end_of_file_is_refused() {
     let r = acked(&mut f, |f| f.set_mem_table(&[region]));
     assert!(r.is_err(), "a region larger than its file must be refused");
     drop(f);
-    // Offset pushing the region past the end (new connection: a refusal closes the old one).
+    // Offset pushing the region past the end.
     let (mut f, _) = negotiate(&ex.sock);
     let region = VhostUserMemoryRegionInfo { memory_size: MEM as u64, mmap_offset: 4096, ..region };
     assert!(acked(&mut f, |f| f.set_mem_table(&[region])).is_err());

@@ -23,6 +23,7 @@
 //! No shared backpressure queue between bdevs on one underlying channel, no internal buffer pools.
 
 pub mod channel;
+pub mod delay;
 pub mod file;
 mod file_inline;
 pub mod iov;

@@ -124,7 +124,11 @@ fn write_pat(ch: &mut Channel, off: u64, n: u64, bs: u64, seed: u8, scatter: boo
 
 /// The shared suite: every data-storing bdev must pass it.
 pub(crate) fn conformance(bdev: Arc<dyn Bdev>) {
-    let reg = Registry::new();
+    conformance_with(Registry::new(), bdev)
+}
+
+/// The suite on a registry that already holds what `bdev` stacks on (delay, FTL, cache).
+pub(crate) fn conformance_with(reg: Registry, bdev: Arc<dyn Bdev>) {
     let name = bdev.info().name.clone();
     reg.register(bdev).expect("register");
     let desc = reg.open(&name, true).expect("open");

@@ -14,9 +14,9 @@
 //! * `set_config` accepts only the `wce` byte.
 //!
 //! # Limitations
-//! * No dirty-page logging (`LOG_SHMFD` not offered) and no `INFLIGHT_SHMFD` yet.
-//! * Between vhost-user-backend installing a new memory table and `update_memory` refusing it there
-//!   is a short window in which a running worker could touch the new (unchecked) mapping.
+//! * No dirty-page logging (`LOG_SHMFD` not offered).
+//! * `update_memory`'s own check is a second line: the front door ([`super::frontdoor`]) refuses a
+//!   bad table before vhost-user-backend installs it, so no worker ever sees an unchecked table.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -32,6 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use super::config::{BlkConfig, WCE_OFFSET};
+use super::inflight::InflightRegion;
 use super::poller::{Gm, PollCtx, Vring, Worker};
 use super::request::{GuestMem, ID_BYTES};
 use crate::bdev::Descriptor;
@@ -50,7 +51,11 @@ pub struct BlkInner {
     mem: Mutex<Option<Gm>>,
     epoll_fds: Mutex<Vec<RawFd>>,
     workers: Vec<Mutex<Worker>>,
+    inflight: InflightSlot,
 }
+
+/// The connection's in-flight table, set by the front door (GET/SET_INFLIGHT_FD).
+pub type InflightSlot = Arc<Mutex<Option<Arc<InflightRegion>>>>;
 
 /// The backend object handed to `VhostUserDaemon` (cheap to clone).
 #[derive(Clone)]
@@ -81,6 +86,7 @@ impl BlkBackend {
                 mem: Mutex::new(None),
                 epoll_fds: Mutex::new(Vec::new()),
                 workers,
+                inflight: Arc::new(Mutex::new(None)),
             }),
         }
     }
@@ -104,7 +110,14 @@ impl BlkBackend {
             poll: self.inner.poll,
             epoll_fd: lock(&self.inner.epoll_fds).get(thread).copied(),
             completion_event: self.completion_event(),
+            queue: u16::try_from(thread).unwrap_or(u16::MAX),
+            inflight: lock(&self.inner.inflight).clone(),
         }
+    }
+
+    /// The slot the front door puts the connection's in-flight table in.
+    pub fn inflight_slot(&self) -> InflightSlot {
+        self.inner.inflight.clone()
     }
 
     /// Epoll data value of the completion fd event (above `num_queues`, which is reserved).

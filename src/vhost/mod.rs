@@ -9,9 +9,13 @@
 //!
 //! Entry point for the daemon: [`serve`] with an [`ExportConfig`] and a stop [`EventFd`].
 
+pub mod chain;
 pub mod config;
 pub mod device;
+pub mod frontdoor;
+pub mod inflight;
 pub mod poller;
+pub mod ratelimit;
 pub mod request;
 pub mod server;
 pub mod socket;

@@ -15,6 +15,20 @@
 //! With `wce = 0` (write-through selected by the driver) on a bdev with a volatile cache, a write is
 //! followed by a flush before it is reported.
 //!
+//! # The avail ring is untrusted (virtio 1.2 §2.7, QEMU `virtqueue_num_heads`/`virtqueue_get_head`)
+//! Before popping, the worker reads the avail index itself: an index more than the queue size ahead
+//! of what was consumed, a head index outside the queue, or an avail ring that cannot be read marks
+//! the queue **broken**: logged once, never processed again (no descriptor is read, no used element
+//! written, no spinning) until the frontend stops the ring (`GET_VRING_BASE` → [`Worker::drain`]) or
+//! re-initialises it with other addresses or size. Other queues and the vhost-user socket are not
+//! affected: the worker returns at once, so its mutex is free for `stop_vring`. Per-request warnings
+//! go through a per-queue [`RateLimit`].
+//!
+//! virtio-queue 0.18 on its own refuses to pop when the index runs ahead (its `AvailIter::new`), while
+//! `enable_notification` keeps reporting "new work": the poller used to spin forever holding this
+//! worker's mutex, and `GET_VRING_BASE` (which drains through that mutex while holding the
+//! vhost-user handler lock) then blocked the whole connection.
+//!
 //! # Limitations
 //! * A bdev channel without a `wait_fd` that has I/O outstanding keeps the worker polling
 //!   (yielding the CPU between polls) until that I/O completes.
@@ -25,12 +39,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
+use std::sync::atomic::Ordering;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
+use super::chain::ChainWalker;
 use super::config::BlkConfig;
+use super::inflight::InflightRegion;
+use super::ratelimit::RateLimit;
 use super::request::{write_id, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
 use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
 
@@ -58,6 +76,10 @@ pub struct PollCtx<'a> {
     pub epoll_fd: Option<RawFd>,
     /// Epoll data value for completion events.
     pub completion_event: u64,
+    /// This worker's queue index.
+    pub queue: u16,
+    /// The in-flight table (INFLIGHT_SHMFD), when the frontend set one up.
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 struct InFlight {
@@ -67,12 +89,92 @@ struct InFlight {
     flush_after: bool,
 }
 
+/// What identifies one set-up of a vring (a change means the frontend re-initialised it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RingKey {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    ready: bool,
+}
+
+/// Why a queue was marked broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// The avail index is more than the queue size ahead of the next chain to consume.
+    #[error("avail index {avail} is {ahead} entries ahead of the next one ({next}), more than the queue size {size}")]
+    IndexTooFarAhead {
+        /// Avail index read from the ring.
+        avail: u16,
+        /// Next avail index the device consumes.
+        next: u16,
+        /// Entries ahead.
+        ahead: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A head index in the avail ring is not below the queue size.
+    #[error("head index {head} in the avail ring is outside the queue (size {size})")]
+    HeadOutOfRange {
+        /// The head index.
+        head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// The avail ring could not be read.
+    #[error("the avail ring cannot be read")]
+    Unreadable,
+}
+
+/// How many chains the avail ring offers beyond what was consumed, checked as an untrusted ring
+/// must be (virtio 1.2 §2.7; QEMU `virtqueue_num_heads` / `virtqueue_get_head`): the index may run
+/// at most the queue size ahead, and the next head must lie inside the queue. Used by the poller
+/// before every pop (and fuzzed: `fuzz/`).
+pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError> {
+    let size = q.size();
+    let next = q.next_avail();
+    let avail = q.avail_idx(mem, Ordering::Acquire).map_err(|_| RingError::Unreadable)?.0;
+    if avail == next {
+        return Ok(0);
+    }
+    let ahead = avail.wrapping_sub(next);
+    if ahead > size {
+        return Err(RingError::IndexTooFarAhead { avail, next, ahead, size });
+    }
+    // The head of the next chain (virtio-queue does not check it against the queue size).
+    let slot = u64::from(next % size.max(1));
+    let head = GuestAddress(q.avail_ring())
+        .checked_add(4 + 2 * slot)
+        .and_then(|a| mem.read_obj::<u16>(a).ok())
+        .map(u16::from_le)
+        .ok_or(RingError::Unreadable)?;
+    if head >= size {
+        return Err(RingError::HeadOutOfRange { head, size });
+    }
+    Ok(ahead)
+}
+
 /// The state of one queue's poller.
 #[derive(Default)]
 pub struct Worker {
     channel: Option<Channel>,
     channel_failed: bool,
     invalid_logged: bool,
+    /// Last ring set-up checked with `is_valid` (with the memory it was checked against) and the result.
+    checked: Option<(RingKey, usize, bool)>,
+    /// The ring set-up that was found broken; nothing is processed while it stays in place.
+    broken: Option<RingKey>,
+    log: RateLimit,
+    /// In-flight table of this connection and this worker's queue index in it.
+    region: Option<Arc<InflightRegion>>,
+    queue: u16,
+    /// The ring start was handled (in-flight table initialised or recovered).
+    started: bool,
+    /// Next in-flight counter.
+    counter: u64,
+    /// Heads to resubmit (recovered from the in-flight table), in order.
+    resubmit: std::collections::VecDeque<u16>,
     vring: Option<Vring>,
     inflight: TagMap<InFlight>,
     next_tag: u64,
@@ -127,14 +229,50 @@ impl Worker {
         }
     }
 
+    /// True when the queue was marked broken and not re-initialised since.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    fn ring_key(vring: &Vring) -> RingKey {
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        RingKey {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+            ready: q.ready(),
+        }
+    }
+
     /// Processes the queue: busy-polls while there is work, then re-arms notifications and returns.
     pub fn run(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.log.flush("virtqueue");
+        let key = Self::ring_key(vring);
+        if let Some(b) = self.broken {
+            if b == key {
+                return;
+            }
+            // Re-initialised with another set-up: start afresh.
+            self.broken = None;
+        }
         // A ring that does not fit in guest memory (or whose size the frontend set to an invalid
-        // value, which virtio-queue ignores) is not processed at all.
-        if !vring.get_ref().get_queue().is_valid(&*mem.memory()) {
+        // value, which virtio-queue ignores) is not processed at all. `is_valid` logs on every call,
+        // so it runs once per ring set-up and memory table.
+        let mem_id = Arc::as_ptr(&mem.memory().into_inner()) as usize;
+        let valid = match self.checked {
+            Some((k, m, v)) if k == key && m == mem_id => v,
+            _ => {
+                let v = vring.get_ref().get_queue().is_valid(&*mem.memory());
+                self.checked = Some((key, mem_id, v));
+                v
+            }
+        };
+        if !valid {
             if !self.invalid_logged {
                 error!("virtqueue is not valid for the current guest memory; ignoring it");
                 self.invalid_logged = true;
@@ -142,6 +280,14 @@ impl Worker {
             return;
         }
         self.invalid_logged = false;
+        if !self.started {
+            self.started = true;
+            self.queue = ctx.queue;
+            self.region = ctx.inflight.clone();
+            if let Some(r) = self.region.clone() {
+                self.recover(&r, vring, mem);
+            }
+        }
         self.ensure_channel(ctx);
         let mut idle_since = Instant::now();
         if let Err(e) = vring.disable_notification() {
@@ -149,9 +295,13 @@ impl Worker {
         }
         loop {
             let snapshot: Arc<GuestMem> = mem.memory().into_inner();
-            let mut progress = self.pop_and_submit(ctx, vring, &snapshot);
+            let mut progress = self.pop_and_submit(ctx, vring, &snapshot, key);
             progress |= self.reap(vring, &snapshot);
             drop(snapshot);
+            if self.broken.is_some() && !self.busy() {
+                // Nothing more will be taken from this ring; in-flight requests were reaped.
+                return;
+            }
             if progress {
                 idle_since = Instant::now();
                 continue;
@@ -188,20 +338,129 @@ impl Worker {
         }
     }
 
+    /// Checks the avail ring before anything is popped: returns how many chains may be taken, or marks
+    /// the queue broken.
+    fn pending(&mut self, vring: &Vring, mem: &GuestMem, key: RingKey) -> u16 {
+        if self.broken.is_some() {
+            return 0;
+        }
+        let r = avail_pending(vring.get_ref().get_queue(), mem);
+        match r {
+            Ok(n) => n,
+            Err(e) => self.mark_broken(key, e),
+        }
+    }
+
+    /// At a ring start with an in-flight table: initialise it, or take up what a previous
+    /// incarnation left in flight (resubmitted before anything new is popped).
+    fn recover(&mut self, r: &InflightRegion, vring: &Vring, mem: &Gm) {
+        let used = match vring.get_ref().get_queue().used_idx(&*mem.memory(), Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                warn!("queue {}: cannot read the used index: {e}", self.queue);
+                return;
+            }
+        };
+        let rec = r.recover(self.queue, used);
+        if let Some(next) = rec.next_avail {
+            let mut g = vring.get_mut();
+            let q = g.get_queue_mut();
+            q.set_next_avail(next);
+            q.set_next_used(used);
+        }
+        self.counter = rec.next_counter;
+        if !rec.resubmit.is_empty() {
+            log::info!(
+                "queue {}: resubmitting {} requests left in flight (used idx {used})",
+                self.queue,
+                rec.resubmit.len()
+            );
+        }
+        self.resubmit = rec.resubmit.into();
+        if rec.next_avail.is_some() {
+            // The previous incarnation may have published used elements without signalling them:
+            // one interrupt now (spurious at worst) so the guest does not wait for it forever.
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("signal_used_queue: {e}");
+            }
+        }
+    }
+
+    fn mark_broken(&mut self, key: RingKey, why: RingError) -> u16 {
+        error!(
+            "virtqueue (desc {:#x}) marked broken: {why}; it is not processed until the frontend resets it",
+            key.desc
+        );
+        self.broken = Some(key);
+        0
+    }
+
     /// Pops every available chain, parses and submits it. Returns true when anything was popped.
-    fn pop_and_submit(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Arc<GuestMem>) -> bool {
+    fn pop_and_submit(
+        &mut self,
+        ctx: &PollCtx<'_>,
+        vring: &Vring,
+        mem: &Arc<GuestMem>,
+        key: RingKey,
+    ) -> bool {
         let mut any = false;
         let mut used = false;
         let keep = mem;
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-            let Some(chain) = chain else { break };
+        let inf = self.region.clone();
+        let inf = inf.as_deref().map(|r| (r, self.queue));
+        // Requests a previous incarnation left in flight go first, in their original order (they
+        // are still marked in flight; their heads are below the queue size by construction).
+        while let Some(head) = self.resubmit.pop_front() {
             any = true;
+            let walker = ChainWalker::new(mem, GuestAddress(key.desc), key.size, head);
+            match Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
+                Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
+                Err(bad) => {
+                    if self.log.allow("virtqueue") {
+                        warn!("bad resubmitted request (head {}): {}", bad.head, bad.error);
+                    }
+                    Self::finish(
+                        vring,
+                        mem,
+                        inf,
+                        &mut self.log,
+                        bad.head,
+                        bad.status_addr,
+                        bad.error.status(),
+                        1,
+                    );
+                    used = true;
+                }
+            }
+        }
+        // One chain at a time: each head is checked just before it is popped.
+        while self.pending(vring, mem, key) > 0 {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+            let Some(chain) = chain else {
+                self.mark_broken(key, RingError::Unreadable);
+                break;
+            };
+            any = true;
+            if let Some((r, q)) = inf {
+                r.get(q, chain.head_index(), self.counter);
+                self.counter = self.counter.wrapping_add(1);
+            }
             match Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
                 Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
                 Err(bad) => {
-                    warn!("bad request (head {}): {}", bad.head, bad.error);
-                    Self::finish(vring, mem, bad.head, bad.status_addr, bad.error.status(), 1);
+                    if self.log.allow("virtqueue") {
+                        warn!("bad request (head {}): {}", bad.head, bad.error);
+                    }
+                    Self::finish(
+                        vring,
+                        mem,
+                        inf,
+                        &mut self.log,
+                        bad.head,
+                        bad.status_addr,
+                        bad.error.status(),
+                        1,
+                    );
                     used = true;
                 }
             }
@@ -223,8 +482,11 @@ impl Worker {
     ) -> bool {
         let info = ctx.desc.info();
         let spb = u64::from(info.block_size.max(512)) / SECTOR_SIZE;
-        let immediate = |status: u8, used_len: u32| {
-            Self::finish(vring, mem, req.head, Some(req.status_addr), status, used_len);
+        let region = self.region.clone();
+        let inf = region.as_deref().map(|r| (r, self.queue));
+        let log = &mut self.log;
+        let mut immediate = |status: u8, used_len: u32| {
+            Self::finish(vring, mem, inf, log, req.head, Some(req.status_addr), status, used_len);
             true
         };
         let ok = VIRTIO_BLK_S_OK as u8;
@@ -279,6 +541,8 @@ impl Worker {
 
     /// Polls the channel and completes what finished. Returns true when anything completed.
     fn reap(&mut self, vring: &Vring, mem: &GuestMem) -> bool {
+        let region = self.region.clone();
+        let inf = region.as_deref().map(|r| (r, self.queue));
         let Some(ch) = self.channel.as_mut() else { return false };
         self.done.clear();
         if ch.poll(&mut self.done) == 0 {
@@ -296,16 +560,29 @@ impl Worker {
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, tag));
                 continue;
             }
-            Self::finish(vring, mem, f.head, Some(f.status_addr), io_status(c.result), f.used_len);
+            Self::finish(
+                vring,
+                mem,
+                inf,
+                &mut self.log,
+                f.head,
+                Some(f.status_addr),
+                io_status(c.result),
+                f.used_len,
+            );
         }
         Self::signal(vring);
         true
     }
 
-    /// The one completion path: status byte, used ring.
+    /// The one completion path: status byte, used ring, in-flight table (libvhost-user's order:
+    /// `last_batch_head`, used element and index, then the in-flight mark is cleared).
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         vring: &Vring,
         mem: &GuestMem,
+        inf: Option<(&InflightRegion, u16)>,
+        log: &mut RateLimit,
         head: u16,
         status_addr: Option<GuestAddress>,
         status: u8,
@@ -315,14 +592,28 @@ impl Worker {
             Some(addr) => match mem.write_obj(status, addr) {
                 Ok(()) => used_len,
                 Err(e) => {
-                    warn!("cannot write status of head {head}: {e}");
+                    if log.allow("virtqueue") {
+                        warn!("cannot write status of head {head}: {e}");
+                    }
                     0
                 }
             },
             None => 0,
         };
-        if let Err(e) = vring.add_used(head, used_len) {
-            warn!("add_used({head}): {e}");
+        if let Some((r, q)) = inf {
+            r.pre_put(q, head);
+        }
+        match vring.add_used(head, used_len) {
+            Ok(()) => {
+                if let Some((r, q)) = inf {
+                    r.post_put(q, head, vring.get_ref().get_queue().next_used());
+                }
+            }
+            Err(e) => {
+                if log.allow("virtqueue") {
+                    warn!("add_used({head}): {e}");
+                }
+            }
         }
     }
 
@@ -338,8 +629,12 @@ impl Worker {
         }
     }
 
-    /// Waits for every in-flight request and completes it (stop_vring, shutdown).
+    /// Waits for every in-flight request and completes it (stop_vring, shutdown). A stopped ring
+    /// starts afresh: a broken mark is cleared.
     pub fn drain(&mut self, mem: &Gm) {
+        self.broken = None;
+        self.checked = None;
+        self.started = false;
         let Some(vring) = self.vring.clone() else { return };
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.busy() {

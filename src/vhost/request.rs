@@ -248,6 +248,18 @@ impl Request {
         M::Target: GuestMemory,
     {
         let head = chain.head_index();
+        Self::parse_descs(head, chain, mem, capacity_sectors, limits)
+    }
+
+    /// [`Request::parse`] over any sequence of descriptors (a popped chain, or a chain walked again
+    /// from its head when an in-flight request is resubmitted).
+    pub fn parse_descs(
+        head: u16,
+        chain: impl IntoIterator<Item = Descriptor>,
+        mem: &GuestMem,
+        capacity_sectors: u64,
+        limits: &Limits,
+    ) -> Result<Request, BadRequest> {
         let fail = |error, status_addr| BadRequest { head, error, status_addr };
 
         // Keep the header, at most seg_max + 1 data descriptors, and always the last one.
@@ -344,6 +356,10 @@ impl Request {
             for &(addr, len) in &segments {
                 push_iovecs(mem, addr, len, &mut iovecs).map_err(fail_s)?;
             }
+        } else if segments.iter().any(|&(a, l)| !GuestMemoryBackend::check_range(mem, a, l as usize)) {
+            // Data a flush or discard never uses must still lie in guest memory (found by the
+            // chain_parser fuzz target: a flush with a data descriptor outside memory was accepted).
+            return Err(fail_s(ParseError::DataOutOfMemory));
         }
 
         let bs = u64::from(limits.block_size.max(512));

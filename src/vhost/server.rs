@@ -8,11 +8,16 @@
 //! ```
 //!
 //! # Design
-//! A fresh backend and daemon per connection keeps no state across frontends (no reconnection
-//! state is carried over; `INFLIGHT_SHMFD` is not implemented yet). The stop signal is an `EventFd`
+//! A fresh backend and daemon per connection keeps no state across frontends; what survives a
+//! restart lives in the frontend's in-flight table (`INFLIGHT_SHMFD`, [`super::inflight`]). The stop signal is an `EventFd`
 //! that the caller writes once; it is never read here, so one fd can stop several exports.
+//!
+//! The frontend's connection is accepted here and served by the front door
+//! ([`super::frontdoor::run_proxy`]); vhost-user-backend's daemon gets the other end of a socket on
+//! a private (0700, `mkdtemp`) path, which is removed as soon as the daemon has accepted it.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -27,7 +32,9 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::BlkConfig;
-use super::device::BlkBackend;
+use super::device::{BlkBackend, InflightSlot};
+use super::frontdoor::{run_proxy, FrontDoor, LocalHandler, Refusal};
+use super::inflight::InflightRegion;
 use super::request::GuestMem;
 use super::socket::{bind_listener, SocketError, SocketFile, SocketPerms};
 use crate::bdev::Descriptor;
@@ -189,11 +196,89 @@ fn wait_readable(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
     }
 }
 
+/// Answers GET/SET_INFLIGHT_FD and puts the table where the connection's workers find it.
+struct InflightHandler {
+    slot: InflightSlot,
+    num_queues: u16,
+}
+
+fn inflight_msg(body: &[u8]) -> (u64, u64, u16, u16) {
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&body[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u16_at = |i: usize| u16::from_le_bytes([body[i], body[i + 1]]);
+    (u64_at(0), u64_at(8), u16_at(16), u16_at(18))
+}
+
+impl LocalHandler for InflightHandler {
+    fn get_inflight_fd(&self, body: &[u8]) -> Result<(Vec<u8>, std::os::fd::OwnedFd), Refusal> {
+        let (_, _, num_queues, queue_size) = inflight_msg(body);
+        if num_queues > self.num_queues {
+            return Err(Refusal::Local(format!(
+                "GET_INFLIGHT_FD for {num_queues} queues; the export has {}",
+                self.num_queues
+            )));
+        }
+        let region =
+            InflightRegion::create(num_queues, queue_size).map_err(|e| Refusal::Local(e.to_string()))?;
+        let fd = region.fd().try_clone().map_err(|e| Refusal::Local(format!("dup: {e}")))?;
+        let reply = region.reply().to_vec();
+        info!("in-flight table: {num_queues} queues of {queue_size}");
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        Ok((reply, fd))
+    }
+
+    fn set_inflight_fd(&self, body: &[u8], fd: std::os::fd::OwnedFd) -> Result<(), Refusal> {
+        let (size, offset, num_queues, queue_size) = inflight_msg(body);
+        if num_queues > self.num_queues {
+            return Err(Refusal::Local(format!(
+                "SET_INFLIGHT_FD for {num_queues} queues; the export has {}",
+                self.num_queues
+            )));
+        }
+        let region = InflightRegion::open(fd, size, offset, num_queues, queue_size)
+            .map_err(|e| Refusal::Local(e.to_string()))?;
+        info!("in-flight table handed back: {num_queues} queues of {queue_size}");
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        Ok(())
+    }
+}
+
+/// A fresh private directory (mode 0700) under the temp dir.
+fn private_dir() -> std::io::Result<PathBuf> {
+    let mut tmpl = std::env::temp_dir().join("vblkd-door-XXXXXX").into_os_string().into_encoded_bytes();
+    tmpl.push(0);
+    // SAFETY: mkdtemp rewrites the NUL-terminated template in place.
+    let p = unsafe { libc::mkdtemp(tmpl.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    tmpl.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(tmpl)))
+}
+
+/// Starts `daemon` on a private socket and returns our end of its connection.
+fn connect_daemon(daemon: &mut VhostUserDaemon<BlkBackend>) -> Result<UnixStream, String> {
+    let dir = private_dir().map_err(|e| format!("private socket directory: {e}"))?;
+    let path = dir.join("backend.sock");
+    let result = (|| {
+        let mut inner = Listener::new(&path, true).map_err(|e| format!("private socket: {e}"))?;
+        let ours = UnixStream::connect(&path).map_err(|e| format!("private socket: {e}"))?;
+        daemon.start(&mut inner).map_err(|e| format!("daemon: {e}"))?;
+        Ok(ours)
+    })();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    result
+}
+
 fn serve_loop(
     desc: Arc<Descriptor>,
     cfg: ExportConfig,
     stop: Arc<EventFd>,
-    mut listener: Listener,
+    listener: Listener,
 ) -> Result<(), VhostError> {
     let read_only = cfg.read_only || !desc.writable();
     let blk = BlkConfig::new(desc.info(), cfg.queues, cfg.queue_size, read_only);
@@ -204,6 +289,14 @@ fn serve_loop(
         if ready[1] {
             break;
         }
+        let frontend = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                error!("{name}: cannot accept a frontend: {e}");
+                continue;
+            }
+        };
         let backend = BlkBackend::new(desc.clone(), blk, &cfg.serial, poll);
         let mut daemon = VhostUserDaemon::new(
             format!("vhost-{name}"),
@@ -212,10 +305,30 @@ fn serve_loop(
         )
         .map_err(|e| VhostError::Daemon(e.to_string()))?;
         backend.set_epoll_fds(daemon.get_epoll_handlers().iter().map(|h| h.as_raw_fd()).collect());
-        if let Err(e) = daemon.start(&mut listener) {
-            error!("{name}: cannot accept a frontend: {e}");
-            continue;
-        }
+        let to_daemon = match connect_daemon(&mut daemon) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("{name}: cannot start the vhost-user daemon: {e}");
+                continue;
+            }
+        };
+        let door = FrontDoor::new(
+            blk.num_queues,
+            u16::try_from(vhost_user_backend::VhostUserBackend::max_queue_size(&backend))
+                .unwrap_or(MAX_QUEUE_SIZE),
+            blk.features,
+            (vhost_user_backend::VhostUserBackend::protocol_features(&backend)
+                | vhost::vhost_user::message::VhostUserProtocolFeatures::REPLY_ACK)
+                .bits(),
+            super::frontdoor::pf::INFLIGHT_SHMFD,
+        );
+        let local: Arc<dyn LocalHandler> =
+            Arc::new(InflightHandler { slot: backend.inflight_slot(), num_queues: blk.num_queues });
+        let proxy_name = format!("{name}-door");
+        let proxy = std::thread::Builder::new()
+            .name(proxy_name.clone())
+            .spawn(move || run_proxy(&proxy_name, frontend, to_daemon, door, local))
+            .map_err(io_err("spawning the front door thread"))?;
         info!("{name}: frontend connected");
         let shutdown = daemon.shutdown_handle();
         let done = EventFd::new(EFD_NONBLOCK).map_err(io_err("eventfd"))?;
@@ -245,6 +358,9 @@ fn serve_loop(
             }
             Ok(Err(e)) => warn!("{name}: connection ended: {e}"),
             Err(_) => error!("{name}: connection thread panicked"),
+        }
+        if proxy.join().is_err() {
+            error!("{name}: front door thread panicked");
         }
         backend.drain_all();
         if stopping {

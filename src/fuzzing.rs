@@ -1,0 +1,306 @@
+//! Fuzz entry points: one function per target, shared by the cargo-fuzz targets in `fuzz/` and by
+//! the ordinary tests that replay the checked-in corpus (`tests/fuzz_replay.rs`).
+//!
+//! ```text
+//!  bytes ─► chain_parser   descriptor table + buffers in a mock guest memory ─► ChainWalker ─► Request::parse_descs
+//!        ─► avail_ring     a split ring over fuzzed memory ─► avail_pending / pop / parse / add_used loop
+//!        ─► front_door     a sequence of vhost-user messages (+ fd sizes) ─► FrontDoor::check
+//!        ─► wire           a byte stream on a socket ─► recv_message
+//!        ─► ocssd_image    header / chunk-record decoders (crc fixed up on request)
+//! ```
+//!
+//! # Design
+//! Each function must never panic on any input; each also asserts the properties its caller relies
+//! on (a parsed request lies inside guest memory and the device; the avail loop ends within the
+//! queue size and never publishes a head outside the queue; accepted memory tables never overlap).
+//! Guest memory is created once per thread and rewritten for each input, so a run reaches millions of
+//! executions.
+
+use std::cell::RefCell;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::vhost::chain::ChainWalker;
+use crate::vhost::frontdoor::{FrontDoor, Header, Verdict, HDR_LEN};
+use crate::vhost::poller::avail_pending;
+use crate::vhost::request::{GuestMem, Limits, Request};
+
+/// Size of each of the two guest memory regions (a hole separates them).
+const REGION: u64 = 0x4000;
+/// Second region's start.
+const REGION2: u64 = 0x10000;
+
+thread_local! {
+    static MEM: RefCell<Option<(GuestMem, Vec<u8>)>> = const { RefCell::new(None) };
+}
+
+fn with_mem<R>(data: &[u8], f: impl FnOnce(&GuestMem) -> R) -> R {
+    MEM.with(|m| {
+        let mut m = m.borrow_mut();
+        let (mem, buf) = m.get_or_insert_with(|| {
+            let mem = GuestMem::from_ranges(&[
+                (GuestAddress(0), REGION as usize),
+                (GuestAddress(REGION2), REGION as usize),
+            ])
+            .unwrap_or_else(|_| GuestMem::new());
+            (mem, vec![0u8; REGION as usize])
+        });
+        // Fill both regions from the input (repeated), so every descriptor and buffer is fuzzed.
+        if data.is_empty() {
+            buf.fill(0);
+        } else {
+            let mut at = 0;
+            while at < buf.len() {
+                let n = data.len().min(buf.len() - at);
+                buf[at..at + n].copy_from_slice(&data[..n]);
+                at += n;
+            }
+        }
+        let _ = mem.write_slice(buf, GuestAddress(0));
+        let _ = mem.write_slice(buf, GuestAddress(REGION2));
+        f(mem)
+    })
+}
+
+fn limits(flags: u8) -> Limits {
+    Limits {
+        block_size: if flags & 1 == 0 { 512 } else { 4096 },
+        seg_max: u32::from(flags >> 4) + 1,
+        size_max: 1 << 16,
+        max_discard_sectors: 1 << 12,
+        max_write_zeroes_sectors: 1 << 12,
+        discard: flags & 2 != 0,
+        read_only: flags & 4 != 0,
+    }
+}
+
+const CAPACITY: u64 = 1 << 16;
+
+fn check_request(mem: &GuestMem, req: &Request, l: &Limits) {
+    assert!(GuestMemoryBackend::check_range(mem, req.status_addr, 1), "status outside memory");
+    let total: usize = req.iovecs.iter().map(|v| v.iov_len).sum();
+    match req.kind {
+        crate::vhost::request::RequestKind::Read { sector }
+        | crate::vhost::request::RequestKind::Write { sector } => {
+            assert_eq!(total as u64, u64::from(req.data_len), "iovecs cover the data length");
+            assert!(sector + u64::from(req.data_len) / 512 <= CAPACITY, "beyond capacity");
+            assert_eq!(u64::from(req.data_len) % u64::from(l.block_size), 0);
+            assert!(!l.read_only || matches!(req.kind, crate::vhost::request::RequestKind::Read { .. }));
+        }
+        crate::vhost::request::RequestKind::Discard { sector, num_sectors }
+        | crate::vhost::request::RequestKind::WriteZeroes { sector, num_sectors, .. } => {
+            assert!(!l.read_only);
+            assert!(sector + u64::from(num_sectors) <= CAPACITY);
+        }
+        _ => {}
+    }
+    for &(addr, len) in &req.segments {
+        assert!(GuestMemoryBackend::check_range(mem, addr, len as usize), "segment outside memory");
+    }
+}
+
+/// Target `chain_parser`: input = [head lo, head hi, log2 table size, flags, ...memory]. Returns
+/// 1 when the chain parsed into a request.
+pub fn chain_parser(data: &[u8]) -> u64 {
+    if data.len() < 4 {
+        return 0;
+    }
+    let head = u16::from_le_bytes([data[0], data[1]]) % 64;
+    let size = 1u16 << (data[2] % 8);
+    let l = limits(data[3]);
+    with_mem(&data[4..], |mem| {
+        // The descriptor table sits at 0x100 in the first region.
+        let walker = ChainWalker::new(mem, GuestAddress(0x100), size, head);
+        match Request::parse_descs(head, walker, mem, CAPACITY, &l) {
+            Ok(req) => {
+                check_request(mem, &req, &l);
+                1
+            }
+            Err(_) => 0,
+        }
+    })
+}
+
+/// Target `avail_ring`: input = [size exp, next_avail lo, next_avail hi, flags, ...memory]. The
+/// ring is at 0x100 (descriptors), avail and used rings after it, all in fuzzed memory. Returns the
+/// number of chains popped.
+pub fn avail_ring(data: &[u8]) -> u64 {
+    if data.len() < 4 {
+        return 0;
+    }
+    let size = 1u16 << (data[0] % 7);
+    let next = u16::from_le_bytes([data[1], data[2]]);
+    let l = limits(data[3]);
+    with_mem(&data[4..], |mem| {
+        let Ok(mut q) = Queue::new(64) else { return 0 };
+        q.set_size(size);
+        let desc = 0x100u64;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_next_avail(next);
+        q.set_next_used(next);
+        q.set_ready(true);
+        if !q.is_valid(mem) {
+            return 0;
+        }
+        // The poller's loop: it must end within `size` pops, and every popped head is in range.
+        let mut pops = 0u32;
+        loop {
+            match avail_pending(&q, mem) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => assert!(n <= size, "pending {n} > size {size}"),
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            assert!(head < size, "popped head {head} outside the queue of {size}");
+            pops += 1;
+            assert!(pops <= u32::from(size), "more pops than the queue holds: the loop would spin");
+            if let Ok(req) = Request::parse(chain, mem, CAPACITY, &l) {
+                check_request(mem, &req, &l);
+            }
+            assert!(q.add_used(mem, head, 1).is_ok(), "add_used of an in-range head failed");
+        }
+        let _ = q.iter(mem);
+        u64::from(pops)
+    })
+}
+
+/// Target `front_door`: input = a sequence of [12-byte header][fd count][fd sizes 8 B each][body].
+/// Returns the number of messages forwarded.
+pub fn front_door(data: &[u8]) -> u64 {
+    let mut forwarded = 0;
+    let features = (1u64 << 32) | (1 << 30) | (1 << 29) | 0x3fff;
+    let protocol = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 15);
+    let mut door = FrontDoor::new(2, 64, features, protocol, 1 << 12);
+    let mut rest = data;
+    let mut total_regions: Vec<(u64, u64)> = Vec::new();
+    while rest.len() > HDR_LEN {
+        let mut hb = [0u8; HDR_LEN];
+        hb.copy_from_slice(&rest[..HDR_LEN]);
+        let mut hdr = Header::parse(&hb);
+        // Keep most headers well-formed so the checker's body logic is reached.
+        if rest[HDR_LEN] & 0x80 == 0 {
+            hdr.flags = (hdr.flags & 0x8) | 1;
+            hdr.request %= 40;
+        }
+        let nfds = usize::from(rest[HDR_LEN] & 0x7);
+        rest = &rest[HDR_LEN + 1..];
+        let mut sizes = Vec::new();
+        for _ in 0..nfds {
+            if rest.len() < 8 {
+                break;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&rest[..8]);
+            let v = u64::from_le_bytes(b);
+            sizes.push(if v & 1 == 0 { Some(v >> 1) } else { None });
+            rest = &rest[8..];
+        }
+        let len = (hdr.size as usize).min(rest.len()).min(4096);
+        let body = &rest[..len];
+        // Usually the header's size is the body's; sometimes it lies (a truncated message).
+        if rest.first().map_or(true, |b| b & 1 == 0) {
+            hdr.size = len as u32;
+        }
+        rest = &rest[len..];
+        let verdict = door.check(&hdr, body, &sizes);
+        if let Verdict::Forward(_) = verdict {
+            forwarded += 1;
+            match hdr.request {
+                5 => {
+                    // An accepted table: regions fit their fds and do not overlap.
+                    let n = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
+                    total_regions.clear();
+                    for k in 0..n {
+                        let r = &body[8 + 32 * k..8 + 32 * (k + 1)];
+                        let gpa = u64::from_le_bytes(r[0..8].try_into().unwrap_or([0; 8]));
+                        let sz = u64::from_le_bytes(r[8..16].try_into().unwrap_or([0; 8]));
+                        let off = u64::from_le_bytes(r[24..32].try_into().unwrap_or([0; 8]));
+                        assert!(sz > 0);
+                        if let Some(Some(fsz)) = sizes.get(k) {
+                            assert!(off.checked_add(sz).is_some_and(|e| e <= *fsz), "region past its fd");
+                        }
+                        for &(g, s) in &total_regions {
+                            assert!(gpa + sz <= g || g + s <= gpa, "overlapping regions accepted");
+                        }
+                        total_regions.push((gpa, sz));
+                    }
+                }
+                8 => {
+                    let num = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
+                    assert!(num.is_power_of_two() && num <= 64, "ring size {num} accepted");
+                }
+                _ => {}
+            }
+        }
+    }
+    forwarded
+}
+
+/// Target `wire`: the bytes arrive on a socket; `recv_message` must end with a message or an error,
+/// never panic or allocate more than one payload's bound. Returns the number of messages read.
+pub fn wire(data: &[u8]) -> u64 {
+    use std::io::Write;
+    let Ok((mut a, b)) = std::os::unix::net::UnixStream::pair() else { return 0 };
+    let mut n = 0;
+    let data = &data[..data.len().min(64 * 1024)];
+    let _ = a.set_nonblocking(true);
+    let _ = a.write_all(data);
+    drop(a);
+    for _ in 0..64 {
+        match crate::vhost::frontdoor::recv_message(&b) {
+            Ok(m) => {
+                assert!(m.body.len() <= crate::vhost::frontdoor::MAX_PAYLOAD);
+                n += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+/// Target `ocssd_image`: header and chunk-record decoders. Byte 0 bit 0 asks for the header's
+/// crc32c to be fixed up (to reach the field checks), bit 1 for the record's. Returns 1 when the
+/// header decoded, plus 2 when the chunk record did.
+pub fn ocssd_image(data: &[u8]) -> u64 {
+    use crate::ocssd::emu::image::{decode_header, ChunkRecord, CHUNK_RECORD_BYTES, HEADER_BYTES, MAGIC};
+    if data.is_empty() {
+        return 0;
+    }
+    let flags = data[0];
+    let mut r = 0;
+    let body = &data[1..];
+    let mut hdr = vec![0u8; HEADER_BYTES];
+    hdr[..MAGIC.len()].copy_from_slice(&MAGIC);
+    let n = body.len().min(HEADER_BYTES - MAGIC.len());
+    hdr[MAGIC.len()..MAGIC.len() + n].copy_from_slice(&body[..n]);
+    if flags & 1 != 0 {
+        let crc = crc32c::crc32c(&hdr[..HEADER_BYTES - 4]);
+        hdr[HEADER_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+    }
+    let short = usize::from(flags >> 4) * 256;
+    let _ = decode_header("fuzz", &hdr[..HEADER_BYTES.saturating_sub(short)]);
+    if let Ok((g, layout)) = decode_header("fuzz", &hdr) {
+        assert!(layout.image_bytes >= layout.data_offset);
+        let _ = g.total_chunks();
+        r |= 1;
+    }
+    let mut rec = [0u8; CHUNK_RECORD_BYTES];
+    let m = body.len().min(CHUNK_RECORD_BYTES);
+    rec[..m].copy_from_slice(&body[body.len() - m..]);
+    if flags & 2 != 0 {
+        let crc = crc32c::crc32c(&rec[..60]);
+        rec[60..].copy_from_slice(&crc.to_le_bytes());
+    }
+    let slba = u64::from_le_bytes(rec[8..16].try_into().unwrap_or([0; 8]));
+    let cnlb = u64::from_le_bytes(rec[16..24].try_into().unwrap_or([0; 8]));
+    if ChunkRecord::decode(&rec, slba, cnlb).is_ok() {
+        r |= 2;
+    }
+    let _ = ChunkRecord::decode(&rec[..m], 0, 0);
+    r
+}

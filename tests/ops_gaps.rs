@@ -430,8 +430,9 @@ fn io_uring_file_bdevs_really_use_io_uring() {
     }
 }
 
-/// A vring size that is not a power of two (33) is not taken: the queue keeps its size (the
-/// export's 64). Seen from the frontend: 34 chains published at once (more than 33) are all served,
+/// A vring size that is not a power of two (33) is not taken: the front door refuses it with an error
+/// reply (the connection stays usable) and a good size set afterwards (64) is the one the queue
+/// uses. Seen from the frontend: 34 chains published at once (more than 33) are all served,
 /// the 34th (avail slot 33, a GET_ID) into used slot 33; a ring of 33 would refuse 34 pending chains
 /// or wrap slot 33 onto slot 0, where a different (malformed) chain waits.
 #[test]
@@ -442,7 +443,8 @@ fn vring_size_33_is_not_taken() {
     let ex = Export::new(&reg, "v0", dir.path());
     let (mut g, mem) = Guest::connect(&ex.sock);
     const N: u16 = 64;
-    acked(&mut g.f, |f| f.set_vring_num(0, 33)).expect("33 is not refused outright (it is ignored)");
+    assert!(acked(&mut g.f, |f| f.set_vring_num(0, 33)).is_err(), "a ring size of 33 must be refused");
+    acked(&mut g.f, |f| f.set_vring_num(0, N)).expect("a good size after a refused one");
     g.f.set_vring_base(0, 0).expect("base");
     let q = MockSplitQueue::create(&mem, GuestAddress(0), N);
     // The mock places its used ring over the tail of its avail ring (it sizes the avail ring in

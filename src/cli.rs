@@ -497,13 +497,15 @@ pub fn parse_bdev(value: &str) -> Result<BdevSpec, CliError> {
             let jitter_us = us("jitter-us", false)?;
             BdevSpec::Delay { name, base, read_us, write_us, jitter_us }
         }
-        other => return Err(err(
-            flag,
-            value,
-            format!(
+        other => {
+            return Err(err(
+                flag,
+                value,
+                format!(
                 "unknown driver '{other}' (expected malloc, null, file, rbd, cache, delay, ocssd-emu or ftl)"
             ),
-        )),
+            ))
+        }
     };
     keys.finish()?;
     Ok(spec)

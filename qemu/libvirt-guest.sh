@@ -9,6 +9,10 @@
 # namespace (unshare -m) in which /etc/libvirt (a copy, default qemu.conf: QEMU runs as the
 # non-root user libvirt-qemu), /run, /var/lib/libvirt, /var/cache/libvirt and /var/log/libvirt are
 # bind-mounted from that directory, so it touches nothing outside it and concurrent runs do not meet.
+# It is also PID 1 of a private PID namespace (unshare -p): libvirt daemonizes QEMU and its probes
+# and waits for them to be gone, and a container's init that reaps orphans late made libvirtd's
+# start and `virsh start` take 16 s and 65 s instead of 3 s and 13 s; here bash reaps them at once,
+# and everything left in the namespace dies with the script.
 # No systemd: virtlogd and libvirtd are started with -d and stopped by their PIDs.
 #
 # The domain XML is the README's (memfd shared memory, <disk type='vhostuser'> with queues='2' and
@@ -49,7 +53,7 @@ done
 # --- re-run inside a private mount namespace ---------------------------------------------------
 if [[ -z "${VBLKD_LIBVIRT_NS:-}" ]]; then
     export VBLKD_LIBVIRT_NS=1
-    exec unshare --mount --propagation private "$0" "${args[@]}"
+    exec unshare --mount --propagation private --pid --fork --mount-proc "$0" "${args[@]}"
 fi
 
 img="$("$HERE/build-guest.sh")" || die "guest build failed"
@@ -176,12 +180,18 @@ cat >"$T/domain.xml" <<XML
   </devices>
 </domain>
 XML
-virsh -q define "$T/domain.xml" >/dev/null
+timeout 60 virsh -q define "$T/domain.xml" >/dev/null
 save_caps() {
     mkdir -p "$caps_cache.tmp.$$" && cp -a "$T/cache/qemu/capabilities/." "$caps_cache.tmp.$$/" &&
         rm -rf "$caps_cache" && mv "$caps_cache.tmp.$$" "$caps_cache" || rm -rf "$caps_cache.tmp.$$"
 }
-virsh -q start "$dom" >/dev/null || { tail -n 30 "$T"/log/qemu/*.log >&2 || true; die "virsh start failed"; }
+# With <reconnect>, QEMU retries a socket it cannot open (e.g. wrong group or mode) and `virsh start`
+# waits for minutes: bound it.
+timeout 120 virsh -q start "$dom" >/dev/null || {
+    tail -n 30 "$T"/log/qemu/*.log >&2 || true
+    ls -l "$sock" >&2 || true
+    die "virsh start failed or took over 120 s (can QEMU, as libvirt-qemu, open $sock?)"
+}
 qemu_user="$(ps -o user= -p "$(cat "$T/run/libvirt/qemu/$dom.pid")" 2>/dev/null || echo '?')"
 log "domain $dom started (QEMU runs as $qemu_user)"
 save_caps 2>/dev/null || true

@@ -40,10 +40,12 @@ tests_for() {
         src/vhost/request.rs) echo "--lib -- vhost::" ;;
         src/vhost/poller.rs | src/vhost/device.rs)
             echo "--lib --test vhost_frontend --test vhost_async --test vhost_blkio --test ops_gaps" ;;
-        src/bdev/channel.rs | src/bdev/registry.rs) echo "--lib --test ops_registry -- bdev::" ;;
+        src/bdev/channel.rs) echo "--lib --test ops_registry -- bdev::" ;;
+        # The control socket's look-ups (claimed_by, bdev_stats, control) are tested through vblkd ctl.
+        src/bdev/registry.rs) echo "--lib --test ops_registry --test control" ;;
         src/ocssd/emu.rs) echo "--lib --test ocssd_emu --test ops_gaps" ;;
-        src/*ftl*) echo "--lib -- ftl" ;;
-        src/*cache*) echo "--lib -- cache" ;;
+        src/ftl/* | src/*ftl*) echo "--lib --test ftl_crash" ;;
+        src/cache/* | src/*cache*) echo "--lib --test cache_cli --test cache_crash" ;;
         *) echo "--lib" ;;
     esac
 }

@@ -7,6 +7,7 @@ mod bdev {
     use std::sync::Arc;
 
     use vblkd::bdev::malloc::MallocBdev;
+    use vblkd::bdev::qos::QosLimits;
     use vblkd::bdev::{BdevError, BdevIo, IoVecs, Registry};
 
     fn malloc(name: &str) -> Arc<MallocBdev> {
@@ -46,7 +47,10 @@ mod bdev {
         assert!(!ro.writable());
         assert!(rw.writable());
 
+        assert_eq!(reg.claimed_by("c").expect("known"), None);
+        assert!(matches!(reg.claimed_by("zz"), Err(BdevError::NotFound(_))));
         rw.claim("ftl").expect("first claim");
+        assert_eq!(reg.claimed_by("c").expect("known").as_deref(), Some("ftl"), "who holds the claim");
         let mut other = reg.open("c", false).expect("read-only opens still work");
         assert!(matches!(other.claim("cache"), Err(BdevError::Claimed { .. })), "second claim refused");
         assert!(
@@ -55,6 +59,7 @@ mod bdev {
         );
         drop(rw);
         let _rw2 = reg.open("c", true).expect("the claim ends with its descriptor");
+        assert_eq!(reg.claimed_by("c").expect("known"), None);
 
         let w = reg.open("c", true).expect("rw");
         let mut wch = w.channel().expect("channel");
@@ -64,6 +69,13 @@ mod bdev {
         assert_eq!(done[0].result, Ok(()));
         let s = ro.stats();
         assert_eq!((s.write_ops, s.write_bytes), (1, 1024), "bdev-wide statistics");
+        let shared = reg.bdev_stats("c").expect("stats").snapshot();
+        assert_eq!(shared.write_ops, 1, "the registry's shared statistics are the bdev's");
+        // The QoS control the registry hands out is the one the bdev's channels obey.
+        let limits = QosLimits { iops: 10_000, bps: 0 };
+        reg.set_qos("c", limits).expect("set qos");
+        assert_eq!(reg.control("c").expect("control").qos.limits(), limits);
+        reg.set_qos("c", QosLimits::default()).expect("clear qos");
         let j = reg.stats_json();
         assert_eq!(j["c"]["write_ops"], serde_json::json!(1), "{j}");
         assert_eq!(j["c"]["write_bytes"], serde_json::json!(1024), "{j}");

@@ -170,3 +170,47 @@ fn bad_rbd_flags_name_the_option() {
         assert!(err.contains(want) && err.contains("--bdev"), "{bdev}: '{err}' lacks '{want}'");
     }
 }
+
+/// The cache in front of the network image: write-back on a local file, core on rbd. Data flushed
+/// before a `kill -9` reads back after the restart (loaded from the cache device or cleaned to rbd).
+#[test]
+fn cache_wb_over_rbd_keeps_flushed_data_across_kill_9() {
+    let _g = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("r.sock");
+    let args: Vec<String> = vec![
+        "--log-level".into(),
+        "warn".into(),
+        "--control".into(),
+        "none".into(),
+        "--bdev".into(),
+        common::rbd_bdev("core", "cache-core", "32M"),
+        "--bdev".into(),
+        format!("driver=file,name=cd,path={},size=16M", dir.path().join("cache.img").display()),
+        "--bdev".into(),
+        "driver=cache,name=d0,cache=cd,core=core,mode=wb".into(),
+        "--export".into(),
+        format!("bdev=d0,socket={},queues=1", sock.display()),
+    ];
+    for round in 0..2u64 {
+        let mut d = Daemon::start(&args, &sock);
+        let mut c = BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
+        for r in 0..round {
+            for i in 0..16u64 {
+                let off = (r * 16 + i) * 4096;
+                assert_eq!(c.sync(0, |c, u| c.read(0, off, 0, 4096, u)).expect("read"), 0);
+                assert!(c.mem()[..4096] == block(r * 100 + i)[..], "round {r} block {i} lost after kill -9");
+            }
+        }
+        for i in 0..16u64 {
+            c.mem()[..4096].copy_from_slice(&block(round * 100 + i));
+            let off = (round * 16 + i) * 4096;
+            assert_eq!(c.sync(0, |c, u| c.write(0, off, 0, 4096, u)).expect("write"), 0);
+        }
+        assert_eq!(c.sync(0, |c, u| c.flush(0, u)).expect("flush"), 0);
+        let mut child = d.child.take().expect("child");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+        drop(c);
+    }
+}

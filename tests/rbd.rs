@@ -34,25 +34,11 @@ fn block(seed: u64) -> Vec<u8> {
     (0..4096u64).map(|i| (i.wrapping_mul(31) ^ seed.wrapping_mul(0x9e37)) as u8).collect()
 }
 
-#[test]
-fn flushed_writes_survive_kill_9() {
-    let _g = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    // librbd's write-back cache on from the first write (and slow to write back by itself), so only
-    // vblkd's flush makes the data durable: a flush that did not reach librbd loses it below.
-    let conf = dir.path().join("ceph.conf");
-    let mut text = std::fs::read_to_string(common::ceph_conf()).expect("cluster conf");
-    text.push_str("[client]\nrbd cache = true\nrbd cache writethrough until flush = false\nrbd cache policy = writeback\n");
-    std::fs::write(&conf, text).expect("client conf");
-    let bdev = format!(
-        "driver=rbd,name=d0,pool=rbd,image=kill9-{},conf={},create=32M,timeout=10",
-        std::process::id(),
-        conf.display()
-    );
-    for round in 0..3u64 {
-        let (mut d, sock) = start(dir.path(), &bdev);
-        let mut c = BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
-        // Everything flushed in earlier rounds is there.
+/// Rounds of: check every block written in earlier rounds, write 16 new blocks, flush, `kill -9`.
+fn kill9_rounds(args: &[String], sock: &Path, rounds: u64) {
+    for round in 0..rounds {
+        let mut d = Daemon::start(args, sock);
+        let mut c = BlkClient::connect(sock, 1, 64, 1 << 20).expect("connect");
         for r in 0..round {
             for i in 0..16u64 {
                 let off = (r * 16 + i) * 4096;
@@ -71,6 +57,35 @@ fn flushed_writes_survive_kill_9() {
         child.wait().expect("reap");
         drop(c);
     }
+}
+
+#[test]
+fn flushed_writes_survive_kill_9() {
+    let _g = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    // librbd's write-back cache on from the first write (and slow to write back by itself), so only
+    // vblkd's flush makes the data durable: a flush that did not reach librbd loses it below.
+    let conf = dir.path().join("ceph.conf");
+    let mut text = std::fs::read_to_string(common::ceph_conf()).expect("cluster conf");
+    text.push_str("[client]\nrbd cache = true\nrbd cache writethrough until flush = false\nrbd cache policy = writeback\n");
+    std::fs::write(&conf, text).expect("client conf");
+    let bdev = format!(
+        "driver=rbd,name=d0,pool=rbd,image=kill9-{},conf={},create=32M,timeout=10",
+        std::process::id(),
+        conf.display()
+    );
+    let sock = dir.path().join("r.sock");
+    let args: Vec<String> = vec![
+        "--log-level".into(),
+        "warn".into(),
+        "--control".into(),
+        "none".into(),
+        "--bdev".into(),
+        bdev,
+        "--export".into(),
+        format!("bdev=d0,socket={},queues=1", sock.display()),
+    ];
+    kill9_rounds(&args, &sock, 3);
 }
 
 #[test]
@@ -192,25 +207,5 @@ fn cache_wb_over_rbd_keeps_flushed_data_across_kill_9() {
         "--export".into(),
         format!("bdev=d0,socket={},queues=1", sock.display()),
     ];
-    for round in 0..2u64 {
-        let mut d = Daemon::start(&args, &sock);
-        let mut c = BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
-        for r in 0..round {
-            for i in 0..16u64 {
-                let off = (r * 16 + i) * 4096;
-                assert_eq!(c.sync(0, |c, u| c.read(0, off, 0, 4096, u)).expect("read"), 0);
-                assert!(c.mem()[..4096] == block(r * 100 + i)[..], "round {r} block {i} lost after kill -9");
-            }
-        }
-        for i in 0..16u64 {
-            c.mem()[..4096].copy_from_slice(&block(round * 100 + i));
-            let off = (round * 16 + i) * 4096;
-            assert_eq!(c.sync(0, |c, u| c.write(0, off, 0, 4096, u)).expect("write"), 0);
-        }
-        assert_eq!(c.sync(0, |c, u| c.flush(0, u)).expect("flush"), 0);
-        let mut child = d.child.take().expect("child");
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
-        drop(c);
-    }
+    kill9_rounds(&args, &sock, 2);
 }

@@ -49,7 +49,7 @@ use super::chain::ChainWalker;
 use super::config::BlkConfig;
 use super::inflight::InflightRegion;
 use super::ratelimit::RateLimit;
-use super::request::{write_id, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
+use super::request::{write_id, BadRequest, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
 use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
 
 /// Guest memory as shared with vhost-user-backend.
@@ -413,25 +413,8 @@ impl Worker {
         while let Some(head) = self.resubmit.pop_front() {
             any = true;
             let walker = ChainWalker::new(mem, GuestAddress(key.desc), key.size, head);
-            match Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
-                Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
-                Err(bad) => {
-                    if self.log.allow("virtqueue") {
-                        warn!("bad resubmitted request (head {}): {}", bad.head, bad.error);
-                    }
-                    Self::finish(
-                        vring,
-                        mem,
-                        inf,
-                        &mut self.log,
-                        bad.head,
-                        bad.status_addr,
-                        bad.error.status(),
-                        1,
-                    );
-                    used = true;
-                }
-            }
+            let parsed = Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
+            used |= self.start_or_refuse(ctx, vring, mem, keep, inf, parsed, "bad resubmitted request");
         }
         // One chain at a time: each head is checked just before it is popped.
         while self.pending(vring, mem, key) > 0 {
@@ -445,25 +428,8 @@ impl Worker {
                 r.get(q, chain.head_index(), self.counter);
                 self.counter = self.counter.wrapping_add(1);
             }
-            match Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits) {
-                Ok(req) => used |= self.submit(ctx, vring, mem, keep, req),
-                Err(bad) => {
-                    if self.log.allow("virtqueue") {
-                        warn!("bad request (head {}): {}", bad.head, bad.error);
-                    }
-                    Self::finish(
-                        vring,
-                        mem,
-                        inf,
-                        &mut self.log,
-                        bad.head,
-                        bad.status_addr,
-                        bad.error.status(),
-                        1,
-                    );
-                    used = true;
-                }
-            }
+            let parsed = Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
+            used |= self.start_or_refuse(ctx, vring, mem, keep, inf, parsed, "bad request");
         }
         if used {
             Self::signal(vring);
@@ -472,6 +438,40 @@ impl Worker {
     }
 
     /// Starts one request. Returns true when it was completed on the spot.
+    /// Submits a parsed request, or completes a malformed one with its status (rate-limited warning).
+    /// Returns true when a used element was published on the spot.
+    #[allow(clippy::too_many_arguments)]
+    fn start_or_refuse(
+        &mut self,
+        ctx: &PollCtx<'_>,
+        vring: &Vring,
+        mem: &GuestMem,
+        keep: &Arc<GuestMem>,
+        inf: Option<(&InflightRegion, u16)>,
+        parsed: Result<Request, BadRequest>,
+        what: &str,
+    ) -> bool {
+        match parsed {
+            Ok(req) => self.submit(ctx, vring, mem, keep, req),
+            Err(bad) => {
+                if self.log.allow("virtqueue") {
+                    warn!("{what} (head {}): {}", bad.head, bad.error);
+                }
+                Self::finish(
+                    vring,
+                    mem,
+                    inf,
+                    &mut self.log,
+                    bad.head,
+                    bad.status_addr,
+                    bad.error.status(),
+                    1,
+                );
+                true
+            }
+        }
+    }
+
     fn submit(
         &mut self,
         ctx: &PollCtx<'_>,

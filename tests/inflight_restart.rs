@@ -42,7 +42,10 @@ fn daemon(dir: &Path) -> Daemon {
     let sock = dir.join("d.sock");
     let args: Vec<String> = [
         "--bdev".to_string(),
-        format!("driver=file,name=f0,path={},size=4M,engine=threads", img.display()),
+        // On tmpfs the file engine completes every write inline, in submission order, so the delay
+        // bdev (no jitter) completes in submission order too and the used ring shows the order in
+        // which requests were (re)submitted. A thread pool would reorder the base's completions.
+        format!("driver=file,name=f0,path={},size=4M,engine=auto", img.display()),
         "--bdev".into(),
         "driver=delay,name=d0,base=f0,read-us=1000,write-us=1500000".into(),
         "--export".into(),
@@ -171,7 +174,7 @@ fn used_ids(mem: &GuestMemoryMmap<()>, n: u16) -> Vec<u32> {
 #[test]
 fn requests_in_flight_survive_sigkill() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
     let file = memfd(MEM);
     let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
         GuestAddress(0),

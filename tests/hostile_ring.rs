@@ -3,22 +3,25 @@
 //! device would not honour. After each: the daemon answers a vhost-user message within 1 s, the other
 //! queue still works, and the disk file is unchanged outside what was asked.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+mod common;
+
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::vring::{
+    acked, guest_memory, memfd, negotiate, set_mem_table, start_vring, Mem, RingLayout, Watchdog,
+};
 use vblkd::bdev::file::{Engine, FileBdev};
 use vblkd::bdev::Registry;
-use vblkd::vhost::{serve, EventFd, ExportConfig, VhostError};
+use vblkd::vhost::EventFd;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Disk size (bytes).
 const DISK: u64 = 1 << 20;
@@ -33,9 +36,9 @@ const HDR: u64 = 0x10000;
 const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x80000;
 
+/// The in-process export of a file bdev over a patterned disk image.
 struct Export {
-    stop: Arc<EventFd>,
-    handle: Option<std::thread::JoinHandle<Result<(), VhostError>>>,
+    _srv: common::vring::Export,
     sock: PathBuf,
     disk: PathBuf,
     _dir: tempfile::TempDir,
@@ -47,21 +50,15 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
 
 impl Export {
     fn new() -> Self {
-        let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().expect("tmp");
         let disk = dir.path().join("disk.img");
         std::fs::write(&disk, pattern(DISK, 0x5a)).expect("disk image");
         let reg = Registry::new();
         let bdev = FileBdev::open("f0", &disk, None, false, Engine::Threads).expect("file bdev");
         reg.register(Arc::new(bdev)).expect("register");
-        let desc = Arc::new(reg.open("f0", true).expect("open"));
         let sock = dir.path().join("f0.sock");
-        let mut cfg = ExportConfig::new(&sock, "hostile");
-        cfg.queues = 2;
-        cfg.queue_size = 64;
-        let stop = Arc::new(EventFd::new(0).expect("eventfd"));
-        let handle = Some(serve(desc, cfg, stop.clone()).expect("serve"));
-        Self { stop, handle, sock, disk, _dir: dir }
+        let srv = common::vring::Export::serve(&reg, "f0", sock.clone(), 2, 64, "hostile");
+        Self { _srv: srv, sock, disk, _dir: dir }
     }
 
     fn disk(&self) -> Vec<u8> {
@@ -69,63 +66,10 @@ impl Export {
     }
 }
 
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if std::thread::panicking() {
-            // A failed test may have left the export stuck; do not wait for it.
-            return;
-        }
-        if let Some(h) = self.handle.take() {
-            let r = h.join().expect("join");
-            assert!(r.is_ok(), "{r:?}");
-        }
-    }
-}
-
-/// Shuts the frontend socket down if the test hangs (the crate would otherwise wait forever).
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(fd: i32, limit: Duration) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while t.elapsed() < limit {
-                if d.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            eprintln!("watchdog: shutting the frontend socket down");
-            // SAFETY: shutdown on a socket fd; at worst the fd is already closed (EBADF).
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        });
-        Self(done)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-fn memfd(len: usize) -> File {
-    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vblkd-hostile".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: fd is a fresh, owned descriptor.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len as u64).expect("set_len");
-    f
-}
-
 /// The driver side of two split rings in shared memory, with a connected frontend.
 struct Guest {
     f: Frontend,
-    mem: GuestMemoryMmap<()>,
+    mem: Mem,
     host: u64,
     kick: [EventFd; 2],
     call: [EventFd; 2],
@@ -133,6 +77,9 @@ struct Guest {
     _w: Watchdog,
 }
 
+fn layout(q: usize, size: u16) -> RingLayout {
+    RingLayout { desc: desc_addr(q), avail: avail_addr(q, size), used: used_addr(q, size) }
+}
 fn desc_addr(q: usize) -> u64 {
     RING[q]
 }
@@ -150,28 +97,10 @@ impl Guest {
 
     /// Negotiates, installs the memory table and sets both rings up with `size` entries.
     fn connect_with(ex: &Export, size: u16) -> Self {
-        let mut f = Frontend::connect(&ex.sock, 2).expect("connect");
-        let w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(60));
-        f.set_owner().expect("owner");
-        let features = f.get_features().expect("features");
-        f.set_features(features).expect("set features");
-        f.get_protocol_features().expect("protocol features");
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        f.set_protocol_features(want).expect("set protocol features");
-        let file = memfd(MEM);
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM,
-            Some(FileOffset::new(file, 0)),
-        )])
-        .expect("memory");
-        let region = mem.iter().next().expect("region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
-        f.set_mem_table(&[info]).expect("mem table");
-        let host = info.userspace_addr;
+        let (mut f, _) = negotiate(&ex.sock, 2, VhostUserProtocolFeatures::empty());
+        let w = Watchdog::on(&f, Duration::from_secs(60));
+        let mem = guest_memory(MEM);
+        let host = set_mem_table(&mut f, &mem);
         let kick = [EventFd::new(0).expect("kick"), EventFd::new(0).expect("kick")];
         let call = [EventFd::new(0).expect("call"), EventFd::new(0).expect("call")];
         let mut g = Self { f, mem, host, kick, call, next_hdr: HDR, _w: w };
@@ -182,26 +111,7 @@ impl Guest {
     }
 
     fn setup_ring(&mut self, q: usize, size: u16) {
-        let host = self.host;
-        let f = &mut self.f;
-        f.set_vring_num(q, size).expect("num");
-        f.set_vring_base(q, 0).expect("base");
-        f.set_vring_addr(
-            q,
-            &VringConfigData {
-                queue_max_size: size,
-                queue_size: size,
-                flags: 0,
-                desc_table_addr: host + desc_addr(q),
-                used_ring_addr: host + used_addr(q, size),
-                avail_ring_addr: host + avail_addr(q, size),
-                log_addr: None,
-            },
-        )
-        .expect("addr");
-        f.set_vring_kick(q, &self.kick[q]).expect("kick");
-        f.set_vring_call(q, &self.call[q]).expect("call");
-        f.set_vring_enable(q, true).expect("enable");
+        start_vring(&mut self.f, q, size, 0, self.host, layout(q, size), &self.kick[q], &self.call[q]);
     }
 
     fn write_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -325,10 +235,7 @@ impl Guest {
     }
 
     fn acked<T>(&mut self, op: impl FnOnce(&mut Frontend) -> T) -> T {
-        self.f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let r = op(&mut self.f);
-        self.f.set_hdr_flags(VhostUserHeaderFlag::empty());
-        r
+        acked(&mut self.f, op)
     }
 }
 
@@ -469,19 +376,8 @@ fn ring_size_the_device_cannot_honour_is_refused() {
     let ex = Export::new();
     // A size that is not a power of two: virtio-queue ignores it and would keep its own (larger)
     // size, so the device's idea of the table, avail and used rings would differ from the guest's.
-    let mut f = Frontend::connect(&ex.sock, 2).expect("connect");
-    let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
-    f.set_owner().expect("owner");
-    let features = f.get_features().expect("features");
-    f.set_features(features).expect("set features");
-    f.get_protocol_features().expect("protocol features");
-    f.set_protocol_features(
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
-    )
-    .expect("set protocol features");
+    let (mut f, _) = negotiate(&ex.sock, 2, VhostUserProtocolFeatures::empty());
+    let _w = Watchdog::on(&f, Duration::from_secs(20));
     f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
     assert!(f.set_vring_num(0, 33).is_err(), "vring size 33 must be refused");
     // The connection stays usable after the refusal.
@@ -507,17 +403,8 @@ fn ring_with_an_unhonoured_size_is_never_processed() {
     f.get_protocol_features().expect("protocol features");
     f.set_protocol_features(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG)
         .expect("set protocol features");
-    let file = memfd(MEM);
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .expect("memory");
-    let info =
-        VhostUserMemoryRegionInfo::from_guest_region(mem.iter().next().expect("region")).expect("info");
-    f.set_mem_table(&[info]).expect("mem table");
-    let host = info.userspace_addr;
+    let mem = guest_memory(MEM);
+    let host = set_mem_table(&mut f, &mem);
     let size = 48u16;
     let kick = EventFd::new(0).expect("kick");
     let call = EventFd::new(0).expect("call");

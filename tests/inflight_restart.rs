@@ -5,17 +5,17 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::vring::{guest_memory, negotiate, set_mem_table, start_vring, RingLayout};
 use common::Daemon;
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 1 << 20;
@@ -26,16 +26,6 @@ const USED: u64 = 0x2000;
 const HDR: u64 = 0x10000;
 const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x80000;
-
-fn memfd(len: usize) -> File {
-    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vblkd-inflight-test".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: fd is a fresh, owned descriptor.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len as u64).expect("set_len");
-    f
-}
 
 fn daemon(dir: &Path) -> Daemon {
     let img = dir.join("disk.img");
@@ -69,20 +59,7 @@ fn connect(
     inflight: Option<&(VhostUserInflight, File)>,
     base: u16,
 ) -> (Conn, Option<(VhostUserInflight, File)>) {
-    let mut f = Frontend::connect(sock, 1).expect("connect");
-    f.set_owner().expect("owner");
-    let features = f.get_features().expect("features");
-    f.set_features(features).expect("set features");
-    let pf = f.get_protocol_features().expect("protocol features");
-    assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD), "INFLIGHT_SHMFD must be offered: {pf:?}");
-    f.set_protocol_features(
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
-    )
-    .expect("set protocol features");
+    let (mut f, _) = negotiate(sock, 1, VhostUserProtocolFeatures::INFLIGHT_SHMFD);
     let fresh = match inflight {
         None => {
             let req = VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: QSIZE };
@@ -96,30 +73,19 @@ fn connect(
             None
         }
     };
-    let region = mem.iter().next().expect("region");
-    let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
-    f.set_mem_table(&[info]).expect("mem table");
-    let host = info.userspace_addr;
+    let host = set_mem_table(&mut f, mem);
     let kick = EventFd::new(0).expect("kick");
     let call = EventFd::new(0).expect("call");
-    f.set_vring_num(0, QSIZE).expect("num");
-    f.set_vring_base(0, base).expect("base");
-    f.set_vring_addr(
+    start_vring(
+        &mut f,
         0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + DESC,
-            used_ring_addr: host + USED,
-            avail_ring_addr: host + AVAIL,
-            log_addr: None,
-        },
-    )
-    .expect("addr");
-    f.set_vring_kick(0, &kick).expect("kick");
-    f.set_vring_call(0, &call).expect("call");
-    f.set_vring_enable(0, true).expect("enable");
+        QSIZE,
+        base,
+        host,
+        RingLayout { desc: DESC, avail: AVAIL, used: USED },
+        &kick,
+        &call,
+    );
     (Conn { _f: f, kick, _call: call }, fresh)
 }
 
@@ -175,13 +141,7 @@ fn used_ids(mem: &GuestMemoryMmap<()>, n: u16) -> Vec<u32> {
 fn requests_in_flight_survive_sigkill() {
     let _ = env_logger::builder().is_test(true).try_init();
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
-    let file = memfd(MEM);
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .expect("memory");
+    let mem = guest_memory(MEM);
     let mut d = daemon(dir.path());
     let (c, table) = connect(&d.socket, &mem, None, 0);
     let table = table.expect("fresh table");

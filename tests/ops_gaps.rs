@@ -10,26 +10,25 @@
 
 mod common;
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::vring::{acked, guest_memory, negotiate, set_mem_table, start_vring, Mem, RingLayout};
 use vblkd::bdev::file::{Engine, FileBdev};
 use vblkd::bdev::malloc::MallocBdev;
 use vblkd::bdev::{Bdev, BdevError, BdevInfo, BdevIo, Completion, ModuleChannel, Registry, Rejected};
-use vblkd::vhost::{serve, EventFd, ExportConfig, VhostError};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vblkd::vhost::EventFd;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const MEM: usize = 1 << 20;
@@ -39,55 +38,16 @@ const H: u64 = 0x10000; // headers, 16 bytes apart
 const D: u64 = 0x20000; // data, 4 KiB apart
 const S: u64 = 0x40000; // status bytes, 1 byte apart
 
-fn memfd(len: usize) -> File {
-    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vblkd-ops".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: fd is a fresh, owned descriptor.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len as u64).expect("set_len");
-    f
-}
-
-fn acked<T>(f: &mut Frontend, op: impl FnOnce(&mut Frontend) -> T) -> T {
-    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let r = op(f);
-    f.set_hdr_flags(VhostUserHeaderFlag::empty());
-    r
-}
-
-/// One export served in-process, stopped on drop.
-struct Export {
-    stop: Arc<EventFd>,
-    handle: Option<std::thread::JoinHandle<Result<(), VhostError>>>,
-    sock: PathBuf,
-}
+/// One export served in-process (1 queue), stopped on drop; its exit status is not checked (some
+/// tests end it by hot-removing its bdev).
+struct Export;
 
 impl Export {
-    fn new(reg: &Registry, name: &str, dir: &std::path::Path) -> Self {
-        let desc = Arc::new(reg.open(name, true).expect("open"));
-        let sock = dir.join(format!("{name}.sock"));
-        let mut cfg = ExportConfig::new(&sock, "ops");
-        cfg.queues = 1;
-        cfg.queue_size = 64;
-        let stop = Arc::new(EventFd::new(0).expect("eventfd"));
-        let handle = Some(serve(desc, cfg, stop.clone()).expect("serve"));
-        Self { stop, handle, sock }
-    }
-
-    /// Signals the stop and returns the export thread's handle.
-    fn stop(&mut self) -> std::thread::JoinHandle<Result<(), VhostError>> {
-        self.stop.write(1).expect("stop");
-        self.handle.take().expect("running")
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    #[allow(clippy::new_ret_no_self)]
+    fn new(reg: &Registry, name: &str, dir: &std::path::Path) -> common::vring::Export {
+        let mut ex = common::vring::Export::serve(reg, name, dir.join(format!("{name}.sock")), 1, 64, "ops");
+        ex.check_exit = false;
+        ex
     }
 }
 
@@ -98,28 +58,11 @@ struct Guest {
     call: EventFd,
 }
 
-type Mem = GuestMemoryMmap<()>;
-
 impl Guest {
-    fn connect(sock: &PathBuf) -> (Self, Mem) {
-        let mut f = Frontend::connect(sock, 1).expect("connect");
-        f.set_owner().expect("owner");
-        let features = f.get_features().expect("features");
-        f.set_features(features).expect("set features");
-        let want = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        f.set_protocol_features(want).expect("set protocol features");
-        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM,
-            Some(FileOffset::new(memfd(MEM), 0)),
-        )])
-        .expect("memory");
-        let region = mem.iter().next().expect("region");
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
-        f.set_mem_table(&[info]).expect("mem table");
+    fn connect(sock: &std::path::Path) -> (Self, Mem) {
+        let (mut f, _) = negotiate(sock, 1, VhostUserProtocolFeatures::empty());
+        let mem = guest_memory(MEM);
+        set_mem_table(&mut f, &mem);
         (Self { f, kick: EventFd::new(0).expect("kick"), call: EventFd::new(0).expect("call") }, mem)
     }
 
@@ -130,25 +73,8 @@ impl Guest {
 
     fn start_queue(&mut self, mem: &Mem, q: &MockSplitQueue<'_, Mem>) {
         let host = mem.iter().next().expect("region").as_ptr() as u64;
-        let f = &mut self.f;
-        f.set_vring_num(0, QSIZE).expect("num");
-        f.set_vring_base(0, 0).expect("base");
-        f.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: host + q.desc_table_addr().0,
-                used_ring_addr: host + q.used_addr().0,
-                avail_ring_addr: host + q.avail_addr().0,
-                log_addr: None,
-            },
-        )
-        .expect("addr");
-        f.set_vring_kick(0, &self.kick).expect("kick");
-        f.set_vring_call(0, &self.call).expect("call");
-        f.set_vring_enable(0, true).expect("enable");
+        let ring = RingLayout { desc: q.desc_table_addr().0, avail: q.avail_addr().0, used: q.used_addr().0 };
+        start_vring(&mut self.f, 0, QSIZE, 0, host, ring, &self.kick, &self.call);
     }
 
     /// Publishes `n` 4 KiB writes (request i: sector 8*i, data at D + 4K*i, status at S + i) as

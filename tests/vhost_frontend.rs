@@ -1,21 +1,20 @@
 //! The vhost-user-blk device driven by the `vhost` crate's frontend: negotiation, config space,
 //! memory-table validation and hand-built (good and malformed) chains on a real vring.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+mod common;
+
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::vring::{acked, guest_memory, memfd, set_mem_table, start_vring, RingLayout, Watchdog};
 use vblkd::bdev::malloc::MallocBdev;
 use vblkd::bdev::Registry;
-use vblkd::vhost::{serve, EventFd, ExportConfig, VhostError};
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use vblkd::vhost::EventFd;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
@@ -24,106 +23,32 @@ use virtio_bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const SIZE: u64 = 4 << 20;
 const MEM: usize = 1 << 20;
 const QSIZE: u16 = 32;
 
+/// The in-process export of a malloc bdev.
 struct Export {
-    stop: Arc<EventFd>,
-    handle: Option<std::thread::JoinHandle<Result<(), VhostError>>>,
+    _srv: common::vring::Export,
     sock: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Export {
     fn new() -> Self {
-        let _ = env_logger::builder().is_test(true).try_init();
         let dir = tempfile::tempdir().expect("tmp");
         let reg = Registry::new();
         reg.register(Arc::new(MallocBdev::new("m0", SIZE, 512).expect("malloc"))).expect("register");
-        let desc = Arc::new(reg.open("m0", true).expect("open"));
         let sock = dir.path().join("m0.sock");
-        let mut cfg = ExportConfig::new(&sock, "serial-0");
-        cfg.queues = 2;
-        cfg.queue_size = 64;
-        let stop = Arc::new(EventFd::new(0).expect("eventfd"));
-        let handle = Some(serve(desc, cfg, stop.clone()).expect("serve"));
-        Self { stop, handle, sock, _dir: dir }
+        let srv = common::vring::Export::serve(&reg, "m0", sock.clone(), 2, 64, "serial-0");
+        Self { _srv: srv, sock, _dir: dir }
     }
 }
 
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(h) = self.handle.take() {
-            let r = h.join().expect("join");
-            assert!(r.is_ok(), "{r:?}");
-        }
-    }
-}
-
-/// Shuts the frontend socket down if the test hangs (the crate would otherwise wait forever).
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(fd: i32, limit: Duration) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while t.elapsed() < limit {
-                if d.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            eprintln!("watchdog: shutting the frontend socket down");
-            // SAFETY: shutdown on a socket fd; at worst the fd is already closed (EBADF).
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        });
-        Self(done)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-fn negotiate(sock: &PathBuf) -> (Frontend, u64) {
-    let mut f = Frontend::connect(sock, 2).expect("connect");
-    f.set_owner().expect("owner");
-    let features = f.get_features().expect("features");
-    f.set_features(features).expect("set features");
-    let pf = f.get_protocol_features().expect("protocol features");
-    let want = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    assert!(pf.contains(want), "{pf:?}");
-    f.set_protocol_features(want).expect("set protocol features");
-    (f, features)
-}
-
-/// Sends one message with NEED_REPLY (REPLY_ACK is negotiated) so a refusal comes back as an error.
-fn acked<T>(f: &mut Frontend, op: impl FnOnce(&mut Frontend) -> T) -> T {
-    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let r = op(f);
-    f.set_hdr_flags(VhostUserHeaderFlag::empty());
-    r
-}
-
-fn memfd(len: usize) -> File {
-    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vblkd-test".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: fd is a fresh, owned descriptor.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len as u64).expect("set_len");
-    f
+fn negotiate(sock: &std::path::Path) -> (Frontend, u64) {
+    common::vring::negotiate(sock, 2, VhostUserProtocolFeatures::empty())
 }
 
 fn config(f: &mut Frontend) -> Vec<u8> {
@@ -139,7 +64,7 @@ fn le32(b: &[u8], off: usize) -> u32 {
 fn negotiation_and_config_space() {
     let ex = Export::new();
     let (mut f, features) = negotiate(&ex.sock);
-    let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+    let _w = Watchdog::on(&f, Duration::from_secs(20));
     for bit in [
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
@@ -190,7 +115,7 @@ fn negotiation_and_config_space() {
 fn memory_region_past_end_of_file_is_refused() {
     let ex = Export::new();
     let (mut f, _) = negotiate(&ex.sock);
-    let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+    let _w = Watchdog::on(&f, Duration::from_secs(20));
     let file = memfd(MEM);
     let region = VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
@@ -250,40 +175,15 @@ fn header(m: &GuestMemoryMmap<()>, at: u64, kind: u32, sector: u64) {
 fn chains_on_a_real_vring() {
     let ex = Export::new();
     let (mut f, _) = negotiate(&ex.sock);
-    let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(30));
-    let file = memfd(MEM);
-    let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .expect("memory");
-    let region = mem.iter().next().expect("region");
-    let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
-    f.set_mem_table(&[info]).expect("mem table");
-    let host = info.userspace_addr;
+    let _w = Watchdog::on(&f, Duration::from_secs(30));
+    let mem = guest_memory(MEM);
+    let host = set_mem_table(&mut f, &mem);
 
     let q = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
     let kick = EventFd::new(0).expect("kick");
     let call = EventFd::new(0).expect("call");
-    f.set_vring_num(0, QSIZE).expect("num");
-    f.set_vring_base(0, 0).expect("base");
-    f.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + q.desc_table_addr().0,
-            used_ring_addr: host + q.used_addr().0,
-            avail_ring_addr: host + q.avail_addr().0,
-            log_addr: None,
-        },
-    )
-    .expect("addr");
-    f.set_vring_kick(0, &kick).expect("kick");
-    f.set_vring_call(0, &call).expect("call");
-    f.set_vring_enable(0, true).expect("enable");
+    let ring = RingLayout { desc: q.desc_table_addr().0, avail: q.avail_addr().0, used: q.used_addr().0 };
+    start_vring(&mut f, 0, QSIZE, 0, host, ring, &kick, &call);
 
     const H: u64 = 0x10000; // headers, 16 bytes apart
     const D: u64 = 0x20000; // data
@@ -362,7 +262,7 @@ fn unoffered_features_and_bad_vring_sizes_are_refused() {
     // Feature bits the device did not offer (SCSI passthrough, bit 7; and a high unknown bit).
     {
         let mut f = Frontend::connect(&ex.sock, 2).expect("connect");
-        let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+        let _w = Watchdog::on(&f, Duration::from_secs(20));
         f.set_owner().expect("owner");
         let features = f.get_features().expect("features");
         assert_eq!(features & (1 << VIRTIO_BLK_F_SCSI), 0, "SCSI must not be offered");
@@ -375,7 +275,7 @@ fn unoffered_features_and_bad_vring_sizes_are_refused() {
     // A vring size of zero, or above the export's queue-size, is refused.
     for num in [0u16, 2 * QSIZE * 2] {
         let (mut f, _) = negotiate(&ex.sock);
-        let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+        let _w = Watchdog::on(&f, Duration::from_secs(20));
         let r = acked(&mut f, |f| f.set_vring_num(0, num));
         assert!(r.is_err(), "vring size {num} must be refused");
     }
@@ -383,10 +283,10 @@ fn unoffered_features_and_bad_vring_sizes_are_refused() {
     // carries on and serves the next frontend normally.
     {
         let (mut f, _) = negotiate(&ex.sock);
-        let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+        let _w = Watchdog::on(&f, Duration::from_secs(20));
         let _ = acked(&mut f, |f| f.set_vring_num(0, 33));
     }
     let (mut f, _) = negotiate(&ex.sock);
-    let _w = Watchdog::new(f.as_raw_fd(), Duration::from_secs(20));
+    let _w = Watchdog::on(&f, Duration::from_secs(20));
     assert_eq!(u64::from_le_bytes(config(&mut f)[0..8].try_into().expect("8")), SIZE / 512);
 }

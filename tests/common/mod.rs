@@ -89,3 +89,4 @@ pub fn rbd_bdev(name: &str, tag: &str, size: &str) -> String {
         ceph_conf().display()
     )
 }
+pub mod vring;

@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod request;
 pub mod server;
 pub mod socket;
+pub mod spin;
 
 pub use server::{
     check_socket, default_queues, serve, ExportConfig, ExportStatus, VhostError, MAX_QUEUES, MAX_QUEUE_SIZE,

@@ -659,6 +659,25 @@ mod tests {
         let l = Limits { size_max: 1024, ..limits() };
         let e = err(parse_with(&m, &[(HDR, 16, false), (DATA, 2048, true), (STATUS, 1, true)], &l));
         assert_eq!(e.error, ParseError::SegmentTooLarge);
+        // size_max itself is allowed.
+        let r = parse_with(&m, &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)], &l);
+        assert_eq!(r.expect("a segment of exactly size_max is taken").data_len, 1024);
+    }
+
+    /// A zero-length data descriptor carries nothing: it is skipped (no iovec, no segment), wherever
+    /// its address points.
+    #[test]
+    fn zero_length_data_descriptors_are_skipped() {
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let r = parse(&m, &[(HDR, 16, false), (0x30_0000, 0, true), (DATA, 512, true), (STATUS, 1, true)])
+            .expect("ok");
+        assert_eq!((r.data_len, r.iovecs.len(), r.segments.len()), (512, 1, 1));
+        assert_eq!(r.segments[0], (GuestAddress(DATA), 512));
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let r = parse(&m, &[(HDR, 16, false), (0x30_0000, 0, false), (STATUS, 1, true)]).expect("flush");
+        assert_eq!(r.kind, RequestKind::Flush);
+        assert!(r.segments.is_empty());
     }
 
     #[test]

@@ -362,6 +362,21 @@ impl LineMap {
         v.into_iter().map(|(_, i)| i).collect()
     }
 
+    /// Frees every clean, unlocked line of `core` whose record cannot say "dirty" (a removed core);
+    /// returns how many.
+    pub fn forget_clean(&mut self, core: u16) -> usize {
+        let victims: Vec<u32> = (0..self.lines.len() as u32)
+            .filter(|&i| {
+                let l = &self.lines[i as usize];
+                l.key.is_some_and(|k| k.0 == core && !self.is_locked(k)) && l.dirty == 0 && l.disk_dirty == 0
+            })
+            .collect();
+        for &i in &victims {
+            self.drop_line(i);
+        }
+        victims.len()
+    }
+
     /// Keys of every dirty line of `core`.
     pub fn dirty_keys(&self, core: u16) -> Vec<Key> {
         self.lines.iter().filter_map(|l| l.key.filter(|k| k.0 == core && l.dirty != 0)).collect()

@@ -37,11 +37,14 @@
 //!   ones are in the core anyway); after a clean shutdown everything is.
 //! * **Hot remove.** Cache device removed: the instance goes pass-through; if dirty data is at risk its
 //!   count and line ranges are logged as errors and reads of those sectors fail (never stale data).
-//!   Core removed: its cache bdev fails I/O with `Removed` and reports that core's dirty lines.
+//!   Core removed (the registry calls back with itself, on the remover's thread, before the core is
+//!   shut down): its cache bdev fails new I/O with `Removed`, writes back that core's dirty lines
+//!   (waiting at most 30 s), reports what it could not (count and line ranges, as errors), frees
+//!   that core's clean lines, then unregisters itself, so its own users (an export, a bdev stacked on
+//!   it) see a hot-remove in turn. Other cores of a shared instance are served on.
 //!
 //! # Limitations
-//! Removal of the core marks the cache bdev removed but cannot unregister it from the registry (the
-//! module has no owning handle on the registry); the later control interface can. Lines are filled
+//! Lines are filled
 //! only with the sectors a request touched (no read-ahead of whole lines).
 
 pub mod cleaner;
@@ -51,7 +54,7 @@ pub mod layout;
 pub mod map;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -253,12 +256,20 @@ impl Mailbox {
 
     /// Blocks until `token` is posted (for callers outside a poller: mode switch, shutdown).
     pub(crate) fn wait_for(&self, token: u64) -> Result<(), IoError> {
+        self.wait_until(token, None).unwrap_or(Err(IoError::Removed))
+    }
+
+    /// Like `wait_for`, giving up (`None`) at `deadline`.
+    pub(crate) fn wait_until(&self, token: u64, deadline: Option<Instant>) -> Option<Result<(), IoError>> {
         loop {
             let mut items = lock(&self.items);
             if let Some(p) = items.iter().position(|(t, _)| *t == token) {
-                return items.remove(p).1;
+                return Some(items.remove(p).1);
             }
             drop(items);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
             let mut pfd = libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(&self.efd),
                 events: libc::POLLIN,
@@ -474,6 +485,10 @@ pub struct CacheBdev {
     pub(crate) seq_cutoff_bytes: u64,
     pub(crate) seq: Arc<Mutex<SeqState>>,
     shut: Arc<AtomicBool>,
+    /// The core is detached from the instance: the cleaner no longer touches it.
+    detached: Arc<AtomicBool>,
+    /// Dirty lines reported at risk when the core went away.
+    pub(crate) at_risk: AtomicU64,
 }
 
 /// Submits one I/O and waits for it (set-up and tear-down paths only).
@@ -563,16 +578,14 @@ impl CacheBdev {
         let key = Arc::as_ptr(&cache_bdev).cast::<()>() as usize;
         // Core first: claiming it tells a second cache bdev on the same core to go away.
         let core_removed = Arc::new(AtomicBool::new(false));
-        let flag = core_removed.clone();
         let shut = Arc::new(AtomicBool::new(false));
-        let shut2 = shut.clone();
-        let name = cfg.name.clone();
+        let me: Arc<Mutex<Weak<CacheBdev>>> = Arc::new(Mutex::new(Weak::new()));
+        let me2 = me.clone();
         let mut core = registry
-            .open_with_remove(&cfg.core, true, move |n| {
-                flag.store(true, Ordering::Release);
-                // After this cache bdev's shutdown, removing its core is ordinary teardown.
-                if !shut2.load(Ordering::Acquire) {
-                    log::error!("core bdev '{n}' removed: cache bdev '{name}' fails further I/O");
+            .open_with_remove_in(&cfg.core, true, move |reg, n| {
+                let this = lock(&me2).upgrade();
+                if let Some(b) = this {
+                    b.core_gone(reg, n);
                 }
             })
             .map_err(|e| cfg_err(cfg, format!("core={}: {e}", cfg.core)))?;
@@ -668,10 +681,9 @@ impl CacheBdev {
         }
         sh.write_superblock(false)?;
         let core = Arc::new(core);
-        lock(&sh.cores).insert(
-            core_id,
-            CoreSlot { desc: core.clone(), removed: core_removed.clone(), block_size: core_bs },
-        );
+        let detached = Arc::new(AtomicBool::new(false));
+        lock(&sh.cores)
+            .insert(core_id, CoreSlot { desc: core.clone(), removed: detached.clone(), block_size: core_bs });
         sh.send(OwnerReq::CoreAttached(core_id));
         let cinfo = core.info();
         let mut info = BdevInfo::new(&cfg.name, "cache", core_bs, cinfo.num_blocks);
@@ -693,7 +705,7 @@ impl CacheBdev {
             sh.line_size,
             sh.cleaner.as_str()
         );
-        Ok(Arc::new(CacheBdev {
+        let b = Arc::new(CacheBdev {
             info,
             inst,
             core_id,
@@ -703,7 +715,11 @@ impl CacheBdev {
             seq_cutoff_bytes: cfg.seq_cutoff_bytes,
             seq: Arc::new(Mutex::new(SeqState::default())),
             shut,
-        }))
+            detached,
+            at_risk: AtomicU64::new(0),
+        });
+        *lock(&me) = Arc::downgrade(&b);
+        Ok(b)
     }
 
     /// Opens the cache device: format, or load its metadata, per `cfg.load`; starts the owner thread.
@@ -920,6 +936,70 @@ impl CacheBdev {
         })
     }
 
+    /// Hot-remove of the core (called by the registry, without its lock, on the thread removing the
+    /// core; the core still serves I/O until its remover shuts it down): new I/O fails with `Removed`,
+    /// this core's dirty lines are written back (bounded wait), what could not be is reported as at
+    /// risk (count and ranges), its clean lines are freed for the other cores of a shared instance,
+    /// and this cache bdev unregisters itself so its own users see a hot-remove in turn.
+    fn core_gone(self: &Arc<Self>, reg: &Registry, core: &str) {
+        if self.shut.load(Ordering::Acquire) {
+            // After this cache bdev's shutdown, removing its core is ordinary teardown.
+            return;
+        }
+        let sh = &self.inst.sh;
+        let name = &self.info.name;
+        self.core_removed.store(true, Ordering::Release);
+        log::error!(
+            "core bdev '{core}' removed: cache bdev '{name}' fails further I/O, writes back its dirty \
+             lines and removes itself"
+        );
+        if !sh.cache_removed.load(Ordering::Acquire) {
+            let t = Instant::now();
+            match self.clean_core(Duration::from_secs(30)) {
+                Ok(()) => log::info!(
+                    "cache bdev '{name}': dirty lines of core '{core}' written back in {} ms",
+                    t.elapsed().as_millis()
+                ),
+                Err(e) => log::error!("cache bdev '{name}': writing back to core '{core}' failed: {e}"),
+            }
+        }
+        let n = sh.report_dirty(self.core_id, &format!("core '{core}' of cache bdev '{name}' removed"));
+        self.at_risk.store(n as u64, Ordering::Release);
+        if n == 0 {
+            log::warn!("cache bdev '{name}': core '{core}' removed with no dirty data at risk");
+        }
+        self.detached.store(true, Ordering::Release);
+        let freed = lock(&sh.map).forget_clean(self.core_id);
+        if freed > 0 {
+            log::info!("cache '{}': {freed} clean lines of core '{core}' freed", sh.cache_name);
+        }
+        sh.wake_all();
+        let registered =
+            reg.get(name).is_some_and(|b| Arc::as_ptr(&b).cast::<()>() == Arc::as_ptr(self).cast::<()>());
+        let r = if registered { reg.unregister(name).and_then(|b| b.shutdown()) } else { self.shutdown() };
+        match r {
+            Ok(()) => log::warn!("cache bdev '{name}' removed (its core '{core}' went away)"),
+            Err(e) => log::error!("cache bdev '{name}': removal after its core went away: {e}"),
+        }
+    }
+
+    /// Writes back this core's dirty lines and flushes the core; waits at most `limit`.
+    fn clean_core(&self, limit: Duration) -> Result<(), BdevError> {
+        let mb = Mailbox::new()?;
+        self.inst.sh.send(OwnerReq::Flush(Some(self.core_id), mb.clone(), 1));
+        let deadline = Instant::now() + limit;
+        let late = || BdevError::Module(format!("not done after {} s", limit.as_secs()));
+        mb.wait_until(1, Some(deadline)).ok_or_else(late)?.map_err(|e| BdevError::Module(e.to_string()))?;
+        // Record the cleaned lines as clean, so they can be freed.
+        self.inst.sh.send(OwnerReq::Persist(mb.clone(), 2));
+        mb.wait_until(2, Some(deadline)).ok_or_else(late)?.map_err(|e| BdevError::Module(e.to_string()))
+    }
+
+    /// Dirty lines that were at risk when the core went away (0 until then).
+    pub fn dirty_at_risk(&self) -> u64 {
+        self.at_risk.load(Ordering::Acquire)
+    }
+
     fn stats_value(&self, c: &Counters) -> serde_json::Value {
         let mut v = serde_json::to_value(c).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
@@ -974,9 +1054,6 @@ impl Bdev for CacheBdev {
         let c = sh.counters(Some(self.core_id));
         if let Some(e) = lock(&sh.sb).0.cores.iter_mut().find(|e| e.id == self.core_id) {
             e.stats = serde_json::to_value(c).unwrap_or_default();
-        }
-        if self.core_removed.load(Ordering::Acquire) {
-            sh.report_dirty(self.core_id, "core removed");
         }
         let last = {
             let mut cores = lock(&sh.cores);

@@ -89,3 +89,88 @@ fn removing_the_core_writes_back_and_removes_the_exported_cache_bdev() {
     ok(&control, &["bdev-remove", "cd"]);
     assert!(d.stop().success());
 }
+
+#[test]
+fn cache_info_takes_a_bdev_name_of_the_running_daemon_or_a_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut d, sock, control, _core) = start(dir.path(), &[]);
+    let mut c = BlkClient::connect(&sock, 1, 64, 1 << 20).expect("connect");
+    for i in 0..4u64 {
+        assert_eq!(c.sync(0, |c, u| c.write(0, i * 4096, 0, 4096, u)).expect("write"), 0);
+    }
+    assert_eq!(c.sync(0, |c, u| c.read(0, 0, 0, 4096, u)).expect("read"), 0);
+    let info = |args: &[&str]| {
+        let out =
+            vblkd().args(["cache", "info"]).args(args).arg("--control").arg(&control).output().expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = info(&["--cache", "d0"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["mode"], "wb", "{v}");
+    assert_eq!(v["write_misses"], 4, "{v}");
+    assert_eq!(v["read_hits"], 1, "{v}");
+    assert_eq!(v["dirty_lines"], 4, "{v}");
+    let sc = &v["shared_cache"];
+    assert_eq!(sc["line_size"], 4096, "{v}");
+    assert!(
+        sc["num_lines"].as_u64().unwrap_or(0) > 1000 && sc["uuid"].as_str().is_some_and(|u| u.len() == 32),
+        "{v}"
+    );
+    assert_eq!(sc["cores"], serde_json::json!(["d0"]), "{v}");
+    // Unknown name, a bdev that is not a cache, no daemon: clear errors naming the flag.
+    let (code, _, err) = info(&["--cache", "nosuch"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--cache nosuch") && err.contains("no bdev of that name"), "{err}");
+    let (code, _, err) = info(&["--cache", "cd"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is a malloc bdev, not cache"), "{err}");
+    let out = vblkd()
+        .args(["cache", "info", "--cache", "d0", "--control"])
+        .arg(dir.path().join("none.ctl"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("--cache d0") && err.contains("no running daemon"), "{err}");
+    drop(c);
+    assert!(d.stop().success());
+    // A path is read directly (a file cache device after a clean stop).
+    let img = dir.path().join("cache.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).expect("image");
+    let extra = ["--bdev".to_string(), format!("driver=file,name=cf,path={}", img.display())];
+    let sock2 = dir.path().join("d1.sock");
+    let control2 = dir.path().join("c2.ctl");
+    let core2 = dir.path().join("core2.img");
+    let args: Vec<String> = [
+        "--control".to_string(),
+        control2.display().to_string(),
+        "--bdev".into(),
+        format!("driver=file,name=core2,path={},size=16M", core2.display()),
+    ]
+    .into_iter()
+    .chain(extra)
+    .chain([
+        "--bdev".into(),
+        "driver=cache,name=d1,cache=cf,core=core2,mode=wt".into(),
+        "--export".into(),
+        format!("bdev=d1,socket={}", sock2.display()),
+    ])
+    .collect();
+    let mut d2 = Daemon::start(&args, &sock2);
+    assert!(d2.stop().success());
+    let before = std::fs::read(&img).expect("image");
+    let (code, out, err) = info(&["--cache", img.to_str().expect("utf8")]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["clean_shutdown"], true, "{v}");
+    assert_eq!(v["cores"][0]["cache_bdev"], "d1", "{v}");
+    assert!(std::fs::read(&img).expect("image") == before, "cache info never modifies the device");
+    let (code, _, err) = info(&["--cache", "./missing.img"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--cache ./missing.img"), "{err}");
+}

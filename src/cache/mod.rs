@@ -1075,7 +1075,14 @@ impl Bdev for CacheBdev {
             o.insert("cache_device".into(), sh.cache_name.clone().into());
             o.insert("num_lines".into(), sh.num_lines.into());
             o.insert("line_size".into(), sh.line_size.into());
-            o.insert("cores".into(), lock(&sh.sb).0.cores.iter().map(|c| c.cache_bdev.clone()).collect());
+            let sb = lock(&sh.sb);
+            o.insert("cores".into(), sb.0.cores.iter().map(|c| c.cache_bdev.clone()).collect());
+            o.insert("uuid".into(), sb.0.uuid.clone().into());
+            o.insert("cleaner".into(), sh.cleaner.as_str().into());
+            o.insert("cache_block_size".into(), sh.cache_block.into());
+            o.insert("data_offset".into(), sh.data_offset.into());
+            o.insert("superblock_seq".into(), sb.1.into());
+            o.insert("cache_removed".into(), sh.cache_removed.load(Ordering::Acquire).into());
         }
         if let Some(o) = v.as_object_mut() {
             o.insert("shared_cache".into(), shared);

@@ -563,6 +563,65 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Rebuilds the line map from a cache device's record area (`image`, the line records right after the
+/// superblocks) as a load does: after an unclean shutdown only dirty sectors count, after a clean one
+/// every valid sector; saved counters come from the superblock. Returns the map, the lines loaded and
+/// the dirty lines among them; damaged metadata is an error naming it, never a panic (fuzzed:
+/// `fuzz/fuzz_targets/cache_md.rs`).
+pub fn load_map(
+    sb: &Superblock,
+    image: &[u8],
+    num_lines: u32,
+    dev: &str,
+) -> Result<(LineMap, u64, u64), LayoutError> {
+    let mut map = LineMap::new(num_lines);
+    let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
+    let (mut loaded_lines, mut dirty_lines) = (0u64, 0u64);
+    let mut last_log = Instant::now();
+    let rec_bytes = layout::LINE_MD_BYTES as usize;
+    for i in 0..num_lines {
+        let o = i as usize * rec_bytes;
+        let bytes = image.get(o..o + rec_bytes).ok_or_else(|| {
+            LayoutError::Corrupt(format!("the record area ends before line {i} of {num_lines}"))
+        })?;
+        let Some(r) = layout::decode_line(bytes, i)? else { continue };
+        map.lines[i as usize].seq = r.seq;
+        if !r.used {
+            continue;
+        }
+        if !known.contains(&r.core_id) || map.lookup((r.core_id, r.core_line)).is_some() {
+            return Err(LayoutError::Corrupt(format!(
+                "line {i} names core id {} line {} twice or an unknown core",
+                r.core_id, r.core_line
+            )));
+        }
+        let valid = if sb.clean_shutdown { r.valid } else { r.dirty };
+        if valid == 0 {
+            continue;
+        }
+        map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq);
+        loaded_lines += 1;
+        dirty_lines += u64::from(r.dirty != 0);
+        if last_log.elapsed() > Duration::from_secs(1) {
+            log::info!("cache '{dev}': load: {i}/{num_lines} records read");
+            last_log = Instant::now();
+        }
+    }
+    for c in &sb.cores {
+        if let Ok(saved) = serde_json::from_value::<Counters>(c.stats.clone()) {
+            let k = map.counters(c.id);
+            k.read_hits = saved.read_hits;
+            k.read_misses = saved.read_misses;
+            k.read_partial_hits = saved.read_partial_hits;
+            k.write_hits = saved.write_hits;
+            k.write_misses = saved.write_misses;
+            k.evictions = saved.evictions;
+            k.cleaner_writes = saved.cleaner_writes;
+        }
+    }
+    Ok((map, loaded_lines, dirty_lines))
+}
+
 impl CacheBdev {
     /// Builds a cache bdev over `cfg.core`, on a new or existing instance on `cfg.cache`.
     pub fn create(cfg: &CacheConfig, registry: &Registry) -> Result<Arc<CacheBdev>, BdevError> {
@@ -786,48 +845,9 @@ impl CacheBdev {
                     if sb.clean_shutdown { "clean" } else { "after an unclean" }
                 );
                 let image = sync_read(&mut ch, layout::MD_OFFSET, md_bytes, cbs)?;
-                let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
-                let (mut loaded_lines, mut dirty_lines) = (0u64, 0u64);
-                let mut last_log = Instant::now();
-                for i in 0..num_lines {
-                    let o = i as usize * layout::LINE_MD_BYTES as usize;
-                    let rec = layout::decode_line(&image[o..o + layout::LINE_MD_BYTES as usize], i)
-                        .map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
-                    let Some(r) = rec else { continue };
-                    map.lines[i as usize].seq = r.seq;
-                    if !r.used {
-                        continue;
-                    }
-                    if !known.contains(&r.core_id) || map.lookup((r.core_id, r.core_line)).is_some() {
-                        return Err(cfg_err(cfg, format!(
-                            "cache={}: corrupt cache metadata: line {i} names core id {} line {} twice or an unknown core; {force}",
-                            cfg.cache, r.core_id, r.core_line
-                        )));
-                    }
-                    let valid = if sb.clean_shutdown { r.valid } else { r.dirty };
-                    if valid == 0 {
-                        continue;
-                    }
-                    map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq);
-                    loaded_lines += 1;
-                    dirty_lines += u64::from(r.dirty != 0);
-                    if last_log.elapsed() > Duration::from_secs(1) {
-                        log::info!("cache '{}': load: {i}/{num_lines} records read", cfg.cache);
-                        last_log = Instant::now();
-                    }
-                }
-                for c in &sb.cores {
-                    if let Ok(saved) = serde_json::from_value::<Counters>(c.stats.clone()) {
-                        let k = map.counters(c.id);
-                        k.read_hits = saved.read_hits;
-                        k.read_misses = saved.read_misses;
-                        k.read_partial_hits = saved.read_partial_hits;
-                        k.write_hits = saved.write_hits;
-                        k.write_misses = saved.write_misses;
-                        k.evictions = saved.evictions;
-                        k.cleaner_writes = saved.cleaner_writes;
-                    }
-                }
+                let (loaded_map, loaded_lines, dirty_lines) = load_map(&sb, &image, num_lines, &cfg.cache)
+                    .map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
+                map = loaded_map;
                 log::info!(
                     "cache '{}': loaded {loaded_lines} lines ({dirty_lines} dirty) in {} ms",
                     cfg.cache,

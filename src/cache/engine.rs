@@ -25,9 +25,12 @@
 //! * When no clean line can be evicted, a wb write goes to the core for that line (never waits for
 //!   the cleaner) and the cleaner is told that clean lines are needed.
 //!
+//! * A request whose lines are locked (by another request or a cleaning batch) waits in its
+//!   channel; later requests on other lines pass it, later ones on the same lines queue behind it
+//!   (submission order per line).
+//!
 //! # Limitations
-//! Requests that wait for a lock are retried in submission order (head-of-line blocking on that
-//! channel only). Read misses fill exactly the sectors read.
+//! Read misses fill exactly the sectors read.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -205,6 +208,19 @@ impl CacheChannel {
             SeqCutoff::Always => over,
             SeqCutoff::Full => over && map.free_lines() == 0,
             SeqCutoff::Off => false,
+        }
+    }
+
+    /// True when two requests touch a common core line (requests without a range never wait).
+    fn overlap(&self, a: &BdevIo, b: &BdevIo) -> bool {
+        let range = |io: &BdevIo| {
+            (matches!(io.kind, IoKind::Read | IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes)
+                && io.num_blocks > 0)
+                .then(|| (io.offset_blocks / self.lb, (io.offset_blocks + io.num_blocks - 1) / self.lb))
+        };
+        match (range(a), range(b)) {
+            (Some((f1, l1)), Some((f2, l2))) => f1 <= l2 && f2 <= l1,
+            _ => false,
         }
     }
 
@@ -552,7 +568,7 @@ impl CacheChannel {
                 if l.key != Some(p.key) {
                     continue;
                 }
-                let (mut v, mut d, dd) = (l.valid, l.dirty, l.disk_dirty);
+                let (mut v, mut d, dd, sure) = (l.valid, l.dirty, l.disk_dirty, l.disk_sure);
                 match (p.act, ok) {
                     (Act::Fill, true) => v |= p.mask,
                     (Act::Fill, false) => {}
@@ -563,7 +579,8 @@ impl CacheChannel {
                     (Act::WriteDirty, true) => {
                         v |= p.mask;
                         d |= p.mask;
-                        persist |= p.mask & !dd != 0;
+                        // Acknowledged only once the device certainly records these sectors dirty.
+                        persist |= p.mask & !sure != 0;
                     }
                     (Act::WriteClean | Act::WriteDirty, false) => {
                         // The line's copy of these sectors is unknown now; dirty data there is lost.
@@ -630,7 +647,8 @@ impl CacheChannel {
 
 impl ModuleChannel for CacheChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
-        if !self.blocked.is_empty() {
+        // Only a request on lines that an earlier waiting request also touches must queue behind it.
+        if self.blocked.iter().any(|b| self.overlap(b, &io)) {
             self.blocked.push_back(io);
             return Ok(());
         }
@@ -655,12 +673,19 @@ impl ModuleChannel for CacheChannel {
                 self.child_done(c.tag, c.result);
             }
             self.scratch = scratch;
-            while let Some(io) = self.blocked.pop_front() {
+            let mut i = 0;
+            while i < self.blocked.len() {
+                // Keep the order of requests on the same lines: wait behind an earlier one.
+                if (0..i).any(|j| self.overlap(&self.blocked[j], &self.blocked[i])) {
+                    i += 1;
+                    continue;
+                }
+                let Some(io) = self.blocked.remove(i) else { break };
                 match self.start(io) {
                     Ok(()) => progress = true,
                     Err(io) => {
-                        self.blocked.push_front(io);
-                        break;
+                        self.blocked.insert(i, io);
+                        i += 1;
                     }
                 }
             }

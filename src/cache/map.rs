@@ -19,7 +19,7 @@
 //! The eviction scan looks at most `EVICT_SCAN` lines from the LRU tail; lock look-up is linear in
 //! the number of requests in flight.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 
 use crate::tagmap::TagHasher;
@@ -39,8 +39,13 @@ pub struct Line {
     pub valid: u128,
     /// Dirty sectors (newer than the core).
     pub dirty: u128,
-    /// Dirty sectors that may be recorded on the cache device.
+    /// Dirty sectors that may be recorded on the cache device (over-estimate: while a record write
+    /// is in flight, the old and the new record's bits).
     pub disk_dirty: u128,
+    /// Dirty sectors certainly recorded on the cache device (under-estimate: while a record write is
+    /// in flight, the bits both the old and the new record have). A write-back write must wait for
+    /// a record write unless its sectors are all in here.
+    pub disk_sure: u128,
     /// Runtime state differs from the persisted record.
     pub md_dirty: bool,
     /// Sequence number of the last persisted record.
@@ -59,6 +64,7 @@ impl Line {
             valid: 0,
             dirty: 0,
             disk_dirty: 0,
+            disk_sure: 0,
             md_dirty: false,
             seq: 0,
             dirty_since_ms: 0,
@@ -122,6 +128,8 @@ pub struct LineMap {
     pub counters: Vec<Counters>,
     /// Someone waits for a lock.
     pub lock_waiters: bool,
+    /// Dirty lines by (dirty since, line): the cleaner's order, without scanning the map.
+    dirty_order: BTreeSet<(u64, u32)>,
 }
 
 impl LineMap {
@@ -137,6 +145,7 @@ impl LineMap {
             md_pending: Vec::new(),
             counters: Vec::new(),
             lock_waiters: false,
+            dirty_order: BTreeSet::new(),
         }
     }
 
@@ -277,6 +286,9 @@ impl LineMap {
         if let Some(key) = l.key.take() {
             self.index.remove(&key);
             let dirty = l.dirty != 0;
+            if dirty {
+                self.dirty_order.remove(&(l.dirty_since_ms, i));
+            }
             l.valid = 0;
             l.dirty = 0;
             let c = self.counters(key.0);
@@ -310,7 +322,11 @@ impl LineMap {
         l.dirty = dirty;
         if !was_dirty && dirty != 0 {
             l.dirty_since_ms = now_ms;
+            self.dirty_order.insert((now_ms, i));
+        } else if was_dirty && dirty == 0 {
+            self.dirty_order.remove(&(l.dirty_since_ms, i));
         }
+        let l = &self.lines[i as usize];
         let disk_dirty = l.disk_dirty;
         let c = self.counters(key.0);
         match (was_dirty, dirty != 0) {
@@ -334,7 +350,11 @@ impl LineMap {
         l.valid = valid;
         l.dirty = dirty;
         l.disk_dirty = dirty;
+        l.disk_sure = dirty;
         l.seq = seq;
+        if dirty != 0 {
+            self.dirty_order.insert((l.dirty_since_ms, i));
+        }
         self.index.insert(key, i);
         self.lru_push_front(i);
         let c = self.counters(key.0);
@@ -347,19 +367,29 @@ impl LineMap {
     /// Dirty lines of `core` (all cores when `None`), oldest first, at most `max`, skipping locked ones
     /// and lines of cores not in `attached`.
     pub fn dirty_lines(&self, core: Option<u16>, attached: &dyn Fn(u16) -> bool, max: usize) -> Vec<u32> {
-        let mut v: Vec<(u64, u32)> = self
-            .lines
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                let key = l.key?;
-                (l.dirty != 0 && core.map_or(true, |c| c == key.0) && attached(key.0) && !self.is_locked(key))
-                    .then_some((l.dirty_since_ms, i as u32))
-            })
-            .collect();
-        v.sort_unstable();
-        v.truncate(max);
-        v.into_iter().map(|(_, i)| i).collect()
+        self.dirty_older_than(core, attached, max, u64::MAX)
+    }
+
+    /// Like `dirty_lines`, only lines dirty since before `before_ms` (walks the dirty order, oldest
+    /// first: no scan of the whole map).
+    pub fn dirty_older_than(
+        &self,
+        core: Option<u16>,
+        attached: &dyn Fn(u16) -> bool,
+        max: usize,
+        before_ms: u64,
+    ) -> Vec<u32> {
+        let mut v = Vec::new();
+        for &(since, i) in &self.dirty_order {
+            if v.len() >= max || since >= before_ms {
+                break;
+            }
+            let Some(key) = self.lines[i as usize].key else { continue };
+            if core.map_or(true, |c| c == key.0) && attached(key.0) && !self.is_locked(key) {
+                v.push(i);
+            }
+        }
+        v
     }
 
     /// Frees every clean, unlocked line of `core` whose record cannot say "dirty" (a removed core);

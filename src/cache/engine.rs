@@ -118,6 +118,7 @@ pub struct CacheChannel {
     blocked: VecDeque<BdevIo>,
     done: VecDeque<Completion>,
     scratch: Vec<Completion>,
+    seg_pool: Vec<Seg>,
 }
 
 fn mask(a: u64, b: u64) -> u128 {
@@ -183,6 +184,7 @@ impl CacheChannel {
             blocked: VecDeque::new(),
             done: VecDeque::new(),
             scratch: Vec::new(),
+            seg_pool: Vec::new(),
         })
     }
 
@@ -260,7 +262,7 @@ impl CacheChannel {
         let mode = sh.mode();
         let mut req = self.new_req(io, Stage::Data);
         req.locked = true;
-        let mut segs = Vec::new();
+        let mut segs = std::mem::take(&mut self.seg_pool);
         let r = match req.kind {
             IoKind::Read => self.plan_read(&mut map, &mut req, &mut segs, mode, cut, removed),
             IoKind::Write => {
@@ -309,18 +311,20 @@ impl CacheChannel {
     }
 
     /// Per-line pieces of a request: (core line, first sector, end sector, byte offset in the request).
-    fn pieces(&self, off: u64, nb: u64) -> Vec<(u64, u64, u64, u64)> {
-        let mut v = Vec::new();
-        let end = off + nb;
+    fn pieces(&self, off: u64, nb: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+        let (lb, bs, end) = (self.lb, self.bs, off + nb);
         let mut b = off;
-        while b < end {
-            let line = b / self.lb;
-            let a = b - line * self.lb;
-            let e = ((line + 1) * self.lb).min(end) - line * self.lb;
-            v.push((line, a, e, (b - off) * self.bs));
-            b = line * self.lb + e;
-        }
-        v
+        std::iter::from_fn(move || {
+            if b >= end {
+                return None;
+            }
+            let line = b / lb;
+            let a = b - line * lb;
+            let e = ((line + 1) * lb).min(end) - line * lb;
+            let piece = (line, a, e, (b - off) * bs);
+            b = line * lb + e;
+            Some(piece)
+        })
     }
 
     fn plan_read(
@@ -501,10 +505,10 @@ impl CacheChannel {
     }
 
     /// Submits `segs` as children of request `id`.
-    fn issue(&mut self, id: u64, segs: Vec<Seg>, writes: bool) {
+    fn issue(&mut self, id: u64, mut segs: Vec<Seg>, writes: bool) {
         let Some(kind) = self.reqs.get(&id).map(|r| r.kind) else { return };
         let mut n = 0;
-        for s in segs {
+        for s in segs.drain(..) {
             let Some(buf) = self.reqs.get(&id).and_then(|r| r.bufs.slice(s.buf_off, s.len)) else {
                 if let Some(r) = self.reqs.get_mut(&id) {
                     r.error.get_or_insert(IoError::InvalidRange);
@@ -525,6 +529,8 @@ impl CacheChannel {
             ch.submit(io);
             n += 1;
         }
+        // Keep the (empty) vector for the next request: no allocation per request.
+        self.seg_pool = segs;
         if let Some(r) = self.reqs.get_mut(&id) {
             r.pending += n;
             if r.pending == 0 {

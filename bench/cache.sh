@@ -55,7 +55,7 @@ stats() {
     for _ in $(seq 100); do [ "$(wc -l <"$f")" -gt "$n" ] && break; sleep 0.02; done
     tail -n1 "$f" | python3 -c "import json,sys; print(json.load(sys.stdin)['d0']['$2'])"
 }
-bench() { local name=$1; shift; "$BENCH" --socket "$TMP/$name.sock" --bs 4096 --qd 32 --seconds "$SECS" "$@"; }
+bench() { local name=$1; shift; "$BENCH" --socket "$TMP/$name.sock" --bs 4096 --qd 32 --seconds "${RUN_SECS:-$SECS}" "$@"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])$2)" "$1"; }
 best() { # JSON lines on stdin -> the one with the highest IOPS
     python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin if l.strip()]; print(json.dumps(max(r, key=lambda x: x['iops'])))"
@@ -66,7 +66,7 @@ ALLHIT="--rw randread --span-mib $HALF"
 # ---- A. 90/10 hot/cold: file alone vs cache-wt over the file ----
 start file 1 "driver=file,name=d0,path=$TMP/core.img,direct=on"
 start cwt 2 "$FILE_BDEV" "$CACHE_DEV" "driver=cache,name=d0,cache=cd,core=core,mode=wt,seq-cutoff=off"
-bench cwt $HOT --seconds $((SECS * 2)) >/dev/null   # warm-up
+RUN_SECS=$((SECS * 2)) bench cwt $HOT >/dev/null   # warm-up
 : >"$TMP/A.file"; : >"$TMP/A.cache"
 for i in $(seq "$ROUNDS"); do
     R=$(bench file $HOT); echo "{\"part\":\"A\",\"side\":\"file\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/A.file"

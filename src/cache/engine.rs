@@ -96,7 +96,13 @@ struct Req {
     plans: Vec<Plan>,
     inserts: Vec<Seg>,
     locked: bool,
+    /// Read hit: cache lines pinned (the first `npins`).
+    pins: [u32; MAX_PINS],
+    npins: u8,
 }
+
+/// Lines a read hit may span to take the fast path.
+const MAX_PINS: usize = 4;
 
 /// A per-thread channel of a cache bdev.
 pub struct CacheChannel {
@@ -119,6 +125,7 @@ pub struct CacheChannel {
     done: VecDeque<Completion>,
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
+    pins: Arc<[std::sync::atomic::AtomicU32]>,
 }
 
 fn mask(a: u64, b: u64) -> u128 {
@@ -141,6 +148,7 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
+        let pins = lock(&sh.map).pins.clone();
         let cache_ch = sh.cache_desc.channel()?;
         let core_ch = b.core.channel()?;
         let mailbox = Mailbox::new()?;
@@ -185,6 +193,7 @@ impl CacheChannel {
             done: VecDeque::new(),
             scratch: Vec::new(),
             seg_pool: Vec::new(),
+            pins,
         })
     }
 
@@ -254,6 +263,26 @@ impl CacheChannel {
         let last = (io.offset_blocks + io.num_blocks - 1) / self.lb;
         let sh = self.sh.clone();
         let mut map = lock(&sh.map);
+        if io.kind == IoKind::Read
+            && last - first < MAX_PINS as u64
+            && !sh.cache_removed.load(Ordering::Acquire)
+        {
+            let mut segs = std::mem::take(&mut self.seg_pool);
+            if let Some((pins, n)) = self.try_hit(&mut map, &io, &mut segs) {
+                if self.seq_cutoff != SeqCutoff::Off {
+                    // Keep the stream detection going (a hit never fills, so the answer is moot).
+                    let _ = self.cut_off(&io, &map);
+                }
+                drop(map);
+                let mut req = self.new_req(io, Stage::Data);
+                req.pins = pins;
+                req.npins = n;
+                self.reqs.insert(id, req);
+                self.issue(id, segs, false);
+                return Ok(());
+            }
+            self.seg_pool = segs;
+        }
         if !map.try_lock(self.core_id, first, last, id) {
             return Err(io);
         }
@@ -307,6 +336,8 @@ impl CacheChannel {
             plans: Vec::new(),
             inserts: Vec::new(),
             locked: false,
+            pins: [0; MAX_PINS],
+            npins: 0,
         }
     }
 
@@ -325,6 +356,34 @@ impl CacheChannel {
             b = line * lb + e;
             Some(piece)
         })
+    }
+
+    /// Read-hit fast path: when every sector of the request is valid in the cache, pins its lines
+    /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
+    /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
+    fn try_hit(&self, map: &mut LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
+        let mut slots = [0u32; MAX_PINS];
+        let mut n = 0usize;
+        for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
+            let s = map.lookup((self.core_id, line))?;
+            let want = mask(a, e);
+            if map.lines[s as usize].valid & want != want {
+                return None;
+            }
+            *slots.get_mut(n)? = s;
+            n += 1;
+        }
+        for (k, (_, a, e, boff)) in self.pieces(io.offset_blocks, io.num_blocks).enumerate() {
+            let s = slots[k];
+            map.touch(s);
+            map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
+            push_seg(
+                segs,
+                Seg { dev: Dev::Cache, dev_off: self.cache_off(s, a), buf_off: boff, len: (e - a) * self.bs },
+            );
+        }
+        map.counters(self.core_id).read_hits += 1;
+        Some((slots, n as u8))
     }
 
     fn plan_read(
@@ -562,6 +621,15 @@ impl CacheChannel {
     fn finalize(&mut self, id: u64) {
         let sh = self.sh.clone();
         let Some(r) = self.reqs.get_mut(&id) else { return };
+        if r.npins > 0 {
+            // A read hit: release the pins, nothing to apply.
+            for &p in &r.pins[..usize::from(r.npins)] {
+                self.pins[p as usize].fetch_sub(1, Ordering::AcqRel);
+            }
+            r.npins = 0;
+            self.complete(id);
+            return;
+        }
         let removed = sh.cache_removed.load(Ordering::Acquire);
         let mut persist = false;
         let mut wake = false;

@@ -22,6 +22,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::tagmap::TagHasher;
 
@@ -31,11 +33,16 @@ const NIL: u32 = u32::MAX;
 /// Lines examined from the LRU tail when looking for a victim.
 pub const EVICT_SCAN: usize = 512;
 
-/// One cache line at run time.
+/// One cache line at run time. Laid out so that a read hit (key, valid, LRU check) touches one
+/// 64-byte cache line of memory.
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 pub struct Line {
     /// The core line held, if any.
     pub key: Option<Key>,
+    in_lru: bool,
+    /// The map's touch clock when this line was last moved to the LRU head.
+    touched: u32,
     /// Valid sectors.
     pub valid: u128,
     /// Dirty sectors (newer than the core).
@@ -55,9 +62,6 @@ pub struct Line {
     pub dirty_since_ms: u64,
     prev: u32,
     next: u32,
-    in_lru: bool,
-    /// The map's touch clock when this line was last moved to the LRU head.
-    touched: u32,
 }
 
 impl Line {
@@ -134,6 +138,9 @@ pub struct LineMap {
     pub lock_waiters: bool,
     /// Dirty lines by (dirty since, line): the cleaner's order, without scanning the map.
     dirty_order: BTreeSet<(u64, u32)>,
+    /// Read hits in flight per cache line (taken under the map's lock, released without it): a pinned
+    /// line is never evicted, dropped or reused, so a hit reads its data without a range lock.
+    pub pins: Arc<[AtomicU32]>,
     /// Counts moves to the LRU head.
     clock: u32,
     /// A line moved to the head fewer than this many moves ago is still among the `recent` most
@@ -155,6 +162,7 @@ impl LineMap {
             counters: Vec::new(),
             lock_waiters: false,
             dirty_order: BTreeSet::new(),
+            pins: (0..num_lines).map(|_| AtomicU32::new(0)).collect(),
             clock: 0,
             recent: num_lines / 8,
         }
@@ -187,6 +195,12 @@ impl LineMap {
         }
         self.locks.push((core, first, last, owner));
         true
+    }
+
+    /// True while a read hit on cache line `i` is in flight (read under the map's lock: no new pin can
+    /// appear until it is released).
+    pub fn pinned(&self, i: u32) -> bool {
+        self.pins[i as usize].load(Ordering::Acquire) != 0
     }
 
     /// True when a core line is locked.
@@ -285,7 +299,7 @@ impl LineMap {
             let l = &self.lines[i as usize];
             let prev = l.prev;
             if let Some(key) = l.key {
-                if l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) {
+                if l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) && !self.pinned(i) {
                     self.drop_line(i);
                     self.counters(key.0).evictions += 1;
                     self.free.pop();
@@ -323,7 +337,7 @@ impl LineMap {
     pub fn drop_if_empty(&mut self, i: u32) {
         let l = &self.lines[i as usize];
         if let Some(key) = l.key {
-            if l.valid == 0 && l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) {
+            if l.valid == 0 && l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) && !self.pinned(i) {
                 self.drop_line(i);
             }
         }
@@ -355,7 +369,7 @@ impl LineMap {
         if changed {
             self.mark_md(i);
         }
-        if valid == 0 && dirty == 0 && disk_dirty == 0 {
+        if valid == 0 && dirty == 0 && disk_dirty == 0 && !self.pinned(i) {
             self.drop_line(i);
         }
     }
@@ -416,7 +430,10 @@ impl LineMap {
         let victims: Vec<u32> = (0..self.lines.len() as u32)
             .filter(|&i| {
                 let l = &self.lines[i as usize];
-                l.key.is_some_and(|k| k.0 == core && !self.is_locked(k)) && l.dirty == 0 && l.disk_dirty == 0
+                l.key.is_some_and(|k| k.0 == core && !self.is_locked(k))
+                    && l.dirty == 0
+                    && l.disk_dirty == 0
+                    && !self.pinned(i)
             })
             .collect();
         for &i in &victims {
@@ -455,5 +472,38 @@ mod tests {
         m.set_bits(d, 1, 0, 0);
         assert!(m.alloc((0, 9)).is_none(), "b and d are locked, a is dirty");
         assert!(m.unlock(7));
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_line_is_never_evicted_dropped_or_forgotten() {
+        let mut m = LineMap::new(2);
+        let a = m.alloc((0, 1)).unwrap();
+        let b = m.alloc((0, 2)).unwrap();
+        m.set_bits(a, 1, 0, 0);
+        m.set_bits(b, 1, 0, 0);
+        m.touch(b);
+        m.pins[a as usize].fetch_add(1, Ordering::AcqRel);
+        assert_eq!(m.alloc((0, 3)), Some(b), "the pinned LRU tail is skipped");
+        m.set_bits(a, 0, 0, 0);
+        assert_eq!(m.lookup((0, 1)), Some(a), "an emptied pinned line keeps its slot until unpinned");
+        assert_eq!(m.forget_clean(0), 1, "only the unpinned line is forgotten");
+        assert_eq!(m.lookup((0, 1)), Some(a));
+        m.pins[a as usize].fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(m.forget_clean(0), 1);
+        assert_eq!(m.lookup((0, 1)), None);
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    #[test]
+    fn a_line_is_two_cache_lines_with_the_hit_fields_in_the_first() {
+        assert_eq!(std::mem::size_of::<super::Line>(), 128);
+        assert_eq!(std::mem::offset_of!(super::Line, valid), 32);
     }
 }

@@ -10,7 +10,8 @@
 #   B. what a hit costs: all-hit randread (span = half the cache, warmed):
 #      cache device alone (malloc) | cache-wt
 #   C. hit-heavy scaling: the same all-hit randread through the cache with 1 | 2 queues
-#   D. wb 4 KiB randwrite burst (span = half the cache, cleaner=acp), then the time until dirty_lines = 0
+#   D. wb 4 KiB randwrite burst (span = half the cache): D1 with cleaner=acp, then the time until
+#      dirty_lines = 0; D2 with cleaner=nop, then the time of one cache-flush (write back everything)
 # The daemons of one part run side by side (an idle one sleeps), so sides alternate without restarts.
 # Work files live under target/bench/ (the real disk), never /tmp or tmpfs.
 set -euo pipefail
@@ -93,13 +94,28 @@ B_DEV=$(best <"$TMP/B.dev"); B_CACHE=$(best <"$TMP/B.cache"); C_2=$(best <"$TMP/
 stop_all
 
 # ---- D. wb burst and clean-down ----
+# D1: cleaner=acp cleans during the burst; clean-down = time until dirty_lines = 0 afterwards.
 start cwb 1 "$FILE_BDEV" "$CACHE_DEV" \
       "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp,clean-batch=256,seq-cutoff=off"
 WB=$(bench cwb --rw randwrite --span-mib "$HALF")
 t0=$(date +%s.%N); d=$(stats cwb dirty_lines); d0=$d
 while [ "$d" != 0 ]; do sleep 0.1; d=$(stats cwb dirty_lines); done
 CLEAN=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
-echo "{\"part\":\"D\",\"side\":\"wb-burst\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"result\":$WB}"
+echo "{\"part\":\"D\",\"side\":\"wb-burst-acp\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"result\":$WB}"
+stop_all
+# D2: cleaner=nop (nothing cleans during the burst); clean-down = one `cache-flush` (every dirty line
+# written back to the file, then the file flushed).
+CTL=$TMP/ctl.sock
+"$VBLKD" --log-level warn --control "$CTL" --bdev "$FILE_BDEV" --bdev "$CACHE_DEV" \
+    --bdev "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=nop,seq-cutoff=off" \
+    --export "bdev=d0,socket=$TMP/cnop.sock,queues=1" >"$TMP/cnop.out" 2>>"$TMP/cnop.err" &
+PIDS+=($!); PID_cnop=$!
+wait_sock "$TMP/cnop.sock"
+WB2=$(bench cnop --rw randwrite --span-mib "$HALF")
+d2=$(stats cnop dirty_lines)
+t0=$(date +%s.%N); "$VBLKD" ctl --control "$CTL" cache-flush d0 >/dev/null
+CLEAN2=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
+echo "{\"part\":\"D\",\"side\":\"wb-burst-nop\",\"dirty_lines_after_burst\":$d2,\"clean_down_s\":$CLEAN2,\"result\":$WB2}"
 stop_all
 
 row() { # label json reference-json note
@@ -115,5 +131,6 @@ row() { # label json reference-json note
     row "B cache-wt, all-hit, 1 queue" "$B_CACHE" "$B_DEV" "ratio vs the cache device"
     row "C cache-wt, all-hit, 2 queues" "$C_2" "$B_CACHE" "ratio vs 1 queue"
     row "C cache device alone, 2 queues" "$B_DEV2" "$B_DEV" "ratio vs 1 queue"
-    row "D wb randwrite burst (acp)" "$WB" "$WB" "$d0 dirty lines cleaned in $CLEAN s"
+    row "D1 wb randwrite burst, cleaner=acp" "$WB" "$WB" "$d0 dirty lines left, clean in $CLEAN s"
+    row "D2 wb randwrite burst, cleaner=nop" "$WB2" "$WB" "$d2 dirty lines, cache-flush $CLEAN2 s; ratio vs D1"
 } >&2

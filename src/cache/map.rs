@@ -20,18 +20,90 @@
 //! the number of requests in flight. LRU is approximate: a hit on a line moved to the head within the
 //! last `num_lines / 8` moves does not move it again.
 
-use std::collections::{BTreeSet, HashMap};
-use std::hash::BuildHasherDefault;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-
-use crate::tagmap::TagHasher;
 
 /// (core id, line number within the core).
 pub type Key = (u16, u64);
 const NIL: u32 = u32::MAX;
 /// Lines examined from the LRU tail when looking for a victim.
 pub const EVICT_SCAN: usize = 512;
+
+/// The index (core line → cache line): open addressing with linear probing over `u32` cache line
+/// numbers, the key itself read from the line (which a look-up reads anyway), so a look-up costs one
+/// memory miss in the table instead of a hash map's control bytes plus bucket. At most half full;
+/// removal shifts the rest of the probe run back (no tombstones).
+struct Index {
+    slots: Vec<u32>,
+    mask: usize,
+    shift: u32,
+}
+
+impl Index {
+    fn new(num_lines: u32) -> Self {
+        let size = (2 * num_lines as usize).next_power_of_two().max(2);
+        Self { slots: vec![NIL; size], mask: size - 1, shift: 64 - size.trailing_zeros() }
+    }
+
+    fn home(&self, key: Key) -> usize {
+        let x = (u64::from(key.0) << 48) ^ key.1;
+        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize & self.mask
+    }
+
+    fn find(&self, key: Key, lines: &[Line]) -> Option<u32> {
+        let mut i = self.home(key);
+        loop {
+            let s = self.slots[i];
+            if s == NIL {
+                return None;
+            }
+            if lines[s as usize].key == Some(key) {
+                return Some(s);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Adds `key` (absent) → `line`.
+    fn insert(&mut self, key: Key, line: u32) {
+        let mut i = self.home(key);
+        while self.slots[i] != NIL {
+            i = (i + 1) & self.mask;
+        }
+        self.slots[i] = line;
+    }
+
+    /// Removes `key` (held by `line`); every other entry's line must still hold its key.
+    fn remove(&mut self, key: Key, line: u32, lines: &[Line]) {
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                NIL => return,
+                s if s == line => break,
+                _ => i = (i + 1) & self.mask,
+            }
+        }
+        self.slots[i] = NIL;
+        let mut j = i;
+        loop {
+            j = (j + 1) & self.mask;
+            let s = self.slots[j];
+            if s == NIL {
+                return;
+            }
+            let Some(k) = lines[s as usize].key else { continue };
+            let h = self.home(k);
+            // Entry at j may move to the hole at i unless its home lies cyclically in (i, j].
+            let stays = if i <= j { i < h && h <= j } else { i < h || h <= j };
+            if !stays {
+                self.slots[i] = s;
+                self.slots[j] = NIL;
+                i = j;
+            }
+        }
+    }
+}
 
 /// One cache line at run time. Laid out so that a read hit (key, valid, LRU check) touches one
 /// 64-byte cache line of memory.
@@ -125,7 +197,7 @@ impl Counters {
 pub struct LineMap {
     /// Every cache line.
     pub lines: Vec<Line>,
-    index: HashMap<Key, u32, BuildHasherDefault<TagHasher>>,
+    index: Index,
     free: Vec<u32>,
     head: u32,
     tail: u32,
@@ -153,7 +225,7 @@ impl LineMap {
     pub fn new(num_lines: u32) -> Self {
         Self {
             lines: vec![Line::empty(); num_lines as usize],
-            index: HashMap::default(),
+            index: Index::new(num_lines),
             free: (0..num_lines).rev().collect(),
             head: NIL,
             tail: NIL,
@@ -179,7 +251,7 @@ impl LineMap {
 
     /// The cache line holding `key`.
     pub fn lookup(&self, key: Key) -> Option<u32> {
-        self.index.get(&key).copied()
+        self.index.find(key, &self.lines)
     }
 
     /// Number of free lines.
@@ -314,9 +386,12 @@ impl LineMap {
     /// Forgets line `i` (its record becomes "free" at the next persist) and puts it on the free list.
     fn drop_line(&mut self, i: u32) {
         self.lru_remove(i);
+        if let Some(key) = self.lines[i as usize].key {
+            // While every line of the probe run still has its key (the index compares keys).
+            self.index.remove(key, i, &self.lines);
+        }
         let l = &mut self.lines[i as usize];
         if let Some(key) = l.key.take() {
-            self.index.remove(&key);
             let dirty = l.dirty != 0;
             if dirty {
                 self.dirty_order.remove(&(l.dirty_since_ms, i));
@@ -505,5 +580,45 @@ mod layout_tests {
     fn a_line_is_two_cache_lines_with_the_hit_fields_in_the_first() {
         assert_eq!(std::mem::size_of::<super::Line>(), 128);
         assert_eq!(std::mem::offset_of!(super::Line, valid), 32);
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    /// Random inserts and removals against a std HashMap: look-ups agree after every step (probe runs
+    /// that wrap around the table end and backward-shift deletion included).
+    #[test]
+    fn index_agrees_with_a_hash_map() {
+        let n = 64u32;
+        let mut m = LineMap::new(n);
+        let mut reference = std::collections::HashMap::new();
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for step in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Few distinct keys over two cores: many collisions in a 128-slot table.
+            let key = ((x >> 60) as u16 & 1, (x >> 8) % 200);
+            match reference.get(&key) {
+                Some(&slot) if x & 1 == 0 => {
+                    m.set_bits(slot, 0, 0, 0); // empties the line: dropped from the index
+                    reference.remove(&key);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(slot) = m.alloc(key) {
+                        m.set_bits(slot, 1, 0, 0);
+                        reference.retain(|_, s| *s != slot); // an evicted line left the index
+                        reference.insert(key, slot);
+                    }
+                }
+            }
+            for (k, s) in &reference {
+                assert_eq!(m.lookup(*k), Some(*s), "step {step}: {k:?}");
+            }
+            assert_eq!(m.lookup((7, 7)), None);
+        }
     }
 }

@@ -54,7 +54,7 @@ stats() {
     local f=$TMP/$1.out n pid; n=$(wc -l <"$f"); eval "pid=\$PID_${1//-/_}"
     kill -USR1 "$pid"
     for _ in $(seq 100); do [ "$(wc -l <"$f")" -gt "$n" ] && break; sleep 0.02; done
-    tail -n1 "$f" | python3 -c "import json,sys; print(json.load(sys.stdin)['d0']['$2'])"
+    tail -n1 "$f" | python3 -c "import json,sys; d=json.load(sys.stdin)['d0']; print(d.get('$2', d.get('shared_cache', {}).get('$2')))"
 }
 bench() { local name=$1; shift; "$BENCH" --socket "$TMP/$name.sock" --bs 4096 --qd 32 --seconds "${RUN_SECS:-$SECS}" "$@"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])$2)" "$1"; }
@@ -98,10 +98,11 @@ stop_all
 start cwb 1 "$FILE_BDEV" "$CACHE_DEV" \
       "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp,clean-batch=256,seq-cutoff=off"
 WB=$(bench cwb --rw randwrite --span-mib "$HALF")
+MDR=$(stats cwb md_rounds); MDW=$(stats cwb md_waiters); MDP=$(stats cwb md_pages)
 t0=$(date +%s.%N); d=$(stats cwb dirty_lines); d0=$d
 while [ "$d" != 0 ]; do sleep 0.1; d=$(stats cwb dirty_lines); done
 CLEAN=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
-echo "{\"part\":\"D\",\"side\":\"wb-burst-acp\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"result\":$WB}"
+echo "{\"part\":\"D\",\"side\":\"wb-burst-acp\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"md_rounds\":$MDR,\"md_waiters\":$MDW,\"md_pages\":$MDP,\"result\":$WB}"
 stop_all
 # D2: cleaner=nop (nothing cleans during the burst); clean-down = one `cache-flush` (every dirty line
 # written back to the file, then the file flushed).
@@ -113,9 +114,10 @@ PIDS+=($!); PID_cnop=$!
 wait_sock "$TMP/cnop.sock"
 WB2=$(bench cnop --rw randwrite --span-mib "$HALF")
 d2=$(stats cnop dirty_lines)
+MDR2=$(stats cnop md_rounds); MDW2=$(stats cnop md_waiters)
 t0=$(date +%s.%N); "$VBLKD" ctl --control "$CTL" cache-flush d0 >/dev/null
 CLEAN2=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
-echo "{\"part\":\"D\",\"side\":\"wb-burst-nop\",\"dirty_lines_after_burst\":$d2,\"clean_down_s\":$CLEAN2,\"result\":$WB2}"
+echo "{\"part\":\"D\",\"side\":\"wb-burst-nop\",\"dirty_lines_after_burst\":$d2,\"clean_down_s\":$CLEAN2,\"md_rounds\":$MDR2,\"md_waiters\":$MDW2,\"result\":$WB2}"
 stop_all
 
 row() { # label json reference-json note
@@ -131,6 +133,6 @@ row() { # label json reference-json note
     row "B cache-wt, all-hit, 1 queue" "$B_CACHE" "$B_DEV" "ratio vs the cache device"
     row "C cache-wt, all-hit, 2 queues" "$C_2" "$B_CACHE" "ratio vs 1 queue"
     row "C cache device alone, 2 queues" "$B_DEV2" "$B_DEV" "ratio vs 1 queue"
-    row "D1 wb randwrite burst, cleaner=acp" "$WB" "$WB" "$d0 dirty lines left, clean in $CLEAN s"
-    row "D2 wb randwrite burst, cleaner=nop" "$WB2" "$WB" "$d2 dirty lines, cache-flush $CLEAN2 s; ratio vs D1"
+    row "D1 wb randwrite burst, cleaner=acp" "$WB" "$WB" "$d0 dirty lines left, clean in $CLEAN s; $MDW acks in $MDR record rounds ($MDP pages)"
+    row "D2 wb randwrite burst, cleaner=nop" "$WB2" "$WB" "$d2 dirty lines, cache-flush $CLEAN2 s; $MDW2 acks in $MDR2 record rounds; ratio vs D1"
 } >&2

@@ -356,6 +356,9 @@ impl Owner {
         self.last_md = Instant::now();
         let waiters = std::mem::take(&mut self.md_waiting);
         let cbs = u64::from(sh.cache_block);
+        sh.md_rounds.fetch_add(1, Ordering::Relaxed);
+        sh.md_pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+        sh.md_waiters.fetch_add(waiters.len() as u64, Ordering::Relaxed);
         let mut round = MdRound { pending: 0, error: None, snaps, waiters };
         for p in pages {
             let base = p as usize * layout::PAGE_BYTES as usize;

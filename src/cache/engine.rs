@@ -2,7 +2,10 @@
 //! machine over its own channels on the cache device and the core.
 //!
 //! ```text
-//!  submit ─► lock core lines (map) ─► plan per line (hit / miss / partial, mode, cut-off) ─► Data
+//!  submit ─► all valid? ─yes─► pin lines, read the cache device ─► unpin, complete (no map lock)
+//!     │ no
+//!     ▼
+//!  lock core lines (map) ─► plan per line (hit / miss / partial, mode, cut-off) ─► Data
 //!     │ busy: wait in `blocked`                                                              │ children on
 //!     ▼                                                                                      ▼ cache + core
 //!  Flush ─► owner (clean + core flush) ─► mailbox        Insert (read misses: fill the cache from the data read)
@@ -20,11 +23,15 @@
 //!   handled as pass-through (`always`), or only while the cache has no free line (`full`).
 //! * Counters per request: a read is a hit when every sector came from the cache, a miss when none
 //!   did, partial otherwise; a write is a hit when every line it touched was cached.
-//! * Write-back acknowledgement waits for the record write when it adds dirty bits the device does
-//!   not have yet (`disk_dirty`); invalidation of sectors that may be dirty on the device waits too.
+//! * Write-back acknowledgement waits for the record write unless the device *certainly* records
+//!   its sectors dirty already (`disk_sure`: while a record write is in flight that is only what
+//!   both the old and the new record say); invalidation of sectors that *may* be dirty on the device
+//!   (`disk_dirty`) waits too. Record writes are group-committed by the owner thread: every request
+//!   that asks while a round is in flight joins the next round (one write per touched page).
 //! * When no clean line can be evicted, a wb write goes to the core for that line (never waits for
 //!   the cleaner) and the cleaner is told that clean lines are needed.
-//!
+//! * A read whose every sector is valid (a hit spanning at most `MAX_PINS` lines) takes the fast
+//!   path: see `cache/mod.rs`, "Who owns the line map".
 //! * A request whose lines are locked (by another request or a cleaning batch) waits in its
 //!   channel; later requests on other lines pass it, later ones on the same lines queue behind it
 //!   (submission order per line).

@@ -5,13 +5,16 @@
 //!  index: (core id, core line) ──► cache line ──► Line { key, valid, dirty, disk_dirty, seq, lru links }
 //!  lru:   head (most recent) ⇄ … ⇄ tail (eviction candidates)        free: unused cache lines
 //!  locks: [(core, first line, last line, owner)]  — one entry per request or cleaning batch in flight
+//!  pins:  per cache line, read hits in flight (atomics)   dirty order: (dirty since, line), oldest first
 //! ```
 //!
 //! # Design
 //! Plain data behind the instance's one `Mutex` (see `cache/mod.rs` for the locking rule: held only
-//! for look-ups and bookkeeping, never across base I/O). Range locks make every request exclusive on
-//! the core lines it touches for its whole life (data I/O, metadata persist), so no two requests or a
-//! request and the cleaner ever interleave on a line. `disk_dirty` is the dirty mask that may be on
+//! for look-ups and bookkeeping, never across base I/O). Range locks make every request but a read
+//! hit exclusive on the core lines it touches for its whole life (data I/O, metadata persist), so no
+//! two such requests or a request and the cleaner ever interleave on a line. A read hit pins its
+//! lines instead: it may overlap a write in flight on the same sectors (as any two overlapping
+//! requests may), but its line is never evicted or reused under it. `disk_dirty` is the dirty mask that may be on
 //! the cache device: a line is only reused when it is zero, so a stale dirty record can never point
 //! at another line's data (see `layout.rs`).
 //!

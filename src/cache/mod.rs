@@ -5,27 +5,32 @@
 //!   cache bdev c0 (core f0) ─┐                       ┌─► owner thread: metadata writer + cleaner
 //!   cache bdev c1 (core f1) ─┼─► Instance (cache dev)─┤     (own channels on the cache device and cores)
 //!                            │   Shared { Mutex<LineMap>, mode, cores }
-//!   poller thread ─► CacheChannel (engine.rs): own channels on cache dev + core, line locks, mailbox
+//!   poller thread ─► CacheChannel (engine.rs): own channels on cache dev + core, line locks/pins, mailbox
 //! ```
 //!
 //! # Design
 //! * **One instance per cache device** (the table `INSTANCES`, keyed by the cache bdev object): the
 //!   first cache bdev formats or loads the device; later ones attach their core to the same instance
 //!   and must agree on mode, line size and cleaner. Each core is claimed by its cache bdev.
-//! * **Who owns the line map.** The map (`map.rs`) sits behind one `Mutex` per instance. A request
-//!   takes it twice or three times, each time only for look-ups and bit updates (no I/O, no
-//!   allocation beyond a few small vectors): to lock its core-line range and plan, to apply the
-//!   outcome, and to release. It is *never* held across base I/O: each poller thread submits data
-//!   I/O on its own channels to the cache device and the core. Exclusivity between requests on the
-//!   same lines comes from range locks in the map, held for the request's life (a conflicting request
-//!   waits in its channel and is woken through its mailbox). We chose this over a single owner
-//!   thread for all I/O because hits then cost one look-up plus one read on the caller's own
-//!   channel, and queues scale with threads; the lock hold time is a few hundred nanoseconds.
-//!   Measured (bench/cache.sh, all-hit 4 KiB randread, QD 32 per queue, on the shared 2-core VM where
-//!   the client threads, the pollers and other agents' builds compete for the same two CPUs): 1 queue
-//!   193–405 k IOPS, 2 queues 223–309 k IOPS — no clear gain on this machine, where two busy client
-//!   threads plus two busy pollers already oversubscribe the CPUs; to re-measure on a host with spare
-//!   cores. A request takes the map lock twice (plan; apply + release).
+//! * **Who owns the line map.** The map (`map.rs`) is shared state owned by the instance, behind one
+//!   `Mutex`; no thread owns it exclusively. Every poller thread takes the lock only for look-ups and
+//!   bit updates (no I/O, no allocation on a hit) and submits the data I/O itself, on its own channels
+//!   to the cache device and the core; the lock is *never* held across base I/O.
+//!   - A **read hit** (every sector valid) takes the lock once: look-up, LRU touch (skipped for lines
+//!     already among the most recent eighth), hit counter, and a *pin* on each line (an atomic count:
+//!     a pinned line is never evicted, dropped or reused). It takes no range lock, and its completion
+//!     only drops the pins (atomics, no lock). Two queues hitting the cache therefore share nothing
+//!     but that one short critical section.
+//!   - **Everything else** (misses with fills, writes, unmap) takes the lock twice: to lock its
+//!     core-line range and plan, and to apply the outcome and release. The range lock makes it
+//!     exclusive on its lines for its whole life (data I/O, metadata persist); a request that finds
+//!     its lines locked waits in its channel (later requests on *other* lines pass it) and is woken
+//!     through its mailbox.
+//!   We chose this over one owner thread doing all I/O (SPDK-style message passing to the map's
+//!   thread) because a hit then costs one look-up plus one read on the caller's own channel, with no
+//!   cross-thread hop, and queues scale with poller threads as long as the critical section stays
+//!   short (one cache-line miss in the open-addressing index, one in the 128-byte line record).
+//!   Measured: BENCHMARKS.md, "Cache bdev" (part C: 1 vs 2 queues on an all-hit workload).
 //! * **One owner thread per instance** does what must be serialised: metadata page writes (group
 //!   commit in rounds, at most one write per page in flight, so records never go backwards), the
 //!   cleaner (alru / acp / nop, `cleaner.rs`) and flush (write back every dirty line, then flush the
@@ -44,8 +49,8 @@
 //!   it) see a hot-remove in turn. Other cores of a shared instance are served on.
 //!
 //! # Limitations
-//! Lines are filled
-//! only with the sectors a request touched (no read-ahead of whole lines).
+//! Lines are filled only with the sectors a request touched (no read-ahead of whole lines). The map
+//! is one lock per instance: many queues on a many-core host would want it sharded by core line.
 
 pub mod cleaner;
 pub mod engine;
@@ -339,6 +344,11 @@ pub struct Shared {
     pub(crate) pressure: AtomicBool,
     pub(crate) start: Instant,
     pub(crate) sb: Mutex<(Superblock, u64)>,
+    /// Metadata rounds written, pages written by them, and requests answered by them (group commit:
+    /// waiters per round).
+    pub(crate) md_rounds: AtomicU64,
+    pub(crate) md_pages: AtomicU64,
+    pub(crate) md_waiters: AtomicU64,
 }
 
 impl Shared {
@@ -912,6 +922,9 @@ impl CacheBdev {
             pressure: AtomicBool::new(false),
             start: Instant::now(),
             sb: Mutex::new((sb, seq)),
+            md_rounds: AtomicU64::new(0),
+            md_pages: AtomicU64::new(0),
+            md_waiters: AtomicU64::new(0),
         });
         *lock(&weak_slot) = Arc::downgrade(&sh);
         // Mark the metadata "in use" before any I/O: a crash from now on loads only dirty lines.
@@ -1103,6 +1116,9 @@ impl Bdev for CacheBdev {
             o.insert("data_offset".into(), sh.data_offset.into());
             o.insert("superblock_seq".into(), sb.1.into());
             o.insert("cache_removed".into(), sh.cache_removed.load(Ordering::Acquire).into());
+            o.insert("md_rounds".into(), sh.md_rounds.load(Ordering::Relaxed).into());
+            o.insert("md_pages".into(), sh.md_pages.load(Ordering::Relaxed).into());
+            o.insert("md_waiters".into(), sh.md_waiters.load(Ordering::Relaxed).into());
         }
         if let Some(o) = v.as_object_mut() {
             o.insert("shared_cache".into(), shared);

@@ -26,6 +26,7 @@
 //!     exclusive on its lines for its whole life (data I/O, metadata persist); a request that finds
 //!     its lines locked waits in its channel (later requests on *other* lines pass it) and is woken
 //!     through its mailbox.
+//!
 //!   We chose this over one owner thread doing all I/O (SPDK-style message passing to the map's
 //!   thread) because a hit then costs one look-up plus one read on the caller's own channel, with no
 //!   cross-thread hop, and queues scale with poller threads as long as the critical section stays

@@ -707,3 +707,37 @@ fn core_removal_reports_dirty_lines_it_cannot_write_back() {
     assert!(bdev.dirty_at_risk() >= 1, "dirty lines that could not be written back are reported");
     let _ = drive(&mut ch);
 }
+
+/// A write-back write to a line whose "clean" record is being written (the device holds the old
+/// dirty record or the new clean one) must wait for a record round of its own: its dirty bits are not
+/// certainly on the device. The mid-round state is set up by hand (what `start_md` leaves behind).
+#[test]
+fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let sh = bdev.shared().clone();
+    let waiters = || sh.md_waiters.load(Ordering::Acquire);
+    write(&mut ch, 0, &fill(1, 4096));
+    assert_eq!(waiters(), 1, "a first write-back write waits for its record");
+    write(&mut ch, 0, &fill(2, 4096));
+    assert_eq!(waiters(), 1, "a rewrite of recorded dirty sectors does not");
+    flush(&mut ch); // cleaned at run time; the device still says dirty
+    {
+        // A record round for the cleaned line is in flight: old record dirty, new one clean.
+        let mut map = lock(&sh.map);
+        let slot = map.lookup((0, 0)).unwrap();
+        let l = &mut map.lines[slot as usize];
+        assert_eq!(l.dirty, 0);
+        l.disk_sure &= l.dirty;
+    }
+    write(&mut ch, 0, &fill(3, 4096));
+    assert_eq!(waiters(), 2, "the rewrite must wait: its dirty bits may not be on the device");
+}

@@ -1,106 +1,138 @@
 #!/usr/bin/env bash
 # Cache bdev benchmark (issue 8): cache over a file on the real disk (direct=on) vs that file alone.
 #
-#   bench/cache.sh [SECONDS] [CORE_SIZE] [CACHE_SIZE]     # defaults: 10 s per run, 1G core, 256M cache
+#   bench/cache.sh [SECONDS] [ROUNDS] [CORE_SIZE] [CACHE_SIZE]   # defaults: 5 s, 5 rounds, 1G core, 256M cache
 #
-# Runs (one JSON line each on stdout, a summary table on stderr):
-#   file       4 KiB randread, 90/10 hot/cold, on the file alone (O_DIRECT)
-#   cachedev   4 KiB randread on the cache device alone (malloc), span = cache size: the cost of a hit
-#   cache-wt   same pattern through a wt cache (malloc cache device) after one warm-up run;
-#              hit ratio from the cache's own statistics (SIGUSR1 JSON), over the measured run only
-#   wb-burst   4 KiB randwrite burst into a wb cache (cleaner=acp), then the time until dirty_lines = 0
-#   hits-1q / hits-2q  all-hit randread (span = half the cache, warmed) with 1 and 2 queues, alternating
-#              three times: does the shared line map let a second queue add throughput?
-# Work files live under target/ (a disk filesystem), never /tmp or tmpfs.
+# Every figure is a ratio measured in the same run against a reference, the sides alternating round by
+# round, best of ROUNDS runs each, same client (vblkd-bench, libblkio, 4 KiB, QD 32):
+#   A. 90/10 hot/cold randread over the whole core:   file alone | cache-wt over the file (warmed)
+#      (hit ratio from the cache's own counters, over each measured run)
+#   B. what a hit costs: all-hit randread (span = half the cache, warmed):
+#      cache device alone (malloc) | cache-wt
+#   C. hit-heavy scaling: the same all-hit randread through the cache with 1 | 2 queues
+#   D. wb 4 KiB randwrite burst (span = half the cache): D1 with cleaner=acp, then the time until
+#      dirty_lines = 0; D2 with cleaner=nop, then the time of one cache-flush (write back everything)
+# The daemons of one part run side by side (an idle one sleeps), so sides alternate without restarts.
+# Work files live under target/bench/ (the real disk), never /tmp or tmpfs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=${1:-10}
-CORE=${2:-1G}
-CACHE=${3:-256M}
+SECS=${1:-5}
+ROUNDS=${2:-5}
+CORE=${3:-1G}
+CACHE=${4:-256M}
 cargo build --release --bin vblkd --bin vblkd-bench >&2
 VBLKD=$PWD/target/release/vblkd
 BENCH=$PWD/target/release/vblkd-bench
 mkdir -p target/bench
 TMP=$(mktemp -d -p "$PWD/target/bench" cache.XXXXXX)
-SERVER=
-trap '[ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$TMP"' EXIT
-SOCK=$TMP/s.sock
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
 CORE_MIB=$(( $(numfmt --from=iec "$CORE") >> 20 ))
 CACHE_MIB=$(( $(numfmt --from=iec "$CACHE") >> 20 ))
+HALF=$((CACHE_MIB / 2))
 truncate -s "$CORE" "$TMP/core.img"
-# Fill the core once so reads hit real blocks, not holes.
-dd if=/dev/urandom of="$TMP/core.img" bs=1M count="$CORE_MIB" conv=notrunc status=none
+# Fill the core once so reads hit real blocks, not holes; drop it from the page cache.
+dd if=/dev/urandom of="$TMP/core.img" bs=1M count="$CORE_MIB" conv=notrunc,fsync status=none
+FILE_BDEV="driver=file,name=core,path=$TMP/core.img,direct=on"
+CACHE_DEV="driver=malloc,name=cd,size=$CACHE"
 
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; return 1; }
-QUEUES=1
-start() { # bdev args...
-    rm -f "$SOCK"
-    "$VBLKD" --log-level warn "$@" --export "bdev=d0,socket=$SOCK,queues=$QUEUES" >"$TMP/stdout" &
-    SERVER=$!
-    wait_sock "$SOCK"
+# start NAME QUEUES BDEV... : a daemon exporting bdev d0 on $TMP/NAME.sock, stats dumps in $TMP/NAME.out
+start() {
+    local name=$1 q=$2; shift 2
+    local args=(); for b in "$@"; do args+=(--bdev "$b"); done
+    "$VBLKD" --log-level warn --control none "${args[@]}" --export "bdev=d0,socket=$TMP/$name.sock,queues=$q" \
+        >"$TMP/$name.out" 2>>"$TMP/$name.err" &
+    PIDS+=($!)
+    eval "PID_${name//-/_}=$!"
+    wait_sock "$TMP/$name.sock"
 }
-stop() { kill -TERM "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=; }
-stats() { # key -> value from a fresh SIGUSR1 dump
-    local n; n=$(wc -l <"$TMP/stdout")
-    kill -USR1 "$SERVER"
-    for _ in $(seq 100); do [ "$(wc -l <"$TMP/stdout")" -gt "$n" ] && break; sleep 0.02; done
-    tail -n1 "$TMP/stdout" | python3 -c "import json,sys; print(json.load(sys.stdin)['d0']['$1'])"
+stop_all() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
+# stats NAME KEY : a counter from a fresh SIGUSR1 dump of daemon NAME
+stats() {
+    local f=$TMP/$1.out n pid; n=$(wc -l <"$f"); eval "pid=\$PID_${1//-/_}"
+    kill -USR1 "$pid"
+    for _ in $(seq 100); do [ "$(wc -l <"$f")" -gt "$n" ] && break; sleep 0.02; done
+    tail -n1 "$f" | python3 -c "import json,sys; d=json.load(sys.stdin)['d0']; print(d.get('$2', d.get('shared_cache', {}).get('$2')))"
 }
-bench() { "$BENCH" --socket "$SOCK" --bs 4096 --qd 32 --seconds "$SECS" "$@"; }
-field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d$2)" "$1"; }
-
-FILE_BDEV="driver=file,name=core,path=$TMP/core.img,direct=on"
+bench() { local name=$1; shift; "$BENCH" --socket "$TMP/$name.sock" --bs 4096 --qd 32 --seconds "${RUN_SECS:-$SECS}" "$@"; }
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])$2)" "$1"; }
+best() { # JSON lines on stdin -> the one with the highest IOPS
+    python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin if l.strip()]; print(json.dumps(max(r, key=lambda x: x['iops'])))"
+}
 HOT="--rw randread --hot-pct 90 --hot-set-pct 10 --span-mib $CORE_MIB"
+ALLHIT="--rw randread --span-mib $HALF"
 
-# 1. the file alone
-start --bdev "driver=file,name=d0,path=$TMP/core.img,direct=on"
-FILE=$(bench $HOT); echo "{\"run\":\"file\",\"result\":$FILE}"; stop
-
-# 2. the cache device alone (what a hit costs at most)
-start --bdev "driver=malloc,name=d0,size=$CACHE"
-DEV=$(bench --rw randread --span-mib "$CACHE_MIB"); echo "{\"run\":\"cachedev\",\"result\":$DEV}"; stop
-
-# 3. wt cache over the file: warm up, then measure
-start --bdev "$FILE_BDEV" --bdev "driver=malloc,name=cd,size=$CACHE" \
-      --bdev "driver=cache,name=d0,cache=cd,core=core,mode=wt,seq-cutoff=off"
-bench $HOT >/dev/null
-h0=$(stats read_hits); m0=$(stats read_misses); p0=$(stats read_partial_hits)
-CW=$(bench $HOT)
-h1=$(stats read_hits); m1=$(stats read_misses); p1=$(stats read_partial_hits)
-RATIO=$(python3 -c "h=$h1-$h0; t=h+($m1-$m0)+($p1-$p0); print(round(h/t,3) if t else 0)")
-echo "{\"run\":\"cache-wt\",\"hit_ratio\":$RATIO,\"result\":$CW}"; stop
-
-# 4. wb burst and clean-down
-start --bdev "$FILE_BDEV" --bdev "driver=malloc,name=cd,size=$CACHE" \
-      --bdev "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp,clean-batch=256,seq-cutoff=off"
-WB=$(bench --rw randwrite --span-mib $((CACHE_MIB / 2)))
-t0=$(date +%s.%N); d=$(stats dirty_lines); d0=$d
-while [ "$d" != 0 ]; do sleep 0.1; d=$(stats dirty_lines); done
-CLEAN=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
-echo "{\"run\":\"wb-burst\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"result\":$WB}"; stop
-
-# 5. hit-heavy: 1 vs 2 queues on one wt cache, everything cached
-QUEUES=2
-start --bdev "$FILE_BDEV" --bdev "driver=malloc,name=cd,size=$CACHE" \
-      --bdev "driver=cache,name=d0,cache=cd,core=core,mode=wt,seq-cutoff=off"
-HALF=$((CACHE_MIB / 2))
-bench --rw randread --span-mib $HALF >/dev/null
-bench --rw randread --span-mib $HALF >/dev/null
-for i in 1 2 3; do
-  for q in 1 2; do
-    R=$(bench --rw randread --span-mib $HALF --queues $q)
-    echo "{\"run\":\"hits-${q}q\",\"round\":$i,\"result\":$R}"
-    eval "H${q}_$i=\$(field \"\$R\" \"['iops']\")"
-  done
+# ---- A. 90/10 hot/cold: file alone vs cache-wt over the file ----
+start file 1 "driver=file,name=d0,path=$TMP/core.img,direct=on"
+start cwt 2 "$FILE_BDEV" "$CACHE_DEV" "driver=cache,name=d0,cache=cd,core=core,mode=wt,seq-cutoff=off"
+RUN_SECS=$((SECS * 2)) bench cwt $HOT >/dev/null   # warm-up
+: >"$TMP/A.file"; : >"$TMP/A.cache"
+for i in $(seq "$ROUNDS"); do
+    R=$(bench file $HOT); echo "{\"part\":\"A\",\"side\":\"file\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/A.file"
+    h0=$(stats cwt read_hits); m0=$(stats cwt read_misses); p0=$(stats cwt read_partial_hits)
+    R=$(bench cwt $HOT)
+    h1=$(stats cwt read_hits); m1=$(stats cwt read_misses); p1=$(stats cwt read_partial_hits)
+    HR=$(python3 -c "h=$h1-$h0; t=h+($m1-$m0)+($p1-$p0); print(round(h/t,3) if t else 0)")
+    R=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); d['hit_ratio']=$HR; print(json.dumps(d))" "$R")
+    echo "{\"part\":\"A\",\"side\":\"cache-wt\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/A.cache"
 done
-stop
-echo "# hits: 1 queue $H1_1 $H1_2 $H1_3 IOPS; 2 queues $H2_1 $H2_2 $H2_3 IOPS" >&2
+A_FILE=$(best <"$TMP/A.file"); A_CACHE=$(best <"$TMP/A.cache")
 
+# ---- B and C. all-hit randread: cache device alone vs cache-wt (1 and 2 queues) ----
+start cdev 2 "driver=malloc,name=d0,size=$CACHE"
+bench cwt $ALLHIT >/dev/null; bench cwt $ALLHIT --queues 2 >/dev/null   # warm the half-cache span
+: >"$TMP/B.dev"; : >"$TMP/B.cache"; : >"$TMP/C.1"; : >"$TMP/C.2"; : >"$TMP/B.dev2"
+for i in $(seq "$ROUNDS"); do
+    R=$(bench cdev $ALLHIT); echo "{\"part\":\"B\",\"side\":\"cachedev\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B.dev"
+    R=$(bench cwt $ALLHIT); echo "{\"part\":\"B\",\"side\":\"cache-wt-1q\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B.cache"
+    R=$(bench cwt $ALLHIT --queues 2); echo "{\"part\":\"C\",\"side\":\"cache-wt-2q\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/C.2"
+    R=$(bench cdev $ALLHIT --queues 2); echo "{\"part\":\"C\",\"side\":\"cachedev-2q\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B.dev2"
+done
+B_DEV=$(best <"$TMP/B.dev"); B_CACHE=$(best <"$TMP/B.cache"); C_2=$(best <"$TMP/C.2"); B_DEV2=$(best <"$TMP/B.dev2")
+stop_all
+
+# ---- D. wb burst and clean-down ----
+# D1: cleaner=acp cleans during the burst; clean-down = time until dirty_lines = 0 afterwards.
+start cwb 1 "$FILE_BDEV" "$CACHE_DEV" \
+      "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=acp,clean-batch=256,seq-cutoff=off"
+WB=$(bench cwb --rw randwrite --span-mib "$HALF")
+MDR=$(stats cwb md_rounds); MDW=$(stats cwb md_waiters); MDP=$(stats cwb md_pages)
+t0=$(date +%s.%N); d=$(stats cwb dirty_lines); d0=$d
+while [ "$d" != 0 ]; do sleep 0.1; d=$(stats cwb dirty_lines); done
+CLEAN=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
+echo "{\"part\":\"D\",\"side\":\"wb-burst-acp\",\"dirty_lines_after_burst\":$d0,\"clean_down_s\":$CLEAN,\"md_rounds\":$MDR,\"md_waiters\":$MDW,\"md_pages\":$MDP,\"result\":$WB}"
+stop_all
+# D2: cleaner=nop (nothing cleans during the burst); clean-down = one `cache-flush` (every dirty line
+# written back to the file, then the file flushed).
+CTL=$TMP/ctl.sock
+"$VBLKD" --log-level warn --control "$CTL" --bdev "$FILE_BDEV" --bdev "$CACHE_DEV" \
+    --bdev "driver=cache,name=d0,cache=cd,core=core,mode=wb,cleaner=nop,seq-cutoff=off" \
+    --export "bdev=d0,socket=$TMP/cnop.sock,queues=1" >"$TMP/cnop.out" 2>>"$TMP/cnop.err" &
+PIDS+=($!); PID_cnop=$!
+wait_sock "$TMP/cnop.sock"
+WB2=$(bench cnop --rw randwrite --span-mib "$HALF")
+d2=$(stats cnop dirty_lines)
+MDR2=$(stats cnop md_rounds); MDW2=$(stats cnop md_waiters)
+t0=$(date +%s.%N); "$VBLKD" ctl --control "$CTL" cache-flush d0 >/dev/null
+CLEAN2=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
+echo "{\"part\":\"D\",\"side\":\"wb-burst-nop\",\"dirty_lines_after_burst\":$d2,\"clean_down_s\":$CLEAN2,\"md_rounds\":$MDR2,\"md_waiters\":$MDW2,\"result\":$WB2}"
+stop_all
+
+row() { # label json reference-json note
+    local r; r=$(python3 -c "import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); print(round(a['iops']/b['iops'],2))" "$2" "$3")
+    echo "| $1 | $(field "$2" "['iops']") | $(field "$2" "['p50_us']") | $(field "$2" "['p99_us']") | $r | $4 |"
+}
 {
-  echo "| run | IOPS | p50 µs | p99 µs | note |"
-  echo "|---|---|---|---|---|"
-  for r in "file:$FILE:" "cachedev:$DEV:" "cache-wt:$CW:hit ratio $RATIO" "wb-burst:$WB:$d0 dirty lines cleaned in $CLEAN s"; do
-    name=${r%%:*}; rest=${r#*:}; json=${rest%:*}; note=${rest##*:}
-    echo "| $name | $(field "$json" "['iops']") | $(field "$json" "['p50_us']") | $(field "$json" "['p99_us']") | $note |"
-  done
+    echo "| run (best of $ROUNDS × ${SECS} s) | IOPS | p50 µs | p99 µs | ratio | note |"
+    echo "|---|---|---|---|---|---|"
+    row "A file alone, 90/10" "$A_FILE" "$A_FILE" "reference"
+    row "A cache-wt over the file, 90/10" "$A_CACHE" "$A_FILE" "hit ratio $(field "$A_CACHE" "['hit_ratio']"); ratio vs the file alone"
+    row "B cache device alone (malloc), all-hit" "$B_DEV" "$B_DEV" "reference"
+    row "B cache-wt, all-hit, 1 queue" "$B_CACHE" "$B_DEV" "ratio vs the cache device"
+    row "C cache-wt, all-hit, 2 queues" "$C_2" "$B_CACHE" "ratio vs 1 queue"
+    row "C cache device alone, 2 queues" "$B_DEV2" "$B_DEV" "ratio vs 1 queue"
+    row "D1 wb randwrite burst, cleaner=acp" "$WB" "$WB" "$d0 dirty lines left, clean in $CLEAN s; $MDW acks in $MDR record rounds ($MDP pages)"
+    row "D2 wb randwrite burst, cleaner=nop" "$WB2" "$WB" "$d2 dirty lines, cache-flush $CLEAN2 s; $MDW2 acks in $MDR2 record rounds; ratio vs D1"
 } >&2

@@ -18,7 +18,7 @@
 //!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
 //!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
-//! vblkd cache info --cache PATH
+//! vblkd cache info --cache BDEV-OR-PATH [--control PATH]
 //! ```
 //!
 //! # Design
@@ -109,11 +109,15 @@ pub struct CtlArgs {
 /// `vblkd cache ...`.
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// Print a cache device's metadata and saved statistics as JSON (read-only).
+    /// Print a cache's metadata and statistics as JSON (never modifies the device).
     Info {
-        /// The cache device: an image file or block device path.
-        #[arg(long, value_name = "PATH")]
-        cache: PathBuf,
+        /// A cache bdev of the running daemon (asked through its control socket), or a cache device
+        /// path (an image file or block device, read directly).
+        #[arg(long, value_name = "BDEV-OR-PATH")]
+        cache: String,
+        /// The running daemon's control socket (used when --cache is a bdev name).
+        #[arg(long, value_name = "PATH", default_value = "vblkd-data/vblkd.ctl")]
+        control: PathBuf,
     },
 }
 

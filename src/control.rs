@@ -19,7 +19,7 @@
 //!   flags, so `bdev-add` and `export-add` reuse the flag parsers and their messages.
 //!
 //! # Methods
-//! `bdev-list`, `bdev-stats [name]`, `bdev-add <--bdev keys>`, `bdev-remove name`, `export-list`,
+//! `bdev-list`, `bdev-stats [name]`, `bdev-add <--bdev keys>`, `bdev-remove name [force]`, `export-list`,
 //! `export-add <--export keys>`, `export-remove socket|bdev`, `qos-set name iops bps`, `bdev-reset name`,
 //! `log-level level`, `ftl-info name`, `cache-stats name`, `cache-mode-set name mode`,
 //! `cache-flush name`.
@@ -414,8 +414,13 @@ fn dispatch(method: &str, map: BTreeMap<String, String>, daemon: &Daemon) -> Res
         }
         "bdev-remove" => {
             let n = p.required("name")?;
+            let force = match p.optional("force").as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => return Err(RpcError::params(format!("force={v} must be true or false"))),
+            };
             p.finish()?;
-            daemon.remove_bdev(&n)?;
+            daemon.remove_bdev_with(&n, force)?;
             Ok(json!({"removed": n}))
         }
         "export-list" => {

@@ -203,6 +203,13 @@ impl Daemon {
 
     /// Removes an unused bdev and shuts it down.
     pub fn remove_bdev(&self, name: &str) -> Result<(), DaemonError> {
+        self.remove_bdev_with(name, false)
+    }
+
+    /// Removes a bdev; with `force`, also one claimed by a stacked bdev (a hot-remove, as a device
+    /// that goes away: the bdev above it is told and removes itself in turn, e.g. a cache writes back
+    /// what it can first). An exported bdev is refused either way.
+    pub fn remove_bdev_with(&self, name: &str, force: bool) -> Result<(), DaemonError> {
         let bdev = self
             .registry
             .get(name)
@@ -216,7 +223,12 @@ impl Daemon {
             )));
         }
         if let Ok(Some(by)) = self.registry.claimed_by(name) {
-            return Err(DaemonError::Busy(format!("bdev '{name}' is claimed by '{by}': remove that first")));
+            if !force {
+                return Err(DaemonError::Busy(format!(
+                    "bdev '{name}' is claimed by '{by}': remove that first (or force=true to hot-remove it)"
+                )));
+            }
+            log::warn!("bdev '{name}' (claimed by '{by}') is being hot-removed");
         }
         let bdev = self.registry.unregister(name).map_err(|e| DaemonError::NotFound(e.to_string()))?;
         bdev.shutdown().map_err(|e| DaemonError::Failed(format!("closing bdev '{name}': {e}")))?;
@@ -238,8 +250,13 @@ impl Daemon {
         }
         crate::vhost::check_socket(&spec.socket)
             .map_err(|e| DaemonError::param("socket", format!("{}: {e}", spec.socket.display())))?;
-        let desc =
-            self.registry.open(&spec.bdev, !spec.readonly).map_err(|e| DaemonError::param("bdev", e))?;
+        let sock = spec.socket.display().to_string();
+        let desc = self
+            .registry
+            .open_with_remove(&spec.bdev, !spec.readonly, move |n| {
+                log::error!("export on {sock}: bdev '{n}' was hot-removed; its I/O fails from now on");
+            })
+            .map_err(|e| DaemonError::param("bdev", e))?;
         let status = Arc::new(ExportStatus::default());
         let cfg = ExportConfig {
             socket: spec.socket.clone(),

@@ -7,6 +7,7 @@
 //!        ─► front_door     a sequence of vhost-user messages (+ fd sizes) ─► FrontDoor::check
 //!        ─► wire           a byte stream on a socket ─► recv_message
 //!        ─► ocssd_image    header / chunk-record decoders (crc fixed up on request)
+//!        ─► cache_md       cache superblocks + line records ─► the cache's load path (`load_map`)
 //! ```
 //!
 //! # Design
@@ -302,5 +303,119 @@ pub fn ocssd_image(data: &[u8]) -> u64 {
         r |= 2;
     }
     let _ = ChunkRecord::decode(&rec[..m], 0, 0);
+    r
+}
+
+/// Lines at most loaded per input (keeps executions fast; the load loop is the same for any count).
+const CACHE_MD_MAX_LINES: u32 = 4096;
+
+/// Fuzz target `cache_md`: a cache device's superblock area and line records, fed to the load path
+/// (`decode_superblock`, `check_superblock`, `load_map`). Input: a flags byte, then either the raw
+/// first 8 KiB of the device (flags bit 0 clear) or 16 bytes of superblock fields encoded with a
+/// valid CRC (bit 0 set: line size, line count, clean flag, cores, block size, perturbations), then
+/// the record area (bit 4: slot CRCs fixed up; bit 3: the area is cut short). Damage must give an
+/// error, never a panic; a loaded map must be consistent. Returns bits: 1 superblock decoded,
+/// 2 accepted for the device, 4 records loaded, 8 at least one line loaded.
+pub fn cache_md(data: &[u8]) -> u64 {
+    use crate::cache::layout::{self, CoreEntry, Superblock};
+    let Some((&flags, body)) = data.split_first() else { return 0 };
+    let mut first = vec![0u8; layout::MD_OFFSET as usize];
+    let records: &[u8];
+    if flags & 1 == 0 {
+        let n = body.len().min(first.len());
+        first[..n].copy_from_slice(&body[..n]);
+        records = &body[n..];
+    } else {
+        let mut f = [0u8; 16];
+        let n = body.len().min(16);
+        f[..n].copy_from_slice(&body[..n]);
+        records = &body[n..];
+        let line_size = if f[0] & 0x80 != 0 { u32::from(f[0]) << 9 } else { 4096 << (f[0] % 5) };
+        let lines = 1 + u32::from(u16::from_le_bytes([f[1], f[2]])) % 1024;
+        let block = if f[3] & 1 != 0 { 4096 } else { 512 };
+        let dev = layout::MD_OFFSET
+            + u64::from(lines.div_ceil(layout::LINES_PER_PAGE)) * layout::PAGE_BYTES
+            + u64::from(lines) * u64::from(line_size.max(1));
+        let (num_lines, data_offset) =
+            layout::geometry(dev, u64::from(line_size.max(1))).unwrap_or((lines, 0));
+        let cores = (0..f[4] % 4)
+            .map(|k| CoreEntry {
+                id: u16::from(f[5 + usize::from(k)]) % 8,
+                cache_bdev: format!("c{k}"),
+                core_bdev: format!("core{k}"),
+                core_blocks: u64::from(f[9]) << 12,
+                block_size: 512,
+                stats: if f[10] & 1 != 0 {
+                    serde_json::json!({"read_hits": f[11], "evictions": -1})
+                } else {
+                    serde_json::json!({"read_hits": f[11], "write_misses": f[12]})
+                },
+            })
+            .collect();
+        let sb = Superblock {
+            uuid: "fuzz".into(),
+            line_size,
+            mode: "wb".into(),
+            cleaner: "alru".into(),
+            num_lines: num_lines.wrapping_add(u32::from(f[13] & 3)).wrapping_sub(1),
+            cache_block_size: block,
+            data_offset: data_offset ^ u64::from(f[14] & 0x10),
+            clean_shutdown: f[3] & 2 != 0,
+            cores,
+        };
+        let seq = u64::from(f[15]);
+        if let Ok(copy) = layout::encode_superblock(&sb, seq) {
+            let at = if f[15] & 1 != 0 { layout::SB_BYTES as usize } else { 0 };
+            first[at..at + layout::SB_BYTES as usize].copy_from_slice(&copy);
+        }
+    }
+    let mut r = 0;
+    let Ok((sb, _seq)) = layout::decode_superblock(&first) else { return r };
+    r |= 1;
+    // The device the superblock claims (the loader checks it against the real one).
+    let dev_bytes = u64::from(sb.num_lines)
+        .checked_mul(u64::from(sb.line_size))
+        .and_then(|d| d.checked_add(sb.data_offset));
+    let Some(dev_bytes) = dev_bytes else { return r };
+    if layout::check_superblock(&sb, dev_bytes, sb.cache_block_size).is_err() {
+        return r;
+    }
+    r |= 2;
+    if sb.num_lines > CACHE_MD_MAX_LINES {
+        return r;
+    }
+    let md_bytes =
+        (layout::page_offset(sb.num_lines.div_ceil(layout::LINES_PER_PAGE)) - layout::MD_OFFSET) as usize;
+    let mut image = vec![0u8; if flags & 8 != 0 { md_bytes.min(records.len()) } else { md_bytes }];
+    let n = image.len().min(records.len());
+    image[..n].copy_from_slice(&records[..n]);
+    if flags & 16 != 0 {
+        for slot in image.chunks_mut(layout::SLOT_BYTES) {
+            if slot.len() == layout::SLOT_BYTES && slot.iter().any(|&b| b != 0) {
+                let crc = crc32c::crc32c(&slot[..60]);
+                slot[60..].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+    }
+    let Ok((map, loaded, dirty)) = crate::cache::load_map(&sb, &image, sb.num_lines, "fuzz") else {
+        return r;
+    };
+    r |= 4;
+    assert!(dirty <= loaded && loaded <= u64::from(sb.num_lines));
+    let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
+    let mut seen = 0u64;
+    for (i, l) in map.lines.iter().enumerate() {
+        if let Some(k) = l.key {
+            seen += 1;
+            assert!(known.contains(&k.0), "line {i} of an unknown core");
+            assert_eq!(map.lookup(k), Some(i as u32), "index and lines disagree");
+            assert_eq!(l.dirty & !l.valid, 0, "dirty sectors must be valid");
+            assert!(l.valid != 0, "an empty line is not loaded");
+        }
+    }
+    assert_eq!(seen, loaded);
+    if loaded > 0 {
+        r |= 8;
+    }
     r
 }

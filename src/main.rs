@@ -35,8 +35,8 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Cache(cli::CacheCommand::Info { cache })) => {
-            return match vblkd::cache::info_json(&cache) {
+        Some(Command::Cache(cli::CacheCommand::Info { cache, control })) => {
+            return match vblkd::cache::info::info_any(&cache, &control) {
                 Ok(v) => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     ExitCode::SUCCESS

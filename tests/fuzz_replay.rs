@@ -164,6 +164,90 @@ fn ocssd_image() {
     run("ocssd_image", fuzzing::ocssd_image, &[("seed-header-and-record", 3), ("seed-header", 1)]);
 }
 
+#[test]
+fn cache_md() {
+    run(
+        "cache_md",
+        fuzzing::cache_md,
+        &[
+            ("seed-device-clean", 15),
+            ("seed-device-crashed", 15),
+            ("seed-fields", 15),
+            ("seed-fields-dup", 3),
+        ],
+    );
+}
+
+/// `cargo test --release --test fuzz_replay -- --ignored write_cache_md_seeds`: the `cache_md` seeds,
+/// from real cache devices (a clean stop and a running wb cache, i.e. a crash) and from fields.
+#[test]
+#[ignore]
+fn write_cache_md_seeds() {
+    use std::sync::Arc;
+    use vblkd::bdev::file::{Engine, FileBdev};
+    use vblkd::bdev::{BdevIo, IoVecs, Registry};
+    use vblkd::cache::layout::{self, LineRecord};
+    use vblkd::cache::{CacheBdev, CacheConfig, Mode};
+    let write = |name: &str, data: &[u8]| {
+        let dir = corpus_dir("cache_md");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(format!("seed-{name}")), data).expect("write");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = 64u64;
+    let md = layout::PAGE_BYTES * lines.div_ceil(u64::from(layout::LINES_PER_PAGE));
+    let dev = layout::MD_OFFSET + md + lines * 4096;
+    let reg = Registry::new();
+    let f = FileBdev::open("cd", dir.path().join("c.img"), Some(dev), false, Engine::Threads).expect("cache");
+    reg.register(Arc::new(f)).expect("register");
+    let f = FileBdev::open("core", dir.path().join("k.img"), Some(1 << 20), false, Engine::Threads)
+        .expect("core");
+    reg.register(Arc::new(f)).expect("register");
+    let mut c = CacheConfig::new("c0", "cd", "core");
+    c.mode = Mode::Wb;
+    let b = CacheBdev::create(&c, &reg).expect("cache bdev");
+    reg.register(b.clone()).expect("register");
+    let desc = reg.open("c0", true).expect("open");
+    let mut ch = desc.channel().expect("channel");
+    for i in 0..12u64 {
+        let data = vec![i as u8 + 1; 2048];
+        ch.submit(BdevIo::write(i * 8 + i % 4, 4, IoVecs::from_slice(&data), i));
+        let mut done = Vec::new();
+        while ch.poll(&mut done) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(done[0].result, Ok(()));
+    }
+    let image = |p: &std::path::Path| {
+        let all = std::fs::read(p).expect("read image");
+        let mut v = vec![0u8];
+        v.extend_from_slice(&all[..(layout::MD_OFFSET + md) as usize]);
+        v
+    };
+    // While it runs, the device is what a crash leaves behind (unclean superblock, dirty records).
+    write("device-crashed", &image(&dir.path().join("c.img")));
+    drop(ch);
+    drop(desc);
+    reg.unregister("c0").expect("unregister").shutdown().expect("shutdown");
+    write("device-clean", &image(&dir.path().join("c.img")));
+    // From fields: 4 KiB lines, 64 lines, clean, cores 0 and 1, CRCs fixed up; then a duplicate line.
+    let mut v = vec![1u8 | 16, 0, 63, 0, 2, 2, 0, 1, 0, 0, 1, 0, 5, 7, 1, 0, 2];
+    let mut recs = vec![0u8; md as usize];
+    for (i, core, line) in [(0u32, 0u16, 3u64), (1, 1, 3), (5, 0, 9), (40, 1, 100)] {
+        let r = LineRecord { seq: 1, used: true, core_id: core, core_line: line, valid: 0xff, dirty: 0x0f };
+        let at = i as usize * layout::LINE_MD_BYTES as usize + layout::SLOT_BYTES;
+        layout::encode_record(&r, &mut recs[at..at + layout::SLOT_BYTES]);
+    }
+    let mut ok = v.clone();
+    ok.extend_from_slice(&recs);
+    write("fields", &ok);
+    let r = LineRecord { seq: 3, used: true, core_id: 0, core_line: 9, valid: 1, dirty: 0 };
+    let at = 7 * layout::LINE_MD_BYTES as usize + layout::SLOT_BYTES;
+    layout::encode_record(&r, &mut recs[at..at + layout::SLOT_BYTES]);
+    v.extend_from_slice(&recs);
+    write("fields-dup", &v);
+}
+
 // ---- seeds ----------------------------------------------------------------------------------
 
 fn put(mem: &mut Vec<u8>, at: usize, b: &[u8]) {

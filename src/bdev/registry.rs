@@ -28,6 +28,10 @@ use super::{Bdev, BdevError, BdevInfo};
 /// Called with the bdev name when an open bdev is being removed.
 pub type RemoveCallback = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Called with the registry and the bdev name when an open bdev is being removed (a stacked bdev
+/// uses the registry to remove itself in turn: cascading hot-remove).
+pub type RemoveCallbackIn = Arc<dyn Fn(&Registry, &str) + Send + Sync>;
+
 /// One registered bdev and its shared state.
 pub(crate) struct Entry {
     pub(crate) bdev: Arc<dyn Bdev>,
@@ -36,7 +40,7 @@ pub(crate) struct Entry {
     /// QoS and reset state shared by the bdev's channels.
     pub(crate) control: Arc<BdevControl>,
     /// Descriptor id → hot-remove callback.
-    on_remove: Mutex<Vec<(u64, RemoveCallback)>>,
+    on_remove: Mutex<Vec<(u64, RemoveCallbackIn)>>,
 }
 
 static NEXT_DESC_ID: AtomicU64 = AtomicU64::new(1);
@@ -122,6 +126,18 @@ impl Registry {
         writable: bool,
         on_remove: impl Fn(&str) + Send + Sync + 'static,
     ) -> Result<Descriptor, BdevError> {
+        self.open_inner(name, writable, Some(Arc::new(move |_: &Registry, n: &str| on_remove(n))))
+    }
+
+    /// Like [`Registry::open_with_remove`], the callback also getting this registry: a stacked bdev
+    /// whose base goes away can unregister itself (its own users then see a hot-remove in turn). The
+    /// callback runs without the registry's lock held.
+    pub fn open_with_remove_in(
+        &self,
+        name: &str,
+        writable: bool,
+        on_remove: impl Fn(&Registry, &str) + Send + Sync + 'static,
+    ) -> Result<Descriptor, BdevError> {
         self.open_inner(name, writable, Some(Arc::new(on_remove)))
     }
 
@@ -129,7 +145,7 @@ impl Registry {
         &self,
         name: &str,
         writable: bool,
-        cb: Option<RemoveCallback>,
+        cb: Option<RemoveCallbackIn>,
     ) -> Result<Descriptor, BdevError> {
         let entry = lock(&self.inner)
             .by_name
@@ -209,7 +225,7 @@ impl Registry {
         drop(inner);
         let callbacks = std::mem::take(&mut *lock(&entry.on_remove));
         for (_, cb) in callbacks {
-            cb(&canonical);
+            cb(self, &canonical);
         }
         Ok(entry.bdev.clone())
     }

@@ -349,7 +349,7 @@ pub(crate) struct StubCtl {
     /// Completions released per poll (0 = all).
     per_poll: usize,
     /// Fail children starting at this block.
-    fail_at: Option<u64>,
+    pub(crate) fail_at: Option<u64>,
     /// Release no completion at all while set.
     pub(crate) hold_all: bool,
 }

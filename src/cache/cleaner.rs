@@ -144,7 +144,7 @@ pub(crate) fn run(sh: Arc<Shared>, image: Vec<u8>) {
         last_md: Instant::now(),
         clean: None,
         jobs: Vec::new(),
-        next_clean_ms: sh.alru_wake_ms,
+        next_clean_ms: if sh.cleaner == CleanerPolicy::Alru { sh.alru_wake_ms } else { 0 },
         shutdown: None,
         final_md_done: false,
         final_flush: None,
@@ -208,7 +208,7 @@ impl Owner {
             100
         } else {
             match self.sh.cleaner {
-                CleanerPolicy::Acp => 10,
+                CleanerPolicy::Acp => self.next_clean_ms.saturating_sub(now).clamp(1, 10) as i32,
                 CleanerPolicy::Alru => self.next_clean_ms.saturating_sub(now).clamp(1, 1000) as i32,
                 CleanerPolicy::Nop => 1000,
             }
@@ -339,7 +339,9 @@ impl Owner {
                 valid: l.valid,
                 dirty: l.dirty,
             };
+            // Until the write completes the device holds the old or the new record.
             l.disk_dirty |= l.dirty;
+            l.disk_sure &= l.dirty;
             snaps.push((i, l.dirty, l.seq));
             let page = i / layout::LINES_PER_PAGE;
             let base = page as usize * layout::PAGE_BYTES as usize;
@@ -354,6 +356,9 @@ impl Owner {
         self.last_md = Instant::now();
         let waiters = std::mem::take(&mut self.md_waiting);
         let cbs = u64::from(sh.cache_block);
+        sh.md_rounds.fetch_add(1, Ordering::Relaxed);
+        sh.md_pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+        sh.md_waiters.fetch_add(waiters.len() as u64, Ordering::Relaxed);
         let mut round = MdRound { pending: 0, error: None, snaps, waiters };
         for p in pages {
             let base = p as usize * layout::PAGE_BYTES as usize;
@@ -399,6 +404,7 @@ impl Owner {
             for (i, d, seq) in round.snaps {
                 if map.lines[i as usize].seq == seq {
                     map.lines[i as usize].disk_dirty = d;
+                    map.lines[i as usize].disk_sure = d;
                     map.drop_if_empty(i);
                 }
             }
@@ -441,15 +447,18 @@ impl Owner {
             } else {
                 match sh.cleaner {
                     CleanerPolicy::Nop => {}
-                    CleanerPolicy::Acp => pick = map.dirty_lines(None, &is_attached, batch),
-                    CleanerPolicy::Alru if now >= self.next_clean_ms => {
+                    CleanerPolicy::Acp if now >= self.next_clean_ms => {
                         pick = map.dirty_lines(None, &is_attached, batch);
-                        pick.retain(|&i| {
-                            now.saturating_sub(map.lines[i as usize].dirty_since_ms) >= sh.alru_stale_ms
-                        });
+                        // Full batches back to back; otherwise every 10 ms.
+                        self.next_clean_ms = if pick.len() == batch { now } else { now + 10 };
+                    }
+                    CleanerPolicy::Alru if now >= self.next_clean_ms => {
+                        // Lines dirty for at least the staleness time: since ≤ now − stale.
+                        let before = now.checked_sub(sh.alru_stale_ms).map_or(0, |t| t + 1);
+                        pick = map.dirty_older_than(None, &is_attached, batch, before);
                         self.next_clean_ms = if pick.len() == batch { now } else { now + sh.alru_wake_ms };
                     }
-                    CleanerPolicy::Alru => {}
+                    CleanerPolicy::Acp | CleanerPolicy::Alru => {}
                 }
             }
         }

@@ -2,7 +2,10 @@
 //! machine over its own channels on the cache device and the core.
 //!
 //! ```text
-//!  submit ─► lock core lines (map) ─► plan per line (hit / miss / partial, mode, cut-off) ─► Data
+//!  submit ─► all valid? ─yes─► pin lines, read the cache device ─► unpin, complete (no map lock)
+//!     │ no
+//!     ▼
+//!  lock core lines (map) ─► plan per line (hit / miss / partial, mode, cut-off) ─► Data
 //!     │ busy: wait in `blocked`                                                              │ children on
 //!     ▼                                                                                      ▼ cache + core
 //!  Flush ─► owner (clean + core flush) ─► mailbox        Insert (read misses: fill the cache from the data read)
@@ -20,14 +23,21 @@
 //!   handled as pass-through (`always`), or only while the cache has no free line (`full`).
 //! * Counters per request: a read is a hit when every sector came from the cache, a miss when none
 //!   did, partial otherwise; a write is a hit when every line it touched was cached.
-//! * Write-back acknowledgement waits for the record write when it adds dirty bits the device does
-//!   not have yet (`disk_dirty`); invalidation of sectors that may be dirty on the device waits too.
+//! * Write-back acknowledgement waits for the record write unless the device *certainly* records
+//!   its sectors dirty already (`disk_sure`: while a record write is in flight that is only what
+//!   both the old and the new record say); invalidation of sectors that *may* be dirty on the device
+//!   (`disk_dirty`) waits too. Record writes are group-committed by the owner thread: every request
+//!   that asks while a round is in flight joins the next round (one write per touched page).
 //! * When no clean line can be evicted, a wb write goes to the core for that line (never waits for
 //!   the cleaner) and the cleaner is told that clean lines are needed.
+//! * A read whose every sector is valid (a hit spanning at most `MAX_PINS` lines) takes the fast
+//!   path: see `cache/mod.rs`, "Who owns the line map".
+//! * A request whose lines are locked (by another request or a cleaning batch) waits in its
+//!   channel; later requests on other lines pass it, later ones on the same lines queue behind it
+//!   (submission order per line).
 //!
 //! # Limitations
-//! Requests that wait for a lock are retried in submission order (head-of-line blocking on that
-//! channel only). Read misses fill exactly the sectors read.
+//! Read misses fill exactly the sectors read.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -93,7 +103,13 @@ struct Req {
     plans: Vec<Plan>,
     inserts: Vec<Seg>,
     locked: bool,
+    /// Read hit: cache lines pinned (the first `npins`).
+    pins: [u32; MAX_PINS],
+    npins: u8,
 }
+
+/// Lines a read hit may span to take the fast path.
+const MAX_PINS: usize = 4;
 
 /// A per-thread channel of a cache bdev.
 pub struct CacheChannel {
@@ -115,6 +131,8 @@ pub struct CacheChannel {
     blocked: VecDeque<BdevIo>,
     done: VecDeque<Completion>,
     scratch: Vec<Completion>,
+    seg_pool: Vec<Seg>,
+    pins: Arc<[std::sync::atomic::AtomicU32]>,
 }
 
 fn mask(a: u64, b: u64) -> u128 {
@@ -137,6 +155,7 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
+        let pins = lock(&sh.map).pins.clone();
         let cache_ch = sh.cache_desc.channel()?;
         let core_ch = b.core.channel()?;
         let mailbox = Mailbox::new()?;
@@ -180,6 +199,8 @@ impl CacheChannel {
             blocked: VecDeque::new(),
             done: VecDeque::new(),
             scratch: Vec::new(),
+            seg_pool: Vec::new(),
+            pins,
         })
     }
 
@@ -205,6 +226,19 @@ impl CacheChannel {
             SeqCutoff::Always => over,
             SeqCutoff::Full => over && map.free_lines() == 0,
             SeqCutoff::Off => false,
+        }
+    }
+
+    /// True when two requests touch a common core line (requests without a range never wait).
+    fn overlap(&self, a: &BdevIo, b: &BdevIo) -> bool {
+        let range = |io: &BdevIo| {
+            (matches!(io.kind, IoKind::Read | IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes)
+                && io.num_blocks > 0)
+                .then(|| (io.offset_blocks / self.lb, (io.offset_blocks + io.num_blocks - 1) / self.lb))
+        };
+        match (range(a), range(b)) {
+            (Some((f1, l1)), Some((f2, l2))) => f1 <= l2 && f2 <= l1,
+            _ => false,
         }
     }
 
@@ -236,6 +270,26 @@ impl CacheChannel {
         let last = (io.offset_blocks + io.num_blocks - 1) / self.lb;
         let sh = self.sh.clone();
         let mut map = lock(&sh.map);
+        if io.kind == IoKind::Read
+            && last - first < MAX_PINS as u64
+            && !sh.cache_removed.load(Ordering::Acquire)
+        {
+            let mut segs = std::mem::take(&mut self.seg_pool);
+            if let Some((pins, n)) = self.try_hit(&mut map, &io, &mut segs) {
+                if self.seq_cutoff != SeqCutoff::Off {
+                    // Keep the stream detection going (a hit never fills, so the answer is moot).
+                    let _ = self.cut_off(&io, &map);
+                }
+                drop(map);
+                let mut req = self.new_req(io, Stage::Data);
+                req.pins = pins;
+                req.npins = n;
+                self.reqs.insert(id, req);
+                self.issue(id, segs, false);
+                return Ok(());
+            }
+            self.seg_pool = segs;
+        }
         if !map.try_lock(self.core_id, first, last, id) {
             return Err(io);
         }
@@ -244,7 +298,7 @@ impl CacheChannel {
         let mode = sh.mode();
         let mut req = self.new_req(io, Stage::Data);
         req.locked = true;
-        let mut segs = Vec::new();
+        let mut segs = std::mem::take(&mut self.seg_pool);
         let r = match req.kind {
             IoKind::Read => self.plan_read(&mut map, &mut req, &mut segs, mode, cut, removed),
             IoKind::Write => {
@@ -289,22 +343,54 @@ impl CacheChannel {
             plans: Vec::new(),
             inserts: Vec::new(),
             locked: false,
+            pins: [0; MAX_PINS],
+            npins: 0,
         }
     }
 
     /// Per-line pieces of a request: (core line, first sector, end sector, byte offset in the request).
-    fn pieces(&self, off: u64, nb: u64) -> Vec<(u64, u64, u64, u64)> {
-        let mut v = Vec::new();
-        let end = off + nb;
+    fn pieces(&self, off: u64, nb: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
+        let (lb, bs, end) = (self.lb, self.bs, off + nb);
         let mut b = off;
-        while b < end {
-            let line = b / self.lb;
-            let a = b - line * self.lb;
-            let e = ((line + 1) * self.lb).min(end) - line * self.lb;
-            v.push((line, a, e, (b - off) * self.bs));
-            b = line * self.lb + e;
+        std::iter::from_fn(move || {
+            if b >= end {
+                return None;
+            }
+            let line = b / lb;
+            let a = b - line * lb;
+            let e = ((line + 1) * lb).min(end) - line * lb;
+            let piece = (line, a, e, (b - off) * bs);
+            b = line * lb + e;
+            Some(piece)
+        })
+    }
+
+    /// Read-hit fast path: when every sector of the request is valid in the cache, pins its lines
+    /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
+    /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
+    fn try_hit(&self, map: &mut LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
+        let mut slots = [0u32; MAX_PINS];
+        let mut n = 0usize;
+        for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
+            let s = map.lookup((self.core_id, line))?;
+            let want = mask(a, e);
+            if map.lines[s as usize].valid & want != want {
+                return None;
+            }
+            *slots.get_mut(n)? = s;
+            n += 1;
         }
-        v
+        for (k, (_, a, e, boff)) in self.pieces(io.offset_blocks, io.num_blocks).enumerate() {
+            let s = slots[k];
+            map.touch(s);
+            map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
+            push_seg(
+                segs,
+                Seg { dev: Dev::Cache, dev_off: self.cache_off(s, a), buf_off: boff, len: (e - a) * self.bs },
+            );
+        }
+        map.counters(self.core_id).read_hits += 1;
+        Some((slots, n as u8))
     }
 
     fn plan_read(
@@ -485,10 +571,10 @@ impl CacheChannel {
     }
 
     /// Submits `segs` as children of request `id`.
-    fn issue(&mut self, id: u64, segs: Vec<Seg>, writes: bool) {
+    fn issue(&mut self, id: u64, mut segs: Vec<Seg>, writes: bool) {
         let Some(kind) = self.reqs.get(&id).map(|r| r.kind) else { return };
         let mut n = 0;
-        for s in segs {
+        for s in segs.drain(..) {
             let Some(buf) = self.reqs.get(&id).and_then(|r| r.bufs.slice(s.buf_off, s.len)) else {
                 if let Some(r) = self.reqs.get_mut(&id) {
                     r.error.get_or_insert(IoError::InvalidRange);
@@ -509,6 +595,8 @@ impl CacheChannel {
             ch.submit(io);
             n += 1;
         }
+        // Keep the (empty) vector for the next request: no allocation per request.
+        self.seg_pool = segs;
         if let Some(r) = self.reqs.get_mut(&id) {
             r.pending += n;
             if r.pending == 0 {
@@ -540,6 +628,15 @@ impl CacheChannel {
     fn finalize(&mut self, id: u64) {
         let sh = self.sh.clone();
         let Some(r) = self.reqs.get_mut(&id) else { return };
+        if r.npins > 0 {
+            // A read hit: release the pins, nothing to apply.
+            for &p in &r.pins[..usize::from(r.npins)] {
+                self.pins[p as usize].fetch_sub(1, Ordering::AcqRel);
+            }
+            r.npins = 0;
+            self.complete(id);
+            return;
+        }
         let removed = sh.cache_removed.load(Ordering::Acquire);
         let mut persist = false;
         let mut wake = false;
@@ -552,7 +649,7 @@ impl CacheChannel {
                 if l.key != Some(p.key) {
                     continue;
                 }
-                let (mut v, mut d, dd) = (l.valid, l.dirty, l.disk_dirty);
+                let (mut v, mut d, dd, sure) = (l.valid, l.dirty, l.disk_dirty, l.disk_sure);
                 match (p.act, ok) {
                     (Act::Fill, true) => v |= p.mask,
                     (Act::Fill, false) => {}
@@ -563,7 +660,8 @@ impl CacheChannel {
                     (Act::WriteDirty, true) => {
                         v |= p.mask;
                         d |= p.mask;
-                        persist |= p.mask & !dd != 0;
+                        // Acknowledged only once the device certainly records these sectors dirty.
+                        persist |= p.mask & !sure != 0;
                     }
                     (Act::WriteClean | Act::WriteDirty, false) => {
                         // The line's copy of these sectors is unknown now; dirty data there is lost.
@@ -630,7 +728,8 @@ impl CacheChannel {
 
 impl ModuleChannel for CacheChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
-        if !self.blocked.is_empty() {
+        // Only a request on lines that an earlier waiting request also touches must queue behind it.
+        if self.blocked.iter().any(|b| self.overlap(b, &io)) {
             self.blocked.push_back(io);
             return Ok(());
         }
@@ -655,12 +754,19 @@ impl ModuleChannel for CacheChannel {
                 self.child_done(c.tag, c.result);
             }
             self.scratch = scratch;
-            while let Some(io) = self.blocked.pop_front() {
+            let mut i = 0;
+            while i < self.blocked.len() {
+                // Keep the order of requests on the same lines: wait behind an earlier one.
+                if (0..i).any(|j| self.overlap(&self.blocked[j], &self.blocked[i])) {
+                    i += 1;
+                    continue;
+                }
+                let Some(io) = self.blocked.remove(i) else { break };
                 match self.start(io) {
                     Ok(()) => progress = true,
                     Err(io) => {
-                        self.blocked.push_front(io);
-                        break;
+                        self.blocked.insert(i, io);
+                        i += 1;
                     }
                 }
             }

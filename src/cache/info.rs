@@ -1,7 +1,8 @@
-//! `vblkd cache info --cache PATH`: a cache device's metadata and saved statistics as JSON.
+//! `vblkd cache info --cache BDEV-OR-PATH`: a cache's metadata and statistics as JSON.
 //!
 //! ```text
 //!  PATH (image file or block device, opened read-only) ─► superblock ─► line records ─► JSON
+//!  BDEV (no such path, no '/') ─► running daemon's control socket: cache-stats ─► JSON (live figures)
 //! ```
 //!
 //! # Design
@@ -10,8 +11,13 @@
 //! dirty counts are computed from the line records the way a load would see them (after an unclean
 //! shutdown only dirty lines count); the other counters are those saved at the last clean shutdown.
 //!
+//! A value that names an existing path, or contains a `/`, is a path; anything else is a cache bdev
+//! name, looked up in the running daemon (`--control`, the daemon's control socket) with its
+//! `cache-stats` method: live counters of the bdev and of its shared cache, with the instance's
+//! metadata (uuid, line size, lines, data offset, cores).
+//!
 //! # Limitations
-//! Takes a path only (a bdev name means nothing outside a running daemon).
+//! A bdev name is only known to a running daemon; a stopped one's cache is read by its device path.
 
 use std::collections::HashMap;
 
@@ -83,4 +89,34 @@ pub fn info_json(path: &std::path::Path) -> Result<serde_json::Value, String> {
         "dirty_lines": dirty,
         "cores": cores,
     }))
+}
+
+/// `vblkd cache info`: a path is read directly (read-only); a bdev name asks the running daemon.
+pub fn info_any(target: &str, control: &std::path::Path) -> Result<serde_json::Value, String> {
+    let path = std::path::Path::new(target);
+    if target.contains('/') || path.exists() {
+        return info_json(path);
+    }
+    let args = crate::cli::CtlArgs {
+        control: control.to_path_buf(),
+        timeout: 30,
+        method: "cache-stats".into(),
+        params: vec![format!("name={target}")],
+    };
+    match crate::ctl::call(&args) {
+        Ok(mut v) => {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("source".into(), format!("daemon at {}", control.display()).into());
+            }
+            Ok(v)
+        }
+        Err(crate::ctl::CtlError::Connection(e)) => Err(format!(
+            "{target}: no such file, and no running daemon to ask for a cache bdev of that name: {e}"
+        )),
+        Err(crate::ctl::CtlError::Rpc { message, .. }) if message.contains("no bdev named") => Err(format!(
+            "{target}: no such file, and the daemon at {} has no bdev of that name",
+            control.display()
+        )),
+        Err(e) => Err(format!("{target}: {e}")),
+    }
 }

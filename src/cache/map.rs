@@ -5,24 +5,27 @@
 //!  index: (core id, core line) ──► cache line ──► Line { key, valid, dirty, disk_dirty, seq, lru links }
 //!  lru:   head (most recent) ⇄ … ⇄ tail (eviction candidates)        free: unused cache lines
 //!  locks: [(core, first line, last line, owner)]  — one entry per request or cleaning batch in flight
+//!  pins:  per cache line, read hits in flight (atomics)   dirty order: (dirty since, line), oldest first
 //! ```
 //!
 //! # Design
 //! Plain data behind the instance's one `Mutex` (see `cache/mod.rs` for the locking rule: held only
-//! for look-ups and bookkeeping, never across base I/O). Range locks make every request exclusive on
-//! the core lines it touches for its whole life (data I/O, metadata persist), so no two requests or a
-//! request and the cleaner ever interleave on a line. `disk_dirty` is the dirty mask that may be on
+//! for look-ups and bookkeeping, never across base I/O). Range locks make every request but a read
+//! hit exclusive on the core lines it touches for its whole life (data I/O, metadata persist), so no
+//! two such requests or a request and the cleaner ever interleave on a line. A read hit pins its
+//! lines instead: it may overlap a write in flight on the same sectors (as any two overlapping
+//! requests may), but its line is never evicted or reused under it. `disk_dirty` is the dirty mask that may be on
 //! the cache device: a line is only reused when it is zero, so a stale dirty record can never point
 //! at another line's data (see `layout.rs`).
 //!
 //! # Limitations
 //! The eviction scan looks at most `EVICT_SCAN` lines from the LRU tail; lock look-up is linear in
-//! the number of requests in flight.
+//! the number of requests in flight. LRU is approximate: a hit on a line moved to the head within the
+//! last `num_lines / 8` moves does not move it again.
 
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
-
-use crate::tagmap::TagHasher;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 /// (core id, line number within the core).
 pub type Key = (u16, u64);
@@ -30,17 +33,102 @@ const NIL: u32 = u32::MAX;
 /// Lines examined from the LRU tail when looking for a victim.
 pub const EVICT_SCAN: usize = 512;
 
-/// One cache line at run time.
+/// The index (core line → cache line): open addressing with linear probing over `u32` cache line
+/// numbers, the key itself read from the line (which a look-up reads anyway), so a look-up costs one
+/// memory miss in the table instead of a hash map's control bytes plus bucket. At most half full;
+/// removal shifts the rest of the probe run back (no tombstones).
+struct Index {
+    slots: Vec<u32>,
+    mask: usize,
+    shift: u32,
+}
+
+impl Index {
+    fn new(num_lines: u32) -> Self {
+        let size = (2 * num_lines as usize).next_power_of_two().max(2);
+        Self { slots: vec![NIL; size], mask: size - 1, shift: 64 - size.trailing_zeros() }
+    }
+
+    fn home(&self, key: Key) -> usize {
+        let x = (u64::from(key.0) << 48) ^ key.1;
+        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize & self.mask
+    }
+
+    fn find(&self, key: Key, lines: &[Line]) -> Option<u32> {
+        let mut i = self.home(key);
+        loop {
+            let s = self.slots[i];
+            if s == NIL {
+                return None;
+            }
+            if lines[s as usize].key == Some(key) {
+                return Some(s);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Adds `key` (absent) → `line`.
+    fn insert(&mut self, key: Key, line: u32) {
+        let mut i = self.home(key);
+        while self.slots[i] != NIL {
+            i = (i + 1) & self.mask;
+        }
+        self.slots[i] = line;
+    }
+
+    /// Removes `key` (held by `line`); every other entry's line must still hold its key.
+    fn remove(&mut self, key: Key, line: u32, lines: &[Line]) {
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                NIL => return,
+                s if s == line => break,
+                _ => i = (i + 1) & self.mask,
+            }
+        }
+        self.slots[i] = NIL;
+        let mut j = i;
+        loop {
+            j = (j + 1) & self.mask;
+            let s = self.slots[j];
+            if s == NIL {
+                return;
+            }
+            let Some(k) = lines[s as usize].key else { continue };
+            let h = self.home(k);
+            // Entry at j may move to the hole at i unless its home lies cyclically in (i, j].
+            let stays = if i <= j { i < h && h <= j } else { i < h || h <= j };
+            if !stays {
+                self.slots[i] = s;
+                self.slots[j] = NIL;
+                i = j;
+            }
+        }
+    }
+}
+
+/// One cache line at run time. Laid out so that a read hit (key, valid, LRU check) touches one
+/// 64-byte cache line of memory.
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 pub struct Line {
     /// The core line held, if any.
     pub key: Option<Key>,
+    in_lru: bool,
+    /// The map's touch clock when this line was last moved to the LRU head.
+    touched: u32,
     /// Valid sectors.
     pub valid: u128,
     /// Dirty sectors (newer than the core).
     pub dirty: u128,
-    /// Dirty sectors that may be recorded on the cache device.
+    /// Dirty sectors that may be recorded on the cache device (over-estimate: while a record write
+    /// is in flight, the old and the new record's bits).
     pub disk_dirty: u128,
+    /// Dirty sectors certainly recorded on the cache device (under-estimate: while a record write is
+    /// in flight, the bits both the old and the new record have). A write-back write must wait for
+    /// a record write unless its sectors are all in here.
+    pub disk_sure: u128,
     /// Runtime state differs from the persisted record.
     pub md_dirty: bool,
     /// Sequence number of the last persisted record.
@@ -49,7 +137,6 @@ pub struct Line {
     pub dirty_since_ms: u64,
     prev: u32,
     next: u32,
-    in_lru: bool,
 }
 
 impl Line {
@@ -59,12 +146,14 @@ impl Line {
             valid: 0,
             dirty: 0,
             disk_dirty: 0,
+            disk_sure: 0,
             md_dirty: false,
             seq: 0,
             dirty_since_ms: 0,
             prev: NIL,
             next: NIL,
             in_lru: false,
+            touched: 0,
         }
     }
 }
@@ -111,7 +200,7 @@ impl Counters {
 pub struct LineMap {
     /// Every cache line.
     pub lines: Vec<Line>,
-    index: HashMap<Key, u32, BuildHasherDefault<TagHasher>>,
+    index: Index,
     free: Vec<u32>,
     head: u32,
     tail: u32,
@@ -122,6 +211,16 @@ pub struct LineMap {
     pub counters: Vec<Counters>,
     /// Someone waits for a lock.
     pub lock_waiters: bool,
+    /// Dirty lines by (dirty since, line): the cleaner's order, without scanning the map.
+    dirty_order: BTreeSet<(u64, u32)>,
+    /// Read hits in flight per cache line (taken under the map's lock, released without it): a pinned
+    /// line is never evicted, dropped or reused, so a hit reads its data without a range lock.
+    pub pins: Arc<[AtomicU32]>,
+    /// Counts moves to the LRU head.
+    clock: u32,
+    /// A line moved to the head fewer than this many moves ago is still among the `recent` most
+    /// recently used: touching it again changes nothing that matters and is skipped.
+    recent: u32,
 }
 
 impl LineMap {
@@ -129,7 +228,7 @@ impl LineMap {
     pub fn new(num_lines: u32) -> Self {
         Self {
             lines: vec![Line::empty(); num_lines as usize],
-            index: HashMap::default(),
+            index: Index::new(num_lines),
             free: (0..num_lines).rev().collect(),
             head: NIL,
             tail: NIL,
@@ -137,6 +236,10 @@ impl LineMap {
             md_pending: Vec::new(),
             counters: Vec::new(),
             lock_waiters: false,
+            dirty_order: BTreeSet::new(),
+            pins: (0..num_lines).map(|_| AtomicU32::new(0)).collect(),
+            clock: 0,
+            recent: num_lines / 8,
         }
     }
 
@@ -151,7 +254,7 @@ impl LineMap {
 
     /// The cache line holding `key`.
     pub fn lookup(&self, key: Key) -> Option<u32> {
-        self.index.get(&key).copied()
+        self.index.find(key, &self.lines)
     }
 
     /// Number of free lines.
@@ -167,6 +270,12 @@ impl LineMap {
         }
         self.locks.push((core, first, last, owner));
         true
+    }
+
+    /// True while a read hit on cache line `i` is in flight (read under the map's lock: no new pin can
+    /// appear until it is released).
+    pub fn pinned(&self, i: u32) -> bool {
+        self.pins[i as usize].load(Ordering::Acquire) != 0
     }
 
     /// True when a core line is locked.
@@ -203,8 +312,10 @@ impl LineMap {
 
     fn lru_push_front(&mut self, i: u32) {
         let old = self.head;
+        self.clock = self.clock.wrapping_add(1);
         {
             let l = &mut self.lines[i as usize];
+            l.touched = self.clock;
             l.prev = NIL;
             l.next = old;
             l.in_lru = true;
@@ -217,8 +328,13 @@ impl LineMap {
         self.head = i;
     }
 
-    /// Marks a line most recently used.
+    /// Marks a line most recently used. Approximate: a line still among the most recent eighth of
+    /// the map is left where it is (saves the cache misses of unlinking it on every hit of a hot line).
     pub fn touch(&mut self, i: u32) {
+        let l = &self.lines[i as usize];
+        if l.in_lru && self.clock.wrapping_sub(l.touched) < self.recent {
+            return;
+        }
         self.lru_remove(i);
         self.lru_push_front(i);
     }
@@ -258,7 +374,7 @@ impl LineMap {
             let l = &self.lines[i as usize];
             let prev = l.prev;
             if let Some(key) = l.key {
-                if l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) {
+                if l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) && !self.pinned(i) {
                     self.drop_line(i);
                     self.counters(key.0).evictions += 1;
                     self.free.pop();
@@ -273,10 +389,16 @@ impl LineMap {
     /// Forgets line `i` (its record becomes "free" at the next persist) and puts it on the free list.
     fn drop_line(&mut self, i: u32) {
         self.lru_remove(i);
+        if let Some(key) = self.lines[i as usize].key {
+            // While every line of the probe run still has its key (the index compares keys).
+            self.index.remove(key, i, &self.lines);
+        }
         let l = &mut self.lines[i as usize];
         if let Some(key) = l.key.take() {
-            self.index.remove(&key);
             let dirty = l.dirty != 0;
+            if dirty {
+                self.dirty_order.remove(&(l.dirty_since_ms, i));
+            }
             l.valid = 0;
             l.dirty = 0;
             let c = self.counters(key.0);
@@ -293,7 +415,7 @@ impl LineMap {
     pub fn drop_if_empty(&mut self, i: u32) {
         let l = &self.lines[i as usize];
         if let Some(key) = l.key {
-            if l.valid == 0 && l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) {
+            if l.valid == 0 && l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) && !self.pinned(i) {
                 self.drop_line(i);
             }
         }
@@ -310,7 +432,11 @@ impl LineMap {
         l.dirty = dirty;
         if !was_dirty && dirty != 0 {
             l.dirty_since_ms = now_ms;
+            self.dirty_order.insert((now_ms, i));
+        } else if was_dirty && dirty == 0 {
+            self.dirty_order.remove(&(l.dirty_since_ms, i));
         }
+        let l = &self.lines[i as usize];
         let disk_dirty = l.disk_dirty;
         let c = self.counters(key.0);
         match (was_dirty, dirty != 0) {
@@ -321,7 +447,7 @@ impl LineMap {
         if changed {
             self.mark_md(i);
         }
-        if valid == 0 && dirty == 0 && disk_dirty == 0 {
+        if valid == 0 && dirty == 0 && disk_dirty == 0 && !self.pinned(i) {
             self.drop_line(i);
         }
     }
@@ -334,7 +460,11 @@ impl LineMap {
         l.valid = valid;
         l.dirty = dirty;
         l.disk_dirty = dirty;
+        l.disk_sure = dirty;
         l.seq = seq;
+        if dirty != 0 {
+            self.dirty_order.insert((l.dirty_since_ms, i));
+        }
         self.index.insert(key, i);
         self.lru_push_front(i);
         let c = self.counters(key.0);
@@ -347,19 +477,47 @@ impl LineMap {
     /// Dirty lines of `core` (all cores when `None`), oldest first, at most `max`, skipping locked ones
     /// and lines of cores not in `attached`.
     pub fn dirty_lines(&self, core: Option<u16>, attached: &dyn Fn(u16) -> bool, max: usize) -> Vec<u32> {
-        let mut v: Vec<(u64, u32)> = self
-            .lines
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                let key = l.key?;
-                (l.dirty != 0 && core.map_or(true, |c| c == key.0) && attached(key.0) && !self.is_locked(key))
-                    .then_some((l.dirty_since_ms, i as u32))
+        self.dirty_older_than(core, attached, max, u64::MAX)
+    }
+
+    /// Like `dirty_lines`, only lines dirty since before `before_ms` (walks the dirty order, oldest
+    /// first: no scan of the whole map).
+    pub fn dirty_older_than(
+        &self,
+        core: Option<u16>,
+        attached: &dyn Fn(u16) -> bool,
+        max: usize,
+        before_ms: u64,
+    ) -> Vec<u32> {
+        let mut v = Vec::new();
+        for &(since, i) in &self.dirty_order {
+            if v.len() >= max || since >= before_ms {
+                break;
+            }
+            let Some(key) = self.lines[i as usize].key else { continue };
+            if core.map_or(true, |c| c == key.0) && attached(key.0) && !self.is_locked(key) {
+                v.push(i);
+            }
+        }
+        v
+    }
+
+    /// Frees every clean, unlocked line of `core` whose record cannot say "dirty" (a removed core);
+    /// returns how many.
+    pub fn forget_clean(&mut self, core: u16) -> usize {
+        let victims: Vec<u32> = (0..self.lines.len() as u32)
+            .filter(|&i| {
+                let l = &self.lines[i as usize];
+                l.key.is_some_and(|k| k.0 == core && !self.is_locked(k))
+                    && l.dirty == 0
+                    && l.disk_dirty == 0
+                    && !self.pinned(i)
             })
             .collect();
-        v.sort_unstable();
-        v.truncate(max);
-        v.into_iter().map(|(_, i)| i).collect()
+        for &i in &victims {
+            self.drop_line(i);
+        }
+        victims.len()
     }
 
     /// Keys of every dirty line of `core`.
@@ -392,5 +550,78 @@ mod tests {
         m.set_bits(d, 1, 0, 0);
         assert!(m.alloc((0, 9)).is_none(), "b and d are locked, a is dirty");
         assert!(m.unlock(7));
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_line_is_never_evicted_dropped_or_forgotten() {
+        let mut m = LineMap::new(2);
+        let a = m.alloc((0, 1)).unwrap();
+        let b = m.alloc((0, 2)).unwrap();
+        m.set_bits(a, 1, 0, 0);
+        m.set_bits(b, 1, 0, 0);
+        m.touch(b);
+        m.pins[a as usize].fetch_add(1, Ordering::AcqRel);
+        assert_eq!(m.alloc((0, 3)), Some(b), "the pinned LRU tail is skipped");
+        m.set_bits(a, 0, 0, 0);
+        assert_eq!(m.lookup((0, 1)), Some(a), "an emptied pinned line keeps its slot until unpinned");
+        assert_eq!(m.forget_clean(0), 1, "only the unpinned line is forgotten");
+        assert_eq!(m.lookup((0, 1)), Some(a));
+        m.pins[a as usize].fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(m.forget_clean(0), 1);
+        assert_eq!(m.lookup((0, 1)), None);
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    #[test]
+    fn a_line_is_two_cache_lines_with_the_hit_fields_in_the_first() {
+        assert_eq!(std::mem::size_of::<super::Line>(), 128);
+        assert_eq!(std::mem::offset_of!(super::Line, valid), 32);
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    /// Random inserts and removals against a std HashMap: look-ups agree after every step (probe runs
+    /// that wrap around the table end and backward-shift deletion included).
+    #[test]
+    fn index_agrees_with_a_hash_map() {
+        let n = 64u32;
+        let mut m = LineMap::new(n);
+        let mut reference = std::collections::HashMap::new();
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for step in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Few distinct keys over two cores: many collisions in a 128-slot table.
+            let key = ((x >> 60) as u16 & 1, (x >> 8) % 200);
+            match reference.get(&key) {
+                Some(&slot) if x & 1 == 0 => {
+                    m.set_bits(slot, 0, 0, 0); // empties the line: dropped from the index
+                    reference.remove(&key);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(slot) = m.alloc(key) {
+                        m.set_bits(slot, 1, 0, 0);
+                        reference.retain(|_, s| *s != slot); // an evicted line left the index
+                        reference.insert(key, slot);
+                    }
+                }
+            }
+            for (k, s) in &reference {
+                assert_eq!(m.lookup(*k), Some(*s), "step {step}: {k:?}");
+            }
+            assert_eq!(m.lookup((7, 7)), None);
+        }
     }
 }

@@ -5,27 +5,33 @@
 //!   cache bdev c0 (core f0) ─┐                       ┌─► owner thread: metadata writer + cleaner
 //!   cache bdev c1 (core f1) ─┼─► Instance (cache dev)─┤     (own channels on the cache device and cores)
 //!                            │   Shared { Mutex<LineMap>, mode, cores }
-//!   poller thread ─► CacheChannel (engine.rs): own channels on cache dev + core, line locks, mailbox
+//!   poller thread ─► CacheChannel (engine.rs): own channels on cache dev + core, line locks/pins, mailbox
 //! ```
 //!
 //! # Design
 //! * **One instance per cache device** (the table `INSTANCES`, keyed by the cache bdev object): the
 //!   first cache bdev formats or loads the device; later ones attach their core to the same instance
 //!   and must agree on mode, line size and cleaner. Each core is claimed by its cache bdev.
-//! * **Who owns the line map.** The map (`map.rs`) sits behind one `Mutex` per instance. A request
-//!   takes it twice or three times, each time only for look-ups and bit updates (no I/O, no
-//!   allocation beyond a few small vectors): to lock its core-line range and plan, to apply the
-//!   outcome, and to release. It is *never* held across base I/O: each poller thread submits data
-//!   I/O on its own channels to the cache device and the core. Exclusivity between requests on the
-//!   same lines comes from range locks in the map, held for the request's life (a conflicting request
-//!   waits in its channel and is woken through its mailbox). We chose this over a single owner
-//!   thread for all I/O because hits then cost one look-up plus one read on the caller's own
-//!   channel, and queues scale with threads; the lock hold time is a few hundred nanoseconds.
-//!   Measured (bench/cache.sh, all-hit 4 KiB randread, QD 32 per queue, on the shared 2-core VM where
-//!   the client threads, the pollers and other agents' builds compete for the same two CPUs): 1 queue
-//!   193–405 k IOPS, 2 queues 223–309 k IOPS — no clear gain on this machine, where two busy client
-//!   threads plus two busy pollers already oversubscribe the CPUs; to re-measure on a host with spare
-//!   cores. A request takes the map lock twice (plan; apply + release).
+//! * **Who owns the line map.** The map (`map.rs`) is shared state owned by the instance, behind one
+//!   `Mutex`; no thread owns it exclusively. Every poller thread takes the lock only for look-ups and
+//!   bit updates (no I/O, no allocation on a hit) and submits the data I/O itself, on its own channels
+//!   to the cache device and the core; the lock is *never* held across base I/O.
+//!   - A **read hit** (every sector valid) takes the lock once: look-up, LRU touch (skipped for lines
+//!     already among the most recent eighth), hit counter, and a *pin* on each line (an atomic count:
+//!     a pinned line is never evicted, dropped or reused). It takes no range lock, and its completion
+//!     only drops the pins (atomics, no lock). Two queues hitting the cache therefore share nothing
+//!     but that one short critical section.
+//!   - **Everything else** (misses with fills, writes, unmap) takes the lock twice: to lock its
+//!     core-line range and plan, and to apply the outcome and release. The range lock makes it
+//!     exclusive on its lines for its whole life (data I/O, metadata persist); a request that finds
+//!     its lines locked waits in its channel (later requests on *other* lines pass it) and is woken
+//!     through its mailbox.
+//!
+//!   We chose this over one owner thread doing all I/O (SPDK-style message passing to the map's
+//!   thread) because a hit then costs one look-up plus one read on the caller's own channel, with no
+//!   cross-thread hop, and queues scale with poller threads as long as the critical section stays
+//!   short (one cache-line miss in the open-addressing index, one in the 128-byte line record).
+//!   Measured: BENCHMARKS.md, "Cache bdev" (part C: 1 vs 2 queues on an all-hit workload).
 //! * **One owner thread per instance** does what must be serialised: metadata page writes (group
 //!   commit in rounds, at most one write per page in flight, so records never go backwards), the
 //!   cleaner (alru / acp / nop, `cleaner.rs`) and flush (write back every dirty line, then flush the
@@ -37,12 +43,15 @@
 //!   ones are in the core anyway); after a clean shutdown everything is.
 //! * **Hot remove.** Cache device removed: the instance goes pass-through; if dirty data is at risk its
 //!   count and line ranges are logged as errors and reads of those sectors fail (never stale data).
-//!   Core removed: its cache bdev fails I/O with `Removed` and reports that core's dirty lines.
+//!   Core removed (the registry calls back with itself, on the remover's thread, before the core is
+//!   shut down): its cache bdev fails new I/O with `Removed`, writes back that core's dirty lines
+//!   (waiting at most 30 s), reports what it could not (count and line ranges, as errors), frees
+//!   that core's clean lines, then unregisters itself, so its own users (an export, a bdev stacked on
+//!   it) see a hot-remove in turn. Other cores of a shared instance are served on.
 //!
 //! # Limitations
-//! Removal of the core marks the cache bdev removed but cannot unregister it from the registry (the
-//! module has no owning handle on the registry); the later control interface can. Lines are filled
-//! only with the sectors a request touched (no read-ahead of whole lines).
+//! Lines are filled only with the sectors a request touched (no read-ahead of whole lines). The map
+//! is one lock per instance: many queues on a many-core host would want it sharded by core line.
 
 pub mod cleaner;
 pub mod engine;
@@ -51,7 +60,7 @@ pub mod layout;
 pub mod map;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -253,12 +262,20 @@ impl Mailbox {
 
     /// Blocks until `token` is posted (for callers outside a poller: mode switch, shutdown).
     pub(crate) fn wait_for(&self, token: u64) -> Result<(), IoError> {
+        self.wait_until(token, None).unwrap_or(Err(IoError::Removed))
+    }
+
+    /// Like `wait_for`, giving up (`None`) at `deadline`.
+    pub(crate) fn wait_until(&self, token: u64, deadline: Option<Instant>) -> Option<Result<(), IoError>> {
         loop {
             let mut items = lock(&self.items);
             if let Some(p) = items.iter().position(|(t, _)| *t == token) {
-                return items.remove(p).1;
+                return Some(items.remove(p).1);
             }
             drop(items);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
             let mut pfd = libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(&self.efd),
                 events: libc::POLLIN,
@@ -328,6 +345,11 @@ pub struct Shared {
     pub(crate) pressure: AtomicBool,
     pub(crate) start: Instant,
     pub(crate) sb: Mutex<(Superblock, u64)>,
+    /// Metadata rounds written, pages written by them, and requests answered by them (group commit:
+    /// waiters per round).
+    pub(crate) md_rounds: AtomicU64,
+    pub(crate) md_pages: AtomicU64,
+    pub(crate) md_waiters: AtomicU64,
 }
 
 impl Shared {
@@ -474,6 +496,10 @@ pub struct CacheBdev {
     pub(crate) seq_cutoff_bytes: u64,
     pub(crate) seq: Arc<Mutex<SeqState>>,
     shut: Arc<AtomicBool>,
+    /// The core is detached from the instance: the cleaner no longer touches it.
+    detached: Arc<AtomicBool>,
+    /// Dirty lines reported at risk when the core went away.
+    pub(crate) at_risk: AtomicU64,
 }
 
 /// Submits one I/O and waits for it (set-up and tear-down paths only).
@@ -548,6 +574,65 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Rebuilds the line map from a cache device's record area (`image`, the line records right after the
+/// superblocks) as a load does: after an unclean shutdown only dirty sectors count, after a clean one
+/// every valid sector; saved counters come from the superblock. Returns the map, the lines loaded and
+/// the dirty lines among them; damaged metadata is an error naming it, never a panic (fuzzed:
+/// `fuzz/fuzz_targets/cache_md.rs`).
+pub fn load_map(
+    sb: &Superblock,
+    image: &[u8],
+    num_lines: u32,
+    dev: &str,
+) -> Result<(LineMap, u64, u64), LayoutError> {
+    let mut map = LineMap::new(num_lines);
+    let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
+    let (mut loaded_lines, mut dirty_lines) = (0u64, 0u64);
+    let mut last_log = Instant::now();
+    let rec_bytes = layout::LINE_MD_BYTES as usize;
+    for i in 0..num_lines {
+        let o = i as usize * rec_bytes;
+        let bytes = image.get(o..o + rec_bytes).ok_or_else(|| {
+            LayoutError::Corrupt(format!("the record area ends before line {i} of {num_lines}"))
+        })?;
+        let Some(r) = layout::decode_line(bytes, i)? else { continue };
+        map.lines[i as usize].seq = r.seq;
+        if !r.used {
+            continue;
+        }
+        if !known.contains(&r.core_id) || map.lookup((r.core_id, r.core_line)).is_some() {
+            return Err(LayoutError::Corrupt(format!(
+                "line {i} names core id {} line {} twice or an unknown core",
+                r.core_id, r.core_line
+            )));
+        }
+        let valid = if sb.clean_shutdown { r.valid } else { r.dirty };
+        if valid == 0 {
+            continue;
+        }
+        map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq);
+        loaded_lines += 1;
+        dirty_lines += u64::from(r.dirty != 0);
+        if last_log.elapsed() > Duration::from_secs(1) {
+            log::info!("cache '{dev}': load: {i}/{num_lines} records read");
+            last_log = Instant::now();
+        }
+    }
+    for c in &sb.cores {
+        if let Ok(saved) = serde_json::from_value::<Counters>(c.stats.clone()) {
+            let k = map.counters(c.id);
+            k.read_hits = saved.read_hits;
+            k.read_misses = saved.read_misses;
+            k.read_partial_hits = saved.read_partial_hits;
+            k.write_hits = saved.write_hits;
+            k.write_misses = saved.write_misses;
+            k.evictions = saved.evictions;
+            k.cleaner_writes = saved.cleaner_writes;
+        }
+    }
+    Ok((map, loaded_lines, dirty_lines))
+}
+
 impl CacheBdev {
     /// Builds a cache bdev over `cfg.core`, on a new or existing instance on `cfg.cache`.
     pub fn create(cfg: &CacheConfig, registry: &Registry) -> Result<Arc<CacheBdev>, BdevError> {
@@ -563,16 +648,14 @@ impl CacheBdev {
         let key = Arc::as_ptr(&cache_bdev).cast::<()>() as usize;
         // Core first: claiming it tells a second cache bdev on the same core to go away.
         let core_removed = Arc::new(AtomicBool::new(false));
-        let flag = core_removed.clone();
         let shut = Arc::new(AtomicBool::new(false));
-        let shut2 = shut.clone();
-        let name = cfg.name.clone();
+        let me: Arc<Mutex<Weak<CacheBdev>>> = Arc::new(Mutex::new(Weak::new()));
+        let me2 = me.clone();
         let mut core = registry
-            .open_with_remove(&cfg.core, true, move |n| {
-                flag.store(true, Ordering::Release);
-                // After this cache bdev's shutdown, removing its core is ordinary teardown.
-                if !shut2.load(Ordering::Acquire) {
-                    log::error!("core bdev '{n}' removed: cache bdev '{name}' fails further I/O");
+            .open_with_remove_in(&cfg.core, true, move |reg, n| {
+                let this = lock(&me2).upgrade();
+                if let Some(b) = this {
+                    b.core_gone(reg, n);
                 }
             })
             .map_err(|e| cfg_err(cfg, format!("core={}: {e}", cfg.core)))?;
@@ -668,10 +751,9 @@ impl CacheBdev {
         }
         sh.write_superblock(false)?;
         let core = Arc::new(core);
-        lock(&sh.cores).insert(
-            core_id,
-            CoreSlot { desc: core.clone(), removed: core_removed.clone(), block_size: core_bs },
-        );
+        let detached = Arc::new(AtomicBool::new(false));
+        lock(&sh.cores)
+            .insert(core_id, CoreSlot { desc: core.clone(), removed: detached.clone(), block_size: core_bs });
         sh.send(OwnerReq::CoreAttached(core_id));
         let cinfo = core.info();
         let mut info = BdevInfo::new(&cfg.name, "cache", core_bs, cinfo.num_blocks);
@@ -693,7 +775,7 @@ impl CacheBdev {
             sh.line_size,
             sh.cleaner.as_str()
         );
-        Ok(Arc::new(CacheBdev {
+        let b = Arc::new(CacheBdev {
             info,
             inst,
             core_id,
@@ -703,7 +785,11 @@ impl CacheBdev {
             seq_cutoff_bytes: cfg.seq_cutoff_bytes,
             seq: Arc::new(Mutex::new(SeqState::default())),
             shut,
-        }))
+            detached,
+            at_risk: AtomicU64::new(0),
+        });
+        *lock(&me) = Arc::downgrade(&b);
+        Ok(b)
     }
 
     /// Opens the cache device: format, or load its metadata, per `cfg.load`; starts the owner thread.
@@ -770,48 +856,9 @@ impl CacheBdev {
                     if sb.clean_shutdown { "clean" } else { "after an unclean" }
                 );
                 let image = sync_read(&mut ch, layout::MD_OFFSET, md_bytes, cbs)?;
-                let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
-                let (mut loaded_lines, mut dirty_lines) = (0u64, 0u64);
-                let mut last_log = Instant::now();
-                for i in 0..num_lines {
-                    let o = i as usize * layout::LINE_MD_BYTES as usize;
-                    let rec = layout::decode_line(&image[o..o + layout::LINE_MD_BYTES as usize], i)
-                        .map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
-                    let Some(r) = rec else { continue };
-                    map.lines[i as usize].seq = r.seq;
-                    if !r.used {
-                        continue;
-                    }
-                    if !known.contains(&r.core_id) || map.lookup((r.core_id, r.core_line)).is_some() {
-                        return Err(cfg_err(cfg, format!(
-                            "cache={}: corrupt cache metadata: line {i} names core id {} line {} twice or an unknown core; {force}",
-                            cfg.cache, r.core_id, r.core_line
-                        )));
-                    }
-                    let valid = if sb.clean_shutdown { r.valid } else { r.dirty };
-                    if valid == 0 {
-                        continue;
-                    }
-                    map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq);
-                    loaded_lines += 1;
-                    dirty_lines += u64::from(r.dirty != 0);
-                    if last_log.elapsed() > Duration::from_secs(1) {
-                        log::info!("cache '{}': load: {i}/{num_lines} records read", cfg.cache);
-                        last_log = Instant::now();
-                    }
-                }
-                for c in &sb.cores {
-                    if let Ok(saved) = serde_json::from_value::<Counters>(c.stats.clone()) {
-                        let k = map.counters(c.id);
-                        k.read_hits = saved.read_hits;
-                        k.read_misses = saved.read_misses;
-                        k.read_partial_hits = saved.read_partial_hits;
-                        k.write_hits = saved.write_hits;
-                        k.write_misses = saved.write_misses;
-                        k.evictions = saved.evictions;
-                        k.cleaner_writes = saved.cleaner_writes;
-                    }
-                }
+                let (loaded_map, loaded_lines, dirty_lines) = load_map(&sb, &image, num_lines, &cfg.cache)
+                    .map_err(|e| cfg_err(cfg, format!("cache={}: {e}; {force}", cfg.cache)))?;
+                map = loaded_map;
                 log::info!(
                     "cache '{}': loaded {loaded_lines} lines ({dirty_lines} dirty) in {} ms",
                     cfg.cache,
@@ -876,6 +923,9 @@ impl CacheBdev {
             pressure: AtomicBool::new(false),
             start: Instant::now(),
             sb: Mutex::new((sb, seq)),
+            md_rounds: AtomicU64::new(0),
+            md_pages: AtomicU64::new(0),
+            md_waiters: AtomicU64::new(0),
         });
         *lock(&weak_slot) = Arc::downgrade(&sh);
         // Mark the metadata "in use" before any I/O: a crash from now on loads only dirty lines.
@@ -918,6 +968,70 @@ impl CacheBdev {
         mb.wait_for(1).map_err(|e| {
             BdevError::Module(format!("cache '{}': cleaning failed: {e}", self.inst.sh.cache_name))
         })
+    }
+
+    /// Hot-remove of the core (called by the registry, without its lock, on the thread removing the
+    /// core; the core still serves I/O until its remover shuts it down): new I/O fails with `Removed`,
+    /// this core's dirty lines are written back (bounded wait), what could not be is reported as at
+    /// risk (count and ranges), its clean lines are freed for the other cores of a shared instance,
+    /// and this cache bdev unregisters itself so its own users see a hot-remove in turn.
+    fn core_gone(self: &Arc<Self>, reg: &Registry, core: &str) {
+        if self.shut.load(Ordering::Acquire) {
+            // After this cache bdev's shutdown, removing its core is ordinary teardown.
+            return;
+        }
+        let sh = &self.inst.sh;
+        let name = &self.info.name;
+        self.core_removed.store(true, Ordering::Release);
+        log::error!(
+            "core bdev '{core}' removed: cache bdev '{name}' fails further I/O, writes back its dirty \
+             lines and removes itself"
+        );
+        if !sh.cache_removed.load(Ordering::Acquire) {
+            let t = Instant::now();
+            match self.clean_core(Duration::from_secs(30)) {
+                Ok(()) => log::info!(
+                    "cache bdev '{name}': dirty lines of core '{core}' written back in {} ms",
+                    t.elapsed().as_millis()
+                ),
+                Err(e) => log::error!("cache bdev '{name}': writing back to core '{core}' failed: {e}"),
+            }
+        }
+        let n = sh.report_dirty(self.core_id, &format!("core '{core}' of cache bdev '{name}' removed"));
+        self.at_risk.store(n as u64, Ordering::Release);
+        if n == 0 {
+            log::warn!("cache bdev '{name}': core '{core}' removed with no dirty data at risk");
+        }
+        self.detached.store(true, Ordering::Release);
+        let freed = lock(&sh.map).forget_clean(self.core_id);
+        if freed > 0 {
+            log::info!("cache '{}': {freed} clean lines of core '{core}' freed", sh.cache_name);
+        }
+        sh.wake_all();
+        let registered =
+            reg.get(name).is_some_and(|b| Arc::as_ptr(&b).cast::<()>() == Arc::as_ptr(self).cast::<()>());
+        let r = if registered { reg.unregister(name).and_then(|b| b.shutdown()) } else { self.shutdown() };
+        match r {
+            Ok(()) => log::warn!("cache bdev '{name}' removed (its core '{core}' went away)"),
+            Err(e) => log::error!("cache bdev '{name}': removal after its core went away: {e}"),
+        }
+    }
+
+    /// Writes back this core's dirty lines and flushes the core; waits at most `limit`.
+    fn clean_core(&self, limit: Duration) -> Result<(), BdevError> {
+        let mb = Mailbox::new()?;
+        self.inst.sh.send(OwnerReq::Flush(Some(self.core_id), mb.clone(), 1));
+        let deadline = Instant::now() + limit;
+        let late = || BdevError::Module(format!("not done after {} s", limit.as_secs()));
+        mb.wait_until(1, Some(deadline)).ok_or_else(late)?.map_err(|e| BdevError::Module(e.to_string()))?;
+        // Record the cleaned lines as clean, so they can be freed.
+        self.inst.sh.send(OwnerReq::Persist(mb.clone(), 2));
+        mb.wait_until(2, Some(deadline)).ok_or_else(late)?.map_err(|e| BdevError::Module(e.to_string()))
+    }
+
+    /// Dirty lines that were at risk when the core went away (0 until then).
+    pub fn dirty_at_risk(&self) -> u64 {
+        self.at_risk.load(Ordering::Acquire)
     }
 
     fn stats_value(&self, c: &Counters) -> serde_json::Value {
@@ -975,9 +1089,6 @@ impl Bdev for CacheBdev {
         if let Some(e) = lock(&sh.sb).0.cores.iter_mut().find(|e| e.id == self.core_id) {
             e.stats = serde_json::to_value(c).unwrap_or_default();
         }
-        if self.core_removed.load(Ordering::Acquire) {
-            sh.report_dirty(self.core_id, "core removed");
-        }
         let last = {
             let mut cores = lock(&sh.cores);
             cores.remove(&self.core_id);
@@ -998,7 +1109,17 @@ impl Bdev for CacheBdev {
             o.insert("cache_device".into(), sh.cache_name.clone().into());
             o.insert("num_lines".into(), sh.num_lines.into());
             o.insert("line_size".into(), sh.line_size.into());
-            o.insert("cores".into(), lock(&sh.sb).0.cores.iter().map(|c| c.cache_bdev.clone()).collect());
+            let sb = lock(&sh.sb);
+            o.insert("cores".into(), sb.0.cores.iter().map(|c| c.cache_bdev.clone()).collect());
+            o.insert("uuid".into(), sb.0.uuid.clone().into());
+            o.insert("cleaner".into(), sh.cleaner.as_str().into());
+            o.insert("cache_block_size".into(), sh.cache_block.into());
+            o.insert("data_offset".into(), sh.data_offset.into());
+            o.insert("superblock_seq".into(), sb.1.into());
+            o.insert("cache_removed".into(), sh.cache_removed.load(Ordering::Acquire).into());
+            o.insert("md_rounds".into(), sh.md_rounds.load(Ordering::Relaxed).into());
+            o.insert("md_pages".into(), sh.md_pages.load(Ordering::Relaxed).into());
+            o.insert("md_waiters".into(), sh.md_waiters.load(Ordering::Relaxed).into());
         }
         if let Some(o) = v.as_object_mut() {
             o.insert("shared_cache".into(), shared);

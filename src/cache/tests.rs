@@ -630,3 +630,114 @@ fn crash_after_clean_and_reuse_loads_the_right_data() {
         same(&read(&mut ch, l * 8, 8), &vec![0u8; 4096], "other lines after the crash");
     }
 }
+
+/// Hot-remove of a core under a shared cache: the cache bdev writes back that core's dirty lines,
+/// frees its clean ones, unregisters itself (its users are told), and the other core is served on.
+#[test]
+fn core_removal_cleans_and_removes_the_cache_bdev() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    for n in ["core0", "core1"] {
+        reg.register(Arc::new(MallocBdev::new(n, 1 << 20, 512).unwrap())).unwrap();
+    }
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Nop;
+    a.seq_cutoff = SeqCutoff::Off;
+    let mut b = a.clone();
+    b.name = "c1".into();
+    b.core = "core1".into();
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let cb = CacheBdev::create(&b, &reg).unwrap();
+    reg.register(ca.clone()).unwrap();
+    reg.register(cb.clone()).unwrap();
+    // An "export" on c0 that wants to hear about its removal.
+    let told = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let t2 = told.clone();
+    let desc0 = reg.open_with_remove("c0", true, move |n| t2.lock().unwrap().push(n.to_string())).unwrap();
+    let desc1 = reg.open("c1", true).unwrap();
+    let core0_ro = reg.open("core0", false).unwrap();
+    let (mut ch0, mut ch1) = (desc0.channel().unwrap(), desc1.channel().unwrap());
+    let (x, y, z) = (fill(11, 4 * 4096), fill(12, 4 * 4096), fill(13, 4096));
+    write(&mut ch0, 0, &x); // dirty, only in the cache
+    read(&mut ch0, 512, 8); // a clean line of core0
+    write(&mut ch1, 64, &y);
+    assert!(stats(&ca)["dirty_lines"].as_u64().unwrap() >= 4);
+    let mut core_ch = core0_ro.channel().unwrap();
+    assert_ne!(read(&mut core_ch, 0, 32), x, "write-back: the core does not have the data yet");
+
+    drop(reg.unregister("core0").unwrap());
+    assert_eq!(*told.lock().unwrap(), vec!["c0".to_string()], "the cache bdev's users see it go");
+    assert!(reg.get("c0").is_none(), "the cache bdev unregisters itself");
+    same(&read(&mut core_ch, 0, 32), &x, "dirty data written back to the removed core");
+    assert_eq!(ca.dirty_at_risk(), 0);
+    let r = run(&mut ch0, vec![BdevIo::read(0, 8, IoVecs::alloc(4096), 0)]);
+    assert_eq!(r[&0], Err(IoError::Removed));
+    // The shared instance serves core1 on; core0's lines are gone from it.
+    let s = stats(&cb);
+    assert_eq!(s["shared_cache"]["occupancy_lines"], s["occupancy_lines"], "core0's lines freed: {s}");
+    same(&read(&mut ch1, 64, 32), &y, "other core after the removal");
+    write(&mut ch1, 400, &z);
+    flush(&mut ch1);
+    same(&read(&mut ch1, 400, 8), &z, "other core keeps working");
+    assert!(!cb.shared().stopped.load(Ordering::Acquire));
+    let _ = drive(&mut ch0);
+}
+
+/// A core that fails the write-back when it goes away: the dirty lines are reported at risk (never
+/// dropped silently) and the cache bdev still removes itself.
+#[test]
+fn core_removal_reports_dirty_lines_it_cannot_write_back() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (stub, ctl) = crate::bdev::tests::StubBdev::new(|_| {});
+    reg.register(stub).unwrap();
+    let mut c = CacheConfig::new("c0", "cdev", "stub");
+    c.mode = Mode::Wb;
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    write(&mut ch, 0, &fill(1, 4096));
+    write(&mut ch, 64, &fill(2, 4096));
+    ctl.lock().unwrap().fail_at = Some(64);
+    drop(reg.unregister("stub").unwrap());
+    assert!(reg.get("c0").is_none(), "the cache bdev unregisters itself");
+    assert!(bdev.dirty_at_risk() >= 1, "dirty lines that could not be written back are reported");
+    let _ = drive(&mut ch);
+}
+
+/// A write-back write to a line whose "clean" record is being written (the device holds the old
+/// dirty record or the new clean one) must wait for a record round of its own: its dirty bits are not
+/// certainly on the device. The mid-round state is set up by hand (what `start_md` leaves behind).
+#[test]
+fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let sh = bdev.shared().clone();
+    let waiters = || sh.md_waiters.load(Ordering::Acquire);
+    write(&mut ch, 0, &fill(1, 4096));
+    assert_eq!(waiters(), 1, "a first write-back write waits for its record");
+    write(&mut ch, 0, &fill(2, 4096));
+    assert_eq!(waiters(), 1, "a rewrite of recorded dirty sectors does not");
+    flush(&mut ch); // cleaned at run time; the device still says dirty
+    {
+        // A record round for the cleaned line is in flight: old record dirty, new one clean.
+        let mut map = lock(&sh.map);
+        let slot = map.lookup((0, 0)).unwrap();
+        let l = &mut map.lines[slot as usize];
+        assert_eq!(l.dirty, 0);
+        l.disk_sure &= l.dirty;
+    }
+    write(&mut ch, 0, &fill(3, 4096));
+    assert_eq!(waiters(), 2, "the rewrite must wait: its dirty bits may not be on the device");
+}

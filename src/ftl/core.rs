@@ -110,6 +110,11 @@ impl Mailbox {
         }
     }
 
+    /// True when completions are posted and not yet taken.
+    pub fn has_posts(&self) -> bool {
+        !lock(&self.done).is_empty()
+    }
+
     /// Takes posted completions.
     pub fn take(&self, out: &mut Vec<BdevCompletion>) -> usize {
         let mut d = lock(&self.done);

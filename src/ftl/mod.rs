@@ -55,7 +55,7 @@ pub mod stats;
 pub(crate) mod tests;
 pub mod wbuf;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -64,6 +64,7 @@ use crate::bdev::{
     Bdev, BdevError, BdevInfo, BdevIo, Completion, IoError, IoKind, IoKinds, IoVecs, ModuleChannel, Rejected,
 };
 use crate::ocssd::{ChunkState, Command, IoBuf, MediaDevice, Op, PpaList, QueuePair, SgList};
+use crate::tagmap::TagMap;
 
 use self::band::{Band, BandState, Geo, MAX_PUS};
 use self::core::{lock, Core, FlushReq, Limit, Mailbox, Shared};
@@ -652,8 +653,8 @@ impl Bdev for FtlBdev {
             qp,
             mailbox,
             local: VecDeque::new(),
-            reads: HashMap::new(),
-            cmds: HashMap::new(),
+            reads: TagMap::default(),
+            cmds: TagMap::default(),
             next_id: 1,
             scratch: Vec::new(),
         }))
@@ -692,8 +693,8 @@ pub struct FtlChannel {
     qp: Box<dyn QueuePair>,
     mailbox: Arc<Mailbox>,
     local: VecDeque<Completion>,
-    reads: HashMap<u64, ReadIo>,
-    cmds: HashMap<u64, ReadCmd>,
+    reads: TagMap<ReadIo>,
+    cmds: TagMap<ReadCmd>,
     next_id: u64,
     scratch: Vec<crate::ocssd::Completion>,
 }
@@ -774,74 +775,36 @@ impl FtlChannel {
         Ok(())
     }
 
-    /// Resolves blocks of a read: zeros and buffer hits are copied now; media blocks are returned.
-    fn resolve(&self, bufs: &IoVecs, offset: u64, blocks: &[u64]) -> Vec<(u64, u64, u64)> {
-        let mut media = Vec::new();
-        for &i in blocks {
-            let lba = offset + i;
+    /// Starts the media part of a read for `blocks` (indexes within the I/O): unmapped blocks
+    /// read zeros and buffered blocks are copied now; media blocks are read by commands of up to 64
+    /// blocks straight into the caller's memory (no bounce buffer).
+    fn start_read(&mut self, id: u64, blocks: impl Iterator<Item = u64>) {
+        let Some(r) = self.reads.get_mut(&id) else { return };
+        let mut cmd: Option<PendingRead> = None;
+        let mut submitted = 0usize;
+        for i in blocks {
+            let lba = r.offset_blocks + i;
             let at = i * BLOCK_BYTES as u64;
-            loop {
-                match self.sh.l2p.get(lba) {
-                    Loc::Unmapped => {
-                        bufs.copy_from_slice(at, &[0u8; BLOCK_BYTES]);
-                        break;
-                    }
-                    Loc::Media(a) => {
-                        media.push((i, lba, a));
-                        break;
-                    }
-                    Loc::Cache(n) => {
-                        let c = lock(&self.sh.core);
-                        if self.sh.l2p.get(lba) != Loc::Cache(n) {
-                            continue;
-                        }
-                        if let Some((_, data)) = c.wbuf.get(n) {
-                            bufs.copy_from_slice(at, data);
-                            break;
-                        }
-                    }
+            let Some(addr) = resolve_block(&self.sh, &r.bufs, lba, at) else { continue };
+            let c = cmd.get_or_insert_with(PendingRead::new);
+            c.ppas.push(self.sh.geo.ppa_of(addr));
+            guest_pieces(&r.bufs, at, BLOCK_BYTES as u64, &mut c.data);
+            c.blocks.push((i, lba, addr));
+            if c.blocks.len() == 64 {
+                if let Some(c) = cmd.take() {
+                    submitted +=
+                        submit_read(self.qp.as_mut(), &mut self.cmds, &mut self.next_id, id, c, &mut r.retry);
                 }
             }
         }
-        media
-    }
-
-    fn start_read(&mut self, id: u64, blocks: &[u64]) -> bool {
-        let Some(r) = self.reads.get(&id) else { return true };
-        let media = self.resolve(&r.bufs, r.offset_blocks, blocks);
-        if media.is_empty() {
-            return true;
+        if let Some(c) = cmd.take() {
+            submitted +=
+                submit_read(self.qp.as_mut(), &mut self.cmds, &mut self.next_id, id, c, &mut r.retry);
         }
-        let mut submitted = 0;
-        for chunk in media.chunks(64) {
-            let id_cmd = self.next_id;
-            self.next_id += 1;
-            let ppas: Vec<_> = chunk.iter().map(|(_, _, a)| self.sh.geo.ppa_of(*a)).collect();
-            let n = ppas.len();
-            let Ok(list) = PpaList::new(ppas) else { continue };
-            let cmd = Command {
-                tag: id_cmd,
-                op: Op::Read { ppas: list, data: SgList::from(IoBuf::zeroed(n * BLOCK_BYTES)), oob: None },
-            };
-            self.cmds.insert(id_cmd, ReadCmd { read_id: id, blocks: chunk.to_vec() });
-            if let Err(rej) = self.qp.submit(cmd) {
-                // The queue is sized above the channel's depth; treat a full queue as a retry.
-                self.cmds.remove(&id_cmd);
-                let _ = rej;
-                if let Some(r) = self.reads.get_mut(&id) {
-                    r.retry.extend(chunk.iter().map(|b| b.0));
-                }
-                continue;
-            }
-            submitted += 1;
-        }
-        if let Some(r) = self.reads.get_mut(&id) {
-            r.cmds_left += submitted;
-        }
+        r.cmds_left += submitted;
         if submitted > 0 {
             self.mailbox.wake();
         }
-        submitted == 0 && self.reads.get(&id).is_some_and(|r| r.retry.is_empty())
     }
 
     fn read(&mut self, io: BdevIo) -> Result<(), Rejected> {
@@ -850,11 +813,11 @@ impl FtlChannel {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let tag = io.tag;
+        let n = io.num_blocks;
         self.reads.insert(
             id,
             ReadIo {
-                tag,
+                tag: io.tag,
                 bufs: io.bufs,
                 offset_blocks: io.offset_blocks,
                 cmds_left: 0,
@@ -862,8 +825,7 @@ impl FtlChannel {
                 error: None,
             },
         );
-        let blocks: Vec<u64> = (0..io.num_blocks).collect();
-        self.start_read(id, &blocks);
+        self.start_read(id, 0..n);
         self.finish_read_if_done(id);
         Ok(())
     }
@@ -875,7 +837,7 @@ impl FtlChannel {
         }
         if r.error.is_none() && !r.retry.is_empty() {
             let blocks = std::mem::take(&mut r.retry);
-            self.start_read(id, &blocks);
+            self.start_read(id, blocks.into_iter());
             let Some(r) = self.reads.get(&id) else { return };
             if r.cmds_left > 0 || !r.retry.is_empty() {
                 return;
@@ -888,13 +850,12 @@ impl FtlChannel {
 
     fn read_done(&mut self, c: crate::ocssd::Completion) {
         let Some(cmd) = self.cmds.remove(&c.tag) else { return };
-        let data = c.buffers.data.map(|d| d.to_vec()).unwrap_or_default();
         let ok = c.status.is_success();
         let Some(r) = self.reads.get_mut(&cmd.read_id) else { return };
         r.cmds_left = r.cmds_left.saturating_sub(1);
         for (k, &(i, lba, addr)) in cmd.blocks.iter().enumerate() {
             if self.sh.l2p.get(lba) != Loc::Media(addr) {
-                // Moved or rewritten while we read: read it again.
+                // Moved or rewritten while we read (the memory may hold the old copy): read it again.
                 r.retry.push(i);
                 continue;
             }
@@ -907,14 +868,103 @@ impl FtlChannel {
                     c.status
                 );
                 r.error = Some(IoError::Media(c.status.to_status_field(false)));
-                continue;
-            }
-            if let Some(src) = data.get(k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES) {
-                r.bufs.copy_from_slice(i * BLOCK_BYTES as u64, src);
             }
         }
         let id = cmd.read_id;
         self.finish_read_if_done(id);
+    }
+}
+
+/// Submits one read command; returns 1 if submitted (a full queue puts its blocks on `retry`).
+fn submit_read(
+    qp: &mut dyn QueuePair,
+    cmds: &mut TagMap<ReadCmd>,
+    next_id: &mut u64,
+    read_id: u64,
+    c: PendingRead,
+    retry: &mut Vec<u64>,
+) -> usize {
+    let Ok(ppas) = PpaList::new(c.ppas) else { return 0 };
+    let tag = *next_id;
+    *next_id += 1;
+    let cmd = Command { tag, op: Op::Read { ppas, data: c.data, oob: None } };
+    match qp.submit(cmd) {
+        Ok(()) => {
+            cmds.insert(tag, ReadCmd { read_id, blocks: c.blocks });
+            1
+        }
+        Err(_) => {
+            // The queue is sized above the channel's depth; treat a full queue as a retry.
+            retry.extend(c.blocks.iter().map(|b| b.0));
+            0
+        }
+    }
+}
+
+/// A read command being built.
+struct PendingRead {
+    ppas: Vec<crate::ocssd::Ppa>,
+    data: SgList,
+    blocks: Vec<(u64, u64, u64)>,
+}
+
+impl PendingRead {
+    fn new() -> Self {
+        PendingRead { ppas: Vec::with_capacity(4), data: SgList::new(), blocks: Vec::with_capacity(4) }
+    }
+}
+
+/// Resolves one block of a read through the L2P: zeros and buffered data are copied into `bufs`
+/// at byte `at` now (`None`); a media address is returned for the caller to read.
+fn resolve_block(sh: &Shared, bufs: &IoVecs, lba: u64, at: u64) -> Option<u64> {
+    loop {
+        match sh.l2p.get(lba) {
+            Loc::Unmapped => {
+                bufs.copy_from_slice(at, &ZERO_BLOCK);
+                return None;
+            }
+            Loc::Media(a) => return Some(a),
+            Loc::Cache(n) => {
+                let c = lock(&sh.core);
+                if sh.l2p.get(lba) != Loc::Cache(n) {
+                    continue;
+                }
+                if let Some((_, data)) = c.wbuf.get(n) {
+                    bufs.copy_from_slice(at, data);
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0u8; BLOCK_BYTES];
+
+/// Appends the caller memory `[off, off+len)` of `bufs` to `sg` as zero-copy segments.
+fn guest_pieces(bufs: &IoVecs, off: u64, len: u64, sg: &mut SgList) {
+    let end = off + len;
+    let mut pos = 0u64;
+    for v in bufs.as_iovecs() {
+        let seg_end = pos + v.iov_len as u64;
+        let lo = pos.max(off);
+        let hi = seg_end.min(end);
+        if lo < hi {
+            let base = (v.iov_base as *mut u8).wrapping_add((lo - pos) as usize);
+            if let Some(ptr) = std::ptr::NonNull::new(base) {
+                // SAFETY: `base..base+(hi-lo)` lies inside one iovec of `bufs`, which stays mapped
+                // while its keeper (cloned into the IoBuf) lives or, without a keeper, while the
+                // read holding `bufs` is in `reads`, which outlives the command (the channel's queue
+                // pair, and with it every command, is dropped before `reads`). Only this command
+                // touches this block's range of the I/O memory until it completes (other blocks of
+                // the read are disjoint; a retry starts after completion); the guest may write it
+                // concurrently, as it may under any device DMA.
+                sg.push(unsafe { IoBuf::from_raw(ptr, (hi - lo) as usize, bufs.keeper()) });
+            }
+        }
+        if seg_end >= end {
+            break;
+        }
+        pos = seg_end;
     }
 }
 
@@ -943,12 +993,15 @@ impl ModuleChannel for FtlChannel {
             self.read_done(c);
         }
         self.scratch = scratch;
-        // Clear the wakeup before draining so a post racing with us re-arms it.
-        self.mailbox.clear();
         self.mailbox.take(done);
         done.extend(self.local.drain(..));
-        if !self.cmds.is_empty() || !self.local.is_empty() {
-            self.mailbox.wake();
+        // The wakeup stays armed while commands are in flight (no eventfd syscalls while busy);
+        // when idle it is cleared, then a completion posted meanwhile re-arms it.
+        if self.cmds.is_empty() {
+            self.mailbox.clear();
+            if self.mailbox.has_posts() {
+                self.mailbox.wake();
+            }
         }
         done.len() - before
     }

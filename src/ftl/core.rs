@@ -166,6 +166,9 @@ pub struct Core {
     pub unflushed: bool,
     /// Fatal metadata error (reported by flushes).
     pub failed: Option<String>,
+    /// The core thread is waiting on `Shared::wake` (writers notify only then: a condition
+    /// variable's notify is a system call even with nobody waiting).
+    pub core_idle: bool,
 }
 
 /// State shared by the bdev, its channels and the core thread.
@@ -343,6 +346,41 @@ struct Run {
     items: Vec<Src>,
 }
 
+/// One write command of a batch, its buffered entries not yet copied in.
+struct PreparedRun {
+    ri: usize,
+    ppas: PpaList,
+    data: Vec<u8>,
+    oob: Vec<u8>,
+}
+
+/// A batch prepared under the core lock.
+struct Prepared {
+    runs: Vec<PreparedRun>,
+    /// (index into `runs`, block within the run, write-buffer entry) to copy.
+    fills: Vec<(usize, usize, u64)>,
+    slots: Arc<super::wbuf::Slots>,
+}
+
+/// Copies the buffered entries of a batch into its commands, outside the core lock: a taken
+/// entry's slot is not reused before the core thread retires it, after this batch is written.
+fn fill_entries(p: Prepared) -> Vec<(Op, usize)> {
+    let mut runs = p.runs;
+    let pos: std::collections::HashMap<usize, usize> =
+        runs.iter().enumerate().map(|(i, r)| (r.ri, i)).collect();
+    for (ri, k, e) in p.fills {
+        let Some(r) = pos.get(&ri).and_then(|&i| runs.get_mut(i)) else { continue };
+        if let Some(d) = r.data.get_mut(k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES) {
+            d.copy_from_slice(&p.slots.at(e));
+        }
+    }
+    runs.into_iter()
+        .map(|r| {
+            (Op::Write { ppas: r.ppas, data: SgList::from(r.data), oob: Some(IoBuf::from_vec(r.oob)) }, r.ri)
+        })
+        .collect()
+}
+
 /// The core thread.
 pub fn run(shared: Arc<Shared>) {
     let mut qp = match shared.media.queue_pair(64) {
@@ -397,11 +435,14 @@ impl Worker {
                     let c = lock(&self.sh.core);
                     if c.flushes.is_empty() && c.wbuf.waiting() < self.sh.geo.ws_min {
                         let waiting = c.wbuf.waiting();
-                        let (c, timeout) = self
+                        let mut c = c;
+                        c.core_idle = true;
+                        let (mut c, timeout) = self
                             .sh
                             .wake
                             .wait_timeout(c, Duration::from_millis(20))
                             .unwrap_or_else(|e| e.into_inner());
+                        c.core_idle = false;
                         // Still the same partial unit after a quiet period: pad it next time.
                         self.pad_next = timeout.timed_out() && waiting > 0 && c.wbuf.waiting() == waiting;
                     }
@@ -445,7 +486,7 @@ impl Worker {
         if !runs.is_empty() {
             let prepared = self.prepare(&c, &runs);
             drop(c);
-            let results = self.write_runs(qp, prepared);
+            let results = self.write_runs(qp, fill_entries(prepared));
             let mut c = lock(&sh.core);
             self.commit(&mut c, &runs, &results);
             sh.update_limits(&mut c);
@@ -667,8 +708,11 @@ impl Worker {
                 let mut picked = Vec::new();
                 let want = if pos == 0 { geo.ws_min - 1 } else { geo.ws_min } as usize;
                 while picked.len() < want && n < c.wbuf.tail {
-                    if c.wbuf.get(n).is_some_and(|(e, _)| e.live) {
-                        picked.push(n);
+                    match c.wbuf.get(n) {
+                        // A writer is still copying into this one: stop here (it is published soon).
+                        Some(e) if !e.ready => break,
+                        Some(e) if e.live => picked.push(n),
+                        _ => {}
                     }
                     n += 1;
                 }
@@ -698,7 +742,7 @@ impl Worker {
             for (k, it) in items.iter().enumerate() {
                 let p = pos + k as u64;
                 let lba = match *it {
-                    Src::Entry(e) => c.wbuf.get(e).map_or(LBA_PAD, |(en, _)| en.lba),
+                    Src::Entry(e) => c.wbuf.get(e).map_or(LBA_PAD, |en| en.lba),
                     Src::Head => LBA_HEAD,
                     Src::Tail(_) => LBA_TAIL,
                     Src::Pad => LBA_PAD,
@@ -726,11 +770,13 @@ impl Worker {
         runs
     }
 
-    /// Builds the media commands of a batch (copies data under the lock).
-    fn prepare(&self, c: &Core, runs: &[Run]) -> Vec<(Op, usize)> {
+    /// Builds the media commands of a batch under the lock: head, tail and OOB bytes now; buffered
+    /// entries are listed in the returned fills, copied by [`fill_entries`] once the lock is released.
+    fn prepare(&self, c: &Core, runs: &[Run]) -> Prepared {
         let geo = &self.sh.geo;
         let oob_bytes = self.sh.media.info().oob_bytes_per_block as usize;
-        let mut ops = Vec::with_capacity(runs.len());
+        let mut runs_out = Vec::with_capacity(runs.len());
+        let mut fills = Vec::new();
         for (ri, r) in runs.iter().enumerate() {
             let b = &c.bands[r.band as usize];
             let n = r.items.len();
@@ -740,8 +786,9 @@ impl Worker {
                 let d = &mut data[k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES];
                 let lba = match *it {
                     Src::Entry(e) => match c.wbuf.get(e) {
-                        Some((en, bytes)) => {
-                            d.copy_from_slice(bytes);
+                        Some(en) => {
+                            // Copied after the core lock is released (see `fill_entries`).
+                            fills.push((ri, k, e));
                             en.lba
                         }
                         None => LBA_PAD,
@@ -771,14 +818,11 @@ impl Worker {
             }
             let first = b.ppa(geo, r.first_pos).unwrap_or_default();
             match PpaList::contiguous(first, n) {
-                Ok(ppas) => ops.push((
-                    Op::Write { ppas, data: SgList::from(data), oob: Some(IoBuf::from_vec(oob)) },
-                    ri,
-                )),
+                Ok(ppas) => runs_out.push(PreparedRun { ri, ppas, data, oob }),
                 Err(e) => log::error!("ftl: bad run at {first}: {e}"),
             }
         }
-        ops
+        Prepared { runs: runs_out, fills, slots: Arc::clone(c.wbuf.data()) }
     }
 
     /// Submits every command (one per chunk) and collects per-run failure bitmaps.
@@ -856,7 +900,7 @@ impl Worker {
                 }
                 let Src::Entry(n) = *it else { continue };
                 max_entry = max_entry.max(n + 1);
-                let Some((en, bytes)) = c.wbuf.get(n) else { continue };
+                let Some(en) = c.wbuf.get(n) else { continue };
                 let (lba, origin, live) = (en.lba, en.origin, en.live);
                 let pos = r.first_pos + k as u64;
                 let band = &mut c.bands[r.band as usize];
@@ -881,7 +925,7 @@ impl Worker {
                     }
                     if live && sh.l2p.get(lba) == Loc::Cache(n) {
                         // Keep the L2P on the old entry until re-queued below.
-                        requeue.push((lba, origin, bytes.to_vec()));
+                        requeue.push((lba, origin, c.wbuf.data().at(n).to_vec()));
                     }
                 }
             }

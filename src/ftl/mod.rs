@@ -557,6 +557,7 @@ impl FtlBdev {
                 ckpt_seq: 0,
                 unflushed: false,
                 failed: None,
+                core_idle: false,
             }),
             wake: Condvar::new(),
             stats: stats::Stats::default(),
@@ -727,15 +728,23 @@ impl FtlChannel {
             sh.wake.notify_one();
             return Err(Rejected::NoMem(io));
         }
+        // Reserve the entries under the lock, copy the data without it, publish under it again.
+        let first = c.wbuf.tail;
         for i in 0..n as u64 {
-            let lba = io.offset_blocks + i;
-            let e = c.wbuf.push(lba, Origin::User, |d| {
-                io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, d);
-            });
-            let old = sh.l2p.swap(lba, Loc::Cache(e));
+            c.wbuf.reserve(io.offset_blocks + i, Origin::User);
+        }
+        let slots = Arc::clone(c.wbuf.data());
+        drop(c);
+        for i in 0..n as u64 {
+            io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, &mut slots.at(first + i));
+        }
+        let mut c = lock(&sh.core);
+        for i in 0..n as u64 {
+            c.wbuf.set_ready(first + i);
+            let old = sh.l2p.swap(io.offset_blocks + i, Loc::Cache(first + i));
             sh.invalidate(&mut c, old);
         }
-        let wake = c.wbuf.waiting() >= sh.geo.ws_opt;
+        let wake = (c.wbuf.waiting() >= sh.geo.ws_opt || !c.flushes.is_empty()) && c.core_idle;
         drop(c);
         sh.stats.user_write_blocks.fetch_add(n as u64, Ordering::Relaxed);
         if wake {
@@ -929,8 +938,8 @@ fn resolve_block(sh: &Shared, bufs: &IoVecs, lba: u64, at: u64) -> Option<u64> {
                 if sh.l2p.get(lba) != Loc::Cache(n) {
                     continue;
                 }
-                if let Some((_, data)) = c.wbuf.get(n) {
-                    bufs.copy_from_slice(at, data);
+                if c.wbuf.get(n).is_some() {
+                    bufs.copy_from_slice(at, &c.wbuf.data().at(n));
                     return None;
                 }
             }

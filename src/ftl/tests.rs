@@ -162,7 +162,7 @@ fn invariants(h: &Harness, ctx: &str) {
     }
     let mut pending = vec![0u64; sh.geo.num_bands as usize];
     for n in c.wbuf.head..c.wbuf.tail {
-        if let Some((e, _)) = c.wbuf.get(n) {
+        if let Some(e) = c.wbuf.get(n) {
             if let (true, wbuf::Origin::Reloc(b)) = (e.live, e.origin) {
                 pending[b as usize] += 1;
             }

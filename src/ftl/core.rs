@@ -75,6 +75,8 @@ pub struct Mailbox {
     pub want_space: AtomicBool,
     /// The eventfd has been written since the channel last cleared it (saves syscalls).
     signaled: AtomicBool,
+    /// `done` may be non-empty (set after a push, cleared before a take).
+    posted: AtomicBool,
 }
 
 impl Mailbox {
@@ -85,12 +87,14 @@ impl Mailbox {
             event: EventFd::new(EFD_NONBLOCK).map_err(|e| FtlError::Media(format!("eventfd: {e}")))?,
             want_space: AtomicBool::new(false),
             signaled: AtomicBool::new(false),
+            posted: AtomicBool::new(false),
         })
     }
 
     /// Posts a completion and wakes the channel.
     pub fn post(&self, c: BdevCompletion) {
         lock(&self.done).push(c);
+        self.posted.store(true, Ordering::SeqCst);
         self.wake();
     }
 
@@ -112,11 +116,14 @@ impl Mailbox {
 
     /// True when completions are posted and not yet taken.
     pub fn has_posts(&self) -> bool {
-        !lock(&self.done).is_empty()
+        self.posted.load(Ordering::SeqCst)
     }
 
-    /// Takes posted completions.
+    /// Takes posted completions (no lock taken when nothing was posted).
     pub fn take(&self, out: &mut Vec<BdevCompletion>) -> usize {
+        if !self.posted.swap(false, Ordering::SeqCst) {
+            return 0;
+        }
         let mut d = lock(&self.done);
         let n = d.len();
         out.append(&mut d);
@@ -169,6 +176,11 @@ pub struct Core {
     /// The core thread is waiting on `Shared::wake` (writers notify only then: a condition
     /// variable's notify is a system call even with nobody waiting).
     pub core_idle: bool,
+    /// The nv-cache ring (with `nv-cache=BDEV`, once replay is done).
+    pub nv: Option<super::nvcache::NvRing>,
+    /// Entries below this must be durable before nv-cache records are reclaimed (blocks re-queued
+    /// after a media write failure live in newer entries than their records say).
+    pub nv_requeue_mark: u64,
 }
 
 /// State shared by the bdev, its channels and the core thread.
@@ -205,6 +217,8 @@ pub struct Shared {
     pub band_data_avg: u64,
     /// Wall clock of the last checkpoint (ms since start), for `ftl info`.
     pub ckpt_count: AtomicU64,
+    /// The nv-cache, once attached (after replay).
+    pub nv: std::sync::OnceLock<Arc<super::nvcache::NvCache>>,
 }
 
 /// Locks, ignoring poisoning (a panicking core thread already failed the FTL).
@@ -392,7 +406,7 @@ pub fn run(shared: Arc<Shared>) {
             return;
         }
     };
-    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None };
+    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None, nv_ch: None };
     worker.main(qp.as_mut());
 }
 
@@ -410,6 +424,8 @@ struct Worker {
     pad_next: bool,
     /// Encoded tail of the band being closed.
     tail_cache: Option<(u32, Vec<u8>)>,
+    /// The core's channel on the nv-cache bdev (created on first use).
+    nv_ch: Option<crate::bdev::Channel>,
 }
 
 impl Worker {
@@ -504,6 +520,9 @@ impl Worker {
                 return Err(FtlError::Media(format!("media flush: {}", done.status)));
             }
             lock(&sh.core).unflushed = false;
+            // Every entry below `upto` is on the media now: reclaim their nv-cache records and
+            // make the nv-cache durable (before a checkpoint, so no replay undoes a flushed trim).
+            self.nv_reclaim(upto)?;
             if stopping {
                 return Ok(false);
             }
@@ -530,6 +549,21 @@ impl Worker {
         if stopping {
             // The gate is closed: wait for the batch builder to drain everything.
             return Ok(c.wbuf.waiting() > 0);
+        }
+        // 3b. An nv-cache ring more than half full: flush the media and reclaim what is on it.
+        if let Some(r) = c.nv.as_ref() {
+            let head = c.wbuf.head;
+            if r.used() * 2 > r.ring_units && r.pending.front().is_some_and(|f| f.done && f.last_entry < head)
+            {
+                drop(c);
+                let done = md::exec(qp, Op::Flush);
+                if !done.status.is_success() {
+                    return Err(FtlError::Media(format!("media flush: {}", done.status)));
+                }
+                lock(&sh.core).unflushed = false;
+                self.nv_reclaim(head)?;
+                return Ok(true);
+            }
         }
         // 4. Erase ahead.
         if let Some(o) = c.open {
@@ -950,6 +984,7 @@ impl Worker {
             }
             let n = c.wbuf.push(lba, origin, |d| d.copy_from_slice(&bytes));
             sh.l2p.swap(lba, Loc::Cache(n));
+            c.nv_requeue_mark = n + 1;
         }
         c.unflushed = true;
         sh.stats.media_write_blocks.fetch_add(media_blocks, Ordering::Relaxed);
@@ -1095,6 +1130,43 @@ impl Worker {
         }
         sh.stats.relocated_blocks.fetch_add(moved, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// After a media flush that made every entry below `durable_entry` durable: reclaims the
+    /// nv-cache records they cover (persisting the new `durable_seq` first) and flushes the
+    /// nv-cache. No-op without an nv-cache.
+    fn nv_reclaim(&mut self, durable_entry: u64) -> Result<(), FtlError> {
+        let Some(nv) = self.sh.nv.get().cloned() else { return Ok(()) };
+        let took = {
+            let mut c = lock(&self.sh.core);
+            let mark = c.nv_requeue_mark;
+            match c.nv.as_mut() {
+                Some(r) if durable_entry >= mark => r.take_durable(durable_entry),
+                _ => None,
+            }
+        };
+        if self.nv_ch.is_none() {
+            let ch = nv.desc.channel().map_err(|e| FtlError::Media(format!("nv-cache {}: {e}", nv.name)))?;
+            self.nv_ch = Some(ch);
+        }
+        let Some(ch) = self.nv_ch.as_mut() else { return Ok(()) };
+        match took {
+            Some((durable_seq, tail_u)) => {
+                super::nvcache::persist_super(&nv, ch, durable_seq, false)?;
+                if let Some(r) = lock(&self.sh.core).nv.as_mut() {
+                    r.tail_u = tail_u;
+                }
+                self.sh.signal_space();
+            }
+            None => {
+                super::nvcache::sync_io(
+                    ch,
+                    crate::bdev::BdevIo::no_data(crate::bdev::IoKind::Flush, 0, 0, 0),
+                )
+                .map_err(|e| FtlError::Media(format!("nv-cache {}: flush: {e}", nv.name)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Persists a checkpoint; the buffer must be empty (the gate closed) so the L2P holds only

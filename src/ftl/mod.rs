@@ -49,6 +49,9 @@ pub mod info;
 pub mod l2p;
 pub mod layout;
 pub mod md;
+pub mod nvcache;
+#[cfg(test)]
+mod nvcache_tests;
 pub mod restore;
 pub mod stats;
 #[cfg(test)]
@@ -375,6 +378,16 @@ fn size_new(media: &dyn MediaDevice, geo: &mut Geo, cfg: &FtlConfig) -> Result<S
 impl FtlBdev {
     /// Creates or restores an FTL on `media` (see [`Mode`]).
     pub fn open(cfg: FtlConfig, media: Arc<dyn MediaDevice>) -> Result<Self, FtlError> {
+        Self::open_with_nv(cfg, media, None)
+    }
+
+    /// Like [`FtlBdev::open`], with an nv-cache on the bdev behind `nv` (opened read-write; the FTL
+    /// claims it): writes are acknowledged once logged there, and a start after a crash replays it.
+    pub fn open_with_nv(
+        cfg: FtlConfig,
+        media: Arc<dyn MediaDevice>,
+        nv: Option<crate::bdev::Descriptor>,
+    ) -> Result<Self, FtlError> {
         cfg.validate()?;
         let mut geo = geo_for(media.as_ref(), &cfg)?;
         let pu_end = cfg.pu_begin + geo.pus.len() as u32 - 1;
@@ -392,7 +405,7 @@ impl FtlBdev {
             }
             ranges.push(key);
         }
-        let r = Self::open_inner(cfg, media, &mut geo, key);
+        let r = Self::open_inner(cfg, media, &mut geo, key, nv);
         if r.is_err() {
             lock(&RANGES).retain(|x| *x != key);
         }
@@ -404,6 +417,7 @@ impl FtlBdev {
         media: Arc<dyn MediaDevice>,
         geo: &mut Geo,
         key: (usize, u32, u32),
+        nv: Option<crate::bdev::Descriptor>,
     ) -> Result<Self, FtlError> {
         let mut qp = media.queue_pair(64).map_err(|e| FtlError::Media(e.to_string()))?;
         let in_use = media_in_use(media.as_ref(), geo);
@@ -496,6 +510,12 @@ impl FtlBdev {
             );
             (sb.uuid, sb.num_lbas, sb.l2p_entry_bytes, rebuilt, loaded.primary_bad)
         };
+        // The nv-cache is checked (read only) before anything is written to the media.
+        let slots = (cfg.wbuf_bytes / BLOCK_BYTES as u64) as usize;
+        let nv = match nv {
+            Some(d) => Some(nvcache::open(d, uuid, 2 * slots as u64, create, create && cfg.force)?),
+            None => None,
+        };
         let rebuilt_counts = (rebuilt.from_tail, rebuilt.from_oob);
         let data_bands = u64::from(geo.num_bands - geo.first_data_band());
         let total_data: u64 = rebuilt
@@ -523,7 +543,6 @@ impl FtlBdev {
             });
         }
         let limits = core::scale_limits(&cfg.limits, data_bands, spare);
-        let slots = (cfg.wbuf_bytes / BLOCK_BYTES as u64) as usize;
         let max_batch = 64u64.min(slots as u64 / 2);
         let mut info = BdevInfo::new(&cfg.name, "ftl", BLOCK_BYTES as u32, num_lbas);
         info.uuid = uuid;
@@ -558,6 +577,8 @@ impl FtlBdev {
                 unflushed: false,
                 failed: None,
                 core_idle: false,
+                nv: None,
+                nv_requeue_mark: 0,
             }),
             wake: Condvar::new(),
             stats: stats::Stats::default(),
@@ -567,6 +588,7 @@ impl FtlBdev {
             max_batch,
             band_data_avg: avg,
             ckpt_count: AtomicU64::new(0),
+            nv: std::sync::OnceLock::new(),
         });
         // A dirty-marked checkpoint before serving: a crash from now on restores from here
         // (this also repairs a corrupt primary copy).
@@ -591,13 +613,106 @@ impl FtlBdev {
             .name(format!("ftl-{}", cfg.name))
             .spawn(move || core::run(sh))
             .map_err(|e| FtlError::Media(format!("spawning the core thread: {e}")))?;
+        let bdev = FtlBdev { info, shared, thread: Mutex::new(Some(thread)), range_key: key };
+        if let Some(opened) = nv {
+            bdev.attach_nv(opened)?;
+        }
         log::info!(
             "ftl '{}': {} blocks of {BLOCK_BYTES} bytes on parallel units {range}, uuid {}",
             cfg.name,
             num_lbas,
             layout::format_uuid(&uuid)
         );
-        Ok(FtlBdev { info, shared, thread: Mutex::new(Some(thread)), range_key: key })
+        Ok(bdev)
+    }
+
+    /// Replays an existing nv-cache through the FTL (then flushes), persists its superblock and
+    /// attaches it: channels created from now on log their writes there.
+    fn attach_nv(&self, opened: nvcache::Opened) -> Result<(), FtlError> {
+        let sh = &self.shared;
+        let (cache, existing) = match opened {
+            nvcache::Opened::Fresh(c) => (c, false),
+            nvcache::Opened::Existing(c) => (c, true),
+        };
+        let cache = Arc::new(cache);
+        let name = cache.name.clone();
+        let mut ch = cache.desc.channel().map_err(|e| FtlError::Media(format!("nv-cache {name}: {e}")))?;
+        let sb = *lock(&cache.sb);
+        let mut next_seq = sb.durable_seq;
+        if existing {
+            let found = nvcache::scan(&cache, &mut ch)?;
+            let replayed = self.replay(&cache, &mut ch, &found)?;
+            sh.stats.nv_replayed_blocks.store(replayed, Ordering::Relaxed);
+            if let Some(last) = found.last() {
+                next_seq = next_seq.max(last.header.seq + 1);
+            }
+        }
+        // Everything replayed is durable on the media now: an empty ring from here.
+        nvcache::persist_super(&cache, &mut ch, next_seq, !existing)?;
+        lock(&sh.core).nv = Some(nvcache::NvRing::new(sb.ring_units, next_seq));
+        if sh.nv.set(cache).is_err() {
+            return Err(FtlError::Media("nv-cache attached twice".into()));
+        }
+        log::info!("ftl '{}': nv-cache {name} attached ({} blocks of ring)", self.info.name, sb.ring_units);
+        Ok(())
+    }
+
+    /// Rewrites the records found in the nv-cache (in sequence order) through an internal
+    /// channel, then flushes; returns the blocks replayed.
+    fn replay(
+        &self,
+        cache: &nvcache::NvCache,
+        ch: &mut crate::bdev::Channel,
+        found: &[nvcache::Found],
+    ) -> Result<u64, FtlError> {
+        let mut fch = new_channel(&self.shared).map_err(|e| FtlError::Media(e.to_string()))?;
+        let mut done = Vec::new();
+        let mut blocks = 0u64;
+        let err = |m: String| FtlError::Media(format!("nv-cache {}: replay: {m}", cache.name));
+        let submit =
+            |fch: &mut FtlChannel, mut io: BdevIo, done: &mut Vec<Completion>| -> Result<(), FtlError> {
+                loop {
+                    let r = if io.kind == IoKind::Flush { fch.flush(io) } else { fch.write(io) };
+                    match r {
+                        Ok(()) => return Ok(()),
+                        Err(Rejected::NoMem(back)) => {
+                            io = back;
+                            fch.poll(done);
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                        }
+                        Err(Rejected::Failed(_, e)) => return Err(err(e.to_string())),
+                    }
+                }
+            };
+        for f in found {
+            let h = f.header;
+            let n = u64::from(h.num_blocks);
+            if !h.lba.checked_add(n).is_some_and(|end| end <= self.shared.num_lbas) {
+                log::warn!("ftl '{}': nv-cache record {} beyond the device: skipped", self.info.name, h.seq);
+                continue;
+            }
+            let data = nvcache::read_units(ch, cache.blocks_per_unit, nvcache::RING_FIRST + f.unit + 1, n)
+                .map_err(|e| err(e.to_string()))?;
+            submit(&mut fch, BdevIo::write(h.lba, n, IoVecs::from_slice(&data), 0), &mut done)?;
+            fch.poll(&mut done);
+            blocks += n;
+        }
+        submit(&mut fch, BdevIo::no_data(IoKind::Flush, 0, 0, 1), &mut done)?;
+        loop {
+            fch.poll(&mut done);
+            if let Some(c) = done.iter().find(|c| c.tag == 1) {
+                c.result.map_err(|e| err(format!("flush: {e}")))?;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if let Some(c) = done.iter().find(|c| c.result.is_err()) {
+            return Err(err(format!("write: {:?}", c.result)));
+        }
+        if blocks > 0 {
+            log::info!("ftl '{}': replayed {blocks} blocks from nv-cache {}", self.info.name, cache.name);
+        }
+        Ok(blocks)
     }
 
     /// Stops the core thread without persisting anything, as a crash would (tests).
@@ -646,19 +761,7 @@ impl Bdev for FtlBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
-        let qp = self.shared.media.queue_pair(256).map_err(|e| BdevError::Module(e.to_string()))?;
-        let mailbox = Arc::new(Mailbox::new()?);
-        lock(&self.shared.mailboxes).push(Arc::downgrade(&mailbox));
-        Ok(Box::new(FtlChannel {
-            sh: Arc::clone(&self.shared),
-            qp,
-            mailbox,
-            local: VecDeque::new(),
-            reads: TagMap::default(),
-            cmds: TagMap::default(),
-            next_id: 1,
-            scratch: Vec::new(),
-        }))
+        Ok(Box::new(new_channel(&self.shared)?))
     }
 
     fn shutdown(&self) -> Result<(), BdevError> {
@@ -669,6 +772,34 @@ impl Bdev for FtlBdev {
         let c = lock(&self.shared.core);
         Some(self.shared.stats.json(&c, &self.shared.limits, self.shared.ckpt_count.load(Ordering::Relaxed)))
     }
+}
+
+/// A channel on the FTL (with its nv-cache channel once the nv-cache is attached).
+fn new_channel(sh: &Arc<Shared>) -> Result<FtlChannel, BdevError> {
+    let qp = sh.media.queue_pair(256).map_err(|e| BdevError::Module(e.to_string()))?;
+    let mailbox = Arc::new(Mailbox::new()?);
+    lock(&sh.mailboxes).push(Arc::downgrade(&mailbox));
+    let nv = match sh.nv.get() {
+        Some(cache) => Some(NvChannel {
+            ch: cache.desc.channel()?,
+            nonce: cache.nonce(),
+            cache: Arc::clone(cache),
+            pending: TagMap::default(),
+            scratch: Vec::new(),
+        }),
+        None => None,
+    };
+    Ok(FtlChannel {
+        sh: Arc::clone(sh),
+        qp,
+        mailbox,
+        local: VecDeque::new(),
+        reads: TagMap::default(),
+        cmds: TagMap::default(),
+        next_id: 1,
+        scratch: Vec::new(),
+        nv,
+    })
 }
 
 /// A read in progress.
@@ -698,6 +829,18 @@ pub struct FtlChannel {
     cmds: TagMap<ReadCmd>,
     next_id: u64,
     scratch: Vec<crate::ocssd::Completion>,
+    /// This channel's side of the nv-cache.
+    nv: Option<NvChannel>,
+}
+
+/// A channel's nv-cache state: its own channel on the nv-cache bdev and the records in flight.
+struct NvChannel {
+    cache: Arc<nvcache::NvCache>,
+    ch: crate::bdev::Channel,
+    nonce: [u8; 16],
+    /// Internal id → (user tag, record sequence).
+    pending: TagMap<(u64, u64)>,
+    scratch: Vec<Completion>,
 }
 
 impl FtlChannel {
@@ -730,13 +873,32 @@ impl FtlChannel {
         }
         // Reserve the entries under the lock, copy the data without it, publish under it again.
         let first = c.wbuf.tail;
+        // With an nv-cache (and its channel), a record in its ring too.
+        let nv_rec = match (self.nv.is_some(), c.nv.as_mut()) {
+            (true, Some(ring)) => match ring.alloc(n as u64, first + n as u64 - 1) {
+                Some(r) => Some(r),
+                None => {
+                    // Ring full: the core reclaims records once their data is on the media.
+                    self.mailbox.want_space.store(true, Ordering::SeqCst);
+                    drop(c);
+                    sh.wake.notify_one();
+                    return Err(Rejected::NoMem(io));
+                }
+            },
+            _ => None,
+        };
         for i in 0..n as u64 {
             c.wbuf.reserve(io.offset_blocks + i, Origin::User);
         }
         let slots = Arc::clone(c.wbuf.data());
         drop(c);
+        let mut data_crc = 0u32;
         for i in 0..n as u64 {
-            io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, &mut slots.at(first + i));
+            let mut slot = slots.at(first + i);
+            io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, &mut slot);
+            if nv_rec.is_some() {
+                data_crc = crc32c::crc32c_append(data_crc, &slot);
+            }
         }
         let mut c = lock(&sh.core);
         for i in 0..n as u64 {
@@ -750,8 +912,57 @@ impl FtlChannel {
         if wake {
             sh.wake.notify_one();
         }
-        self.done(io.tag, Ok(()));
+        match (nv_rec, self.nv.as_mut()) {
+            (Some((seq, unit)), Some(nv)) => {
+                // Acknowledged once the record (header + the guest's data) is in the nv-cache.
+                let hdr =
+                    nvcache::RecordHeader { seq, lba: io.offset_blocks, num_blocks: n as u32, data_crc };
+                let bufs = IoVecs::from_slice(&hdr.encode(&nv.nonce)).concat(&io.bufs);
+                let id = self.next_id;
+                self.next_id += 1;
+                nv.pending.insert(id, (io.tag, seq));
+                let bpu = nv.cache.blocks_per_unit;
+                nv.ch.submit(BdevIo::write(nv.cache.ring_block(unit), (1 + n as u64) * bpu, bufs, id));
+                sh.stats.nv_records.fetch_add(1, Ordering::Relaxed);
+                self.mailbox.wake();
+            }
+            _ => self.done(io.tag, Ok(())),
+        }
         Ok(())
+    }
+
+    /// Collects finished nv-cache writes: marks their records written and acknowledges them.
+    fn poll_nv(&mut self) {
+        let Some(nv) = self.nv.as_mut() else { return };
+        if nv.pending.is_empty() {
+            return;
+        }
+        nv.scratch.clear();
+        if nv.ch.poll(&mut nv.scratch) == 0 {
+            return;
+        }
+        let mut acks = Vec::with_capacity(nv.scratch.len());
+        {
+            let mut c = lock(&self.sh.core);
+            for d in nv.scratch.drain(..) {
+                let Some((tag, seq)) = nv.pending.remove(&d.tag) else { continue };
+                if d.result.is_ok() {
+                    if let Some(r) = c.nv.as_mut() {
+                        r.mark_done(seq);
+                    }
+                } else {
+                    log::error!(
+                        "ftl '{}': nv-cache write of record {seq} failed: {:?}",
+                        self.sh.cfg.name,
+                        d.result
+                    );
+                }
+                acks.push(Completion { tag, result: d.result });
+            }
+        }
+        for a in acks {
+            self.done(a.tag, a.result);
+        }
     }
 
     fn unmap(&mut self, io: BdevIo) -> Result<(), Rejected> {
@@ -996,6 +1207,7 @@ impl ModuleChannel for FtlChannel {
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
         let before = done.len();
+        self.poll_nv();
         let mut scratch = std::mem::take(&mut self.scratch);
         self.qp.poll(&mut scratch, usize::MAX);
         for c in scratch.drain(..) {
@@ -1004,9 +1216,11 @@ impl ModuleChannel for FtlChannel {
         self.scratch = scratch;
         self.mailbox.take(done);
         done.extend(self.local.drain(..));
-        // The wakeup stays armed while commands are in flight (no eventfd syscalls while busy);
-        // when idle it is cleared, then a completion posted meanwhile re-arms it.
-        if self.cmds.is_empty() {
+        // The wakeup stays armed while anything happens (no eventfd syscalls while busy); a poll
+        // that finds nothing in flight and nothing done clears it, then a completion posted
+        // meanwhile re-arms it.
+        let nv_busy = self.nv.as_ref().is_some_and(|nv| !nv.pending.is_empty());
+        if self.cmds.is_empty() && !nv_busy && done.len() == before {
             self.mailbox.clear();
             if self.mailbox.has_posts() {
                 self.mailbox.wake();

@@ -31,9 +31,12 @@
 //! left alone for one idle period (20 ms) is padded, so the last relocated blocks of a band never
 //! wait for more data.
 //!
+//! Data copies into and out of the write buffer happen outside the core lock (see `wbuf.rs`):
+//! writers reserve entries, copy, then publish; the core copies taken entries after unlocking.
+//!
 //! # Limitations
-//! Copies into the write buffer and out of it are serialised by the core lock (memcpy-sized
-//! critical sections). A write failure on a band's tail leaves that band without tail metadata
+//! Reserving and publishing write-buffer entries still takes the one core lock per write (short,
+//! bookkeeping only). A write failure on a band's tail leaves that band without tail metadata
 //! (restore then reads its blocks' OOB).
 
 use std::collections::VecDeque;

@@ -37,10 +37,22 @@
 //! * **Limits** (CRIT/HIGH/LOW/START) are scaled to the band count (see [`core::scale_limits`]):
 //!   `round(spdk × data_bands / 256)`, clamped to `1..=spare_bands-1`.
 //!
+//! * **Reads** go straight into the caller's (guest) memory: each media block of a read becomes a
+//!   zero-copy segment of a vector read command on the channel's own queue pair (the emulator copies
+//!   from its mapped image), no bounce buffer.
+//! * **Writes from several queues.** The serialised part is only bookkeeping: a channel reserves
+//!   write-buffer entries under the core lock, copies the guest data into their slots without it
+//!   (each slot has its own small mutex), and re-locks to publish them (L2P, invalidation); the core
+//!   thread copies taken entries into its media commands after releasing the lock. Chosen over
+//!   per-channel write buffers (SPDK's per-io-channel wbuf entries), which would also shard the
+//!   bookkeeping but make the L2P's buffer pointers, relocation and flush ordering per channel:
+//!   measured, the memcpy was the long part of the critical section (BENCHMARKS.md, FTL).
+//! * **nv-cache** (`nv-cache=BDEV`, see `nvcache.rs`): a write is also logged on that bdev and
+//!   acknowledged when the log write completes; restore replays the log.
+//!
 //! # Limitations
-//! `nv-cache` is parsed but refused (not implemented). Reads bounce through a heap buffer (one copy
-//! into guest memory). A band open at shutdown or crash is closed as it is (its unwritten
-//! positions are reclaimed by relocation).
+//! A band open at shutdown or crash is closed as it is (its unwritten positions are reclaimed by
+//! relocation). Unmaps are not logged in the nv-cache (durable at the next flush).
 
 pub mod band;
 pub mod cli;

@@ -184,15 +184,6 @@ impl IoVecs {
         Some(IoVecs { iovs: out, len_bytes, keep: self.keep.clone() })
     }
 
-    /// `self` followed by `other`, as one new `IoVecs` keeping both keepers alive (like [`IoVecs::slice`],
-    /// the result lives under the same promise as its parts).
-    pub fn concat(&self, other: &IoVecs) -> IoVecs {
-        let mut iovs = self.iovs.clone();
-        iovs.extend_from_slice(&other.iovs);
-        let keep: Arc<dyn Any + Send + Sync> = Arc::new((self.keep.clone(), other.keep.clone()));
-        IoVecs { iovs, len_bytes: self.len_bytes + other.len_bytes, keep: Some(keep) }
-    }
-
     /// Copies `src` into the I/O memory starting at byte `offset_bytes`. Returns bytes copied
     /// (less than `src.len()` if the memory ends first).
     pub fn copy_from_slice(&self, offset_bytes: u64, src: &[u8]) -> usize {

@@ -904,12 +904,16 @@ impl FtlChannel {
         }
         let slots = Arc::clone(c.wbuf.data());
         drop(c);
+        // The nv-cache record is written from its own copy (header + data): the guest may change
+        // its buffer under an in-flight write, and the record's CRC must match what it holds.
+        let record = nv_rec.map(|_| IoVecs::alloc((n + 1) * BLOCK_BYTES));
         let mut data_crc = 0u32;
         for i in 0..n as u64 {
             let mut slot = slots.at(first + i);
             io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, &mut slot);
-            if nv_rec.is_some() {
+            if let Some(rec) = &record {
                 data_crc = crc32c::crc32c_append(data_crc, &slot);
+                rec.copy_from_slice((i + 1) * BLOCK_BYTES as u64, &slot);
             }
         }
         let mut c = lock(&sh.core);
@@ -924,12 +928,12 @@ impl FtlChannel {
         if wake {
             sh.wake.notify_one();
         }
-        match (nv_rec, self.nv.as_mut()) {
-            (Some((seq, unit)), Some(nv)) => {
-                // Acknowledged once the record (header + the guest's data) is in the nv-cache.
+        match (nv_rec, record, self.nv.as_mut()) {
+            (Some((seq, unit)), Some(bufs), Some(nv)) => {
+                // Acknowledged once the record (header + data) is in the nv-cache.
                 let hdr =
                     nvcache::RecordHeader { seq, lba: io.offset_blocks, num_blocks: n as u32, data_crc };
-                let bufs = IoVecs::from_slice(&hdr.encode(&nv.nonce)).concat(&io.bufs);
+                bufs.copy_from_slice(0, &hdr.encode(&nv.nonce));
                 let id = self.next_id;
                 self.next_id += 1;
                 nv.pending.insert(id, (io.tag, seq));
@@ -958,16 +962,13 @@ impl FtlChannel {
             let mut c = lock(&self.sh.core);
             for d in nv.scratch.drain(..) {
                 let Some((tag, seq)) = nv.pending.remove(&d.tag) else { continue };
-                if d.result.is_ok() {
-                    if let Some(r) = c.nv.as_mut() {
-                        r.mark_done(seq);
-                    }
-                } else {
-                    log::error!(
-                        "ftl '{}': nv-cache write of record {seq} failed: {:?}",
-                        self.sh.cfg.name,
-                        d.result
-                    );
+                // A failed record is reclaimable too (its write failed; the data still goes to the
+                // media as any buffered write): the ring must not stall behind it.
+                if let Some(r) = c.nv.as_mut() {
+                    r.mark_done(seq);
+                }
+                if let Err(e) = d.result {
+                    log::error!("ftl '{}': nv-cache write of record {seq} failed: {e}", self.sh.cfg.name);
                 }
                 acks.push(Completion { tag, result: d.result });
             }

@@ -12,8 +12,9 @@
 //! # Design
 //! * **Records.** A user write of `n` blocks becomes one record: a header unit (magic, the cache's
 //!   secret nonce, sequence number, LBA, `n`, CRC32C of the data, CRC32C of the header) followed by
-//!   its `n` data units, written with one vectored write straight from guest memory. The write is
-//!   acknowledged when that bdev write completes. Records never wrap: one that does not fit before
+//!   its `n` data units, written with one write from a private copy (made while the data is copied
+//!   into the write buffer: a guest changing its buffer under an in-flight write cannot make the
+//!   record's CRC lie). The write is acknowledged when that bdev write completes. Records never wrap: one that does not fit before
 //!   the end of the ring starts at its beginning (the skipped units belong to it).
 //! * **Durability promise.** "In the nv-cache bdev" means the bdev completed the write: that
 //!   survives a crash of vblkd (`kill -9`: the data is in the bdev's page cache or device). It

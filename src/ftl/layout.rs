@@ -315,7 +315,10 @@ impl Superblock {
                 reason: format!("L2P entry size {}", sb.l2p_entry_bytes),
             });
         }
-        if sb.pu_end < sb.pu_begin || sb.md_bands == 0 || 2 * sb.md_bands >= sb.num_bands {
+        if sb.pu_end < sb.pu_begin
+            || sb.md_bands == 0
+            || 2 * u64::from(sb.md_bands) >= u64::from(sb.num_bands)
+        {
             return Err(LayoutError::Invalid { what, reason: "inconsistent geometry".into() });
         }
         Ok(sb)

@@ -144,3 +144,39 @@ fn refusals_name_the_reason_and_leave_the_nv_cache_unmodified() {
     assert!(e.to_string().contains("another FTL"), "{e}");
     assert!(nv_bytes(&reg2) == before, "another FTL's nv-cache was modified");
 }
+
+#[test]
+fn a_flushed_unmap_is_not_undone_by_a_replay() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(24, 64), vec![]));
+    let reg = nv_registry(2 << 20);
+    let open = |media: &Arc<dyn MediaDevice>| {
+        let nv = reg.open("nv", true).expect("nv");
+        Arc::new(FtlBdev::open_with_nv(cfg("trim"), media.clone(), Some(nv)).expect("open"))
+    };
+    let bdev = open(&media);
+    let r2 = Registry::new();
+    r2.register(bdev.clone()).expect("register");
+    let desc = r2.open("trim", true).expect("desc");
+    let mut ch = desc.channel().expect("channel");
+    write(&mut ch, 7, 1);
+    write(&mut ch, 8, 1);
+    let r = run(&mut ch, vec![BdevIo::no_data(crate::bdev::IoKind::Unmap, 7, 1, 3)]);
+    assert_eq!(r[&3], Ok(()));
+    let r = run(&mut ch, vec![BdevIo::no_data(crate::bdev::IoKind::Flush, 0, 0, 4)]);
+    assert_eq!(r[&4], Ok(()));
+    write(&mut ch, 9, 1);
+    drop(ch);
+    drop(desc);
+    bdev.crash();
+    drop(r2.unregister("trim").expect("unregister"));
+    drop(bdev);
+    let bdev = open(&media);
+    let r2 = Registry::new();
+    r2.register(bdev.clone()).expect("register");
+    let desc = r2.open("trim", true).expect("desc");
+    let mut ch = desc.channel().expect("channel");
+    assert!(read(&mut ch, 7).iter().all(|b| *b == 0), "the flushed unmap of lba 7 was undone");
+    assert_eq!(read(&mut ch, 8), block(8, 1));
+    assert_eq!(read(&mut ch, 9), block(9, 1), "the acknowledged write after the flush was lost");
+}

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # FTL benchmark (issue 7): FTL on a tmpfs-backed emulated OCSSD vs malloc, same client (vblkd-bench).
 #
-#   bench/ftl.sh [SECONDS] [SUSTAIN_SECONDS] [RESTART_SIZES]
-#     defaults: 5 s per point, 60 s sustained randwrite, restart sizes "1G 4G"
-#   bench/ftl.sh 1 2 64M        # a quick check that everything runs
+#   bench/ftl.sh [SECONDS] [SUSTAIN_SECONDS] [RESTART_SIZES] [ROUNDS]
+#     defaults: 5 s per point, 60 s sustained randwrite, restart sizes "1G 4G", 5 rounds
+#   bench/ftl.sh 1 2 64M 1      # a quick check that everything runs
+#   SUSTAIN_SECONDS=0 skips part 2, RESTART_SIZES="" part 3.
 #
-# 1. 4 KiB randread/randwrite × QD1/QD32 × 1/2 queues, ftl vs malloc (span 256 MiB, prefilled).
+# 1. 4 KiB randread/randwrite × QD1/QD32 × 1/2 queues, ftl vs malloc (span 256 MiB, prefilled),
+#    ROUNDS rounds alternating ftl and malloc per point; a summary (best of the rounds, ftl/malloc
+#    and 2-queue/1-queue ratios) goes to stderr at the end.
 # 2. Sustained 4 KiB randwrite over 80 % of the FTL after a full sequential fill; WAF from SIGUSR1.
 # 3. Restart time after a clean stop (SIGTERM) and after kill -9, per size in RESTART_SIZES.
 # Prints one JSON line per measurement on stdout; progress on stderr.
@@ -13,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 SUSTAIN=${2:-60}
-SIZES=${3:-"1G 4G"}
+SIZES=${3-"1G 4G"}
+ROUNDS=${4:-5}
 cargo build --release --bin vblkd --bin vblkd-bench >&2
 VBLKD=$PWD/target/release/vblkd
 BENCH=$PWD/target/release/vblkd-bench
@@ -50,18 +54,42 @@ echo "# $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xar
 for rw in randread randwrite; do
   for qd in 1 32; do
     for q in 1 2; do
-      for kind in ftl malloc; do
-        rm -f "$TMP/media.img"
-        start "$kind" "$q" 1G
-        [ "$rw" = randread ] && bench --rw write --qd 32 --queues 1 --seconds "$SECS" --span-mib 256 >/dev/null
-        out=$(bench --rw "$rw" --bs 4096 --qd "$qd" --queues "$q" --seconds "$SECS" --span-mib 256)
-        stop
-        echo "{\"kind\":\"$kind\",\"rw\":\"$rw\",\"qd\":$qd,\"queues\":$q,\"result\":$out}"
+      for round in $(seq "$ROUNDS"); do
+        for kind in ftl malloc; do
+          rm -f "$TMP/media.img"
+          start "$kind" "$q" 1G
+          [ "$rw" = randread ] && bench --rw write --qd 32 --queues 1 --seconds "$SECS" --span-mib 256 >/dev/null
+          out=$(bench --rw "$rw" --bs 4096 --qd "$qd" --queues "$q" --seconds "$SECS" --span-mib 256)
+          stop
+          echo "{\"kind\":\"$kind\",\"rw\":\"$rw\",\"qd\":$qd,\"queues\":$q,\"round\":$round,\"result\":$out}" | tee -a "$TMP/points.json"
+        done
       done
     done
   done
 done
+python3 - "$TMP/points.json" >&2 <<'PY'
+import json, sys
+best = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    k = (r["rw"], r["qd"], r["queues"], r["kind"])
+    iops = r["result"].get("iops", 0)
+    if iops >= best.get(k, (0, 0))[0]:
+        best[k] = (iops, r["result"].get("p50_us", 0))
+print("| pattern | QD | queues | ftl IOPS (p50 µs) | malloc IOPS (p50 µs) | ftl / malloc |")
+print("|---|---|---|---|---|---|")
+for rw in ("randread", "randwrite"):
+    for qd in (1, 32):
+        for q in (1, 2):
+            f, m = best.get((rw, qd, q, "ftl"), (0, 0)), best.get((rw, qd, q, "malloc"), (0, 0))
+            print(f"| {rw} | {qd} | {q} | {f[0]/1000:.1f} K ({f[1]:.1f}) | {m[0]/1000:.1f} K ({m[1]:.1f}) | {f[0]/max(m[0],1):.2f} |")
+for rw in ("randread", "randwrite"):
+    for kind in ("ftl", "malloc"):
+        one, two = best.get((rw, 32, 1, kind), (0, 0))[0], best.get((rw, 32, 2, kind), (0, 0))[0]
+        print(f"{rw} QD32 {kind}: 2 queues / 1 queue = {two/max(one,1):.2f}")
+PY
 # 2. Sustained randwrite over 80 % after a full fill, WAF from the FTL's statistics.
+if [ "$SUSTAIN" -gt 0 ]; then
 rm -f "$TMP/media.img"
 start ftl 1 1G
 echo "sustained: fill" >&2
@@ -71,6 +99,7 @@ kill -USR1 "$SERVER"; sleep 0.5
 stats=$(grep '^{' "$TMP/stdout" | tail -1)
 stop
 echo "{\"kind\":\"ftl\",\"rw\":\"sustained-randwrite-80pct\",\"result\":$out,\"stats\":$stats}"
+fi
 # 3. Restart times (clean and killed) per size, with data written first.
 for size in $SIZES; do
   rm -f "$TMP/media.img"

@@ -144,14 +144,15 @@ pub fn build_bdev(spec: &BdevSpec, registry: &Registry) -> Result<Arc<dyn Bdev>,
         BdevSpec::Cache(cfg) => crate::cache::CacheBdev::create(cfg, registry).map_err(|e| flag(&e))?,
         BdevSpec::OcssdEmu { .. } => return Err(flag(&"a media device is not a block bdev")),
         BdevSpec::Ftl { base, cfg, nv_cache } => {
-            if let Some(nv) = nv_cache {
-                return Err(flag(&format!("nv-cache={nv}: not supported by this build")));
-            }
+            let nv = match nv_cache {
+                Some(nv) => Some(registry.open(nv, true).map_err(|e| flag(&format!("nv-cache={nv}: {e}")))?),
+                None => None,
+            };
             let media = crate::ocssd::table::MediaTable::global().get(base).ok_or_else(|| {
                 let hint = if registry.get(base).is_some() { " (it is a block bdev, not media)" } else { "" };
                 flag(&format!("base={base}: no media device of that name{hint} (define it with --bdev driver=ocssd-emu,name={base},...)"))
             })?;
-            Arc::new(crate::ftl::FtlBdev::open(cfg.clone(), media).map_err(|e| flag(&e))?)
+            Arc::new(crate::ftl::FtlBdev::open_with_nv(cfg.clone(), media, nv).map_err(|e| flag(&e))?)
         }
         BdevSpec::Delay { name, base, read_us, write_us, jitter_us } => {
             use crate::bdev::delay::{DelayBdev, DelayOptions};

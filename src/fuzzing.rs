@@ -8,6 +8,7 @@
 //!        ─► wire           a byte stream on a socket ─► recv_message
 //!        ─► ocssd_image    header / chunk-record decoders (crc fixed up on request)
 //!        ─► cache_md       cache superblocks + line records ─► the cache's load path (`load_map`)
+//!        ─► ftl_md         FTL checkpoint area (superblock + regions), band head/tail, nv-cache metadata
 //! ```
 //!
 //! # Design
@@ -417,5 +418,70 @@ pub fn cache_md(data: &[u8]) -> u64 {
     if loaded > 0 {
         r |= 8;
     }
+    r
+}
+
+/// Target `ftl_md`: the FTL's on-media metadata and the nv-cache's, as restore reads them. Byte 0:
+/// bit 0 fixes up the CRC32C of every region found in the area image (header and payload, so the
+/// field checks are reached), bits 2..=7 pick the valid-map size. The rest is a checkpoint area image
+/// (4 KiB blocks, decoded by the same `md::decode_checkpoint` restore uses) whose first and last
+/// blocks are also decoded as a band head, a band tail, an OOB entry and an nv-cache superblock and
+/// record header. Returns 1 when a checkpoint decoded, plus 2 for a tail, 4 for an nv-cache
+/// superblock.
+pub fn ftl_md(data: &[u8]) -> u64 {
+    use crate::ftl::layout::{self, BLOCK_BYTES};
+    use crate::ftl::{md, nvcache, FtlError};
+    if data.is_empty() {
+        return 0;
+    }
+    let flags = data[0];
+    let body = &data[1..];
+    let mut img = body.to_vec();
+    img.resize(body.len().div_ceil(BLOCK_BYTES).max(1) * BLOCK_BYTES, 0);
+    if flags & 1 != 0 {
+        // Region header: magic 0..4, length 16..24, payload crc 24..28, header crc 28..32.
+        let magic = layout::encode_region(layout::RegionId::Superblock, &[]);
+        for b in (0..img.len()).step_by(BLOCK_BYTES) {
+            if img[b..b + 4] != magic[0..4] {
+                continue;
+            }
+            let len = u64::from_le_bytes(img[b + 16..b + 24].try_into().unwrap_or([0; 8]));
+            let end = usize::try_from(len).ok().and_then(|l| (b + 32).checked_add(l)).unwrap_or(usize::MAX);
+            let end = end.min(img.len());
+            let pc = crc32c::crc32c(&img[b + 32..end]);
+            img[b + 24..b + 28].copy_from_slice(&pc.to_le_bytes());
+            let hc = crc32c::crc32c(&img[b..b + 28]);
+            img[b + 28..b + 32].copy_from_slice(&hc.to_le_bytes());
+        }
+    }
+    let mut r = 0;
+    let blocks = (img.len() / BLOCK_BYTES) as u64;
+    let mut read = |off: u64, n: u64| -> Result<Vec<u8>, FtlError> {
+        match off.checked_add(n) {
+            Some(end) if end <= blocks => {
+                Ok(img[(off as usize) * BLOCK_BYTES..(end as usize) * BLOCK_BYTES].to_vec())
+            }
+            _ => Err(FtlError::Corrupt("metadata runs past its area".into())),
+        }
+    };
+    let addr_space = u64::from(flags >> 2) * 1000;
+    if let Ok(c) = md::decode_checkpoint(&mut read, &|_| Ok(()), addr_space) {
+        assert_eq!(c.l2p.len() as u64, c.sb.num_lbas);
+        assert_eq!(c.bands.len(), c.sb.num_bands as usize);
+        r |= 1;
+    }
+    let first = &img[..BLOCK_BYTES];
+    let last = &img[img.len() - BLOCK_BYTES..];
+    let _ = layout::BandHead::decode(first);
+    if layout::decode_tail(&img).is_ok() {
+        r |= 2;
+    }
+    let _ = layout::decode_tail(last);
+    let _ = layout::decode_oob(body);
+    if let Ok(Some(s)) = nvcache::NvSuper::decode(first) {
+        assert!(s.ring_units > 0 && s.durable_seq > 0);
+        r |= 4;
+    }
+    let _ = nvcache::RecordHeader::decode(last, &[0; 16]);
     r
 }

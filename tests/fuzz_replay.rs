@@ -483,3 +483,52 @@ fn write_seed_corpus() {
     v.extend_from_slice(&hdr[8..]);
     write("ocssd_image", "header", &v);
 }
+
+#[test]
+fn ftl_md() {
+    run("ftl_md", fuzzing::ftl_md, &[("seed-checkpoint", 1), ("seed-tail", 2), ("seed-nv-super", 4)]);
+}
+
+/// `cargo test --release --test fuzz_replay -- --ignored write_ftl_md_seeds` rewrites the `ftl_md`
+/// seeds from the FTL's own encoders.
+#[test]
+#[ignore]
+fn write_ftl_md_seeds() {
+    use vblkd::ftl::layout::{encode_tail, BandRecord, Superblock};
+    use vblkd::ftl::md::Checkpoint;
+    use vblkd::ftl::nvcache::NvSuper;
+    let dir = corpus_dir("ftl_md");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let write = |name: &str, flags: u8, body: &[u8]| {
+        let mut v = vec![flags];
+        v.extend_from_slice(body);
+        std::fs::write(dir.join(format!("seed-{name}")), v).expect("write");
+    };
+    let sb = Superblock {
+        uuid: [7; 16],
+        pu_begin: 0,
+        pu_end: 3,
+        num_lbas: 100,
+        num_bands: 4,
+        md_bands: 1,
+        mirror: false,
+        clean: true,
+        ckpt_seq: 9,
+        generation: 2,
+        l2p_entry_bytes: 4,
+        lba_rsvd: 20,
+        region_offsets: [0; 5],
+    };
+    let ckpt = Checkpoint {
+        sb,
+        bands: vec![BandRecord { state: 1, base_seq: 3, retired: 0, erase_count: 1 }; 4],
+        l2p: (0..100).map(|i| if i % 3 == 0 { u64::MAX } else { i * 5 }).collect(),
+        valid: vec![0x5555; 16],
+        trim: vec![0x9; 2],
+    };
+    // Valid map of 1000 bits: flags bits 2..=7 = 1.
+    write("checkpoint", 1 << 2, &ckpt.encode(false));
+    write("tail", 0, &encode_tail(5, 77, 0xf, &[1, 2, 3, u64::MAX, 9]));
+    let nv = NvSuper { uuid: [7; 16], nonce: [3; 16], generation: 4, durable_seq: 10, ring_units: 256 };
+    write("nv-super", 0, &nv.encode());
+}

@@ -3,8 +3,7 @@
 //! Each test starts a backend, boots a QEMU guest (TCG by default) with
 //! `qemu/run-guest.sh` attached to the backend's vhost-user socket, runs the
 //! guest workloads of `qemu/workloads/`, and checks the guest's result line.
-//! The matrix is (malloc, file) bdev x (1, 2) queues, plus the FTL (on an emulated OCSSD image)
-//! with 1 queue; in each:
+//! The matrix is (malloc, file, FTL on an emulated OCSSD image) bdev x (1, 2) queues; in each:
 //!
 //! * boot A, read-write export: `fio-verify` (workload 1), `ext4` (2),
 //!   `discard` (3), `persist-write` (4, first half);
@@ -551,4 +550,9 @@ fn guest_stack_cache_wb_over_ftl() {
 #[test]
 fn guest_ftl_1q() {
     run_matrix(Bdev::Ftl, 1);
+}
+
+#[test]
+fn guest_ftl_2q() {
+    run_matrix(Bdev::Ftl, 2);
 }

@@ -125,6 +125,12 @@ impl IoVecs {
         v
     }
 
+    /// What keeps the memory mapped (`None`: the creator's promise in `from_raw_parts`). A module that
+    /// hands raw pieces of this memory to a device keeps a clone with them.
+    pub fn keeper(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        self.keep.clone()
+    }
+
     /// Total length in bytes.
     pub fn len_bytes(&self) -> u64 {
         self.len_bytes

@@ -31,9 +31,12 @@
 //! left alone for one idle period (20 ms) is padded, so the last relocated blocks of a band never
 //! wait for more data.
 //!
+//! Data copies into and out of the write buffer happen outside the core lock (see `wbuf.rs`):
+//! writers reserve entries, copy, then publish; the core copies taken entries after unlocking.
+//!
 //! # Limitations
-//! Copies into the write buffer and out of it are serialised by the core lock (memcpy-sized
-//! critical sections). A write failure on a band's tail leaves that band without tail metadata
+//! Reserving and publishing write-buffer entries still takes the one core lock per write (short,
+//! bookkeeping only). A write failure on a band's tail leaves that band without tail metadata
 //! (restore then reads its blocks' OOB).
 
 use std::collections::VecDeque;
@@ -75,6 +78,8 @@ pub struct Mailbox {
     pub want_space: AtomicBool,
     /// The eventfd has been written since the channel last cleared it (saves syscalls).
     signaled: AtomicBool,
+    /// `done` may be non-empty (set after a push, cleared before a take).
+    posted: AtomicBool,
 }
 
 impl Mailbox {
@@ -85,12 +90,14 @@ impl Mailbox {
             event: EventFd::new(EFD_NONBLOCK).map_err(|e| FtlError::Media(format!("eventfd: {e}")))?,
             want_space: AtomicBool::new(false),
             signaled: AtomicBool::new(false),
+            posted: AtomicBool::new(false),
         })
     }
 
     /// Posts a completion and wakes the channel.
     pub fn post(&self, c: BdevCompletion) {
         lock(&self.done).push(c);
+        self.posted.store(true, Ordering::SeqCst);
         self.wake();
     }
 
@@ -110,8 +117,16 @@ impl Mailbox {
         }
     }
 
-    /// Takes posted completions.
+    /// True when completions are posted and not yet taken.
+    pub fn has_posts(&self) -> bool {
+        self.posted.load(Ordering::SeqCst)
+    }
+
+    /// Takes posted completions (no lock taken when nothing was posted).
     pub fn take(&self, out: &mut Vec<BdevCompletion>) -> usize {
+        if !self.posted.swap(false, Ordering::SeqCst) {
+            return 0;
+        }
         let mut d = lock(&self.done);
         let n = d.len();
         out.append(&mut d);
@@ -161,6 +176,14 @@ pub struct Core {
     pub unflushed: bool,
     /// Fatal metadata error (reported by flushes).
     pub failed: Option<String>,
+    /// The core thread is waiting on `Shared::wake` (writers notify only then: a condition
+    /// variable's notify is a system call even with nobody waiting).
+    pub core_idle: bool,
+    /// The nv-cache ring (with `nv-cache=BDEV`, once replay is done).
+    pub nv: Option<super::nvcache::NvRing>,
+    /// Entries below this must be durable before nv-cache records are reclaimed (blocks re-queued
+    /// after a media write failure live in newer entries than their records say).
+    pub nv_requeue_mark: u64,
 }
 
 /// State shared by the bdev, its channels and the core thread.
@@ -197,6 +220,8 @@ pub struct Shared {
     pub band_data_avg: u64,
     /// Wall clock of the last checkpoint (ms since start), for `ftl info`.
     pub ckpt_count: AtomicU64,
+    /// The nv-cache, once attached (after replay).
+    pub nv: std::sync::OnceLock<Arc<super::nvcache::NvCache>>,
 }
 
 /// Locks, ignoring poisoning (a panicking core thread already failed the FTL).
@@ -338,6 +363,41 @@ struct Run {
     items: Vec<Src>,
 }
 
+/// One write command of a batch, its buffered entries not yet copied in.
+struct PreparedRun {
+    ri: usize,
+    ppas: PpaList,
+    data: Vec<u8>,
+    oob: Vec<u8>,
+}
+
+/// A batch prepared under the core lock.
+struct Prepared {
+    runs: Vec<PreparedRun>,
+    /// (index into `runs`, block within the run, write-buffer entry) to copy.
+    fills: Vec<(usize, usize, u64)>,
+    slots: Arc<super::wbuf::Slots>,
+}
+
+/// Copies the buffered entries of a batch into its commands, outside the core lock: a taken
+/// entry's slot is not reused before the core thread retires it, after this batch is written.
+fn fill_entries(p: Prepared) -> Vec<(Op, usize)> {
+    let mut runs = p.runs;
+    let pos: std::collections::HashMap<usize, usize> =
+        runs.iter().enumerate().map(|(i, r)| (r.ri, i)).collect();
+    for (ri, k, e) in p.fills {
+        let Some(r) = pos.get(&ri).and_then(|&i| runs.get_mut(i)) else { continue };
+        if let Some(d) = r.data.get_mut(k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES) {
+            d.copy_from_slice(&p.slots.at(e));
+        }
+    }
+    runs.into_iter()
+        .map(|r| {
+            (Op::Write { ppas: r.ppas, data: SgList::from(r.data), oob: Some(IoBuf::from_vec(r.oob)) }, r.ri)
+        })
+        .collect()
+}
+
 /// The core thread.
 pub fn run(shared: Arc<Shared>) {
     let mut qp = match shared.media.queue_pair(64) {
@@ -349,7 +409,7 @@ pub fn run(shared: Arc<Shared>) {
             return;
         }
     };
-    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None };
+    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None, nv_ch: None };
     worker.main(qp.as_mut());
 }
 
@@ -367,6 +427,8 @@ struct Worker {
     pad_next: bool,
     /// Encoded tail of the band being closed.
     tail_cache: Option<(u32, Vec<u8>)>,
+    /// The core's channel on the nv-cache bdev (created on first use).
+    nv_ch: Option<crate::bdev::Channel>,
 }
 
 impl Worker {
@@ -392,11 +454,14 @@ impl Worker {
                     let c = lock(&self.sh.core);
                     if c.flushes.is_empty() && c.wbuf.waiting() < self.sh.geo.ws_min {
                         let waiting = c.wbuf.waiting();
-                        let (c, timeout) = self
+                        let mut c = c;
+                        c.core_idle = true;
+                        let (mut c, timeout) = self
                             .sh
                             .wake
                             .wait_timeout(c, Duration::from_millis(20))
                             .unwrap_or_else(|e| e.into_inner());
+                        c.core_idle = false;
                         // Still the same partial unit after a quiet period: pad it next time.
                         self.pad_next = timeout.timed_out() && waiting > 0 && c.wbuf.waiting() == waiting;
                     }
@@ -440,7 +505,7 @@ impl Worker {
         if !runs.is_empty() {
             let prepared = self.prepare(&c, &runs);
             drop(c);
-            let results = self.write_runs(qp, prepared);
+            let results = self.write_runs(qp, fill_entries(prepared));
             let mut c = lock(&sh.core);
             self.commit(&mut c, &runs, &results);
             sh.update_limits(&mut c);
@@ -458,6 +523,9 @@ impl Worker {
                 return Err(FtlError::Media(format!("media flush: {}", done.status)));
             }
             lock(&sh.core).unflushed = false;
+            // Every entry below `upto` is on the media now: reclaim their nv-cache records and
+            // make the nv-cache durable (before a checkpoint, so no replay undoes a flushed trim).
+            self.nv_reclaim(upto)?;
             if stopping {
                 return Ok(false);
             }
@@ -484,6 +552,21 @@ impl Worker {
         if stopping {
             // The gate is closed: wait for the batch builder to drain everything.
             return Ok(c.wbuf.waiting() > 0);
+        }
+        // 3b. An nv-cache ring more than half full: flush the media and reclaim what is on it.
+        if let Some(r) = c.nv.as_ref() {
+            let head = c.wbuf.head;
+            if r.used() * 2 > r.ring_units && r.pending.front().is_some_and(|f| f.done && f.last_entry < head)
+            {
+                drop(c);
+                let done = md::exec(qp, Op::Flush);
+                if !done.status.is_success() {
+                    return Err(FtlError::Media(format!("media flush: {}", done.status)));
+                }
+                lock(&sh.core).unflushed = false;
+                self.nv_reclaim(head)?;
+                return Ok(true);
+            }
         }
         // 4. Erase ahead.
         if let Some(o) = c.open {
@@ -662,8 +745,11 @@ impl Worker {
                 let mut picked = Vec::new();
                 let want = if pos == 0 { geo.ws_min - 1 } else { geo.ws_min } as usize;
                 while picked.len() < want && n < c.wbuf.tail {
-                    if c.wbuf.get(n).is_some_and(|(e, _)| e.live) {
-                        picked.push(n);
+                    match c.wbuf.get(n) {
+                        // A writer is still copying into this one: stop here (it is published soon).
+                        Some(e) if !e.ready => break,
+                        Some(e) if e.live => picked.push(n),
+                        _ => {}
                     }
                     n += 1;
                 }
@@ -693,7 +779,7 @@ impl Worker {
             for (k, it) in items.iter().enumerate() {
                 let p = pos + k as u64;
                 let lba = match *it {
-                    Src::Entry(e) => c.wbuf.get(e).map_or(LBA_PAD, |(en, _)| en.lba),
+                    Src::Entry(e) => c.wbuf.get(e).map_or(LBA_PAD, |en| en.lba),
                     Src::Head => LBA_HEAD,
                     Src::Tail(_) => LBA_TAIL,
                     Src::Pad => LBA_PAD,
@@ -721,11 +807,13 @@ impl Worker {
         runs
     }
 
-    /// Builds the media commands of a batch (copies data under the lock).
-    fn prepare(&self, c: &Core, runs: &[Run]) -> Vec<(Op, usize)> {
+    /// Builds the media commands of a batch under the lock: head, tail and OOB bytes now; buffered
+    /// entries are listed in the returned fills, copied by [`fill_entries`] once the lock is released.
+    fn prepare(&self, c: &Core, runs: &[Run]) -> Prepared {
         let geo = &self.sh.geo;
         let oob_bytes = self.sh.media.info().oob_bytes_per_block as usize;
-        let mut ops = Vec::with_capacity(runs.len());
+        let mut runs_out = Vec::with_capacity(runs.len());
+        let mut fills = Vec::new();
         for (ri, r) in runs.iter().enumerate() {
             let b = &c.bands[r.band as usize];
             let n = r.items.len();
@@ -735,8 +823,9 @@ impl Worker {
                 let d = &mut data[k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES];
                 let lba = match *it {
                     Src::Entry(e) => match c.wbuf.get(e) {
-                        Some((en, bytes)) => {
-                            d.copy_from_slice(bytes);
+                        Some(en) => {
+                            // Copied after the core lock is released (see `fill_entries`).
+                            fills.push((ri, k, e));
                             en.lba
                         }
                         None => LBA_PAD,
@@ -766,14 +855,11 @@ impl Worker {
             }
             let first = b.ppa(geo, r.first_pos).unwrap_or_default();
             match PpaList::contiguous(first, n) {
-                Ok(ppas) => ops.push((
-                    Op::Write { ppas, data: SgList::from(data), oob: Some(IoBuf::from_vec(oob)) },
-                    ri,
-                )),
+                Ok(ppas) => runs_out.push(PreparedRun { ri, ppas, data, oob }),
                 Err(e) => log::error!("ftl: bad run at {first}: {e}"),
             }
         }
-        ops
+        Prepared { runs: runs_out, fills, slots: Arc::clone(c.wbuf.data()) }
     }
 
     /// Submits every command (one per chunk) and collects per-run failure bitmaps.
@@ -851,7 +937,7 @@ impl Worker {
                 }
                 let Src::Entry(n) = *it else { continue };
                 max_entry = max_entry.max(n + 1);
-                let Some((en, bytes)) = c.wbuf.get(n) else { continue };
+                let Some(en) = c.wbuf.get(n) else { continue };
                 let (lba, origin, live) = (en.lba, en.origin, en.live);
                 let pos = r.first_pos + k as u64;
                 let band = &mut c.bands[r.band as usize];
@@ -876,7 +962,7 @@ impl Worker {
                     }
                     if live && sh.l2p.get(lba) == Loc::Cache(n) {
                         // Keep the L2P on the old entry until re-queued below.
-                        requeue.push((lba, origin, bytes.to_vec()));
+                        requeue.push((lba, origin, c.wbuf.data().at(n).to_vec()));
                     }
                 }
             }
@@ -901,6 +987,7 @@ impl Worker {
             }
             let n = c.wbuf.push(lba, origin, |d| d.copy_from_slice(&bytes));
             sh.l2p.swap(lba, Loc::Cache(n));
+            c.nv_requeue_mark = n + 1;
         }
         c.unflushed = true;
         sh.stats.media_write_blocks.fetch_add(media_blocks, Ordering::Relaxed);
@@ -1046,6 +1133,43 @@ impl Worker {
         }
         sh.stats.relocated_blocks.fetch_add(moved, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// After a media flush that made every entry below `durable_entry` durable: reclaims the
+    /// nv-cache records they cover (persisting the new `durable_seq` first) and flushes the
+    /// nv-cache. No-op without an nv-cache.
+    fn nv_reclaim(&mut self, durable_entry: u64) -> Result<(), FtlError> {
+        let Some(nv) = self.sh.nv.get().cloned() else { return Ok(()) };
+        let took = {
+            let mut c = lock(&self.sh.core);
+            let mark = c.nv_requeue_mark;
+            match c.nv.as_mut() {
+                Some(r) if durable_entry >= mark => r.take_durable(durable_entry),
+                _ => None,
+            }
+        };
+        if self.nv_ch.is_none() {
+            let ch = nv.desc.channel().map_err(|e| FtlError::Media(format!("nv-cache {}: {e}", nv.name)))?;
+            self.nv_ch = Some(ch);
+        }
+        let Some(ch) = self.nv_ch.as_mut() else { return Ok(()) };
+        match took {
+            Some((durable_seq, tail_u)) => {
+                super::nvcache::persist_super(&nv, ch, durable_seq, false)?;
+                if let Some(r) = lock(&self.sh.core).nv.as_mut() {
+                    r.tail_u = tail_u;
+                }
+                self.sh.signal_space();
+            }
+            None => {
+                super::nvcache::sync_io(
+                    ch,
+                    crate::bdev::BdevIo::no_data(crate::bdev::IoKind::Flush, 0, 0, 0),
+                )
+                .map_err(|e| FtlError::Media(format!("nv-cache {}: flush: {e}", nv.name)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Persists a checkpoint; the buffer must be empty (the gate closed) so the L2P holds only

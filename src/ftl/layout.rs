@@ -315,7 +315,10 @@ impl Superblock {
                 reason: format!("L2P entry size {}", sb.l2p_entry_bytes),
             });
         }
-        if sb.pu_end < sb.pu_begin || sb.md_bands == 0 || 2 * sb.md_bands >= sb.num_bands {
+        if sb.pu_end < sb.pu_begin
+            || sb.md_bands == 0
+            || 2 * u64::from(sb.md_bands) >= u64::from(sb.num_bands)
+        {
             return Err(LayoutError::Invalid { what, reason: "inconsistent geometry".into() });
         }
         Ok(sb)
@@ -385,7 +388,10 @@ pub fn encode_l2p(values: &[u64], entry_bytes: u32) -> Vec<u8> {
 /// Decodes L2P values.
 pub fn decode_l2p(p: &[u8], num_lbas: usize, entry_bytes: u32) -> Result<Vec<u64>, LayoutError> {
     let eb = entry_bytes as usize;
-    if p.len() != num_lbas * eb {
+    if eb != 4 && eb != 8 {
+        return Err(LayoutError::Invalid { what: "L2P", reason: format!("entry size {eb}") });
+    }
+    if num_lbas.checked_mul(eb) != Some(p.len()) {
         return Err(LayoutError::Invalid {
             what: "L2P",
             reason: format!("{} bytes for {num_lbas} entries", p.len()),

@@ -202,6 +202,11 @@ fn read_blocks(
     first: u64,
     count: u64,
 ) -> Result<Vec<u8>, FtlError> {
+    let area = chunks.len() as u64 * geo.clba;
+    if !first.checked_add(count).is_some_and(|end| end <= area) {
+        // A corrupt length or offset: refuse before allocating anything for it.
+        return Err(FtlError::Corrupt("metadata runs past its area".into()));
+    }
     let mut out = Vec::with_capacity(count as usize * BLOCK_BYTES);
     let mut b = first;
     while b < first + count {
@@ -232,39 +237,57 @@ pub fn read_area(
     bands: u32,
 ) -> Result<Checkpoint, FtlError> {
     let chunks = area_chunks(media, geo, first_band, bands);
+    let mut read = |off: u64, n: u64| read_blocks(qp, geo, &chunks, off, n);
+    let check = |sb: &Superblock| {
+        if u64::from(sb.pu_end.saturating_sub(sb.pu_begin)) + 1 != geo.pus.len() as u64
+            || sb.num_bands != geo.num_bands
+        {
+            return Err(FtlError::Config {
+                option: "punits",
+                reason: format!(
+                    "the FTL on this media covers parallel units {}-{} ({} bands), not the {} PUs asked for",
+                    sb.pu_begin,
+                    sb.pu_end,
+                    sb.num_bands,
+                    geo.pus.len()
+                ),
+            });
+        }
+        Ok(())
+    };
+    decode_checkpoint(&mut read, &check, geo.addr_space())
+}
+
+/// Decodes a checkpoint from an area whose blocks `read(offset, count)` returns: the superblock
+/// (checked by `check`), then every region it points at. Never panics on any bytes (fuzzed:
+/// `fuzz/fuzz_targets/ftl_md.rs`).
+pub fn decode_checkpoint(
+    read: &mut dyn FnMut(u64, u64) -> Result<Vec<u8>, FtlError>,
+    check: &dyn Fn(&Superblock) -> Result<(), FtlError>,
+    addr_space: u64,
+) -> Result<Checkpoint, FtlError> {
     let bad = |id: RegionId, e: LayoutError| FtlError::Corrupt(format!("{}: {e}", id.name()));
-    let first = read_blocks(qp, geo, &chunks, 0, 1)?;
+    let first = read(0, 1)?;
     let sb = Superblock::decode(&first).map_err(|e| bad(RegionId::Superblock, e))?;
-    if u64::from(sb.pu_end - sb.pu_begin) + 1 != geo.pus.len() as u64 || sb.num_bands != geo.num_bands {
-        return Err(FtlError::Config {
-            option: "punits",
-            reason: format!(
-                "the FTL on this media covers parallel units {}-{} ({} bands), not the {} PUs asked for",
-                sb.pu_begin,
-                sb.pu_end,
-                sb.num_bands,
-                geo.pus.len()
-            ),
-        });
-    }
+    check(&sb)?;
     let nb = sb.num_bands as usize;
-    let read_region = |qp: &mut dyn QueuePair, id: RegionId| -> Result<Vec<u8>, FtlError> {
+    let mut read_region = |id: RegionId| -> Result<Vec<u8>, FtlError> {
         let off = u64::from(sb.region_offsets[id as usize]);
-        let head = read_blocks(qp, geo, &chunks, off, 1)?;
+        let head = read(off, 1)?;
         let len = layout::region_len(id, &head).map_err(|e| bad(id, e))?;
         let blocks = layout::region_blocks(len) as u64;
-        let all = read_blocks(qp, geo, &chunks, off, blocks)?;
+        let all = read(off, blocks)?;
         Ok(layout::decode_region(id, &all).map_err(|e| bad(id, e))?.to_vec())
     };
-    let bands_p = read_region(qp, RegionId::BandMd)?;
+    let bands_p = read_region(RegionId::BandMd)?;
     let bands = layout::decode_bands(&bands_p, nb).map_err(|e| bad(RegionId::BandMd, e))?;
-    let l2p_p = read_region(qp, RegionId::L2p)?;
+    let l2p_p = read_region(RegionId::L2p)?;
     let l2p = layout::decode_l2p(&l2p_p, sb.num_lbas as usize, sb.l2p_entry_bytes)
         .map_err(|e| bad(RegionId::L2p, e))?;
-    let valid_p = read_region(qp, RegionId::ValidMap)?;
-    let valid = layout::decode_bitmap(&valid_p, geo.addr_space() as usize, "valid map")
+    let valid_p = read_region(RegionId::ValidMap)?;
+    let valid = layout::decode_bitmap(&valid_p, addr_space as usize, "valid map")
         .map_err(|e| bad(RegionId::ValidMap, e))?;
-    let trim_p = read_region(qp, RegionId::TrimMap)?;
+    let trim_p = read_region(RegionId::TrimMap)?;
     let trim = layout::decode_bitmap(&trim_p, sb.num_lbas as usize, "trim map")
         .map_err(|e| bad(RegionId::TrimMap, e))?;
     Ok(Checkpoint { sb, bands, l2p, valid, trim })

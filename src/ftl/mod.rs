@@ -37,10 +37,22 @@
 //! * **Limits** (CRIT/HIGH/LOW/START) are scaled to the band count (see [`core::scale_limits`]):
 //!   `round(spdk × data_bands / 256)`, clamped to `1..=spare_bands-1`.
 //!
+//! * **Reads** go straight into the caller's (guest) memory: each media block of a read becomes a
+//!   zero-copy segment of a vector read command on the channel's own queue pair (the emulator copies
+//!   from its mapped image), no bounce buffer.
+//! * **Writes from several queues.** The serialised part is only bookkeeping: a channel reserves
+//!   write-buffer entries under the core lock, copies the guest data into their slots without it
+//!   (each slot has its own small mutex), and re-locks to publish them (L2P, invalidation); the core
+//!   thread copies taken entries into its media commands after releasing the lock. Chosen over
+//!   per-channel write buffers (SPDK's per-io-channel wbuf entries), which would also shard the
+//!   bookkeeping but make the L2P's buffer pointers, relocation and flush ordering per channel:
+//!   measured, the memcpy was the long part of the critical section (BENCHMARKS.md, FTL).
+//! * **nv-cache** (`nv-cache=BDEV`, see `nvcache.rs`): a write is also logged on that bdev and
+//!   acknowledged when the log write completes; restore replays the log.
+//!
 //! # Limitations
-//! `nv-cache` is parsed but refused (not implemented). Reads bounce through a heap buffer (one copy
-//! into guest memory). A band open at shutdown or crash is closed as it is (its unwritten
-//! positions are reclaimed by relocation).
+//! A band open at shutdown or crash is closed as it is (its unwritten positions are reclaimed by
+//! relocation). Unmaps are not logged in the nv-cache (durable at the next flush).
 
 pub mod band;
 pub mod cli;
@@ -49,13 +61,16 @@ pub mod info;
 pub mod l2p;
 pub mod layout;
 pub mod md;
+pub mod nvcache;
+#[cfg(test)]
+mod nvcache_tests;
 pub mod restore;
 pub mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod wbuf;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -64,6 +79,7 @@ use crate::bdev::{
     Bdev, BdevError, BdevInfo, BdevIo, Completion, IoError, IoKind, IoKinds, IoVecs, ModuleChannel, Rejected,
 };
 use crate::ocssd::{ChunkState, Command, IoBuf, MediaDevice, Op, PpaList, QueuePair, SgList};
+use crate::tagmap::TagMap;
 
 use self::band::{Band, BandState, Geo, MAX_PUS};
 use self::core::{lock, Core, FlushReq, Limit, Mailbox, Shared};
@@ -374,6 +390,16 @@ fn size_new(media: &dyn MediaDevice, geo: &mut Geo, cfg: &FtlConfig) -> Result<S
 impl FtlBdev {
     /// Creates or restores an FTL on `media` (see [`Mode`]).
     pub fn open(cfg: FtlConfig, media: Arc<dyn MediaDevice>) -> Result<Self, FtlError> {
+        Self::open_with_nv(cfg, media, None)
+    }
+
+    /// Like [`FtlBdev::open`], with an nv-cache on the bdev behind `nv` (opened read-write; the FTL
+    /// claims it): writes are acknowledged once logged there, and a start after a crash replays it.
+    pub fn open_with_nv(
+        cfg: FtlConfig,
+        media: Arc<dyn MediaDevice>,
+        nv: Option<crate::bdev::Descriptor>,
+    ) -> Result<Self, FtlError> {
         cfg.validate()?;
         let mut geo = geo_for(media.as_ref(), &cfg)?;
         let pu_end = cfg.pu_begin + geo.pus.len() as u32 - 1;
@@ -391,7 +417,7 @@ impl FtlBdev {
             }
             ranges.push(key);
         }
-        let r = Self::open_inner(cfg, media, &mut geo, key);
+        let r = Self::open_inner(cfg, media, &mut geo, key, nv);
         if r.is_err() {
             lock(&RANGES).retain(|x| *x != key);
         }
@@ -403,6 +429,7 @@ impl FtlBdev {
         media: Arc<dyn MediaDevice>,
         geo: &mut Geo,
         key: (usize, u32, u32),
+        nv: Option<crate::bdev::Descriptor>,
     ) -> Result<Self, FtlError> {
         let mut qp = media.queue_pair(64).map_err(|e| FtlError::Media(e.to_string()))?;
         let in_use = media_in_use(media.as_ref(), geo);
@@ -495,6 +522,12 @@ impl FtlBdev {
             );
             (sb.uuid, sb.num_lbas, sb.l2p_entry_bytes, rebuilt, loaded.primary_bad)
         };
+        // The nv-cache is checked (read only) before anything is written to the media.
+        let slots = (cfg.wbuf_bytes / BLOCK_BYTES as u64) as usize;
+        let nv = match nv {
+            Some(d) => Some(nvcache::open(d, uuid, 2 * slots as u64, create, create && cfg.force)?),
+            None => None,
+        };
         let rebuilt_counts = (rebuilt.from_tail, rebuilt.from_oob);
         let data_bands = u64::from(geo.num_bands - geo.first_data_band());
         let total_data: u64 = rebuilt
@@ -522,7 +555,6 @@ impl FtlBdev {
             });
         }
         let limits = core::scale_limits(&cfg.limits, data_bands, spare);
-        let slots = (cfg.wbuf_bytes / BLOCK_BYTES as u64) as usize;
         let max_batch = 64u64.min(slots as u64 / 2);
         let mut info = BdevInfo::new(&cfg.name, "ftl", BLOCK_BYTES as u32, num_lbas);
         info.uuid = uuid;
@@ -556,6 +588,9 @@ impl FtlBdev {
                 ckpt_seq: 0,
                 unflushed: false,
                 failed: None,
+                core_idle: false,
+                nv: None,
+                nv_requeue_mark: 0,
             }),
             wake: Condvar::new(),
             stats: stats::Stats::default(),
@@ -565,6 +600,7 @@ impl FtlBdev {
             max_batch,
             band_data_avg: avg,
             ckpt_count: AtomicU64::new(0),
+            nv: std::sync::OnceLock::new(),
         });
         // A dirty-marked checkpoint before serving: a crash from now on restores from here
         // (this also repairs a corrupt primary copy).
@@ -589,13 +625,106 @@ impl FtlBdev {
             .name(format!("ftl-{}", cfg.name))
             .spawn(move || core::run(sh))
             .map_err(|e| FtlError::Media(format!("spawning the core thread: {e}")))?;
+        let bdev = FtlBdev { info, shared, thread: Mutex::new(Some(thread)), range_key: key };
+        if let Some(opened) = nv {
+            bdev.attach_nv(opened)?;
+        }
         log::info!(
             "ftl '{}': {} blocks of {BLOCK_BYTES} bytes on parallel units {range}, uuid {}",
             cfg.name,
             num_lbas,
             layout::format_uuid(&uuid)
         );
-        Ok(FtlBdev { info, shared, thread: Mutex::new(Some(thread)), range_key: key })
+        Ok(bdev)
+    }
+
+    /// Replays an existing nv-cache through the FTL (then flushes), persists its superblock and
+    /// attaches it: channels created from now on log their writes there.
+    fn attach_nv(&self, opened: nvcache::Opened) -> Result<(), FtlError> {
+        let sh = &self.shared;
+        let (cache, existing) = match opened {
+            nvcache::Opened::Fresh(c) => (c, false),
+            nvcache::Opened::Existing(c) => (c, true),
+        };
+        let cache = Arc::new(cache);
+        let name = cache.name.clone();
+        let mut ch = cache.desc.channel().map_err(|e| FtlError::Media(format!("nv-cache {name}: {e}")))?;
+        let sb = *lock(&cache.sb);
+        let mut next_seq = sb.durable_seq;
+        if existing {
+            let found = nvcache::scan(&cache, &mut ch)?;
+            let replayed = self.replay(&cache, &mut ch, &found)?;
+            sh.stats.nv_replayed_blocks.store(replayed, Ordering::Relaxed);
+            if let Some(last) = found.last() {
+                next_seq = next_seq.max(last.header.seq + 1);
+            }
+        }
+        // Everything replayed is durable on the media now: an empty ring from here.
+        nvcache::persist_super(&cache, &mut ch, next_seq, !existing)?;
+        lock(&sh.core).nv = Some(nvcache::NvRing::new(sb.ring_units, next_seq));
+        if sh.nv.set(cache).is_err() {
+            return Err(FtlError::Media("nv-cache attached twice".into()));
+        }
+        log::info!("ftl '{}': nv-cache {name} attached ({} blocks of ring)", self.info.name, sb.ring_units);
+        Ok(())
+    }
+
+    /// Rewrites the records found in the nv-cache (in sequence order) through an internal
+    /// channel, then flushes; returns the blocks replayed.
+    fn replay(
+        &self,
+        cache: &nvcache::NvCache,
+        ch: &mut crate::bdev::Channel,
+        found: &[nvcache::Found],
+    ) -> Result<u64, FtlError> {
+        let mut fch = new_channel(&self.shared).map_err(|e| FtlError::Media(e.to_string()))?;
+        let mut done = Vec::new();
+        let mut blocks = 0u64;
+        let err = |m: String| FtlError::Media(format!("nv-cache {}: replay: {m}", cache.name));
+        let submit =
+            |fch: &mut FtlChannel, mut io: BdevIo, done: &mut Vec<Completion>| -> Result<(), FtlError> {
+                loop {
+                    let r = if io.kind == IoKind::Flush { fch.flush(io) } else { fch.write(io) };
+                    match r {
+                        Ok(()) => return Ok(()),
+                        Err(Rejected::NoMem(back)) => {
+                            io = back;
+                            fch.poll(done);
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                        }
+                        Err(Rejected::Failed(_, e)) => return Err(err(e.to_string())),
+                    }
+                }
+            };
+        for f in found {
+            let h = f.header;
+            let n = u64::from(h.num_blocks);
+            if !h.lba.checked_add(n).is_some_and(|end| end <= self.shared.num_lbas) {
+                log::warn!("ftl '{}': nv-cache record {} beyond the device: skipped", self.info.name, h.seq);
+                continue;
+            }
+            let data = nvcache::read_units(ch, cache.blocks_per_unit, nvcache::RING_FIRST + f.unit + 1, n)
+                .map_err(|e| err(e.to_string()))?;
+            submit(&mut fch, BdevIo::write(h.lba, n, IoVecs::from_slice(&data), 0), &mut done)?;
+            fch.poll(&mut done);
+            blocks += n;
+        }
+        submit(&mut fch, BdevIo::no_data(IoKind::Flush, 0, 0, 1), &mut done)?;
+        loop {
+            fch.poll(&mut done);
+            if let Some(c) = done.iter().find(|c| c.tag == 1) {
+                c.result.map_err(|e| err(format!("flush: {e}")))?;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if let Some(c) = done.iter().find(|c| c.result.is_err()) {
+            return Err(err(format!("write: {:?}", c.result)));
+        }
+        if blocks > 0 {
+            log::info!("ftl '{}': replayed {blocks} blocks from nv-cache {}", self.info.name, cache.name);
+        }
+        Ok(blocks)
     }
 
     /// Stops the core thread without persisting anything, as a crash would (tests).
@@ -644,19 +773,7 @@ impl Bdev for FtlBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn ModuleChannel>, BdevError> {
-        let qp = self.shared.media.queue_pair(256).map_err(|e| BdevError::Module(e.to_string()))?;
-        let mailbox = Arc::new(Mailbox::new()?);
-        lock(&self.shared.mailboxes).push(Arc::downgrade(&mailbox));
-        Ok(Box::new(FtlChannel {
-            sh: Arc::clone(&self.shared),
-            qp,
-            mailbox,
-            local: VecDeque::new(),
-            reads: HashMap::new(),
-            cmds: HashMap::new(),
-            next_id: 1,
-            scratch: Vec::new(),
-        }))
+        Ok(Box::new(new_channel(&self.shared)?))
     }
 
     fn shutdown(&self) -> Result<(), BdevError> {
@@ -667,6 +784,34 @@ impl Bdev for FtlBdev {
         let c = lock(&self.shared.core);
         Some(self.shared.stats.json(&c, &self.shared.limits, self.shared.ckpt_count.load(Ordering::Relaxed)))
     }
+}
+
+/// A channel on the FTL (with its nv-cache channel once the nv-cache is attached).
+fn new_channel(sh: &Arc<Shared>) -> Result<FtlChannel, BdevError> {
+    let qp = sh.media.queue_pair(256).map_err(|e| BdevError::Module(e.to_string()))?;
+    let mailbox = Arc::new(Mailbox::new()?);
+    lock(&sh.mailboxes).push(Arc::downgrade(&mailbox));
+    let nv = match sh.nv.get() {
+        Some(cache) => Some(NvChannel {
+            ch: cache.desc.channel()?,
+            nonce: cache.nonce(),
+            cache: Arc::clone(cache),
+            pending: TagMap::default(),
+            scratch: Vec::new(),
+        }),
+        None => None,
+    };
+    Ok(FtlChannel {
+        sh: Arc::clone(sh),
+        qp,
+        mailbox,
+        local: VecDeque::new(),
+        reads: TagMap::default(),
+        cmds: TagMap::default(),
+        next_id: 1,
+        scratch: Vec::new(),
+        nv,
+    })
 }
 
 /// A read in progress.
@@ -692,10 +837,22 @@ pub struct FtlChannel {
     qp: Box<dyn QueuePair>,
     mailbox: Arc<Mailbox>,
     local: VecDeque<Completion>,
-    reads: HashMap<u64, ReadIo>,
-    cmds: HashMap<u64, ReadCmd>,
+    reads: TagMap<ReadIo>,
+    cmds: TagMap<ReadCmd>,
     next_id: u64,
     scratch: Vec<crate::ocssd::Completion>,
+    /// This channel's side of the nv-cache.
+    nv: Option<NvChannel>,
+}
+
+/// A channel's nv-cache state: its own channel on the nv-cache bdev and the records in flight.
+struct NvChannel {
+    cache: Arc<nvcache::NvCache>,
+    ch: crate::bdev::Channel,
+    nonce: [u8; 16],
+    /// Internal id → (user tag, record sequence).
+    pending: TagMap<(u64, u64)>,
+    scratch: Vec<Completion>,
 }
 
 impl FtlChannel {
@@ -726,22 +883,99 @@ impl FtlChannel {
             sh.wake.notify_one();
             return Err(Rejected::NoMem(io));
         }
+        // Reserve the entries under the lock, copy the data without it, publish under it again.
+        let first = c.wbuf.tail;
+        // With an nv-cache (and its channel), a record in its ring too.
+        let nv_rec = match (self.nv.is_some(), c.nv.as_mut()) {
+            (true, Some(ring)) => match ring.alloc(n as u64, first + n as u64 - 1) {
+                Some(r) => Some(r),
+                None => {
+                    // Ring full: the core reclaims records once their data is on the media.
+                    self.mailbox.want_space.store(true, Ordering::SeqCst);
+                    drop(c);
+                    sh.wake.notify_one();
+                    return Err(Rejected::NoMem(io));
+                }
+            },
+            _ => None,
+        };
         for i in 0..n as u64 {
-            let lba = io.offset_blocks + i;
-            let e = c.wbuf.push(lba, Origin::User, |d| {
-                io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, d);
-            });
-            let old = sh.l2p.swap(lba, Loc::Cache(e));
+            c.wbuf.reserve(io.offset_blocks + i, Origin::User);
+        }
+        let slots = Arc::clone(c.wbuf.data());
+        drop(c);
+        // The nv-cache record is written from its own copy (header + data): the guest may change
+        // its buffer under an in-flight write, and the record's CRC must match what it holds.
+        let record = nv_rec.map(|_| IoVecs::alloc((n + 1) * BLOCK_BYTES));
+        let mut data_crc = 0u32;
+        for i in 0..n as u64 {
+            let mut slot = slots.at(first + i);
+            io.bufs.copy_to_slice(i * BLOCK_BYTES as u64, &mut slot);
+            if let Some(rec) = &record {
+                data_crc = crc32c::crc32c_append(data_crc, &slot);
+                rec.copy_from_slice((i + 1) * BLOCK_BYTES as u64, &slot);
+            }
+        }
+        let mut c = lock(&sh.core);
+        for i in 0..n as u64 {
+            c.wbuf.set_ready(first + i);
+            let old = sh.l2p.swap(io.offset_blocks + i, Loc::Cache(first + i));
             sh.invalidate(&mut c, old);
         }
-        let wake = c.wbuf.waiting() >= sh.geo.ws_opt;
+        let wake = (c.wbuf.waiting() >= sh.geo.ws_opt || !c.flushes.is_empty()) && c.core_idle;
         drop(c);
         sh.stats.user_write_blocks.fetch_add(n as u64, Ordering::Relaxed);
         if wake {
             sh.wake.notify_one();
         }
-        self.done(io.tag, Ok(()));
+        match (nv_rec, record, self.nv.as_mut()) {
+            (Some((seq, unit)), Some(bufs), Some(nv)) => {
+                // Acknowledged once the record (header + data) is in the nv-cache.
+                let hdr =
+                    nvcache::RecordHeader { seq, lba: io.offset_blocks, num_blocks: n as u32, data_crc };
+                bufs.copy_from_slice(0, &hdr.encode(&nv.nonce));
+                let id = self.next_id;
+                self.next_id += 1;
+                nv.pending.insert(id, (io.tag, seq));
+                let bpu = nv.cache.blocks_per_unit;
+                nv.ch.submit(BdevIo::write(nv.cache.ring_block(unit), (1 + n as u64) * bpu, bufs, id));
+                sh.stats.nv_records.fetch_add(1, Ordering::Relaxed);
+                self.mailbox.wake();
+            }
+            _ => self.done(io.tag, Ok(())),
+        }
         Ok(())
+    }
+
+    /// Collects finished nv-cache writes: marks their records written and acknowledges them.
+    fn poll_nv(&mut self) {
+        let Some(nv) = self.nv.as_mut() else { return };
+        if nv.pending.is_empty() {
+            return;
+        }
+        nv.scratch.clear();
+        if nv.ch.poll(&mut nv.scratch) == 0 {
+            return;
+        }
+        let mut acks = Vec::with_capacity(nv.scratch.len());
+        {
+            let mut c = lock(&self.sh.core);
+            for d in nv.scratch.drain(..) {
+                let Some((tag, seq)) = nv.pending.remove(&d.tag) else { continue };
+                // A failed record is reclaimable too (its write failed; the data still goes to the
+                // media as any buffered write): the ring must not stall behind it.
+                if let Some(r) = c.nv.as_mut() {
+                    r.mark_done(seq);
+                }
+                if let Err(e) = d.result {
+                    log::error!("ftl '{}': nv-cache write of record {seq} failed: {e}", self.sh.cfg.name);
+                }
+                acks.push(Completion { tag, result: d.result });
+            }
+        }
+        for a in acks {
+            self.done(a.tag, a.result);
+        }
     }
 
     fn unmap(&mut self, io: BdevIo) -> Result<(), Rejected> {
@@ -774,74 +1008,36 @@ impl FtlChannel {
         Ok(())
     }
 
-    /// Resolves blocks of a read: zeros and buffer hits are copied now; media blocks are returned.
-    fn resolve(&self, bufs: &IoVecs, offset: u64, blocks: &[u64]) -> Vec<(u64, u64, u64)> {
-        let mut media = Vec::new();
-        for &i in blocks {
-            let lba = offset + i;
+    /// Starts the media part of a read for `blocks` (indexes within the I/O): unmapped blocks
+    /// read zeros and buffered blocks are copied now; media blocks are read by commands of up to 64
+    /// blocks straight into the caller's memory (no bounce buffer).
+    fn start_read(&mut self, id: u64, blocks: impl Iterator<Item = u64>) {
+        let Some(r) = self.reads.get_mut(&id) else { return };
+        let mut cmd: Option<PendingRead> = None;
+        let mut submitted = 0usize;
+        for i in blocks {
+            let lba = r.offset_blocks + i;
             let at = i * BLOCK_BYTES as u64;
-            loop {
-                match self.sh.l2p.get(lba) {
-                    Loc::Unmapped => {
-                        bufs.copy_from_slice(at, &[0u8; BLOCK_BYTES]);
-                        break;
-                    }
-                    Loc::Media(a) => {
-                        media.push((i, lba, a));
-                        break;
-                    }
-                    Loc::Cache(n) => {
-                        let c = lock(&self.sh.core);
-                        if self.sh.l2p.get(lba) != Loc::Cache(n) {
-                            continue;
-                        }
-                        if let Some((_, data)) = c.wbuf.get(n) {
-                            bufs.copy_from_slice(at, data);
-                            break;
-                        }
-                    }
+            let Some(addr) = resolve_block(&self.sh, &r.bufs, lba, at) else { continue };
+            let c = cmd.get_or_insert_with(PendingRead::new);
+            c.ppas.push(self.sh.geo.ppa_of(addr));
+            guest_pieces(&r.bufs, at, BLOCK_BYTES as u64, &mut c.data);
+            c.blocks.push((i, lba, addr));
+            if c.blocks.len() == 64 {
+                if let Some(c) = cmd.take() {
+                    submitted +=
+                        submit_read(self.qp.as_mut(), &mut self.cmds, &mut self.next_id, id, c, &mut r.retry);
                 }
             }
         }
-        media
-    }
-
-    fn start_read(&mut self, id: u64, blocks: &[u64]) -> bool {
-        let Some(r) = self.reads.get(&id) else { return true };
-        let media = self.resolve(&r.bufs, r.offset_blocks, blocks);
-        if media.is_empty() {
-            return true;
+        if let Some(c) = cmd.take() {
+            submitted +=
+                submit_read(self.qp.as_mut(), &mut self.cmds, &mut self.next_id, id, c, &mut r.retry);
         }
-        let mut submitted = 0;
-        for chunk in media.chunks(64) {
-            let id_cmd = self.next_id;
-            self.next_id += 1;
-            let ppas: Vec<_> = chunk.iter().map(|(_, _, a)| self.sh.geo.ppa_of(*a)).collect();
-            let n = ppas.len();
-            let Ok(list) = PpaList::new(ppas) else { continue };
-            let cmd = Command {
-                tag: id_cmd,
-                op: Op::Read { ppas: list, data: SgList::from(IoBuf::zeroed(n * BLOCK_BYTES)), oob: None },
-            };
-            self.cmds.insert(id_cmd, ReadCmd { read_id: id, blocks: chunk.to_vec() });
-            if let Err(rej) = self.qp.submit(cmd) {
-                // The queue is sized above the channel's depth; treat a full queue as a retry.
-                self.cmds.remove(&id_cmd);
-                let _ = rej;
-                if let Some(r) = self.reads.get_mut(&id) {
-                    r.retry.extend(chunk.iter().map(|b| b.0));
-                }
-                continue;
-            }
-            submitted += 1;
-        }
-        if let Some(r) = self.reads.get_mut(&id) {
-            r.cmds_left += submitted;
-        }
+        r.cmds_left += submitted;
         if submitted > 0 {
             self.mailbox.wake();
         }
-        submitted == 0 && self.reads.get(&id).is_some_and(|r| r.retry.is_empty())
     }
 
     fn read(&mut self, io: BdevIo) -> Result<(), Rejected> {
@@ -850,11 +1046,11 @@ impl FtlChannel {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let tag = io.tag;
+        let n = io.num_blocks;
         self.reads.insert(
             id,
             ReadIo {
-                tag,
+                tag: io.tag,
                 bufs: io.bufs,
                 offset_blocks: io.offset_blocks,
                 cmds_left: 0,
@@ -862,8 +1058,7 @@ impl FtlChannel {
                 error: None,
             },
         );
-        let blocks: Vec<u64> = (0..io.num_blocks).collect();
-        self.start_read(id, &blocks);
+        self.start_read(id, 0..n);
         self.finish_read_if_done(id);
         Ok(())
     }
@@ -875,7 +1070,7 @@ impl FtlChannel {
         }
         if r.error.is_none() && !r.retry.is_empty() {
             let blocks = std::mem::take(&mut r.retry);
-            self.start_read(id, &blocks);
+            self.start_read(id, blocks.into_iter());
             let Some(r) = self.reads.get(&id) else { return };
             if r.cmds_left > 0 || !r.retry.is_empty() {
                 return;
@@ -888,13 +1083,12 @@ impl FtlChannel {
 
     fn read_done(&mut self, c: crate::ocssd::Completion) {
         let Some(cmd) = self.cmds.remove(&c.tag) else { return };
-        let data = c.buffers.data.map(|d| d.to_vec()).unwrap_or_default();
         let ok = c.status.is_success();
         let Some(r) = self.reads.get_mut(&cmd.read_id) else { return };
         r.cmds_left = r.cmds_left.saturating_sub(1);
         for (k, &(i, lba, addr)) in cmd.blocks.iter().enumerate() {
             if self.sh.l2p.get(lba) != Loc::Media(addr) {
-                // Moved or rewritten while we read: read it again.
+                // Moved or rewritten while we read (the memory may hold the old copy): read it again.
                 r.retry.push(i);
                 continue;
             }
@@ -907,14 +1101,103 @@ impl FtlChannel {
                     c.status
                 );
                 r.error = Some(IoError::Media(c.status.to_status_field(false)));
-                continue;
-            }
-            if let Some(src) = data.get(k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES) {
-                r.bufs.copy_from_slice(i * BLOCK_BYTES as u64, src);
             }
         }
         let id = cmd.read_id;
         self.finish_read_if_done(id);
+    }
+}
+
+/// Submits one read command; returns 1 if submitted (a full queue puts its blocks on `retry`).
+fn submit_read(
+    qp: &mut dyn QueuePair,
+    cmds: &mut TagMap<ReadCmd>,
+    next_id: &mut u64,
+    read_id: u64,
+    c: PendingRead,
+    retry: &mut Vec<u64>,
+) -> usize {
+    let Ok(ppas) = PpaList::new(c.ppas) else { return 0 };
+    let tag = *next_id;
+    *next_id += 1;
+    let cmd = Command { tag, op: Op::Read { ppas, data: c.data, oob: None } };
+    match qp.submit(cmd) {
+        Ok(()) => {
+            cmds.insert(tag, ReadCmd { read_id, blocks: c.blocks });
+            1
+        }
+        Err(_) => {
+            // The queue is sized above the channel's depth; treat a full queue as a retry.
+            retry.extend(c.blocks.iter().map(|b| b.0));
+            0
+        }
+    }
+}
+
+/// A read command being built.
+struct PendingRead {
+    ppas: Vec<crate::ocssd::Ppa>,
+    data: SgList,
+    blocks: Vec<(u64, u64, u64)>,
+}
+
+impl PendingRead {
+    fn new() -> Self {
+        PendingRead { ppas: Vec::with_capacity(4), data: SgList::new(), blocks: Vec::with_capacity(4) }
+    }
+}
+
+/// Resolves one block of a read through the L2P: zeros and buffered data are copied into `bufs`
+/// at byte `at` now (`None`); a media address is returned for the caller to read.
+fn resolve_block(sh: &Shared, bufs: &IoVecs, lba: u64, at: u64) -> Option<u64> {
+    loop {
+        match sh.l2p.get(lba) {
+            Loc::Unmapped => {
+                bufs.copy_from_slice(at, &ZERO_BLOCK);
+                return None;
+            }
+            Loc::Media(a) => return Some(a),
+            Loc::Cache(n) => {
+                let c = lock(&sh.core);
+                if sh.l2p.get(lba) != Loc::Cache(n) {
+                    continue;
+                }
+                if c.wbuf.get(n).is_some() {
+                    bufs.copy_from_slice(at, &c.wbuf.data().at(n));
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0u8; BLOCK_BYTES];
+
+/// Appends the caller memory `[off, off+len)` of `bufs` to `sg` as zero-copy segments.
+fn guest_pieces(bufs: &IoVecs, off: u64, len: u64, sg: &mut SgList) {
+    let end = off + len;
+    let mut pos = 0u64;
+    for v in bufs.as_iovecs() {
+        let seg_end = pos + v.iov_len as u64;
+        let lo = pos.max(off);
+        let hi = seg_end.min(end);
+        if lo < hi {
+            let base = (v.iov_base as *mut u8).wrapping_add((lo - pos) as usize);
+            if let Some(ptr) = std::ptr::NonNull::new(base) {
+                // SAFETY: `base..base+(hi-lo)` lies inside one iovec of `bufs`, which stays mapped
+                // while its keeper (cloned into the IoBuf) lives or, without a keeper, while the
+                // read holding `bufs` is in `reads`, which outlives the command (the channel's queue
+                // pair, and with it every command, is dropped before `reads`). Only this command
+                // touches this block's range of the I/O memory until it completes (other blocks of
+                // the read are disjoint; a retry starts after completion); the guest may write it
+                // concurrently, as it may under any device DMA.
+                sg.push(unsafe { IoBuf::from_raw(ptr, (hi - lo) as usize, bufs.keeper()) });
+            }
+        }
+        if seg_end >= end {
+            break;
+        }
+        pos = seg_end;
     }
 }
 
@@ -937,18 +1220,24 @@ impl ModuleChannel for FtlChannel {
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
         let before = done.len();
+        self.poll_nv();
         let mut scratch = std::mem::take(&mut self.scratch);
         self.qp.poll(&mut scratch, usize::MAX);
         for c in scratch.drain(..) {
             self.read_done(c);
         }
         self.scratch = scratch;
-        // Clear the wakeup before draining so a post racing with us re-arms it.
-        self.mailbox.clear();
         self.mailbox.take(done);
         done.extend(self.local.drain(..));
-        if !self.cmds.is_empty() || !self.local.is_empty() {
-            self.mailbox.wake();
+        // The wakeup stays armed while anything happens (no eventfd syscalls while busy); a poll
+        // that finds nothing in flight and nothing done clears it, then a completion posted
+        // meanwhile re-arms it.
+        let nv_busy = self.nv.as_ref().is_some_and(|nv| !nv.pending.is_empty());
+        if self.cmds.is_empty() && !nv_busy && done.len() == before {
+            self.mailbox.clear();
+            if self.mailbox.has_posts() {
+                self.mailbox.wake();
+            }
         }
         done.len() - before
     }

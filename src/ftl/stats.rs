@@ -38,6 +38,10 @@ pub struct Stats {
     pub restore_tail_bands: AtomicU64,
     /// Bands the last (dirty) restore read block by block (OOB).
     pub restore_oob_bands: AtomicU64,
+    /// Blocks replayed from the nv-cache at the last start.
+    pub nv_replayed_blocks: AtomicU64,
+    /// Records written to the nv-cache.
+    pub nv_records: AtomicU64,
 }
 
 impl Stats {
@@ -74,6 +78,13 @@ impl Stats {
             "retired_chunks": g(&self.retired_chunks),
             "restore_tail_bands": g(&self.restore_tail_bands),
             "restore_oob_bands": g(&self.restore_oob_bands),
+            "nv_cache": core.nv.as_ref().map(|r| json!({
+                "records_written": g(&self.nv_records),
+                "replayed_blocks": g(&self.nv_replayed_blocks),
+                "ring_used_blocks": r.used(),
+                "ring_blocks": r.ring_units,
+                "pending_records": r.pending.len(),
+            })),
             "current_limit": core.level.map(|i| LIMIT_NAMES[i]),
             "limits": thresholds,
             "buffered_blocks": core.wbuf.tail - core.wbuf.head,

@@ -6,14 +6,21 @@
 //! ```
 //!
 //! # Design
-//! Writers append under the core lock and are acknowledged at once; the L2P points at the entry
-//! number, so a read that finds `Cache(n)` copies slot `n % slots` while `head <= n < tail`. The core
-//! thread takes entries from `taken` in order, writes them, and retires them from `head`. An entry
-//! overwritten while buffered is marked dead and is never written. Entry numbers never repeat, so a
-//! stale `Cache(n)` is always recognised.
+//! The ring's bookkeeping (entries, counters) lives under the core lock; the 4 KiB slots live
+//! beside it in [`Slots`], one small mutex each, so data is copied *outside* the core lock. A writer
+//! *reserves* entries under the lock (not ready), copies its data into their slots without it, then
+//! re-locks to mark them ready and point the L2P at them (acknowledged at once). The L2P points at the
+//! entry number, so a read that finds `Cache(n)` copies slot `n % slots` while `head <= n < tail`.
+//! The core thread takes entries from `taken` in order, never past one that is not ready yet, copies
+//! their slots into a media command outside the lock (a taken slot is not reused before it is
+//! retired), writes them, and retires them from `head`. An entry overwritten while buffered is marked
+//! dead and is never written. Entry numbers never repeat, so a stale `Cache(n)` is always recognised.
 //!
 //! # Limitations
-//! One ring for all channels (writes are copied under the core lock: a memcpy, never media I/O).
+//! One ring for all channels: reserving and publishing entries is serialised by the core lock
+//! (bookkeeping only; no memcpy, no media I/O).
+
+use std::sync::{Mutex, MutexGuard};
 
 use super::layout::BLOCK_BYTES;
 
@@ -35,12 +42,29 @@ pub struct Entry {
     pub origin: Origin,
     /// False once overwritten or unmapped while buffered.
     pub live: bool,
+    /// The slot holds the data (false between a writer's reservation and its publication).
+    pub ready: bool,
+}
+
+/// The data slots of the ring, each behind its own mutex (copies happen outside the core lock).
+pub struct Slots(Vec<Mutex<Box<[u8]>>>);
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots((0..n).map(|_| Mutex::new(vec![0u8; BLOCK_BYTES].into_boxed_slice())).collect())
+    }
+
+    /// The slot of entry `n`.
+    pub fn at(&self, n: u64) -> MutexGuard<'_, Box<[u8]>> {
+        let s = (n % self.0.len() as u64) as usize;
+        self.0[s].lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The ring.
 pub struct WriteBuffer {
     slots: usize,
-    data: Vec<u8>,
+    data: std::sync::Arc<Slots>,
     entries: Vec<Entry>,
     /// Oldest entry still held.
     pub head: u64,
@@ -57,8 +81,8 @@ impl WriteBuffer {
     pub fn new(slots: usize) -> Self {
         WriteBuffer {
             slots,
-            data: vec![0u8; slots * BLOCK_BYTES],
-            entries: vec![Entry { lba: 0, origin: Origin::User, live: false }; slots],
+            data: std::sync::Arc::new(Slots::new(slots)),
+            entries: vec![Entry { lba: 0, origin: Origin::User, live: false, ready: false }; slots],
             head: 0,
             taken: 0,
             tail: 0,
@@ -90,12 +114,25 @@ impl WriteBuffer {
         (n % self.slots as u64) as usize
     }
 
+    /// The data slots (shared with the channels, which copy into them without the core lock).
+    pub fn data(&self) -> &std::sync::Arc<Slots> {
+        &self.data
+    }
+
     /// Appends a block (caller checked `free() > 0`); `fill` writes its 4 KiB. Returns its number.
     pub fn push(&mut self, lba: u64, origin: Origin, fill: impl FnOnce(&mut [u8])) -> u64 {
+        let n = self.reserve(lba, origin);
+        fill(&mut self.data.at(n));
+        self.set_ready(n);
+        n
+    }
+
+    /// Reserves an entry whose data the caller copies into `data().at(n)` and then publishes with
+    /// [`WriteBuffer::set_ready`] (caller checked `free() > 0`). Returns its number.
+    pub fn reserve(&mut self, lba: u64, origin: Origin) -> u64 {
         let n = self.tail;
         let s = self.slot(n);
-        fill(&mut self.data[s * BLOCK_BYTES..(s + 1) * BLOCK_BYTES]);
-        self.entries[s] = Entry { lba, origin, live: true };
+        self.entries[s] = Entry { lba, origin, live: true, ready: false };
         if origin == Origin::User {
             self.user += 1;
         }
@@ -103,13 +140,20 @@ impl WriteBuffer {
         n
     }
 
-    /// The entry `n` and its data, if still held.
-    pub fn get(&self, n: u64) -> Option<(&Entry, &[u8])> {
+    /// Marks a reserved entry's data as written.
+    pub fn set_ready(&mut self, n: u64) {
+        if n >= self.head && n < self.tail {
+            let s = self.slot(n);
+            self.entries[s].ready = true;
+        }
+    }
+
+    /// The entry `n`, if still held.
+    pub fn get(&self, n: u64) -> Option<&Entry> {
         if n < self.head || n >= self.tail {
             return None;
         }
-        let s = self.slot(n);
-        Some((&self.entries[s], &self.data[s * BLOCK_BYTES..(s + 1) * BLOCK_BYTES]))
+        Some(&self.entries[self.slot(n)])
     }
 
     /// Marks entry `n` dead (overwritten or unmapped); returns its origin if it was live.
@@ -145,9 +189,9 @@ mod tests {
         let a = w.push(10, Origin::User, |b| b.fill(1));
         let b = w.push(11, Origin::Reloc(3), |b| b.fill(2));
         assert_eq!((a, b, w.free(), w.user), (0, 1, 2, 1));
-        assert_eq!(w.get(1).map(|(e, d)| (e.lba, d[0])), Some((11, 2)));
+        assert_eq!(w.get(1).map(|e| (e.lba, w.data().at(1)[0])), Some((11, 2)));
         w.kill(0);
-        assert!(!w.get(0).expect("held").0.live);
+        assert!(!w.get(0).expect("held").live);
         w.taken = 2;
         w.retire_to(2);
         assert!(w.get(0).is_none() && w.is_empty());
@@ -156,6 +200,13 @@ mod tests {
             w.push(i, Origin::User, |_| {});
         }
         assert_eq!(w.free(), 0);
-        assert_eq!(w.get(5).map(|e| e.0.lba), Some(3));
+        assert_eq!(w.get(5).map(|e| e.lba), Some(3));
+        w.taken = w.tail;
+        w.retire_to(w.tail);
+        let r = w.reserve(9, Origin::User);
+        assert!(w.get(r).is_some_and(|e| e.live && !e.ready));
+        w.data().at(r).fill(7);
+        w.set_ready(r);
+        assert!(w.get(r).is_some_and(|e| e.ready) && w.data().at(r)[0] == 7);
     }
 }

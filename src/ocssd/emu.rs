@@ -25,6 +25,14 @@
 //! * **Persistence.** Data and OOB go to the image before the chunk record (state, write
 //!   pointer, erase count, crc32c) is rewritten. `Op::Flush` is `fdatasync`. The image is
 //!   locked (`flock`) while open, so two daemons cannot share it.
+//! * **Reads from a mapping.** The image is also mapped read-only (`MAP_SHARED`), and reads
+//!   copy from the mapping straight into the command's buffers (for the FTL: guest memory), so
+//!   a read costs one `memcpy` and no system call. Writes stay positioned `pwrite`s: a write
+//!   into a hole of a sparse image on a full file system then fails with an error status
+//!   (`ENOSPC`) instead of a `SIGBUS`, and every media rule (write pointer, states, faults,
+//!   persistence order, flush = `fdatasync`) is checked exactly as before. Mapping and file
+//!   share the page cache, so a read sees every completed write. When the mapping cannot be
+//!   made, reads fall back to `pread`.
 //!
 //! Media rules (SPEC §3), checked per run in this order, as QEMU's OCSSD controller does:
 //! offline chunk → 0xC0; closed chunk → write fault; beyond the chunk → write fault;
@@ -35,6 +43,8 @@
 //! reaches `clba`; it goes offline when its erase count reaches `pe_cycles`.
 //!
 //! # Limitations
+//! Truncating the image file under a running daemon (the image is `flock`ed against other
+//! vblkd processes, not against other programs) makes a read of the lost range fault.
 //! `maxoc`/`maxocpu` are reported as 0 (no open-chunk limit) and not enforced; there is no
 //! write cache, so `mw_cunits` is reported but every block below the write pointer is
 //! readable; the chunk notification log keeps the last 1024 entries in memory only.
@@ -49,6 +59,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -139,9 +150,65 @@ struct Notifications {
     log: VecDeque<ChunkNotification>,
 }
 
+/// A read-only shared mapping of the whole image.
+struct ImageMap {
+    ptr: NonNull<u8>,
+    len_bytes: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; it is only read, through raw
+// pointer copies (never Rust references), so moving or sharing the handle between threads is sound.
+unsafe impl Send for ImageMap {}
+// SAFETY: as above: concurrent raw reads of a shared mapping race with nothing Rust can observe.
+unsafe impl Sync for ImageMap {}
+
+impl ImageMap {
+    /// Maps `len_bytes` of `file` read-only; `None` if the kernel refuses.
+    fn new(file: &File, len_bytes: u64) -> Option<Self> {
+        let len_bytes = usize::try_from(len_bytes).ok().filter(|l| *l > 0)?;
+        // SAFETY: a fresh shared read-only mapping of an open fd; the kernel picks the address,
+        // and the result is checked for MAP_FAILED before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        Some(ImageMap { ptr: NonNull::new(p.cast())?, len_bytes })
+    }
+
+    /// Copies `dst.len()` bytes from image offset `off`; false when the range is outside.
+    fn read(&self, dst: &mut [u8], off: u64) -> bool {
+        let Some(start) = usize::try_from(off).ok() else { return false };
+        if !start.checked_add(dst.len()).is_some_and(|end| end <= self.len_bytes) {
+            return false;
+        }
+        // SAFETY: `start..start+len` lies inside the mapping (checked above), which lives as
+        // long as `self`; `dst` is an exclusive borrow of other memory, so they cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(start), dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+}
+
+impl Drop for ImageMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len_bytes` are exactly what mmap returned; nothing uses them afterwards.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len_bytes) };
+    }
+}
+
 struct Inner {
     path: String,
     file: File,
+    /// Read-only mapping of the image (reads copy from it); `None`: reads use `pread`.
+    map: Option<ImageMap>,
     geometry: EmuGeometry,
     layout: Layout,
     info: MediaInfo,
@@ -389,9 +456,11 @@ impl EmuDevice {
                 })
             })
             .collect();
+        let map = ImageMap::new(&l.file, l.layout.image_bytes);
         Ok(EmuDevice {
             inner: Arc::new(Inner {
                 path: path.display().to_string(),
+                map,
                 file: l.file,
                 geometry: l.geometry,
                 layout: l.layout,
@@ -487,6 +556,14 @@ fn note(status: &mut Status, s: Status) {
 }
 
 impl Inner {
+    /// Reads image bytes at `off`: from the mapping when there is one, else `pread`.
+    fn read_at(&self, dst: &mut [u8], off: u64) -> std::io::Result<()> {
+        match &self.map {
+            Some(m) if m.read(dst, off) => Ok(()),
+            _ => self.file.read_exact_at(dst, off),
+        }
+    }
+
     /// `fdatasync` of the image, counted in `data_syncs` when it succeeds.
     fn sync_image(&self) -> std::io::Result<()> {
         self.file.sync_data()?;
@@ -831,13 +908,13 @@ impl Inner {
                 let k = readable as usize;
                 let mut off = self.data_offset(idx, start);
                 let r = data.try_for_each_piece_mut(i * bs, k * bs, |piece| {
-                    self.file.read_exact_at(piece, off)?;
+                    self.read_at(piece, off)?;
                     off += piece.len() as u64;
                     Ok::<(), std::io::Error>(())
                 });
                 let oob_ok = match oob.as_deref_mut() {
                     Some(o) => match o.as_mut_slice().get_mut(i * ob..(i + k) * ob) {
-                        Some(dst) => self.file.read_exact_at(dst, self.oob_offset(idx, start)).is_ok(),
+                        Some(dst) => self.read_at(dst, self.oob_offset(idx, start)).is_ok(),
                         None => false,
                     },
                     None => true,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod frontdoor;
 pub mod inflight;
+pub mod pin;
 pub mod poller;
 pub mod ratelimit;
 pub mod request;

@@ -35,7 +35,7 @@
 
 use crate::tagmap::TagMap;
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
@@ -74,10 +74,9 @@ pub struct PollCtx<'a> {
     pub poll: Duration,
     /// This worker's epoll fd (for registering the channel's completion fd).
     pub epoll_fd: Option<RawFd>,
-    /// Epoll data value for completion events.
-    pub completion_event: u64,
-    /// This worker's queue index.
-    pub queue: u16,
+    /// Epoll data value of queue 0's completion events (queue `q` uses this + `q`; all are above
+    /// `num_queues`, which vhost-user-backend reserves).
+    pub completion_event_base: u64,
     /// The in-flight table (INFLIGHT_SHMFD), when the frontend set one up.
     pub inflight: Option<Arc<InflightRegion>>,
 }
@@ -91,7 +90,7 @@ struct InFlight {
 
 /// What identifies one set-up of a vring (a change means the frontend re-initialised it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RingKey {
+pub struct RingKey {
     desc: u64,
     avail: u64,
     used: u64,
@@ -155,9 +154,22 @@ pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError>
     Ok(ahead)
 }
 
+/// Why an idle queue keeps its poller awake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Nothing: the queue can sleep on its kick and completion fds.
+    No,
+    /// Completions will come without an fd to wake us: keep polling (politely).
+    Poll,
+    /// QoS parked requests until this instant.
+    Until(Instant),
+}
+
 /// The state of one queue's poller.
 #[derive(Default)]
 pub struct Worker {
+    /// Guest notifications are off (we are polling this ring).
+    quiet: bool,
     channel: Option<Channel>,
     channel_failed: bool,
     invalid_logged: bool,
@@ -179,6 +191,73 @@ pub struct Worker {
     inflight: TagMap<InFlight>,
     next_tag: u64,
     done: Vec<Completion>,
+}
+
+fn lock_worker(m: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One poller thread's loop over the queues of its group (`poll-threads`): `group[j]` is the queue
+/// index of `vrings[j]`, `workers` is indexed by queue. Each pass gives every queue one turn (at most
+/// a ring's worth of chains, then its completions), each under its own worker mutex, so `stop_vring`
+/// can drain a queue between passes. While any queue makes progress the thread keeps polling them
+/// all; after `poll` without progress it re-arms every queue's notifications and returns, to sleep in
+/// vhost-user-backend's epoll on the kick and completion fds of the whole group.
+///
+/// The clock is read only when a pass made no progress (to time the idle period), never per request.
+pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[Mutex<Worker>], mem: &Gm) {
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let mut progress = false;
+        for (&q, vring) in group.iter().zip(vrings) {
+            let Some(w) = workers.get(usize::from(q)) else { continue };
+            let mut w = lock_worker(w);
+            if let Some(key) = w.prepare(ctx, q, vring, mem) {
+                progress |= w.pass(ctx, vring, mem, key);
+            }
+        }
+        if progress {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < ctx.poll {
+            std::hint::spin_loop();
+            continue;
+        }
+        let mut hold = Hold::No;
+        for &q in group {
+            if let Some(w) = workers.get(usize::from(q)) {
+                hold = match (hold, lock_worker(w).hold()) {
+                    (Hold::Poll, _) | (_, Hold::Poll) => Hold::Poll,
+                    (Hold::Until(a), Hold::Until(b)) => Hold::Until(a.min(b)),
+                    (Hold::Until(a), Hold::No) | (Hold::No, Hold::Until(a)) => Hold::Until(a),
+                    (Hold::No, Hold::No) => Hold::No,
+                };
+            }
+        }
+        match hold {
+            Hold::Poll => {
+                std::thread::yield_now();
+                continue;
+            }
+            Hold::Until(at) => {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                continue;
+            }
+            Hold::No => {}
+        }
+        let mut again = false;
+        for (&q, vring) in group.iter().zip(vrings) {
+            if let Some(w) = workers.get(usize::from(q)) {
+                again |= lock_worker(w).rearm(vring);
+            }
+        }
+        if !again {
+            return;
+        }
+        idle_since = None;
+    }
 }
 
 fn io_status(r: Result<(), IoError>) -> u8 {
@@ -211,8 +290,10 @@ impl Worker {
         match ctx.desc.channel() {
             Ok(ch) => {
                 if let (Some(fd), Some(epfd)) = (ch.wait_fd(), ctx.epoll_fd) {
-                    let mut ev =
-                        libc::epoll_event { events: libc::EPOLLIN as u32, u64: ctx.completion_event };
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: ctx.completion_event_base + u64::from(self.queue),
+                    };
                     // SAFETY: plain epoll_ctl on fds we own for the connection's lifetime; `ev` is a
                     // valid, initialised epoll_event.
                     let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
@@ -234,31 +315,39 @@ impl Worker {
         self.broken.is_some()
     }
 
-    fn ring_key(vring: &Vring) -> RingKey {
+    fn ring_key(vring: &Vring) -> (RingKey, bool) {
         let g = vring.get_ref();
         let q = g.get_queue();
-        RingKey {
+        let key = RingKey {
             desc: q.desc_table(),
             avail: q.avail_ring(),
             used: q.used_ring(),
             size: q.size(),
             ready: q.ready(),
-        }
+        };
+        (key, g.is_enabled())
     }
 
-    /// Processes the queue: busy-polls while there is work, then re-arms notifications and returns.
-    pub fn run(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm) {
+    /// Gets the queue ready for a pass: checks the ring set-up (broken, not ready, not valid for the
+    /// current memory), takes up an in-flight table at a ring start, opens the channel and turns guest
+    /// notifications off. `None` when the queue must not be processed now (quietly for a ring that is
+    /// not started or not enabled: a group poller looks at every queue of its group on every pass).
+    pub fn prepare(&mut self, ctx: &PollCtx<'_>, queue: u16, vring: &Vring, mem: &Gm) -> Option<RingKey> {
+        let (key, enabled) = Self::ring_key(vring);
+        if !key.ready || !enabled {
+            return None;
+        }
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        self.log.flush("virtqueue");
-        let key = Self::ring_key(vring);
         if let Some(b) = self.broken {
-            if b == key {
-                return;
+            if b != key {
+                // Re-initialised with another set-up: start afresh.
+                self.broken = None;
+            } else if !self.busy() {
+                // Nothing more is taken from this ring and nothing is left to reap.
+                return None;
             }
-            // Re-initialised with another set-up: start afresh.
-            self.broken = None;
         }
         // A ring that does not fit in guest memory (or whose size the frontend set to an invalid
         // value, which virtio-queue ignores) is not processed at all. `is_valid` logs on every call,
@@ -277,63 +366,72 @@ impl Worker {
                 error!("virtqueue is not valid for the current guest memory; ignoring it");
                 self.invalid_logged = true;
             }
-            return;
+            return None;
         }
         self.invalid_logged = false;
         if !self.started {
             self.started = true;
-            self.queue = ctx.queue;
+            self.queue = queue;
             self.region = ctx.inflight.clone();
             if let Some(r) = self.region.clone() {
                 self.recover(&r, vring, mem);
             }
         }
         self.ensure_channel(ctx);
-        let mut idle_since = Instant::now();
-        if let Err(e) = vring.disable_notification() {
-            warn!("disable_notification: {e}");
+        if !self.quiet {
+            if let Err(e) = vring.disable_notification() {
+                warn!("disable_notification: {e}");
+            }
+            self.quiet = true;
         }
-        loop {
-            let snapshot: Arc<GuestMem> = mem.memory().into_inner();
-            let mut progress = self.pop_and_submit(ctx, vring, &snapshot, key);
-            progress |= self.reap(vring, &snapshot);
-            drop(snapshot);
-            if self.broken.is_some() && !self.busy() {
-                // Nothing more will be taken from this ring; in-flight requests were reaped.
-                return;
-            }
-            if progress {
-                idle_since = Instant::now();
-                continue;
-            }
-            if idle_since.elapsed() < ctx.poll {
-                std::hint::spin_loop();
-                continue;
-            }
-            if let Some(at) = self.channel.as_ref().and_then(Channel::parked_until) {
-                // QoS holds requests until the next 1 ms slice: nothing signals that, so nap until then.
-                std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                continue;
-            }
-            let outstanding = self.channel.as_ref().map_or(0, Channel::outstanding);
-            if outstanding > 0 && self.channel.as_ref().and_then(Channel::wait_fd).is_none() {
-                // Nobody will wake us for these completions: keep polling, politely.
-                std::thread::yield_now();
-                continue;
-            }
-            match vring.enable_notification() {
-                Ok(true) => {
-                    // New chains arrived while re-arming.
-                    if let Err(e) = vring.disable_notification() {
-                        warn!("disable_notification: {e}");
-                    }
-                    continue;
+        Some(key)
+    }
+
+    /// One pass over a prepared queue: pops at most one ring's worth of chains (so a queue never
+    /// starves the others of its group), submits them, reaps completions. True on progress.
+    pub fn pass(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm, key: RingKey) -> bool {
+        self.log.flush("virtqueue");
+        let snapshot: Arc<GuestMem> = mem.memory().into_inner();
+        let mut progress = self.pop_and_submit(ctx, vring, &snapshot, key);
+        progress |= self.reap(vring, &snapshot);
+        progress
+    }
+
+    /// Why an idle queue cannot sleep on its fds yet.
+    pub fn hold(&self) -> Hold {
+        if let Some(at) = self.channel.as_ref().and_then(Channel::parked_until) {
+            // QoS holds requests until the next 1 ms slice: nothing signals that.
+            return Hold::Until(at);
+        }
+        let outstanding = self.channel.as_ref().map_or(0, Channel::outstanding);
+        if outstanding > 0 && self.channel.as_ref().and_then(Channel::wait_fd).is_none() {
+            // Nobody will wake us for these completions.
+            return Hold::Poll;
+        }
+        Hold::No
+    }
+
+    /// Turns guest notifications back on before sleeping; true when chains arrived meanwhile
+    /// (notifications are then off again and the caller keeps polling).
+    pub fn rearm(&mut self, vring: &Vring) -> bool {
+        if !self.quiet {
+            return false;
+        }
+        match vring.enable_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.disable_notification() {
+                    warn!("disable_notification: {e}");
                 }
-                Ok(false) => return,
-                Err(e) => {
-                    warn!("enable_notification: {e}");
-                    return;
-                }
+                true
+            }
+            Ok(false) => {
+                self.quiet = false;
+                false
+            }
+            Err(e) => {
+                warn!("enable_notification: {e}");
+                self.quiet = false;
+                false
             }
         }
     }
@@ -416,8 +514,11 @@ impl Worker {
             let parsed = Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
             used |= self.start_or_refuse(ctx, vring, mem, keep, inf, parsed, "bad resubmitted request");
         }
-        // One chain at a time: each head is checked just before it is popped.
-        while self.pending(vring, mem, key) > 0 {
+        // One chain at a time: each head is checked just before it is popped. At most one ring's
+        // worth per pass, so a guest that keeps adding cannot hold the thread's other queues back.
+        let mut budget = key.size;
+        while budget > 0 && self.pending(vring, mem, key) > 0 {
+            budget -= 1;
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
             let Some(chain) = chain else {
                 self.mark_broken(key, RingError::Unreadable);
@@ -633,6 +734,7 @@ impl Worker {
     /// starts afresh: a broken mark is cleared.
     pub fn drain(&mut self, mem: &Gm) {
         self.broken = None;
+        self.quiet = false;
         self.checked = None;
         self.started = false;
         let Some(vring) = self.vring.clone() else { return };

@@ -47,7 +47,8 @@
 
 use std::collections::VecDeque;
 
-use crate::tagmap::TagMap;
+use slab::Slab;
+use smallvec::SmallVec;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -126,11 +127,17 @@ pub struct Channel {
     nomem_threshold: usize,
     /// Children handed to the module and not yet completed.
     in_module: usize,
-    parents: TagMap<Parent>,
-    /// Child internal tag → parent id.
-    children: TagMap<u64>,
-    next_id: u64,
+    /// Parents in flight, indexed by parent id (a slab: no hashing, no allocation once warm).
+    parents: Slab<Parent>,
+    /// Children in flight: slot → (parent id, full tag). A child's tag is its slot in the low 32 bits
+    /// and a generation in the high bits, so a stale or repeated completion is recognised.
+    children: Slab<(usize, u64)>,
+    next_gen: u64,
     scratch: Vec<Completion>,
+    /// Submission time of the current batch ([`Channel::set_batch_time`]); `None`: read the clock.
+    batch_now: Option<Instant>,
+    /// Completion time of the completions being processed by `poll` (one clock read per poll).
+    done_now: Option<Instant>,
     control: Arc<BdevControl>,
     /// Parents held back by QoS, in submission order.
     parked: VecDeque<BdevIo>,
@@ -160,16 +167,33 @@ impl Channel {
             queue: VecDeque::new(),
             nomem_threshold: 0,
             in_module: 0,
-            parents: TagMap::default(),
-            children: TagMap::default(),
-            next_id: 0,
+            parents: Slab::new(),
+            children: Slab::new(),
+            next_gen: 0,
             scratch: Vec::new(),
+            batch_now: None,
+            done_now: None,
         }
     }
 
-    fn new_id(&mut self) -> u64 {
-        self.next_id = self.next_id.wrapping_add(1);
-        self.next_id
+    /// A new child of parent `id`; returns its tag.
+    fn new_child(&mut self, id: usize) -> u64 {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let entry = self.children.vacant_entry();
+        let tag = (self.next_gen << 32) | (entry.key() as u64 & 0xffff_ffff);
+        entry.insert((id, tag));
+        tag
+    }
+
+    /// Stamps the parents submitted from now on with `now` as their start time, until the next call
+    /// (a poller calls it once per batch: one clock read per batch instead of one per request).
+    /// Without it every parent reads the clock itself.
+    pub fn set_batch_time(&mut self, now: Instant) {
+        self.batch_now = Some(now);
+    }
+
+    fn start_time(&self) -> Instant {
+        self.batch_now.unwrap_or_else(Instant::now)
     }
 
     /// Submits an I/O. Never blocks and never completes inline: the outcome comes from `poll`.
@@ -231,28 +255,26 @@ impl Channel {
         self.control.frozen.store(true, Ordering::Release);
         self.control.reset_epoch.fetch_add(1, Ordering::AcqRel);
         self.catch_up_reset();
-        let id = self.new_id();
         let parent = Parent {
             tag: io.tag,
             kind: IoKind::Reset,
             bytes: 0,
-            start: Instant::now(),
+            start: self.start_time(),
             pending: 0,
             error: None,
             copy_out: None,
             wz_next: 0,
             wz_end: 0,
         };
-        self.parents.insert(id, parent);
+        let id = self.parents.insert(parent);
         if !self.bdev.info().supports.reset {
             self.finish(id);
             return;
         }
-        if let Some(p) = self.parents.get_mut(&id) {
+        if let Some(p) = self.parents.get_mut(id) {
             p.pending = 1;
         }
-        let child = BdevIo { tag: self.new_id(), ..io };
-        self.children.insert(child.tag, id);
+        let child = BdevIo { tag: self.new_child(id), ..io };
         // Straight to the module: the NOMEM queue was just emptied by the abort.
         self.try_module(child);
     }
@@ -262,19 +284,19 @@ impl Channel {
         let bdev = self.bdev.clone();
         let info = bdev.info();
         let bs = u64::from(info.block_size);
-        let id = self.new_id();
         let mut parent = Parent {
             tag: io.tag,
             kind: io.kind,
             bytes: if matches!(io.kind, IoKind::Flush | IoKind::Reset) { 0 } else { io.num_blocks * bs },
-            start: Instant::now(),
+            start: self.start_time(),
             pending: 0,
             error: None,
             copy_out: None,
             wz_next: 0,
             wz_end: 0,
         };
-        let mut children: Vec<BdevIo> = Vec::new();
+        // Inline for the common unsplit I/O: no allocation.
+        let mut children: SmallVec<[BdevIo; 1]> = SmallVec::new();
         match io.kind {
             IoKind::Read | IoKind::Write if io.num_blocks > 0 => {
                 let mut bufs = io.bufs;
@@ -338,7 +360,7 @@ impl Channel {
         }
         parent.pending = children.len();
         let emulate = parent.wz_next < parent.wz_end;
-        self.parents.insert(id, parent);
+        let id = self.parents.insert(parent);
         if emulate {
             self.issue_wz_step(id);
             return;
@@ -348,24 +370,22 @@ impl Channel {
             return;
         }
         for mut child in children {
-            child.tag = self.new_id();
-            self.children.insert(child.tag, id);
+            child.tag = self.new_child(id);
             self.dispatch(child);
         }
     }
 
     /// Issues the next emulated write_zeroes child of parent `id`.
-    fn issue_wz_step(&mut self, id: u64) {
+    fn issue_wz_step(&mut self, id: usize) {
         let bdev = self.bdev.clone();
         let info = bdev.info();
         let bs = u64::from(info.block_size);
-        let ctag = self.new_id();
-        let Some(p) = self.parents.get_mut(&id) else { return };
+        let Some(p) = self.parents.get_mut(id) else { return };
         let off = p.wz_next;
         let n = next_len(info, off, p.wz_end - off).min(ZERO_BUF_BYTES as u64 / bs);
         p.wz_next += n;
         p.pending = 1;
-        self.children.insert(ctag, id);
+        let ctag = self.new_child(id);
         let bufs = IoVecs::from_aligned(zero_buf()).slice(0, n * bs).expect("within the zero buffer");
         self.dispatch(BdevIo::write(off, n, bufs, ctag));
     }
@@ -412,11 +432,18 @@ impl Channel {
     }
 
     fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
-        let Some(id) = self.children.remove(&ctag) else {
-            log::warn!("bdev '{}': completion for unknown tag {ctag}", self.bdev.info().name);
-            return;
+        let slot = (ctag & 0xffff_ffff) as usize;
+        let id = match self.children.get(slot) {
+            Some(&(id, tag)) if tag == ctag => {
+                self.children.remove(slot);
+                id
+            }
+            _ => {
+                log::warn!("bdev '{}': completion for unknown tag {ctag}", self.bdev.info().name);
+                return;
+            }
         };
-        let Some(p) = self.parents.get_mut(&id) else { return };
+        let Some(p) = self.parents.get_mut(id) else { return };
         if let Err(e) = result {
             p.error.get_or_insert(e);
         }
@@ -431,8 +458,8 @@ impl Channel {
         }
     }
 
-    fn finish(&mut self, id: u64) {
-        let Some(p) = self.parents.remove(&id) else { return };
+    fn finish(&mut self, id: usize) {
+        let Some(p) = self.parents.try_remove(id) else { return };
         if p.kind == IoKind::Reset {
             self.control.frozen.store(false, Ordering::Release);
         }
@@ -445,7 +472,8 @@ impl Channel {
             // SAFETY: `tmp` is our contiguous bounce buffer of the same length, distinct from `orig`.
             unsafe { orig.copy_from_raw(0, src, tmp.len_bytes() as usize) };
         }
-        let latency_ns = u64::try_from(p.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let end = self.done_now.unwrap_or_else(Instant::now);
+        let latency_ns = u64::try_from(end.saturating_duration_since(p.start).as_nanos()).unwrap_or(u64::MAX);
         self.record(Sample { kind: p.kind, bytes: p.bytes, latency_ns, ok: result.is_ok() });
         self.local_done.push_back(Completion { tag: p.tag, result });
     }
@@ -488,9 +516,17 @@ impl Channel {
         let mut scratch = std::mem::take(&mut self.scratch);
         self.module.poll(&mut scratch);
         self.in_module = self.in_module.saturating_sub(scratch.len());
+        // One clock read for the whole completion batch.
+        self.done_now = if scratch.is_empty() { None } else { Some(Instant::now()) };
         for c in scratch.drain(..) {
             self.child_done(c.tag, c.result);
         }
+        if let (Some(t), Some(_)) = (self.done_now, self.batch_now) {
+            // A batch-clocked owner submits from here until its next batch (e.g. a flush after a
+            // write): those start now.
+            self.batch_now = Some(t);
+        }
+        self.done_now = None;
         self.scratch = scratch;
         self.catch_up_reset();
         self.retry_queue();

@@ -33,7 +33,7 @@
 //! * A bdev channel without a `wait_fd` that has I/O outstanding keeps the worker polling
 //!   (yielding the CPU between polls) until that I/O completes.
 
-use crate::tagmap::TagMap;
+use slab::Slab;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -82,6 +82,8 @@ pub struct PollCtx<'a> {
 }
 
 struct InFlight {
+    /// The full tag handed to the channel: slab slot in the low 32 bits, a generation above.
+    tag: u64,
     head: u16,
     status_addr: GuestAddress,
     used_len: u32,
@@ -188,8 +190,11 @@ pub struct Worker {
     /// Heads to resubmit (recovered from the in-flight table), in order.
     resubmit: std::collections::VecDeque<u16>,
     vring: Option<Vring>,
-    inflight: TagMap<InFlight>,
-    next_tag: u64,
+    /// In-flight requests, indexed by the low 32 bits of their tag (no hashing; no allocation once warm).
+    inflight: Slab<InFlight>,
+    next_gen: u64,
+    /// The channel's batch clock was set during this pass.
+    stamped: bool,
     done: Vec<Completion>,
 }
 
@@ -503,6 +508,7 @@ impl Worker {
     ) -> bool {
         let mut any = false;
         let mut used = false;
+        self.stamped = false;
         let keep = mem;
         let inf = self.region.clone();
         let inf = inf.as_deref().map(|r| (r, self.queue));
@@ -632,12 +638,26 @@ impl Worker {
         let Some(ch) = self.channel.as_mut() else {
             return immediate(ioerr, 1);
         };
-        let tag = self.next_tag;
-        self.next_tag = self.next_tag.wrapping_add(1);
-        self.inflight
-            .insert(tag, InFlight { head: req.head, status_addr: req.status_addr, used_len, flush_after });
+        if !self.stamped {
+            // One clock read per batch: every request submitted in this pass starts now.
+            ch.set_batch_time(Instant::now());
+            self.stamped = true;
+        }
+        let tag = Self::track(
+            &mut self.inflight,
+            &mut self.next_gen,
+            InFlight { tag: 0, head: req.head, status_addr: req.status_addr, used_len, flush_after },
+        );
         ch.submit(BdevIo { tag, ..io });
         false
+    }
+
+    /// Records an in-flight request; returns its tag.
+    fn track(inflight: &mut Slab<InFlight>, next_gen: &mut u64, mut f: InFlight) -> u64 {
+        *next_gen = next_gen.wrapping_add(1);
+        let entry = inflight.vacant_entry();
+        f.tag = (*next_gen << 32) | (entry.key() as u64 & 0xffff_ffff);
+        entry.insert(f).tag
     }
 
     /// Polls the channel and completes what finished. Returns true when anything completed.
@@ -649,15 +669,18 @@ impl Worker {
         if ch.poll(&mut self.done) == 0 {
             return false;
         }
-        for c in std::mem::take(&mut self.done) {
-            let Some(f) = self.inflight.remove(&c.tag) else {
-                warn!("completion for unknown tag {}", c.tag);
-                continue;
+        for c in self.done.drain(..) {
+            let slot = (c.tag & 0xffff_ffff) as usize;
+            let f = match self.inflight.get(slot) {
+                Some(f) if f.tag == c.tag => self.inflight.remove(slot),
+                _ => {
+                    warn!("completion for unknown tag {}", c.tag);
+                    continue;
+                }
             };
             if f.flush_after && c.result.is_ok() {
-                let tag = self.next_tag;
-                self.next_tag = self.next_tag.wrapping_add(1);
-                self.inflight.insert(tag, InFlight { flush_after: false, ..f });
+                let tag =
+                    Self::track(&mut self.inflight, &mut self.next_gen, InFlight { flush_after: false, ..f });
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, tag));
                 continue;
             }

@@ -101,7 +101,8 @@ struct Parent {
     pending: usize,
     error: Option<IoError>,
     /// Read bounce: (caller's memory, bounce buffer), copied out at successful completion.
-    copy_out: Option<(IoVecs, IoVecs)>,
+    /// Boxed: only bounced reads have one, and it would triple the size of every parent record.
+    copy_out: Option<Box<(IoVecs, IoVecs)>>,
     /// write_zeroes emulation: next block to zero and the end of the range.
     wz_next: u64,
     wz_end: u64,
@@ -295,7 +296,20 @@ impl Channel {
             wz_next: 0,
             wz_end: 0,
         };
-        // Inline for the common unsplit I/O: no allocation.
+        // The common case first: a read or write that needs no bounce and no split goes to the module
+        // as the only child, without being moved through the children list.
+        if matches!(io.kind, IoKind::Read | IoKind::Write)
+            && io.num_blocks > 0
+            && (info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
+            && next_len(info, io.offset_blocks, io.num_blocks) == io.num_blocks
+        {
+            parent.pending = 1;
+            let id = self.parents.insert(parent);
+            let tag = self.new_child(id);
+            self.dispatch(BdevIo { tag, ..io });
+            return;
+        }
+        // Inline for one child: no allocation.
         let mut children: SmallVec<[BdevIo; 1]> = SmallVec::new();
         match io.kind {
             IoKind::Read | IoKind::Write if io.num_blocks > 0 => {
@@ -310,7 +324,7 @@ impl Channel {
                         unsafe { bufs.copy_to_raw(0, dst, len as usize) };
                     } else {
                         let tmp_view = tmp.slice(0, len).expect("whole buffer");
-                        parent.copy_out = Some((bufs, tmp_view));
+                        parent.copy_out = Some(Box::new((bufs, tmp_view)));
                     }
                     bufs = tmp;
                 }
@@ -467,7 +481,7 @@ impl Channel {
             Some(e) => Err(e),
             None => Ok(()),
         };
-        if let (Ok(()), Some((orig, tmp))) = (result, p.copy_out.as_ref()) {
+        if let (Ok(()), Some((orig, tmp))) = (result, p.copy_out.as_deref()) {
             let src = tmp.as_iovecs()[0].iov_base.cast::<u8>();
             // SAFETY: `tmp` is our contiguous bounce buffer of the same length, distinct from `orig`.
             unsafe { orig.copy_from_raw(0, src, tmp.len_bytes() as usize) };

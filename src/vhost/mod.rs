@@ -12,6 +12,7 @@
 pub mod chain;
 pub mod config;
 pub mod device;
+pub mod fastmem;
 pub mod frontdoor;
 pub mod inflight;
 pub mod pin;

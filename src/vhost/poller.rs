@@ -40,13 +40,14 @@ use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use std::sync::atomic::Ordering;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::chain::ChainWalker;
 use super::config::BlkConfig;
+use super::fastmem::RegionCache;
 use super::inflight::InflightRegion;
 use super::ratelimit::RateLimit;
 use super::request::{write_id, BadRequest, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
@@ -133,11 +134,17 @@ pub enum RingError {
 /// at most the queue size ahead, and the next head must lie inside the queue. Used by the poller
 /// before every pop (and fuzzed: `fuzz/`).
 pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError> {
+    Ok(avail_peek(q, mem)?.map_or(0, |(ahead, _)| ahead))
+}
+
+/// [`avail_pending`] with the head index of the next chain: `None` when nothing is pending, else
+/// (chains pending, next head), with the same checks.
+pub fn avail_peek<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<Option<(u16, u16)>, RingError> {
     let size = q.size();
     let next = q.next_avail();
     let avail = q.avail_idx(mem, Ordering::Acquire).map_err(|_| RingError::Unreadable)?.0;
     if avail == next {
-        return Ok(0);
+        return Ok(None);
     }
     let ahead = avail.wrapping_sub(next);
     if ahead > size {
@@ -153,7 +160,7 @@ pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError>
     if head >= size {
         return Err(RingError::HeadOutOfRange { head, size });
     }
-    Ok(ahead)
+    Ok(Some((ahead, head)))
 }
 
 /// Why an idle queue keeps its poller awake.
@@ -443,14 +450,23 @@ impl Worker {
 
     /// Checks the avail ring before anything is popped: returns how many chains may be taken, or marks
     /// the queue broken.
-    fn pending(&mut self, vring: &Vring, mem: &GuestMem, key: RingKey) -> u16 {
+    fn next_head(&mut self, vring: &Vring, mem: &GuestMem, key: RingKey) -> Option<u16> {
         if self.broken.is_some() {
-            return 0;
+            return None;
         }
-        let r = avail_pending(vring.get_ref().get_queue(), mem);
+        let r = avail_peek(vring.get_ref().get_queue(), mem);
         match r {
-            Ok(n) => n,
-            Err(e) => self.mark_broken(key, e),
+            Ok(Some(_)) if key.avail == 0 => {
+                // virtio-queue refuses to pop from a ring at address 0 (not set up): so do we.
+                self.mark_broken(key, RingError::Unreadable);
+                None
+            }
+            Ok(Some((_, head))) => Some(head),
+            Ok(None) => None,
+            Err(e) => {
+                self.mark_broken(key, e);
+                None
+            }
         }
     }
 
@@ -523,19 +539,24 @@ impl Worker {
         // One chain at a time: each head is checked just before it is popped. At most one ring's
         // worth per pass, so a guest that keeps adding cannot hold the thread's other queues back.
         let mut budget = key.size;
-        while budget > 0 && self.pending(vring, mem, key) > 0 {
+        while budget > 0 {
+            let Some(head) = self.next_head(vring, mem, key) else { break };
             budget -= 1;
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-            let Some(chain) = chain else {
-                self.mark_broken(key, RingError::Unreadable);
-                break;
-            };
+            // Popped: the head was read and checked by `next_head`; the chain is walked with the same
+            // rules as virtio-queue's iterator, its descriptors read through a one-region cache.
+            {
+                let mut g = vring.get_mut();
+                let q = g.get_queue_mut();
+                let next = q.next_avail().wrapping_add(1);
+                q.set_next_avail(next);
+            }
             any = true;
             if let Some((r, q)) = inf {
-                r.get(q, chain.head_index(), self.counter);
+                r.get(q, head, self.counter);
                 self.counter = self.counter.wrapping_add(1);
             }
-            let parsed = Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
+            let walker = ChainWalker::new(mem, GuestAddress(key.desc), key.size, head);
+            let parsed = Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
             used |= self.start_or_refuse(ctx, vring, mem, keep, inf, parsed, "bad request");
         }
         if used {
@@ -565,8 +586,8 @@ impl Worker {
                     warn!("{what} (head {}): {}", bad.head, bad.error);
                 }
                 Self::finish(
-                    vring,
-                    mem,
+                    &mut vring.get_mut(),
+                    &mut RegionCache::new(mem),
                     inf,
                     &mut self.log,
                     bad.head,
@@ -593,7 +614,16 @@ impl Worker {
         let inf = region.as_deref().map(|r| (r, self.queue));
         let log = &mut self.log;
         let mut immediate = |status: u8, used_len: u32| {
-            Self::finish(vring, mem, inf, log, req.head, Some(req.status_addr), status, used_len);
+            Self::finish(
+                &mut vring.get_mut(),
+                &mut RegionCache::new(mem),
+                inf,
+                log,
+                req.head,
+                Some(req.status_addr),
+                status,
+                used_len,
+            );
             true
         };
         let ok = VIRTIO_BLK_S_OK as u8;
@@ -669,6 +699,10 @@ impl Worker {
         if ch.poll(&mut self.done) == 0 {
             return false;
         }
+        // The whole batch under one vring lock, status bytes through one region cache; one
+        // notification decision at the end.
+        let mut cache = RegionCache::new(mem);
+        let mut state = vring.get_mut();
         for c in self.done.drain(..) {
             let slot = (c.tag & 0xffff_ffff) as usize;
             let f = match self.inflight.get(slot) {
@@ -685,8 +719,8 @@ impl Worker {
                 continue;
             }
             Self::finish(
-                vring,
-                mem,
+                &mut state,
+                &mut cache,
                 inf,
                 &mut self.log,
                 f.head,
@@ -695,7 +729,7 @@ impl Worker {
                 f.used_len,
             );
         }
-        Self::signal(vring);
+        Self::signal_locked(&mut state);
         true
     }
 
@@ -703,8 +737,8 @@ impl Worker {
     /// `last_batch_head`, used element and index, then the in-flight mark is cleared).
     #[allow(clippy::too_many_arguments)]
     fn finish(
-        vring: &Vring,
-        mem: &GuestMem,
+        used: &mut VringState<Gm>,
+        mem: &mut RegionCache<'_>,
         inf: Option<(&InflightRegion, u16)>,
         log: &mut RateLimit,
         head: u16,
@@ -713,24 +747,25 @@ impl Worker {
         used_len: u32,
     ) {
         let used_len = match status_addr {
-            Some(addr) => match mem.write_obj(status, addr) {
-                Ok(()) => used_len,
-                Err(e) => {
+            Some(addr) => {
+                if mem.write_u8(addr, status) {
+                    used_len
+                } else {
                     if log.allow("virtqueue") {
-                        warn!("cannot write status of head {head}: {e}");
+                        warn!("cannot write status of head {head}: {addr:?} is not in guest memory");
                     }
                     0
                 }
-            },
+            }
             None => 0,
         };
         if let Some((r, q)) = inf {
             r.pre_put(q, head);
         }
-        match vring.add_used(head, used_len) {
+        match used.add_used(head, used_len) {
             Ok(()) => {
                 if let Some((r, q)) = inf {
-                    r.post_put(q, head, vring.get_ref().get_queue().next_used());
+                    r.post_put(q, head, used.get_queue().next_used());
                 }
             }
             Err(e) => {
@@ -738,6 +773,19 @@ impl Worker {
                     warn!("add_used({head}): {e}");
                 }
             }
+        }
+    }
+
+    /// [`Self::signal`] with the vring already locked.
+    fn signal_locked(state: &mut VringState<Gm>) {
+        match state.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = state.signal_used_queue() {
+                    warn!("signal_used_queue: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!("needs_notification: {e}"),
         }
     }
 

@@ -234,7 +234,9 @@ pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < ctx.poll {
-            std::hint::spin_loop();
+            // Busy-polling, but never at the expense of runnable threads on this CPU (a guest's vCPUs
+            // or a client on a small host): an empty pass gives the CPU away if anyone wants it.
+            std::thread::yield_now();
             continue;
         }
         let mut hold = Hold::No;

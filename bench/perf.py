@@ -138,7 +138,7 @@ def main():
     shm = tempfile.mkdtemp(prefix="vblkd-perf-", dir="/dev/shm")
     disk = tempfile.mkdtemp(prefix="vblkd-perf-", dir="/var/tmp")
     try:
-        cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": ")
+        cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
         print(f"{os.cpu_count()} CPUs ({cpu}), kernel {os.uname().release}, {time.strftime('%Y-%m-%d %H:%M')}, "
               f"{a.seconds:g} s per run, best of {a.reps} alternating runs per server; load average at start "
               f"{os.getloadavg()[0]:.1f} (machine shared with other jobs)")

@@ -97,7 +97,8 @@ fn idle_daemon_uses_no_cpu_and_wakes_on_the_first_request() {
     let mut args = vec!["--control".to_string(), "none".to_string()];
     for (i, s) in sockets.iter().enumerate() {
         args.push("--bdev".into());
-        args.push(format!("driver=malloc,name=m{i},size=16M"));
+        // null: no background thread (malloc populates its RAM from one), so thread counts are exact.
+        args.push(format!("driver=null,name=m{i},size=16M"));
         args.push("--export".into());
         args.push(format!("bdev=m{i},socket={},queues={QUEUES},poll-threads=1", s.display()));
     }

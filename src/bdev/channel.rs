@@ -28,7 +28,17 @@
 //!   from `poll` once the module's outstanding count falls to it. While anything is queued, new children
 //!   queue behind it, so the order in which the module sees I/O is the submission order.
 //! * Statistics are recorded per parent at completion, into the bdev's shared atomics and this
-//!   channel's own counters.
+//!   channel's own counters. Latency is completion time minus start time, with at most one clock
+//!   read per batch: an owner that calls [`Channel::set_batch_time`] (the vhost poller, once per
+//!   pass) stamps every parent it submits in that pass with that instant, and `poll` reads the clock
+//!   once for all the completions it processes. A latency is therefore early by at most the time the
+//!   poller spent on earlier requests of the same pass before submitting this one (well under a
+//!   microsecond per request, a few µs for a QD32 batch) and late by at most the time spent on earlier
+//!   completions of the same poll — below the histogram's first bucket (1 µs) at QD1 and a small part
+//!   of the latency at QD32. Owners that never call it (stacked modules) get a clock read per parent.
+//! * Parents and children in flight live in slabs (index = id; a child's tag adds a generation in its
+//!   high bits so a repeated completion is refused); an unsplit, unbounced read or write goes to the
+//!   module without passing through a children list: no heap allocation per I/O once warm.
 //!
 //! * QoS ([`super::qos`]): between validation and splitting, a parent is admitted by the bdev's shared
 //!   token buckets or parked in this channel's FIFO `parked` queue (new parents queue behind parked

@@ -1,16 +1,30 @@
 //! Per-queue poller: pops chains, submits bdev I/O without waiting, completes out of order.
 //!
 //! ```text
-//!  kick / completion fd ─► handle_event ─► loop { pop+parse+submit ; poll ─► status, add_used ; signal }
+//!  kick / completion fd ─► handle_event ─► run_group: loop over the thread's queues {
+//!        prepare (ring checks) ; pass: pop+parse+submit (≤ one ring's worth) ; reap ─► status, used ; signal }
 //!                                            └─ idle for poll_us: enable notifications, re-check, return
 //! ```
 //!
 //! # Design
-//! One [`Worker`] per virtqueue (one vhost-user-backend worker thread each). The worker lazily opens
-//! its own [`Channel`] on first use, so channels are created on the thread that uses them. Every
-//! submitted request gets a unique tag; the in-flight table maps tag → (head, status address, used
-//! length). Requests that never reach the bdev (parse errors, GET_ID, flush on a device without a
-//! volatile cache) go through the same [`Worker::finish`] path as bdev completions.
+//! One [`Worker`] per virtqueue; a vhost-user-backend worker thread serves one or several queues
+//! (`poll-threads`, [`run_group`]). The worker lazily opens its own [`Channel`] on first use, so
+//! channels are created on the thread that uses them. Requests that never reach the bdev (parse
+//! errors, GET_ID, flush on a device without a volatile cache) go through the same
+//! [`Worker::finish`] path as bdev completions.
+//!
+//! The per-request path (issue 10):
+//! * in-flight records live in a slab; a request's tag is its slot (low 32 bits) plus a generation
+//!   (high bits), so a completion finds its record by index and a stale tag is recognised;
+//! * the head comes from the checked avail-ring read ([`avail_peek`]) and the chain is walked from it
+//!   ([`ChainWalker`], virtio-queue's rules) with descriptor reads through a one-region cache
+//!   ([`RegionCache`]): one region look-up per chain instead of one per access;
+//! * one clock read per submission batch (the channel stamps every request of a pass with it) and one
+//!   per completion batch (in `Channel::poll`);
+//! * a completion batch is published under one vring lock (status bytes through one region cache)
+//!   with one notification decision (`EVENT_IDX`) at the end;
+//! * no heap allocation per request once warm (inline descriptor, segment and iovec lists; the
+//!   completion vector is reused): `tests/alloc_free.rs` counts them.
 //!
 //! With `wce = 0` (write-through selected by the driver) on a bdev with a volatile cache, a write is
 //! followed by a flush before it is reported.

@@ -806,15 +806,7 @@ impl Worker {
     }
 
     fn signal(vring: &Vring) {
-        match vring.needs_notification() {
-            Ok(true) => {
-                if let Err(e) = vring.signal_used_queue() {
-                    warn!("signal_used_queue: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => warn!("needs_notification: {e}"),
-        }
+        Self::signal_locked(&mut vring.get_mut());
     }
 
     /// Waits for every in-flight request and completes it (stop_vring, shutdown). A stopped ring

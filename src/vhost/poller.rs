@@ -248,9 +248,14 @@ pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < ctx.poll {
-            // Busy-polling, but never at the expense of runnable threads on this CPU (a guest's vCPUs
-            // or a client on a small host): an empty pass gives the CPU away if anyone wants it.
-            std::thread::yield_now();
+            if group.len() == 1 {
+                // A thread per queue gives the CPU away on an empty pass if anyone wants it (a guest's
+                // vCPUs, a client, its sibling pollers on a small host). A thread serving several
+                // queues keeps it: measured, yielding there cost it its turn for whole time slices.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
             continue;
         }
         let mut hold = Hold::No;

@@ -15,7 +15,7 @@
 //!          [,wbuf=6M][,lba-rsvd=20][,band-thld=90][,invalid-thld=10][,reloc-qdepth=32][,reloc-bands=3]
 //!          [,interleave=1][,size=BYTES][,nv-cache=BDEV]
 //!   --bdev driver=delay,name=d0,base=f0,read-us=N,write-us=N[,jitter-us=N]
-//!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N]
+//!   --export bdev=m0,socket=PATH[,queues=N][,queue-size=N][,readonly=on][,serial=STR][,poll-us=N][,poll-threads=N]
 //!            [,socket-mode=0660][,socket-owner=USER][,socket-group=GROUP]
 //! vblkd media create|info ...
 //! vblkd cache info --cache BDEV-OR-PATH [--control PATH]
@@ -68,6 +68,9 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
+    /// Pin poller threads to these CPUs, round-robin (e.g. 2,3 or 0-3).
+    #[arg(long, value_name = "LIST")]
+    pub poll_cpus: Option<String>,
     /// Subcommands (media tools).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -250,6 +253,8 @@ pub struct ExportSpec {
     pub serial: String,
     /// Idle time before a poller sleeps, in µs.
     pub poll_us: u64,
+    /// Poller threads for the export's queues (`poll-threads`); 0 = one per queue.
+    pub poll_threads: u16,
     /// Owner, group and mode of the socket file (`socket-owner`, `socket-group`, `socket-mode`).
     pub socket_perms: crate::vhost::SocketPerms,
 }
@@ -275,6 +280,8 @@ pub struct Config {
     pub control_explicit: bool,
     /// Metrics endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// CPUs poller threads are pinned to (`--poll-cpus`); empty = not pinned.
+    pub poll_cpus: Vec<usize>,
 }
 
 /// A command-line error: names the flag and the problem.
@@ -739,9 +746,24 @@ pub fn parse_export(value: &str) -> Result<ExportSpec, CliError> {
     if poll_us > 1_000_000 {
         return Err(err(flag, value, format!("poll-us={poll_us} is above 1000000")));
     }
+    // Absent: one poller thread per queue (stored as 0).
+    let poll_threads: u16 = match keys.number::<u16>("poll-threads")? {
+        None => 0,
+        Some(0) => {
+            return Err(err(
+                flag,
+                value,
+                "poll-threads=0: at least one thread (leave it out for one per queue)",
+            ))
+        }
+        Some(n) if n > queues => {
+            return Err(err(flag, value, format!("poll-threads={n} is more than queues={queues}")))
+        }
+        Some(n) => n,
+    };
     let socket_perms = socket_perms(&mut keys)?;
     keys.finish()?;
-    Ok(ExportSpec { bdev, socket, queues, queue_size, readonly, serial, poll_us, socket_perms })
+    Ok(ExportSpec { bdev, socket, queues, queue_size, readonly, serial, poll_us, poll_threads, socket_perms })
 }
 
 /// Turns parsed flags into a validated configuration (no side effects).
@@ -785,6 +807,7 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
             readonly: false,
             serial: "vblkd-disk0".into(),
             poll_us: 50,
+            poll_threads: 0,
             socket_perms: crate::vhost::SocketPerms::default(),
         };
         (vec![media, bdev], vec![export])
@@ -854,7 +877,13 @@ pub fn build_config(args: &Args) -> Result<Config, CliError> {
         }
         (bdevs, exports)
     };
+    let poll_cpus = match args.poll_cpus.as_deref() {
+        None => Vec::new(),
+        Some(v) => crate::vhost::pin::parse_cpu_list(v, &crate::vhost::pin::allowed_cpus())
+            .map_err(|e| err("--poll-cpus", v, e.to_string()))?,
+    };
     Ok(Config {
+        poll_cpus,
         data_dir: args.data_dir.clone(),
         bdevs,
         exports,

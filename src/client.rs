@@ -55,16 +55,34 @@ impl BlkClient {
         mem_bytes: usize,
         read_only: bool,
     ) -> Result<Self, ClientError> {
+        Self::connect_opts(socket, num_queues, queue_size, mem_bytes, read_only, false)
+    }
+
+    /// As [`connect_with`](Self::connect_with); with `poll`, the queues are libblkio *poll queues*
+    /// (completions are busy-polled by the client instead of waited for on an eventfd).
+    pub fn connect_opts(
+        socket: &Path,
+        num_queues: usize,
+        queue_size: usize,
+        mem_bytes: usize,
+        read_only: bool,
+        poll: bool,
+    ) -> Result<Self, ClientError> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(ctx("blkio_new"))?;
         blkio.set_str("path", &socket.to_string_lossy()).map_err(ctx("set path"))?;
         blkio.set_bool("read-only", read_only).map_err(ctx("set read-only"))?;
         blkio.connect().map_err(ctx("connect"))?;
-        blkio.set_i32("num-queues", num_queues as i32).map_err(ctx("set num-queues"))?;
+        let (irq, polled) = if poll { (0, num_queues) } else { (num_queues, 0) };
+        blkio.set_i32("num-queues", irq as i32).map_err(ctx("set num-queues"))?;
+        if polled > 0 {
+            blkio.set_i32("num-poll-queues", polled as i32).map_err(ctx("set num-poll-queues"))?;
+        }
         blkio.set_i32("queue-size", queue_size as i32).map_err(ctx("set queue-size"))?;
         let started = blkio.start().map_err(ctx("start"))?;
         let region = blkio.alloc_mem_region(mem_bytes).map_err(ctx("alloc_mem_region"))?;
         blkio.map_mem_region(&region).map_err(ctx("map_mem_region"))?;
-        Ok(Self { blkio, queues: started.queues, region })
+        let queues = if poll { started.poll_queues } else { started.queues };
+        Ok(Self { blkio, queues, region })
     }
 
     /// Property of the connected device (e.g. `capacity`).

@@ -432,7 +432,7 @@ fn dispatch(method: &str, map: BTreeMap<String, String>, daemon: &Daemon) -> Res
                     json!({
                         "bdev": e.bdev, "socket": e.socket.display().to_string(), "queues": e.queues,
                         "queue_size": e.queue_size, "readonly": e.readonly, "serial": e.serial,
-                        "poll_us": e.poll_us, "connected": connected, "connections": connections,
+                        "poll_us": e.poll_us, "poll_threads": e.poll_threads, "connected": connected, "connections": connections,
                     })
                 })
                 .collect();

@@ -266,6 +266,7 @@ impl Daemon {
             read_only: spec.readonly,
             serial: spec.serial.clone(),
             poll_us: spec.poll_us,
+            poll_threads: spec.poll_threads,
             socket_perms: spec.socket_perms,
             status: status.clone(),
         };

@@ -134,6 +134,9 @@ fn run(config: Config) -> Result<(), RunError> {
         vblkd::vhost::check_socket(&ex.socket)
             .map_err(|e| format!("--export socket={}: {e}", ex.socket.display()))?;
     }
+    if !config.poll_cpus.is_empty() {
+        vblkd::vhost::pin::set_poll_cpus(config.poll_cpus.clone());
+    }
     let daemon = Arc::new(Daemon::new());
     for spec in &config.bdevs {
         let limits = config.qos.iter().find(|(n, _)| n == spec.name()).map(|(_, l)| *l).unwrap_or_default();

@@ -70,9 +70,12 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Segments of one I/O: up to two inline (no heap allocation for the common request), more on the heap.
+pub type IovList = smallvec::SmallVec<[libc::iovec; 2]>;
+
 /// The memory of one I/O: iovecs plus whatever keeps them valid.
 pub struct IoVecs {
-    iovs: Vec<libc::iovec>,
+    iovs: IovList,
     len_bytes: u64,
     keep: Option<Arc<dyn Any + Send + Sync>>,
 }
@@ -93,7 +96,7 @@ impl std::fmt::Debug for IoVecs {
 impl IoVecs {
     /// No memory (flush, unmap, write_zeroes, reset).
     pub fn empty() -> Self {
-        Self { iovs: Vec::new(), len_bytes: 0, keep: None }
+        Self { iovs: IovList::new(), len_bytes: 0, keep: None }
     }
 
     /// Wraps raw segments.
@@ -102,7 +105,8 @@ impl IoVecs {
     /// Every `iovec` must describe memory that is valid for reads and writes for as long as `keep`
     /// (or, when `keep` is `None`, the caller) keeps it mapped, and that memory must stay mapped at
     /// least as long as the returned value and every slice made from it lives.
-    pub unsafe fn from_raw_parts(iovs: Vec<libc::iovec>, keep: Option<Arc<dyn Any + Send + Sync>>) -> Self {
+    pub unsafe fn from_raw_parts(iovs: impl Into<IovList>, keep: Option<Arc<dyn Any + Send + Sync>>) -> Self {
+        let iovs = iovs.into();
         let len_bytes = iovs.iter().map(|v| v.iov_len as u64).sum();
         Self { iovs, len_bytes, keep }
     }
@@ -115,7 +119,7 @@ impl IoVecs {
     /// The whole of a shared aligned buffer.
     pub fn from_aligned(buf: Arc<AlignedBuf>) -> Self {
         let iov = libc::iovec { iov_base: buf.as_ptr().cast(), iov_len: buf.len_bytes() };
-        Self { iovs: vec![iov], len_bytes: buf.len_bytes() as u64, keep: Some(buf) }
+        Self { iovs: smallvec::smallvec![iov], len_bytes: buf.len_bytes() as u64, keep: Some(buf) }
     }
 
     /// A heap copy of `data` (tests and internal I/O).
@@ -164,7 +168,7 @@ impl IoVecs {
         if end > self.len_bytes {
             return None;
         }
-        let mut out = Vec::new();
+        let mut out = IovList::new();
         let mut pos = 0u64;
         for v in &self.iovs {
             let seg_start = pos;

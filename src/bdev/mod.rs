@@ -39,7 +39,7 @@ pub mod stats;
 pub(crate) mod tests;
 
 pub use channel::{BdevControl, Channel};
-pub use iov::{AlignedBuf, IoVecs};
+pub use iov::{AlignedBuf, IoVecs, IovList};
 pub use registry::{Descriptor, Registry, RemoveCallback};
 pub use stats::{BdevStats, BdevStatsSnapshot};
 

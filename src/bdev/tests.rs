@@ -663,7 +663,7 @@ fn conformance_file_block_device() {
 /// `n` single-block segments of 512 bytes, every other one taken from a second buffer.
 fn many_segments(n: usize) -> IoVecs {
     let buf = Arc::new(AlignedBuf::zeroed(n * 1024));
-    let iovs = (0..n)
+    let iovs: Vec<_> = (0..n)
         .map(|i| libc::iovec { iov_base: buf.as_ptr().wrapping_add(i * 1024).cast(), iov_len: 512 })
         .collect();
     let keep: Arc<dyn std::any::Any + Send + Sync> = buf;

@@ -44,6 +44,9 @@ struct Opts {
     /// Size of the hot set, in percent of the span.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
     hot_set_pct: u64,
+    /// Use libblkio poll queues (the client busy-polls for completions instead of sleeping).
+    #[arg(long)]
+    poll: bool,
 }
 
 struct QueueResult {
@@ -126,7 +129,14 @@ fn main() {
     let opts = Opts::parse();
     // One connection with `queues` queues (a vhost-user backend serves one frontend at a time).
     let queue_size = (opts.qd * 2).next_power_of_two().max(64);
-    let client = BlkClient::connect(&opts.socket, opts.queues, queue_size, opts.queues * opts.qd * opts.bs);
+    let client = BlkClient::connect_opts(
+        &opts.socket,
+        opts.queues,
+        queue_size,
+        opts.queues * opts.qd * opts.bs,
+        false,
+        opts.poll,
+    );
     let (capacity, queues) =
         match client.and_then(|c| Ok((c.get_u64("capacity")?, c.into_queue_clients(opts.qd * opts.bs)))) {
             Ok(v) => v,

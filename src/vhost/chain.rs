@@ -15,13 +15,15 @@
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, GuestAddress};
 
+use super::fastmem::RegionCache;
 use super::request::GuestMem;
 
 /// Iterates the descriptors of the chain at `head`.
 pub struct ChainWalker<'a> {
-    mem: &'a GuestMem,
+    /// Descriptor reads go through a one-region cache: one region look-up per chain, not per descriptor.
+    mem: RegionCache<'a>,
     table: GuestAddress,
     size: u16,
     next: u16,
@@ -33,7 +35,7 @@ pub struct ChainWalker<'a> {
 impl<'a> ChainWalker<'a> {
     /// A walker over the chain at `head` of the table at `table` with `size` entries.
     pub fn new(mem: &'a GuestMem, table: GuestAddress, size: u16, head: u16) -> Self {
-        Self { mem, table, size, next: head, ttl: size, indirect: false, yielded: 0 }
+        Self { mem: RegionCache::new(mem), table, size, next: head, ttl: size, indirect: false, yielded: 0 }
     }
 }
 
@@ -45,7 +47,7 @@ impl Iterator for ChainWalker<'_> {
             return None;
         }
         let at = self.table.checked_add(u64::from(self.next) * 16)?;
-        let d: Descriptor = self.mem.read_obj(at).ok()?;
+        let d: Descriptor = self.mem.read_desc(at)?;
         if d.flags() & VRING_DESC_F_INDIRECT as u16 != 0 {
             if self.indirect || d.len() % 16 != 0 || d.len() / 16 > u32::from(u16::MAX) {
                 self.ttl = 0;

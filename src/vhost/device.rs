@@ -2,12 +2,18 @@
 //!
 //! ```text
 //!  frontend ──vhost-user──► VhostUserDaemon ──► BlkBackend (features, config, memory checks)
-//!                                  │ worker thread i (queue i) ──► handle_event ──► Worker::run
+//!                                  │ worker thread t (queues t, t+N, t+2N, ...) ──► handle_event
+//!                                  │                                   ──► poller::run_group
 //! ```
 //!
 //! # Design
-//! * One worker thread per queue (`queues_per_thread` = `1 << i`), each with its own [`Worker`]
-//!   behind a mutex that only that thread and `stop_vring` (draining) take.
+//! * `poll-threads=N` worker threads (default: one per queue). Thread `t` serves queues `q` with
+//!   `q % N == t` (`queues_per_thread` masks), round-robin, one pass each at a time
+//!   ([`super::poller::run_group`]). Each queue keeps its own [`Worker`] (and so its own bdev channel)
+//!   behind a mutex that only its thread and `stop_vring` (draining) take.
+//! * Queue `q`'s channel completion fd is registered on its thread's epoll with data
+//!   `num_queues + 1 + q`; any event of a thread runs that thread's group loop.
+//! * With `--poll-cpus`, each worker thread pins itself on its first event ([`super::pin`]).
 //! * `update_memory` refuses file-backed regions that extend past the end of their file (mapping
 //!   them would SIGBUS on first access); the refused table is replaced by an empty one before any
 //!   access.
@@ -33,7 +39,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use super::config::{BlkConfig, WCE_OFFSET};
 use super::inflight::InflightRegion;
-use super::poller::{Gm, PollCtx, Vring, Worker};
+use super::poller::{run_group, Gm, PollCtx, Vring, Worker};
 use super::request::{GuestMem, ID_BYTES};
 use crate::bdev::Descriptor;
 
@@ -51,6 +57,8 @@ pub struct BlkInner {
     mem: Mutex<Option<Gm>>,
     epoll_fds: Mutex<Vec<RawFd>>,
     workers: Vec<Mutex<Worker>>,
+    /// Queue indexes served by each worker thread, in the order vhost-user-backend hands us the vrings.
+    groups: Vec<Vec<u16>>,
     inflight: InflightSlot,
 }
 
@@ -68,13 +76,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BlkBackend {
-    /// A backend for `desc` with `cfg`; `serial` is padded/truncated to 20 bytes.
-    pub fn new(desc: Arc<Descriptor>, cfg: BlkConfig, serial: &str, poll: Duration) -> Self {
+    /// A backend for `desc` with `cfg`; `serial` is padded/truncated to 20 bytes. `poll_threads`
+    /// worker threads serve the queues (0, or more than the queues: one thread per queue).
+    pub fn new(
+        desc: Arc<Descriptor>,
+        cfg: BlkConfig,
+        serial: &str,
+        poll: Duration,
+        poll_threads: u16,
+    ) -> Self {
         let mut id = [0u8; ID_BYTES];
         let n = serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let wce = u8::from(desc.info().volatile_write_cache);
         let workers = (0..cfg.num_queues).map(|_| Mutex::new(Worker::default())).collect();
+        let groups = queue_groups(cfg.num_queues, poll_threads);
         Self {
             inner: Arc::new(BlkInner {
                 desc,
@@ -86,6 +102,7 @@ impl BlkBackend {
                 mem: Mutex::new(None),
                 epoll_fds: Mutex::new(Vec::new()),
                 workers,
+                groups,
                 inflight: Arc::new(Mutex::new(None)),
             }),
         }
@@ -109,8 +126,7 @@ impl BlkBackend {
             wce: self.inner.wce.load(Ordering::Relaxed),
             poll: self.inner.poll,
             epoll_fd: lock(&self.inner.epoll_fds).get(thread).copied(),
-            completion_event: self.completion_event(),
-            queue: u16::try_from(thread).unwrap_or(u16::MAX),
+            completion_event_base: self.completion_event_base(),
             inflight: lock(&self.inner.inflight).clone(),
         }
     }
@@ -120,9 +136,14 @@ impl BlkBackend {
         self.inner.inflight.clone()
     }
 
-    /// Epoll data value of the completion fd event (above `num_queues`, which is reserved).
-    fn completion_event(&self) -> u64 {
+    /// Epoll data value of queue 0's completion fd event (above `num_queues`, which is reserved).
+    fn completion_event_base(&self) -> u64 {
         u64::from(self.inner.cfg.num_queues) + 1
+    }
+
+    /// How many worker threads serve the queues.
+    pub fn poll_threads(&self) -> usize {
+        self.inner.groups.len()
     }
 
     /// Finishes every in-flight request on every queue (graceful stop).
@@ -238,7 +259,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.inner.cfg.num_queues).map(|i| 1u64 << i).collect()
+        self.inner.groups.iter().map(|g| g.iter().fold(0u64, |m, &q| m | 1u64 << q)).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -269,22 +290,51 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             warn!("unexpected event set {evset:?}");
         }
-        let Some(vring) = vrings.first() else { return Ok(()) };
-        let Some(w) = self.inner.workers.get(thread_id) else { return Ok(()) };
+        let Some(group) = self.inner.groups.get(thread_id) else { return Ok(()) };
+        let ours = usize::from(device_event) < vrings.len()
+            || u64::from(device_event)
+                .checked_sub(self.completion_event_base())
+                .is_some_and(|q| group.iter().any(|&g| u64::from(g) == q));
+        if !ours {
+            warn!("unknown device event {device_event}");
+            return Ok(());
+        }
+        super::pin::pin_this_thread_once();
         let Some(mem) = lock(&self.inner.mem).clone() else { return Ok(()) };
         let ctx = self.ctx(thread_id);
-        let mut worker = lock(w);
-        if u64::from(device_event) == self.completion_event() || device_event == 0 {
-            worker.run(&ctx, vring, &mem);
-        } else {
-            warn!("unknown device event {device_event}");
-        }
+        run_group(&ctx, group, vrings, &self.inner.workers, &mem);
         Ok(())
     }
+}
+
+/// The queues each of `threads` worker threads serves: thread `t` gets `t, t + n, t + 2n, ...` with
+/// `n = min(threads, queues)`; 0 threads means one per queue.
+pub fn queue_groups(queues: u16, threads: u16) -> Vec<Vec<u16>> {
+    let n = if threads == 0 { queues } else { threads.min(queues) }.max(1);
+    (0..n).map(|t| (t..queues).step_by(usize::from(n)).collect()).collect()
 }
 
 /// Re-exported so tests can check the refusal path without a frontend.
 #[doc(hidden)]
 pub fn check_regions_for_test(mem: &GuestMem) -> io::Result<()> {
     BlkBackend::check_regions(mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_groups;
+
+    #[test]
+    fn groups_cover_every_queue_once() {
+        assert_eq!(queue_groups(4, 0), vec![vec![0], vec![1], vec![2], vec![3]]);
+        assert_eq!(queue_groups(4, 1), vec![vec![0, 1, 2, 3]]);
+        assert_eq!(queue_groups(8, 2), vec![vec![0, 2, 4, 6], vec![1, 3, 5, 7]]);
+        assert_eq!(queue_groups(3, 2), vec![vec![0, 2], vec![1]]);
+        assert_eq!(queue_groups(2, 5), vec![vec![0], vec![1]]);
+        for (q, t) in [(64, 3), (7, 7), (1, 1), (5, 0)] {
+            let mut all: Vec<u16> = queue_groups(q, t).concat();
+            all.sort_unstable();
+            assert_eq!(all, (0..q).collect::<Vec<_>>());
+        }
+    }
 }

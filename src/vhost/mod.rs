@@ -12,8 +12,10 @@
 pub mod chain;
 pub mod config;
 pub mod device;
+pub mod fastmem;
 pub mod frontdoor;
 pub mod inflight;
+pub mod pin;
 pub mod poller;
 pub mod ratelimit;
 pub mod request;

@@ -1,16 +1,30 @@
 //! Per-queue poller: pops chains, submits bdev I/O without waiting, completes out of order.
 //!
 //! ```text
-//!  kick / completion fd ─► handle_event ─► loop { pop+parse+submit ; poll ─► status, add_used ; signal }
+//!  kick / completion fd ─► handle_event ─► run_group: loop over the thread's queues {
+//!        prepare (ring checks) ; pass: pop+parse+submit (≤ one ring's worth) ; reap ─► status, used ; signal }
 //!                                            └─ idle for poll_us: enable notifications, re-check, return
 //! ```
 //!
 //! # Design
-//! One [`Worker`] per virtqueue (one vhost-user-backend worker thread each). The worker lazily opens
-//! its own [`Channel`] on first use, so channels are created on the thread that uses them. Every
-//! submitted request gets a unique tag; the in-flight table maps tag → (head, status address, used
-//! length). Requests that never reach the bdev (parse errors, GET_ID, flush on a device without a
-//! volatile cache) go through the same [`Worker::finish`] path as bdev completions.
+//! One [`Worker`] per virtqueue; a vhost-user-backend worker thread serves one or several queues
+//! (`poll-threads`, [`run_group`]). The worker lazily opens its own [`Channel`] on first use, so
+//! channels are created on the thread that uses them. Requests that never reach the bdev (parse
+//! errors, GET_ID, flush on a device without a volatile cache) go through the same
+//! [`Worker::finish`] path as bdev completions.
+//!
+//! The per-request path (issue 10):
+//! * in-flight records live in a slab; a request's tag is its slot (low 32 bits) plus a generation
+//!   (high bits), so a completion finds its record by index and a stale tag is recognised;
+//! * the head comes from the checked avail-ring read ([`avail_peek`]) and the chain is walked from it
+//!   ([`ChainWalker`], virtio-queue's rules) with descriptor reads through a one-region cache
+//!   ([`RegionCache`]): one region look-up per chain instead of one per access;
+//! * one clock read per submission batch (the channel stamps every request of a pass with it) and one
+//!   per completion batch (in `Channel::poll`);
+//! * a completion batch is published under one vring lock (status bytes through one region cache)
+//!   with one notification decision (`EVENT_IDX`) at the end;
+//! * no heap allocation per request once warm (inline descriptor, segment and iovec lists; the
+//!   completion vector is reused): `tests/alloc_free.rs` counts them.
 //!
 //! With `wce = 0` (write-through selected by the driver) on a bdev with a volatile cache, a write is
 //! followed by a flush before it is reported.
@@ -33,20 +47,21 @@
 //! * A bdev channel without a `wait_fd` that has I/O outstanding keeps the worker polling
 //!   (yielding the CPU between polls) until that I/O completes.
 
-use crate::tagmap::TagMap;
+use slab::Slab;
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use std::sync::atomic::Ordering;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::chain::ChainWalker;
 use super::config::BlkConfig;
+use super::fastmem::RegionCache;
 use super::inflight::InflightRegion;
 use super::ratelimit::RateLimit;
 use super::request::{write_id, BadRequest, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
@@ -74,15 +89,16 @@ pub struct PollCtx<'a> {
     pub poll: Duration,
     /// This worker's epoll fd (for registering the channel's completion fd).
     pub epoll_fd: Option<RawFd>,
-    /// Epoll data value for completion events.
-    pub completion_event: u64,
-    /// This worker's queue index.
-    pub queue: u16,
+    /// Epoll data value of queue 0's completion events (queue `q` uses this + `q`; all are above
+    /// `num_queues`, which vhost-user-backend reserves).
+    pub completion_event_base: u64,
     /// The in-flight table (INFLIGHT_SHMFD), when the frontend set one up.
     pub inflight: Option<Arc<InflightRegion>>,
 }
 
 struct InFlight {
+    /// The full tag handed to the channel: slab slot in the low 32 bits, a generation above.
+    tag: u64,
     head: u16,
     status_addr: GuestAddress,
     used_len: u32,
@@ -91,7 +107,7 @@ struct InFlight {
 
 /// What identifies one set-up of a vring (a change means the frontend re-initialised it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RingKey {
+pub struct RingKey {
     desc: u64,
     avail: u64,
     used: u64,
@@ -132,11 +148,17 @@ pub enum RingError {
 /// at most the queue size ahead, and the next head must lie inside the queue. Used by the poller
 /// before every pop (and fuzzed: `fuzz/`).
 pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError> {
+    Ok(avail_peek(q, mem)?.map_or(0, |(ahead, _)| ahead))
+}
+
+/// [`avail_pending`] with the head index of the next chain: `None` when nothing is pending, else
+/// (chains pending, next head), with the same checks.
+pub fn avail_peek<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<Option<(u16, u16)>, RingError> {
     let size = q.size();
     let next = q.next_avail();
     let avail = q.avail_idx(mem, Ordering::Acquire).map_err(|_| RingError::Unreadable)?.0;
     if avail == next {
-        return Ok(0);
+        return Ok(None);
     }
     let ahead = avail.wrapping_sub(next);
     if ahead > size {
@@ -152,12 +174,25 @@ pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError>
     if head >= size {
         return Err(RingError::HeadOutOfRange { head, size });
     }
-    Ok(ahead)
+    Ok(Some((ahead, head)))
+}
+
+/// Why an idle queue keeps its poller awake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Nothing: the queue can sleep on its kick and completion fds.
+    No,
+    /// Completions will come without an fd to wake us: keep polling (politely).
+    Poll,
+    /// QoS parked requests until this instant.
+    Until(Instant),
 }
 
 /// The state of one queue's poller.
 #[derive(Default)]
 pub struct Worker {
+    /// Guest notifications are off (we are polling this ring).
+    quiet: bool,
     channel: Option<Channel>,
     channel_failed: bool,
     invalid_logged: bool,
@@ -176,9 +211,86 @@ pub struct Worker {
     /// Heads to resubmit (recovered from the in-flight table), in order.
     resubmit: std::collections::VecDeque<u16>,
     vring: Option<Vring>,
-    inflight: TagMap<InFlight>,
-    next_tag: u64,
+    /// In-flight requests, indexed by the low 32 bits of their tag (no hashing; no allocation once warm).
+    inflight: Slab<InFlight>,
+    next_gen: u64,
+    /// The channel's batch clock was set during this pass.
+    stamped: bool,
     done: Vec<Completion>,
+}
+
+fn lock_worker(m: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One poller thread's loop over the queues of its group (`poll-threads`): `group[j]` is the queue
+/// index of `vrings[j]`, `workers` is indexed by queue. Each pass gives every queue one turn (at most
+/// a ring's worth of chains, then its completions), each under its own worker mutex, so `stop_vring`
+/// can drain a queue between passes. While any queue makes progress the thread keeps polling them
+/// all; after `poll` without progress it re-arms every queue's notifications and returns, to sleep in
+/// vhost-user-backend's epoll on the kick and completion fds of the whole group.
+///
+/// The clock is read only when a pass made no progress (to time the idle period), never per request.
+pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[Mutex<Worker>], mem: &Gm) {
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let mut progress = false;
+        for (&q, vring) in group.iter().zip(vrings) {
+            let Some(w) = workers.get(usize::from(q)) else { continue };
+            let mut w = lock_worker(w);
+            if let Some(key) = w.prepare(ctx, q, vring, mem) {
+                progress |= w.pass(ctx, vring, mem, key);
+            }
+        }
+        if progress {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < ctx.poll {
+            if group.len() == 1 {
+                // A thread per queue gives the CPU away on an empty pass if anyone wants it (a guest's
+                // vCPUs, a client, its sibling pollers on a small host). A thread serving several
+                // queues keeps it: measured, yielding there cost it its turn for whole time slices.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+            continue;
+        }
+        let mut hold = Hold::No;
+        for &q in group {
+            if let Some(w) = workers.get(usize::from(q)) {
+                hold = match (hold, lock_worker(w).hold()) {
+                    (Hold::Poll, _) | (_, Hold::Poll) => Hold::Poll,
+                    (Hold::Until(a), Hold::Until(b)) => Hold::Until(a.min(b)),
+                    (Hold::Until(a), Hold::No) | (Hold::No, Hold::Until(a)) => Hold::Until(a),
+                    (Hold::No, Hold::No) => Hold::No,
+                };
+            }
+        }
+        match hold {
+            Hold::Poll => {
+                std::thread::yield_now();
+                continue;
+            }
+            Hold::Until(at) => {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                continue;
+            }
+            Hold::No => {}
+        }
+        let mut again = false;
+        for (&q, vring) in group.iter().zip(vrings) {
+            if let Some(w) = workers.get(usize::from(q)) {
+                again |= lock_worker(w).rearm(vring);
+            }
+        }
+        if !again {
+            return;
+        }
+        idle_since = None;
+    }
 }
 
 fn io_status(r: Result<(), IoError>) -> u8 {
@@ -211,8 +323,10 @@ impl Worker {
         match ctx.desc.channel() {
             Ok(ch) => {
                 if let (Some(fd), Some(epfd)) = (ch.wait_fd(), ctx.epoll_fd) {
-                    let mut ev =
-                        libc::epoll_event { events: libc::EPOLLIN as u32, u64: ctx.completion_event };
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: ctx.completion_event_base + u64::from(self.queue),
+                    };
                     // SAFETY: plain epoll_ctl on fds we own for the connection's lifetime; `ev` is a
                     // valid, initialised epoll_event.
                     let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
@@ -234,31 +348,39 @@ impl Worker {
         self.broken.is_some()
     }
 
-    fn ring_key(vring: &Vring) -> RingKey {
+    fn ring_key(vring: &Vring) -> (RingKey, bool) {
         let g = vring.get_ref();
         let q = g.get_queue();
-        RingKey {
+        let key = RingKey {
             desc: q.desc_table(),
             avail: q.avail_ring(),
             used: q.used_ring(),
             size: q.size(),
             ready: q.ready(),
-        }
+        };
+        (key, g.is_enabled())
     }
 
-    /// Processes the queue: busy-polls while there is work, then re-arms notifications and returns.
-    pub fn run(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm) {
+    /// Gets the queue ready for a pass: checks the ring set-up (broken, not ready, not valid for the
+    /// current memory), takes up an in-flight table at a ring start, opens the channel and turns guest
+    /// notifications off. `None` when the queue must not be processed now (quietly for a ring that is
+    /// not started or not enabled: a group poller looks at every queue of its group on every pass).
+    pub fn prepare(&mut self, ctx: &PollCtx<'_>, queue: u16, vring: &Vring, mem: &Gm) -> Option<RingKey> {
+        let (key, enabled) = Self::ring_key(vring);
+        if !key.ready || !enabled {
+            return None;
+        }
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        self.log.flush("virtqueue");
-        let key = Self::ring_key(vring);
         if let Some(b) = self.broken {
-            if b == key {
-                return;
+            if b != key {
+                // Re-initialised with another set-up: start afresh.
+                self.broken = None;
+            } else if !self.busy() {
+                // Nothing more is taken from this ring and nothing is left to reap.
+                return None;
             }
-            // Re-initialised with another set-up: start afresh.
-            self.broken = None;
         }
         // A ring that does not fit in guest memory (or whose size the frontend set to an invalid
         // value, which virtio-queue ignores) is not processed at all. `is_valid` logs on every call,
@@ -277,77 +399,95 @@ impl Worker {
                 error!("virtqueue is not valid for the current guest memory; ignoring it");
                 self.invalid_logged = true;
             }
-            return;
+            return None;
         }
         self.invalid_logged = false;
         if !self.started {
             self.started = true;
-            self.queue = ctx.queue;
+            self.queue = queue;
             self.region = ctx.inflight.clone();
             if let Some(r) = self.region.clone() {
                 self.recover(&r, vring, mem);
             }
         }
         self.ensure_channel(ctx);
-        let mut idle_since = Instant::now();
-        if let Err(e) = vring.disable_notification() {
-            warn!("disable_notification: {e}");
+        if !self.quiet {
+            if let Err(e) = vring.disable_notification() {
+                warn!("disable_notification: {e}");
+            }
+            self.quiet = true;
         }
-        loop {
-            let snapshot: Arc<GuestMem> = mem.memory().into_inner();
-            let mut progress = self.pop_and_submit(ctx, vring, &snapshot, key);
-            progress |= self.reap(vring, &snapshot);
-            drop(snapshot);
-            if self.broken.is_some() && !self.busy() {
-                // Nothing more will be taken from this ring; in-flight requests were reaped.
-                return;
-            }
-            if progress {
-                idle_since = Instant::now();
-                continue;
-            }
-            if idle_since.elapsed() < ctx.poll {
-                std::hint::spin_loop();
-                continue;
-            }
-            if let Some(at) = self.channel.as_ref().and_then(Channel::parked_until) {
-                // QoS holds requests until the next 1 ms slice: nothing signals that, so nap until then.
-                std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                continue;
-            }
-            let outstanding = self.channel.as_ref().map_or(0, Channel::outstanding);
-            if outstanding > 0 && self.channel.as_ref().and_then(Channel::wait_fd).is_none() {
-                // Nobody will wake us for these completions: keep polling, politely.
-                std::thread::yield_now();
-                continue;
-            }
-            match vring.enable_notification() {
-                Ok(true) => {
-                    // New chains arrived while re-arming.
-                    if let Err(e) = vring.disable_notification() {
-                        warn!("disable_notification: {e}");
-                    }
-                    continue;
+        Some(key)
+    }
+
+    /// One pass over a prepared queue: pops at most one ring's worth of chains (so a queue never
+    /// starves the others of its group), submits them, reaps completions. True on progress.
+    pub fn pass(&mut self, ctx: &PollCtx<'_>, vring: &Vring, mem: &Gm, key: RingKey) -> bool {
+        self.log.flush("virtqueue");
+        let snapshot: Arc<GuestMem> = mem.memory().into_inner();
+        let mut progress = self.pop_and_submit(ctx, vring, &snapshot, key);
+        progress |= self.reap(vring, &snapshot);
+        progress
+    }
+
+    /// Why an idle queue cannot sleep on its fds yet.
+    pub fn hold(&self) -> Hold {
+        if let Some(at) = self.channel.as_ref().and_then(Channel::parked_until) {
+            // QoS holds requests until the next 1 ms slice: nothing signals that.
+            return Hold::Until(at);
+        }
+        let outstanding = self.channel.as_ref().map_or(0, Channel::outstanding);
+        if outstanding > 0 && self.channel.as_ref().and_then(Channel::wait_fd).is_none() {
+            // Nobody will wake us for these completions.
+            return Hold::Poll;
+        }
+        Hold::No
+    }
+
+    /// Turns guest notifications back on before sleeping; true when chains arrived meanwhile
+    /// (notifications are then off again and the caller keeps polling).
+    pub fn rearm(&mut self, vring: &Vring) -> bool {
+        if !self.quiet {
+            return false;
+        }
+        match vring.enable_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.disable_notification() {
+                    warn!("disable_notification: {e}");
                 }
-                Ok(false) => return,
-                Err(e) => {
-                    warn!("enable_notification: {e}");
-                    return;
-                }
+                true
+            }
+            Ok(false) => {
+                self.quiet = false;
+                false
+            }
+            Err(e) => {
+                warn!("enable_notification: {e}");
+                self.quiet = false;
+                false
             }
         }
     }
 
     /// Checks the avail ring before anything is popped: returns how many chains may be taken, or marks
     /// the queue broken.
-    fn pending(&mut self, vring: &Vring, mem: &GuestMem, key: RingKey) -> u16 {
+    fn next_head(&mut self, vring: &Vring, mem: &GuestMem, key: RingKey) -> Option<u16> {
         if self.broken.is_some() {
-            return 0;
+            return None;
         }
-        let r = avail_pending(vring.get_ref().get_queue(), mem);
+        let r = avail_peek(vring.get_ref().get_queue(), mem);
         match r {
-            Ok(n) => n,
-            Err(e) => self.mark_broken(key, e),
+            Ok(Some(_)) if key.avail == 0 => {
+                // virtio-queue refuses to pop from a ring at address 0 (not set up): so do we.
+                self.mark_broken(key, RingError::Unreadable);
+                None
+            }
+            Ok(Some((_, head))) => Some(head),
+            Ok(None) => None,
+            Err(e) => {
+                self.mark_broken(key, e);
+                None
+            }
         }
     }
 
@@ -405,6 +545,7 @@ impl Worker {
     ) -> bool {
         let mut any = false;
         let mut used = false;
+        self.stamped = false;
         let keep = mem;
         let inf = self.region.clone();
         let inf = inf.as_deref().map(|r| (r, self.queue));
@@ -416,19 +557,27 @@ impl Worker {
             let parsed = Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
             used |= self.start_or_refuse(ctx, vring, mem, keep, inf, parsed, "bad resubmitted request");
         }
-        // One chain at a time: each head is checked just before it is popped.
-        while self.pending(vring, mem, key) > 0 {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-            let Some(chain) = chain else {
-                self.mark_broken(key, RingError::Unreadable);
-                break;
-            };
+        // One chain at a time: each head is checked just before it is popped. At most one ring's
+        // worth per pass, so a guest that keeps adding cannot hold the thread's other queues back.
+        let mut budget = key.size;
+        while budget > 0 {
+            let Some(head) = self.next_head(vring, mem, key) else { break };
+            budget -= 1;
+            // Popped: the head was read and checked by `next_head`; the chain is walked with the same
+            // rules as virtio-queue's iterator, its descriptors read through a one-region cache.
+            {
+                let mut g = vring.get_mut();
+                let q = g.get_queue_mut();
+                let next = q.next_avail().wrapping_add(1);
+                q.set_next_avail(next);
+            }
             any = true;
             if let Some((r, q)) = inf {
-                r.get(q, chain.head_index(), self.counter);
+                r.get(q, head, self.counter);
                 self.counter = self.counter.wrapping_add(1);
             }
-            let parsed = Request::parse(chain, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
+            let walker = ChainWalker::new(mem, GuestAddress(key.desc), key.size, head);
+            let parsed = Request::parse_descs(head, walker, mem, ctx.cfg.capacity_sectors, &ctx.cfg.limits);
             used |= self.start_or_refuse(ctx, vring, mem, keep, inf, parsed, "bad request");
         }
         if used {
@@ -458,8 +607,8 @@ impl Worker {
                     warn!("{what} (head {}): {}", bad.head, bad.error);
                 }
                 Self::finish(
-                    vring,
-                    mem,
+                    &mut vring.get_mut(),
+                    &mut RegionCache::new(mem),
                     inf,
                     &mut self.log,
                     bad.head,
@@ -486,7 +635,16 @@ impl Worker {
         let inf = region.as_deref().map(|r| (r, self.queue));
         let log = &mut self.log;
         let mut immediate = |status: u8, used_len: u32| {
-            Self::finish(vring, mem, inf, log, req.head, Some(req.status_addr), status, used_len);
+            Self::finish(
+                &mut vring.get_mut(),
+                &mut RegionCache::new(mem),
+                inf,
+                log,
+                req.head,
+                Some(req.status_addr),
+                status,
+                used_len,
+            );
             true
         };
         let ok = VIRTIO_BLK_S_OK as u8;
@@ -531,12 +689,26 @@ impl Worker {
         let Some(ch) = self.channel.as_mut() else {
             return immediate(ioerr, 1);
         };
-        let tag = self.next_tag;
-        self.next_tag = self.next_tag.wrapping_add(1);
-        self.inflight
-            .insert(tag, InFlight { head: req.head, status_addr: req.status_addr, used_len, flush_after });
+        if !self.stamped {
+            // One clock read per batch: every request submitted in this pass starts now.
+            ch.set_batch_time(Instant::now());
+            self.stamped = true;
+        }
+        let tag = Self::track(
+            &mut self.inflight,
+            &mut self.next_gen,
+            InFlight { tag: 0, head: req.head, status_addr: req.status_addr, used_len, flush_after },
+        );
         ch.submit(BdevIo { tag, ..io });
         false
+    }
+
+    /// Records an in-flight request; returns its tag.
+    fn track(inflight: &mut Slab<InFlight>, next_gen: &mut u64, mut f: InFlight) -> u64 {
+        *next_gen = next_gen.wrapping_add(1);
+        let entry = inflight.vacant_entry();
+        f.tag = (*next_gen << 32) | (entry.key() as u64 & 0xffff_ffff);
+        entry.insert(f).tag
     }
 
     /// Polls the channel and completes what finished. Returns true when anything completed.
@@ -548,21 +720,28 @@ impl Worker {
         if ch.poll(&mut self.done) == 0 {
             return false;
         }
-        for c in std::mem::take(&mut self.done) {
-            let Some(f) = self.inflight.remove(&c.tag) else {
-                warn!("completion for unknown tag {}", c.tag);
-                continue;
+        // The whole batch under one vring lock, status bytes through one region cache; one
+        // notification decision at the end.
+        let mut cache = RegionCache::new(mem);
+        let mut state = vring.get_mut();
+        for c in self.done.drain(..) {
+            let slot = (c.tag & 0xffff_ffff) as usize;
+            let f = match self.inflight.get(slot) {
+                Some(f) if f.tag == c.tag => self.inflight.remove(slot),
+                _ => {
+                    warn!("completion for unknown tag {}", c.tag);
+                    continue;
+                }
             };
             if f.flush_after && c.result.is_ok() {
-                let tag = self.next_tag;
-                self.next_tag = self.next_tag.wrapping_add(1);
-                self.inflight.insert(tag, InFlight { flush_after: false, ..f });
+                let tag =
+                    Self::track(&mut self.inflight, &mut self.next_gen, InFlight { flush_after: false, ..f });
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, tag));
                 continue;
             }
             Self::finish(
-                vring,
-                mem,
+                &mut state,
+                &mut cache,
                 inf,
                 &mut self.log,
                 f.head,
@@ -571,7 +750,7 @@ impl Worker {
                 f.used_len,
             );
         }
-        Self::signal(vring);
+        Self::signal_locked(&mut state);
         true
     }
 
@@ -579,8 +758,8 @@ impl Worker {
     /// `last_batch_head`, used element and index, then the in-flight mark is cleared).
     #[allow(clippy::too_many_arguments)]
     fn finish(
-        vring: &Vring,
-        mem: &GuestMem,
+        used: &mut VringState<Gm>,
+        mem: &mut RegionCache<'_>,
         inf: Option<(&InflightRegion, u16)>,
         log: &mut RateLimit,
         head: u16,
@@ -589,24 +768,25 @@ impl Worker {
         used_len: u32,
     ) {
         let used_len = match status_addr {
-            Some(addr) => match mem.write_obj(status, addr) {
-                Ok(()) => used_len,
-                Err(e) => {
+            Some(addr) => {
+                if mem.write_u8(addr, status) {
+                    used_len
+                } else {
                     if log.allow("virtqueue") {
-                        warn!("cannot write status of head {head}: {e}");
+                        warn!("cannot write status of head {head}: {addr:?} is not in guest memory");
                     }
                     0
                 }
-            },
+            }
             None => 0,
         };
         if let Some((r, q)) = inf {
             r.pre_put(q, head);
         }
-        match vring.add_used(head, used_len) {
+        match used.add_used(head, used_len) {
             Ok(()) => {
                 if let Some((r, q)) = inf {
-                    r.post_put(q, head, vring.get_ref().get_queue().next_used());
+                    r.post_put(q, head, used.get_queue().next_used());
                 }
             }
             Err(e) => {
@@ -617,10 +797,11 @@ impl Worker {
         }
     }
 
-    fn signal(vring: &Vring) {
-        match vring.needs_notification() {
+    /// [`Self::signal`] with the vring already locked.
+    fn signal_locked(state: &mut VringState<Gm>) {
+        match state.needs_notification() {
             Ok(true) => {
-                if let Err(e) = vring.signal_used_queue() {
+                if let Err(e) = state.signal_used_queue() {
                     warn!("signal_used_queue: {e}");
                 }
             }
@@ -629,10 +810,15 @@ impl Worker {
         }
     }
 
+    fn signal(vring: &Vring) {
+        Self::signal_locked(&mut vring.get_mut());
+    }
+
     /// Waits for every in-flight request and completes it (stop_vring, shutdown). A stopped ring
     /// starts afresh: a broken mark is cleared.
     pub fn drain(&mut self, mem: &Gm) {
         self.broken = None;
+        self.quiet = false;
         self.checked = None;
         self.started = false;
         let Some(vring) = self.vring.clone() else { return };

@@ -222,9 +222,9 @@ pub struct Request {
     pub status_addr: GuestAddress,
     /// Host iovecs of the data buffers (IN / OUT / GET_ID), validated against guest memory. They are
     /// valid as long as the guest memory mapping they were built from is kept alive.
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: crate::bdev::IovList,
     /// Data segments as guest ranges (for GET_ID, written through checked accessors).
-    pub segments: Vec<(GuestAddress, u32)>,
+    pub segments: smallvec::SmallVec<[(GuestAddress, u32); 4]>,
     /// Total data length in bytes.
     pub data_len: u32,
 }
@@ -264,7 +264,8 @@ impl Request {
 
         // Keep the header, at most seg_max + 1 data descriptors, and always the last one.
         let keep = usize::try_from(limits.seg_max).unwrap_or(usize::MAX).saturating_add(2);
-        let mut descs: Vec<Descriptor> = Vec::with_capacity(keep.min(8));
+        // Inline up to 8 (no heap allocation for the common request).
+        let mut descs: smallvec::SmallVec<[Descriptor; 8]> = smallvec::SmallVec::new();
         let mut total = 0usize;
         let mut last: Option<Descriptor> = None;
         for d in chain {
@@ -337,7 +338,7 @@ impl Request {
 
         // Data descriptors: direction, size_max, total length, guest-memory bounds.
         let mut data_len: u32 = 0;
-        let mut segments = Vec::with_capacity(data.len());
+        let mut segments = smallvec::SmallVec::<[(GuestAddress, u32); 4]>::new();
         for d in data {
             if d.is_write_only() != want_writable {
                 return Err(fail_s(ParseError::WrongDirection));
@@ -350,7 +351,7 @@ impl Request {
                 segments.push((d.addr(), d.len()));
             }
         }
-        let mut iovecs = Vec::new();
+        let mut iovecs = crate::bdev::IovList::new();
         if matches!(kind, RequestKind::Read { .. } | RequestKind::Write { .. } | RequestKind::GetId) {
             iovecs.reserve(segments.len());
             for &(addr, len) in &segments {
@@ -439,7 +440,7 @@ fn push_iovecs(
     mem: &GuestMem,
     addr: GuestAddress,
     len: u32,
-    out: &mut Vec<libc::iovec>,
+    out: &mut crate::bdev::IovList,
 ) -> Result<(), ParseError> {
     let len = usize::try_from(len).map_err(|_| ParseError::LengthOverflow)?;
     let mut covered = 0usize;

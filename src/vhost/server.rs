@@ -59,6 +59,8 @@ pub struct ExportConfig {
     pub serial: String,
     /// Busy-poll time before a poller sleeps, microseconds.
     pub poll_us: u64,
+    /// Poller threads serving the queues (`poll-threads`); 0 = one per queue.
+    pub poll_threads: u16,
     /// Owner, group and mode of the socket file, applied before it accepts.
     pub socket_perms: SocketPerms,
     /// Live connection state, for the control socket and metrics.
@@ -98,6 +100,7 @@ impl ExportConfig {
             read_only: false,
             serial: serial.to_string(),
             poll_us: 50,
+            poll_threads: 0,
             socket_perms: SocketPerms::default(),
             status: Arc::default(),
         }
@@ -317,7 +320,7 @@ fn serve_loop(
                 continue;
             }
         };
-        let backend = BlkBackend::new(desc.clone(), blk, &cfg.serial, poll);
+        let backend = BlkBackend::new(desc.clone(), blk, &cfg.serial, poll, cfg.poll_threads);
         let mut daemon = VhostUserDaemon::new(
             format!("vhost-{name}"),
             backend.clone(),

@@ -65,6 +65,7 @@ use super::fastmem::RegionCache;
 use super::inflight::InflightRegion;
 use super::ratelimit::RateLimit;
 use super::request::{write_id, BadRequest, GuestMem, Request, RequestKind, ID_BYTES, SECTOR_SIZE};
+use super::spin::SpinBudget;
 use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
 
 /// Guest memory as shared with vhost-user-backend.
@@ -217,6 +218,10 @@ pub struct Worker {
     /// The channel's batch clock was set during this pass.
     stamped: bool,
     done: Vec<Completion>,
+    /// Spin budget of the poller thread whose group starts with this queue (see `super::spin`).
+    spin: Option<SpinBudget>,
+    /// When that thread ran out of work before it last went to sleep.
+    asleep_since: Option<Instant>,
 }
 
 fn lock_worker(m: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
@@ -232,6 +237,21 @@ fn lock_worker(m: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
 ///
 /// The clock is read only when a pass made no progress (to time the idle period), never per request.
 pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[Mutex<Worker>], mem: &Gm) {
+    // The thread's adaptive spin budget lives in the worker of its first queue.
+    let owner = group.first().and_then(|&q| workers.get(usize::from(q)));
+    let observe = |waited: Option<Duration>| -> Duration {
+        owner.map_or(ctx.poll, |w| {
+            let mut w = lock_worker(w);
+            let slept = w.asleep_since.take();
+            let s = w.spin.get_or_insert_with(|| SpinBudget::new(ctx.poll));
+            if let Some(d) = waited.or_else(|| slept.map(|t| t.elapsed())) {
+                s.observe(d);
+            }
+            s.budget()
+        })
+    };
+    // Woken up: the wait lasted from running out of work until now.
+    let mut budget = observe(None);
     let mut idle_since: Option<Instant> = None;
     loop {
         let mut progress = false;
@@ -243,11 +263,13 @@ pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[
             }
         }
         if progress {
-            idle_since = None;
+            if let Some(since) = idle_since.take() {
+                budget = observe(Some(since.elapsed()));
+            }
             continue;
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < ctx.poll {
+        if since.elapsed() < budget {
             if group.len() == 1 {
                 // A thread per queue gives the CPU away on an empty pass if anyone wants it (a guest's
                 // vCPUs, a client, its sibling pollers on a small host). A thread serving several
@@ -287,6 +309,9 @@ pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[
             }
         }
         if !again {
+            if let Some(w) = owner {
+                lock_worker(w).asleep_since = Some(since);
+            }
             return;
         }
         idle_since = None;

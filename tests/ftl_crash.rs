@@ -10,45 +10,10 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use common::crash::{block, verify, Model, Rng, BS};
 use vblkd::client::BlkClient;
 
-const BS: usize = 4096;
 const MEM: usize = 1 << 20;
-
-fn block(lba: u64, ver: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BS];
-    if ver == 0 {
-        return b;
-    }
-    b[0..8].copy_from_slice(&lba.to_le_bytes());
-    b[8..16].copy_from_slice(&ver.to_le_bytes());
-    for (i, x) in b.iter_mut().enumerate().skip(16) {
-        *x = (lba as u8).wrapping_mul(29) ^ (ver as u8).wrapping_mul(11) ^ (i as u8);
-    }
-    b
-}
-
-fn decode(b: &[u8]) -> Option<(u64, u64)> {
-    if b.iter().all(|x| *x == 0) {
-        return Some((u64::MAX, 0));
-    }
-    let lba = u64::from_le_bytes(b[0..8].try_into().ok()?);
-    let ver = u64::from_le_bytes(b[8..16].try_into().ok()?);
-    (block(lba, ver) == b).then_some((lba, ver))
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn spawn(dir: &Path, sock: &Path) -> Child {
     let media = format!(
@@ -79,47 +44,11 @@ fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Model: durable version per LBA and versions written since the last completed flush.
-struct Model {
-    durable: HashMap<u64, u64>,
-    pending: HashMap<u64, Vec<u64>>,
-}
-
-fn verify(c: &mut BlkClient, m: &mut Model, nblocks: u64, cycle: usize) {
-    let per = 64u64;
-    let mut lba = 0;
-    while lba < nblocks {
-        let n = per.min(nblocks - lba);
-        let r = c.sync(0, |c, u| c.read(0, lba * BS as u64, 0, (n as usize) * BS, u)).expect("read");
-        assert_eq!(r, 0, "cycle {cycle}: read of {lba}+{n} failed");
-        for i in 0..n {
-            let l = lba + i;
-            let b = &c.mem()[(i as usize) * BS..(i as usize + 1) * BS];
-            let (gl, gv) = decode(b).unwrap_or_else(|| panic!("cycle {cycle}: lba {l} holds garbage"));
-            assert!(gv == 0 || gl == l, "cycle {cycle}: lba {l} holds lba {gl}'s data");
-            let durable = m.durable.get(&l).copied().unwrap_or(0);
-            let ok = gv == durable || m.pending.get(&l).is_some_and(|p| p.contains(&gv));
-            assert!(
-                ok,
-                "cycle {cycle}: lba {l} reads version {gv}; flushed {durable}, since {:?}",
-                m.pending.get(&l)
-            );
-            if gv == 0 {
-                m.durable.remove(&l);
-            } else {
-                m.durable.insert(l, gv);
-            }
-        }
-        lba += n;
-    }
-    m.pending.clear();
-}
-
 #[test]
 fn kill_9_at_random_points_never_loses_flushed_data() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("f.sock");
-    let mut m = Model { durable: HashMap::new(), pending: HashMap::new() };
+    let mut m = Model::default();
     let mut ver = 1u64;
     let cycles = 24;
     for cycle in 0..cycles {
@@ -137,7 +66,7 @@ fn kill_9_at_random_points_never_loses_flushed_data() {
             for i in 0..len {
                 ver += 1;
                 c.mem()[(i as usize) * BS..(i as usize + 1) * BS].copy_from_slice(&block(lba + i, ver));
-                m.pending.entry(lba + i).or_default().push(ver);
+                m.maybe.entry(lba + i).or_default().push(ver);
                 since_flush.push((lba + i, ver));
             }
             assert_eq!(
@@ -153,22 +82,22 @@ fn kill_9_at_random_points_never_loses_flushed_data() {
                         0
                     );
                     for l in dl..dl + dn {
-                        m.pending.entry(l).or_default().push(0);
+                        m.maybe.entry(l).or_default().push(0);
                     }
                 }
                 assert_eq!(c.sync(0, |c, u| c.flush(0, u)).expect("flush"), 0);
                 // Everything acknowledged so far is durable now: the last value of each LBA.
                 let mut last: HashMap<u64, u64> = HashMap::new();
-                for (l, vs) in m.pending.drain() {
+                for (l, vs) in m.maybe.drain() {
                     if let Some(v) = vs.last() {
                         last.insert(l, *v);
                     }
                 }
                 for (l, v) in last {
                     if v == 0 {
-                        m.durable.remove(&l);
+                        m.sure.remove(&l);
                     } else {
-                        m.durable.insert(l, v);
+                        m.sure.insert(l, v);
                     }
                 }
                 since_flush.clear();
@@ -179,7 +108,7 @@ fn kill_9_at_random_points_never_loses_flushed_data() {
             let lba = rng.below(nblocks - 1);
             ver += 1;
             c.mem()[(k as usize) * BS..(k as usize + 1) * BS].copy_from_slice(&block(lba, ver));
-            m.pending.entry(lba).or_default().push(ver);
+            m.maybe.entry(lba).or_default().push(ver);
             c.write(0, lba * BS as u64, (k as usize) * BS, BS, k as usize);
         }
         let mut out = Vec::with_capacity(4);

@@ -5,50 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use common::crash::{block, verify, Model, Rng, BS};
 use vblkd::client::BlkClient;
 
-const BS: usize = 4096;
 const MEM: usize = 1 << 20;
-
-fn block(lba: u64, ver: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BS];
-    if ver == 0 {
-        return b;
-    }
-    b[0..8].copy_from_slice(&lba.to_le_bytes());
-    b[8..16].copy_from_slice(&ver.to_le_bytes());
-    for (i, x) in b.iter_mut().enumerate().skip(16) {
-        *x = (lba as u8).wrapping_mul(31) ^ (ver as u8).wrapping_mul(7) ^ (i as u8);
-    }
-    b
-}
-
-fn decode(b: &[u8]) -> Option<(u64, u64)> {
-    if b.iter().all(|x| *x == 0) {
-        return Some((u64::MAX, 0));
-    }
-    let lba = u64::from_le_bytes(b[0..8].try_into().ok()?);
-    let ver = u64::from_le_bytes(b[8..16].try_into().ok()?);
-    (block(lba, ver) == b).then_some((lba, ver))
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn args(dir: &Path, sock: &Path, nv_size: &str) -> Vec<String> {
     vec![
@@ -92,48 +56,11 @@ fn spawn(dir: &Path, sock: &Path) -> Guard {
     Guard(child)
 }
 
-/// Acknowledged version per LBA (durable at once with an nv-cache) and values that may also be
-/// read (writes in flight at the kill, unmaps not followed by a flush).
-struct Model {
-    acked: HashMap<u64, u64>,
-    maybe: HashMap<u64, Vec<u64>>,
-}
-
-fn verify(c: &mut BlkClient, m: &mut Model, nblocks: u64, cycle: usize) {
-    let per = 64u64;
-    let mut lba = 0;
-    while lba < nblocks {
-        let n = per.min(nblocks - lba);
-        let r = c.sync(0, |c, u| c.read(0, lba * BS as u64, 0, (n as usize) * BS, u)).expect("read");
-        assert_eq!(r, 0, "cycle {cycle}: read of {lba}+{n} failed");
-        for i in 0..n {
-            let l = lba + i;
-            let b = &c.mem()[(i as usize) * BS..(i as usize + 1) * BS];
-            let (gl, gv) = decode(b).unwrap_or_else(|| panic!("cycle {cycle}: lba {l} holds garbage"));
-            assert!(gv == 0 || gl == l, "cycle {cycle}: lba {l} holds lba {gl}'s data");
-            let acked = m.acked.get(&l).copied().unwrap_or(0);
-            let ok = gv == acked || m.maybe.get(&l).is_some_and(|p| p.contains(&gv));
-            assert!(
-                ok,
-                "cycle {cycle}: lba {l} reads version {gv}; last acknowledged {acked}, maybe {:?}",
-                m.maybe.get(&l)
-            );
-            if gv == 0 {
-                m.acked.remove(&l);
-            } else {
-                m.acked.insert(l, gv);
-            }
-        }
-        lba += n;
-    }
-    m.maybe.clear();
-}
-
 #[test]
 fn kill_9_without_flushes_keeps_every_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("f.sock");
-    let mut m = Model { acked: HashMap::new(), maybe: HashMap::new() };
+    let mut m = Model::default();
     let mut ver = 1u64;
     let cycles = 12;
     for cycle in 0..=cycles {
@@ -161,7 +88,7 @@ fn kill_9_without_flushes_keeps_every_acknowledged_write() {
             let r = c.sync(0, |c, u| c.write(0, lba * BS as u64, 0, (len as usize) * BS, u)).expect("w");
             assert_eq!(r, 0);
             for i in 0..len {
-                m.acked.insert(lba + i, first + i);
+                m.sure.insert(lba + i, first + i);
                 m.maybe.remove(&(lba + i));
             }
             if rng.below(25) == 0 {
@@ -176,7 +103,7 @@ fn kill_9_without_flushes_keeps_every_acknowledged_write() {
                     // A flushed unmap is durable: never undone by a replay.
                     assert_eq!(c.sync(0, |c, u| c.flush(0, u)).expect("flush"), 0);
                     for l in dl..dl + dn {
-                        m.acked.remove(&l);
+                        m.sure.remove(&l);
                         m.maybe.remove(&l);
                     }
                 }
@@ -187,7 +114,7 @@ fn kill_9_without_flushes_keeps_every_acknowledged_write() {
             let lba = rng.below(nblocks - 1);
             ver += 1;
             c.mem()[(k as usize) * BS..(k as usize + 1) * BS].copy_from_slice(&block(lba, ver));
-            let old = m.acked.get(&lba).copied().unwrap_or(0);
+            let old = m.sure.get(&lba).copied().unwrap_or(0);
             let e = m.maybe.entry(lba).or_default();
             e.push(ver);
             e.push(old);

@@ -89,4 +89,5 @@ pub fn rbd_bdev(name: &str, tag: &str, size: &str) -> String {
         ceph_conf().display()
     )
 }
+pub mod crash;
 pub mod vring;

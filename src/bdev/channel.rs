@@ -597,6 +597,25 @@ impl Channel {
         self.module.wait_fd()
     }
 
+    /// Submits `io` and blocks until a request of this channel completes; returns that result. For
+    /// start-up and metadata paths that keep one request in flight (never a poller's hot path).
+    pub fn submit_and_wait(&mut self, io: BdevIo) -> Result<(), IoError> {
+        self.submit(io);
+        let mut done: Vec<Completion> = Vec::new();
+        loop {
+            if self.poll(&mut done) > 0 {
+                return done[0].result;
+            }
+            if let Some(fd) = self.wait_fd() {
+                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack, for the duration of the call.
+                unsafe { libc::poll(&mut p, 1, 10) };
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
     /// The bdev.
     pub fn bdev(&self) -> &Arc<dyn Bdev> {
         &self.bdev

@@ -67,8 +67,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bdev::{
-    Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs,
-    ModuleChannel, Registry,
+    Bdev, BdevError, BdevInfo, BdevIo, Channel, Descriptor, IoError, IoKind, IoVecs, ModuleChannel, Registry,
 };
 use layout::{CoreEntry, LayoutError, Superblock};
 use map::{Counters, LineMap};
@@ -517,8 +516,7 @@ pub(crate) fn sync_io(
         }
         _ => BdevIo::no_data(kind, 0, 0, 0),
     };
-    ch.submit(io);
-    wait_one(ch).map_err(|e| BdevError::Module(format!("cache device I/O failed: {e}")))
+    ch.submit_and_wait(io).map_err(|e| BdevError::Module(format!("cache device I/O failed: {e}")))
 }
 
 pub(crate) fn sync_read(
@@ -530,25 +528,9 @@ pub(crate) fn sync_read(
     let bs = u64::from(block);
     let buf = IoVecs::alloc(len);
     let view = buf.slice(0, len as u64).ok_or_else(|| BdevError::Module("buffer".into()))?;
-    ch.submit(BdevIo::read(off_bytes / bs, len as u64 / bs, buf, 0));
-    wait_one(ch).map_err(|e| BdevError::Module(format!("cache device read failed: {e}")))?;
+    ch.submit_and_wait(BdevIo::read(off_bytes / bs, len as u64 / bs, buf, 0))
+        .map_err(|e| BdevError::Module(format!("cache device read failed: {e}")))?;
     Ok(view.to_vec())
-}
-
-fn wait_one(ch: &mut Channel) -> Result<(), IoError> {
-    let mut done: Vec<Completion> = Vec::new();
-    loop {
-        if ch.poll(&mut done) > 0 {
-            return done[0].result;
-        }
-        if let Some(fd) = ch.wait_fd() {
-            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd on the stack.
-            unsafe { libc::poll(&mut p, 1, 10) };
-        } else {
-            std::thread::yield_now();
-        }
-    }
 }
 
 fn cfg_err(cfg: &CacheConfig, m: impl std::fmt::Display) -> BdevError {

@@ -41,7 +41,7 @@
 //! Restore reads the whole ring (its time grows with the nv-cache size). Unmaps and write_zeroes
 //! are not logged (see above).
 
-use crate::bdev::{BdevIo, Channel, Completion, Descriptor, IoError, IoKind, IoVecs};
+use crate::bdev::{BdevIo, Channel, Descriptor, IoError, IoKind, IoVecs};
 
 use super::layout::BLOCK_BYTES;
 use super::FtlError;
@@ -301,20 +301,7 @@ fn nv_err(name: &str, m: impl std::fmt::Display) -> FtlError {
 
 /// Submits one I/O and waits for it (start-up, scan and the core thread's metadata writes).
 pub fn sync_io(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
-    ch.submit(io);
-    let mut done: Vec<Completion> = Vec::new();
-    loop {
-        if ch.poll(&mut done) > 0 {
-            return done[0].result;
-        }
-        if let Some(fd) = ch.wait_fd() {
-            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd on the stack, for the duration of the call.
-            unsafe { libc::poll(&mut p, 1, 10) };
-        } else {
-            std::thread::yield_now();
-        }
-    }
+    ch.submit_and_wait(io)
 }
 
 /// Reads `units` units from unit `first` of the bdev.

@@ -233,22 +233,29 @@ fn conformance_cache_modes() {
     }
 }
 
-#[test]
-fn shared_cache_two_cores_concurrent() {
+/// Cache bdevs `a` (c0 on core0) and a copy of it named c1 on core1, sharing one 64-line cache
+/// device, all registered; returns the registry, c1's config and both cache bdevs.
+fn shared_pair(a: &CacheConfig) -> (Registry, CacheConfig, Arc<CacheBdev>, Arc<CacheBdev>) {
     let reg = Registry::new();
     reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
     for n in ["core0", "core1"] {
         reg.register(Arc::new(MallocBdev::new(n, 1 << 20, 512).unwrap())).unwrap();
     }
-    let mut a = cfg(Mode::Wb);
-    a.cleaner = CleanerPolicy::Acp;
     let mut b = a.clone();
     b.name = "c1".into();
     b.core = "core1".into();
-    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let ca = CacheBdev::create(a, &reg).unwrap();
     let cb = CacheBdev::create(&b, &reg).unwrap();
     reg.register(ca.clone()).unwrap();
     reg.register(cb.clone()).unwrap();
+    (reg, b, ca, cb)
+}
+
+#[test]
+fn shared_cache_two_cores_concurrent() {
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Acp;
+    let (reg, b, ca, cb) = shared_pair(&a);
     // Disagreeing third one is refused with the reason; a core is claimed by one cache bdev.
     let mut bad = b.clone();
     bad.name = "c2".into();
@@ -635,21 +642,10 @@ fn crash_after_clean_and_reuse_loads_the_right_data() {
 /// frees its clean ones, unregisters itself (its users are told), and the other core is served on.
 #[test]
 fn core_removal_cleans_and_removes_the_cache_bdev() {
-    let reg = Registry::new();
-    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
-    for n in ["core0", "core1"] {
-        reg.register(Arc::new(MallocBdev::new(n, 1 << 20, 512).unwrap())).unwrap();
-    }
     let mut a = cfg(Mode::Wb);
     a.cleaner = CleanerPolicy::Nop;
     a.seq_cutoff = SeqCutoff::Off;
-    let mut b = a.clone();
-    b.name = "c1".into();
-    b.core = "core1".into();
-    let ca = CacheBdev::create(&a, &reg).unwrap();
-    let cb = CacheBdev::create(&b, &reg).unwrap();
-    reg.register(ca.clone()).unwrap();
-    reg.register(cb.clone()).unwrap();
+    let (reg, _, ca, cb) = shared_pair(&a);
     // An "export" on c0 that wants to hear about its removal.
     let told = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let t2 = told.clone();

@@ -25,6 +25,21 @@ use super::{
 };
 
 /// Polls until nothing is outstanding; returns completions in arrival order.
+/// xorshift64 for the module tests' random workloads: reproducible per seed.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
 pub(crate) fn drive(ch: &mut Channel) -> Vec<Completion> {
     let mut done = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -18,23 +18,10 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::bdev::file::{Engine, FileBdev};
 use crate::bdev::malloc::MallocBdev;
-use crate::bdev::tests::{conformance, drive, run};
+use crate::bdev::tests::{conformance, drive, run, Rng};
 use crate::bdev::{BdevIo, IoKind, IoVecs, Registry};
 
 const BS: u64 = 512;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Bytes of a cache device with `lines` lines of `line` bytes.
 fn cache_dev_bytes(lines: u64, line: u64) -> u64 {

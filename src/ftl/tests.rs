@@ -15,7 +15,7 @@ use proptest::prelude::*;
 
 use super::core::Limit;
 use super::*;
-use crate::bdev::tests::{drive, run};
+use crate::bdev::tests::{drive, run, Rng};
 use crate::bdev::{BdevIo, Channel, Descriptor, IoError, IoKind, IoVecs, Registry};
 use crate::ocssd::{EmuConfig, EmuDevice, EmuGeometry, Fault, Ppa, ReadErrorKind};
 
@@ -171,19 +171,6 @@ fn invariants(h: &Harness, ctx: &str) {
     for (i, b) in c.bands.iter().enumerate() {
         assert_eq!(b.valid, counts[i], "{ctx}: band {i} valid count (state {:?})", b.state);
         assert_eq!(b.reloc_pending, pending[i], "{ctx}: band {i} relocated blocks still buffered");
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 

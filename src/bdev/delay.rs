@@ -21,6 +21,8 @@
 use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+
+use super::waitset::epoll_set;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -140,14 +142,7 @@ fn os_err(what: &str) -> BdevError {
 
 impl DelayChannel {
     fn new(base: Channel, opts: DelayOptions) -> Result<Self, BdevError> {
-        // SAFETY: plain syscalls creating fds we take ownership of at once.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epfd < 0 {
-            return Err(os_err("epoll_create1"));
-        }
-        // SAFETY: epfd is a fresh fd owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
-        // SAFETY: as above.
+        // SAFETY: plain syscall creating an fd we take ownership of at once.
         let tfd =
             unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
         if tfd < 0 {
@@ -155,18 +150,8 @@ impl DelayChannel {
         }
         // SAFETY: tfd is a fresh fd owned by nobody else.
         let timer = unsafe { OwnedFd::from_raw_fd(tfd) };
-        let add = |fd: RawFd| -> Result<(), BdevError> {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
-            // SAFETY: both fds are open; `ev` is a valid epoll_event.
-            if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-                return Err(os_err("epoll_ctl"));
-            }
-            Ok(())
-        };
-        add(timer.as_raw_fd())?;
-        if let Some(fd) = base.wait_fd() {
-            add(fd)?;
-        }
+        let epoll = epoll_set([Some(timer.as_raw_fd()), base.wait_fd()].into_iter().flatten())
+            .map_err(|e| BdevError::io("delay channel: epoll set", e))?;
         let seed = u64::from_le_bytes(random_uuid()[0..8].try_into().unwrap_or([7; 8])) | 1;
         Ok(Self {
             base,

@@ -37,6 +37,7 @@ pub mod registry;
 pub mod stats;
 #[cfg(test)]
 pub(crate) mod tests;
+pub(crate) mod waitset;
 
 pub use channel::{BdevControl, Channel};
 pub use iov::{AlignedBuf, IoVecs, IovList};

@@ -32,7 +32,9 @@
 //! and up: a 1 GiB cache has 256 Ki lines; a scan is well under a millisecond).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::bdev::waitset::{epoll_add, epoll_set};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,14 +126,13 @@ pub(crate) fn run(sh: Arc<Shared>, image: Vec<u8>) {
             return;
         }
     };
-    // SAFETY: plain syscall; the result is checked and owned.
-    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if raw < 0 {
-        log::error!("cache '{}': epoll_create1: {}", sh.cache_name, std::io::Error::last_os_error());
-        return;
-    }
-    // SAFETY: `raw` is a fresh fd we own.
-    let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let epfd = match epoll_set([]) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("cache '{}': epoll_create1: {e}", sh.cache_name);
+            return;
+        }
+    };
     let mut o = Owner {
         image,
         cache_ch,
@@ -160,9 +161,9 @@ pub(crate) fn run(sh: Arc<Shared>, image: Vec<u8>) {
 
 impl Owner {
     fn watch(&self, fd: RawFd) {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
-        // SAFETY: valid epoll fd and event; the watched fd lives as long as the channel we keep.
-        unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        // The watched fd lives as long as the channel we keep. A failure is ignored, as before: the
+        // owner loop also wakes on its timer.
+        let _ = epoll_add(&self.epfd, fd);
     }
 
     fn tag(&mut self, p: Purpose) -> u64 {

@@ -40,7 +40,9 @@
 //! Read misses fill exactly the sectors read.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::bdev::waitset::epoll_set;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -160,25 +162,9 @@ impl CacheChannel {
         let core_ch = b.core.channel()?;
         let mailbox = Mailbox::new()?;
         lock(&sh.mailboxes).push(Arc::downgrade(&mailbox));
-        // SAFETY: plain syscall; the returned fd is checked and owned below.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(BdevError::io("cache: epoll_create1", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh fd we own.
-        let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let fds: Vec<RawFd> = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()]
-            .into_iter()
-            .flatten()
-            .collect();
-        for fd in fds {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
-            // SAFETY: valid epoll fd and event; `fd` stays open as long as this channel (owned by it).
-            let rc = unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-            if rc != 0 {
-                return Err(BdevError::io("cache: epoll_ctl", std::io::Error::last_os_error()));
-            }
-        }
+        let fds = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()];
+        let epfd = epoll_set(fds.into_iter().flatten())
+            .map_err(|e| BdevError::io("cache: setting up the channel's epoll set", e))?;
         let bs = u64::from(b.info.block_size);
         Ok(Self {
             lb: sh.line_blocks(b.info.block_size),

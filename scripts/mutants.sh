@@ -12,6 +12,11 @@
 # Slow: every mutant is a rebuild plus a test run (on 2 cores, minutes per file for the small ones,
 # an hour or more for request.rs/poller.rs). Not part of scripts/test.sh.
 # Needs cargo-mutants: cargo install cargo-mutants --locked
+#
+# Environment: MUTANTS_JOBS=N (parallel builds, each in its own copy of the tree),
+# MUTANTS_MIN_TIMEOUT=S (lower bound of the per-mutant test time-out, default 20 s),
+# MUTANTS_IN_PLACE=1 (mutate this tree and reuse its target/mutants: no copy, no cold baseline build;
+# only in a checkout you are not editing, since the file is mutated while a mutant runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,8 +49,14 @@ tests_for() {
         # The control socket's look-ups (claimed_by, bdev_stats, control) are tested through vblkd ctl.
         src/bdev/registry.rs) echo "--lib --test ops_registry --test control" ;;
         src/ocssd/emu.rs) echo "--lib --test ocssd_emu --test ops_gaps" ;;
-        src/ftl/* | src/*ftl*) echo "--lib --test ftl_crash" ;;
-        src/cache/* | src/*cache*) echo "--lib --test cache_cli --test cache_crash" ;;
+        # On-medium state (superblock, band metadata, restore, nv-cache ring): the crash tests too
+        # (their test names are the filters after the module's own).
+        src/ftl/md.rs | src/ftl/restore.rs | src/ftl/layout.rs | src/ftl/nvcache.rs)
+            echo "--lib --test ftl_crash --test ftl_nvcache -- ftl:: kill_9 nv_cache_refusals" ;;
+        src/ftl/*) echo "--lib -- ftl::" ;;
+        src/cache/layout.rs | src/cache/mod.rs)
+            echo "--lib --test cache_cli --test cache_crash -- cache:: kill_9 refusals defaults" ;;
+        src/cache/*) echo "--lib -- cache::" ;;
         *) echo "--lib" ;;
     esac
 }
@@ -54,12 +65,22 @@ tests_for() {
 summary=()
 for f in "${FILES[@]}"; do
     [[ -f "$f" ]] || { echo "mutants.sh: no such file $f" >&2; exit 3; }
-    read -r -a targs <<<"$(tests_for "$f")"
+    spec=$(tests_for "$f")
+    # Test targets go to every cargo invocation (the build of each mutant then compiles and links only
+    # those, not every test binary of the crate); a test-name filter goes to the test run only.
+    read -r -a targets <<<"${spec%% -- *}"
+    filter=()
+    [[ "$spec" == *" -- "* ]] && read -r -a filter <<<"${spec#* -- }"
+    cargs=()
+    for t in "${targets[@]}"; do cargs+=("--cargo-arg=$t"); done
     out="mutants.out/${f//\//_}"
     mkdir -p "$out"
-    echo "mutants.sh: $f with: cargo test ${targs[*]}" >&2
+    echo "mutants.sh: $f with: cargo test ${spec}" >&2
     rc=0
-    cargo mutants --no-shuffle --timeout 300 --output "$out" --file "$f" -- "${targs[@]}" || rc=$?
+    # The time-out is set from the baseline's test time (timeout_multiplier in .cargo/mutants.toml),
+    # at least MUTANTS_MIN_TIMEOUT seconds: a mutant that makes a test hang costs that much.
+    cargo mutants --no-shuffle --minimum-test-timeout "${MUTANTS_MIN_TIMEOUT:-20}" ${MUTANTS_JOBS:+-j "$MUTANTS_JOBS"} ${MUTANTS_IN_PLACE:+--in-place} \
+        --output "$out" --file "$f" "${cargs[@]}" -- "${filter[@]}" || rc=$?
     # Exit codes: 0 all caught, 2 some missed, 3 some timed out, 1/4 usage or baseline failure.
     [[ $rc -eq 0 || $rc -eq 2 || $rc -eq 3 ]] || { echo "mutants.sh: cargo mutants failed ($rc) on $f" >&2; exit "$rc"; }
     d="$out/mutants.out"

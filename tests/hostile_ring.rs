@@ -511,7 +511,7 @@ fn refused_messages_keep_the_connection() {
     let region = |gpa: u64, size: u64, off: u64| VhostUserMemoryRegionInfo {
         guest_phys_addr: gpa,
         memory_size: size,
-        userspace_addr: 0x7000_0000_0000 + gpa,
+        userspace_addr: 0x7000_0000_0000u64.wrapping_add(gpa),
         mmap_offset: off,
         mmap_handle: fd,
     };

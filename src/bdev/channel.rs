@@ -67,7 +67,7 @@ use std::time::Instant;
 use super::qos::Qos;
 
 use super::iov::AlignedBuf;
-use super::stats::{BdevStats, BdevStatsSnapshot, Sample};
+use super::stats::{BdevStats, BdevStatsSnapshot, Sample, StatsShard};
 use super::{Bdev, BdevInfo, BdevIo, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
 
 /// Size of the shared zero buffer used by write_zeroes emulation.
@@ -81,6 +81,14 @@ pub const NOMEM_THRESHOLD_COUNT: usize = 8;
 pub(crate) fn zero_buf() -> Arc<AlignedBuf> {
     static ZERO: OnceLock<Arc<AlignedBuf>> = OnceLock::new();
     ZERO.get_or_init(|| Arc::new(AlignedBuf::zeroed(ZERO_BUF_BYTES))).clone()
+}
+
+/// Nanoseconds from a process-wide origin to `t` (0 for instants before it): parents keep their
+/// start time as a number, so a latency is one subtraction instead of `Instant` arithmetic.
+fn nanos(t: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Run-time controls shared by every channel of one bdev: QoS buckets and the reset freeze.
@@ -105,8 +113,11 @@ impl BdevControl {
 struct Parent {
     tag: u64,
     kind: IoKind,
+    /// Generation (an only child's tag carries it, see [`ONLY_CHILD`]).
+    gen: u32,
     bytes: u64,
-    start: Instant,
+    /// Start time, in [`nanos`].
+    start: u64,
     /// Children submitted or queued and not yet completed.
     pending: usize,
     error: Option<IoError>,
@@ -117,6 +128,10 @@ struct Parent {
     wz_next: u64,
     wz_end: u64,
 }
+
+/// Tag bit of a parent's only child (an unsplit read or write): the low 32 bits are the parent's id,
+/// bits 32..63 its generation.
+const ONLY_CHILD: u64 = 1 << 63;
 
 /// True for the kinds QoS counts (flush and reset are never held back).
 fn qos_counted(kind: IoKind) -> bool {
@@ -129,9 +144,11 @@ pub struct Channel {
     module: Box<dyn ModuleChannel>,
     writable: bool,
     stats: Arc<BdevStats>,
+    /// This channel's shard of the bdev's counters (folded into `stats` when the channel drops).
+    shard: Arc<StatsShard>,
     local_stats: BdevStatsSnapshot,
     /// Finished parents (and validation failures) waiting for `poll`.
-    local_done: VecDeque<Completion>,
+    local_done: Vec<Completion>,
     /// Children waiting for the module (refused with NOMEM, or behind one that was), in order.
     queue: VecDeque<BdevIo>,
     /// Retry `queue` once `in_module` is at or below this (recorded at the last NOMEM).
@@ -141,14 +158,16 @@ pub struct Channel {
     /// Parents in flight, indexed by parent id (a slab: no hashing, no allocation once warm).
     parents: Slab<Parent>,
     /// Children in flight: slot → (parent id, full tag). A child's tag is its slot in the low 32 bits
-    /// and a generation in the high bits, so a stale or repeated completion is recognised.
+    /// and a generation in the high bits, so a stale or repeated completion is recognised. The only
+    /// child of an unsplit parent is not in this slab: its tag is `ONLY_CHILD` | the parent's
+    /// generation | the parent's id.
     children: Slab<(usize, u64)>,
     next_gen: u64,
     scratch: Vec<Completion>,
     /// Submission time of the current batch ([`Channel::set_batch_time`]); `None`: read the clock.
-    batch_now: Option<Instant>,
+    batch_now: Option<u64>,
     /// Completion time of the completions being processed by `poll` (one clock read per poll).
-    done_now: Option<Instant>,
+    done_now: Option<u64>,
     control: Arc<BdevControl>,
     /// Parents held back by QoS, in submission order.
     parked: VecDeque<BdevIo>,
@@ -165,7 +184,9 @@ impl Channel {
         control: Arc<BdevControl>,
     ) -> Self {
         let seen_epoch = control.reset_epoch.load(Ordering::Acquire);
+        let shard = stats.shard();
         Self {
+            shard,
             control,
             parked: VecDeque::new(),
             seen_epoch,
@@ -174,7 +195,7 @@ impl Channel {
             writable,
             stats,
             local_stats: BdevStatsSnapshot::default(),
-            local_done: VecDeque::new(),
+            local_done: Vec::new(),
             queue: VecDeque::new(),
             nomem_threshold: 0,
             in_module: 0,
@@ -200,19 +221,18 @@ impl Channel {
     /// (a poller calls it once per batch: one clock read per batch instead of one per request).
     /// Without it every parent reads the clock itself.
     pub fn set_batch_time(&mut self, now: Instant) {
-        self.batch_now = Some(now);
+        self.batch_now = Some(nanos(now));
+        self.module.set_batch_time(now);
     }
 
-    fn start_time(&self) -> Instant {
-        self.batch_now.unwrap_or_else(Instant::now)
+    fn start_time(&self) -> u64 {
+        self.batch_now.unwrap_or_else(|| nanos(Instant::now()))
     }
 
     /// Submits an I/O. Never blocks and never completes inline: the outcome comes from `poll`.
     pub fn submit(&mut self, io: BdevIo) {
-        self.stats.submitted();
-        let bdev = self.bdev.clone();
-        let info = bdev.info();
-        if let Err(e) = self.validate(info, &io) {
+        self.shard.submitted();
+        if let Err(e) = self.validate(self.bdev.info(), &io) {
             self.fail_now(io.kind, io.tag, e);
             return;
         }
@@ -227,7 +247,7 @@ impl Channel {
         }
         if qos_counted(io.kind) && self.control.qos.enabled() {
             let bytes = if matches!(io.kind, IoKind::Read | IoKind::Write) {
-                io.num_blocks * u64::from(info.block_size)
+                io.num_blocks * u64::from(self.bdev.info().block_size)
             } else {
                 0
             };
@@ -242,7 +262,7 @@ impl Channel {
     /// Fails a parent that never started.
     fn fail_now(&mut self, kind: IoKind, tag: u64, e: IoError) {
         self.record(Sample { kind, bytes: 0, latency_ns: 0, ok: false });
-        self.local_done.push_back(Completion { tag, result: Err(e) });
+        self.local_done.push(Completion { tag, result: Err(e) });
     }
 
     /// Fails this channel's queued work when a reset happened since we last looked.
@@ -269,6 +289,7 @@ impl Channel {
         let parent = Parent {
             tag: io.tag,
             kind: IoKind::Reset,
+            gen: 0,
             bytes: 0,
             start: self.start_time(),
             pending: 0,
@@ -292,12 +313,13 @@ impl Channel {
 
     /// Starts an admitted parent: bounce, split or emulate, hand children to the module.
     fn start(&mut self, io: BdevIo) {
-        let bdev = self.bdev.clone();
+        let bdev = &self.bdev;
         let info = bdev.info();
         let bs = u64::from(info.block_size);
         let mut parent = Parent {
             tag: io.tag,
             kind: io.kind,
+            gen: 0,
             bytes: if matches!(io.kind, IoKind::Flush | IoKind::Reset) { 0 } else { io.num_blocks * bs },
             start: self.start_time(),
             pending: 0,
@@ -314,9 +336,12 @@ impl Channel {
             && next_len(info, io.offset_blocks, io.num_blocks) == io.num_blocks
         {
             parent.pending = 1;
+            self.next_gen = self.next_gen.wrapping_add(1);
+            // Never 0: a parent with generation 0 has its children in the slab.
+            parent.gen = ((self.next_gen & 0x7fff_ffff) as u32).max(1);
+            let gen = u64::from(parent.gen);
             let id = self.parents.insert(parent);
-            let tag = self.new_child(id);
-            self.dispatch(BdevIo { tag, ..io });
+            self.dispatch(BdevIo { tag: ONLY_CHILD | gen << 32 | (id as u64 & 0xffff_ffff), ..io });
             return;
         }
         // Inline for one child: no allocation.
@@ -455,17 +480,31 @@ impl Channel {
         }
     }
 
-    fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
+    /// The parent of the child with tag `ctag` (the child is forgotten); `None` for an unknown,
+    /// stale or repeated tag.
+    fn take_child(&mut self, ctag: u64) -> Option<usize> {
         let slot = (ctag & 0xffff_ffff) as usize;
-        let id = match self.children.get(slot) {
+        if ctag & ONLY_CHILD != 0 {
+            let gen = (ctag & !ONLY_CHILD) >> 32;
+            return self
+                .parents
+                .get(slot)
+                .is_some_and(|p| p.gen != 0 && u64::from(p.gen) == gen)
+                .then_some(slot);
+        }
+        match self.children.get(slot) {
             Some(&(id, tag)) if tag == ctag => {
                 self.children.remove(slot);
-                id
+                Some(id)
             }
-            _ => {
-                log::warn!("bdev '{}': completion for unknown tag {ctag}", self.bdev.info().name);
-                return;
-            }
+            _ => None,
+        }
+    }
+
+    fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
+        let Some(id) = self.take_child(ctag) else {
+            log::warn!("bdev '{}': completion for unknown tag {ctag}", self.bdev.info().name);
+            return;
         };
         let Some(p) = self.parents.get_mut(id) else { return };
         if let Err(e) = result {
@@ -496,14 +535,14 @@ impl Channel {
             // SAFETY: `tmp` is our contiguous bounce buffer of the same length, distinct from `orig`.
             unsafe { orig.copy_from_raw(0, src, tmp.len_bytes() as usize) };
         }
-        let end = self.done_now.unwrap_or_else(Instant::now);
-        let latency_ns = u64::try_from(end.saturating_duration_since(p.start).as_nanos()).unwrap_or(u64::MAX);
+        let end = self.done_now.unwrap_or_else(|| nanos(Instant::now()));
+        let latency_ns = end.saturating_sub(p.start);
         self.record(Sample { kind: p.kind, bytes: p.bytes, latency_ns, ok: result.is_ok() });
-        self.local_done.push_back(Completion { tag: p.tag, result });
+        self.local_done.push(Completion { tag: p.tag, result });
     }
 
     fn record(&mut self, s: Sample) {
-        self.stats.record(s);
+        self.shard.record(s);
         self.local_stats.record(s);
     }
 
@@ -541,7 +580,7 @@ impl Channel {
         self.module.poll(&mut scratch);
         self.in_module = self.in_module.saturating_sub(scratch.len());
         // One clock read for the whole completion batch.
-        self.done_now = if scratch.is_empty() { None } else { Some(Instant::now()) };
+        self.done_now = if scratch.is_empty() { None } else { Some(nanos(Instant::now())) };
         for c in scratch.drain(..) {
             self.child_done(c.tag, c.result);
         }
@@ -555,7 +594,7 @@ impl Channel {
         self.catch_up_reset();
         self.retry_queue();
         self.release_parked();
-        done.extend(self.local_done.drain(..));
+        done.append(&mut self.local_done);
         done.len() - before
     }
 
@@ -639,4 +678,11 @@ fn next_len(info: &BdevInfo, off: u64, remaining: u64) -> u64 {
         n = n.min(u64::from(info.max_io_blocks));
     }
     n
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // What this channel counted stays in the bdev's statistics.
+        self.stats.retire(&self.shard);
+    }
 }

@@ -349,4 +349,7 @@ pub trait ModuleChannel: Send {
     fn wait_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The owner's batch time (see [`Channel::set_batch_time`]): a stacked module passes it on to the
+    /// channels it submits to, so its children cost no clock read either.
+    fn set_batch_time(&mut self, _now: std::time::Instant) {}
 }

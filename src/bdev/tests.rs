@@ -367,6 +367,8 @@ pub(crate) struct StubCtl {
     pub(crate) fail_at: Option<u64>,
     /// Release no completion at all while set.
     pub(crate) hold_all: bool,
+    /// A buggy module: every completion is delivered again on the next poll.
+    echo: bool,
 }
 
 pub(crate) struct StubBdev {
@@ -395,6 +397,7 @@ impl Bdev for StubBdev {
             ctl: self.ctl.clone(),
             held: VecDeque::new(),
             inflight: 0,
+            echoes: Vec::new(),
         }))
     }
 }
@@ -404,6 +407,8 @@ struct StubChannel {
     ctl: Arc<Mutex<StubCtl>>,
     held: VecDeque<Completion>,
     inflight: usize,
+    /// Completions to deliver again on the next poll (`StubCtl::echo`).
+    echoes: Vec<Completion>,
 }
 
 impl ModuleChannel for StubChannel {
@@ -428,17 +433,23 @@ impl ModuleChannel for StubChannel {
         let mut tmp = Vec::new();
         self.inner.poll(&mut tmp);
         self.held.extend(tmp);
-        let (per, hold) = {
+        let (per, hold, echo) = {
             let c = self.ctl.lock().expect("ctl");
-            (c.per_poll, c.hold_all)
+            (c.per_poll, c.hold_all, c.echo)
         };
+        let echoed = self.echoes.len();
+        done.append(&mut self.echoes);
         if hold {
-            return 0;
+            return echoed;
         }
         let n = if per == 0 { self.held.len() } else { per.min(self.held.len()) };
+        let start = done.len();
         done.extend(self.held.drain(..n));
+        if echo {
+            self.echoes.extend_from_slice(&done[start..]);
+        }
         self.inflight -= n;
-        n
+        n + echoed
     }
 }
 
@@ -506,6 +517,48 @@ fn nomem_with_nothing_outstanding_retries_on_poll() {
     assert_eq!(ch.outstanding(), 1);
     ctl.lock().expect("ctl").cap = None;
     assert_eq!(drive(&mut ch), vec![Completion { tag: 7, result: Ok(()) }]);
+}
+
+/// A module that completes a child twice never completes a parent twice, and a late repeat never
+/// completes the parent that took its slot since (unsplit reads and writes: the only-child tag;
+/// split ones: the children slab).
+#[test]
+fn repeated_module_completions_are_ignored() {
+    let (bdev, ctl) = StubBdev::new(|i| i.max_io_blocks = 8);
+    ctl.lock().expect("ctl").echo = true;
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    // Unsplit and split parents together: every tag exactly once (`run` asserts it).
+    let ios = (0..6u64)
+        .map(|t| {
+            let nb = if t % 2 == 0 { 1 } else { 20 };
+            BdevIo::write(t * 32, nb, IoVecs::alloc(nb as usize * 512), t)
+        })
+        .collect();
+    assert!(run(&mut ch, ios).values().all(|r| r.is_ok()));
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    done.clear();
+    for nb in [1u64, 20] {
+        // A completes; its repeat arrives while B sits in the slot A had.
+        ch.submit(BdevIo::read(0, nb, IoVecs::alloc(nb as usize * 512), 100));
+        while ch.outstanding() > 0 {
+            ch.poll(&mut done);
+        }
+        assert_eq!(done, vec![Completion { tag: 100, result: Ok(()) }]);
+        done.clear();
+        ctl.lock().expect("ctl").hold_all = true;
+        ch.submit(BdevIo::read(0, nb, IoVecs::alloc(nb as usize * 512), 200));
+        ch.poll(&mut done);
+        assert!(done.is_empty(), "a repeated completion completed another parent: {done:?}");
+        assert_eq!(ch.outstanding(), 1);
+        ctl.lock().expect("ctl").hold_all = false;
+        while ch.outstanding() > 0 {
+            ch.poll(&mut done);
+        }
+        ch.poll(&mut done);
+        assert_eq!(done, vec![Completion { tag: 200, result: Ok(()) }]);
+        done.clear();
+    }
 }
 
 #[test]

@@ -49,10 +49,19 @@ use std::sync::{Arc, Mutex};
 use super::map::{Key, LineMap};
 use super::{lock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::{BdevError, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
-use crate::tagmap::TagMap;
+use slab::Slab;
 
-/// Lock owner ids, unique across every channel and cleaner of the process.
+/// Lock owner ids of the cleaner and of owner-thread work, unique across the process. They stay
+/// below 2^63: a channel's request ids have the top bit set (see [`CacheChannel`]).
 pub(crate) static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+
+/// Channel numbers: the middle bits of a channel's request ids.
+static NEXT_CHANNEL: AtomicU64 = AtomicU64::new(0);
+
+/// The top bit marks a channel's request id; the next 31 bits are the channel number; the low 32
+/// bits are the request's slot in the channel's slab.
+const CHANNEL_ID_BIT: u64 = 1 << 63;
+const SLOT_MASK: u64 = 0xffff_ffff;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Stage {
@@ -94,6 +103,10 @@ struct Seg {
 }
 
 struct Req {
+    /// Lock owner id and mailbox token: channel id | slab slot.
+    id: u64,
+    /// Generation, in the high bits of the children's tags (a stale child completion is ignored).
+    gen: u32,
     tag: u64,
     kind: IoKind,
     off: u64,
@@ -105,20 +118,38 @@ struct Req {
     plans: Vec<Plan>,
     inserts: Vec<Seg>,
     locked: bool,
-    /// Read hit: cache lines pinned (the first `npins`).
+}
+
+/// A read hit in flight: its lines are pinned (the first `npins` of `pins`) until its children on
+/// the cache device complete.
+struct Hit {
+    tag: u64,
+    gen: u32,
     pins: [u32; MAX_PINS],
     npins: u8,
+    pending: u8,
+    error: Option<IoError>,
 }
+
+/// Tag bit of a read hit's children: bits 32..63 the hit's generation, the low 32 bits its slot.
+const HIT_CHILD: u64 = 1 << 63;
 
 /// Lines a read hit may span to take the fast path.
 const MAX_PINS: usize = 4;
 
 /// A per-thread channel of a cache bdev.
+///
+/// Requests in flight live in a slab (no hashing, no allocation once warm). A request's id (its
+/// range-lock owner and mailbox token) is the channel's id with the slot in the low 32 bits; a
+/// child's tag is the slot with the request's generation in the high 32 bits, so a child's
+/// completion finds its request without a map.
 pub struct CacheChannel {
     sh: Arc<Shared>,
     core_id: u16,
     bs: u64,
     lb: u64,
+    /// log2(lb): blocks per line is a power of two (line size and block size are).
+    lb_shift: u32,
     core_removed: Arc<AtomicBool>,
     seq: Arc<Mutex<SeqState>>,
     seq_cutoff: SeqCutoff,
@@ -127,11 +158,17 @@ pub struct CacheChannel {
     core_ch: Channel,
     mailbox: Arc<Mailbox>,
     epfd: OwnedFd,
-    reqs: TagMap<Req>,
-    children: TagMap<u64>,
-    next_child: u64,
+    /// CHANNEL_ID_BIT | channel number << 32.
+    uid: u64,
+    reqs: Slab<Req>,
+    hits: Slab<Hit>,
+    next_gen: u32,
+    /// Children submitted to the cache device / the core and not yet completed: a channel with none
+    /// is not polled.
+    cache_out: usize,
+    core_out: usize,
     blocked: VecDeque<BdevIo>,
-    done: VecDeque<Completion>,
+    done: Vec<Completion>,
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
     pins: Arc<[std::sync::atomic::AtomicU32]>,
@@ -166,8 +203,15 @@ impl CacheChannel {
         let epfd = epoll_set(fds.into_iter().flatten())
             .map_err(|e| BdevError::io("cache: setting up the channel's epoll set", e))?;
         let bs = u64::from(b.info.block_size);
+        let lb = sh.line_blocks(b.info.block_size);
+        if !lb.is_power_of_two() {
+            return Err(BdevError::InvalidConfig(format!(
+                "cache: {lb} blocks per line is not a power of two"
+            )));
+        }
         Ok(Self {
-            lb: sh.line_blocks(b.info.block_size),
+            lb,
+            lb_shift: lb.trailing_zeros(),
             sh,
             core_id: b.core_id,
             bs,
@@ -179,11 +223,14 @@ impl CacheChannel {
             core_ch,
             mailbox,
             epfd,
-            reqs: TagMap::default(),
-            children: TagMap::default(),
-            next_child: 0,
+            uid: CHANNEL_ID_BIT | (NEXT_CHANNEL.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff) << 32,
+            reqs: Slab::new(),
+            hits: Slab::new(),
+            next_gen: 0,
+            cache_out: 0,
+            core_out: 0,
             blocked: VecDeque::new(),
-            done: VecDeque::new(),
+            done: Vec::new(),
             scratch: Vec::new(),
             seg_pool: Vec::new(),
             pins,
@@ -220,7 +267,12 @@ impl CacheChannel {
         let range = |io: &BdevIo| {
             (matches!(io.kind, IoKind::Read | IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes)
                 && io.num_blocks > 0)
-                .then(|| (io.offset_blocks / self.lb, (io.offset_blocks + io.num_blocks - 1) / self.lb))
+                .then(|| {
+                    (
+                        io.offset_blocks >> self.lb_shift,
+                        (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift,
+                    )
+                })
         };
         match (range(a), range(b)) {
             (Some((f1, l1)), Some((f2, l2))) => f1 <= l2 && f2 <= l1,
@@ -231,47 +283,42 @@ impl CacheChannel {
     /// Starts a request; gives it back when its lines are locked by someone else.
     fn start(&mut self, io: BdevIo) -> Result<(), BdevIo> {
         if self.core_removed.load(Ordering::Acquire) {
-            self.done.push_back(Completion { tag: io.tag, result: Err(IoError::Removed) });
+            self.done.push(Completion { tag: io.tag, result: Err(IoError::Removed) });
             return Ok(());
         }
         match io.kind {
             IoKind::Reset => {
-                self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+                self.done.push(Completion { tag: io.tag, result: Ok(()) });
                 return Ok(());
             }
             IoKind::Flush => {
-                let id = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
-                self.reqs.insert(id, self.new_req(io, Stage::Flush));
+                let id = self.insert_req(io, Stage::Flush);
                 self.sh.send(OwnerReq::Flush(Some(self.core_id), self.mailbox.clone(), id));
                 return Ok(());
             }
             _ => {}
         }
         if io.num_blocks == 0 {
-            self.done.push_back(Completion { tag: io.tag, result: Ok(()) });
+            self.done.push(Completion { tag: io.tag, result: Ok(()) });
             return Ok(());
         }
-        let id = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
-        let first = io.offset_blocks / self.lb;
-        let last = (io.offset_blocks + io.num_blocks - 1) / self.lb;
-        let sh = self.sh.clone();
-        let mut map = lock(&sh.map);
+        let first = io.offset_blocks >> self.lb_shift;
+        let last = (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift;
+        // The slot the next insert takes (nothing is inserted in between).
+        let id = self.uid | self.reqs.vacant_key() as u64;
+        let mut map = lock(&self.sh.map);
         if io.kind == IoKind::Read
             && last - first < MAX_PINS as u64
-            && !sh.cache_removed.load(Ordering::Acquire)
+            && !self.sh.cache_removed.load(Ordering::Acquire)
         {
             let mut segs = std::mem::take(&mut self.seg_pool);
-            if let Some((pins, n)) = self.try_hit(&mut map, &io, &mut segs) {
+            if let Some((pins, n)) = self.try_hit(&mut map, &io, first, last, &mut segs) {
                 if self.seq_cutoff != SeqCutoff::Off {
                     // Keep the stream detection going (a hit never fills, so the answer is moot).
                     let _ = self.cut_off(&io, &map);
                 }
                 drop(map);
-                let mut req = self.new_req(io, Stage::Data);
-                req.pins = pins;
-                req.npins = n;
-                self.reqs.insert(id, req);
-                self.issue(id, segs, false);
+                self.issue_hit(io, pins, n, segs);
                 return Ok(());
             }
             self.seg_pool = segs;
@@ -279,9 +326,9 @@ impl CacheChannel {
         if !map.try_lock(self.core_id, first, last, id) {
             return Err(io);
         }
-        let removed = sh.cache_removed.load(Ordering::Acquire);
+        let removed = self.sh.cache_removed.load(Ordering::Acquire);
         let cut = !removed && self.cut_off(&io, &map);
-        let mode = sh.mode();
+        let mode = self.sh.mode();
         let mut req = self.new_req(io, Stage::Data);
         req.locked = true;
         let mut segs = std::mem::take(&mut self.seg_pool);
@@ -297,27 +344,54 @@ impl CacheChannel {
             }
         };
         drop(map);
+        let id = self.push_req(req);
         if let Err(e) = r {
-            req.error = Some(e);
-            self.reqs.insert(id, req);
+            if let Some(req) = self.reqs.get_mut(slot(id)) {
+                req.error = Some(e);
+            }
             self.complete(id);
             return Ok(());
         }
+        let Some(req) = self.reqs.get_mut(slot(id)) else { return Ok(()) };
         if matches!(req.kind, IoKind::Unmap | IoKind::WriteZeroes) {
-            let ct = self.child_tag(id);
             req.pending = 1;
+            let ct = child_tag(id, req.gen);
             let (kind, off, nb) = (req.kind, req.off, req.nb);
-            self.reqs.insert(id, req);
+            self.core_out += 1;
             self.core_ch.submit(BdevIo::no_data(kind, off, nb, ct));
             return Ok(());
         }
-        self.reqs.insert(id, req);
         self.issue(id, segs, false);
         Ok(())
     }
 
+    /// Stores a new request; returns its id.
+    fn insert_req(&mut self, io: BdevIo, stage: Stage) -> u64 {
+        let req = self.new_req(io, stage);
+        self.push_req(req)
+    }
+
+    /// Stores `req` in the slab (its id and generation set here); returns its id.
+    fn push_req(&mut self, mut req: Req) -> u64 {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let entry = self.reqs.vacant_entry();
+        let id = self.uid | entry.key() as u64;
+        req.id = id;
+        // 31 bits: a child's tag keeps its top bit clear (HIT_CHILD).
+        req.gen = self.next_gen & 0x7fff_ffff;
+        entry.insert(req);
+        id
+    }
+
+    /// The request with id `id`, if it is still in flight.
+    fn req_mut(&mut self, id: u64) -> Option<&mut Req> {
+        self.reqs.get_mut(slot(id)).filter(|r| r.id == id)
+    }
+
     fn new_req(&self, io: BdevIo, stage: Stage) -> Req {
         Req {
+            id: 0,
+            gen: 0,
             tag: io.tag,
             kind: io.kind,
             off: io.offset_blocks,
@@ -329,20 +403,77 @@ impl CacheChannel {
             plans: Vec::new(),
             inserts: Vec::new(),
             locked: false,
-            pins: [0; MAX_PINS],
-            npins: 0,
         }
+    }
+
+    /// Reads a hit's segments from the cache device (lines already pinned); no map lock, no
+    /// request record: the hit's own small record is all its completion needs.
+    fn issue_hit(&mut self, io: BdevIo, pins: [u32; MAX_PINS], npins: u8, mut segs: Vec<Seg>) {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen & 0x7fff_ffff;
+        let entry = self.hits.vacant_entry();
+        let ct = HIT_CHILD | u64::from(gen) << 32 | entry.key() as u64;
+        let hit = entry.insert(Hit { tag: io.tag, gen, pins, npins, pending: 0, error: None });
+        let bs = u64::from(self.sh.cache_block);
+        if segs.len() == 1 && segs[0].buf_off == 0 && segs[0].len == io.bufs.len_bytes() {
+            // One read of the whole buffer (a hit within one line): it takes the caller's memory as is.
+            let s = &segs[0];
+            hit.pending = 1;
+            self.cache_out += 1;
+            self.cache_ch.submit(BdevIo::read(s.dev_off / bs, s.len / bs, io.bufs, ct));
+            segs.clear();
+            self.seg_pool = segs;
+            return;
+        }
+        for s in segs.drain(..) {
+            let Some(buf) = io.bufs.slice(s.buf_off, s.len) else {
+                hit.error.get_or_insert(IoError::InvalidRange);
+                continue;
+            };
+            hit.pending += 1;
+            self.cache_out += 1;
+            self.cache_ch.submit(BdevIo::read(s.dev_off / bs, s.len / bs, buf, ct));
+        }
+        self.seg_pool = segs;
+        if hit.pending == 0 {
+            // No child went out (every slice failed): complete it now, with its error.
+            self.hit_done(ct, Ok(()));
+        }
+    }
+
+    /// One child of a read hit completed; the last one unpins the lines and completes the request.
+    fn hit_done(&mut self, ctag: u64, result: Result<(), IoError>) {
+        let slot = (ctag & SLOT_MASK) as usize;
+        let gen = (ctag & !HIT_CHILD) >> 32;
+        let Some(h) = self.hits.get_mut(slot).filter(|h| u64::from(h.gen) == gen) else { return };
+        if let Err(e) = result {
+            h.error.get_or_insert(e);
+        }
+        h.pending = h.pending.saturating_sub(1);
+        if h.pending > 0 {
+            return;
+        }
+        let h = self.hits.remove(slot);
+        for &p in &h.pins[..usize::from(h.npins)] {
+            self.pins[p as usize].fetch_sub(1, Ordering::AcqRel);
+        }
+        let result = match h.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        self.done.push(Completion { tag: h.tag, result });
     }
 
     /// Per-line pieces of a request: (core line, first sector, end sector, byte offset in the request).
     fn pieces(&self, off: u64, nb: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
         let (lb, bs, end) = (self.lb, self.bs, off + nb);
         let mut b = off;
+        let shift = self.lb_shift;
         std::iter::from_fn(move || {
             if b >= end {
                 return None;
             }
-            let line = b / lb;
+            let line = b >> shift;
             let a = b - line * lb;
             let e = ((line + 1) * lb).min(end) - line * lb;
             let piece = (line, a, e, (b - off) * bs);
@@ -354,8 +485,35 @@ impl CacheChannel {
     /// Read-hit fast path: when every sector of the request is valid in the cache, pins its lines
     /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
     /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
-    fn try_hit(&self, map: &mut LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
+    fn try_hit(
+        &self,
+        map: &mut LineMap,
+        io: &BdevIo,
+        first: u64,
+        last: u64,
+        segs: &mut Vec<Seg>,
+    ) -> Option<([u32; MAX_PINS], u8)> {
         let mut slots = [0u32; MAX_PINS];
+        if first == last {
+            // Within one line (the common case): no per-line iteration.
+            let s = map.lookup((self.core_id, first))?;
+            let a = io.offset_blocks - (first << self.lb_shift);
+            let want = mask(a, a + io.num_blocks);
+            if map.lines[s as usize].valid & want != want {
+                return None;
+            }
+            map.touch(s);
+            map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
+            segs.push(Seg {
+                dev: Dev::Cache,
+                dev_off: self.cache_off(s, a),
+                buf_off: 0,
+                len: io.num_blocks * self.bs,
+            });
+            map.counters(self.core_id).read_hits += 1;
+            slots[0] = s;
+            return Some((slots, 1));
+        }
         let mut n = 0usize;
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
             let s = map.lookup((self.core_id, line))?;
@@ -550,28 +708,26 @@ impl CacheChannel {
         }
     }
 
-    fn child_tag(&mut self, id: u64) -> u64 {
-        self.next_child = self.next_child.wrapping_add(1);
-        self.children.insert(self.next_child, id);
-        self.next_child
-    }
-
     /// Submits `segs` as children of request `id`.
     fn issue(&mut self, id: u64, mut segs: Vec<Seg>, writes: bool) {
-        let Some(kind) = self.reqs.get(&id).map(|r| r.kind) else { return };
+        let Some(r) = self.reqs.get_mut(slot(id)).filter(|r| r.id == id) else { return };
+        let (kind, ct) = (r.kind, child_tag(id, r.gen));
         let mut n = 0;
         for s in segs.drain(..) {
-            let Some(buf) = self.reqs.get(&id).and_then(|r| r.bufs.slice(s.buf_off, s.len)) else {
-                if let Some(r) = self.reqs.get_mut(&id) {
-                    r.error.get_or_insert(IoError::InvalidRange);
-                }
+            let Some(buf) = r.bufs.slice(s.buf_off, s.len) else {
+                r.error.get_or_insert(IoError::InvalidRange);
                 continue;
             };
-            let ct = self.child_tag(id);
             let write = writes || kind == IoKind::Write;
             let (ch, bs) = match s.dev {
-                Dev::Cache => (&mut self.cache_ch, u64::from(self.sh.cache_block)),
-                Dev::Core => (&mut self.core_ch, self.bs),
+                Dev::Cache => {
+                    self.cache_out += 1;
+                    (&mut self.cache_ch, u64::from(self.sh.cache_block))
+                }
+                Dev::Core => {
+                    self.core_out += 1;
+                    (&mut self.core_ch, self.bs)
+                }
             };
             let io = if write {
                 BdevIo::write(s.dev_off / bs, s.len / bs, buf, ct)
@@ -581,19 +737,26 @@ impl CacheChannel {
             ch.submit(io);
             n += 1;
         }
+        r.pending += n;
+        let idle = r.pending == 0;
         // Keep the (empty) vector for the next request: no allocation per request.
         self.seg_pool = segs;
-        if let Some(r) = self.reqs.get_mut(&id) {
-            r.pending += n;
-            if r.pending == 0 {
-                self.finalize(id);
-            }
+        if idle {
+            self.finalize(id);
         }
     }
 
     fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
-        let Some(id) = self.children.remove(&ctag) else { return };
-        let Some(r) = self.reqs.get_mut(&id) else { return };
+        if ctag & HIT_CHILD != 0 {
+            self.hit_done(ctag, result);
+            return;
+        }
+        let Some(r) =
+            self.reqs.get_mut((ctag & SLOT_MASK) as usize).filter(|r| u64::from(r.gen) == ctag >> 32)
+        else {
+            return;
+        };
+        let id = r.id;
         if let Err(e) = result {
             r.error.get_or_insert(e);
         }
@@ -612,17 +775,8 @@ impl CacheChannel {
 
     /// Applies the request's outcome to the map; persists when the device's dirty state must change.
     fn finalize(&mut self, id: u64) {
-        let sh = self.sh.clone();
-        let Some(r) = self.reqs.get_mut(&id) else { return };
-        if r.npins > 0 {
-            // A read hit: release the pins, nothing to apply.
-            for &p in &r.pins[..usize::from(r.npins)] {
-                self.pins[p as usize].fetch_sub(1, Ordering::AcqRel);
-            }
-            r.npins = 0;
-            self.complete(id);
-            return;
-        }
+        let Some(r) = self.reqs.get_mut(slot(id)).filter(|r| r.id == id) else { return };
+        let sh = &self.sh;
         let removed = sh.cache_removed.load(Ordering::Acquire);
         let mut persist = false;
         let mut wake = false;
@@ -690,7 +844,10 @@ impl CacheChannel {
     }
 
     fn complete(&mut self, id: u64) {
-        let Some(r) = self.reqs.remove(&id) else { return };
+        if self.req_mut(id).is_none() {
+            return;
+        }
+        let r = self.reqs.remove(slot(id));
         if r.locked && lock(&self.sh.map).unlock(id) {
             self.sh.wake_all();
         }
@@ -698,11 +855,11 @@ impl CacheChannel {
             Some(e) => Err(e),
             None => Ok(()),
         };
-        self.done.push_back(Completion { tag: r.tag, result });
+        self.done.push(Completion { tag: r.tag, result });
     }
 
     fn on_reply(&mut self, id: u64, res: Result<(), IoError>) {
-        let Some(r) = self.reqs.get_mut(&id) else { return };
+        let Some(r) = self.req_mut(id) else { return };
         if let Err(e) = res {
             r.error.get_or_insert(e);
         }
@@ -733,8 +890,13 @@ impl ModuleChannel for CacheChannel {
                 self.on_reply(id, res);
             }
             let mut scratch = std::mem::take(&mut self.scratch);
-            self.cache_ch.poll(&mut scratch);
-            self.core_ch.poll(&mut scratch);
+            // A channel with nothing in flight has nothing to give back.
+            if self.cache_out > 0 {
+                self.cache_out -= self.cache_ch.poll(&mut scratch).min(self.cache_out);
+            }
+            if self.core_out > 0 {
+                self.core_out -= self.core_ch.poll(&mut scratch).min(self.core_out);
+            }
             progress |= !scratch.is_empty();
             for c in scratch.drain(..) {
                 self.child_done(c.tag, c.result);
@@ -761,13 +923,28 @@ impl ModuleChannel for CacheChannel {
             }
         }
         let n = self.done.len();
-        done.extend(self.done.drain(..));
+        done.append(&mut self.done);
         n
     }
 
     fn wait_fd(&self) -> Option<RawFd> {
         Some(self.epfd.as_raw_fd())
     }
+
+    fn set_batch_time(&mut self, now: std::time::Instant) {
+        self.cache_ch.set_batch_time(now);
+        self.core_ch.set_batch_time(now);
+    }
+}
+
+/// A request's slot in its channel's slab.
+fn slot(id: u64) -> usize {
+    (id & SLOT_MASK) as usize
+}
+
+/// The tag of a child of request `id` with generation `gen`.
+fn child_tag(id: u64, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | (id & SLOT_MASK)
 }
 
 impl Drop for CacheChannel {
@@ -775,7 +952,9 @@ impl Drop for CacheChannel {
         // Finish what is in flight so no line stays locked and no child outlives its memory.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let mut sink = Vec::new();
-        while (!self.reqs.is_empty() || !self.blocked.is_empty()) && std::time::Instant::now() < deadline {
+        while (!self.reqs.is_empty() || !self.hits.is_empty() || !self.blocked.is_empty())
+            && std::time::Instant::now() < deadline
+        {
             if self.poll(&mut sink) == 0 {
                 let mut p = libc::pollfd { fd: self.epfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                 // SAFETY: one valid pollfd on the stack.

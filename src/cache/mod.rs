@@ -252,7 +252,8 @@ impl Mailbox {
 
     /// Replies posted so far (empty, without a syscall, when nothing was signalled).
     pub(crate) fn take(&self) -> Vec<(u64, Result<(), IoError>)> {
-        if !self.signalled.swap(false, Ordering::AcqRel) {
+        // A plain load first: a busy poller asks on every pass, and a swap is a locked instruction.
+        if !self.signalled.load(Ordering::Acquire) || !self.signalled.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         let _ = self.efd.read();

@@ -4,11 +4,11 @@
 #   bench/cache.sh [SECONDS] [ROUNDS] [CORE_SIZE] [CACHE_SIZE]   # defaults: 5 s, 5 rounds, 1G core, 256M cache
 #
 # Every figure is a ratio measured in the same run against a reference, the sides alternating round by
-# round, best of ROUNDS runs each, same client (vblkd-bench, libblkio, 4 KiB, QD 32):
+# round, best of ROUNDS runs each, same client (vblkd-bench, libblkio, 4 KiB, QD 32 unless said):
 #   A. 90/10 hot/cold randread over the whole core:   file alone | cache-wt over the file (warmed)
 #      (hit ratio from the cache's own counters, over each measured run)
 #   B. what a hit costs: all-hit randread (span = half the cache, warmed):
-#      cache device alone (malloc) | cache-wt
+#      cache device alone (malloc) | cache-wt, at QD 32 (throughput) and QD 1 (B1: latency)
 #   C. hit-heavy scaling: the same all-hit randread through the cache with 1 | 2 queues
 #   D. wb 4 KiB randwrite burst (span = half the cache): D1 with cleaner=acp, then the time until
 #      dirty_lines = 0; D2 with cleaner=nop, then the time of one cache-flush (write back everything)
@@ -56,7 +56,7 @@ stats() {
     for _ in $(seq 100); do [ "$(wc -l <"$f")" -gt "$n" ] && break; sleep 0.02; done
     tail -n1 "$f" | python3 -c "import json,sys; d=json.load(sys.stdin)['d0']; print(d.get('$2', d.get('shared_cache', {}).get('$2')))"
 }
-bench() { local name=$1; shift; "$BENCH" --socket "$TMP/$name.sock" --bs 4096 --qd 32 --seconds "${RUN_SECS:-$SECS}" "$@"; }
+bench() { local name=$1; shift; "$BENCH" --socket "$TMP/$name.sock" --bs 4096 --qd "${QD:-32}" --seconds "${RUN_SECS:-$SECS}" "$@"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])$2)" "$1"; }
 best() { # JSON lines on stdin -> the one with the highest IOPS
     python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin if l.strip()]; print(json.dumps(max(r, key=lambda x: x['iops'])))"
@@ -83,14 +83,18 @@ A_FILE=$(best <"$TMP/A.file"); A_CACHE=$(best <"$TMP/A.cache")
 # ---- B and C. all-hit randread: cache device alone vs cache-wt (1 and 2 queues) ----
 start cdev 2 "driver=malloc,name=d0,size=$CACHE"
 bench cwt $ALLHIT >/dev/null; bench cwt $ALLHIT --queues 2 >/dev/null   # warm the half-cache span
-: >"$TMP/B.dev"; : >"$TMP/B.cache"; : >"$TMP/C.1"; : >"$TMP/C.2"; : >"$TMP/B.dev2"
+: >"$TMP/B.dev"; : >"$TMP/B.cache"; : >"$TMP/C.1"; : >"$TMP/C.2"; : >"$TMP/B.dev2"; : >"$TMP/B1.dev"; : >"$TMP/B1.cache"
 for i in $(seq "$ROUNDS"); do
     R=$(bench cdev $ALLHIT); echo "{\"part\":\"B\",\"side\":\"cachedev\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B.dev"
     R=$(bench cwt $ALLHIT); echo "{\"part\":\"B\",\"side\":\"cache-wt-1q\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B.cache"
     R=$(bench cwt $ALLHIT --queues 2); echo "{\"part\":\"C\",\"side\":\"cache-wt-2q\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/C.2"
     R=$(bench cdev $ALLHIT --queues 2); echo "{\"part\":\"C\",\"side\":\"cachedev-2q\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B.dev2"
+    # B1: the same at QD 1, where what a hit costs shows as latency.
+    R=$(QD=1 bench cdev $ALLHIT); echo "{\"part\":\"B1\",\"side\":\"cachedev-qd1\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B1.dev"
+    R=$(QD=1 bench cwt $ALLHIT); echo "{\"part\":\"B1\",\"side\":\"cache-wt-qd1\",\"round\":$i,\"result\":$R}"; echo "$R" >>"$TMP/B1.cache"
 done
 B_DEV=$(best <"$TMP/B.dev"); B_CACHE=$(best <"$TMP/B.cache"); C_2=$(best <"$TMP/C.2"); B_DEV2=$(best <"$TMP/B.dev2")
+B1_DEV=$(best <"$TMP/B1.dev"); B1_CACHE=$(best <"$TMP/B1.cache")
 stop_all
 
 # ---- D. wb burst and clean-down ----
@@ -131,6 +135,8 @@ row() { # label json reference-json note
     row "A cache-wt over the file, 90/10" "$A_CACHE" "$A_FILE" "hit ratio $(field "$A_CACHE" "['hit_ratio']"); ratio vs the file alone"
     row "B cache device alone (malloc), all-hit" "$B_DEV" "$B_DEV" "reference"
     row "B cache-wt, all-hit, 1 queue" "$B_CACHE" "$B_DEV" "ratio vs the cache device"
+    row "B1 cache device alone, all-hit, QD 1" "$B1_DEV" "$B1_DEV" "reference"
+    row "B1 cache-wt, all-hit, QD 1" "$B1_CACHE" "$B1_DEV" "ratio vs the cache device; p50 ratio $(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['p50_us']/json.loads(sys.argv[2])['p50_us'],3))" "$B1_CACHE" "$B1_DEV")"
     row "C cache-wt, all-hit, 2 queues" "$C_2" "$B_CACHE" "ratio vs 1 queue"
     row "C cache device alone, 2 queues" "$B_DEV2" "$B_DEV" "ratio vs 1 queue"
     row "D1 wb randwrite burst, cleaner=acp" "$WB" "$WB" "$d0 dirty lines left, clean in $CLEAN s; $MDW acks in $MDR record rounds ($MDP pages)"

@@ -307,10 +307,35 @@ impl CacheChannel {
         // The slot the next insert takes (nothing is inserted in between).
         let id = self.uid | self.reqs.vacant_key() as u64;
         let mut map = lock(&self.sh.map);
-        if io.kind == IoKind::Read
-            && last - first < MAX_PINS as u64
-            && !self.sh.cache_removed.load(Ordering::Acquire)
-        {
+        let hit_path = io.kind == IoKind::Read && !self.sh.cache_removed.load(Ordering::Acquire);
+        if hit_path && first == last {
+            // Within one line (the common case): look up, check, pin and count in a few steps.
+            if let Some(s) = map.lookup((self.core_id, first)) {
+                let a = io.offset_blocks - (first << self.lb_shift);
+                let want = mask(a, a + io.num_blocks);
+                if map.lines[s as usize].valid & want == want {
+                    map.touch(s);
+                    map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
+                    map.counters(self.core_id).read_hits += 1;
+                    if self.seq_cutoff != SeqCutoff::Off {
+                        let _ = self.cut_off(&io, &map);
+                    }
+                    drop(map);
+                    let mut pins = [0u32; MAX_PINS];
+                    pins[0] = s;
+                    let ct = self.new_hit(io.tag, pins, 1, 1);
+                    let bs = u64::from(self.sh.cache_block);
+                    self.cache_out += 1;
+                    self.cache_ch.submit(BdevIo::read(
+                        self.cache_off(s, a) / bs,
+                        io.num_blocks * self.bs / bs,
+                        io.bufs,
+                        ct,
+                    ));
+                    return Ok(());
+                }
+            }
+        } else if hit_path && last - first < MAX_PINS as u64 {
             let mut segs = std::mem::take(&mut self.seg_pool);
             if let Some((pins, n)) = self.try_hit(&mut map, &io, first, last, &mut segs) {
                 if self.seq_cutoff != SeqCutoff::Off {
@@ -409,36 +434,38 @@ impl CacheChannel {
     /// Reads a hit's segments from the cache device (lines already pinned); no map lock, no
     /// request record: the hit's own small record is all its completion needs.
     fn issue_hit(&mut self, io: BdevIo, pins: [u32; MAX_PINS], npins: u8, mut segs: Vec<Seg>) {
-        self.next_gen = self.next_gen.wrapping_add(1);
-        let gen = self.next_gen & 0x7fff_ffff;
-        let entry = self.hits.vacant_entry();
-        let ct = HIT_CHILD | u64::from(gen) << 32 | entry.key() as u64;
-        let hit = entry.insert(Hit { tag: io.tag, gen, pins, npins, pending: 0, error: None });
+        let ct = self.new_hit(io.tag, pins, npins, 0);
         let bs = u64::from(self.sh.cache_block);
-        if segs.len() == 1 && segs[0].buf_off == 0 && segs[0].len == io.bufs.len_bytes() {
-            // One read of the whole buffer (a hit within one line): it takes the caller's memory as is.
-            let s = &segs[0];
-            hit.pending = 1;
-            self.cache_out += 1;
-            self.cache_ch.submit(BdevIo::read(s.dev_off / bs, s.len / bs, io.bufs, ct));
-            segs.clear();
-            self.seg_pool = segs;
-            return;
-        }
+        let (mut n, mut error) = (0u8, None);
         for s in segs.drain(..) {
             let Some(buf) = io.bufs.slice(s.buf_off, s.len) else {
-                hit.error.get_or_insert(IoError::InvalidRange);
+                error.get_or_insert(IoError::InvalidRange);
                 continue;
             };
-            hit.pending += 1;
+            n += 1;
             self.cache_out += 1;
             self.cache_ch.submit(BdevIo::read(s.dev_off / bs, s.len / bs, buf, ct));
         }
         self.seg_pool = segs;
-        if hit.pending == 0 {
+        // Children never complete inside submit: setting the count afterwards is safe.
+        if let Some(h) = self.hits.get_mut(slot(ct)) {
+            h.pending = n;
+            h.error = error;
+        }
+        if n == 0 {
             // No child went out (every slice failed): complete it now, with its error.
             self.hit_done(ct, Ok(()));
         }
+    }
+
+    /// Records a read hit in flight (its lines already pinned); returns its children's tag.
+    fn new_hit(&mut self, tag: u64, pins: [u32; MAX_PINS], npins: u8, pending: u8) -> u64 {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen & 0x7fff_ffff;
+        let entry = self.hits.vacant_entry();
+        let ct = HIT_CHILD | u64::from(gen) << 32 | entry.key() as u64;
+        entry.insert(Hit { tag, gen, pins, npins, pending, error: None });
+        ct
     }
 
     /// One child of a read hit completed; the last one unpins the lines and completes the request.
@@ -494,26 +521,7 @@ impl CacheChannel {
         segs: &mut Vec<Seg>,
     ) -> Option<([u32; MAX_PINS], u8)> {
         let mut slots = [0u32; MAX_PINS];
-        if first == last {
-            // Within one line (the common case): no per-line iteration.
-            let s = map.lookup((self.core_id, first))?;
-            let a = io.offset_blocks - (first << self.lb_shift);
-            let want = mask(a, a + io.num_blocks);
-            if map.lines[s as usize].valid & want != want {
-                return None;
-            }
-            map.touch(s);
-            map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
-            segs.push(Seg {
-                dev: Dev::Cache,
-                dev_off: self.cache_off(s, a),
-                buf_off: 0,
-                len: io.num_blocks * self.bs,
-            });
-            map.counters(self.core_id).read_hits += 1;
-            slots[0] = s;
-            return Some((slots, 1));
-        }
+        debug_assert!(first < last, "single-line hits take the path in start");
         let mut n = 0usize;
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
             let s = map.lookup((self.core_id, line))?;

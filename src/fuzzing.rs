@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  bytes ─► chain_parser   descriptor table + buffers in a mock guest memory ─► ChainWalker ─► Request::parse_descs
-//!        ─► avail_ring     a split ring over fuzzed memory ─► avail_pending / pop / parse / add_used loop
+//!        ─► avail_ring     a split ring over fuzzed memory ─► avail_peek / pop / parse / add_used loop
 //!        ─► front_door     a sequence of vhost-user messages (+ fd sizes) ─► FrontDoor::check
 //!        ─► wire           a byte stream on a socket ─► recv_message
 //!        ─► ocssd_image    header / chunk-record decoders (crc fixed up on request)
@@ -25,7 +25,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::vhost::chain::ChainWalker;
 use crate::vhost::frontdoor::{FrontDoor, Header, Verdict, HDR_LEN};
-use crate::vhost::poller::avail_pending;
+use crate::vhost::poller::avail_peek;
 use crate::vhost::request::{GuestMem, Limits, Request};
 
 /// Size of each of the two guest memory regions (a hole separates them).
@@ -152,13 +152,17 @@ pub fn avail_ring(data: &[u8]) -> u64 {
         // The poller's loop: it must end within `size` pops, and every popped head is in range.
         let mut pops = 0u32;
         loop {
-            match avail_pending(&q, mem) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => assert!(n <= size, "pending {n} > size {size}"),
-            }
+            let peeked = match avail_peek(&q, mem) {
+                Ok(None) | Err(_) => break,
+                Ok(Some((n, head))) => {
+                    assert!(n <= size, "pending {n} > size {size}");
+                    assert!(head < size, "peeked head {head} outside the queue of {size}");
+                    head
+                }
+            };
             let Some(chain) = q.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
-            assert!(head < size, "popped head {head} outside the queue of {size}");
+            assert_eq!(head, peeked, "the poller would walk another chain than the one popped");
             pops += 1;
             assert!(pops <= u32::from(size), "more pops than the queue holds: the loop would spin");
             if let Ok(req) = Request::parse(chain, mem, CAPACITY, &l) {

@@ -144,16 +144,11 @@ pub enum RingError {
     Unreadable,
 }
 
-/// How many chains the avail ring offers beyond what was consumed, checked as an untrusted ring
-/// must be (virtio 1.2 §2.7; QEMU `virtqueue_num_heads` / `virtqueue_get_head`): the index may run
-/// at most the queue size ahead, and the next head must lie inside the queue. Used by the poller
-/// before every pop (and fuzzed: `fuzz/`).
-pub fn avail_pending<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<u16, RingError> {
-    Ok(avail_peek(q, mem)?.map_or(0, |(ahead, _)| ahead))
-}
-
-/// [`avail_pending`] with the head index of the next chain: `None` when nothing is pending, else
-/// (chains pending, next head), with the same checks.
+/// The chains the avail ring offers beyond what was consumed and the head of the next one, checked
+/// as an untrusted ring must be (virtio 1.2 §2.7; QEMU `virtqueue_num_heads` / `virtqueue_get_head`):
+/// the index may run at most the queue size ahead, and the next head must lie inside the queue.
+/// `None` when nothing is pending, else (chains pending, next head). Used by the poller before
+/// every pop (and fuzzed: `fuzz/`, target `avail_ring`).
 pub fn avail_peek<Q: QueueT>(q: &Q, mem: &GuestMem) -> Result<Option<(u16, u16)>, RingError> {
     let size = q.size();
     let next = q.next_avail();

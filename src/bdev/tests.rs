@@ -761,3 +761,24 @@ fn file_more_than_iov_max_segments() {
         same(&read_back(&mut ch, 10, 1500, 512, false), &data);
     }
 }
+
+/// A batch-clocked owner's requests count their latency from the batch time it set (one clock read
+/// per batch), and never from anything earlier.
+#[test]
+fn latency_counts_from_the_batch_time() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("lat", 1 << 20, 512).expect("malloc"))).expect("register");
+    let desc = reg.open("lat", true).expect("open");
+    let mut ch = desc.channel().expect("channel");
+    // A first request (its latency is tiny), then time passes before the measured batch.
+    assert_eq!(run1(&mut ch, BdevIo::read(0, 1, IoVecs::alloc(512), 0)), Ok(()));
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let t0 = std::time::Instant::now();
+    ch.set_batch_time(t0);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(run1(&mut ch, BdevIo::read(1, 1, IoVecs::alloc(512), 0)), Ok(()));
+    let bound = u64::try_from(t0.elapsed().as_nanos()).expect("elapsed");
+    let max = desc.stats().read_latency_ns_max;
+    assert!(max >= 50_000_000, "latency {max} ns: the batch time was not the start");
+    assert!(max <= bound, "latency {max} ns is longer than the {bound} ns since the batch time");
+}

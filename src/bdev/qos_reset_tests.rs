@@ -109,3 +109,23 @@ fn io_fails_while_a_reset_is_in_the_module_and_flows_after() {
     a.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 3));
     assert_eq!(drive(&mut a), vec![Completion { tag: 3, result: Ok(()) }]);
 }
+
+/// A byte limit charges each read or write its length in bytes (blocks × block size): at 10 MiB/s
+/// (10,485 bytes per 1 ms slice) a 1 MiB read overdraws about 100 slices, so the next one waits.
+#[test]
+fn qos_byte_limit_charges_the_request_length() {
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    let (reg, _desc, mut ch) = open_stub(bdev);
+    reg.set_qos("stub", QosLimits { iops: 0, bps: 10 << 20 }).expect("qos");
+    let blocks = (1u64 << 20) / 512;
+    ch.submit(BdevIo::read(0, blocks, IoVecs::alloc(1 << 20), 1));
+    assert_eq!(accepts(&ctl).len(), 1, "a full slice admits the first read");
+    ch.submit(BdevIo::read(blocks, blocks, IoVecs::alloc(1 << 20), 2));
+    assert_eq!(accepts(&ctl).len(), 1, "the first read's 1 MiB overdraws the byte budget");
+    assert!(ch.parked_until().is_some(), "the second read is parked");
+    reg.set_qos("stub", QosLimits::default()).expect("lift");
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    done.extend(drive(&mut ch));
+    assert_eq!(done.len(), 2);
+}

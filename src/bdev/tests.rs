@@ -782,3 +782,13 @@ fn latency_counts_from_the_batch_time() {
     assert!(max >= 50_000_000, "latency {max} ns: the batch time was not the start");
     assert!(max <= bound, "latency {max} ns is longer than the {bound} ns since the batch time");
 }
+
+/// Reads and writes of zero blocks complete successfully without reaching the module.
+#[test]
+fn zero_block_reads_and_writes_never_reach_the_module() {
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    let ios = vec![BdevIo::read(3, 0, IoVecs::alloc(0), 1), BdevIo::write(5, 0, IoVecs::alloc(0), 2)];
+    assert!(run(&mut ch, ios).values().all(|r| r.is_ok()));
+    assert!(accepts(&ctl).is_empty(), "the module saw a zero-length I/O: {:?}", accepts(&ctl));
+}

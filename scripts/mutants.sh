@@ -39,7 +39,8 @@ command -v cargo-mutants >/dev/null || {
     exit 3
 }
 
-# The fast tests that cover FILE: cargo test arguments, then "--" and a test-name filter if any.
+# The fast tests that cover FILE: cargo test arguments, then "--" and a test-name filter if any
+# (arguments for the test binaries themselves, such as --skip, after a second "--").
 tests_for() {
     case "$1" in
         src/vhost/request.rs) echo "--lib -- vhost::" ;;
@@ -49,7 +50,7 @@ tests_for() {
         # The control socket's look-ups (claimed_by, bdev_stats, control) are tested through vblkd ctl.
         src/bdev/registry.rs) echo "--lib --test ops_registry --test control" ;;
         # (Skipped: the lib tests of unrelated modules; the rbd ones also need the test Ceph cluster.)
-        src/ocssd/emu.rs) echo "--lib --test ocssd_emu --test ops_gaps -- --skip rbd:: --skip vhost:: --skip cache::" ;;
+        src/ocssd/emu.rs) echo "--lib --test ocssd_emu --test ops_gaps -- -- --skip rbd:: --skip vhost:: --skip cache::" ;;
         # On-medium state (superblock, band metadata, restore, nv-cache ring): the crash tests too
         # (their test names are the filters after the module's own).
         src/ftl/md.rs | src/ftl/restore.rs | src/ftl/layout.rs | src/ftl/nvcache.rs)

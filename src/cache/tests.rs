@@ -724,3 +724,163 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
     write(&mut ch, 0, &fill(3, 4096));
     assert_eq!(waiters(), 2, "the rewrite must wait: its dirty bits may not be on the device");
 }
+
+/// What a [`HoldBdev`] holds: completions of writes to blocks `range` (while set) stay back until
+/// `released`; `held` counts the writes held so far.
+#[derive(Default)]
+struct HoldCtl {
+    range: Option<std::ops::Range<u64>>,
+    held: usize,
+    released: bool,
+}
+
+/// A malloc cache device whose metadata writes can be held (their data lands at once, as malloc
+/// does; only the completion waits), so a test can act while a record round is in flight.
+struct HoldBdev {
+    inner: MallocBdev,
+    ctl: Arc<std::sync::Mutex<HoldCtl>>,
+}
+
+struct HoldChannel {
+    inner: Box<dyn crate::bdev::ModuleChannel>,
+    ctl: Arc<std::sync::Mutex<HoldCtl>>,
+    tags: std::collections::HashSet<u64>,
+    held: Vec<crate::bdev::Completion>,
+}
+
+impl crate::bdev::Bdev for HoldBdev {
+    fn info(&self) -> &crate::bdev::BdevInfo {
+        self.inner.info()
+    }
+    fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, BdevError> {
+        Ok(Box::new(HoldChannel {
+            inner: self.inner.create_channel()?,
+            ctl: self.ctl.clone(),
+            tags: Default::default(),
+            held: Vec::new(),
+        }))
+    }
+}
+
+impl crate::bdev::ModuleChannel for HoldChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
+        let mut ctl = lock(&self.ctl);
+        if io.kind == IoKind::Write && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
+            ctl.held += 1;
+            self.tags.insert(io.tag);
+        }
+        drop(ctl);
+        self.inner.submit(io)
+    }
+
+    fn poll(&mut self, done: &mut Vec<crate::bdev::Completion>) -> usize {
+        let start = done.len();
+        let mut tmp = Vec::new();
+        self.inner.poll(&mut tmp);
+        let released = lock(&self.ctl).released;
+        for c in tmp {
+            if self.tags.remove(&c.tag) && !released {
+                self.held.push(c);
+            } else {
+                done.push(c);
+            }
+        }
+        if released {
+            done.append(&mut self.held);
+        }
+        done.len() - start
+    }
+}
+
+/// Releases a [`HoldBdev`]'s writes when dropped.
+struct ReleaseOnDrop(Arc<std::sync::Mutex<HoldCtl>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        lock(&self.0).released = true;
+    }
+}
+
+/// Polls `ch` until `cond` holds (60 s deadline), returning the completions seen meanwhile.
+#[track_caller]
+fn poll_until(ch: &mut crate::bdev::Channel, what: &str, mut cond: impl FnMut() -> bool) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done = Vec::new();
+    loop {
+        ch.poll(&mut done);
+        if cond() {
+            return done.into_iter().map(|c| c.tag).collect();
+        }
+        assert!(Instant::now() < deadline, "{what}: not after 60 s");
+        std::thread::yield_now();
+    }
+}
+
+/// The same race as above, driven through the real owner thread: a flush cleans line 0 (its record
+/// still says dirty), a record round writing "clean" for it starts and its page write is held; a
+/// rewrite of line 0 during that round must not be acknowledged until a round of its own has
+/// recorded it dirty (`start_md`'s `disk_sure &= dirty`).
+#[test]
+fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_record() {
+    let reg = Registry::new();
+    let ctl = Arc::new(std::sync::Mutex::new(HoldCtl::default()));
+    let inner = MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap();
+    reg.register(Arc::new(HoldBdev { inner, ctl: ctl.clone() })).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let sh = bdev.shared().clone();
+    let waiters = || sh.md_waiters.load(Ordering::Acquire);
+    write(&mut ch, 0, &fill(1, 4096));
+    assert_eq!(waiters(), 1, "a first write-back write waits for its record");
+    // From here on, record page writes complete only when released (at the latest when the test
+    // ends, pass or fail, before the cache shuts down: its final records must not hang).
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(layout::MD_OFFSET / BS..sh.data_offset / BS);
+    flush(&mut ch); // cleaned at run time; the device still says dirty
+    assert_eq!(lock(&ctl).held, 0, "a flush writes no record");
+    // A record round for the cleaned line ("clean"), held in flight.
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 1));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lock(&ctl).held == 0 {
+        assert!(Instant::now() < deadline, "the record round never started");
+        std::thread::yield_now();
+    }
+    assert_eq!(waiters(), 2);
+    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
+    assert_eq!(lock(&sh.map).lines[slot as usize].dirty, 0);
+    // The rewrite: its data goes to the cache device (not held); once its dirty bits are in the map
+    // it has either been acknowledged (in that same poll) or asked for a record round.
+    let x = fill(3, 4096);
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x), 7));
+    let early = poll_until(&mut ch, "the rewrite's data write", || {
+        let m = lock(&sh.map);
+        m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty != 0)
+    });
+    assert!(
+        early.is_empty(),
+        "the rewrite was acknowledged while the only record round in flight writes \"clean\""
+    );
+    lock(&ctl).released = true;
+    assert_eq!(mb.wait_for(1), Ok(()));
+    let r = drive(&mut ch);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].result, Ok(()));
+    assert_eq!(waiters(), 3, "the rewrite waited for a record round of its own");
+    // The device records line 0 dirty, so a crash now would load the rewrite.
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let page = slot / layout::LINES_PER_PAGE;
+    let rec_at = layout::page_offset(page) / BS;
+    let bytes = read(&mut cch, rec_at, layout::PAGE_BYTES / BS);
+    let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+    let rec = layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap().unwrap();
+    assert_eq!((rec.used, rec.core_line, rec.dirty), (true, 0, 0xff), "record of line 0: {rec:?}");
+}

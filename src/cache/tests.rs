@@ -725,27 +725,37 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
     assert_eq!(waiters(), 2, "the rewrite must wait: its dirty bits may not be on the device");
 }
 
-/// What a [`HoldBdev`] holds: completions of writes to blocks `range` (while set) stay back until
-/// `released`; `held` counts the writes held so far.
+/// What a [`HoldBdev`] does: writes to blocks in `range` (while set) are caught, and the
+/// completions of all but the first `allow` caught writes are held back; `caught` counts them.
+/// `submitted` lists every I/O that reached the device (kind, first block).
 #[derive(Default)]
 struct HoldCtl {
     range: Option<std::ops::Range<u64>>,
-    held: usize,
-    released: bool,
+    caught: usize,
+    allow: usize,
+    delivered: usize,
+    submitted: Vec<(IoKind, u64)>,
 }
 
-/// A malloc cache device whose metadata writes can be held (their data lands at once, as malloc
-/// does; only the completion waits), so a test can act while a record round is in flight.
+/// A malloc bdev whose writes can be held (their data lands at once, as malloc does; only the
+/// completion waits), so a test can act while the cache's record round or write-back is in flight.
 struct HoldBdev {
     inner: MallocBdev,
     ctl: Arc<std::sync::Mutex<HoldCtl>>,
+}
+
+impl HoldBdev {
+    fn new(name: &str, bytes: u64) -> (Arc<Self>, Arc<std::sync::Mutex<HoldCtl>>) {
+        let ctl = Arc::new(std::sync::Mutex::new(HoldCtl::default()));
+        (Arc::new(Self { inner: MallocBdev::new(name, bytes, 512).unwrap(), ctl: ctl.clone() }), ctl)
+    }
 }
 
 struct HoldChannel {
     inner: Box<dyn crate::bdev::ModuleChannel>,
     ctl: Arc<std::sync::Mutex<HoldCtl>>,
     tags: std::collections::HashSet<u64>,
-    held: Vec<crate::bdev::Completion>,
+    held: std::collections::VecDeque<crate::bdev::Completion>,
 }
 
 impl crate::bdev::Bdev for HoldBdev {
@@ -757,7 +767,7 @@ impl crate::bdev::Bdev for HoldBdev {
             inner: self.inner.create_channel()?,
             ctl: self.ctl.clone(),
             tags: Default::default(),
-            held: Vec::new(),
+            held: Default::default(),
         }))
     }
 }
@@ -765,8 +775,9 @@ impl crate::bdev::Bdev for HoldBdev {
 impl crate::bdev::ModuleChannel for HoldChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
         let mut ctl = lock(&self.ctl);
+        ctl.submitted.push((io.kind, io.offset_blocks));
         if io.kind == IoKind::Write && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
-            ctl.held += 1;
+            ctl.caught += 1;
             self.tags.insert(io.tag);
         }
         drop(ctl);
@@ -777,16 +788,18 @@ impl crate::bdev::ModuleChannel for HoldChannel {
         let start = done.len();
         let mut tmp = Vec::new();
         self.inner.poll(&mut tmp);
-        let released = lock(&self.ctl).released;
         for c in tmp {
-            if self.tags.remove(&c.tag) && !released {
-                self.held.push(c);
+            if self.tags.remove(&c.tag) {
+                self.held.push_back(c);
             } else {
                 done.push(c);
             }
         }
-        if released {
-            done.append(&mut self.held);
+        let mut ctl = lock(&self.ctl);
+        while ctl.delivered < ctl.allow {
+            let Some(c) = self.held.pop_front() else { break };
+            ctl.delivered += 1;
+            done.push(c);
         }
         done.len() - start
     }
@@ -797,19 +810,23 @@ struct ReleaseOnDrop(Arc<std::sync::Mutex<HoldCtl>>);
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        lock(&self.0).released = true;
+        lock(&self.0).allow = usize::MAX;
     }
 }
 
-/// Polls `ch` until `cond` holds (60 s deadline), returning the completions seen meanwhile.
+/// Polls `ch` until `cond` holds (60 s deadline), given the completions seen so far; returns them.
 #[track_caller]
-fn poll_until(ch: &mut crate::bdev::Channel, what: &str, mut cond: impl FnMut() -> bool) -> Vec<u64> {
+fn poll_until(
+    ch: &mut crate::bdev::Channel,
+    what: &str,
+    mut cond: impl FnMut(&[crate::bdev::Completion]) -> bool,
+) -> Vec<crate::bdev::Completion> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut done = Vec::new();
     loop {
         ch.poll(&mut done);
-        if cond() {
-            return done.into_iter().map(|c| c.tag).collect();
+        if cond(&done) {
+            return done;
         }
         assert!(Instant::now() < deadline, "{what}: not after 60 s");
         std::thread::yield_now();
@@ -823,9 +840,8 @@ fn poll_until(ch: &mut crate::bdev::Channel, what: &str, mut cond: impl FnMut() 
 #[test]
 fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_record() {
     let reg = Registry::new();
-    let ctl = Arc::new(std::sync::Mutex::new(HoldCtl::default()));
-    let inner = MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap();
-    reg.register(Arc::new(HoldBdev { inner, ctl: ctl.clone() })).unwrap();
+    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
     reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
@@ -844,12 +860,12 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     let _release = ReleaseOnDrop(ctl.clone());
     lock(&ctl).range = Some(layout::MD_OFFSET / BS..sh.data_offset / BS);
     flush(&mut ch); // cleaned at run time; the device still says dirty
-    assert_eq!(lock(&ctl).held, 0, "a flush writes no record");
+    assert_eq!(lock(&ctl).caught, 0, "a flush writes no record");
     // A record round for the cleaned line ("clean"), held in flight.
     let mb = Mailbox::new().unwrap();
     sh.send(OwnerReq::Persist(mb.clone(), 1));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while lock(&ctl).held == 0 {
+    while lock(&ctl).caught == 0 {
         assert!(Instant::now() < deadline, "the record round never started");
         std::thread::yield_now();
     }
@@ -860,7 +876,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     // it has either been acknowledged (in that same poll) or asked for a record round.
     let x = fill(3, 4096);
     ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x), 7));
-    let early = poll_until(&mut ch, "the rewrite's data write", || {
+    let early = poll_until(&mut ch, "the rewrite's data write", |_| {
         let m = lock(&sh.map);
         m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty != 0)
     });
@@ -868,7 +884,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
         early.is_empty(),
         "the rewrite was acknowledged while the only record round in flight writes \"clean\""
     );
-    lock(&ctl).released = true;
+    lock(&ctl).allow = usize::MAX;
     assert_eq!(mb.wait_for(1), Ok(()));
     let r = drive(&mut ch);
     assert_eq!(r.len(), 1);
@@ -883,4 +899,65 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
     let rec = layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap().unwrap();
     assert_eq!((rec.used, rec.core_line, rec.dirty), (true, 0, 0xff), "record of line 0: {rec:?}");
+}
+
+/// A cleaning round holds its lines exclusively only while reading them from the cache device.
+/// While its write-back to the core is in flight (held here): a write-back write to one of its lines
+/// goes ahead, and that line stays dirty (the core got the older data), while an unmap (which
+/// writes the core) waits for the round. A flush that arrived before the round is done after it
+/// (the round read every write acknowledged before the flush); the newer data reaches the core
+/// with the next flush.
+#[test]
+fn a_write_during_the_write_back_of_its_line_keeps_the_line_dirty() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+    let (x1, y, x2) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
+    write(&mut ch, 0, &x1); // line 0
+    write(&mut ch, 8, &y); // line 1
+    assert_eq!(dirty(), 2);
+    // Writes to the core are held from here (the guest's writes go to the cache device).
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 100));
+    let done = poll_until(&mut ch, "the write-back of lines 0 and 1", |_| lock(&ctl).caught == 2);
+    assert!(done.is_empty());
+    // A write-back write to line 0 does not wait for the round.
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x2), 7));
+    let done = poll_until(&mut ch, "the rewrite during the write-back", |d| !d.is_empty());
+    assert_eq!(done.len(), 1, "only the rewrite completes");
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    // An unmap of line 1 would write the core under the round's write-back: it waits.
+    ch.submit(BdevIo::no_data(IoKind::Unmap, 8, 8, 8));
+    assert!(
+        !lock(&ctl).submitted.contains(&(IoKind::Unmap, 8)),
+        "the unmap reached the core while line 1 was being written back"
+    );
+    // Let the round's two writes complete: the flush ends without a second round (line 0 was
+    // written back as it was when the flush arrived), the unmap goes ahead.
+    lock(&ctl).allow = 2;
+    let done = poll_until(&mut ch, "the flush and the unmap", |d| d.len() == 2 || lock(&ctl).caught > 2);
+    assert_eq!(lock(&ctl).caught, 2, "the flush waited for a second write-back");
+    let mut tags: Vec<_> = done.iter().map(|c| (c.tag, c.result)).collect();
+    tags.sort_unstable_by_key(|t| t.0);
+    assert_eq!(tags, vec![(8, Ok(())), (100, Ok(()))]);
+    assert_eq!(dirty(), 1, "line 0, rewritten during its write-back, stays dirty");
+    same(&read(&mut core_ch, 0, 8), &x1, "core line 0 after the first flush");
+    same(&read(&mut core_ch, 8, 8), &[0u8; 4096], "core line 1 after the unmap");
+    lock(&ctl).allow = usize::MAX;
+    flush(&mut ch);
+    assert_eq!(dirty(), 0);
+    same(&read(&mut core_ch, 0, 8), &x2, "core line 0 after the next flush");
+    same(&read(&mut ch, 0, 16), &[x2.as_slice(), &[0u8; 4096]].concat(), "through the cache");
 }

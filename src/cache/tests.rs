@@ -961,3 +961,69 @@ fn a_write_during_the_write_back_of_its_line_keeps_the_line_dirty() {
     same(&read(&mut core_ch, 0, 8), &x2, "core line 0 after the next flush");
     same(&read(&mut ch, 0, 16), &[x2.as_slice(), &[0u8; 4096]].concat(), "through the cache");
 }
+
+/// wb with `acp` cleaning back to back while two threads write, unmap and flush disjoint halves of
+/// the core (4× the cache): after each thread's flush the core itself holds everything that thread
+/// had written before it, though the cleaner writes lines back while they are being rewritten (the
+/// core is a `delay` bdev, 300 µs per write or flush, so write-backs are in flight for a while).
+#[test]
+fn acp_cleaning_under_concurrent_writes_keeps_the_flush_promise() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    reg.register(Arc::new(MallocBdev::new("base0", 1 << 20, 512).unwrap())).unwrap();
+    let opts = crate::bdev::delay::DelayOptions {
+        name: "core0".into(),
+        base: "base0".into(),
+        read: Duration::ZERO,
+        write: Duration::from_micros(300),
+        jitter: Duration::ZERO,
+    };
+    reg.register(Arc::new(crate::bdev::delay::DelayBdev::new(opts, &reg).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Acp;
+    c.clean_batch = 8;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let desc = reg.open("c0", true).unwrap();
+            let core = reg.open("core0", false).unwrap();
+            std::thread::spawn(move || {
+                let mut ch = desc.channel().unwrap();
+                let mut core_ch = core.channel().unwrap();
+                let base = t * 1024;
+                let mut reference = vec![0u8; 1024 * BS as usize];
+                let mut rng = Rng(31 + t);
+                for step in 0..600 {
+                    let n = 1 + rng.below(16);
+                    let off = rng.below(1024 - n);
+                    let r = (off * BS) as usize..((off + n) * BS) as usize;
+                    match rng.below(25) {
+                        0 => {
+                            flush(&mut ch);
+                            same(&read(&mut core_ch, base, 1024), &reference, &format!("core, step {step}"));
+                        }
+                        1 => {
+                            let u = run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, base + off, n, 0)]);
+                            assert_eq!(u[&0], Ok(()));
+                            reference[r].fill(0);
+                        }
+                        _ => {
+                            let d = fill(rng.next(), (n * BS) as usize);
+                            write(&mut ch, base + off, &d);
+                            reference[r].copy_from_slice(&d);
+                        }
+                    }
+                }
+                flush(&mut ch);
+                same(&read(&mut core_ch, base, 1024), &reference, "core at the end");
+                same(&read(&mut ch, base, 1024), &reference, "through the cache at the end");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(stats(&bdev)["cleaner_writes"].as_u64().unwrap() > 0);
+}

@@ -1027,3 +1027,44 @@ fn acp_cleaning_under_concurrent_writes_keeps_the_flush_promise() {
     }
     assert!(stats(&bdev)["cleaner_writes"].as_u64().unwrap() > 0);
 }
+
+/// A sequential write that would be cut off (sent to the core, `seq-cutoff=always`) but lands on a
+/// line whose write-back is in flight stays in the cache: on the core it would race the cleaner's
+/// older copy of the same blocks.
+#[test]
+fn a_write_past_a_write_back_is_not_cut_off_to_the_core() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Always;
+    c.seq_cutoff_bytes = 8192;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let (x1, z, x2) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
+    write(&mut ch, 8, &x1); // line 1: 4 KiB, under the cut-off
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 100));
+    poll_until(&mut ch, "the write-back of line 1", |_| lock(&ctl).caught == 1);
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&z), 6)); // line 0: a new stream of 4 KiB
+    let done = poll_until(&mut ch, "the write to line 0", |d| !d.is_empty());
+    assert_eq!((done[0].tag, done[0].result), (6, Ok(())));
+    // Line 1 right after it: 8 KiB of stream, over the cut-off.
+    ch.submit(BdevIo::write(8, 8, IoVecs::from_slice(&x2), 7));
+    let writes_at_8 = lock(&ctl).submitted.iter().filter(|s| **s == (IoKind::Write, 8)).count();
+    assert_eq!(writes_at_8, 1, "the cut-off write went to the core during the write-back of its line");
+    let done = poll_until(&mut ch, "the write past the write-back", |d| d.iter().any(|c| c.tag == 7));
+    assert!(done.iter().all(|c| c.tag == 7 && c.result.is_ok()), "only the write completes");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "the flush", |d| d.iter().any(|c| c.tag == 100));
+    flush(&mut ch);
+    same(&read(&mut ch, 0, 16), &[z.as_slice(), &x2].concat(), "through the cache");
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    same(&read(&mut core_ch, 0, 16), &[z.as_slice(), &x2].concat(), "the core after the flush");
+}

@@ -7,23 +7,32 @@
 //!                                                               │     for persisting into the page image, write
 //!                                                               │     the touched pages, answer the waiters
 //!                                                               │   clean round: lock ≤ batch dirty lines, read
-//!                                                               │     them from the cache device, write the dirty
-//!                                                               │     runs to the core, flush the core, clear
-//!                                                               │     the dirty bits, unlock
+//!                                                               │     them from the cache device, soften the locks
+//!                                                               │     (note each line's write generation), write
+//!                                                               │     the dirty runs to the core, flush the core,
+//!                                                               │     clear the dirty bits of lines not rewritten
+//!                                                               │     since, unlock
 //!                                                               └   flush jobs: lines dirty at the request, cleaned
 //! ```
 //!
 //! # Design
 //! * Group commit: at most one metadata round in flight, so a page is never written twice at once
 //!   and records never go backwards; requests that arrive during a round join the next one.
-//! * Cleaning works in rounds of at most `clean_batch` lines, each line locked only for its round:
-//!   guest I/O on a line being cleaned waits for at most one batch. Flush jobs come first (oldest
-//!   first), then the policy: `alru` cleans lines dirty for `alru_stale_ms`, every `alru_wake_ms`
-//!   (at once again while batches come back full); `acp` cleans the oldest dirty lines every 10 ms;
-//!   `nop` never cleans in the background. A write that found no clean line to evict sets
-//!   `pressure`, which runs a batch now (except with `nop`).
+//! * Cleaning works in rounds of at most `clean_batch` lines. A round locks its lines exclusively
+//!   only while it reads them from the cache device; for its write-back to the core it holds soft
+//!   locks, which stop only requests that may write the core (wt/wa/pt/wi writes, unmap, cut-off
+//!   writes: their core write would race the round's older copy). Reads and write-back writes go
+//!   ahead; a line written meanwhile has a new write generation (`LineMap::wgen`) and stays dirty
+//!   (the next round writes the newer data). So guest I/O on a line being cleaned waits for at
+//!   most one batch, and write-back writes only for its read from the cache device.
+//!   Flush jobs come first (oldest first), then the policy: `alru` cleans lines dirty for
+//!   `alru_stale_ms`, every `alru_wake_ms` (at once again while batches come back full); `acp`
+//!   cleans the oldest dirty lines every 10 ms; `nop` never cleans in the background. A write that
+//!   found no clean line to evict sets `pressure`, which runs a batch now (except with `nop`).
 //! * A flush job snapshots the keys dirty when it arrives, so a steady stream of new writes cannot
-//!   starve it; it ends with a flush of the core.
+//!   starve it; it ends with a flush of the core. A key is done for the job once a round that
+//!   *started after the job arrived* wrote it back, even if the line was rewritten since (that
+//!   round read every write acknowledged before the flush), or once an earlier round cleaned it.
 //! * Shutdown waits for rounds in flight, rewrites every record, flushes the cache device and marks
 //!   the superblock clean.
 //!

@@ -34,7 +34,8 @@
 //!   path: see `cache/mod.rs`, "Who owns the line map".
 //! * A request whose lines are locked (by another request or a cleaning batch) waits in its
 //!   channel; later requests on other lines pass it, later ones on the same lines queue behind it
-//!   (submission order per line).
+//!   (submission order per line). Reads and write-back writes pass a cleaning batch's write-back
+//!   to the core (its soft locks, see `cleaner.rs`); such a write is never cut off to the core.
 //!
 //! # Limitations
 //! Read misses fill exactly the sectors read.

@@ -16,8 +16,8 @@
 //! two such requests ever interleave on a line. A cleaning batch holds its lines exclusively only
 //! while it reads them from the cache device; while it writes them back to the core it holds *soft*
 //! locks, which stop only requests that may write the core (wt/wa/pt/wi writes, unmap, ...): reads
-//! and write-back writes pass, and a line rewritten meanwhile (its `wgen` moved) stays dirty. A read hit pins its
-//! lines instead: it may overlap a write in flight on the same sectors (as any two overlapping
+//! and write-back writes pass, and a line rewritten meanwhile (its `wgen` moved) stays dirty.
+//! A read hit pins its lines instead: it may overlap a write in flight on the same sectors (as any two overlapping
 //! requests may), but its line is never evicted or reused under it. `disk_dirty` is the dirty mask that may be on
 //! the cache device: a line is only reused when it is zero, so a stale dirty record can never point
 //! at another line's data (see `layout.rs`).

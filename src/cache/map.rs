@@ -679,3 +679,39 @@ mod index_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod soft_lock_tests {
+    use super::*;
+
+    /// A softened lock (a cleaning batch writing back) lets only `pass_soft` requests past, and only
+    /// on a line that is cached; hard locks stop everyone; a dropped and re-taken line has a new
+    /// write generation.
+    #[test]
+    fn soft_locks_pass_only_requests_that_stay_off_the_core_on_cached_lines() {
+        let mut m = LineMap::new(4);
+        let a = m.alloc((0, 1)).unwrap();
+        m.set_bits(a, 1, 1, 0);
+        assert!(m.try_lock(0, 1, 1, 7));
+        assert!(m.try_lock(0, 2, 2, 7), "line 2 is not cached");
+        assert_eq!(m.try_lock_passing(0, 1, 1, 8, true), None, "a hard lock stops everyone");
+        assert!(m.soften(7), "the refused request is woken");
+        assert_eq!(m.try_lock_passing(0, 0, 1, 8, false), None, "soft locks stop core writers");
+        assert_eq!(m.try_lock_passing(0, 0, 1, 8, true), Some(true));
+        assert_eq!(m.try_lock_passing(0, 3, 3, 9, true), Some(false), "no lock on line 3");
+        assert_eq!(
+            m.try_lock_passing(0, 2, 2, 10, true),
+            None,
+            "line 2 is not cached: its write goes to the core"
+        );
+        assert!(m.is_locked((0, 1)) && m.is_locked((0, 2)), "soft locks still keep lines from eviction");
+        m.unlock(7);
+        m.unlock(8);
+        let g = m.wgen(a);
+        m.set_bits(a, 0, 0, 0); // emptied: dropped
+        assert_ne!(m.wgen(a), g);
+        let g = m.wgen(a);
+        assert_eq!(m.alloc((0, 1)), Some(a));
+        assert_ne!(m.wgen(a), g, "taking a line moves its generation");
+    }
+}

@@ -7,23 +7,32 @@
 //!                                                               │     for persisting into the page image, write
 //!                                                               │     the touched pages, answer the waiters
 //!                                                               │   clean round: lock ≤ batch dirty lines, read
-//!                                                               │     them from the cache device, write the dirty
-//!                                                               │     runs to the core, flush the core, clear
-//!                                                               │     the dirty bits, unlock
+//!                                                               │     them from the cache device, soften the locks
+//!                                                               │     (note each line's write generation), write
+//!                                                               │     the dirty runs to the core, flush the core,
+//!                                                               │     clear the dirty bits of lines not rewritten
+//!                                                               │     since, unlock
 //!                                                               └   flush jobs: lines dirty at the request, cleaned
 //! ```
 //!
 //! # Design
 //! * Group commit: at most one metadata round in flight, so a page is never written twice at once
 //!   and records never go backwards; requests that arrive during a round join the next one.
-//! * Cleaning works in rounds of at most `clean_batch` lines, each line locked only for its round:
-//!   guest I/O on a line being cleaned waits for at most one batch. Flush jobs come first (oldest
-//!   first), then the policy: `alru` cleans lines dirty for `alru_stale_ms`, every `alru_wake_ms`
-//!   (at once again while batches come back full); `acp` cleans the oldest dirty lines every 10 ms;
-//!   `nop` never cleans in the background. A write that found no clean line to evict sets
-//!   `pressure`, which runs a batch now (except with `nop`).
+//! * Cleaning works in rounds of at most `clean_batch` lines. A round locks its lines exclusively
+//!   only while it reads them from the cache device; for its write-back to the core it holds soft
+//!   locks, which stop only requests that may write the core (wt/wa/pt/wi writes, unmap, cut-off
+//!   writes: their core write would race the round's older copy). Reads and write-back writes go
+//!   ahead; a line written meanwhile has a new write generation (`LineMap::wgen`) and stays dirty
+//!   (the next round writes the newer data). So guest I/O on a line being cleaned waits for at
+//!   most one batch, and write-back writes only for its read from the cache device.
+//!   Flush jobs come first (oldest first), then the policy: `alru` cleans lines dirty for
+//!   `alru_stale_ms`, every `alru_wake_ms` (at once again while batches come back full); `acp`
+//!   cleans the oldest dirty lines every 10 ms; `nop` never cleans in the background. A write that
+//!   found no clean line to evict sets `pressure`, which runs a batch now (except with `nop`).
 //! * A flush job snapshots the keys dirty when it arrives, so a steady stream of new writes cannot
-//!   starve it; it ends with a flush of the core.
+//!   starve it; it ends with a flush of the core. A key is done for the job once a round that
+//!   *started after the job arrived* wrote it back, even if the line was rewritten since (that
+//!   round read every write acknowledged before the flush), or once an earlier round cleaned it.
 //! * Shutdown waits for rounds in flight, rewrites every record, flushes the cache device and marks
 //!   the superblock clean.
 //!
@@ -74,9 +83,13 @@ struct CleanLine {
     dirty: u128,
     first: u64,
     buf: IoVecs,
+    /// The line's write generation when it was read from the cache device.
+    wgen: u64,
 }
 
 struct CleanRound {
+    /// Rounds started before this one (flush jobs compare it with their `after_round`).
+    no: u64,
     owner: u64,
     lines: Vec<CleanLine>,
     stage: CleanStage,
@@ -86,6 +99,9 @@ struct CleanRound {
 
 struct FlushJob {
     id: u64,
+    /// Rounds started before the job arrived: a round numbered from here on read every write the
+    /// flush must make durable.
+    after_round: u64,
     core: Option<u16>,
     remaining: HashSet<Key>,
     total: usize,
@@ -109,6 +125,8 @@ struct Owner {
     md: Option<MdRound>,
     last_md: Instant,
     clean: Option<CleanRound>,
+    /// Cleaning rounds started so far.
+    rounds: u64,
     jobs: Vec<FlushJob>,
     next_clean_ms: u64,
     shutdown: Option<(Arc<Mailbox>, u64)>,
@@ -144,6 +162,7 @@ pub(crate) fn run(sh: Arc<Shared>, image: Vec<u8>) {
         md: None,
         last_md: Instant::now(),
         clean: None,
+        rounds: 0,
         jobs: Vec::new(),
         next_clean_ms: if sh.cleaner == CleanerPolicy::Alru { sh.alru_wake_ms } else { 0 },
         shutdown: None,
@@ -275,6 +294,7 @@ impl Owner {
         let now = Instant::now();
         self.jobs.push(FlushJob {
             id: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
+            after_round: self.rounds,
             core,
             total: remaining.len(),
             remaining,
@@ -482,7 +502,7 @@ impl Owner {
             let first = u64::from(dirty.trailing_zeros());
             let last = 127 - u64::from(dirty.leading_zeros());
             let buf = IoVecs::alloc(((last + 1 - first) * bs) as usize);
-            lines.push(CleanLine { slot: i, key, dirty, first, buf });
+            lines.push(CleanLine { slot: i, key, dirty, first, buf, wgen: 0 });
         }
         map.lock_waiters = waiters;
         drop(map);
@@ -490,8 +510,15 @@ impl Owner {
             return false;
         }
         let cbs = u64::from(sh.cache_block);
-        let mut round =
-            CleanRound { owner, lines: Vec::new(), stage: CleanStage::Read, pending: 0, error: None };
+        let mut round = CleanRound {
+            no: self.rounds,
+            owner,
+            lines: Vec::new(),
+            stage: CleanStage::Read,
+            pending: 0,
+            error: None,
+        };
+        self.rounds += 1;
         for l in lines {
             let bs = self.cores.get(&l.key.0).map_or(512, |c| u64::from(c.1));
             let off = sh.data_offset + u64::from(l.slot) * u64::from(sh.line_size) + l.first * bs;
@@ -523,6 +550,17 @@ impl Owner {
         match round.stage {
             CleanStage::Read => {
                 round.stage = CleanStage::Write;
+                // The lines' data is in our buffers: from now on only requests that may write the
+                // core wait for this round; a line rewritten meanwhile moves its generation.
+                let mut map = lock(&self.sh.map);
+                for l in &mut round.lines {
+                    l.wgen = map.wgen(l.slot);
+                }
+                let wake = map.soften(round.owner);
+                drop(map);
+                if wake {
+                    self.sh.wake_all();
+                }
                 let mut ios: Vec<(u16, BdevIo)> = Vec::new();
                 for l in &round.lines {
                     let bs = self.cores.get(&l.key.0).map_or(512, |c| u64::from(c.1));
@@ -593,18 +631,25 @@ impl Owner {
         let sh = self.sh.clone();
         let now = sh.now_ms();
         let mut map = lock(&sh.map);
-        let mut cleaned = Vec::new();
+        // Lines now clean, and lines written back with what they held when the round read them.
+        let (mut cleaned, mut written) = (Vec::new(), Vec::new());
         if let Some(e) = round.error {
             log::error!("cache '{}': cleaning failed: {e}; the lines stay dirty", sh.cache_name);
         } else {
             for l in &round.lines {
-                let line = &map.lines[l.slot as usize];
-                if line.key != Some(l.key) {
+                if map.lines[l.slot as usize].key != Some(l.key) {
                     continue;
                 }
+                map.counters(l.key.0).cleaner_writes += 1;
+                written.push(l.key);
+                if map.wgen(l.slot) != l.wgen {
+                    // Rewritten (or invalidated) since the read: the core may be older than the
+                    // cache; the line stays dirty for the next round.
+                    continue;
+                }
+                let line = &map.lines[l.slot as usize];
                 let (v, d) = (line.valid, line.dirty & !l.dirty);
                 map.set_bits(l.slot, v, d, now);
-                map.counters(l.key.0).cleaner_writes += 1;
                 cleaned.push(l.key);
             }
         }
@@ -618,7 +663,9 @@ impl Owner {
                 j.error.get_or_insert(e);
                 j.remaining.clear();
             }
-            for k in &cleaned {
+            // A round that started after the flush arrived read every write acknowledged before
+            // it: what it wrote back is what the flush promises, even if rewritten since.
+            for k in if round.no >= j.after_round { &written } else { &cleaned } {
                 j.remaining.remove(k);
             }
         }

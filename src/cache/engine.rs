@@ -34,7 +34,8 @@
 //!   path: see `cache/mod.rs`, "Who owns the line map".
 //! * A request whose lines are locked (by another request or a cleaning batch) waits in its
 //!   channel; later requests on other lines pass it, later ones on the same lines queue behind it
-//!   (submission order per line).
+//!   (submission order per line). Reads and write-back writes pass a cleaning batch's write-back
+//!   to the core (its soft locks, see `cleaner.rs`); such a write is never cut off to the core.
 //!
 //! # Limitations
 //! Read misses fill exactly the sectors read.
@@ -348,12 +349,16 @@ impl CacheChannel {
             }
             self.seg_pool = segs;
         }
-        if !map.try_lock(self.core_id, first, last, id) {
-            return Err(io);
-        }
         let removed = self.sh.cache_removed.load(Ordering::Acquire);
-        let cut = !removed && self.cut_off(&io, &map);
         let mode = self.sh.mode();
+        // Requests that never write the core pass a cleaning batch's write-back (its soft locks).
+        let write_back = io.kind == IoKind::Write && matches!(mode, Mode::Wb | Mode::Wo);
+        let pass_soft = !removed && (io.kind == IoKind::Read || write_back);
+        let Some(passed) = map.try_lock_passing(self.core_id, first, last, id, pass_soft) else {
+            return Err(io);
+        };
+        // A write let past a write-back must stay off the core: it is never cut off.
+        let cut = !removed && self.cut_off(&io, &map) && !(passed && write_back);
         let mut req = self.new_req(io, Stage::Data);
         req.locked = true;
         let mut segs = std::mem::take(&mut self.seg_pool);
@@ -797,6 +802,12 @@ impl CacheChannel {
                 if l.key != Some(p.key) {
                     continue;
                 }
+                if p.act != Act::Fill {
+                    // Data or dirty sectors changed: a write-back of the line in flight must not
+                    // mark it clean.
+                    map.bump_wgen(p.slot);
+                }
+                let l = &map.lines[p.slot as usize];
                 let (mut v, mut d, dd, sure) = (l.valid, l.dirty, l.disk_dirty, l.disk_sure);
                 match (p.act, ok) {
                     (Act::Fill, true) => v |= p.mask,

@@ -4,7 +4,8 @@
 //! ```text
 //!  index: (core id, core line) ──► cache line ──► Line { key, valid, dirty, disk_dirty, seq, lru links }
 //!  lru:   head (most recent) ⇄ … ⇄ tail (eviction candidates)        free: unused cache lines
-//!  locks: [(core, first line, last line, owner)]  — one entry per request or cleaning batch in flight
+//!  locks: [(core, first line, last line, owner, soft)] — one entry per request or cleaned line in flight
+//!  wgen:  per cache line, a write generation (the cleaner checks it before marking a line clean)
 //!  pins:  per cache line, read hits in flight (atomics)   dirty order: (dirty since, line), oldest first
 //! ```
 //!
@@ -12,8 +13,11 @@
 //! Plain data behind the instance's one `Mutex` (see `cache/mod.rs` for the locking rule: held only
 //! for look-ups and bookkeeping, never across base I/O). Range locks make every request but a read
 //! hit exclusive on the core lines it touches for its whole life (data I/O, metadata persist), so no
-//! two such requests or a request and the cleaner ever interleave on a line. A read hit pins its
-//! lines instead: it may overlap a write in flight on the same sectors (as any two overlapping
+//! two such requests ever interleave on a line. A cleaning batch holds its lines exclusively only
+//! while it reads them from the cache device; while it writes them back to the core it holds *soft*
+//! locks, which stop only requests that may write the core (wt/wa/pt/wi writes, unmap, ...): reads
+//! and write-back writes pass, and a line rewritten meanwhile (its `wgen` moved) stays dirty.
+//! A read hit pins its lines instead: it may overlap a write in flight on the same sectors (as any two overlapping
 //! requests may), but its line is never evicted or reused under it. `disk_dirty` is the dirty mask that may be on
 //! the cache device: a line is only reused when it is zero, so a stale dirty record can never point
 //! at another line's data (see `layout.rs`).
@@ -204,7 +208,13 @@ pub struct LineMap {
     free: Vec<u32>,
     head: u32,
     tail: u32,
-    locks: Vec<(u16, u64, u64, u64)>,
+    /// (core, first line, last line, owner, soft): a soft lock (a cleaning batch writing back to the
+    /// core) lets requests that never write the core pass (see [`LineMap::try_lock_passing`]).
+    locks: Vec<(u16, u64, u64, u64, bool)>,
+    /// Per cache line: bumped by every change of its data or dirty sectors by a request (and when
+    /// the line is taken or dropped), so the cleaner can tell whether a line it read was rewritten
+    /// before its write-back completed.
+    wgen: Vec<u64>,
     /// Lines whose record must be written.
     pub md_pending: Vec<u32>,
     /// Per-core counters, indexed by core id.
@@ -233,6 +243,7 @@ impl LineMap {
             head: NIL,
             tail: NIL,
             locks: Vec::new(),
+            wgen: vec![0; num_lines as usize],
             md_pending: Vec::new(),
             counters: Vec::new(),
             lock_waiters: false,
@@ -264,12 +275,53 @@ impl LineMap {
 
     /// Locks core lines `first..=last` of `core` for `owner`; false when any is held by someone else.
     pub fn try_lock(&mut self, core: u16, first: u64, last: u64, owner: u64) -> bool {
-        if self.locks.iter().any(|&(c, f, l, _)| c == core && f <= last && first <= l) {
-            self.lock_waiters = true;
-            return false;
+        self.try_lock_passing(core, first, last, owner, false).is_some()
+    }
+
+    /// Like `try_lock`; with `pass_soft` (a request that never writes the core: a read, a
+    /// write-back write) soft locks do not stop it. `Some(true)` when it got the lock past a soft one.
+    pub fn try_lock_passing(
+        &mut self,
+        core: u16,
+        first: u64,
+        last: u64,
+        owner: u64,
+        pass_soft: bool,
+    ) -> Option<bool> {
+        let mut passed = false;
+        for &(c, f, l, _, soft) in &self.locks {
+            if c == core && f <= last && first <= l {
+                // Only past a line that is cached (a write-back write then stays in the cache).
+                if !(soft && pass_soft && (f..=l).all(|x| self.lookup((c, x)).is_some())) {
+                    self.lock_waiters = true;
+                    return None;
+                }
+                passed = true;
+            }
         }
-        self.locks.push((core, first, last, owner));
-        true
+        self.locks.push((core, first, last, owner, false));
+        Some(passed)
+    }
+
+    /// Turns every lock of `owner` into a soft one; returns true when someone was waiting (wake them:
+    /// some may pass now).
+    pub fn soften(&mut self, owner: u64) -> bool {
+        for e in &mut self.locks {
+            if e.3 == owner {
+                e.4 = true;
+            }
+        }
+        std::mem::take(&mut self.lock_waiters)
+    }
+
+    /// The write generation of cache line `i` (see `wgen`).
+    pub fn wgen(&self, i: u32) -> u64 {
+        self.wgen[i as usize]
+    }
+
+    /// Records that a request changed line `i`'s data or dirty sectors.
+    pub fn bump_wgen(&mut self, i: u32) {
+        self.wgen[i as usize] += 1;
     }
 
     /// True while a read hit on cache line `i` is in flight (read under the map's lock: no new pin can
@@ -280,12 +332,12 @@ impl LineMap {
 
     /// True when a core line is locked.
     pub fn is_locked(&self, key: Key) -> bool {
-        self.locks.iter().any(|&(c, f, l, _)| c == key.0 && f <= key.1 && key.1 <= l)
+        self.locks.iter().any(|&(c, f, l, _, _)| c == key.0 && f <= key.1 && key.1 <= l)
     }
 
     /// Releases every lock of `owner`; returns true when someone was waiting (wake them).
     pub fn unlock(&mut self, owner: u64) -> bool {
-        self.locks.retain(|&(_, _, _, o)| o != owner);
+        self.locks.retain(|&(_, _, _, o, _)| o != owner);
         std::mem::take(&mut self.lock_waiters)
     }
 
@@ -354,6 +406,7 @@ impl LineMap {
             Some(i) => i,
             None => self.evict()?,
         };
+        self.wgen[i as usize] += 1;
         let l = &mut self.lines[i as usize];
         l.key = Some(key);
         l.valid = 0;
@@ -388,6 +441,7 @@ impl LineMap {
 
     /// Forgets line `i` (its record becomes "free" at the next persist) and puts it on the free list.
     fn drop_line(&mut self, i: u32) {
+        self.wgen[i as usize] += 1;
         self.lru_remove(i);
         if let Some(key) = self.lines[i as usize].key {
             // While every line of the probe run still has its key (the index compares keys).
@@ -623,5 +677,41 @@ mod index_tests {
             }
             assert_eq!(m.lookup((7, 7)), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod soft_lock_tests {
+    use super::*;
+
+    /// A softened lock (a cleaning batch writing back) lets only `pass_soft` requests past, and only
+    /// on a line that is cached; hard locks stop everyone; a dropped and re-taken line has a new
+    /// write generation.
+    #[test]
+    fn soft_locks_pass_only_requests_that_stay_off_the_core_on_cached_lines() {
+        let mut m = LineMap::new(4);
+        let a = m.alloc((0, 1)).unwrap();
+        m.set_bits(a, 1, 1, 0);
+        assert!(m.try_lock(0, 1, 1, 7));
+        assert!(m.try_lock(0, 2, 2, 7), "line 2 is not cached");
+        assert_eq!(m.try_lock_passing(0, 1, 1, 8, true), None, "a hard lock stops everyone");
+        assert!(m.soften(7), "the refused request is woken");
+        assert_eq!(m.try_lock_passing(0, 0, 1, 8, false), None, "soft locks stop core writers");
+        assert_eq!(m.try_lock_passing(0, 0, 1, 8, true), Some(true));
+        assert_eq!(m.try_lock_passing(0, 3, 3, 9, true), Some(false), "no lock on line 3");
+        assert_eq!(
+            m.try_lock_passing(0, 2, 2, 10, true),
+            None,
+            "line 2 is not cached: its write goes to the core"
+        );
+        assert!(m.is_locked((0, 1)) && m.is_locked((0, 2)), "soft locks still keep lines from eviction");
+        m.unlock(7);
+        m.unlock(8);
+        let g = m.wgen(a);
+        m.set_bits(a, 0, 0, 0); // emptied: dropped
+        assert_ne!(m.wgen(a), g);
+        let g = m.wgen(a);
+        assert_eq!(m.alloc((0, 1)), Some(a));
+        assert_ne!(m.wgen(a), g, "taking a line moves its generation");
     }
 }

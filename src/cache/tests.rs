@@ -724,3 +724,347 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
     write(&mut ch, 0, &fill(3, 4096));
     assert_eq!(waiters(), 2, "the rewrite must wait: its dirty bits may not be on the device");
 }
+
+/// What a [`HoldBdev`] does: writes to blocks in `range` (while set) are caught, and the
+/// completions of all but the first `allow` caught writes are held back; `caught` counts them.
+/// `submitted` lists every I/O that reached the device (kind, first block).
+#[derive(Default)]
+struct HoldCtl {
+    range: Option<std::ops::Range<u64>>,
+    caught: usize,
+    allow: usize,
+    delivered: usize,
+    submitted: Vec<(IoKind, u64)>,
+}
+
+/// A malloc bdev whose writes can be held (their data lands at once, as malloc does; only the
+/// completion waits), so a test can act while the cache's record round or write-back is in flight.
+struct HoldBdev {
+    inner: MallocBdev,
+    ctl: Arc<std::sync::Mutex<HoldCtl>>,
+}
+
+impl HoldBdev {
+    fn new(name: &str, bytes: u64) -> (Arc<Self>, Arc<std::sync::Mutex<HoldCtl>>) {
+        let ctl = Arc::new(std::sync::Mutex::new(HoldCtl::default()));
+        (Arc::new(Self { inner: MallocBdev::new(name, bytes, 512).unwrap(), ctl: ctl.clone() }), ctl)
+    }
+}
+
+struct HoldChannel {
+    inner: Box<dyn crate::bdev::ModuleChannel>,
+    ctl: Arc<std::sync::Mutex<HoldCtl>>,
+    tags: std::collections::HashSet<u64>,
+    held: std::collections::VecDeque<crate::bdev::Completion>,
+}
+
+impl crate::bdev::Bdev for HoldBdev {
+    fn info(&self) -> &crate::bdev::BdevInfo {
+        self.inner.info()
+    }
+    fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, BdevError> {
+        Ok(Box::new(HoldChannel {
+            inner: self.inner.create_channel()?,
+            ctl: self.ctl.clone(),
+            tags: Default::default(),
+            held: Default::default(),
+        }))
+    }
+}
+
+impl crate::bdev::ModuleChannel for HoldChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
+        let mut ctl = lock(&self.ctl);
+        ctl.submitted.push((io.kind, io.offset_blocks));
+        if io.kind == IoKind::Write && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
+            ctl.caught += 1;
+            self.tags.insert(io.tag);
+        }
+        drop(ctl);
+        self.inner.submit(io)
+    }
+
+    fn poll(&mut self, done: &mut Vec<crate::bdev::Completion>) -> usize {
+        let start = done.len();
+        let mut tmp = Vec::new();
+        self.inner.poll(&mut tmp);
+        for c in tmp {
+            if self.tags.remove(&c.tag) {
+                self.held.push_back(c);
+            } else {
+                done.push(c);
+            }
+        }
+        let mut ctl = lock(&self.ctl);
+        while ctl.delivered < ctl.allow {
+            let Some(c) = self.held.pop_front() else { break };
+            ctl.delivered += 1;
+            done.push(c);
+        }
+        done.len() - start
+    }
+}
+
+/// Releases a [`HoldBdev`]'s writes when dropped.
+struct ReleaseOnDrop(Arc<std::sync::Mutex<HoldCtl>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        lock(&self.0).allow = usize::MAX;
+    }
+}
+
+/// Polls `ch` until `cond` holds (60 s deadline), given the completions seen so far; returns them.
+#[track_caller]
+fn poll_until(
+    ch: &mut crate::bdev::Channel,
+    what: &str,
+    mut cond: impl FnMut(&[crate::bdev::Completion]) -> bool,
+) -> Vec<crate::bdev::Completion> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done = Vec::new();
+    loop {
+        ch.poll(&mut done);
+        if cond(&done) {
+            return done;
+        }
+        assert!(Instant::now() < deadline, "{what}: not after 60 s");
+        std::thread::yield_now();
+    }
+}
+
+/// The same race as above, driven through the real owner thread: a flush cleans line 0 (its record
+/// still says dirty), a record round writing "clean" for it starts and its page write is held; a
+/// rewrite of line 0 during that round must not be acknowledged until a round of its own has
+/// recorded it dirty (`start_md`'s `disk_sure &= dirty`).
+#[test]
+fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_record() {
+    let reg = Registry::new();
+    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let sh = bdev.shared().clone();
+    let waiters = || sh.md_waiters.load(Ordering::Acquire);
+    write(&mut ch, 0, &fill(1, 4096));
+    assert_eq!(waiters(), 1, "a first write-back write waits for its record");
+    // From here on, record page writes complete only when released (at the latest when the test
+    // ends, pass or fail, before the cache shuts down: its final records must not hang).
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(layout::MD_OFFSET / BS..sh.data_offset / BS);
+    flush(&mut ch); // cleaned at run time; the device still says dirty
+    assert_eq!(lock(&ctl).caught, 0, "a flush writes no record");
+    // A record round for the cleaned line ("clean"), held in flight.
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 1));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lock(&ctl).caught == 0 {
+        assert!(Instant::now() < deadline, "the record round never started");
+        std::thread::yield_now();
+    }
+    assert_eq!(waiters(), 2);
+    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
+    assert_eq!(lock(&sh.map).lines[slot as usize].dirty, 0);
+    // The rewrite: its data goes to the cache device (not held); once its dirty bits are in the map
+    // it has either been acknowledged (in that same poll) or asked for a record round.
+    let x = fill(3, 4096);
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x), 7));
+    let early = poll_until(&mut ch, "the rewrite's data write", |_| {
+        let m = lock(&sh.map);
+        m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty != 0)
+    });
+    assert!(
+        early.is_empty(),
+        "the rewrite was acknowledged while the only record round in flight writes \"clean\""
+    );
+    lock(&ctl).allow = usize::MAX;
+    assert_eq!(mb.wait_for(1), Ok(()));
+    let r = drive(&mut ch);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].result, Ok(()));
+    assert_eq!(waiters(), 3, "the rewrite waited for a record round of its own");
+    // The device records line 0 dirty, so a crash now would load the rewrite.
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let page = slot / layout::LINES_PER_PAGE;
+    let rec_at = layout::page_offset(page) / BS;
+    let bytes = read(&mut cch, rec_at, layout::PAGE_BYTES / BS);
+    let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+    let rec = layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap().unwrap();
+    assert_eq!((rec.used, rec.core_line, rec.dirty), (true, 0, 0xff), "record of line 0: {rec:?}");
+}
+
+/// A cleaning round holds its lines exclusively only while reading them from the cache device.
+/// While its write-back to the core is in flight (held here): a write-back write to one of its lines
+/// goes ahead, and that line stays dirty (the core got the older data), while an unmap (which
+/// writes the core) waits for the round. A flush that arrived before the round is done after it
+/// (the round read every write acknowledged before the flush); the newer data reaches the core
+/// with the next flush.
+#[test]
+fn a_write_during_the_write_back_of_its_line_keeps_the_line_dirty() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+    let (x1, y, x2) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
+    write(&mut ch, 0, &x1); // line 0
+    write(&mut ch, 8, &y); // line 1
+    assert_eq!(dirty(), 2);
+    // Writes to the core are held from here (the guest's writes go to the cache device).
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 100));
+    let done = poll_until(&mut ch, "the write-back of lines 0 and 1", |_| lock(&ctl).caught == 2);
+    assert!(done.is_empty());
+    // A write-back write to line 0 does not wait for the round.
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x2), 7));
+    let done = poll_until(&mut ch, "the rewrite during the write-back", |d| !d.is_empty());
+    assert_eq!(done.len(), 1, "only the rewrite completes");
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    // An unmap of line 1 would write the core under the round's write-back: it waits.
+    ch.submit(BdevIo::no_data(IoKind::Unmap, 8, 8, 8));
+    assert!(
+        !lock(&ctl).submitted.contains(&(IoKind::Unmap, 8)),
+        "the unmap reached the core while line 1 was being written back"
+    );
+    // Let the round's two writes complete: the flush ends without a second round (line 0 was
+    // written back as it was when the flush arrived), the unmap goes ahead.
+    lock(&ctl).allow = 2;
+    let done = poll_until(&mut ch, "the flush and the unmap", |d| d.len() == 2 || lock(&ctl).caught > 2);
+    assert_eq!(lock(&ctl).caught, 2, "the flush waited for a second write-back");
+    let mut tags: Vec<_> = done.iter().map(|c| (c.tag, c.result)).collect();
+    tags.sort_unstable_by_key(|t| t.0);
+    assert_eq!(tags, vec![(8, Ok(())), (100, Ok(()))]);
+    assert_eq!(dirty(), 1, "line 0, rewritten during its write-back, stays dirty");
+    same(&read(&mut core_ch, 0, 8), &x1, "core line 0 after the first flush");
+    same(&read(&mut core_ch, 8, 8), &[0u8; 4096], "core line 1 after the unmap");
+    lock(&ctl).allow = usize::MAX;
+    flush(&mut ch);
+    assert_eq!(dirty(), 0);
+    same(&read(&mut core_ch, 0, 8), &x2, "core line 0 after the next flush");
+    same(&read(&mut ch, 0, 16), &[x2.as_slice(), &[0u8; 4096]].concat(), "through the cache");
+}
+
+/// wb with `acp` cleaning back to back while two threads write, unmap and flush disjoint halves of
+/// the core (4× the cache): after each thread's flush the core itself holds everything that thread
+/// had written before it, though the cleaner writes lines back while they are being rewritten (the
+/// core is a `delay` bdev, 300 µs per write or flush, so write-backs are in flight for a while).
+#[test]
+fn acp_cleaning_under_concurrent_writes_keeps_the_flush_promise() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    reg.register(Arc::new(MallocBdev::new("base0", 1 << 20, 512).unwrap())).unwrap();
+    let opts = crate::bdev::delay::DelayOptions {
+        name: "core0".into(),
+        base: "base0".into(),
+        read: Duration::ZERO,
+        write: Duration::from_micros(300),
+        jitter: Duration::ZERO,
+    };
+    reg.register(Arc::new(crate::bdev::delay::DelayBdev::new(opts, &reg).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Acp;
+    c.clean_batch = 8;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let desc = reg.open("c0", true).unwrap();
+            let core = reg.open("core0", false).unwrap();
+            std::thread::spawn(move || {
+                let mut ch = desc.channel().unwrap();
+                let mut core_ch = core.channel().unwrap();
+                let base = t * 1024;
+                let mut reference = vec![0u8; 1024 * BS as usize];
+                let mut rng = Rng(31 + t);
+                for step in 0..600 {
+                    let n = 1 + rng.below(16);
+                    let off = rng.below(1024 - n);
+                    let r = (off * BS) as usize..((off + n) * BS) as usize;
+                    match rng.below(25) {
+                        0 => {
+                            flush(&mut ch);
+                            same(&read(&mut core_ch, base, 1024), &reference, &format!("core, step {step}"));
+                        }
+                        1 => {
+                            let u = run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, base + off, n, 0)]);
+                            assert_eq!(u[&0], Ok(()));
+                            reference[r].fill(0);
+                        }
+                        _ => {
+                            let d = fill(rng.next(), (n * BS) as usize);
+                            write(&mut ch, base + off, &d);
+                            reference[r].copy_from_slice(&d);
+                        }
+                    }
+                }
+                flush(&mut ch);
+                same(&read(&mut core_ch, base, 1024), &reference, "core at the end");
+                same(&read(&mut ch, base, 1024), &reference, "through the cache at the end");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(stats(&bdev)["cleaner_writes"].as_u64().unwrap() > 0);
+}
+
+/// A sequential write that would be cut off (sent to the core, `seq-cutoff=always`) but lands on a
+/// line whose write-back is in flight stays in the cache: on the core it would race the cleaner's
+/// older copy of the same blocks.
+#[test]
+fn a_write_past_a_write_back_is_not_cut_off_to_the_core() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Always;
+    c.seq_cutoff_bytes = 8192;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let (x1, z, x2) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
+    write(&mut ch, 8, &x1); // line 1: 4 KiB, under the cut-off
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 100));
+    poll_until(&mut ch, "the write-back of line 1", |_| lock(&ctl).caught == 1);
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&z), 6)); // line 0: a new stream of 4 KiB
+    let done = poll_until(&mut ch, "the write to line 0", |d| !d.is_empty());
+    assert_eq!((done[0].tag, done[0].result), (6, Ok(())));
+    // Line 1 right after it: 8 KiB of stream, over the cut-off.
+    ch.submit(BdevIo::write(8, 8, IoVecs::from_slice(&x2), 7));
+    let writes_at_8 = lock(&ctl).submitted.iter().filter(|s| **s == (IoKind::Write, 8)).count();
+    assert_eq!(writes_at_8, 1, "the cut-off write went to the core during the write-back of its line");
+    let done = poll_until(&mut ch, "the write past the write-back", |d| d.iter().any(|c| c.tag == 7));
+    assert!(done.iter().all(|c| c.tag == 7 && c.result.is_ok()), "only the write completes");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "the flush", |d| d.iter().any(|c| c.tag == 100));
+    flush(&mut ch);
+    same(&read(&mut ch, 0, 16), &[z.as_slice(), &x2].concat(), "through the cache");
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    same(&read(&mut core_ch, 0, 16), &[z.as_slice(), &x2].concat(), "the core after the flush");
+}

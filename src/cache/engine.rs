@@ -956,6 +956,12 @@ impl ModuleChannel for CacheChannel {
     }
 }
 
+/// For tests: the base of this channel's request ids, and the top of the owner-thread ids' range.
+#[cfg(test)]
+pub(crate) fn id_spaces(ch: &CacheChannel) -> (u64, u64) {
+    (ch.uid, CHANNEL_ID_BIT)
+}
+
 /// A request's slot in its channel's slab.
 fn slot(id: u64) -> usize {
     (id & SLOT_MASK) as usize

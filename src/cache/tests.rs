@@ -1068,3 +1068,47 @@ fn a_write_past_a_write_back_is_not_cut_off_to_the_core() {
     let mut core_ch = core_ro.channel().unwrap();
     same(&read(&mut core_ch, 0, 16), &[z.as_slice(), &x2].concat(), "the core after the flush");
 }
+
+/// Range-lock owner ids: a channel's request ids (channel base | slot) never equal an id the cleaner
+/// or the owner thread takes from NEXT_OWNER, and two channels never share a base.
+#[test]
+fn request_ids_never_meet_owner_ids() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let bdev = CacheBdev::create(&cfg(Mode::Wb), &reg).unwrap();
+    let a = engine::CacheChannel::new(&bdev).unwrap();
+    let b = engine::CacheChannel::new(&bdev).unwrap();
+    let ((base_a, top), (base_b, _)) = (engine::id_spaces(&a), engine::id_spaces(&b));
+    let owner_next = engine::NEXT_OWNER.load(Ordering::Relaxed);
+    assert!(owner_next < top, "owner ids stay below {top:#x}");
+    for base in [base_a, base_b] {
+        assert!(base >= top, "request ids {base:#x}.. must lie above every owner id");
+        assert_eq!(base & 0xffff_ffff, 0, "the low 32 bits are the slot");
+    }
+    assert_ne!(base_a, base_b);
+}
+
+/// Only reads and writes make up a sequential stream: an unmap that continues a stream neither counts
+/// toward the cut-off nor moves where the stream must continue.
+#[test]
+fn only_reads_and_writes_count_toward_the_sequential_cutoff() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Always;
+    c.seq_cutoff_bytes = 64 << 10;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
+    // 48 KiB streamed: below the cut-off, all cached.
+    for i in 0..3 {
+        read(&mut ch, i * 32, 32);
+    }
+    assert_eq!(occ(&bdev), 12);
+    // A 16 KiB unmap right after the stream, then a read right after the unmap.
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 96, 32, 0)])[&0], Ok(()));
+    read(&mut ch, 128, 32);
+    assert_eq!(occ(&bdev), 16, "the read after the unmap starts a new stream and is cached");
+}

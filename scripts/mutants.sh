@@ -46,9 +46,9 @@ tests_for() {
         src/vhost/request.rs) echo "--lib -- vhost::" ;;
         src/vhost/poller.rs | src/vhost/device.rs)
             echo "--lib --test vhost_frontend --test vhost_async --test vhost_blkio --test ops_gaps --test hostile_ring --test inflight_restart" ;;
-        src/bdev/channel.rs) echo "--lib -- bdev::" ;;
+        src/bdev/channel.rs) echo "--lib -- bdev:: -- --skip rbd::" ;;
         # The control socket's look-ups (claimed_by, bdev_stats, control) are tested through vblkd ctl.
-        src/bdev/registry.rs) echo "--lib --test ops_registry --test control" ;;
+        src/bdev/registry.rs) echo "--lib --test ops_registry --test control -- -- --skip rbd::" ;;
         # (Skipped: the lib tests of unrelated modules; the rbd ones also need the test Ceph cluster.)
         src/ocssd/emu.rs) echo "--lib --test ocssd_emu --test ops_gaps -- -- --skip rbd:: --skip vhost:: --skip cache::" ;;
         # On-medium state (superblock, band metadata, restore, nv-cache ring): the crash tests too

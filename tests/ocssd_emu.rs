@@ -706,3 +706,33 @@ fn concurrent_writers_on_one_chunk_keep_the_write_pointer_rule() {
     assert_eq!(info.write_pointer_blocks, 32);
     assert_eq!(info.state, ChunkState::Closed);
 }
+
+/// The identify geometry reports the spec version (2.0) and the configured mccap and mw_cunits.
+#[test]
+fn identify_reports_version_and_configured_capabilities() {
+    let g = EmuGeometry { mccap: 0x1, mw_cunits: 16, ..geom() };
+    let (_d, _p, dev) = create(EmuConfig { geometry: g.clone(), ..EmuConfig::default() });
+    let info = *dev.info();
+    assert_eq!((info.geometry.mjr, info.geometry.mnr), (2, 0));
+    assert_eq!(info.geometry.mccap, g.mccap);
+    assert_eq!(info.geometry.mw_cunits, 16);
+    assert_eq!((info.geometry.num_grp, info.geometry.num_pu), (2, 2));
+}
+
+/// Chunk-state counts follow a chunk from free to open to closed and back.
+#[test]
+fn chunk_state_counts_follow_the_chunk_lifecycle() {
+    let (_d, _p, dev) = setup();
+    let mut qp = dev.queue_pair(4).expect("qp");
+    let total = 2 * 2 * 4;
+    let c = dev.chunk_state_counts();
+    assert_eq!((c.free, c.open, c.closed, c.offline), (total, 0, 0, 0));
+    assert_eq!(write(qp.as_mut(), chunk(0, 1, 2), 4).status, Status::SUCCESS);
+    let c = dev.chunk_state_counts();
+    assert_eq!((c.free, c.open, c.closed), (total - 1, 1, 0));
+    assert_eq!(write(qp.as_mut(), chunk(0, 1, 2).with_lbk(4), 28).status, Status::SUCCESS);
+    let c = dev.chunk_state_counts();
+    assert_eq!((c.free, c.open, c.closed), (total - 1, 0, 1));
+    assert_eq!(reset(qp.as_mut(), vec![chunk(0, 1, 2)]).status, Status::SUCCESS);
+    assert_eq!(dev.chunk_state_counts().free, total);
+}

@@ -1112,3 +1112,60 @@ fn only_reads_and_writes_count_toward_the_sequential_cutoff() {
     read(&mut ch, 128, 32);
     assert_eq!(occ(&bdev), 16, "the read after the unmap starts a new stream and is cached");
 }
+
+/// A request waiting for locked lines holds up only later requests on the same lines, in order: while
+/// an unmap of line 1 waits for a write-back round, a write to line 1 queues behind it (so the unmap
+/// cannot wipe the newer data), and a read of another line goes ahead.
+#[test]
+fn a_waiting_request_holds_up_only_its_own_lines_in_order() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    let (y, z, w) = (fill(2, 4096), fill(4, 4096), fill(5, 4096));
+    write(&mut ch, 8, &y); // line 1, dirty
+    write(&mut ch, 40, &w); // line 5, dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 100));
+    let done = poll_until(&mut ch, "the write-back of lines 1 and 5", |_| lock(&ctl).caught == 2);
+    assert!(done.is_empty());
+    ch.submit(BdevIo::no_data(IoKind::Unmap, 8, 8, 8));
+    ch.submit(BdevIo::write(8, 8, IoVecs::from_slice(&z), 9));
+    let back = IoVecs::alloc(4096);
+    ch.submit(BdevIo::read(40, 8, back.slice(0, 4096).unwrap(), 10));
+    let done = poll_until(&mut ch, "the read of line 5", |d| d.iter().any(|c| c.tag == 10));
+    assert!(done.iter().all(|c| c.tag == 10), "only the read completes while the round is held: {done:?}");
+    same(&back.to_vec(), &w, "line 5 read during the round");
+    lock(&ctl).allow = usize::MAX;
+    let done = poll_until(&mut ch, "the flush, the unmap and the write", |d| d.len() == 3);
+    let order: Vec<u64> = done.iter().map(|c| c.tag).filter(|t| *t != 100).collect();
+    assert_eq!(order, vec![8, 9], "the write to line 1 completes after the unmap before it");
+    same(&read(&mut ch, 8, 8), &z, "line 1 holds the write that followed the unmap");
+}
+
+/// `seq-cutoff=full`: a stream past the threshold is still cached while the cache has free lines.
+#[test]
+fn full_cutoff_caches_a_stream_while_lines_are_free() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Full;
+    c.seq_cutoff_bytes = 64 << 10;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    // 128 KiB streamed in 16 KiB reads: twice the threshold, half the cache.
+    for i in 0..8 {
+        read(&mut ch, i * 32, 32);
+    }
+    assert_eq!(stats(&bdev)["occupancy_lines"].as_u64().unwrap(), 32);
+}

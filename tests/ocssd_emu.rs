@@ -711,7 +711,7 @@ fn concurrent_writers_on_one_chunk_keep_the_write_pointer_rule() {
 #[test]
 fn identify_reports_version_and_configured_capabilities() {
     let g = EmuGeometry { mccap: 0x1, mw_cunits: 16, ..geom() };
-    let (_d, _p, dev) = create(EmuConfig { geometry: g.clone(), ..EmuConfig::default() });
+    let (_d, _p, dev) = create(EmuConfig { geometry: g, ..EmuConfig::default() });
     let info = *dev.info();
     assert_eq!((info.geometry.mjr, info.geometry.mnr), (2, 0));
     assert_eq!(info.geometry.mccap, g.mccap);

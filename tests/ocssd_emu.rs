@@ -736,3 +736,17 @@ fn chunk_state_counts_follow_the_chunk_lifecycle() {
     assert_eq!(reset(qp.as_mut(), vec![chunk(0, 1, 2)]).status, Status::SUCCESS);
     assert_eq!(dev.chunk_state_counts().free, total);
 }
+
+/// A geometry with more chunks than one batch of the chunk table (16 Ki records) is written in
+/// several batches, each at its own place: the image reopens with every chunk free.
+#[test]
+fn a_chunk_table_written_in_batches_reopens_intact() {
+    let g = EmuGeometry { num_grp: 2, num_pu: 4, num_chk: 2100, clba: 4, ws_min: 4, ws_opt: 4, ..geom() };
+    let total = 2 * 4 * 2100u64;
+    let (_d, path, dev) = create(EmuConfig { geometry: g, ..EmuConfig::default() });
+    assert_eq!(dev.chunk_state_counts().free, total);
+    drop(dev);
+    let again = EmuDevice::open(&path).expect("reopen");
+    let c = again.chunk_state_counts();
+    assert_eq!((c.free, c.open, c.closed, c.offline), (total, 0, 0, 0));
+}

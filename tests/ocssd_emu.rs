@@ -750,3 +750,18 @@ fn a_chunk_table_written_in_batches_reopens_intact() {
     let c = again.chunk_state_counts();
     assert_eq!((c.free, c.open, c.closed, c.offline), (total, 0, 0, 0));
 }
+
+/// An image named without a directory is created in the current directory (its free space is what
+/// `create` checks).
+#[test]
+fn an_image_path_without_a_directory_is_created_in_the_current_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vblkd"))
+        .current_dir(dir.path())
+        .args(["media", "create", "--path", "media.img", "--groups", "1", "--pus", "1", "--chunks", "4"])
+        .args(["--chunk-blocks", "32"])
+        .output()
+        .expect("run vblkd media create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(EmuDevice::open(&dir.path().join("media.img")).is_ok());
+}

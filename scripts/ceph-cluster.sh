@@ -20,6 +20,9 @@ log() { printf 'ceph-cluster: %s\n' "$*" >&2; }
 # A pid that runs and is not a zombie.
 running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${st:0:1}" != Z ]; }
 answers() { [ -f "$CONF" ] && timeout 5 ceph "${C[@]}" --connect-timeout 4 health >/dev/null 2>&1; }
+# Up and usable: a monitor answers and pool rbd exists (a start that was killed half-way leaves a
+# monitor without the pool; such a cluster is rebuilt).
+ready() { answers && timeout 10 ceph "${C[@]}" --connect-timeout 4 osd pool ls 2>/dev/null | grep -qx rbd; }
 
 stop_daemons() {
     local sig=${1:-TERM} pids=() f pid
@@ -46,7 +49,7 @@ start() {
     mkdir -p "$(dirname "$DIR")"
     exec 9>"$DIR.lock"
     flock 9
-    if answers; then
+    if ready; then
         echo "$CONF"
         return 0
     fi
@@ -134,7 +137,7 @@ CONF
 case "${1:-}" in
     start) start ;;
     stop) stop_daemons TERM; log "stopped" ;;
-    status) answers ;;
+    status) ready ;;
     pause) kill -STOP "$(osd_pid)" ;;
     resume) kill -CONT "$(osd_pid)" ;;
     *) echo "usage: $0 start|stop|status|pause|resume" >&2; exit 2 ;;

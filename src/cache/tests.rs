@@ -40,6 +40,18 @@ fn cfg(mode: Mode) -> CacheConfig {
     c
 }
 
+/// Creates cache bdev `c0` from `c`, registers it and opens a channel on it.
+fn open_cache(
+    reg: &Registry,
+    c: &CacheConfig,
+) -> (Arc<CacheBdev>, crate::bdev::Descriptor, crate::bdev::Channel) {
+    let bdev = CacheBdev::create(c, reg).unwrap();
+    reg.register(bdev.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let ch = desc.channel().unwrap();
+    (bdev, desc, ch)
+}
+
 fn stats(b: &CacheBdev) -> serde_json::Value {
     b.module_stats().unwrap()
 }
@@ -348,10 +360,7 @@ fn background_cleaning_without_io() {
     c.alru_wake_ms = 20;
     c.alru_stale_ms = 50;
     c.clean_batch = 3;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let t_first_write = Instant::now();
     for i in 0..20 {
         write(&mut ch, i * 8, &fill(i, 4096));
@@ -523,10 +532,7 @@ fn hot_remove_of_the_cache_device() {
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     write(&mut ch, 0, &fill(1, 4096));
     write(&mut ch, 64, &fill(2, 4096));
     drop(reg.unregister("cdev").unwrap());
@@ -569,10 +575,7 @@ fn sequential_cutoff_bypasses_the_cache() {
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Always;
     c.seq_cutoff_bytes = 64 << 10;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     // 256 KiB streamed in 16 KiB reads: only the first 64 KiB are inserted.
     for i in 0..16 {
         read(&mut ch, i * 32, 32);
@@ -615,10 +618,7 @@ fn crash_after_clean_and_reuse_loads_the_right_data() {
     }
     let reg = Registry::new();
     file_setup(&reg, dir.path(), cache_bytes);
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     same(&read(&mut ch, 0, 8), &x, "after the crash");
     for l in 1..=2 * lines {
         same(&read(&mut ch, l * 8, 8), &vec![0u8; 4096], "other lines after the crash");
@@ -678,10 +678,7 @@ fn core_removal_reports_dirty_lines_it_cannot_write_back() {
     c.mode = Mode::Wb;
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Off;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     write(&mut ch, 0, &fill(1, 4096));
     write(&mut ch, 64, &fill(2, 4096));
     ctl.lock().unwrap().fail_at = Some(64);
@@ -702,10 +699,7 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
     c.cleaner = CleanerPolicy::Nop;
     c.md_lazy_ms = 3_600_000;
     c.seq_cutoff = SeqCutoff::Off;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let sh = bdev.shared().clone();
     let waiters = || sh.md_waiters.load(Ordering::Acquire);
     write(&mut ch, 0, &fill(1, 4096));
@@ -847,10 +841,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     c.cleaner = CleanerPolicy::Nop;
     c.md_lazy_ms = 3_600_000; // record rounds only when asked for
     c.seq_cutoff = SeqCutoff::Off;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let sh = bdev.shared().clone();
     let waiters = || sh.md_waiters.load(Ordering::Acquire);
     write(&mut ch, 0, &fill(1, 4096));
@@ -916,10 +907,7 @@ fn a_write_during_the_write_back_of_its_line_keeps_the_line_dirty() {
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Off;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let core_ro = reg.open("core0", false).unwrap();
     let mut core_ch = core_ro.channel().unwrap();
     let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
@@ -1041,10 +1029,7 @@ fn a_write_past_a_write_back_is_not_cut_off_to_the_core() {
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Always;
     c.seq_cutoff_bytes = 8192;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     let (x1, z, x2) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
     write(&mut ch, 8, &x1); // line 1: 4 KiB, under the cut-off
     let _release = ReleaseOnDrop(ctl.clone());
@@ -1097,10 +1082,7 @@ fn only_reads_and_writes_count_toward_the_sequential_cutoff() {
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Always;
     c.seq_cutoff_bytes = 64 << 10;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
     // 48 KiB streamed: below the cut-off, all cached.
     for i in 0..3 {
@@ -1125,10 +1107,7 @@ fn a_waiting_request_holds_up_only_its_own_lines_in_order() {
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Off;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     let (y, z, w) = (fill(2, 4096), fill(4, 4096), fill(5, 4096));
     write(&mut ch, 8, &y); // line 1, dirty
     write(&mut ch, 40, &w); // line 5, dirty
@@ -1163,10 +1142,7 @@ fn full_cutoff_caches_a_stream_while_lines_are_free() {
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Full;
     c.seq_cutoff_bytes = 64 << 10;
-    let bdev = CacheBdev::create(&c, &reg).unwrap();
-    reg.register(bdev.clone()).unwrap();
-    let desc = reg.open("c0", true).unwrap();
-    let mut ch = desc.channel().unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     // 128 KiB streamed in 16 KiB reads: twice the threshold, half the cache.
     for i in 0..8 {
         read(&mut ch, i * 32, 32);

@@ -70,16 +70,6 @@ impl L2p {
         L2p { entries: v.iter().map(|x| AtomicU64::new(*x)).collect() }
     }
 
-    /// Number of LBAs.
-    pub fn len(&self) -> u64 {
-        self.entries.len() as u64
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Current location of `lba` (unmapped when out of range).
     pub fn get(&self, lba: u64) -> Loc {
         usize::try_from(lba)

@@ -306,6 +306,21 @@ fn shared_cache_two_cores_concurrent() {
     let occ = sa["occupancy_lines"].as_u64().unwrap() + sb["occupancy_lines"].as_u64().unwrap();
     assert_eq!(sa["shared_cache"]["occupancy_lines"].as_u64().unwrap(), occ);
     assert!(occ > 0 && occ <= 64);
+    // Every counter of the shared cache is the sum of its cache bdevs' counters.
+    for key in [
+        "read_hits",
+        "read_misses",
+        "read_partial_hits",
+        "write_hits",
+        "write_misses",
+        "dirty_lines",
+        "evictions",
+        "cleaner_writes",
+    ] {
+        let sum = sa[key].as_u64().unwrap() + sb[key].as_u64().unwrap();
+        assert_eq!(sa["shared_cache"][key].as_u64().unwrap(), sum, "shared {key}");
+    }
+    assert!(sa["read_hits"].as_u64().unwrap() > 0 && sa["write_misses"].as_u64().unwrap() > 0);
     assert_eq!(sa["shared_cache"]["cores"], serde_json::json!(["c0", "c1"]));
     // The SIGUSR1 JSON path carries the module keys next to the generic ones.
     let j = reg.stats_json();

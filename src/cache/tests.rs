@@ -52,6 +52,17 @@ fn open_cache(
     (bdev, desc, ch)
 }
 
+/// A wt cache of 64 lines (4 KiB) over a 1 MiB core with sequential cut-off `cut` at 64 KiB.
+fn stream_cache(cut: SeqCutoff) -> (Registry, Arc<CacheBdev>, crate::bdev::Descriptor, crate::bdev::Channel) {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = cut;
+    c.seq_cutoff_bytes = 64 << 10;
+    let (bdev, desc, ch) = open_cache(&reg, &c);
+    (reg, bdev, desc, ch)
+}
+
 fn stats(b: &CacheBdev) -> serde_json::Value {
     b.module_stats().unwrap()
 }
@@ -585,12 +596,7 @@ fn hot_remove_of_the_cache_device() {
 
 #[test]
 fn sequential_cutoff_bypasses_the_cache() {
-    let reg = Registry::new();
-    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Always;
-    c.seq_cutoff_bytes = 64 << 10;
-    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Always);
     // 256 KiB streamed in 16 KiB reads: only the first 64 KiB are inserted.
     for i in 0..16 {
         read(&mut ch, i * 32, 32);
@@ -823,6 +829,16 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
+/// A 64-line malloc cache device `cdev` and a 1 MiB `HoldBdev` core `core0`, registered; the
+/// core's hold control.
+fn held_core_setup() -> (Registry, Arc<std::sync::Mutex<HoldCtl>>) {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    (reg, ctl)
+}
+
 /// Polls `ch` until `cond` holds (60 s deadline), given the completions seen so far; returns them.
 #[track_caller]
 fn poll_until(
@@ -915,10 +931,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
 /// with the next flush.
 #[test]
 fn a_write_during_the_write_back_of_its_line_keeps_the_line_dirty() {
-    let reg = Registry::new();
-    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
-    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
-    reg.register(core).unwrap();
+    let (reg, ctl) = held_core_setup();
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Off;
@@ -1036,10 +1049,7 @@ fn acp_cleaning_under_concurrent_writes_keeps_the_flush_promise() {
 /// older copy of the same blocks.
 #[test]
 fn a_write_past_a_write_back_is_not_cut_off_to_the_core() {
-    let reg = Registry::new();
-    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
-    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
-    reg.register(core).unwrap();
+    let (reg, ctl) = held_core_setup();
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Always;
@@ -1092,12 +1102,7 @@ fn request_ids_never_meet_owner_ids() {
 /// toward the cut-off nor moves where the stream must continue.
 #[test]
 fn only_reads_and_writes_count_toward_the_sequential_cutoff() {
-    let reg = Registry::new();
-    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Always;
-    c.seq_cutoff_bytes = 64 << 10;
-    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Always);
     let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
     // 48 KiB streamed: below the cut-off, all cached.
     for i in 0..3 {
@@ -1115,10 +1120,7 @@ fn only_reads_and_writes_count_toward_the_sequential_cutoff() {
 /// cannot wipe the newer data), and a read of another line goes ahead.
 #[test]
 fn a_waiting_request_holds_up_only_its_own_lines_in_order() {
-    let reg = Registry::new();
-    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
-    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
-    reg.register(core).unwrap();
+    let (reg, ctl) = held_core_setup();
     let mut c = cfg(Mode::Wb);
     c.cleaner = CleanerPolicy::Nop;
     c.seq_cutoff = SeqCutoff::Off;
@@ -1152,12 +1154,7 @@ fn a_waiting_request_holds_up_only_its_own_lines_in_order() {
 /// `seq-cutoff=full`: a stream past the threshold is still cached while the cache has free lines.
 #[test]
 fn full_cutoff_caches_a_stream_while_lines_are_free() {
-    let reg = Registry::new();
-    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Full;
-    c.seq_cutoff_bytes = 64 << 10;
-    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Full);
     // 128 KiB streamed in 16 KiB reads: twice the threshold, half the cache.
     for i in 0..8 {
         read(&mut ch, i * 32, 32);

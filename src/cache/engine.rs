@@ -315,8 +315,7 @@ impl CacheChannel {
                 let a = io.offset_blocks - (first << self.lb_shift);
                 let want = mask(a, a + io.num_blocks);
                 if map.lines[s as usize].valid & want == want {
-                    map.touch(s);
-                    map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
+                    map.pin_for_hit(s);
                     map.counters(self.core_id).read_hits += 1;
                     if self.seq_cutoff != SeqCutoff::Off {
                         let _ = self.cut_off(&io, &map);
@@ -338,7 +337,7 @@ impl CacheChannel {
             }
         } else if hit_path && last - first < MAX_PINS as u64 {
             let mut segs = std::mem::take(&mut self.seg_pool);
-            if let Some((pins, n)) = self.try_hit(&mut map, &io, first, last, &mut segs) {
+            if let Some((pins, n)) = self.try_hit(&mut map, &io, &mut segs) {
                 if self.seq_cutoff != SeqCutoff::Off {
                     // Keep the stream detection going (a hit never fills, so the answer is moot).
                     let _ = self.cut_off(&io, &map);
@@ -517,16 +516,8 @@ impl CacheChannel {
     /// Read-hit fast path: when every sector of the request is valid in the cache, pins its lines
     /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
     /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
-    fn try_hit(
-        &self,
-        map: &mut LineMap,
-        io: &BdevIo,
-        first: u64,
-        last: u64,
-        segs: &mut Vec<Seg>,
-    ) -> Option<([u32; MAX_PINS], u8)> {
+    fn try_hit(&self, map: &mut LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
         let mut slots = [0u32; MAX_PINS];
-        debug_assert!(first < last, "single-line hits take the path in start");
         let mut n = 0usize;
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
             let s = map.lookup((self.core_id, line))?;
@@ -539,8 +530,7 @@ impl CacheChannel {
         }
         for (k, (_, a, e, boff)) in self.pieces(io.offset_blocks, io.num_blocks).enumerate() {
             let s = slots[k];
-            map.touch(s);
-            map.pins[s as usize].fetch_add(1, Ordering::AcqRel);
+            map.pin_for_hit(s);
             push_seg(
                 segs,
                 Seg { dev: Dev::Cache, dev_off: self.cache_off(s, a), buf_off: boff, len: (e - a) * self.bs },

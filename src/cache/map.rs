@@ -391,6 +391,13 @@ impl LineMap {
         self.lru_push_front(i);
     }
 
+    /// A read hit on line `i`: counts as a use for the LRU and pins the line until the hit completes
+    /// (the hit's completion unpins it without the map lock).
+    pub fn pin_for_hit(&mut self, i: u32) {
+        self.touch(i);
+        self.pins[i as usize].fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Queues the line's record for writing.
     pub fn mark_md(&mut self, i: u32) {
         let l = &mut self.lines[i as usize];

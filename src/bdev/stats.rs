@@ -204,6 +204,18 @@ impl StatsShard {
         bump(&self.submitted, 1);
     }
 
+    /// Adds `o`'s counts to this shard (maxima combined with max); the caller is this shard's only
+    /// writer.
+    fn merge_from(&self, o: &StatsShard) {
+        for (k, (d, c)) in self.counters().into_iter().zip(o.counters()).enumerate() {
+            let (a, b) = (get(d), get(c));
+            d.store(if MAX_FIELDS.contains(&k) { a.max(b) } else { a.wrapping_add(b) }, Ordering::Relaxed);
+        }
+        for (d, c) in self.latency_buckets.iter().zip(&o.latency_buckets) {
+            bump(d, get(c));
+        }
+    }
+
     /// Every counter, in one fixed order (maxima included), for summing shards.
     fn counters(&self) -> [&AtomicU64; 16] {
         [
@@ -247,67 +259,57 @@ impl BdevStats {
         let mut shards = self.lock();
         let Some(i) = shards.iter().position(|s| Arc::ptr_eq(s, shard)) else { return };
         shards.swap_remove(i);
-        for (k, (r, c)) in self.retired.counters().into_iter().zip(shard.counters()).enumerate() {
-            let v = c.load(Ordering::Relaxed);
-            if MAX_FIELDS.contains(&k) {
-                r.fetch_max(v, Ordering::Relaxed);
-            } else {
-                r.fetch_add(v, Ordering::Relaxed);
-            }
-        }
-        for (r, c) in self.retired.latency_buckets.iter().zip(&shard.latency_buckets) {
-            r.fetch_add(c.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+        // `retired` has one writer too: this, under the lock.
+        self.retired.merge_from(shard);
     }
 
-    /// Sum of every counter over the retired counts and the live shards.
-    fn totals(&self) -> ([u64; 16], [u64; LATENCY_BUCKETS]) {
+    /// Every counter over the retired counts and the live shards.
+    fn totals(&self) -> StatsShard {
         let shards = self.lock();
-        let mut t = [0u64; 16];
-        let mut h = [0u64; LATENCY_BUCKETS];
-        for sh in std::iter::once(&self.retired).chain(shards.iter().map(|s| &**s)) {
-            for (k, c) in sh.counters().into_iter().enumerate() {
-                let v = c.load(Ordering::Relaxed);
-                t[k] = if MAX_FIELDS.contains(&k) { t[k].max(v) } else { t[k].wrapping_add(v) };
-            }
-            for (x, c) in h.iter_mut().zip(&sh.latency_buckets) {
-                *x = x.wrapping_add(c.load(Ordering::Relaxed));
-            }
+        let t = StatsShard::default();
+        t.merge_from(&self.retired);
+        for sh in shards.iter() {
+            t.merge_from(sh);
         }
-        (t, h)
+        t
     }
 
     /// I/O submitted and not yet completed, across all channels.
     pub fn queue_depth(&self) -> u64 {
-        let (t, _) = self.totals();
-        t[14].saturating_sub(t[15])
+        let t = self.totals();
+        get(&t.submitted).saturating_sub(get(&t.completed))
     }
 
     /// The read/write latency histogram (non-cumulative bucket counts, see [`latency_bucket_bound_seconds`]).
     pub fn latency_histogram(&self) -> [u64; LATENCY_BUCKETS] {
-        self.totals().1
+        let t = self.totals();
+        std::array::from_fn(|i| get(&t.latency_buckets[i]))
     }
 
     /// A copy of the counters.
     pub fn snapshot(&self) -> BdevStatsSnapshot {
-        let (t, _) = self.totals();
+        let t = self.totals();
         BdevStatsSnapshot {
-            read_ops: t[0],
-            read_bytes: t[1],
-            write_ops: t[2],
-            write_bytes: t[3],
-            unmap_ops: t[4],
-            unmap_bytes: t[5],
-            flush_ops: t[6],
-            write_zeroes_ops: t[7],
-            write_zeroes_bytes: t[8],
-            read_latency_ns_sum: t[9],
-            read_latency_ns_max: t[10],
-            write_latency_ns_sum: t[11],
-            write_latency_ns_max: t[12],
-            errors: t[13],
+            read_ops: get(&t.read_ops),
+            read_bytes: get(&t.read_bytes),
+            write_ops: get(&t.write_ops),
+            write_bytes: get(&t.write_bytes),
+            unmap_ops: get(&t.unmap_ops),
+            unmap_bytes: get(&t.unmap_bytes),
+            flush_ops: get(&t.flush_ops),
+            write_zeroes_ops: get(&t.write_zeroes_ops),
+            write_zeroes_bytes: get(&t.write_zeroes_bytes),
+            read_latency_ns_sum: get(&t.read_latency_ns_sum),
+            read_latency_ns_max: get(&t.read_latency_ns_max),
+            write_latency_ns_sum: get(&t.write_latency_ns_sum),
+            write_latency_ns_max: get(&t.write_latency_ns_max),
+            errors: get(&t.errors),
         }
     }
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

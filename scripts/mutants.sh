@@ -16,7 +16,9 @@
 # Environment: MUTANTS_JOBS=N (parallel builds, each in its own copy of the tree),
 # MUTANTS_MIN_TIMEOUT=S (lower bound of the per-mutant test time-out, default 20 s),
 # MUTANTS_IN_PLACE=1 (mutate this tree and reuse its target/mutants: no copy, no cold baseline build;
-# only in a checkout you are not editing, since the file is mutated while a mutant runs).
+# only in a checkout you are not editing, since the file is mutated while a mutant runs),
+# MUTANTS_ITERATE=1 (skip the mutants an earlier run into the same mutants.out/<file>/ caught or found
+# unviable: resume a stopped run, or re-check only what was missed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,7 +83,7 @@ for f in "${FILES[@]}"; do
     rc=0
     # The time-out is set from the baseline's test time (timeout_multiplier in .cargo/mutants.toml),
     # at least MUTANTS_MIN_TIMEOUT seconds: a mutant that makes a test hang costs that much.
-    cargo mutants --no-shuffle --minimum-test-timeout "${MUTANTS_MIN_TIMEOUT:-20}" ${MUTANTS_JOBS:+-j "$MUTANTS_JOBS"} ${MUTANTS_IN_PLACE:+--in-place} \
+    cargo mutants --no-shuffle --minimum-test-timeout "${MUTANTS_MIN_TIMEOUT:-20}" ${MUTANTS_JOBS:+-j "$MUTANTS_JOBS"} ${MUTANTS_IN_PLACE:+--in-place} ${MUTANTS_ITERATE:+--iterate} \
         --output "$out" --file "$f" "${cargs[@]}" -- "${filter[@]}" || rc=$?
     # Exit codes: 0 all caught, 2 some missed, 3 some timed out, 1/4 usage or baseline failure.
     [[ $rc -eq 0 || $rc -eq 2 || $rc -eq 3 ]] || { echo "mutants.sh: cargo mutants failed ($rc) on $f" >&2; exit "$rc"; }

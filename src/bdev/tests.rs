@@ -566,6 +566,27 @@ fn repeated_module_completions_are_ignored() {
     }
 }
 
+/// Generations wrap: after 2^31 and 2^32 I/O on one channel, split, flush and unsplit I/O still
+/// complete (a child's generation must never spill into the only-child tag bit).
+#[test]
+fn child_tags_survive_generation_wrap() {
+    let (bdev, _ctl) = StubBdev::new(|i| i.max_io_blocks = 4);
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    for g in [(1u64 << 31) - 2, (1 << 32) - 2, u64::MAX - 2] {
+        ch.set_next_gen(g);
+        let ios = vec![
+            BdevIo::write(0, 12, IoVecs::alloc(12 * 512), 1),
+            BdevIo::no_data(IoKind::Flush, 0, 0, 2),
+            BdevIo::read(0, 2, IoVecs::alloc(2 * 512), 3),
+            BdevIo::no_data(IoKind::Unmap, 0, 4, 4),
+            BdevIo::read(0, 8, IoVecs::alloc(8 * 512), 5),
+        ];
+        let r = run(&mut ch, ios);
+        assert_eq!(r.len(), 5, "generation {g:#x}: {r:?}");
+        assert!(r.values().all(|v| v.is_ok()), "generation {g:#x}: {r:?}");
+    }
+}
+
 #[test]
 fn split_on_boundary_and_max_io() {
     let (bdev, ctl) = StubBdev::new(|i| {

@@ -118,40 +118,6 @@ pub(crate) struct Sample {
     pub ok: bool,
 }
 
-impl BdevStatsSnapshot {
-    pub(crate) fn record(&mut self, s: Sample) {
-        use super::IoKind::*;
-        if !s.ok {
-            self.errors += 1;
-            return;
-        }
-        match s.kind {
-            Read => {
-                self.read_ops += 1;
-                self.read_bytes += s.bytes;
-                self.read_latency_ns_sum += s.latency_ns;
-                self.read_latency_ns_max = self.read_latency_ns_max.max(s.latency_ns);
-            }
-            Write => {
-                self.write_ops += 1;
-                self.write_bytes += s.bytes;
-                self.write_latency_ns_sum += s.latency_ns;
-                self.write_latency_ns_max = self.write_latency_ns_max.max(s.latency_ns);
-            }
-            Unmap => {
-                self.unmap_ops += 1;
-                self.unmap_bytes += s.bytes;
-            }
-            Flush => self.flush_ops += 1,
-            WriteZeroes => {
-                self.write_zeroes_ops += 1;
-                self.write_zeroes_bytes += s.bytes;
-            }
-            Reset => {}
-        }
-    }
-}
-
 /// Adds `v` to a counter that only the calling thread writes (no locked instruction).
 fn bump(c: &AtomicU64, v: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
@@ -288,7 +254,14 @@ impl BdevStats {
 
     /// A copy of the counters.
     pub fn snapshot(&self) -> BdevStatsSnapshot {
-        let t = self.totals();
+        self.totals().snapshot()
+    }
+}
+
+impl StatsShard {
+    /// A copy of this shard's counters (one channel's, or a sum of shards).
+    pub(crate) fn snapshot(&self) -> BdevStatsSnapshot {
+        let t = self;
         BdevStatsSnapshot {
             read_ops: get(&t.read_ops),
             read_bytes: get(&t.read_bytes),

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use super::file::{Engine, FileBdev};
 use super::malloc::MallocBdev;
 use super::null::NullBdev;
+use super::qos::QosLimits;
 use super::{
     AlignedBuf, Bdev, BdevError, BdevInfo, BdevIo, Channel, Completion, IoError, IoKind, IoVecs,
     ModuleChannel, Registry, Rejected,
@@ -584,6 +585,110 @@ fn child_tags_survive_generation_wrap() {
         let r = run(&mut ch, ios);
         assert_eq!(r.len(), 5, "generation {g:#x}: {r:?}");
         assert!(r.values().all(|v| v.is_ok()), "generation {g:#x}: {r:?}");
+    }
+}
+
+/// `submit_direct` takes only what the general path would hand the module unchanged, and gives the
+/// rest back untouched; what it takes completes once, with the caller's tag, counted in the stats.
+#[test]
+fn direct_submission_takes_only_plain_io() {
+    let (bdev, ctl) = StubBdev::new(|i| {
+        i.max_io_blocks = 8;
+        i.buf_align = 512;
+    });
+    let (reg, desc, mut ch) = open_stub(bdev);
+    let given_back = |ch: &mut Channel, io: BdevIo| {
+        let (kind, off, nb, tag) = (io.kind, io.offset_blocks, io.num_blocks, io.tag);
+        let back = ch.submit_direct(io).expect_err("must take the general path");
+        assert_eq!((back.kind, back.offset_blocks, back.num_blocks, back.tag), (kind, off, nb, tag));
+    };
+    let blocks = desc.info().num_blocks;
+    given_back(&mut ch, BdevIo::read(0, 9, IoVecs::alloc(9 * 512), 1)); // needs a split
+    given_back(&mut ch, BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 2)); // past the end
+    given_back(&mut ch, BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 2)); // overflowing range
+    given_back(&mut ch, BdevIo::read(0, 2, IoVecs::alloc(512), 3)); // wrong length
+    given_back(&mut ch, BdevIo::read(0, 0, IoVecs::alloc(0), 4)); // no blocks
+    given_back(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, 5));
+    let raw = IoVecs::alloc(1025);
+    given_back(&mut ch, BdevIo::read(0, 2, raw.slice(1, 1024).expect("slice"), 6)); // unaligned
+    reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
+    given_back(&mut ch, BdevIo::read(0, 1, IoVecs::alloc(512), 7)); // QoS limits apply
+    reg.set_qos("stub", QosLimits::default()).expect("lift");
+    let ro = reg.open("stub", false).expect("read-only open");
+    let mut ro_ch = ro.channel().expect("channel");
+    given_back(&mut ro_ch, BdevIo::write(0, 1, IoVecs::alloc(512), 8)); // write, read-only
+    assert!(ro_ch.submit_direct(BdevIo::read(0, 1, IoVecs::alloc(512), 9)).is_ok());
+    assert_eq!(drive(&mut ro_ch), vec![Completion { tag: 9, result: Ok(()) }]);
+    assert_eq!(accepts(&ctl).len(), 1, "only the read reached the module");
+
+    // Taken: completes with the caller's tag, data written and read back, counted like submit.
+    let before = desc.stats();
+    let data = pattern(3, 8, 512, 9);
+    assert!(ch.submit_direct(BdevIo::write(3, 8, IoVecs::from_slice(&data), 10)).is_ok());
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 10, result: Ok(()) }]);
+    let back = IoVecs::alloc(8 * 512);
+    let view = back.slice(0, 8 * 512).expect("view");
+    assert!(ch.submit_direct(BdevIo::read(3, 8, back, 11)).is_ok());
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 11, result: Ok(()) }]);
+    same(&view.to_vec(), &data);
+    let after = desc.stats();
+    assert_eq!((after.write_ops - before.write_ops, after.write_bytes - before.write_bytes), (1, 4096));
+    assert_eq!((after.read_ops - before.read_ops, after.read_bytes - before.read_bytes), (1, 4096));
+
+    // A module error fails it with that error, counted as an error.
+    ctl.lock().expect("ctl").fail_at = Some(20);
+    assert!(ch.submit_direct(BdevIo::read(20, 1, IoVecs::alloc(512), 12)).is_ok());
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 12, result: Err(IoError::Errno(libc::EIO)) }]);
+    assert_eq!(desc.stats().errors, before.errors + 1);
+    ctl.lock().expect("ctl").fail_at = None;
+
+    // While the general path holds queued work, direct I/O would overtake it: given back.
+    ctl.lock().expect("ctl").cap = Some(0);
+    ch.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 13));
+    given_back(&mut ch, BdevIo::read(0, 1, IoVecs::alloc(512), 14));
+    ctl.lock().expect("ctl").cap = None;
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 13, result: Ok(()) }]);
+}
+
+/// A direct I/O refused with NOMEM is queued by the general path and keeps its place; a module
+/// that completes it twice completes it once; generations wrap.
+#[test]
+fn direct_submission_nomem_repeats_and_wrap() {
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    ctl.lock().expect("ctl").cap = Some(2);
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    // 0 and 1 reach the module, 2 is refused and queued, 3 must queue behind it: given back.
+    for t in 0..4u64 {
+        if let Err(io) = ch.submit_direct(BdevIo::write(t, 1, IoVecs::alloc(512), t)) {
+            assert_eq!(t, 3, "only what would overtake queued work is given back");
+            ch.submit(io);
+        }
+    }
+    ch.submit(BdevIo::write(4, 1, IoVecs::alloc(512), 4));
+    let mut got: Vec<u64> = drive(&mut ch).iter().map(|c| c.tag).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    let order: Vec<u64> = accepts(&ctl).iter().map(|a| a.1).collect();
+    assert_eq!(order, vec![0, 1, 2, 3, 4], "the module saw I/O out of order");
+
+    let mut ctl_g = ctl.lock().expect("ctl");
+    ctl_g.cap = None;
+    ctl_g.echo = true;
+    drop(ctl_g);
+    for g in [(1u64 << 30) - 1, (1 << 31) - 1, u64::MAX - 1] {
+        ch.set_next_gen(g);
+        assert!(ch.submit_direct(BdevIo::read(0, 1, IoVecs::alloc(512), 100)).is_ok());
+        assert_eq!(drive(&mut ch), vec![Completion { tag: 100, result: Ok(()) }], "generation {g:#x}");
+        // Its echo arrives while another direct I/O sits in the same slot.
+        ctl.lock().expect("ctl").hold_all = true;
+        assert!(ch.submit_direct(BdevIo::read(0, 1, IoVecs::alloc(512), 200)).is_ok());
+        let mut done = Vec::new();
+        ch.poll(&mut done);
+        assert!(done.is_empty(), "a repeated completion completed another I/O: {done:?}");
+        ctl.lock().expect("ctl").hold_all = false;
+        let mut done = drive(&mut ch);
+        ch.poll(&mut done);
+        assert_eq!(done, vec![Completion { tag: 200, result: Ok(()) }]);
     }
 }
 

@@ -326,7 +326,7 @@ impl CacheChannel {
                     let ct = self.new_hit(io.tag, pins, 1, 1);
                     let bs = u64::from(self.sh.cache_block);
                     self.cache_out += 1;
-                    self.cache_ch.submit(BdevIo::read(
+                    self.submit_cache(BdevIo::read(
                         self.cache_off(s, a) / bs,
                         io.num_blocks * self.bs / bs,
                         io.bufs,
@@ -448,7 +448,7 @@ impl CacheChannel {
             };
             n += 1;
             self.cache_out += 1;
-            self.cache_ch.submit(BdevIo::read(s.dev_off / bs, s.len / bs, buf, ct));
+            self.submit_cache(BdevIo::read(s.dev_off / bs, s.len / bs, buf, ct));
         }
         self.seg_pool = segs;
         // Children never complete inside submit: setting the count afterwards is safe.
@@ -459,6 +459,13 @@ impl CacheChannel {
         if n == 0 {
             // No child went out (every slice failed): complete it now, with its error.
             self.hit_done(ct, Ok(()));
+        }
+    }
+
+    /// A hit's read from the cache device: the direct path when nothing of the general one applies.
+    fn submit_cache(&mut self, io: BdevIo) {
+        if let Err(io) = self.cache_ch.submit_direct(io) {
+            self.cache_ch.submit(io);
         }
     }
 

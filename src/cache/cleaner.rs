@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::NEXT_OWNER;
 use super::map::Key;
-use super::{layout, lock, CleanerPolicy, Mailbox, OwnerReq, Shared};
+use super::{layout, lock, wlock, CleanerPolicy, Mailbox, OwnerReq, Shared};
 use crate::bdev::{BdevIo, Channel, Completion, IoError, IoKind, IoVecs};
 use crate::tagmap::TagMap;
 
@@ -224,7 +224,7 @@ impl Owner {
         let now = self.sh.now_ms();
         let timeout: i32 = if busy {
             20
-        } else if !lock(&self.sh.map).md_pending.is_empty() {
+        } else if !wlock(&self.sh.map).md_pending.is_empty() {
             100
         } else {
             match self.sh.cleaner {
@@ -280,7 +280,7 @@ impl Owner {
     }
 
     fn new_job(&mut self, core: Option<u16>, mb: Arc<Mailbox>, token: u64) {
-        let map = lock(&self.sh.map);
+        let map = wlock(&self.sh.map);
         let remaining: HashSet<Key> = map
             .lines
             .iter()
@@ -333,7 +333,7 @@ impl Owner {
         let final_round =
             self.shutdown.is_some() && self.clean.is_none() && self.jobs.is_empty() && !self.final_md_done;
         let sh = self.sh.clone();
-        let mut map = lock(&sh.map);
+        let mut map = wlock(&sh.map);
         let lazy = lazy_due && !map.md_pending.is_empty() && !sh.cache_removed.load(Ordering::Acquire);
         if self.md_waiting.is_empty() && !final_round && !lazy {
             return false;
@@ -421,7 +421,7 @@ impl Owner {
             None => Ok(()),
         };
         if res.is_ok() {
-            let mut map = lock(&self.sh.map);
+            let mut map = wlock(&self.sh.map);
             for (i, d, seq) in round.snaps {
                 if map.lines[i as usize].seq == seq {
                     map.lines[i as usize].disk_dirty = d;
@@ -446,7 +446,7 @@ impl Owner {
         let sh = self.sh.clone();
         let attached: HashSet<u16> = self.cores.keys().copied().filter(|c| self.attached(*c)).collect();
         let is_attached = |c: u16| attached.contains(&c);
-        let mut map = lock(&sh.map);
+        let mut map = wlock(&sh.map);
         // Flush jobs first.
         let mut pick: Vec<u32> = Vec::new();
         for j in &self.jobs {
@@ -552,7 +552,7 @@ impl Owner {
                 round.stage = CleanStage::Write;
                 // The lines' data is in our buffers: from now on only requests that may write the
                 // core wait for this round; a line rewritten meanwhile moves its generation.
-                let mut map = lock(&self.sh.map);
+                let mut map = wlock(&self.sh.map);
                 for l in &mut round.lines {
                     l.wgen = map.wgen(l.slot);
                 }
@@ -630,7 +630,7 @@ impl Owner {
         let Some(round) = self.clean.take() else { return };
         let sh = self.sh.clone();
         let now = sh.now_ms();
-        let mut map = lock(&sh.map);
+        let mut map = wlock(&sh.map);
         // Lines now clean, and lines written back with what they held when the round read them.
         let (mut cleaned, mut written) = (Vec::new(), Vec::new());
         if let Some(e) = round.error {
@@ -680,7 +680,7 @@ impl Owner {
         let sh = self.sh.clone();
         {
             // Keys no longer dirty (cleaned by another path, invalidated) or on a detached core are done.
-            let map = lock(&sh.map);
+            let map = wlock(&sh.map);
             let attached: HashSet<u16> = self.cores.keys().copied().filter(|c| self.attached(*c)).collect();
             for j in &mut self.jobs {
                 j.remaining.retain(|k| {

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::map::{Key, LineMap};
-use super::{lock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
+use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::{BdevError, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
 use slab::Slab;
 
@@ -173,7 +173,17 @@ pub struct CacheChannel {
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
     pins: Arc<[std::sync::atomic::AtomicU32]>,
+    /// Read hits of this channel (one writer: this channel; see `Shared::hit_shards`).
+    hit_count: Arc<AtomicU64>,
+    /// Lines read hits found outside the most recent ones: marked most recently used at this
+    /// channel's next write lock of the map (hits take only the read lock).
+    touched: Vec<u32>,
 }
+
+/// Deferred LRU touches applied by `poll` when the map's write lock is free, and at the latest
+/// (waiting for it) at this many.
+const TOUCH_BATCH: usize = 64;
+const TOUCH_MAX: usize = 1024;
 
 fn mask(a: u64, b: u64) -> u128 {
     // Sectors a..b of a line (b ≤ 128).
@@ -195,11 +205,13 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
-        let pins = lock(&sh.map).pins.clone();
+        let pins = rlock(&sh.map).pins.clone();
         let cache_ch = sh.cache_desc.channel()?;
         let core_ch = b.core.channel()?;
         let mailbox = Mailbox::new()?;
         lock(&sh.mailboxes).push(Arc::downgrade(&mailbox));
+        let hit_count = Arc::new(AtomicU64::new(0));
+        lock(&sh.hit_shards).push((b.core_id, hit_count.clone()));
         let fds = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()];
         let epfd = epoll_set(fds.into_iter().flatten())
             .map_err(|e| BdevError::io("cache: setting up the channel's epoll set", e))?;
@@ -235,6 +247,8 @@ impl CacheChannel {
             scratch: Vec::new(),
             seg_pool: Vec::new(),
             pins,
+            hit_count,
+            touched: Vec::new(),
         })
     }
 
@@ -305,49 +319,64 @@ impl CacheChannel {
         }
         let first = io.offset_blocks >> self.lb_shift;
         let last = (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift;
-        // The slot the next insert takes (nothing is inserted in between).
-        let id = self.uid | self.reqs.vacant_key() as u64;
-        let mut map = lock(&self.sh.map);
-        let hit_path = io.kind == IoKind::Read && !self.sh.cache_removed.load(Ordering::Acquire);
-        if hit_path && first == last {
-            // Within one line (the common case): look up, check, pin and count in a few steps.
-            if let Some(s) = map.lookup((self.core_id, first)) {
-                let a = io.offset_blocks - (first << self.lb_shift);
-                let want = mask(a, a + io.num_blocks);
-                if map.lines[s as usize].valid & want == want {
-                    map.pin_for_hit(s);
-                    map.counters(self.core_id).read_hits += 1;
+        if io.kind == IoKind::Read
+            && last - first < MAX_PINS as u64
+            && !self.sh.cache_removed.load(Ordering::Acquire)
+        {
+            // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
+            let map = rlock(&self.sh.map);
+            if first == last {
+                // Within one line (the common case): look up, check, pin and count in a few steps.
+                if let Some(s) = map.lookup((self.core_id, first)) {
+                    let a = io.offset_blocks - (first << self.lb_shift);
+                    let want = mask(a, a + io.num_blocks);
+                    if map.lines[s as usize].valid & want == want {
+                        if map.pin_for_hit(s) {
+                            self.touched.push(s);
+                        }
+                        if self.seq_cutoff != SeqCutoff::Off {
+                            let _ = self.cut_off(&io, &map);
+                        }
+                        drop(map);
+                        self.count_hit();
+                        let mut pins = [0u32; MAX_PINS];
+                        pins[0] = s;
+                        let ct = self.new_hit(io.tag, pins, 1, 1);
+                        let bs = u64::from(self.sh.cache_block);
+                        self.cache_out += 1;
+                        self.submit_cache(BdevIo::read(
+                            self.cache_off(s, a) / bs,
+                            io.num_blocks * self.bs / bs,
+                            io.bufs,
+                            ct,
+                        ));
+                        return Ok(());
+                    }
+                }
+            } else {
+                let mut segs = std::mem::take(&mut self.seg_pool);
+                if let Some((pins, n, touch)) = self.try_hit(&map, &io, &mut segs) {
                     if self.seq_cutoff != SeqCutoff::Off {
+                        // Keep the stream detection going (a hit never fills, so the answer is moot).
                         let _ = self.cut_off(&io, &map);
                     }
                     drop(map);
-                    let mut pins = [0u32; MAX_PINS];
-                    pins[0] = s;
-                    let ct = self.new_hit(io.tag, pins, 1, 1);
-                    let bs = u64::from(self.sh.cache_block);
-                    self.cache_out += 1;
-                    self.submit_cache(BdevIo::read(
-                        self.cache_off(s, a) / bs,
-                        io.num_blocks * self.bs / bs,
-                        io.bufs,
-                        ct,
-                    ));
+                    self.count_hit();
+                    for (k, &p) in pins[..usize::from(n)].iter().enumerate() {
+                        if touch & (1 << k) != 0 {
+                            self.touched.push(p);
+                        }
+                    }
+                    self.issue_hit(io, pins, n, segs);
                     return Ok(());
                 }
+                self.seg_pool = segs;
             }
-        } else if hit_path && last - first < MAX_PINS as u64 {
-            let mut segs = std::mem::take(&mut self.seg_pool);
-            if let Some((pins, n)) = self.try_hit(&mut map, &io, &mut segs) {
-                if self.seq_cutoff != SeqCutoff::Off {
-                    // Keep the stream detection going (a hit never fills, so the answer is moot).
-                    let _ = self.cut_off(&io, &map);
-                }
-                drop(map);
-                self.issue_hit(io, pins, n, segs);
-                return Ok(());
-            }
-            self.seg_pool = segs;
         }
+        // The slot the next insert takes (nothing is inserted in between).
+        let id = self.uid | self.reqs.vacant_key() as u64;
+        let mut map = wlock(&self.sh.map);
+        map.touch_later(&mut self.touched);
         let removed = self.sh.cache_removed.load(Ordering::Acquire);
         let mode = self.sh.mode();
         // Requests that never write the core pass a cleaning batch's write-back (its soft locks).
@@ -523,7 +552,8 @@ impl CacheChannel {
     /// Read-hit fast path: when every sector of the request is valid in the cache, pins its lines
     /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
     /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
-    fn try_hit(&self, map: &mut LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
+    /// Also returns which of the pinned lines (bit k: `pins[k]`) want an LRU touch.
+    fn try_hit(&self, map: &LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8, u8)> {
         let mut slots = [0u32; MAX_PINS];
         let mut n = 0usize;
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
@@ -535,16 +565,36 @@ impl CacheChannel {
             *slots.get_mut(n)? = s;
             n += 1;
         }
+        let mut touch = 0u8;
         for (k, (_, a, e, boff)) in self.pieces(io.offset_blocks, io.num_blocks).enumerate() {
             let s = slots[k];
-            map.pin_for_hit(s);
+            if map.pin_for_hit(s) {
+                touch |= 1 << k;
+            }
             push_seg(
                 segs,
                 Seg { dev: Dev::Cache, dev_off: self.cache_off(s, a), buf_off: boff, len: (e - a) * self.bs },
             );
         }
-        map.counters(self.core_id).read_hits += 1;
-        Some((slots, n as u8))
+        Some((slots, n as u8, touch))
+    }
+
+    /// Counts a read hit in this channel's shard (one writer: a load and a store).
+    fn count_hit(&self) {
+        let c = &self.hit_count;
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Applies the deferred LRU touches: when the map is free from `TOUCH_BATCH` on, waiting for it
+    /// from `TOUCH_MAX` on (so the list stays bounded under any contention).
+    fn flush_touches(&mut self) {
+        if self.touched.len() >= TOUCH_MAX {
+            wlock(&self.sh.map).touch_later(&mut self.touched);
+        } else if self.touched.len() >= TOUCH_BATCH {
+            if let Ok(mut map) = self.sh.map.try_write() {
+                map.touch_later(&mut self.touched);
+            }
+        }
     }
 
     fn plan_read(
@@ -791,7 +841,7 @@ impl CacheChannel {
         let mut persist = false;
         let mut wake = false;
         {
-            let mut map = lock(&sh.map);
+            let mut map = wlock(&sh.map);
             let now = sh.now_ms();
             let ok = r.error.is_none();
             for p in &r.plans {
@@ -864,7 +914,7 @@ impl CacheChannel {
             return;
         }
         let r = self.reqs.remove(slot(id));
-        if r.locked && lock(&self.sh.map).unlock(id) {
+        if r.locked && wlock(&self.sh.map).unlock(id) {
             self.sh.wake_all();
         }
         let result = match r.error {
@@ -938,6 +988,7 @@ impl ModuleChannel for CacheChannel {
                 break;
             }
         }
+        self.flush_touches();
         let n = self.done.len();
         done.append(&mut self.done);
         n
@@ -983,5 +1034,11 @@ impl Drop for CacheChannel {
                 unsafe { libc::poll(&mut p, 1, 10) };
             }
         }
+        // This channel's hits stay in the core's counters; its deferred touches are applied.
+        let mut map = wlock(&self.sh.map);
+        map.touch_later(&mut self.touched);
+        let mut shards = lock(&self.sh.hit_shards);
+        shards.retain(|(_, c)| !Arc::ptr_eq(c, &self.hit_count));
+        map.counters(self.core_id).read_hits += self.hit_count.load(Ordering::Relaxed);
     }
 }

@@ -391,11 +391,24 @@ impl LineMap {
         self.lru_push_front(i);
     }
 
-    /// A read hit on line `i`: counts as a use for the LRU and pins the line until the hit completes
-    /// (the hit's completion unpins it without the map lock).
-    pub fn pin_for_hit(&mut self, i: u32) {
-        self.touch(i);
+    /// A read hit on line `i` (under the map's read lock): pins the line until the hit completes (the
+    /// hit's completion unpins it without the map lock). Returns true when the line should be marked
+    /// most recently used ([`LineMap::touch_later`]): it is not among the most recent ones already.
+    pub fn pin_for_hit(&self, i: u32) -> bool {
         self.pins[i as usize].fetch_add(1, Ordering::AcqRel);
+        let l = &self.lines[i as usize];
+        !(l.in_lru && self.clock.wrapping_sub(l.touched) < self.recent)
+    }
+
+    /// Applies LRU touches that read hits deferred (they hold only the read lock). A line that left
+    /// the LRU since (dropped, freed) is skipped; one reused since is touched as the newer data it
+    /// holds, which only moves an eviction choice.
+    pub fn touch_later(&mut self, slots: &mut Vec<u32>) {
+        for i in slots.drain(..) {
+            if self.lines.get(i as usize).is_some_and(|l| l.in_lru) {
+                self.touch(i);
+            }
+        }
     }
 
     /// Queues the line's record for writing.

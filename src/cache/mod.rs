@@ -61,7 +61,7 @@ pub mod map;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -224,6 +224,16 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The line map for changes (misses, writes, cleaning, metadata, deferred LRU touches).
+pub(crate) fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The line map for read hits: look-up, valid bits, pins (atomics).
+pub(crate) fn rlock<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A reply box: the owner thread posts results here and wakes the channel through the eventfd.
 pub struct Mailbox {
     pub(crate) efd: EventFd,
@@ -332,7 +342,10 @@ pub struct Shared {
     /// Tests: the next shutdown behaves like `kill -9`.
     pub(crate) simulate_crash: AtomicBool,
     mode: AtomicU8,
-    pub(crate) map: Mutex<LineMap>,
+    pub(crate) map: RwLock<LineMap>,
+    /// Read hits counted by each channel of a core (one writer each; added to the core's
+    /// `read_hits` when read, folded into the map's counters when the channel drops).
+    pub(crate) hit_shards: Mutex<Vec<(u16, Arc<AtomicU64>)>>,
     pub(crate) cache_desc: Arc<Descriptor>,
     pub(crate) cores: Mutex<HashMap<u16, CoreSlot>>,
     pub(crate) requests: Mutex<VecDeque<OwnerReq>>,
@@ -393,7 +406,7 @@ impl Shared {
 
     /// Logs dirty lines of `core` (count and ranges); returns the count.
     pub(crate) fn report_dirty(&self, core: u16, what: &str) -> usize {
-        let keys = lock(&self.map).dirty_keys(core);
+        let keys = wlock(&self.map).dirty_keys(core);
         if keys.is_empty() {
             return 0;
         }
@@ -421,11 +434,16 @@ impl Shared {
     }
 
     fn counters(&self, core: Option<u16>) -> Counters {
-        let map = lock(&self.map);
+        let map = wlock(&self.map);
         let mut c = Counters::default();
         for (i, x) in map.counters.iter().enumerate() {
             if core.map_or(true, |k| usize::from(k) == i) {
                 c.add(x);
+            }
+        }
+        for (k, n) in lock(&self.hit_shards).iter() {
+            if core.map_or(true, |c| c == *k) {
+                c.read_hits += n.load(Ordering::Relaxed);
             }
         }
         c
@@ -895,7 +913,8 @@ impl CacheBdev {
             md_lazy_ms: cfg.md_lazy_ms,
             simulate_crash: AtomicBool::new(false),
             mode: AtomicU8::new(cfg.mode.to_u8()),
-            map: Mutex::new(map),
+            map: RwLock::new(map),
+            hit_shards: Mutex::new(Vec::new()),
             cache_desc: Arc::new(desc),
             cores: Mutex::new(HashMap::new()),
             requests: Mutex::new(VecDeque::new()),
@@ -986,7 +1005,7 @@ impl CacheBdev {
             log::warn!("cache bdev '{name}': core '{core}' removed with no dirty data at risk");
         }
         self.detached.store(true, Ordering::Release);
-        let freed = lock(&sh.map).forget_clean(self.core_id);
+        let freed = wlock(&sh.map).forget_clean(self.core_id);
         if freed > 0 {
             log::info!("cache '{}': {freed} clean lines of core '{core}' freed", sh.cache_name);
         }

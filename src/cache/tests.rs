@@ -730,7 +730,7 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
     flush(&mut ch); // cleaned at run time; the device still says dirty
     {
         // A record round for the cleaned line is in flight: old record dirty, new one clean.
-        let mut map = lock(&sh.map);
+        let mut map = wlock(&sh.map);
         let slot = map.lookup((0, 0)).unwrap();
         let l = &mut map.lines[slot as usize];
         assert_eq!(l.dirty, 0);
@@ -892,14 +892,14 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
         std::thread::yield_now();
     }
     assert_eq!(waiters(), 2);
-    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
-    assert_eq!(lock(&sh.map).lines[slot as usize].dirty, 0);
+    let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
+    assert_eq!(wlock(&sh.map).lines[slot as usize].dirty, 0);
     // The rewrite: its data goes to the cache device (not held); once its dirty bits are in the map
     // it has either been acknowledged (in that same poll) or asked for a record round.
     let x = fill(3, 4096);
     ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x), 7));
     let early = poll_until(&mut ch, "the rewrite's data write", |_| {
-        let m = lock(&sh.map);
+        let m = wlock(&sh.map);
         m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty != 0)
     });
     assert!(

@@ -37,8 +37,13 @@
 //!   completions of the same poll — below the histogram's first bucket (1 µs) at QD1 and a small part
 //!   of the latency at QD32. Owners that never call it (stacked modules) get a clock read per parent.
 //! * Parents and children in flight live in slabs (index = id; a child's tag adds a generation in its
-//!   high bits so a repeated completion is refused); an unsplit, unbounced read or write goes to the
-//!   module without passing through a children list: no heap allocation per I/O once warm.
+//!   high bits so a repeated completion is refused). An unsplit, unbounced read or write (the common
+//!   case) is neither: it goes to the module as it came, tagged `DIRECT`, with a light record (the
+//!   caller's tag, start time, size) in a third slab. No heap allocation per I/O once warm.
+//! * [`Channel::submit_direct`] is that common case without the general path's validation pass, for
+//!   stacked modules on the bdev under them (a cache's read hits): it checks in one step that the I/O
+//!   is in range, plain, unsplit, aligned and that no QoS limit, reset or queued work applies, and
+//!   gives anything else back for [`Channel::submit`].
 //!
 //! * QoS ([`super::qos`]): between validation and splitting, a parent is admitted by the bdev's shared
 //!   token buckets or parked in this channel's FIFO `parked` queue (new parents queue behind parked
@@ -113,8 +118,6 @@ impl BdevControl {
 struct Parent {
     tag: u64,
     kind: IoKind,
-    /// Generation (an only child's tag carries it, see [`ONLY_CHILD`]).
-    gen: u32,
     bytes: u64,
     /// Start time, in [`nanos`].
     start: u64,
@@ -129,16 +132,13 @@ struct Parent {
     wz_end: u64,
 }
 
-/// Tag bit of a parent's only child (an unsplit read or write): the low 32 bits are the parent's id,
-/// bits 32..63 its generation.
-const ONLY_CHILD: u64 = 1 << 63;
+/// Tag bit of a direct I/O: an unsplit, unbounced read or write that goes to the module as it came,
+/// with a light record instead of a parent ([`Channel::submit_direct`], and the general path's
+/// common case). The low 32 bits are its slot in `direct`, bits 32..62 its generation.
+const DIRECT: u64 = 1 << 63;
 
-/// With [`ONLY_CHILD`]: tag bit of a direct I/O ([`Channel::submit_direct`]); the low 32 bits are
-/// its slot in `direct`, bits 32..62 its generation.
-const DIRECT: u64 = 1 << 62;
-
-/// Generation bits of an only child's or a direct I/O's tag (bits 32..62).
-const GEN30: u64 = 0x3fff_ffff;
+/// Generation bits of a direct I/O's tag (bits 32..62).
+const GEN31: u64 = 0x7fff_ffff;
 
 /// A direct I/O in flight: what its completion needs (the caller's tag, statistics).
 struct Direct {
@@ -173,9 +173,8 @@ pub struct Channel {
     /// Parents in flight, indexed by parent id (a slab: no hashing, no allocation once warm).
     parents: Slab<Parent>,
     /// Children in flight: slot → (parent id, full tag). A child's tag is its slot in the low 32 bits
-    /// and a generation in the high bits, so a stale or repeated completion is recognised. The only
-    /// child of an unsplit parent is not in this slab: its tag is `ONLY_CHILD` | the parent's
-    /// generation | the parent's id.
+    /// and a generation in the high bits, so a stale or repeated completion is recognised. An
+    /// unsplit read or write has no parent and no child: it is a direct I/O ([`DIRECT`]).
     children: Slab<(usize, u64)>,
     /// Direct I/O in flight ([`Channel::submit_direct`]).
     direct: Slab<Direct>,
@@ -229,8 +228,8 @@ impl Channel {
     fn new_child(&mut self, id: usize) -> u64 {
         self.next_gen = self.next_gen.wrapping_add(1);
         let entry = self.children.vacant_entry();
-        // 31 bits of generation: the top bit is `ONLY_CHILD`'s (after 2^31 I/O on this channel an
-        // unmasked generation would set it, and the completion would be taken for an only child's).
+        // 31 bits of generation: the top bit is `DIRECT`'s (after 2^31 I/O on this channel an
+        // unmasked generation would set it, and the completion would be taken for a direct I/O's).
         let tag = ((self.next_gen & 0x7fff_ffff) << 32) | (entry.key() as u64 & 0xffff_ffff);
         entry.insert((id, tag));
         tag
@@ -314,30 +313,25 @@ impl Channel {
             return Err(io);
         }
         self.shard.submitted();
+        self.start_direct(io);
+        Ok(())
+    }
+
+    /// Sends an admitted unsplit, unbounced read or write to the module with a direct record.
+    fn start_direct(&mut self, io: BdevIo) {
         self.next_gen = self.next_gen.wrapping_add(1);
-        let gen = (self.next_gen & GEN30) as u32;
+        let gen = (self.next_gen & GEN31) as u32;
         let start = self.start_time();
         let entry = self.direct.vacant_entry();
-        let slot = entry.key();
-        let ctag = ONLY_CHILD | DIRECT | u64::from(gen) << 32 | (slot as u64 & 0xffff_ffff);
-        let tag = io.tag;
-        entry.insert(Direct { tag, start, bytes: io.bufs.len_bytes(), gen, kind: io.kind });
-        match self.module.submit(BdevIo { tag: ctag, ..io }) {
-            Ok(()) => self.in_module += 1,
-            Err(Rejected::NoMem(child)) => {
-                // The general path queues it (and keeps the order of what follows).
-                self.direct.remove(slot);
-                self.start(BdevIo { tag, ..child });
-            }
-            Err(Rejected::Failed(child, e)) => self.direct_done(child.tag, Err(e)),
-        }
-        Ok(())
+        let ctag = DIRECT | u64::from(gen) << 32 | (entry.key() as u64 & 0xffff_ffff);
+        entry.insert(Direct { tag: io.tag, start, bytes: io.bufs.len_bytes(), gen, kind: io.kind });
+        self.dispatch(BdevIo { tag: ctag, ..io });
     }
 
     /// A direct I/O completed.
     fn direct_done(&mut self, ctag: u64, result: Result<(), IoError>) {
         let slot = (ctag & 0xffff_ffff) as usize;
-        let gen = ((ctag >> 32) & GEN30) as u32;
+        let gen = ((ctag >> 32) & GEN31) as u32;
         if !self.direct.get(slot).is_some_and(|d| d.gen == gen) {
             log::warn!("bdev '{}': completion for unknown tag {ctag}", self.bdev.info().name);
             return;
@@ -383,7 +377,6 @@ impl Channel {
         let parent = Parent {
             tag: io.tag,
             kind: IoKind::Reset,
-            gen: 0,
             bytes: 0,
             start: self.start_time(),
             pending: 0,
@@ -410,10 +403,19 @@ impl Channel {
         let bdev = &self.bdev;
         let info = bdev.info();
         let bs = u64::from(info.block_size);
+        // The common case first: a read or write that needs no bounce and no split goes to the module
+        // as it came, with a direct record instead of a parent.
+        if matches!(io.kind, IoKind::Read | IoKind::Write)
+            && io.num_blocks > 0
+            && (info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
+            && next_len(info, io.offset_blocks, io.num_blocks) == io.num_blocks
+        {
+            self.start_direct(io);
+            return;
+        }
         let mut parent = Parent {
             tag: io.tag,
             kind: io.kind,
-            gen: 0,
             bytes: if matches!(io.kind, IoKind::Flush | IoKind::Reset) { 0 } else { io.num_blocks * bs },
             start: self.start_time(),
             pending: 0,
@@ -422,22 +424,6 @@ impl Channel {
             wz_next: 0,
             wz_end: 0,
         };
-        // The common case first: a read or write that needs no bounce and no split goes to the module
-        // as the only child, without being moved through the children list.
-        if matches!(io.kind, IoKind::Read | IoKind::Write)
-            && io.num_blocks > 0
-            && (info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
-            && next_len(info, io.offset_blocks, io.num_blocks) == io.num_blocks
-        {
-            parent.pending = 1;
-            self.next_gen = self.next_gen.wrapping_add(1);
-            // Never 0: a parent with generation 0 has its children in the slab.
-            parent.gen = ((self.next_gen & GEN30) as u32).max(1);
-            let gen = u64::from(parent.gen);
-            let id = self.parents.insert(parent);
-            self.dispatch(BdevIo { tag: ONLY_CHILD | gen << 32 | (id as u64 & 0xffff_ffff), ..io });
-            return;
-        }
         // Inline for one child: no allocation.
         let mut children: SmallVec<[BdevIo; 1]> = SmallVec::new();
         match io.kind {
@@ -578,14 +564,6 @@ impl Channel {
     /// stale or repeated tag.
     fn take_child(&mut self, ctag: u64) -> Option<usize> {
         let slot = (ctag & 0xffff_ffff) as usize;
-        if ctag & ONLY_CHILD != 0 {
-            let gen = (ctag >> 32) & GEN30;
-            return self
-                .parents
-                .get(slot)
-                .is_some_and(|p| p.gen != 0 && u64::from(p.gen) == gen)
-                .then_some(slot);
-        }
         match self.children.get(slot) {
             Some(&(id, tag)) if tag == ctag => {
                 self.children.remove(slot);
@@ -596,7 +574,7 @@ impl Channel {
     }
 
     fn child_done(&mut self, ctag: u64, result: Result<(), IoError>) {
-        if ctag & (ONLY_CHILD | DIRECT) == ONLY_CHILD | DIRECT {
+        if ctag & DIRECT != 0 {
             self.direct_done(ctag, result);
             return;
         }

@@ -526,7 +526,7 @@ fn nomem_with_nothing_outstanding_retries_on_poll() {
 }
 
 /// A module that completes a child twice never completes a parent twice, and a late repeat never
-/// completes the parent that took its slot since (unsplit reads and writes: the only-child tag;
+/// completes the parent that took its slot since (unsplit reads and writes: a direct record;
 /// split ones: the children slab).
 #[test]
 fn repeated_module_completions_are_ignored() {
@@ -568,7 +568,7 @@ fn repeated_module_completions_are_ignored() {
 }
 
 /// Generations wrap: after 2^31 and 2^32 I/O on one channel, split, flush and unsplit I/O still
-/// complete (a child's generation must never spill into the only-child tag bit).
+/// complete (a child's generation must never spill into the direct-I/O tag bit).
 #[test]
 fn child_tags_survive_generation_wrap() {
     let (bdev, _ctl) = StubBdev::new(|i| i.max_io_blocks = 4);

@@ -300,7 +300,7 @@ impl Channel {
         };
         if !plain
             || io.num_blocks == 0
-            || io.offset_blocks.checked_add(io.num_blocks).is_none_or(|e| e > info.num_blocks)
+            || io.offset_blocks.checked_add(io.num_blocks).map_or(true, |e| e > info.num_blocks)
             || bytes != Some(io.bufs.len_bytes())
             || !(info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
             || next_len(info, io.offset_blocks, io.num_blocks) != io.num_blocks

@@ -483,9 +483,8 @@ impl Channel {
                 }
             }
             IoKind::WriteZeroes if io.num_blocks == 0 => {}
-            IoKind::WriteZeroes | IoKind::Unmap | IoKind::Flush | IoKind::Reset => {
-                children.push(BdevIo { tag: 0, ..io });
-            }
+            // (Its tag is set below, like every child's.)
+            IoKind::WriteZeroes | IoKind::Unmap | IoKind::Flush | IoKind::Reset => children.push(io),
         }
         parent.pending = children.len();
         let emulate = parent.wz_next < parent.wz_end;

@@ -45,7 +45,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::bdev::waitset::epoll_set;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::map::{Key, LineMap};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
@@ -152,7 +152,8 @@ pub struct CacheChannel {
     /// log2(lb): blocks per line is a power of two (line size and block size are).
     lb_shift: u32,
     core_removed: Arc<AtomicBool>,
-    seq: Arc<Mutex<SeqState>>,
+    /// This channel's sequential stream (a guest stream comes through one queue).
+    seq: std::cell::Cell<SeqState>,
     seq_cutoff: SeqCutoff,
     seq_cutoff_bytes: u64,
     cache_ch: Channel,
@@ -229,7 +230,7 @@ impl CacheChannel {
             core_id: b.core_id,
             bs,
             core_removed: b.core_removed.clone(),
-            seq: b.seq.clone(),
+            seq: std::cell::Cell::new(SeqState::default()),
             seq_cutoff: b.seq_cutoff,
             seq_cutoff_bytes: b.seq_cutoff_bytes,
             cache_ch,
@@ -262,13 +263,14 @@ impl CacheChannel {
             return false;
         }
         let len = io.num_blocks * self.bs;
-        let mut s = lock(&self.seq);
+        let mut s = self.seq.get();
         if io.offset_blocks == s.last_end {
             s.bytes = s.bytes.saturating_add(len);
         } else {
             s.bytes = len;
         }
         s.last_end = io.offset_blocks + io.num_blocks;
+        self.seq.set(s);
         let over = s.bytes >= self.seq_cutoff_bytes;
         match self.seq_cutoff {
             SeqCutoff::Always => over,

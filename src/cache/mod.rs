@@ -496,8 +496,9 @@ impl Drop for Instance {
 /// Instances by cache bdev object (so separate registries in one process never share).
 static INSTANCES: Mutex<Vec<(usize, Weak<Instance>)>> = Mutex::new(Vec::new());
 
-/// Sequential stream detection of one core.
-#[derive(Default)]
+/// Sequential stream detection, per channel (each queue's stream, as OCF keeps streams per I/O
+/// queue): no lock shared between queues on any request.
+#[derive(Default, Clone, Copy)]
 pub(crate) struct SeqState {
     pub(crate) last_end: u64,
     pub(crate) bytes: u64,
@@ -512,7 +513,6 @@ pub struct CacheBdev {
     pub(crate) core_removed: Arc<AtomicBool>,
     pub(crate) seq_cutoff: SeqCutoff,
     pub(crate) seq_cutoff_bytes: u64,
-    pub(crate) seq: Arc<Mutex<SeqState>>,
     shut: Arc<AtomicBool>,
     /// The core is detached from the instance: the cleaner no longer touches it.
     detached: Arc<AtomicBool>,
@@ -784,7 +784,6 @@ impl CacheBdev {
             core_removed,
             seq_cutoff: cfg.seq_cutoff,
             seq_cutoff_bytes: cfg.seq_cutoff_bytes,
-            seq: Arc::new(Mutex::new(SeqState::default())),
             shut,
             detached,
             at_risk: AtomicU64::new(0),

@@ -118,7 +118,9 @@ fn wait_used(q: &MockSplitQueue<'_, Mem>, want: u16) {
 
 /// `wce = 0` (write-through chosen by the driver) on a bdev with a volatile cache: every write is
 /// followed by a flush that reaches the disk before the write is reported; with `wce = 1` it is not.
-/// Mutation caught: `let wt = false && …` in `src/vhost/poller.rs`.
+/// The poller busy-polls (1 s) through the config write, so the switch must reach a running poller.
+/// Mutations caught: `let wt = false && …` in `src/vhost/poller.rs`; `wce` read once when the poller
+/// starts instead of per request (this test failed 1 in 7 runs that way with 50 µs polling).
 #[test]
 fn write_through_flushes_after_every_write() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -128,7 +130,11 @@ fn write_through_flushes_after_every_write() {
     assert!(f.info().volatile_write_cache && f.info().supports.flush);
     let bdev: Arc<dyn Bdev> = Arc::new(f);
     reg.register(bdev.clone()).expect("register");
-    let ex = Export::new(&reg, "wt0", dir.path());
+    let mut ex =
+        common::vring::Export::serve_with(&reg, "wt0", dir.path().join("wt0.sock"), 1, 64, "ops", |c| {
+            c.poll_us = 1_000_000
+        });
+    ex.check_exit = false;
     let syncs = || bdev.module_stats().expect("stats")["syncs"].as_u64().expect("syncs");
     let flushes = || reg.open("wt0", false).expect("open").stats().flush_ops;
 

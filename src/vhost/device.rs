@@ -123,7 +123,7 @@ impl BlkBackend {
             desc: &self.inner.desc,
             cfg: &self.inner.cfg,
             serial: &self.inner.serial,
-            wce: self.inner.wce.load(Ordering::Relaxed),
+            wce: &self.inner.wce,
             poll: self.inner.poll,
             epoll_fd: lock(&self.inner.epoll_fds).get(thread).copied(),
             completion_event_base: self.completion_event_base(),

@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
@@ -84,8 +84,9 @@ pub struct PollCtx<'a> {
     pub cfg: &'a BlkConfig,
     /// GET_ID answer.
     pub serial: &'a [u8; ID_BYTES],
-    /// Current `wce` (1 = write-back).
-    pub wce: u8,
+    /// The device's `wce` (1 = write-back), read per write request: a guest's config write takes
+    /// effect for the next request even while this poller keeps running.
+    pub wce: &'a AtomicU8,
     /// Busy-poll time before sleeping.
     pub poll: Duration,
     /// This worker's epoll fd (for registering the channel's completion fd).
@@ -690,7 +691,9 @@ impl Worker {
                 if matches!(req.kind, RequestKind::Read { .. }) {
                     (BdevIo::read(offset, blocks, bufs, 0), req.data_len.saturating_add(1), false)
                 } else {
-                    let wt = ctx.wce == 0 && info.volatile_write_cache && info.supports.flush;
+                    let wt = info.volatile_write_cache
+                        && info.supports.flush
+                        && ctx.wce.load(Ordering::Relaxed) == 0;
                     (BdevIo::write(offset, blocks, bufs, 0), 1, wt)
                 }
             }

@@ -60,11 +60,25 @@ impl Export {
         queue_size: u16,
         serial: &str,
     ) -> Self {
+        Self::serve_with(reg, name, sock, queues, queue_size, serial, |_| {})
+    }
+
+    /// Like [`Export::serve`], with `adjust` applied to the export's configuration.
+    pub fn serve_with(
+        reg: &Registry,
+        name: &str,
+        sock: PathBuf,
+        queues: u16,
+        queue_size: u16,
+        serial: &str,
+        adjust: impl FnOnce(&mut ExportConfig),
+    ) -> Self {
         let _ = env_logger::builder().is_test(true).try_init();
         let desc = Arc::new(reg.open(name, true).expect("open"));
         let mut cfg = ExportConfig::new(&sock, serial);
         cfg.queues = queues;
         cfg.queue_size = queue_size;
+        adjust(&mut cfg);
         let stop = Arc::new(EventFd::new(0).expect("eventfd"));
         let handle = Some(serve(desc, cfg, stop.clone()).expect("serve"));
         Self { stop, handle, sock, check_exit: true }

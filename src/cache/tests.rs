@@ -1161,3 +1161,27 @@ fn full_cutoff_caches_a_stream_while_lines_are_free() {
     }
     assert_eq!(stats(&bdev)["occupancy_lines"].as_u64().unwrap(), 32);
 }
+
+/// Read hits take only the map's read lock and defer their LRU touch: the touch must still land
+/// before the next eviction, so a line just hit is not the one evicted.
+#[test]
+fn a_line_just_hit_is_not_the_next_one_evicted() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    // Fill all 64 lines; line 0 is the least recently used.
+    for i in 0..64 {
+        read(&mut ch, i * 8, 8);
+    }
+    assert_eq!(stats(&bdev)["occupancy_lines"].as_u64().unwrap(), 64);
+    read(&mut ch, 0, 8); // a hit on the oldest line
+    read(&mut ch, 64 * 8, 8); // a miss: evicts the least recently used line
+    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
+    let h = hits(&bdev);
+    read(&mut ch, 0, 8);
+    assert_eq!(hits(&bdev), h + 1, "the line just hit was evicted");
+    read(&mut ch, 8, 8);
+    assert_eq!(hits(&bdev), h + 1, "line 1 (now the least recently used) should have been evicted");
+}

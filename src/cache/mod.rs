@@ -4,7 +4,7 @@
 //! ```text
 //!   cache bdev c0 (core f0) ─┐                       ┌─► owner thread: metadata writer + cleaner
 //!   cache bdev c1 (core f1) ─┼─► Instance (cache dev)─┤     (own channels on the cache device and cores)
-//!                            │   Shared { Mutex<LineMap>, mode, cores }
+//!                            │   Shared { RwLock<LineMap>, mode, cores }
 //!   poller thread ─► CacheChannel (engine.rs): own channels on cache dev + core, line locks/pins, mailbox
 //! ```
 //!
@@ -13,19 +13,26 @@
 //!   first cache bdev formats or loads the device; later ones attach their core to the same instance
 //!   and must agree on mode, line size and cleaner. Each core is claimed by its cache bdev.
 //! * **Who owns the line map.** The map (`map.rs`) is shared state owned by the instance, behind one
-//!   `Mutex`; no thread owns it exclusively. Every poller thread takes the lock only for look-ups and
+//!   `RwLock`; no thread owns it exclusively. Every poller thread takes the lock only for look-ups and
 //!   bit updates (no I/O, no allocation on a hit) and submits the data I/O itself, on its own channels
 //!   to the cache device and the core; the lock is *never* held across base I/O.
-//!   - A **read hit** (every sector valid) takes the lock once: look-up, LRU touch (skipped for lines
-//!     already among the most recent eighth), hit counter, and a *pin* on each line (an atomic count:
-//!     a pinned line is never evicted, dropped or reused). It takes no range lock, and its completion
-//!     only drops the pins (atomics, no lock). Two queues hitting the cache therefore share nothing
-//!     but that one short critical section.
-//!   - **Everything else** (misses with fills, writes, unmap) takes the lock twice: to lock its
+//!   - A **read hit** (every sector valid) takes only the *read* lock: look-up, valid bits, and a
+//!     *pin* on each line (an atomic count: a pinned line is never evicted, dropped or reused; pins
+//!     are checked under the write lock). Its hit is counted in the channel's own counter (one
+//!     writer; summed when read, folded into the map when the channel drops). Its LRU touch (skipped
+//!     for lines already among the most recent eighth) is deferred: the channel applies its touches
+//!     the next time it takes the write lock, or from `poll` once 64 are pending and the lock is free
+//!     (waiting for it at 1 024). It takes no range lock, and its completion only drops the pins
+//!     (atomics, no lock). Two queues hitting the cache therefore never wait for each other.
+//!     Sequential cut-off streams are per channel too (as OCF keeps them per I/O queue).
+//!   - **Everything else** (misses with fills, writes, unmap) takes the write lock twice: to lock its
 //!     core-line range and plan, and to apply the outcome and release. The range lock makes it
 //!     exclusive on its lines for its whole life (data I/O, metadata persist); a request that finds
 //!     its lines locked waits in its channel (later requests on *other* lines pass it) and is woken
 //!     through its mailbox.
+//!   - The hit's read goes to the cache device with `Channel::submit_direct` (a light record, no
+//!     second validation pass); anything it would not take (QoS on the cache device, a split) goes
+//!     through the cache device's general path.
 //!
 //!   We chose this over one owner thread doing all I/O (SPDK-style message passing to the map's
 //!   thread) because a hit then costs one look-up plus one read on the caller's own channel, with no

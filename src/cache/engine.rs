@@ -176,15 +176,7 @@ pub struct CacheChannel {
     pins: Arc<[std::sync::atomic::AtomicU32]>,
     /// Read hits of this channel (one writer: this channel; see `Shared::hit_shards`).
     hit_count: Arc<AtomicU64>,
-    /// Lines read hits found outside the most recent ones: marked most recently used at this
-    /// channel's next write lock of the map (hits take only the read lock).
-    touched: Vec<u32>,
 }
-
-/// Deferred LRU touches applied by `poll` when the map's write lock is free, and at the latest
-/// (waiting for it) at this many.
-const TOUCH_BATCH: usize = 64;
-const TOUCH_MAX: usize = 1024;
 
 fn mask(a: u64, b: u64) -> u128 {
     // Sectors a..b of a line (b ≤ 128).
@@ -249,7 +241,6 @@ impl CacheChannel {
             seg_pool: Vec::new(),
             pins,
             hit_count,
-            touched: Vec::new(),
         })
     }
 
@@ -333,9 +324,7 @@ impl CacheChannel {
                     let a = io.offset_blocks - (first << self.lb_shift);
                     let want = mask(a, a + io.num_blocks);
                     if map.lines[s as usize].valid & want == want {
-                        if map.pin_for_hit(s) {
-                            self.touched.push(s);
-                        }
+                        map.pin_for_hit(s);
                         if self.seq_cutoff != SeqCutoff::Off {
                             let _ = self.cut_off(&io, &map);
                         }
@@ -357,18 +346,13 @@ impl CacheChannel {
                 }
             } else {
                 let mut segs = std::mem::take(&mut self.seg_pool);
-                if let Some((pins, n, touch)) = self.try_hit(&map, &io, &mut segs) {
+                if let Some((pins, n)) = self.try_hit(&map, &io, &mut segs) {
                     if self.seq_cutoff != SeqCutoff::Off {
                         // Keep the stream detection going (a hit never fills, so the answer is moot).
                         let _ = self.cut_off(&io, &map);
                     }
                     drop(map);
                     self.count_hit();
-                    for (k, &p) in pins[..usize::from(n)].iter().enumerate() {
-                        if touch & (1 << k) != 0 {
-                            self.touched.push(p);
-                        }
-                    }
                     self.issue_hit(io, pins, n, segs);
                     return Ok(());
                 }
@@ -378,7 +362,6 @@ impl CacheChannel {
         // The slot the next insert takes (nothing is inserted in between).
         let id = self.uid | self.reqs.vacant_key() as u64;
         let mut map = wlock(&self.sh.map);
-        map.touch_later(&mut self.touched);
         let removed = self.sh.cache_removed.load(Ordering::Acquire);
         let mode = self.sh.mode();
         // Requests that never write the core pass a cleaning batch's write-back (its soft locks).
@@ -554,8 +537,7 @@ impl CacheChannel {
     /// Read-hit fast path: when every sector of the request is valid in the cache, pins its lines
     /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
     /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
-    /// Also returns which of the pinned lines (bit k: `pins[k]`) want an LRU touch.
-    fn try_hit(&self, map: &LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8, u8)> {
+    fn try_hit(&self, map: &LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
         let mut slots = [0u32; MAX_PINS];
         let mut n = 0usize;
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
@@ -567,36 +549,21 @@ impl CacheChannel {
             *slots.get_mut(n)? = s;
             n += 1;
         }
-        let mut touch = 0u8;
         for (k, (_, a, e, boff)) in self.pieces(io.offset_blocks, io.num_blocks).enumerate() {
             let s = slots[k];
-            if map.pin_for_hit(s) {
-                touch |= 1 << k;
-            }
+            map.pin_for_hit(s);
             push_seg(
                 segs,
                 Seg { dev: Dev::Cache, dev_off: self.cache_off(s, a), buf_off: boff, len: (e - a) * self.bs },
             );
         }
-        Some((slots, n as u8, touch))
+        Some((slots, n as u8))
     }
 
     /// Counts a read hit in this channel's shard (one writer: a load and a store).
     fn count_hit(&self) {
         let c = &self.hit_count;
         c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    }
-
-    /// Applies the deferred LRU touches: when the map is free from `TOUCH_BATCH` on, waiting for it
-    /// from `TOUCH_MAX` on (so the list stays bounded under any contention).
-    fn flush_touches(&mut self) {
-        if self.touched.len() >= TOUCH_MAX {
-            wlock(&self.sh.map).touch_later(&mut self.touched);
-        } else if self.touched.len() >= TOUCH_BATCH {
-            if let Ok(mut map) = self.sh.map.try_write() {
-                map.touch_later(&mut self.touched);
-            }
-        }
     }
 
     fn plan_read(
@@ -990,7 +957,6 @@ impl ModuleChannel for CacheChannel {
                 break;
             }
         }
-        self.flush_touches();
         let n = self.done.len();
         done.append(&mut self.done);
         n
@@ -1036,9 +1002,8 @@ impl Drop for CacheChannel {
                 unsafe { libc::poll(&mut p, 1, 10) };
             }
         }
-        // This channel's hits stay in the core's counters; its deferred touches are applied.
+        // This channel's hits stay in the core's counters.
         let mut map = wlock(&self.sh.map);
-        map.touch_later(&mut self.touched);
         let mut shards = lock(&self.sh.hit_shards);
         shards.retain(|(_, c)| !Arc::ptr_eq(c, &self.hit_count));
         map.counters(self.core_id).read_hits += self.hit_count.load(Ordering::Relaxed);

@@ -7,11 +7,13 @@
 //!  locks: [(core, first line, last line, owner, soft)] — one entry per request or cleaned line in flight
 //!  wgen:  per cache line, a write generation (the cleaner checks it before marking a line clean)
 //!  pins:  per cache line, read hits in flight (atomics)   dirty order: (dirty since, line), oldest first
+//!  refd:  per cache line, "hit since it was last moved to the head" (atomics, set under the read lock)
 //! ```
 //!
 //! # Design
-//! Plain data behind the instance's one `Mutex` (see `cache/mod.rs` for the locking rule: held only
-//! for look-ups and bookkeeping, never across base I/O). Range locks make every request but a read
+//! Plain data behind the instance's one `RwLock` (see `cache/mod.rs` for the locking rule: held only
+//! for look-ups and bookkeeping, never across base I/O; read hits take the read lock, and what they
+//! change — pins and reference bits — are atomics). Range locks make every request but a read
 //! hit exclusive on the core lines it touches for its whole life (data I/O, metadata persist), so no
 //! two such requests ever interleave on a line. A cleaning batch holds its lines exclusively only
 //! while it reads them from the cache device; while it writes them back to the core it holds *soft*
@@ -24,11 +26,13 @@
 //!
 //! # Limitations
 //! The eviction scan looks at most `EVICT_SCAN` lines from the LRU tail; lock look-up is linear in
-//! the number of requests in flight. LRU is approximate: a hit on a line moved to the head within the
-//! last `num_lines / 8` moves does not move it again.
+//! the number of requests in flight. LRU is approximate (second chance, as CLOCK): a read hit only
+//! sets the line's reference bit; the eviction scan moves a referenced line from the tail to the head
+//! (clearing the bit) instead of evicting it. Requests under the write lock (writes, misses) move
+//! their lines to the head directly, skipping lines moved there within the last `num_lines / 8` moves.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// (core id, line number within the core).
@@ -226,6 +230,8 @@ pub struct LineMap {
     /// Read hits in flight per cache line (taken under the map's lock, released without it): a pinned
     /// line is never evicted, dropped or reused, so a hit reads its data without a range lock.
     pub pins: Arc<[AtomicU32]>,
+    /// Per cache line: read-hit since the line was last moved to the LRU head (second chance).
+    refd: Box<[AtomicBool]>,
     /// Counts moves to the LRU head.
     clock: u32,
     /// A line moved to the head fewer than this many moves ago is still among the `recent` most
@@ -249,6 +255,7 @@ impl LineMap {
             lock_waiters: false,
             dirty_order: BTreeSet::new(),
             pins: (0..num_lines).map(|_| AtomicU32::new(0)).collect(),
+            refd: (0..num_lines).map(|_| AtomicBool::new(false)).collect(),
             clock: 0,
             recent: num_lines / 8,
         }
@@ -365,6 +372,7 @@ impl LineMap {
     fn lru_push_front(&mut self, i: u32) {
         let old = self.head;
         self.clock = self.clock.wrapping_add(1);
+        self.refd[i as usize].store(false, Ordering::Relaxed);
         {
             let l = &mut self.lines[i as usize];
             l.touched = self.clock;
@@ -392,22 +400,13 @@ impl LineMap {
     }
 
     /// A read hit on line `i` (under the map's read lock): pins the line until the hit completes (the
-    /// hit's completion unpins it without the map lock). Returns true when the line should be marked
-    /// most recently used ([`LineMap::touch_later`]): it is not among the most recent ones already.
-    pub fn pin_for_hit(&self, i: u32) -> bool {
+    /// hit's completion unpins it without the map lock) and marks it referenced (second chance).
+    pub fn pin_for_hit(&self, i: u32) {
         self.pins[i as usize].fetch_add(1, Ordering::AcqRel);
-        let l = &self.lines[i as usize];
-        !(l.in_lru && self.clock.wrapping_sub(l.touched) < self.recent)
-    }
-
-    /// Applies LRU touches that read hits deferred (they hold only the read lock). A line that left
-    /// the LRU since (dropped, freed) is skipped; one reused since is touched as the newer data it
-    /// holds, which only moves an eviction choice.
-    pub fn touch_later(&mut self, slots: &mut Vec<u32>) {
-        for i in slots.drain(..) {
-            if self.lines.get(i as usize).is_some_and(|l| l.in_lru) {
-                self.touch(i);
-            }
+        let r = &self.refd[i as usize];
+        // Load first: a hot line's bit is already set, and a store would dirty its cache line.
+        if !r.load(Ordering::Relaxed) {
+            r.store(true, Ordering::Relaxed);
         }
     }
 
@@ -446,6 +445,13 @@ impl LineMap {
             }
             let l = &self.lines[i as usize];
             let prev = l.prev;
+            if self.refd[i as usize].load(Ordering::Relaxed) {
+                // Hit since it was last moved: a second chance at the head.
+                self.lru_remove(i);
+                self.lru_push_front(i);
+                i = prev;
+                continue;
+            }
             if let Some(key) = l.key {
                 if l.dirty == 0 && l.disk_dirty == 0 && !self.is_locked(key) && !self.pinned(i) {
                     self.drop_line(i);

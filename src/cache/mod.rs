@@ -19,11 +19,10 @@
 //!   - A **read hit** (every sector valid) takes only the *read* lock: look-up, valid bits, and a
 //!     *pin* on each line (an atomic count: a pinned line is never evicted, dropped or reused; pins
 //!     are checked under the write lock). Its hit is counted in the channel's own counter (one
-//!     writer; summed when read, folded into the map when the channel drops). Its LRU touch (skipped
-//!     for lines already among the most recent eighth) is deferred: the channel applies its touches
-//!     the next time it takes the write lock, or from `poll` once 64 are pending and the lock is free
-//!     (waiting for it at 1 024). It takes no range lock, and its completion only drops the pins
-//!     (atomics, no lock). Two queues hitting the cache therefore never wait for each other.
+//!     writer; summed when read, folded into the map when the channel drops). For the LRU it only
+//!     sets the line's reference bit (an atomic; the eviction scan gives a referenced line a second
+//!     chance at the head). It takes no range lock, and its completion only drops the pins (atomics,
+//!     no lock). Two queues hitting the cache therefore never wait for each other.
 //!     Sequential cut-off streams are per channel too (as OCF keeps them per I/O queue).
 //!   - **Everything else** (misses with fills, writes, unmap) takes the write lock twice: to lock its
 //!     core-line range and plan, and to apply the outcome and release. The range lock makes it

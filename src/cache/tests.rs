@@ -1185,3 +1185,27 @@ fn a_line_just_hit_is_not_the_next_one_evicted() {
     read(&mut ch, 8, 8);
     assert_eq!(hits(&bdev), h + 1, "line 1 (now the least recently used) should have been evicted");
 }
+
+/// A second chance is given once per hit: when every line was hit, a miss still finds a victim (the
+/// scan clears the bits it passes), and the new line is cached.
+#[test]
+fn a_miss_finds_a_victim_when_every_line_was_hit() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    // The first pass fills every line, the second hits every line.
+    for _ in 0..2 {
+        for i in 0..64 {
+            read(&mut ch, i * 8, 8);
+        }
+    }
+    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
+    assert_eq!(hits(&bdev), 64);
+    for i in 64..72 {
+        read(&mut ch, i * 8, 8); // misses: each must evict a line
+        read(&mut ch, i * 8, 8);
+        assert_eq!(hits(&bdev), 64 + (i - 63), "core line {i} was not cached");
+    }
+}

@@ -2,6 +2,7 @@
 # Instructions per request on one queue's hot path, counted by callgrind (immune to machine noise).
 #
 #   bench/profile.sh [BDEV] [RW] [QD] [SECONDS]    # defaults: null randread 32 10
+#   VG_ARGS=--cache-sim=yes bench/profile.sh malloc randread   (also count simulated cache misses)
 #   QUEUES=8 EXTRA=,poll-threads=2 TOGGLE='*run_group*' bench/profile.sh malloc randread 4 5
 #   STACK="--bdev driver=malloc,name=cd,size=64M --bdev driver=malloc,name=core,size=1G \
 #          --bdev driver=cache,name=b0,cache=cd,core=core" SPAN=16 WARM=1 bench/profile.sh stack randread
@@ -28,7 +29,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 sock="$TMP/p.sock"
 SPAN=${SPAN:-512}
 read -r -a bdevs <<<"${STACK:---bdev driver=$BDEV,name=b0,size=1G}"
-valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.out" --toggle-collect="$TOGGLE" \
+valgrind --tool=callgrind ${VG_ARGS:-} --callgrind-out-file="$TMP/callgrind.out" --toggle-collect="$TOGGLE" \
     target/release/vblkd --control none --log-level warn "${bdevs[@]}" \
     --export "bdev=b0,socket=$sock,queues=$QUEUES,poll-us=0$EXTRA" >/dev/null 2>"$TMP/valgrind.log" &
 VG=$!

@@ -6,8 +6,8 @@
 //!  lru:   head (most recent) ⇄ … ⇄ tail (eviction candidates)        free: unused cache lines
 //!  locks: [(core, first line, last line, owner, soft)] — one entry per request or cleaned line in flight
 //!  wgen:  per cache line, a write generation (the cleaner checks it before marking a line clean)
-//!  pins:  per cache line, read hits in flight (atomics)   dirty order: (dirty since, line), oldest first
-//!  refd:  per cache line, "hit since it was last moved to the head" (atomics, set under the read lock)
+//!  pins:  per cache line, read hits in flight and the reference bit (atomics; one word, so a hit
+//!         touches one cache line for both)                dirty order: (dirty since, line), oldest first
 //! ```
 //!
 //! # Design
@@ -32,12 +32,17 @@
 //! their lines to the head directly, skipping lines moved there within the last `num_lines / 8` moves.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// (core id, line number within the core).
 pub type Key = (u16, u64);
 const NIL: u32 = u32::MAX;
+/// In a line's `pins` word: the reference bit (a read hit since the line was last moved to the LRU
+/// head: second chance) and the count of read hits in flight.
+const REFERENCED: u32 = 1 << 31;
+const PIN_COUNT: u32 = !REFERENCED;
+
 /// Lines examined from the LRU tail when looking for a victim.
 pub const EVICT_SCAN: usize = 512;
 
@@ -228,10 +233,9 @@ pub struct LineMap {
     /// Dirty lines by (dirty since, line): the cleaner's order, without scanning the map.
     dirty_order: BTreeSet<(u64, u32)>,
     /// Read hits in flight per cache line (taken under the map's lock, released without it): a pinned
-    /// line is never evicted, dropped or reused, so a hit reads its data without a range lock.
+    /// line is never evicted, dropped or reused, so a hit reads its data without a range lock. The
+    /// top bit is the line's reference bit (`REFERENCED`).
     pub pins: Arc<[AtomicU32]>,
-    /// Per cache line: read-hit since the line was last moved to the LRU head (second chance).
-    refd: Box<[AtomicBool]>,
     /// Counts moves to the LRU head.
     clock: u32,
     /// A line moved to the head fewer than this many moves ago is still among the `recent` most
@@ -255,7 +259,6 @@ impl LineMap {
             lock_waiters: false,
             dirty_order: BTreeSet::new(),
             pins: (0..num_lines).map(|_| AtomicU32::new(0)).collect(),
-            refd: (0..num_lines).map(|_| AtomicBool::new(false)).collect(),
             clock: 0,
             recent: num_lines / 8,
         }
@@ -334,7 +337,7 @@ impl LineMap {
     /// True while a read hit on cache line `i` is in flight (read under the map's lock: no new pin can
     /// appear until it is released).
     pub fn pinned(&self, i: u32) -> bool {
-        self.pins[i as usize].load(Ordering::Acquire) != 0
+        self.pins[i as usize].load(Ordering::Acquire) & PIN_COUNT != 0
     }
 
     /// True when a core line is locked.
@@ -372,7 +375,7 @@ impl LineMap {
     fn lru_push_front(&mut self, i: u32) {
         let old = self.head;
         self.clock = self.clock.wrapping_add(1);
-        self.refd[i as usize].store(false, Ordering::Relaxed);
+        self.pins[i as usize].fetch_and(PIN_COUNT, Ordering::Relaxed);
         {
             let l = &mut self.lines[i as usize];
             l.touched = self.clock;
@@ -402,11 +405,9 @@ impl LineMap {
     /// A read hit on line `i` (under the map's read lock): pins the line until the hit completes (the
     /// hit's completion unpins it without the map lock) and marks it referenced (second chance).
     pub fn pin_for_hit(&self, i: u32) {
-        self.pins[i as usize].fetch_add(1, Ordering::AcqRel);
-        let r = &self.refd[i as usize];
-        // Load first: a hot line's bit is already set, and a store would dirty its cache line.
-        if !r.load(Ordering::Relaxed) {
-            r.store(true, Ordering::Relaxed);
+        let p = &self.pins[i as usize];
+        if p.fetch_add(1, Ordering::AcqRel) & REFERENCED == 0 {
+            p.fetch_or(REFERENCED, Ordering::Relaxed);
         }
     }
 
@@ -445,7 +446,7 @@ impl LineMap {
             }
             let l = &self.lines[i as usize];
             let prev = l.prev;
-            if self.refd[i as usize].load(Ordering::Relaxed) {
+            if self.pins[i as usize].load(Ordering::Relaxed) & REFERENCED != 0 {
                 // Hit since it was last moved: a second chance at the head.
                 self.lru_remove(i);
                 self.lru_push_front(i);

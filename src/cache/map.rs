@@ -656,6 +656,19 @@ mod pin_tests {
         assert_eq!(m.forget_clean(0), 1);
         assert_eq!(m.lookup((0, 1)), None);
     }
+
+    /// The reference bit shares the pin word: a line a hit referenced and released is not pinned.
+    #[test]
+    fn a_referenced_line_is_not_pinned() {
+        let mut m = LineMap::new(2);
+        let a = m.alloc((0, 1)).unwrap();
+        m.set_bits(a, 1, 0, 0);
+        m.pin_for_hit(a);
+        assert!(m.pinned(a));
+        m.pins[a as usize].fetch_sub(1, Ordering::AcqRel);
+        assert!(!m.pinned(a), "referenced only");
+        assert_eq!(m.forget_clean(0), 1, "a referenced, unpinned line is forgotten");
+    }
 }
 
 #[cfg(test)]

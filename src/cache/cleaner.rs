@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::NEXT_OWNER;
 use super::map::Key;
-use super::{layout, lock, wlock, CleanerPolicy, Mailbox, OwnerReq, Shared};
+use super::{layout, lock, rlock, wlock, CleanerPolicy, Mailbox, OwnerReq, Shared};
 use crate::bdev::{BdevIo, Channel, Completion, IoError, IoKind, IoVecs};
 use crate::tagmap::TagMap;
 
@@ -280,7 +280,7 @@ impl Owner {
     }
 
     fn new_job(&mut self, core: Option<u16>, mb: Arc<Mailbox>, token: u64) {
-        let map = wlock(&self.sh.map);
+        let map = rlock(&self.sh.map);
         let remaining: HashSet<Key> = map
             .lines
             .iter()
@@ -680,7 +680,7 @@ impl Owner {
         let sh = self.sh.clone();
         {
             // Keys no longer dirty (cleaned by another path, invalidated) or on a detached core are done.
-            let map = wlock(&sh.map);
+            let map = rlock(&sh.map);
             let attached: HashSet<u16> = self.cores.keys().copied().filter(|c| self.attached(*c)).collect();
             for j in &mut self.jobs {
                 j.remaining.retain(|k| {

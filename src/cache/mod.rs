@@ -412,7 +412,7 @@ impl Shared {
 
     /// Logs dirty lines of `core` (count and ranges); returns the count.
     pub(crate) fn report_dirty(&self, core: u16, what: &str) -> usize {
-        let keys = wlock(&self.map).dirty_keys(core);
+        let keys = rlock(&self.map).dirty_keys(core);
         if keys.is_empty() {
             return 0;
         }
@@ -440,7 +440,7 @@ impl Shared {
     }
 
     fn counters(&self, core: Option<u16>) -> Counters {
-        let map = wlock(&self.map);
+        let map = rlock(&self.map);
         let mut c = Counters::default();
         for (i, x) in map.counters.iter().enumerate() {
             if core.map_or(true, |k| usize::from(k) == i) {

@@ -899,7 +899,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     let x = fill(3, 4096);
     ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x), 7));
     let early = poll_until(&mut ch, "the rewrite's data write", |_| {
-        let m = wlock(&sh.map);
+        let m = rlock(&sh.map);
         m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty != 0)
     });
     assert!(

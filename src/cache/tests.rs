@@ -1166,11 +1166,7 @@ fn full_cutoff_caches_a_stream_while_lines_are_free() {
 /// before the next eviction, so a line just hit is not the one evicted.
 #[test]
 fn a_line_just_hit_is_not_the_next_one_evicted() {
-    let reg = Registry::new();
-    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
-    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
     // Fill all 64 lines; line 0 is the least recently used.
     for i in 0..64 {
         read(&mut ch, i * 8, 8);
@@ -1190,11 +1186,7 @@ fn a_line_just_hit_is_not_the_next_one_evicted() {
 /// scan clears the bits it passes), and the new line is cached.
 #[test]
 fn a_miss_finds_a_victim_when_every_line_was_hit() {
-    let reg = Registry::new();
-    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
-    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
     // The first pass fills every line, the second hits every line.
     for _ in 0..2 {
         for i in 0..64 {

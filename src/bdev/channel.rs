@@ -285,7 +285,8 @@ impl Channel {
 
     /// Submits a read or write that needs nothing of the general path straight to the module: in
     /// range, of the right length, unsplit, aligned, on a writable descriptor for a write, with no
-    /// QoS limit, reset or queued work on this channel. Its completion comes out of [`Channel::poll`]
+    /// QoS limit, reset or queued work on this channel. (A reset since this channel last looked
+    /// would only fail queued or parked work, and there is none.) Its completion comes out of [`Channel::poll`]
     /// with `io.tag` and is counted in the statistics like any other. For stacked modules on the
     /// bdev under them (a cache's hits): a lighter record than a parent's and no validation pass.
     /// Gives `io` back untouched when the general path is needed ([`Channel::submit`]).
@@ -308,7 +309,6 @@ impl Channel {
             || !self.parked.is_empty()
             || self.control.frozen()
             || self.control.qos.enabled()
-            || self.control.reset_epoch.load(Ordering::Acquire) != self.seen_epoch
         {
             return Err(io);
         }

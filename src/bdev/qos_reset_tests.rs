@@ -102,6 +102,11 @@ fn io_fails_while_a_reset_is_in_the_module_and_flows_after() {
     let mut done = Vec::new();
     b.poll(&mut done);
     assert!(done.is_empty(), "the reset is held in the module");
+    a.poll(&mut done); // `a` catches up with the reset (nothing of its own to abort)
+    assert!(
+        a.submit_direct(BdevIo::write(0, 1, IoVecs::alloc(512), 9)).is_err(),
+        "no direct I/O while a reset is in progress"
+    );
     a.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 2));
     assert_eq!(drive(&mut a), vec![Completion { tag: 2, result: Err(IoError::Aborted) }]);
     ctl.lock().expect("ctl").hold_all = false;

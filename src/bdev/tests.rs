@@ -621,6 +621,10 @@ fn direct_submission_takes_only_plain_io() {
     assert_eq!(drive(&mut ro_ch), vec![Completion { tag: 9, result: Ok(()) }]);
     assert_eq!(accepts(&ctl).len(), 1, "only the read reached the module");
 
+    // Taken up to the last block.
+    assert!(ch.submit_direct(BdevIo::read(blocks - 1, 1, IoVecs::alloc(512), 15)).is_ok());
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 15, result: Ok(()) }]);
+
     // Taken: completes with the caller's tag, data written and read back, counted like submit.
     let before = desc.stats();
     let data = pattern(3, 8, 512, 9);

@@ -404,7 +404,8 @@ impl Channel {
             }
             IoKind::WriteZeroes if io.num_blocks == 0 => {}
             IoKind::WriteZeroes | IoKind::Unmap | IoKind::Flush | IoKind::Reset => {
-                children.push(BdevIo { tag: 0, ..io });
+                // As it is: its tag is replaced by new_child below.
+                children.push(io);
             }
         }
         parent.pending = children.len();

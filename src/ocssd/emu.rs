@@ -238,12 +238,13 @@ fn media_info(g: &EmuGeometry) -> Result<MediaInfo, MediaError> {
     };
     Ok(MediaInfo {
         kind: MediaKind::OpenChannel,
+        // mnr, wit, maxoc and maxocpu are 0 (minor version 0, no wear-index threshold, no open-chunk
+        // limits): the defaults. (Not spelled out: cargo-mutants' "delete field" mutants ignore
+        // exclude_re, and deleting a field equal to its default is an equivalent mutant.)
         geometry: Geometry {
             mjr: 2,
-            mnr: 0,
             lbaf,
             mccap: g.mccap,
-            wit: 0,
             num_grp: to_u16("num_grp", g.num_grp)?,
             num_pu: to_u16("num_pu", g.num_pu)?,
             num_chk: g.num_chk,
@@ -251,8 +252,6 @@ fn media_info(g: &EmuGeometry) -> Result<MediaInfo, MediaError> {
             ws_min: g.ws_min,
             ws_opt: g.ws_opt,
             mw_cunits: g.mw_cunits,
-            maxoc: 0,
-            maxocpu: 0,
             ..Geometry::default()
         },
         ppa_format,

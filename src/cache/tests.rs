@@ -1243,3 +1243,54 @@ fn a_zero_block_request_never_waits_behind_a_blocked_one() {
     tags.sort_unstable();
     assert_eq!(tags, vec![8, 100]);
 }
+
+/// Every read counts once, by where its sectors came from: a hit within one line and one across two
+/// lines (the fast paths), a miss, and a partial hit.
+#[test]
+fn each_read_counts_once_as_hit_miss_or_partial() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let counts = |b: &CacheBdev| {
+        let s = stats(b);
+        ["read_hits", "read_misses", "read_partial_hits"].map(|k| s[k].as_u64().unwrap())
+    };
+    write(&mut ch, 0, &fill(1, 4096)); // line 0
+    write(&mut ch, 16, &fill(2, 8192)); // lines 2 and 3
+    assert_eq!(counts(&bdev), [0, 0, 0]);
+    read(&mut ch, 0, 8);
+    assert_eq!(counts(&bdev), [1, 0, 0], "a hit within one line");
+    read(&mut ch, 16, 16);
+    assert_eq!(counts(&bdev), [2, 0, 0], "a hit across two lines");
+    read(&mut ch, 40, 8);
+    assert_eq!(counts(&bdev), [2, 1, 0], "a miss");
+    read(&mut ch, 0, 16);
+    assert_eq!(counts(&bdev), [2, 1, 1], "line 0 cached, line 1 not");
+}
+
+/// A read hit takes no range lock: a read of two cached lines completes while a write to one of
+/// them is in flight (its core write held) and holds that line's lock.
+#[test]
+fn a_read_hit_across_lines_does_not_wait_for_their_lock() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let old = fill(2, 8192);
+    write(&mut ch, 16, &old); // lines 2 and 3, cached
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    let new = fill(3, 4096);
+    ch.submit(BdevIo::write(24, 8, IoVecs::from_slice(&new), 7)); // line 3, locked until the core answers
+    assert_eq!(lock(&ctl).caught, 1);
+    let back = IoVecs::alloc(8192);
+    ch.submit(BdevIo::read(16, 16, back.slice(0, 8192).unwrap(), 8));
+    let done = poll_until(&mut ch, "the read hit of lines 2 and 3", |d| !d.is_empty());
+    assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(8, Ok(()))]);
+    same(&back.to_vec()[..4096], &old[..4096], "line 2");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "the write", |d| d.iter().any(|c| c.tag == 7));
+    same(&read(&mut ch, 16, 16), &[&old[..4096], new.as_slice()].concat(), "lines 2 and 3 after the write");
+}

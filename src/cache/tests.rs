@@ -740,12 +740,13 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
     assert_eq!(waiters(), 2, "the rewrite must wait: its dirty bits may not be on the device");
 }
 
-/// What a [`HoldBdev`] does: writes to blocks in `range` (while set) are caught, and the
-/// completions of all but the first `allow` caught writes are held back; `caught` counts them.
-/// `submitted` lists every I/O that reached the device (kind, first block).
+/// What a [`HoldBdev`] does: writes to blocks in `range` (while set; reads too with `reads`) are
+/// caught, and the completions of all but the first `allow` caught I/Os are held back; `caught`
+/// counts them. `submitted` lists every I/O that reached the device (kind, first block).
 #[derive(Default)]
 struct HoldCtl {
     range: Option<std::ops::Range<u64>>,
+    reads: bool,
     caught: usize,
     allow: usize,
     delivered: usize,
@@ -791,7 +792,8 @@ impl crate::bdev::ModuleChannel for HoldChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
         let mut ctl = lock(&self.ctl);
         ctl.submitted.push((io.kind, io.offset_blocks));
-        if io.kind == IoKind::Write && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
+        let kind = io.kind == IoKind::Write || (ctl.reads && io.kind == IoKind::Read);
+        if kind && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
             ctl.caught += 1;
             self.tags.insert(io.tag);
         }
@@ -1332,4 +1334,39 @@ fn generations_wrap_without_losing_completions() {
             same(&back.to_vec(), &data, &format!("line {line} from {start:#x}"));
         }
     }
+}
+
+/// A read hit across lines completes only when its reads of the cache device have: the hit's
+/// record is not finished early (its lines stay pinned, the guest's buffer is filled before it is
+/// told so).
+#[test]
+fn a_read_hit_across_lines_completes_after_its_cache_reads() {
+    let reg = Registry::new();
+    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let data = fill(1, 8192);
+    write(&mut ch, 0, &data); // lines 0 and 1, cached
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(bdev.shared().data_offset / BS..cache_dev_bytes(64, 4096) / BS);
+        h.reads = true;
+    }
+    // Two lines: the hit path that issues one child per run of cache blocks.
+    let back = IoVecs::alloc(8192);
+    ch.submit(BdevIo::read(0, 16, back.slice(0, 8192).unwrap(), 5));
+    assert!(lock(&ctl).caught > 0, "the hit's reads of the cache device");
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        ch.poll(&mut done);
+    }
+    assert!(done.is_empty(), "the hit completed while its cache read is in flight: {done:?}");
+    lock(&ctl).allow = usize::MAX;
+    let done = poll_until(&mut ch, "the hit", |d| !d.is_empty());
+    assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(5, Ok(()))]);
+    same(&back.to_vec(), &data, "lines 0 and 1");
 }

@@ -370,6 +370,38 @@ fn injected_write_failure_fails_its_unit_and_moves_on() {
     assert_eq!(fmt.unpack(notes[0].lba), Ok(c0.with_lbk(4)));
 }
 
+/// A failed unit in the middle of a run that starts past block 0: the units before and after it
+/// are written with their own data (and OOB), the failed unit's blocks hold none of it, and only
+/// that unit is reported failed.
+#[test]
+fn injected_write_failure_mid_run_writes_the_units_around_it() {
+    let (_d, _p, dev) = setup();
+    let mut qp = dev.queue_pair(8).expect("qp");
+    let c0 = chunk(0, 1, 1);
+    assert_eq!(write(qp.as_mut(), c0, 4).status, Status::SUCCESS);
+    dev.inject(Fault::WriteFail(c0.with_lbk(9))).expect("in range");
+    // Blocks 4..16: units 4..8, 8..12 (fails) and 12..16.
+    let w = write(qp.as_mut(), c0.with_lbk(4), 12);
+    assert_eq!(w.status, Status::WRITE_FAIL_NEXT_UNIT);
+    assert_eq!(w.failed, LbaBitmap(0b1111_0000), "only the unit 8..12 (run blocks 4..8) failed");
+    assert_eq!(dev.chunk_info(c0).expect("ok").write_pointer_blocks, 16);
+    let (r, data, oob) = read(qp.as_mut(), c0.with_lbk(4), 12);
+    assert_eq!(r.status, Status::SUCCESS);
+    for i in (0..4).chain(8..12) {
+        let ppa = c0.with_lbk(4 + i as u64);
+        assert_block(&data, i, ppa, 0);
+        assert_eq!(&oob[i * OOB..(i + 1) * OOB], &oob_of(ppa)[..], "OOB of {ppa}");
+    }
+    for i in 4..8 {
+        let ppa = c0.with_lbk(4 + i as u64);
+        assert!(data[i * BS..(i + 1) * BS] != pattern(ppa, 0)[..], "the failed block {ppa} holds its data");
+    }
+    let mut notes = Vec::new();
+    assert_eq!(dev.take_notifications(&mut notes), 1);
+    assert_eq!((notes[0].mask, notes[0].nlb), (NOTIFY_MASK_BLOCKS, 4));
+    assert_eq!(dev.info().ppa_format.unpack(notes[0].lba), Ok(c0.with_lbk(8)));
+}
+
 #[test]
 fn injected_read_errors_report_ecc_status() {
     let (_d, _p, dev) = setup();

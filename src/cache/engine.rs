@@ -978,6 +978,12 @@ pub(crate) fn id_spaces(ch: &CacheChannel) -> (u64, u64) {
     (ch.uid, CHANNEL_ID_BIT)
 }
 
+/// For tests: sets the generation counter (to run requests across its wrap points).
+#[cfg(test)]
+pub(crate) fn set_next_gen(ch: &mut CacheChannel, gen: u32) {
+    ch.next_gen = gen;
+}
+
 /// A request's slot in its channel's slab.
 fn slot(id: u64) -> usize {
     (id & SLOT_MASK) as usize

@@ -1187,7 +1187,8 @@ impl Worker {
 /// Takes a checkpoint of the current state (under the lock).
 pub fn snapshot(sh: &Shared, clean: bool) -> Result<Checkpoint, FtlError> {
     let mut c = lock(&sh.core);
-    if !c.wbuf.is_empty() && c.wbuf.taken != c.wbuf.tail {
+    // Entries not taken yet (head <= taken <= tail: the buffer is not empty either).
+    if c.wbuf.taken != c.wbuf.tail {
         return Err(FtlError::Media("checkpoint with buffered data".into()));
     }
     let l2p: Vec<u64> = sh

@@ -772,3 +772,30 @@ fn core_never_takes_an_entry_a_writer_is_still_copying() {
     }
     bdev.shutdown().expect("shutdown");
 }
+
+/// An FTL with nothing to write opens no band: the core thread goes idle without taking (and
+/// erasing) a free band, and opens one for the first buffered block.
+#[test]
+fn an_idle_ftl_opens_no_band_until_a_block_is_buffered() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("idle-open"));
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    let wait_idle = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !lock(&sh.core).core_idle {
+            assert!(std::time::Instant::now() < deadline, "{what}: the core thread never went idle");
+            std::thread::yield_now();
+        }
+    };
+    wait_idle("fresh");
+    let s = h.stats();
+    assert_eq!(s["bands_open"], 0, "a band was opened with nothing to write: {s}");
+    let free = s["bands_free"].as_u64().expect("bands_free");
+    assert!(lock(&sh.core).open.is_none());
+    h.write(5, &[1]);
+    h.cmd(IoKind::Flush, 0, 0);
+    let s = h.stats();
+    assert_eq!((s["bands_open"].as_u64(), s["bands_free"].as_u64()), (Some(1), Some(free - 1)), "{s}");
+    h.stop(false);
+}

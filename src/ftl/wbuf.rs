@@ -105,11 +105,6 @@ impl WriteBuffer {
         self.tail - self.taken
     }
 
-    /// True when nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.head == self.tail
-    }
-
     fn slot(&self, n: u64) -> usize {
         (n % self.slots as u64) as usize
     }
@@ -140,7 +135,8 @@ impl WriteBuffer {
         n
     }
 
-    /// Marks a reserved entry's data as written.
+    /// Marks a reserved entry's data as written. A number the ring does not hold (retired, or not
+    /// given out yet) is ignored: its slot belongs to another entry.
     pub fn set_ready(&mut self, n: u64) {
         if n >= self.head && n < self.tail {
             let s = self.slot(n);
@@ -194,7 +190,7 @@ mod tests {
         assert!(!w.get(0).expect("held").live);
         w.taken = 2;
         w.retire_to(2);
-        assert!(w.get(0).is_none() && w.is_empty());
+        assert!(w.get(0).is_none() && w.head == w.tail);
         assert_eq!((w.free(), w.user), (4, 0));
         for i in 0..4 {
             w.push(i, Origin::User, |_| {});
@@ -208,5 +204,29 @@ mod tests {
         w.data().at(r).fill(7);
         w.set_ready(r);
         assert!(w.get(r).is_some_and(|e| e.ready) && w.data().at(r)[0] == 7);
+    }
+
+    /// `set_ready` of a number the ring does not hold (retired, or not given out yet) changes no
+    /// entry, though that number's slot now holds (or will hold) another entry still being copied.
+    #[test]
+    fn set_ready_of_a_number_not_held_changes_nothing() {
+        let mut w = WriteBuffer::new(4);
+        for i in 0..4 {
+            w.reserve(i, Origin::User);
+        }
+        // The ring is full of reservations; entry 4 would share entry 0's slot.
+        w.set_ready(w.tail);
+        assert!((0..4).all(|n| w.get(n).is_some_and(|e| !e.ready)), "an entry was published early");
+        for n in 0..2 {
+            w.set_ready(n);
+        }
+        w.taken = 2;
+        w.retire_to(2);
+        let (a, b) = (w.reserve(7, Origin::User), w.reserve(8, Origin::User));
+        assert_eq!((a, b), (4, 5));
+        // Entries 0 and 1 are gone; their slots hold entries 4 and 5, not ready.
+        w.set_ready(0);
+        w.set_ready(1);
+        assert!(w.get(a).is_some_and(|e| !e.ready) && w.get(b).is_some_and(|e| !e.ready));
     }
 }

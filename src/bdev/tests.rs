@@ -723,6 +723,24 @@ fn split_on_boundary_and_max_io() {
     assert_eq!(accepts(&ctl), vec![(Read, 0, 4), (Read, 4, 4), (Read, 8, 2)]);
 }
 
+/// A split parent completes with its last child, not its first: children completing one per poll
+/// leave the parent in flight until the third.
+#[test]
+fn a_split_parent_completes_with_its_last_child() {
+    let (bdev, ctl) = StubBdev::new(|i| i.max_io_blocks = 4);
+    ctl.lock().expect("ctl").per_poll = 1;
+    let (_reg, _desc, mut ch) = open_stub(bdev);
+    ch.submit(BdevIo::read(0, 12, IoVecs::alloc(12 * 512), 7));
+    assert_eq!(accepts(&ctl).len(), 3);
+    let mut done = Vec::new();
+    for child in 1..=2 {
+        ch.poll(&mut done);
+        assert!(done.is_empty(), "the parent completed after {child} of 3 children");
+    }
+    ch.poll(&mut done);
+    assert_eq!(done, vec![Completion { tag: 7, result: Ok(()) }]);
+}
+
 #[test]
 fn child_failure_fails_parent_once() {
     let (bdev, ctl) = StubBdev::new(|i| i.max_io_blocks = 4);

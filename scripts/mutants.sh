@@ -90,8 +90,10 @@ for f in "${FILES[@]}"; do
     d="$out/mutants.out"
     count() { if [[ -f "$d/$1.txt" ]]; then grep -c . "$d/$1.txt" || true; else echo 0; fi; }
     caught=$(count caught) missed=$(count missed) unviable=$(count unviable) timeout=$(count timeout)
-    tried=$((caught + missed + unviable + timeout))
-    summary+=("$f: tried $tried, caught $caught, missed $missed, unviable $unviable, timeout $timeout")
+    # With MUTANTS_ITERATE, what earlier runs caught or found unviable is listed apart.
+    earlier=$(count previously_caught)
+    tried=$((caught + missed + unviable + timeout + earlier))
+    summary+=("$f: tried $tried, caught $caught, missed $missed, unviable $unviable, timeout $timeout, caught or unviable in earlier runs $earlier")
 done
 echo "mutants.sh: ---- summary ----"
 printf 'mutants.sh: %s\n' "${summary[@]}"

@@ -126,6 +126,15 @@ CLEAN2=$(python3 -c "print(round($(date +%s.%N)-$t0,2))")
 echo "{\"part\":\"D\",\"side\":\"wb-burst-nop\",\"dirty_lines_after_burst\":$d2,\"clean_down_s\":$CLEAN2,\"md_rounds\":$MDR2,\"md_waiters\":$MDW2,\"result\":$WB2}"
 stop_all
 
+paired() { # FILE REF-FILE KEY: median and range of the per-round ratios (the sides ran back to back)
+    python3 - "$1" "$2" "$3" <<'PY'
+import json, statistics, sys
+a = [json.loads(l)[sys.argv[3]] for l in open(sys.argv[1]) if l.strip()]
+b = [json.loads(l)[sys.argv[3]] for l in open(sys.argv[2]) if l.strip()]
+r = sorted(x / y for x, y in zip(a, b))
+print(f"paired rounds: median {statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})")
+PY
+}
 row() { # label json reference-json note
     local r; r=$(python3 -c "import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); print(round(a['iops']/b['iops'],2))" "$2" "$3")
     echo "| $1 | $(field "$2" "['iops']") | $(field "$2" "['p50_us']") | $(field "$2" "['p99_us']") | $r | $4 |"
@@ -136,9 +145,9 @@ row() { # label json reference-json note
     row "A file alone, 90/10" "$A_FILE" "$A_FILE" "reference"
     row "A cache-wt over the file, 90/10" "$A_CACHE" "$A_FILE" "hit ratio $(field "$A_CACHE" "['hit_ratio']"); ratio vs the file alone"
     row "B cache device alone (malloc), all-hit" "$B_DEV" "$B_DEV" "reference"
-    row "B cache-wt, all-hit, 1 queue" "$B_CACHE" "$B_DEV" "ratio vs the cache device"
+    row "B cache-wt, all-hit, 1 queue" "$B_CACHE" "$B_DEV" "ratio vs the cache device; $(paired "$TMP/B.cache" "$TMP/B.dev" iops)"
     row "B1 cache device alone, all-hit, QD 1" "$B1_DEV" "$B1_DEV" "reference"
-    row "B1 cache-wt, all-hit, QD 1" "$B1_CACHE" "$B1_DEV" "ratio vs the cache device; p50 ratio $(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['p50_us']/json.loads(sys.argv[2])['p50_us'],3))" "$B1_CACHE" "$B1_DEV")"
+    row "B1 cache-wt, all-hit, QD 1" "$B1_CACHE" "$B1_DEV" "ratio vs the cache device; p50 ratio $(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['p50_us']/json.loads(sys.argv[2])['p50_us'],3))" "$B1_CACHE" "$B1_DEV"); p50 $(paired "$TMP/B1.cache" "$TMP/B1.dev" p50_us)"
     row "C cache-wt, all-hit, 2 queues" "$C_2" "$B_CACHE" "ratio vs 1 queue"
     row "C cache device alone, 2 queues" "$B_DEV2" "$B_DEV" "ratio vs 1 queue"
     row "D1 wb randwrite burst, cleaner=acp" "$WB" "$WB" "$d0 dirty lines left, clean in $CLEAN s; $MDW acks in $MDR record rounds ($MDP pages)"

@@ -1410,3 +1410,26 @@ fn a_read_hit_across_lines_completes_after_its_cache_reads() {
     assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(5, Ok(()))]);
     same(&back.to_vec(), &data, "lines 0 and 1");
 }
+
+/// Read hits keep the sequential stream detection going: a stream that runs over cached lines and on
+/// into uncached ones is past the cut-off when it leaves the cache, so the uncached part is not
+/// inserted. Through the one-line hit path (4 KiB reads) and the multi-line one (8 KiB reads).
+#[test]
+fn a_stream_through_cached_lines_stays_cut_off() {
+    for blocks in [8u64, 16] {
+        let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Always);
+        // Cache lines 0..16 (64 KiB) without a stream: backwards, one line at a time.
+        for line in (0..16u64).rev() {
+            read(&mut ch, line * 8, 8);
+        }
+        let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
+        assert_eq!(occ(&bdev), 16);
+        // Stream over them (all hits: 64 KiB, the threshold), then on for 4 more lines.
+        let mut off = 0;
+        while off < 20 * 8 {
+            read(&mut ch, off, blocks);
+            off += blocks;
+        }
+        assert_eq!(occ(&bdev), 16, "{blocks}-block reads: the stream past the cut-off filled the cache");
+    }
+}

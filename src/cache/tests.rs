@@ -1433,3 +1433,25 @@ fn a_stream_through_cached_lines_stays_cut_off() {
         assert_eq!(occ(&bdev), 16, "{blocks}-block reads: the stream past the cut-off filled the cache");
     }
 }
+
+/// In write-back mode a sequential write stream past the cut-off goes to the core too (only a write
+/// let past a cleaning batch's write-back is kept in the cache).
+#[test]
+fn a_write_back_stream_past_the_cutoff_goes_to_the_core() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Always;
+    c.seq_cutoff_bytes = 64 << 10;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    // 256 KiB streamed in 16 KiB writes: only about the first 64 KiB are cached (dirty).
+    for i in 0..16u64 {
+        write(&mut ch, i * 32, &fill(i, 16 << 10));
+    }
+    let dirty = stats(&bdev)["dirty_lines"].as_u64().unwrap();
+    assert!(dirty <= 20, "a write-back stream past the cut-off stayed in the cache: {dirty} dirty lines");
+    for i in 0..16u64 {
+        same(&read(&mut ch, i * 32, 32), &fill(i, 16 << 10), "streamed data");
+    }
+}

@@ -1455,3 +1455,52 @@ fn a_write_back_stream_past_the_cutoff_goes_to_the_core() {
         same(&read(&mut ch, i * 32, 32), &fill(i, 16 << 10), "streamed data");
     }
 }
+
+/// A cache channel dropped with a request in flight finishes it first: its line lock is released and
+/// its core write delivered before the drop returns, so another channel can write the line.
+#[test]
+fn a_dropped_channel_finishes_its_requests() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, desc, mut a) = open_cache(&reg, &c);
+    let mut b = desc.channel().unwrap();
+    lock(&ctl).range = Some(0..8);
+    a.submit(BdevIo::write(0, 8, IoVecs::from_slice(&fill(1, 4096)), 1));
+    poll_until(&mut a, "the held core write", |_| lock(&ctl).caught == 1);
+    let release = {
+        let ctl = ctl.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            lock(&ctl).allow = usize::MAX;
+        })
+    };
+    drop(a);
+    assert_eq!(lock(&ctl).delivered, 1, "the channel was dropped before its write completed");
+    release.join().unwrap();
+    lock(&ctl).range = None;
+    write(&mut b, 0, &fill(2, 4096));
+    same(&read(&mut b, 0, 8), &fill(2, 4096), "line 0 after the dropped channel's write");
+}
+
+/// Read hits are counted per channel; dropping one channel keeps its hits and every other channel's.
+#[test]
+fn hits_of_a_dropped_channel_and_of_live_ones_all_count() {
+    let (_reg, bdev, desc, mut a) = stream_cache(SeqCutoff::Off);
+    let mut b = desc.channel().unwrap();
+    read(&mut a, 0, 8); // a miss fills line 0
+    for _ in 0..3 {
+        read(&mut a, 0, 8);
+    }
+    for _ in 0..5 {
+        read(&mut b, 0, 8);
+    }
+    let hits = |x: &CacheBdev| stats(x)["read_hits"].as_u64().unwrap();
+    assert_eq!(hits(&bdev), 8);
+    drop(a);
+    assert_eq!(hits(&bdev), 8, "after dropping one channel");
+    read(&mut b, 0, 8);
+    assert_eq!(hits(&bdev), 9);
+    drop(b);
+    assert_eq!(hits(&bdev), 9, "after dropping both");
+}

@@ -1504,3 +1504,35 @@ fn hits_of_a_dropped_channel_and_of_live_ones_all_count() {
     drop(b);
     assert_eq!(hits(&bdev), 9, "after dropping both");
 }
+
+/// The same with a read hit in flight (its cache-device read held): the drop waits for it, so the
+/// line's pin is released and the read's memory outlives it.
+#[test]
+fn a_dropped_channel_finishes_its_hits() {
+    let reg = Registry::new();
+    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut a) = open_cache(&reg, &c);
+    read(&mut a, 0, 8); // a miss fills line 0
+    {
+        let mut g = lock(&ctl);
+        g.reads = true;
+        g.range = Some(0..u64::MAX);
+    }
+    a.submit(BdevIo::read(0, 8, IoVecs::alloc(4096), 1));
+    poll_until(&mut a, "the held hit", |_| lock(&ctl).caught == 1);
+    let release = {
+        let ctl = ctl.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            lock(&ctl).allow = usize::MAX;
+        })
+    };
+    drop(a);
+    assert_eq!(lock(&ctl).delivered, 1, "the channel was dropped before its hit completed");
+    release.join().unwrap();
+    assert_eq!(stats(&bdev)["read_hits"].as_u64().unwrap(), 1);
+}

@@ -1247,7 +1247,8 @@ fn a_zero_block_request_never_waits_behind_a_blocked_one() {
 }
 
 /// Every read counts once, by where its sectors came from: a hit within one line and one across two
-/// lines (the fast paths), a miss, and a partial hit.
+/// lines (the fast paths), a hit across five lines (too many to pin: the locked path), a miss, and a
+/// partial hit.
 #[test]
 fn each_read_counts_once_as_hit_miss_or_partial() {
     let reg = Registry::new();
@@ -1261,6 +1262,7 @@ fn each_read_counts_once_as_hit_miss_or_partial() {
     };
     write(&mut ch, 0, &fill(1, 4096)); // line 0
     write(&mut ch, 16, &fill(2, 8192)); // lines 2 and 3
+    write(&mut ch, 64, &fill(3, 5 * 4096)); // lines 8 to 12
     assert_eq!(counts(&bdev), [0, 0, 0]);
     read(&mut ch, 0, 8);
     assert_eq!(counts(&bdev), [1, 0, 0], "a hit within one line");
@@ -1270,6 +1272,8 @@ fn each_read_counts_once_as_hit_miss_or_partial() {
     assert_eq!(counts(&bdev), [2, 1, 0], "a miss");
     read(&mut ch, 0, 16);
     assert_eq!(counts(&bdev), [2, 1, 1], "line 0 cached, line 1 not");
+    read(&mut ch, 64, 40);
+    assert_eq!(counts(&bdev), [3, 1, 1], "a hit across five lines");
 }
 
 /// A read hit takes no range lock: a read of two cached lines completes while a write to one of

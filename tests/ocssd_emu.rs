@@ -691,6 +691,7 @@ fn full_queue_hands_the_command_back() {
     assert_eq!(done.iter().map(|c| c.tag).collect::<Vec<_>>(), vec![0, 1]);
     assert!(!readable(fd));
     qp.submit(rej.command).expect("room again");
+    assert!(readable(fd), "a lone pending completion makes the fd readable");
     assert!(dev.queue_pair(0).is_err());
 }
 

@@ -1374,3 +1374,25 @@ fn a_read_hit_across_lines_completes_after_its_cache_reads() {
     assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(5, Ok(()))]);
     same(&back.to_vec(), &data, "lines 0 and 1");
 }
+
+/// Every write counts once: a hit when every line it touched was cached, a miss otherwise.
+#[test]
+fn each_write_counts_once_as_hit_or_miss() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let counts = |b: &CacheBdev| {
+        let s = stats(b);
+        ["write_hits", "write_misses"].map(|k| s[k].as_u64().unwrap())
+    };
+    write(&mut ch, 0, &fill(1, 4096));
+    assert_eq!(counts(&bdev), [0, 1], "line 0, not cached");
+    write(&mut ch, 0, &fill(2, 4096));
+    assert_eq!(counts(&bdev), [1, 1], "line 0 again");
+    write(&mut ch, 0, &fill(3, 8192));
+    assert_eq!(counts(&bdev), [1, 2], "lines 0 and 1, line 1 not cached");
+    write(&mut ch, 0, &fill(4, 8192));
+    assert_eq!(counts(&bdev), [2, 2], "lines 0 and 1 again");
+}

@@ -799,3 +799,34 @@ fn an_idle_ftl_opens_no_band_until_a_block_is_buffered() {
     assert_eq!((s["bands_open"].as_u64(), s["bands_free"].as_u64()), (Some(1), Some(free - 1)), "{s}");
     h.stop(false);
 }
+
+/// A completion the core thread posts while a channel is clearing its wakeup (after it took the
+/// posted completions, before the clear) leaves the channel's wait fd readable: the poller is not
+/// left asleep with a completion waiting.
+#[test]
+fn a_completion_posted_during_the_wakeup_clear_keeps_the_fd_readable() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("wake"), media).expect("open");
+    let mut ch = bdev.create_channel().expect("channel");
+    let mailbox = lock(&bdev.shared().mailboxes).last().and_then(std::sync::Weak::upgrade).expect("mailbox");
+    let mut post = Some(move || mailbox.post(crate::bdev::Completion { tag: 42, result: Ok(()) }));
+    let hook = move || {
+        if let Some(p) = post.take() {
+            p();
+        }
+    };
+    BEFORE_CLEAR.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    let mut done = Vec::new();
+    assert_eq!(ch.poll(&mut done), 0, "posted after the channel took its completions");
+    BEFORE_CLEAR.with(|h| *h.borrow_mut() = None);
+    let fd = ch.wait_fd().expect("wait fd");
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    let readable = unsafe { libc::poll(&mut p, 1, 0) } == 1;
+    assert!(readable, "a completion is waiting but the wait fd is not readable");
+    assert_eq!(ch.poll(&mut done), 1);
+    assert_eq!(done[0].tag, 42);
+    drop(ch);
+    bdev.shutdown().expect("shutdown");
+}

@@ -1396,3 +1396,28 @@ fn each_write_counts_once_as_hit_or_miss() {
     write(&mut ch, 0, &fill(4, 8192));
     assert_eq!(counts(&bdev), [2, 2], "lines 0 and 1 again");
 }
+
+/// An unmap longer than four times the cache (the path that scans every cache line instead of
+/// looking up each core line) invalidates exactly this core's cached lines inside its range.
+#[test]
+fn a_long_unmap_invalidates_exactly_its_cached_lines() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 4 << 20); // a 1024-line core
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
+    let (before, inside, after) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
+    write(&mut ch, 0, &before); // line 0
+    write(&mut ch, 100 * 8, &inside); // line 100
+    write(&mut ch, 600 * 8, &after); // line 600
+    assert_eq!(occ(&bdev), 3);
+    // Lines 10 to 519: 510 lines, more than 4 × 64.
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 80, 510 * 8, 0)])[&0], Ok(()));
+    assert_eq!(occ(&bdev), 2, "only line 100 leaves the cache");
+    same(&read(&mut ch, 100 * 8, 8), &[0u8; 4096], "line 100 after the unmap");
+    let hits = stats(&bdev)["read_hits"].as_u64().unwrap();
+    same(&read(&mut ch, 0, 8), &before, "line 0");
+    same(&read(&mut ch, 600 * 8, 8), &after, "line 600");
+    assert_eq!(stats(&bdev)["read_hits"].as_u64().unwrap(), hits + 2, "lines 0 and 600 are still cached");
+}

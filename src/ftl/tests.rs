@@ -830,3 +830,48 @@ fn a_completion_posted_during_the_wakeup_clear_keeps_the_fd_readable() {
     drop(ch);
     bdev.shutdown().expect("shutdown");
 }
+
+/// The user share of the write buffer at each limit: the limit's percentage of the buffer (at
+/// least one batch unless the percentage is 0), and never more than the free space above the CRIT
+/// reserve (plus the rest of the open band) can take.
+#[test]
+fn user_share_of_the_buffer_follows_the_limits_and_the_room_left() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("limits");
+    cfg.wbuf_bytes = 1000 * BLOCK_BYTES as u64;
+    cfg.lba_rsvd = 50;
+    // Scaled to 18 data bands: thresholds 2, 4, 6 and 8 free bands.
+    cfg.limits = [
+        Limit { thld: 30, pct: 0 },
+        Limit { thld: 60, pct: 3 },
+        Limit { thld: 90, pct: 40 },
+        Limit { thld: 120, pct: 100 },
+    ];
+    let bdev = FtlBdev::open(cfg, media).expect("open");
+    bdev.crash(); // no core thread: the band table is the test's
+    let sh = Arc::clone(bdev.shared());
+    assert_eq!(sh.limits.map(|l| l.thld), [2, 4, 6, 8]);
+    assert_eq!((sh.max_batch, sh.band_data_avg), (64, 123));
+    let mut c = lock(&sh.core);
+    let first = sh.geo.first_data_band() as usize;
+    let share = |c: &mut core::Core, free: usize, open: bool| {
+        for (i, b) in c.bands.iter_mut().enumerate().skip(first) {
+            b.state = if i - first < free { band::BandState::Free } else { band::BandState::Closed };
+        }
+        c.open = None;
+        if open {
+            let o = c.bands.len() - 1; // a closed one: not free
+            c.bands[o].state = band::BandState::Open;
+            c.bands[o].next_pos = 0;
+            c.open = Some(o as u32);
+        }
+        sh.update_limits(c);
+        (c.level, c.user_limit)
+    };
+    assert_eq!(share(&mut c, 16, false), (None, 1000), "no limit: the whole buffer");
+    assert_eq!(share(&mut c, 8, false), (Some(3), 6 * 123), "START 100 %: 6 bands of room above CRIT");
+    assert_eq!(share(&mut c, 6, false), (Some(2), 400), "LOW: 40 % of 1000");
+    assert_eq!(share(&mut c, 4, false), (Some(1), 64), "HIGH: 3 % is below one batch");
+    assert_eq!(share(&mut c, 2, true), (Some(0), 0), "CRIT: 0 %, even with an open band");
+}

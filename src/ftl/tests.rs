@@ -864,6 +864,7 @@ fn user_share_of_the_buffer_follows_the_limits_and_the_room_left() {
             let o = c.bands.len() - 1; // a closed one: not free
             c.bands[o].state = band::BandState::Open;
             c.bands[o].next_pos = 0;
+            c.bands[o].good = (0..sh.geo.pus.len()).collect(); // every chunk usable
             c.open = Some(o as u32);
         }
         sh.update_limits(c);
@@ -873,5 +874,7 @@ fn user_share_of_the_buffer_follows_the_limits_and_the_room_left() {
     assert_eq!(share(&mut c, 8, false), (Some(3), 6 * 123), "START 100 %: 6 bands of room above CRIT");
     assert_eq!(share(&mut c, 6, false), (Some(2), 400), "LOW: 40 % of 1000");
     assert_eq!(share(&mut c, 4, false), (Some(1), 64), "HIGH: 3 % is below one batch");
-    assert_eq!(share(&mut c, 2, true), (Some(0), 0), "CRIT: 0 %, even with an open band");
+    assert_eq!(share(&mut c, 2, true), (Some(0), 0), "CRIT: 0 %, even with room left in the open band");
+    // (That room: the open band's data positions, more than one batch.)
+    assert!(c.open.is_some_and(|o| c.bands[o as usize].data_end(&sh.geo) > sh.max_batch));
 }

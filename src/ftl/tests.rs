@@ -878,3 +878,38 @@ fn user_share_of_the_buffer_follows_the_limits_and_the_room_left() {
     // (That room: the open band's data positions, more than one batch.)
     assert!(c.open.is_some_and(|o| c.bands[o as usize].data_end(&sh.geo) > sh.max_batch));
 }
+
+/// The valid-bit helpers report the bit's previous state (the callers count band valid blocks by it).
+#[test]
+fn set_bit_and_clear_bit_report_the_previous_state() {
+    let mut map = vec![0u64; 2];
+    for i in [0u64, 5, 64, 127] {
+        assert!(core::set_bit(&mut map, i), "bit {i} was clear");
+        assert!(!core::set_bit(&mut map, i), "bit {i} was set");
+    }
+    assert_eq!(map, vec![1 | 1 << 5, 1 | 1 << 63]);
+    assert!(!core::set_bit(&mut map, 128), "out of the map");
+    for i in [5u64, 127] {
+        assert!(core::clear_bit(&mut map, i), "bit {i} was set");
+        assert!(!core::clear_bit(&mut map, i), "bit {i} was clear");
+    }
+    assert_eq!(map, vec![1, 1]);
+}
+
+/// Waking channels for buffer space forgets the mailboxes of channels that are gone.
+#[test]
+fn signal_space_forgets_closed_channels() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("boxes"), media).expect("open");
+    bdev.crash(); // no core thread: only the test calls signal_space
+    let sh = Arc::clone(bdev.shared());
+    let kept = bdev.create_channel().expect("channel");
+    for _ in 0..3 {
+        drop(bdev.create_channel().expect("channel"));
+    }
+    assert_eq!(lock(&sh.mailboxes).len(), 4);
+    sh.signal_space();
+    assert_eq!(lock(&sh.mailboxes).len(), 1, "only the open channel's mailbox is kept");
+    drop(kept);
+}

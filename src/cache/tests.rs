@@ -1421,3 +1421,26 @@ fn a_long_unmap_invalidates_exactly_its_cached_lines() {
     same(&read(&mut ch, 600 * 8, 8), &after, "line 600");
     assert_eq!(stats(&bdev)["read_hits"].as_u64().unwrap(), hits + 2, "lines 0 and 600 are still cached");
 }
+
+/// A write-through write completes only when both its children have: its cache-device write
+/// completes at once here, its core write is held.
+#[test]
+fn a_write_through_write_waits_for_its_core_write() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    let data = fill(1, 4096);
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&data), 7));
+    assert_eq!(lock(&ctl).caught, 1, "the core write");
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        ch.poll(&mut done);
+    }
+    assert!(done.is_empty(), "completed while its core write is in flight: {done:?}");
+    lock(&ctl).allow = usize::MAX;
+    let done = poll_until(&mut ch, "the write", |d| !d.is_empty());
+    assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(7, Ok(()))]);
+}

@@ -742,11 +742,13 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
 
 /// What a [`HoldBdev`] does: writes to blocks in `range` (while set; reads too with `reads`) are
 /// caught, and the completions of all but the first `allow` caught I/Os are held back; `caught`
-/// counts them. `submitted` lists every I/O that reached the device (kind, first block).
+/// counts them. With `fail_reads`, reads in `range` complete with EIO. `submitted` lists every I/O
+/// that reached the device (kind, first block).
 #[derive(Default)]
 struct HoldCtl {
     range: Option<std::ops::Range<u64>>,
     reads: bool,
+    fail_reads: bool,
     caught: usize,
     allow: usize,
     delivered: usize,
@@ -771,6 +773,7 @@ struct HoldChannel {
     inner: Box<dyn crate::bdev::ModuleChannel>,
     ctl: Arc<std::sync::Mutex<HoldCtl>>,
     tags: std::collections::HashSet<u64>,
+    failing: std::collections::HashSet<u64>,
     held: std::collections::VecDeque<crate::bdev::Completion>,
 }
 
@@ -783,6 +786,7 @@ impl crate::bdev::Bdev for HoldBdev {
             inner: self.inner.create_channel()?,
             ctl: self.ctl.clone(),
             tags: Default::default(),
+            failing: Default::default(),
             held: Default::default(),
         }))
     }
@@ -793,9 +797,13 @@ impl crate::bdev::ModuleChannel for HoldChannel {
         let mut ctl = lock(&self.ctl);
         ctl.submitted.push((io.kind, io.offset_blocks));
         let kind = io.kind == IoKind::Write || (ctl.reads && io.kind == IoKind::Read);
-        if kind && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
+        let in_range = ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks));
+        if kind && in_range {
             ctl.caught += 1;
             self.tags.insert(io.tag);
+        }
+        if ctl.fail_reads && io.kind == IoKind::Read && in_range {
+            self.failing.insert(io.tag);
         }
         drop(ctl);
         self.inner.submit(io)
@@ -805,7 +813,10 @@ impl crate::bdev::ModuleChannel for HoldChannel {
         let start = done.len();
         let mut tmp = Vec::new();
         self.inner.poll(&mut tmp);
-        for c in tmp {
+        for mut c in tmp {
+            if self.failing.remove(&c.tag) {
+                c.result = Err(crate::bdev::IoError::Errno(libc::EIO));
+            }
             if self.tags.remove(&c.tag) {
                 self.held.push_back(c);
             } else {
@@ -1443,4 +1454,36 @@ fn a_write_through_write_waits_for_its_core_write() {
     lock(&ctl).allow = usize::MAX;
     let done = poll_until(&mut ch, "the write", |d| !d.is_empty());
     assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(7, Ok(()))]);
+}
+
+/// A read miss whose core read fails fills nothing: no write of its (unread) buffer to the cache
+/// device, and the next read of that line is a miss again.
+#[test]
+fn a_failed_read_miss_fills_nothing() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..(1 << 20) / BS);
+        h.fail_reads = true;
+    }
+    let before = lock(&cctl).submitted.len();
+    let r = run(&mut ch, vec![BdevIo::read(0, 8, IoVecs::alloc(4096), 1)]);
+    assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+    let data_start = bdev.shared().data_offset / BS;
+    let fills: Vec<_> = lock(&cctl).submitted[before..]
+        .iter()
+        .filter(|(k, off)| *k == IoKind::Write && *off >= data_start)
+        .copied()
+        .collect();
+    assert!(fills.is_empty(), "the failed read filled the cache device: {fills:?}");
+    lock(&ctl).fail_reads = false;
+    read(&mut ch, 0, 8);
+    assert_eq!(stats(&bdev)["read_misses"].as_u64(), Some(2), "line 0 was not cached by the failed read");
 }

@@ -913,3 +913,23 @@ fn signal_space_forgets_closed_channels() {
     assert_eq!(lock(&sh.mailboxes).len(), 1, "only the open channel's mailbox is kept");
     drop(kept);
 }
+
+/// A flush still waiting when the core thread stops (here: behind a block a writer never
+/// published) is failed, not left waiting forever.
+#[test]
+fn a_flush_pending_when_the_core_stops_fails() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("stopflush"), media).expect("open");
+    let sh = Arc::clone(bdev.shared());
+    let mut ch = bdev.create_channel().expect("channel");
+    lock(&sh.core).wbuf.reserve(3, wbuf::Origin::User); // never published: the flush cannot finish
+    assert!(ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 9)).is_ok());
+    bdev.crash(); // the core thread has stopped when this returns
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    assert_eq!(
+        done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(),
+        vec![(9, Err(IoError::Errno(libc::EIO)))]
+    );
+}

@@ -1487,3 +1487,28 @@ fn a_failed_read_miss_fills_nothing() {
     read(&mut ch, 0, 8);
     assert_eq!(stats(&bdev)["read_misses"].as_u64(), Some(2), "line 0 was not cached by the failed read");
 }
+
+/// A write-through write to part of a dirty line (possible right after a switch from write-back,
+/// before the cleaning round reaches the line: the mode is stored first) leaves the line's other
+/// dirty sectors dirty, so the cleaning writes them back.
+#[test]
+fn a_write_through_write_keeps_the_other_dirty_sectors_of_its_line() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (old, new) = (fill(1, 4096), fill(2, 2048));
+    write(&mut ch, 0, &old); // line 0, all 8 sectors dirty
+                             // set_mode's first step (the new mode, before its cleaning round).
+    bdev.shared().mode.store(Mode::Wt.to_u8(), Ordering::Release);
+    write(&mut ch, 4, &new); // sectors 4..8, write-through
+    let sh = bdev.shared();
+    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
+    assert_eq!(lock(&sh.map).lines[slot as usize].dirty, 0x0f, "sectors 0..4 are still dirty");
+    bdev.clean_all().unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    same(&read(&mut core_ch, 0, 8), &[&old[..2048], new.as_slice()].concat(), "the core after cleaning");
+}

@@ -742,13 +742,15 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
 
 /// What a [`HoldBdev`] does: writes to blocks in `range` (while set; reads too with `reads`) are
 /// caught, and the completions of all but the first `allow` caught I/Os are held back; `caught`
-/// counts them. With `fail_reads`, reads in `range` complete with EIO. `submitted` lists every I/O
-/// that reached the device (kind, first block).
+/// counts them. With `fail_reads`, reads in `range` complete with EIO; with `fail_writes`, writes in
+/// `range` complete with EIO without writing. `submitted` lists every I/O that reached the device
+/// (kind, first block).
 #[derive(Default)]
 struct HoldCtl {
     range: Option<std::ops::Range<u64>>,
     reads: bool,
     fail_reads: bool,
+    fail_writes: bool,
     caught: usize,
     allow: usize,
     delivered: usize,
@@ -774,6 +776,7 @@ struct HoldChannel {
     ctl: Arc<std::sync::Mutex<HoldCtl>>,
     tags: std::collections::HashSet<u64>,
     failing: std::collections::HashSet<u64>,
+    refused: Vec<crate::bdev::Completion>,
     held: std::collections::VecDeque<crate::bdev::Completion>,
 }
 
@@ -787,6 +790,7 @@ impl crate::bdev::Bdev for HoldBdev {
             ctl: self.ctl.clone(),
             tags: Default::default(),
             failing: Default::default(),
+            refused: Vec::new(),
             held: Default::default(),
         }))
     }
@@ -805,13 +809,18 @@ impl crate::bdev::ModuleChannel for HoldChannel {
         if ctl.fail_reads && io.kind == IoKind::Read && in_range {
             self.failing.insert(io.tag);
         }
+        if ctl.fail_writes && io.kind == IoKind::Write && in_range {
+            let result = Err(crate::bdev::IoError::Errno(libc::EIO));
+            self.refused.push(crate::bdev::Completion { tag: io.tag, result });
+            return Ok(());
+        }
         drop(ctl);
         self.inner.submit(io)
     }
 
     fn poll(&mut self, done: &mut Vec<crate::bdev::Completion>) -> usize {
         let start = done.len();
-        let mut tmp = Vec::new();
+        let mut tmp = std::mem::take(&mut self.refused);
         self.inner.poll(&mut tmp);
         for mut c in tmp {
             if self.failing.remove(&c.tag) {
@@ -1511,4 +1520,41 @@ fn a_write_through_write_keeps_the_other_dirty_sectors_of_its_line() {
     let core_ro = reg.open("core0", false).unwrap();
     let mut core_ch = core_ro.channel().unwrap();
     same(&read(&mut core_ch, 0, 8), &[&old[..2048], new.as_slice()].concat(), "the core after cleaning");
+}
+
+/// A write whose cache-device write fails leaves none of its sectors valid or dirty in the line:
+/// the next read comes from the core (which has the new data), and cleaning writes nothing back.
+#[test]
+fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (old, new) = (fill(1, 4096), fill(2, 2048));
+    write(&mut ch, 0, &old); // line 0, cached and valid
+    {
+        let mut h = lock(&cctl);
+        h.range = Some(bdev.shared().data_offset / BS..cache_dev_bytes(64, 4096) / BS);
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    }
+    let r = run(&mut ch, vec![BdevIo::write(4, 4, IoVecs::from_slice(&new), 1)]);
+    assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+    lock(&cctl).fail_writes = false;
+    let sh = bdev.shared();
+    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
+    let (valid, dirty) = {
+        let m = lock(&sh.map);
+        (m.lines[slot as usize].valid, m.lines[slot as usize].dirty)
+    };
+    assert_eq!((valid, dirty), (0x0f, 0), "sectors 4..8 are unknown in the cache");
+    let want = [&old[..2048], new.as_slice()].concat();
+    same(&read(&mut ch, 0, 8), &want, "line 0 after the failed cache write");
+    bdev.clean_all().unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    same(&read(&mut core_ch, 0, 8), &want, "the core after cleaning");
 }

@@ -1558,3 +1558,41 @@ fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
     let mut core_ch = core_ro.channel().unwrap();
     same(&read(&mut core_ch, 0, 8), &want, "the core after cleaning");
 }
+
+/// A write-back write that fails on the cache device, to a line the device records dirty, is
+/// acknowledged (with its error) only after the line's record no longer says those sectors are
+/// dirty: after a crash the cache must not load sectors whose content is unknown.
+#[test]
+fn a_failed_write_to_a_recorded_dirty_line_persists_the_invalidation() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
+    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
+    let record = || {
+        let cdev = reg.open("cdev", false).unwrap();
+        let mut cch = cdev.channel().unwrap();
+        let page = slot / layout::LINES_PER_PAGE;
+        let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
+        let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+        layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
+    };
+    assert_eq!(record().map(|r| r.dirty), Some(0xff));
+    {
+        let mut h = lock(&cctl);
+        h.range = Some(sh.data_offset / BS..cache_dev_bytes(64, 4096) / BS); // data only, not records
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    }
+    let r = run(&mut ch, vec![BdevIo::write(0, 8, IoVecs::from_slice(&fill(2, 4096)), 1)]);
+    assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+    let dirty = record().map_or(0, |r| r.dirty);
+    assert_eq!(dirty, 0, "the device still records the failed sectors dirty");
+}

@@ -933,3 +933,47 @@ fn a_flush_pending_when_the_core_stops_fails() {
         vec![(9, Err(IoError::Errno(libc::EIO)))]
     );
 }
+
+/// While a writer is still copying the entries after a partial unit, the core thread waits for
+/// them instead of padding the unit (padding is for a quiet buffer, not for one being filled).
+#[test]
+fn core_does_not_pad_ahead_of_a_writer_still_copying() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("nopad"), media).expect("open");
+    let sh = Arc::clone(bdev.shared());
+    let slots = Arc::clone(lock(&sh.core).wbuf.data());
+    // Two entries published (less than the first unit of a band takes), fourteen still copying.
+    let first = {
+        let mut c = lock(&sh.core);
+        let f = c.wbuf.tail;
+        for i in 0..16 {
+            c.wbuf.reserve(i, wbuf::Origin::User);
+        }
+        for i in 0..2u64 {
+            slots.at(f + i).copy_from_slice(&block(i, 1));
+            c.wbuf.set_ready(f + i);
+            sh.l2p.swap(i, Loc::Cache(f + i));
+        }
+        f
+    };
+    sh.wake.notify_all();
+    // Several of the core's idle periods (20 ms).
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert_eq!(lock(&sh.core).wbuf.taken, first, "the core padded the two entries instead of waiting");
+    {
+        let mut c = lock(&sh.core);
+        for i in 2..16u64 {
+            slots.at(first + i).copy_from_slice(&block(i, 1));
+            c.wbuf.set_ready(first + i);
+            sh.l2p.swap(i, Loc::Cache(first + i));
+        }
+    }
+    sh.wake.notify_all();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lock(&sh.core).wbuf.taken != first + 16 {
+        assert!(std::time::Instant::now() < deadline, "published entries were never written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    bdev.shutdown().expect("shutdown");
+}

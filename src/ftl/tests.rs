@@ -960,7 +960,8 @@ fn core_does_not_pad_ahead_of_a_writer_still_copying() {
     sh.wake.notify_all();
     // Several of the core's idle periods (20 ms).
     std::thread::sleep(std::time::Duration::from_millis(150));
-    assert_eq!(lock(&sh.core).wbuf.taken, first, "the core padded the two entries instead of waiting");
+    let taken = lock(&sh.core).wbuf.taken;
+    // Published before any assertion (a failed one would stop the FTL, which waits for them).
     {
         let mut c = lock(&sh.core);
         for i in 2..16u64 {
@@ -970,6 +971,7 @@ fn core_does_not_pad_ahead_of_a_writer_still_copying() {
         }
     }
     sh.wake.notify_all();
+    assert_eq!(taken, first, "the core padded the two entries instead of waiting");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while lock(&sh.core).wbuf.taken != first + 16 {
         assert!(std::time::Instant::now() < deadline, "published entries were never written");

@@ -1596,3 +1596,30 @@ fn a_failed_write_to_a_recorded_dirty_line_persists_the_invalidation() {
     let dirty = record().map_or(0, |r| r.dirty);
     assert_eq!(dirty, 0, "the device still records the failed sectors dirty");
 }
+
+/// An unmap of a line the device records dirty is acknowledged only after the record no longer
+/// says so: after a crash the cache must not load the unmapped sectors' old data.
+#[test]
+fn an_unmap_of_a_recorded_dirty_line_persists_the_invalidation() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
+    let slot = lock(&sh.map).lookup((0, 0)).unwrap();
+    let record = || {
+        let cdev = reg.open("cdev", false).unwrap();
+        let mut cch = cdev.channel().unwrap();
+        let page = slot / layout::LINES_PER_PAGE;
+        let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
+        let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+        layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
+    };
+    assert_eq!(record().map(|r| r.dirty), Some(0xff));
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 0, 4, 1)])[&1], Ok(()));
+    assert_eq!(record().map_or(0, |r| r.dirty), 0xf0, "the device still records the unmapped sectors dirty");
+}

@@ -1622,4 +1622,9 @@ fn an_unmap_of_a_recorded_dirty_line_persists_the_invalidation() {
     assert_eq!(record().map(|r| r.dirty), Some(0xff));
     assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 0, 4, 1)])[&1], Ok(()));
     assert_eq!(record().map_or(0, |r| r.dirty), 0xf0, "the device still records the unmapped sectors dirty");
+    // A clean line (filled by a read): its unmap asks for no record write.
+    read(&mut ch, 16, 8);
+    let waiters = sh.md_waiters.load(Ordering::Acquire);
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 16, 8, 2)])[&2], Ok(()));
+    assert_eq!(sh.md_waiters.load(Ordering::Acquire), waiters, "a record round for a clean line");
 }

@@ -1628,3 +1628,28 @@ fn an_unmap_of_a_recorded_dirty_line_persists_the_invalidation() {
     assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 16, 8, 2)])[&2], Ok(()));
     assert_eq!(sh.md_waiters.load(Ordering::Acquire), waiters, "a record round for a clean line");
 }
+
+/// The cache channel has a wait fd (a poller sleeps on it) that becomes readable when a request
+/// can be completed (here: a flush, answered by the owner thread through the channel's mailbox).
+#[test]
+fn the_channel_wait_fd_wakes_for_a_completion() {
+    use crate::bdev::ModuleChannel;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    let fd = mch.wait_fd().expect("a wait fd");
+    assert!(mch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1)).is_ok());
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; 20 s at most.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 20_000) }, 1, "the wait fd never became readable");
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.is_empty() {
+        mch.poll(&mut done);
+        assert!(Instant::now() < deadline, "the flush never completed");
+    }
+    assert_eq!((done[0].tag, done[0].result), (1, Ok(())));
+}

@@ -979,3 +979,21 @@ fn core_does_not_pad_ahead_of_a_writer_still_copying() {
     }
     bdev.shutdown().expect("shutdown");
 }
+
+/// A flush writes a checkpoint only when an unmap is pending (so no replay undoes the trim); a flush
+/// of plain writes does not.
+#[test]
+fn a_flush_checkpoints_only_after_an_unmap() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("ckpt"));
+    let ckpts = |h: &Harness| h.stats()["checkpoints"].as_u64().expect("checkpoints");
+    let start = ckpts(&h);
+    h.write(1, &[1]);
+    h.cmd(IoKind::Flush, 0, 0);
+    assert_eq!(ckpts(&h), start, "a flush of writes checkpointed");
+    h.cmd(IoKind::Unmap, 1, 1);
+    h.cmd(IoKind::Flush, 0, 0);
+    assert_eq!(ckpts(&h), start + 1, "the flush after an unmap checkpoints");
+    h.stop(false);
+}

@@ -997,3 +997,46 @@ fn a_flush_checkpoints_only_after_an_unmap() {
     assert_eq!(ckpts(&h), start + 1, "the flush after an unmap checkpoints");
     h.stop(false);
 }
+
+/// The next band is erased ahead once the open band is `band_thld` % written, not before.
+#[test]
+fn the_next_band_is_erased_at_band_thld() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("ahead");
+    cfg.band_thld = 50;
+    let mut h = Harness::new(media, cfg);
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    // After a flush, once the core thread is idle: (written positions, band positions, next band).
+    let state = |h: &mut Harness| {
+        h.cmd(IoKind::Flush, 0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let c = lock(&sh.core);
+            if c.core_idle {
+                let b = &c.bands[c.open.expect("an open band") as usize];
+                return (b.next_pos, b.positions(&sh.geo), c.next);
+            }
+            drop(c);
+            assert!(std::time::Instant::now() < deadline, "the core thread never went idle");
+            std::thread::yield_now();
+        }
+    };
+    h.write(0, &[1]);
+    let mut lba = 1;
+    let mut s = state(&mut h);
+    assert!(s.2.is_none(), "erased ahead at {} of {} positions", s.0, s.1);
+    while s.0 + 8 < s.1 / 2 {
+        h.write(lba, &[1]);
+        lba += 1;
+        s = state(&mut h);
+        assert!(s.2.is_none(), "erased ahead at {} of {} positions", s.0, s.1);
+    }
+    while s.0 < s.1 / 2 {
+        h.write(lba, &[1]);
+        lba += 1;
+        s = state(&mut h);
+    }
+    assert!(s.2.is_some(), "not erased ahead at {} of {} positions", s.0, s.1);
+    h.stop(false);
+}

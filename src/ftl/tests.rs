@@ -943,11 +943,12 @@ fn core_does_not_pad_ahead_of_a_writer_still_copying() {
     let bdev = FtlBdev::open(FtlConfig::new("nopad"), media).expect("open");
     let sh = Arc::clone(bdev.shared());
     let slots = Arc::clone(lock(&sh.core).wbuf.data());
-    // Two entries published (less than the first unit of a band takes), fourteen still copying.
+    // Two entries published (less than the first unit of a band takes), two still copying: ws_min
+    // (4) waiting in all.
     let first = {
         let mut c = lock(&sh.core);
         let f = c.wbuf.tail;
-        for i in 0..16 {
+        for i in 0..4 {
             c.wbuf.reserve(i, wbuf::Origin::User);
         }
         for i in 0..2u64 {
@@ -964,7 +965,7 @@ fn core_does_not_pad_ahead_of_a_writer_still_copying() {
     // Published before any assertion (a failed one would stop the FTL, which waits for them).
     {
         let mut c = lock(&sh.core);
-        for i in 2..16u64 {
+        for i in 2..4u64 {
             slots.at(first + i).copy_from_slice(&block(i, 1));
             c.wbuf.set_ready(first + i);
             sh.l2p.swap(i, Loc::Cache(first + i));
@@ -973,7 +974,7 @@ fn core_does_not_pad_ahead_of_a_writer_still_copying() {
     sh.wake.notify_all();
     assert_eq!(taken, first, "the core padded the two entries instead of waiting");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while lock(&sh.core).wbuf.taken != first + 16 {
+    while lock(&sh.core).wbuf.taken != first + 4 {
         assert!(std::time::Instant::now() < deadline, "published entries were never written");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }

@@ -1041,3 +1041,30 @@ fn the_next_band_is_erased_at_band_thld() {
     assert!(s.2.is_some(), "not erased ahead at {} of {} positions", s.0, s.1);
     h.stop(false);
 }
+
+/// Preparing a band resets only chunks that need it: a free chunk is used as it is (no wear), an
+/// offline one is skipped (not retried, not counted as a new failure); the band's erase count
+/// goes up by one.
+#[test]
+fn preparing_a_band_resets_only_written_chunks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
+    let mut h = Harness::new(media, FtlConfig::new("prep"));
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    let first = sh.geo.first_data_band();
+    let (free, offline) = (sh.geo.chunk(first, 0), sh.geo.chunk(first, 1));
+    emu.inject(Fault::OfflineChunk(offline)).expect("in range");
+    h.write(0, &[1]);
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let c = lock(&sh.core);
+        assert_eq!(c.open, Some(first), "the first data band is the least worn");
+        let b = &c.bands[first as usize];
+        assert_eq!(b.erase_count, 1);
+        assert!(b.good.contains(&0) && !b.good.contains(&1), "good chunks {:?}", b.good);
+    }
+    assert_eq!(emu.erase_count(free).expect("in range"), 0, "a free chunk was reset");
+    assert_eq!(h.stats()["retired_chunks"], 0, "the offline chunk was retried");
+    h.stop(false);
+}

@@ -1653,3 +1653,17 @@ fn the_channel_wait_fd_wakes_for_a_completion() {
     }
     assert_eq!((done[0].tag, done[0].result), (1, Ok(())));
 }
+
+/// The cache passes its owner's batch time on to its children: a read miss's core read counts its
+/// latency from the batch time too.
+#[test]
+fn the_batch_time_reaches_the_core() {
+    let (reg, _bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    let core_stats = reg.bdev_stats("core0").unwrap();
+    let t0 = Instant::now();
+    ch.set_batch_time(t0);
+    std::thread::sleep(Duration::from_millis(50));
+    read(&mut ch, 0, 8); // a miss: read from the core
+    let max = core_stats.snapshot().read_latency_ns_max;
+    assert!(max >= 50_000_000, "core read latency {max} ns: the batch time did not reach the core");
+}

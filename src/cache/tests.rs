@@ -1541,10 +1541,16 @@ fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
         h.allow = usize::MAX;
         h.fail_writes = true;
     }
+    let sh = bdev.shared();
+    let waiters = sh.md_waiters.load(Ordering::Acquire);
     let r = run(&mut ch, vec![BdevIo::write(4, 4, IoVecs::from_slice(&new), 1)]);
     assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
     lock(&cctl).fail_writes = false;
-    let sh = bdev.shared();
+    assert_eq!(
+        sh.md_waiters.load(Ordering::Acquire),
+        waiters,
+        "a record round for a line not recorded dirty"
+    );
     let slot = lock(&sh.map).lookup((0, 0)).unwrap();
     let (valid, dirty) = {
         let m = lock(&sh.map);
@@ -1641,8 +1647,10 @@ fn the_channel_wait_fd_wakes_for_a_completion() {
     let bdev = CacheBdev::create(&c, &reg).unwrap();
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
     let fd = mch.wait_fd().expect("a wait fd");
-    assert!(mch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1)).is_ok());
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0, "readable with nothing to complete");
+    assert!(mch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1)).is_ok());
     // SAFETY: one valid pollfd on the stack; 20 s at most.
     assert_eq!(unsafe { libc::poll(&mut p, 1, 20_000) }, 1, "the wait fd never became readable");
     let mut done = Vec::new();

@@ -1105,3 +1105,41 @@ fn preparing_a_band_skips_and_records_retired_chunks() {
     // (Not a clean stop: the checkpoint resets open metadata chunks, which needs early reset.)
     h.stop(true);
 }
+
+/// After a media failure (here: the checkpoint a flush after an unmap writes fails), the FTL fails
+/// the flush and a shutdown right after still ends (with the failure), not spinning on it.
+#[test]
+fn shutdown_after_a_metadata_write_failure_ends() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
+    let mut h = Harness::new(media, FtlConfig::new("mdfail"));
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    for band in 0..sh.geo.first_data_band() {
+        for i in 0..sh.geo.pus.len() {
+            let chunk = sh.geo.chunk(band, i);
+            for lbk in 0..32 {
+                emu.inject(Fault::WriteFail(chunk.with_lbk(lbk))).expect("in range");
+            }
+        }
+    }
+    h.write(1, &[1]);
+    h.cmd(IoKind::Unmap, 1, 1);
+    h.ch().submit(BdevIo::no_data(IoKind::Flush, 0, 0, 5));
+    let done = drive(h.ch());
+    assert_eq!(
+        done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(),
+        vec![(5, Err(IoError::Errno(libc::EIO)))]
+    );
+    assert!(lock(&sh.core).failed.is_some());
+    h.ch = None;
+    h.desc = None;
+    drop(h.reg.unregister("mdfail").expect("unregister"));
+    let b = h.bdev.take().expect("running");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(b.shutdown().is_err());
+    });
+    let failed = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the shutdown never ended");
+    assert!(failed, "the shutdown reports the failure");
+}

@@ -1676,8 +1676,8 @@ fn the_batch_time_reaches_the_core() {
     assert!(max >= 50_000_000, "core read latency {max} ns: the batch time did not reach the core");
 }
 
-/// Dropping a channel finishes its requests in flight first: the lines they locked are free again
-/// for the next channel.
+/// Dropping a channel finishes its requests in flight first: the lines they locked or pinned are
+/// free again.
 #[test]
 fn dropping_a_channel_finishes_its_requests() {
     use crate::bdev::ModuleChannel;
@@ -1686,20 +1686,35 @@ fn dropping_a_channel_finishes_its_requests() {
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Off;
     let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let sh = bdev.shared().clone();
+    let (first, second) = (fill(1, 4096), fill(2, 4096));
+    let poll_one = |mch: &mut engine::CacheChannel, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut done = Vec::new();
+        while done.is_empty() {
+            mch.poll(&mut done);
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+        done
+    };
+    // A write in flight (never polled), dropped: line 0 must not stay locked.
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
-    let first = fill(1, 4096);
-    assert!(mch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&first), 1)).is_ok()); // never polled
+    assert!(mch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&first), 1)).is_ok());
     drop(mch);
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    assert!(mch.submit(BdevIo::write(8, 8, IoVecs::from_slice(&second), 2)).is_ok()); // line 1, cached
     let back = IoVecs::alloc(4096);
-    assert!(mch.submit(BdevIo::read(0, 8, back.slice(0, 4096).unwrap(), 2)).is_ok());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut done = Vec::new();
-    while done.is_empty() {
-        mch.poll(&mut done);
-        assert!(Instant::now() < deadline, "line 0 is still locked by the dropped channel's write");
-        std::thread::yield_now();
+    assert!(mch.submit(BdevIo::read(0, 8, back.slice(0, 4096).unwrap(), 3)).is_ok());
+    let mut done = poll_one(&mut mch, "line 0 is still locked by the dropped channel's write");
+    while done.len() < 2 {
+        done.extend(poll_one(&mut mch, "the write to line 1"));
     }
-    assert_eq!((done[0].tag, done[0].result), (2, Ok(())));
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
     same(&back.to_vec(), &first, "line 0");
+    // A read hit in flight (never polled), dropped: line 1 must not stay pinned.
+    assert!(mch.submit(BdevIo::read(8, 8, IoVecs::alloc(4096), 4)).is_ok());
+    drop(mch);
+    let slot = lock(&sh.map).lookup((0, 1)).unwrap();
+    assert_eq!(lock(&sh.map).pins[slot as usize].load(Ordering::Acquire), 0, "line 1 is still pinned");
 }

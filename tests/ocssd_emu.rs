@@ -490,6 +490,29 @@ fn vector_copy_moves_data_and_oob() {
     assert_eq!(dev.chunk_info(dst).expect("ok").write_pointer_blocks, 4);
 }
 
+/// A copy whose source has a high-ECC block (read, corrected) still writes the destination and
+/// reports that block; an unrecoverable source block fails the copy without writing anything.
+#[test]
+fn vector_copy_goes_on_past_high_ecc_but_not_past_unrecoverable() {
+    let (_d, _p, dev) = setup();
+    let mut qp = dev.queue_pair(8).expect("qp");
+    let src = chunk(0, 0, 3);
+    let dst = chunk(1, 0, 2);
+    assert_eq!(write(qp.as_mut(), src, 8).status, Status::SUCCESS);
+    dev.inject(Fault::ReadError { ppa: src.with_lbk(5), kind: ReadErrorKind::HighEcc }).expect("ok");
+    let c = run(qp.as_mut(), Op::Copy { src: list(src.with_lbk(4), 4), dst: list(dst, 4) });
+    assert_eq!((c.status, c.failed), (Status::HIGH_ECC, LbaBitmap(0b10)), "the high-ECC block is reported");
+    assert_eq!(dev.chunk_info(dst).expect("ok").write_pointer_blocks, 4);
+    let (_, data, _) = read(qp.as_mut(), dst, 4);
+    for i in 0..4 {
+        assert_block(&data, i, src.with_lbk(4 + i as u64), 0);
+    }
+    dev.inject(Fault::ReadError { ppa: src.with_lbk(2), kind: ReadErrorKind::Unrecoverable }).expect("ok");
+    let c = run(qp.as_mut(), Op::Copy { src: list(src, 4), dst: list(dst.with_lbk(4), 4) });
+    assert_eq!((c.status, c.failed), (Status::UNRECOVERED_READ, LbaBitmap(0b100)));
+    assert_eq!(dev.chunk_info(dst).expect("ok").write_pointer_blocks, 4, "nothing written");
+}
+
 #[test]
 fn append_writes_at_the_write_pointer() {
     let (_d, _p, dev) = setup();
@@ -668,6 +691,7 @@ fn full_queue_hands_the_command_back() {
     assert_eq!(done.iter().map(|c| c.tag).collect::<Vec<_>>(), vec![0, 1]);
     assert!(!readable(fd));
     qp.submit(rej.command).expect("room again");
+    assert!(readable(fd), "a lone pending completion makes the fd readable");
     assert!(dev.queue_pair(0).is_err());
 }
 

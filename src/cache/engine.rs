@@ -576,7 +576,8 @@ impl CacheChannel {
         removed: bool,
     ) -> Result<(), IoError> {
         let insert_ok = !removed && !cut && matches!(mode, Mode::Wt | Mode::Wb | Mode::Wa | Mode::Wi);
-        let (mut hit, mut miss) = (0u64, 0u64);
+        // Whether any sector came from the cache / from the core (which counter the read goes to).
+        let (mut hit, mut miss) = (false, false);
         for (line, a, e, boff) in self.pieces(req.off, req.nb) {
             let key = (self.core_id, line);
             let want = mask(a, e);
@@ -598,7 +599,7 @@ impl CacheChannel {
                         len: (e - a) * self.bs,
                     },
                 );
-                miss += e - a;
+                miss = true;
                 continue;
             }
             let valid = slot.map_or(0, |s| map.lines[s as usize].valid);
@@ -619,13 +620,13 @@ impl CacheChannel {
                 if v {
                     let slot = slot.unwrap_or(0);
                     push_seg(segs, Seg { dev: Dev::Cache, dev_off: self.cache_off(slot, s), buf_off, len });
-                    hit += t - s;
+                    hit = true;
                 } else {
                     push_seg(
                         segs,
                         Seg { dev: Dev::Core, dev_off: (line * self.lb + s) * self.bs, buf_off, len },
                     );
-                    miss += t - s;
+                    miss = true;
                     if let Some(i) = ins {
                         req.inserts.push(Seg {
                             dev: Dev::Cache,
@@ -644,8 +645,8 @@ impl CacheChannel {
         }
         let c = map.counters(self.core_id);
         match (hit, miss) {
-            (_, 0) => c.read_hits += 1,
-            (0, _) => c.read_misses += 1,
+            (_, false) => c.read_hits += 1,
+            (false, _) => c.read_misses += 1,
             _ => c.read_partial_hits += 1,
         }
         Ok(())

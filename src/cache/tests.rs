@@ -742,11 +742,15 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
 
 /// What a [`HoldBdev`] does: writes to blocks in `range` (while set; reads too with `reads`) are
 /// caught, and the completions of all but the first `allow` caught I/Os are held back; `caught`
-/// counts them. `submitted` lists every I/O that reached the device (kind, first block).
+/// counts them. With `fail_reads`, reads in `range` complete with EIO; with `fail_writes`, writes in
+/// `range` complete with EIO without writing. `submitted` lists every I/O that reached the device
+/// (kind, first block).
 #[derive(Default)]
 struct HoldCtl {
     range: Option<std::ops::Range<u64>>,
     reads: bool,
+    fail_reads: bool,
+    fail_writes: bool,
     caught: usize,
     allow: usize,
     delivered: usize,
@@ -771,6 +775,8 @@ struct HoldChannel {
     inner: Box<dyn crate::bdev::ModuleChannel>,
     ctl: Arc<std::sync::Mutex<HoldCtl>>,
     tags: std::collections::HashSet<u64>,
+    failing: std::collections::HashSet<u64>,
+    refused: Vec<crate::bdev::Completion>,
     held: std::collections::VecDeque<crate::bdev::Completion>,
 }
 
@@ -783,6 +789,8 @@ impl crate::bdev::Bdev for HoldBdev {
             inner: self.inner.create_channel()?,
             ctl: self.ctl.clone(),
             tags: Default::default(),
+            failing: Default::default(),
+            refused: Vec::new(),
             held: Default::default(),
         }))
     }
@@ -793,9 +801,18 @@ impl crate::bdev::ModuleChannel for HoldChannel {
         let mut ctl = lock(&self.ctl);
         ctl.submitted.push((io.kind, io.offset_blocks));
         let kind = io.kind == IoKind::Write || (ctl.reads && io.kind == IoKind::Read);
-        if kind && ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks)) {
+        let in_range = ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks));
+        if kind && in_range {
             ctl.caught += 1;
             self.tags.insert(io.tag);
+        }
+        if ctl.fail_reads && io.kind == IoKind::Read && in_range {
+            self.failing.insert(io.tag);
+        }
+        if ctl.fail_writes && io.kind == IoKind::Write && in_range {
+            let result = Err(crate::bdev::IoError::Errno(libc::EIO));
+            self.refused.push(crate::bdev::Completion { tag: io.tag, result });
+            return Ok(());
         }
         drop(ctl);
         self.inner.submit(io)
@@ -803,9 +820,12 @@ impl crate::bdev::ModuleChannel for HoldChannel {
 
     fn poll(&mut self, done: &mut Vec<crate::bdev::Completion>) -> usize {
         let start = done.len();
-        let mut tmp = Vec::new();
+        let mut tmp = std::mem::take(&mut self.refused);
         self.inner.poll(&mut tmp);
-        for c in tmp {
+        for mut c in tmp {
+            if self.failing.remove(&c.tag) {
+                c.result = Err(crate::bdev::IoError::Errno(libc::EIO));
+            }
             if self.tags.remove(&c.tag) {
                 self.held.push_back(c);
             } else {
@@ -901,7 +921,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     let x = fill(3, 4096);
     ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&x), 7));
     let early = poll_until(&mut ch, "the rewrite's data write", |_| {
-        let m = rlock(&sh.map);
+        let m = wlock(&sh.map);
         m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty != 0)
     });
     assert!(
@@ -1164,46 +1184,6 @@ fn full_cutoff_caches_a_stream_while_lines_are_free() {
     assert_eq!(stats(&bdev)["occupancy_lines"].as_u64().unwrap(), 32);
 }
 
-/// Read hits take only the map's read lock and defer their LRU touch: the touch must still land
-/// before the next eviction, so a line just hit is not the one evicted.
-#[test]
-fn a_line_just_hit_is_not_the_next_one_evicted() {
-    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
-    // Fill all 64 lines; line 0 is the least recently used.
-    for i in 0..64 {
-        read(&mut ch, i * 8, 8);
-    }
-    assert_eq!(stats(&bdev)["occupancy_lines"].as_u64().unwrap(), 64);
-    read(&mut ch, 0, 8); // a hit on the oldest line
-    read(&mut ch, 64 * 8, 8); // a miss: evicts the least recently used line
-    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
-    let h = hits(&bdev);
-    read(&mut ch, 0, 8);
-    assert_eq!(hits(&bdev), h + 1, "the line just hit was evicted");
-    read(&mut ch, 8, 8);
-    assert_eq!(hits(&bdev), h + 1, "line 1 (now the least recently used) should have been evicted");
-}
-
-/// A second chance is given once per hit: when every line was hit, a miss still finds a victim (the
-/// scan clears the bits it passes), and the new line is cached.
-#[test]
-fn a_miss_finds_a_victim_when_every_line_was_hit() {
-    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
-    // The first pass fills every line, the second hits every line.
-    for _ in 0..2 {
-        for i in 0..64 {
-            read(&mut ch, i * 8, 8);
-        }
-    }
-    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
-    assert_eq!(hits(&bdev), 64);
-    for i in 64..72 {
-        read(&mut ch, i * 8, 8); // misses: each must evict a line
-        read(&mut ch, i * 8, 8);
-        assert_eq!(hits(&bdev), 64 + (i - 63), "core line {i} was not cached");
-    }
-}
-
 /// A request that ends on a line boundary locks only its own lines: an unmap of line 0 goes to the
 /// core while line 1, right after it, is being written back (an unmap does not pass a write-back).
 #[test]
@@ -1287,7 +1267,8 @@ fn a_zero_block_request_never_waits_behind_a_blocked_one() {
 }
 
 /// Every read counts once, by where its sectors came from: a hit within one line and one across two
-/// lines (the fast paths), a miss, and a partial hit.
+/// lines (the fast paths), a hit across five lines (too many to pin: the locked path), a miss, and a
+/// partial hit.
 #[test]
 fn each_read_counts_once_as_hit_miss_or_partial() {
     let reg = Registry::new();
@@ -1301,6 +1282,7 @@ fn each_read_counts_once_as_hit_miss_or_partial() {
     };
     write(&mut ch, 0, &fill(1, 4096)); // line 0
     write(&mut ch, 16, &fill(2, 8192)); // lines 2 and 3
+    write(&mut ch, 64, &fill(3, 5 * 4096)); // lines 8 to 12
     assert_eq!(counts(&bdev), [0, 0, 0]);
     read(&mut ch, 0, 8);
     assert_eq!(counts(&bdev), [1, 0, 0], "a hit within one line");
@@ -1310,6 +1292,8 @@ fn each_read_counts_once_as_hit_miss_or_partial() {
     assert_eq!(counts(&bdev), [2, 1, 0], "a miss");
     read(&mut ch, 0, 16);
     assert_eq!(counts(&bdev), [2, 1, 1], "line 0 cached, line 1 not");
+    read(&mut ch, 64, 40);
+    assert_eq!(counts(&bdev), [3, 1, 1], "a hit across five lines");
 }
 
 /// A read hit takes no range lock: a read of two cached lines completes while a write to one of
@@ -1409,6 +1393,327 @@ fn a_read_hit_across_lines_completes_after_its_cache_reads() {
     let done = poll_until(&mut ch, "the hit", |d| !d.is_empty());
     assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(5, Ok(()))]);
     same(&back.to_vec(), &data, "lines 0 and 1");
+}
+
+/// Every write counts once: a hit when every line it touched was cached, a miss otherwise.
+#[test]
+fn each_write_counts_once_as_hit_or_miss() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let counts = |b: &CacheBdev| {
+        let s = stats(b);
+        ["write_hits", "write_misses"].map(|k| s[k].as_u64().unwrap())
+    };
+    write(&mut ch, 0, &fill(1, 4096));
+    assert_eq!(counts(&bdev), [0, 1], "line 0, not cached");
+    write(&mut ch, 0, &fill(2, 4096));
+    assert_eq!(counts(&bdev), [1, 1], "line 0 again");
+    write(&mut ch, 0, &fill(3, 8192));
+    assert_eq!(counts(&bdev), [1, 2], "lines 0 and 1, line 1 not cached");
+    write(&mut ch, 0, &fill(4, 8192));
+    assert_eq!(counts(&bdev), [2, 2], "lines 0 and 1 again");
+}
+
+/// An unmap longer than four times the cache (the path that scans every cache line instead of
+/// looking up each core line) invalidates exactly this core's cached lines inside its range.
+#[test]
+fn a_long_unmap_invalidates_exactly_its_cached_lines() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 4 << 20); // a 1024-line core
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
+    let (before, inside, after) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
+    write(&mut ch, 0, &before); // line 0
+    write(&mut ch, 100 * 8, &inside); // line 100
+    write(&mut ch, 600 * 8, &after); // line 600
+    assert_eq!(occ(&bdev), 3);
+    // Lines 10 to 519: 510 lines, more than 4 × 64.
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 80, 510 * 8, 0)])[&0], Ok(()));
+    assert_eq!(occ(&bdev), 2, "only line 100 leaves the cache");
+    same(&read(&mut ch, 100 * 8, 8), &[0u8; 4096], "line 100 after the unmap");
+    let hits = stats(&bdev)["read_hits"].as_u64().unwrap();
+    same(&read(&mut ch, 0, 8), &before, "line 0");
+    same(&read(&mut ch, 600 * 8, 8), &after, "line 600");
+    assert_eq!(stats(&bdev)["read_hits"].as_u64().unwrap(), hits + 2, "lines 0 and 600 are still cached");
+}
+
+/// A write-through write completes only when both its children have: its cache-device write
+/// completes at once here, its core write is held.
+#[test]
+fn a_write_through_write_waits_for_its_core_write() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    let data = fill(1, 4096);
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&data), 7));
+    assert_eq!(lock(&ctl).caught, 1, "the core write");
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        ch.poll(&mut done);
+    }
+    assert!(done.is_empty(), "completed while its core write is in flight: {done:?}");
+    lock(&ctl).allow = usize::MAX;
+    let done = poll_until(&mut ch, "the write", |d| !d.is_empty());
+    assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(7, Ok(()))]);
+}
+
+/// A read miss whose core read fails fills nothing: no write of its (unread) buffer to the cache
+/// device, and the next read of that line is a miss again.
+#[test]
+fn a_failed_read_miss_fills_nothing() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..(1 << 20) / BS);
+        h.fail_reads = true;
+    }
+    let before = lock(&cctl).submitted.len();
+    let r = run(&mut ch, vec![BdevIo::read(0, 8, IoVecs::alloc(4096), 1)]);
+    assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+    let data_start = bdev.shared().data_offset / BS;
+    let fills: Vec<_> = lock(&cctl).submitted[before..]
+        .iter()
+        .filter(|(k, off)| *k == IoKind::Write && *off >= data_start)
+        .copied()
+        .collect();
+    assert!(fills.is_empty(), "the failed read filled the cache device: {fills:?}");
+    lock(&ctl).fail_reads = false;
+    read(&mut ch, 0, 8);
+    assert_eq!(stats(&bdev)["read_misses"].as_u64(), Some(2), "line 0 was not cached by the failed read");
+}
+
+/// A write-through write to part of a dirty line (possible right after a switch from write-back,
+/// before the cleaning round reaches the line: the mode is stored first) leaves the line's other
+/// dirty sectors dirty, so the cleaning writes them back.
+#[test]
+fn a_write_through_write_keeps_the_other_dirty_sectors_of_its_line() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (old, new) = (fill(1, 4096), fill(2, 2048));
+    write(&mut ch, 0, &old); // line 0, all 8 sectors dirty
+                             // set_mode's first step (the new mode, before its cleaning round).
+    bdev.shared().mode.store(Mode::Wt.to_u8(), Ordering::Release);
+    write(&mut ch, 4, &new); // sectors 4..8, write-through
+    let sh = bdev.shared();
+    let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
+    assert_eq!(wlock(&sh.map).lines[slot as usize].dirty, 0x0f, "sectors 0..4 are still dirty");
+    bdev.clean_all().unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    same(&read(&mut core_ch, 0, 8), &[&old[..2048], new.as_slice()].concat(), "the core after cleaning");
+}
+
+/// A write whose cache-device write fails leaves none of its sectors valid or dirty in the line:
+/// the next read comes from the core (which has the new data), and cleaning writes nothing back.
+#[test]
+fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (old, new) = (fill(1, 4096), fill(2, 2048));
+    write(&mut ch, 0, &old); // line 0, cached and valid
+    {
+        let mut h = lock(&cctl);
+        h.range = Some(bdev.shared().data_offset / BS..cache_dev_bytes(64, 4096) / BS);
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    }
+    let sh = bdev.shared();
+    let waiters = sh.md_waiters.load(Ordering::Acquire);
+    let r = run(&mut ch, vec![BdevIo::write(4, 4, IoVecs::from_slice(&new), 1)]);
+    assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+    lock(&cctl).fail_writes = false;
+    assert_eq!(
+        sh.md_waiters.load(Ordering::Acquire),
+        waiters,
+        "a record round for a line not recorded dirty"
+    );
+    let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
+    let (valid, dirty) = {
+        let m = wlock(&sh.map);
+        (m.lines[slot as usize].valid, m.lines[slot as usize].dirty)
+    };
+    assert_eq!((valid, dirty), (0x0f, 0), "sectors 4..8 are unknown in the cache");
+    let want = [&old[..2048], new.as_slice()].concat();
+    same(&read(&mut ch, 0, 8), &want, "line 0 after the failed cache write");
+    bdev.clean_all().unwrap();
+    let core_ro = reg.open("core0", false).unwrap();
+    let mut core_ch = core_ro.channel().unwrap();
+    same(&read(&mut core_ch, 0, 8), &want, "the core after cleaning");
+}
+
+/// A write-back write that fails on the cache device, to a line the device records dirty, is
+/// acknowledged (with its error) only after the line's record no longer says those sectors are
+/// dirty: after a crash the cache must not load sectors whose content is unknown.
+#[test]
+fn a_failed_write_to_a_recorded_dirty_line_persists_the_invalidation() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
+    let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
+    let record = || {
+        let cdev = reg.open("cdev", false).unwrap();
+        let mut cch = cdev.channel().unwrap();
+        let page = slot / layout::LINES_PER_PAGE;
+        let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
+        let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+        layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
+    };
+    assert_eq!(record().map(|r| r.dirty), Some(0xff));
+    {
+        let mut h = lock(&cctl);
+        h.range = Some(sh.data_offset / BS..cache_dev_bytes(64, 4096) / BS); // data only, not records
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    }
+    let r = run(&mut ch, vec![BdevIo::write(0, 8, IoVecs::from_slice(&fill(2, 4096)), 1)]);
+    assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+    let dirty = record().map_or(0, |r| r.dirty);
+    assert_eq!(dirty, 0, "the device still records the failed sectors dirty");
+}
+
+/// An unmap of a line the device records dirty is acknowledged only after the record no longer
+/// says so: after a crash the cache must not load the unmapped sectors' old data.
+#[test]
+fn an_unmap_of_a_recorded_dirty_line_persists_the_invalidation() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
+    let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
+    let record = || {
+        let cdev = reg.open("cdev", false).unwrap();
+        let mut cch = cdev.channel().unwrap();
+        let page = slot / layout::LINES_PER_PAGE;
+        let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
+        let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+        layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
+    };
+    assert_eq!(record().map(|r| r.dirty), Some(0xff));
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 0, 4, 1)])[&1], Ok(()));
+    assert_eq!(record().map_or(0, |r| r.dirty), 0xf0, "the device still records the unmapped sectors dirty");
+    // A clean line (filled by a read): its unmap asks for no record write.
+    read(&mut ch, 16, 8);
+    let waiters = sh.md_waiters.load(Ordering::Acquire);
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 16, 8, 2)])[&2], Ok(()));
+    assert_eq!(sh.md_waiters.load(Ordering::Acquire), waiters, "a record round for a clean line");
+}
+
+/// The cache channel has a wait fd (a poller sleeps on it) that becomes readable when a request
+/// can be completed (here: a flush, answered by the owner thread through the channel's mailbox).
+#[test]
+fn the_channel_wait_fd_wakes_for_a_completion() {
+    use crate::bdev::ModuleChannel;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    let fd = mch.wait_fd().expect("a wait fd");
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0, "readable with nothing to complete");
+    assert!(mch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1)).is_ok());
+    // SAFETY: one valid pollfd on the stack; 20 s at most.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 20_000) }, 1, "the wait fd never became readable");
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.is_empty() {
+        mch.poll(&mut done);
+        assert!(Instant::now() < deadline, "the flush never completed");
+    }
+    assert_eq!((done[0].tag, done[0].result), (1, Ok(())));
+}
+
+/// The cache passes its owner's batch time on to its children: a read miss's core read counts its
+/// latency from the batch time too.
+#[test]
+fn the_batch_time_reaches_the_core() {
+    let (reg, _bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    let core_stats = reg.bdev_stats("core0").unwrap();
+    let t0 = Instant::now();
+    ch.set_batch_time(t0);
+    std::thread::sleep(Duration::from_millis(50));
+    read(&mut ch, 0, 8); // a miss: read from the core
+    let max = core_stats.snapshot().read_latency_ns_max;
+    assert!(max >= 50_000_000, "core read latency {max} ns: the batch time did not reach the core");
+}
+
+/// Read hits take only the map's read lock and defer their LRU touch: the touch must still land
+/// before the next eviction, so a line just hit is not the one evicted.
+#[test]
+fn a_line_just_hit_is_not_the_next_one_evicted() {
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    // Fill all 64 lines; line 0 is the least recently used.
+    for i in 0..64 {
+        read(&mut ch, i * 8, 8);
+    }
+    assert_eq!(stats(&bdev)["occupancy_lines"].as_u64().unwrap(), 64);
+    read(&mut ch, 0, 8); // a hit on the oldest line
+    read(&mut ch, 64 * 8, 8); // a miss: evicts the least recently used line
+    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
+    let h = hits(&bdev);
+    read(&mut ch, 0, 8);
+    assert_eq!(hits(&bdev), h + 1, "the line just hit was evicted");
+    read(&mut ch, 8, 8);
+    assert_eq!(hits(&bdev), h + 1, "line 1 (now the least recently used) should have been evicted");
+}
+
+/// A second chance is given once per hit: when every line was hit, a miss still finds a victim (the
+/// scan clears the bits it passes), and the new line is cached.
+#[test]
+fn a_miss_finds_a_victim_when_every_line_was_hit() {
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    // The first pass fills every line, the second hits every line.
+    for _ in 0..2 {
+        for i in 0..64 {
+            read(&mut ch, i * 8, 8);
+        }
+    }
+    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
+    assert_eq!(hits(&bdev), 64);
+    for i in 64..72 {
+        read(&mut ch, i * 8, 8); // misses: each must evict a line
+        read(&mut ch, i * 8, 8);
+        assert_eq!(hits(&bdev), 64 + (i - 63), "core line {i} was not cached");
+    }
 }
 
 /// Read hits keep the sequential stream detection going: a stream that runs over cached lines and on
@@ -1532,7 +1837,8 @@ fn a_dropped_channel_finishes_its_hits() {
         })
     };
     drop(a);
-    assert_eq!(lock(&ctl).delivered, 1, "the channel was dropped before its hit completed");
+    // (Held writes of the owner thread's record rounds may be delivered too, after the release.)
+    assert!(lock(&ctl).delivered >= 1, "the channel was dropped before its hit completed");
     release.join().unwrap();
     assert_eq!(stats(&bdev)["read_hits"].as_u64().unwrap(), 1);
 }

@@ -706,10 +706,10 @@ impl Worker {
             }
             let pos = b.next_pos;
             let Some((chunk, _)) = b.locate(geo, pos) else { break };
-            // One command per chunk per batch: continue only a run that ends right here.
+            // One command per chunk per batch: continue only a run that ends right here. (Every run
+            // of a batch is in this band: the batch ends with it.)
             let continues = runs.last().is_some_and(|r| {
-                r.band == id
-                    && r.chunk == chunk
+                r.chunk == chunk
                     && r.first_pos + r.items.len() as u64 == pos
                     && (r.items.len() as u64) < geo.ws_opt.min(64)
             });

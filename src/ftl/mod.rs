@@ -786,6 +786,14 @@ impl Bdev for FtlBdev {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// For tests: run by `FtlChannel::poll` on this thread just before it clears its wakeup, where
+    /// a completion the core thread posts races the clear.
+    pub(crate) static BEFORE_CLEAR: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A channel on the FTL (with its nv-cache channel once the nv-cache is attached).
 fn new_channel(sh: &Arc<Shared>) -> Result<FtlChannel, BdevError> {
     let qp = sh.media.queue_pair(256).map_err(|e| BdevError::Module(e.to_string()))?;
@@ -1234,6 +1242,12 @@ impl ModuleChannel for FtlChannel {
         // meanwhile re-arms it.
         let nv_busy = self.nv.as_ref().is_some_and(|nv| !nv.pending.is_empty());
         if self.cmds.is_empty() && !nv_busy && done.len() == before {
+            #[cfg(test)]
+            BEFORE_CLEAR.with(|h| {
+                if let Some(f) = h.borrow_mut().as_mut() {
+                    f();
+                }
+            });
             self.mailbox.clear();
             if self.mailbox.has_posts() {
                 self.mailbox.wake();

@@ -799,3 +799,347 @@ fn an_idle_ftl_opens_no_band_until_a_block_is_buffered() {
     assert_eq!((s["bands_open"].as_u64(), s["bands_free"].as_u64()), (Some(1), Some(free - 1)), "{s}");
     h.stop(false);
 }
+
+/// A completion the core thread posts while a channel is clearing its wakeup (after it took the
+/// posted completions, before the clear) leaves the channel's wait fd readable: the poller is not
+/// left asleep with a completion waiting.
+#[test]
+fn a_completion_posted_during_the_wakeup_clear_keeps_the_fd_readable() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("wake"), media).expect("open");
+    let mut ch = bdev.create_channel().expect("channel");
+    let mailbox = lock(&bdev.shared().mailboxes).last().and_then(std::sync::Weak::upgrade).expect("mailbox");
+    let mut post = Some(move || mailbox.post(crate::bdev::Completion { tag: 42, result: Ok(()) }));
+    let hook = move || {
+        if let Some(p) = post.take() {
+            p();
+        }
+    };
+    BEFORE_CLEAR.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    let mut done = Vec::new();
+    assert_eq!(ch.poll(&mut done), 0, "posted after the channel took its completions");
+    BEFORE_CLEAR.with(|h| *h.borrow_mut() = None);
+    let fd = ch.wait_fd().expect("wait fd");
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    let readable = unsafe { libc::poll(&mut p, 1, 0) } == 1;
+    assert!(readable, "a completion is waiting but the wait fd is not readable");
+    assert_eq!(ch.poll(&mut done), 1);
+    assert_eq!(done[0].tag, 42);
+    drop(ch);
+    bdev.shutdown().expect("shutdown");
+}
+
+/// The user share of the write buffer at each limit: the limit's percentage of the buffer (at
+/// least one batch unless the percentage is 0), and never more than the free space above the CRIT
+/// reserve (plus the rest of the open band) can take.
+#[test]
+fn user_share_of_the_buffer_follows_the_limits_and_the_room_left() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("limits");
+    cfg.wbuf_bytes = 1000 * BLOCK_BYTES as u64;
+    cfg.lba_rsvd = 50;
+    // Scaled to 18 data bands: thresholds 2, 4, 6 and 8 free bands.
+    cfg.limits = [
+        Limit { thld: 30, pct: 0 },
+        Limit { thld: 60, pct: 3 },
+        Limit { thld: 90, pct: 40 },
+        Limit { thld: 120, pct: 100 },
+    ];
+    let bdev = FtlBdev::open(cfg, media).expect("open");
+    bdev.crash(); // no core thread: the band table is the test's
+    let sh = Arc::clone(bdev.shared());
+    assert_eq!(sh.limits.map(|l| l.thld), [2, 4, 6, 8]);
+    assert_eq!((sh.max_batch, sh.band_data_avg), (64, 123));
+    let mut c = lock(&sh.core);
+    let first = sh.geo.first_data_band() as usize;
+    let share = |c: &mut core::Core, free: usize, open: bool| {
+        for (i, b) in c.bands.iter_mut().enumerate().skip(first) {
+            b.state = if i - first < free { band::BandState::Free } else { band::BandState::Closed };
+        }
+        c.open = None;
+        if open {
+            let o = c.bands.len() - 1; // a closed one: not free
+            c.bands[o].state = band::BandState::Open;
+            c.bands[o].next_pos = 0;
+            c.bands[o].good = (0..sh.geo.pus.len()).collect(); // every chunk usable
+            c.open = Some(o as u32);
+        }
+        sh.update_limits(c);
+        (c.level, c.user_limit)
+    };
+    assert_eq!(share(&mut c, 16, false), (None, 1000), "no limit: the whole buffer");
+    assert_eq!(share(&mut c, 8, false), (Some(3), 6 * 123), "START 100 %: 6 bands of room above CRIT");
+    assert_eq!(share(&mut c, 6, false), (Some(2), 400), "LOW: 40 % of 1000");
+    assert_eq!(share(&mut c, 4, false), (Some(1), 64), "HIGH: 3 % is below one batch");
+    assert_eq!(share(&mut c, 2, true), (Some(0), 0), "CRIT: 0 %, even with room left in the open band");
+    // (That room: the open band's data positions, more than one batch.)
+    assert!(c.open.is_some_and(|o| c.bands[o as usize].data_end(&sh.geo) > sh.max_batch));
+}
+
+/// The valid-bit helpers report the bit's previous state (the callers count band valid blocks by it).
+#[test]
+fn set_bit_and_clear_bit_report_the_previous_state() {
+    let mut map = vec![0u64; 2];
+    for i in [0u64, 5, 64, 127] {
+        assert!(core::set_bit(&mut map, i), "bit {i} was clear");
+        assert!(!core::set_bit(&mut map, i), "bit {i} was set");
+    }
+    assert_eq!(map, vec![1 | 1 << 5, 1 | 1 << 63]);
+    assert!(!core::set_bit(&mut map, 128), "out of the map");
+    for i in [5u64, 127] {
+        assert!(core::clear_bit(&mut map, i), "bit {i} was set");
+        assert!(!core::clear_bit(&mut map, i), "bit {i} was clear");
+    }
+    assert_eq!(map, vec![1, 1]);
+}
+
+/// Waking channels for buffer space forgets the mailboxes of channels that are gone.
+#[test]
+fn signal_space_forgets_closed_channels() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("boxes"), media).expect("open");
+    bdev.crash(); // no core thread: only the test calls signal_space
+    let sh = Arc::clone(bdev.shared());
+    let kept = bdev.create_channel().expect("channel");
+    for _ in 0..3 {
+        drop(bdev.create_channel().expect("channel"));
+    }
+    assert_eq!(lock(&sh.mailboxes).len(), 4);
+    sh.signal_space();
+    assert_eq!(lock(&sh.mailboxes).len(), 1, "only the open channel's mailbox is kept");
+    drop(kept);
+}
+
+/// A flush still waiting when the core thread stops (here: behind a block a writer never
+/// published) is failed, not left waiting forever.
+#[test]
+fn a_flush_pending_when_the_core_stops_fails() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("stopflush"), media).expect("open");
+    let sh = Arc::clone(bdev.shared());
+    let mut ch = bdev.create_channel().expect("channel");
+    lock(&sh.core).wbuf.reserve(3, wbuf::Origin::User); // never published: the flush cannot finish
+    assert!(ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 9)).is_ok());
+    bdev.crash(); // the core thread has stopped when this returns
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    assert_eq!(
+        done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(),
+        vec![(9, Err(IoError::Errno(libc::EIO)))]
+    );
+}
+
+/// While a writer is still copying the entries after a partial unit, the core thread waits for
+/// them instead of padding the unit (padding is for a quiet buffer, not for one being filled).
+#[test]
+fn core_does_not_pad_ahead_of_a_writer_still_copying() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("nopad"), media).expect("open");
+    let sh = Arc::clone(bdev.shared());
+    let slots = Arc::clone(lock(&sh.core).wbuf.data());
+    // Two entries published (less than the first unit of a band takes), two still copying: ws_min
+    // (4) waiting in all.
+    let first = {
+        let mut c = lock(&sh.core);
+        let f = c.wbuf.tail;
+        for i in 0..4 {
+            c.wbuf.reserve(i, wbuf::Origin::User);
+        }
+        for i in 0..2u64 {
+            slots.at(f + i).copy_from_slice(&block(i, 1));
+            c.wbuf.set_ready(f + i);
+            sh.l2p.swap(i, Loc::Cache(f + i));
+        }
+        f
+    };
+    sh.wake.notify_all();
+    // Several of the core's idle periods (20 ms).
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let taken = lock(&sh.core).wbuf.taken;
+    // Published before any assertion (a failed one would stop the FTL, which waits for them).
+    {
+        let mut c = lock(&sh.core);
+        for i in 2..4u64 {
+            slots.at(first + i).copy_from_slice(&block(i, 1));
+            c.wbuf.set_ready(first + i);
+            sh.l2p.swap(i, Loc::Cache(first + i));
+        }
+    }
+    sh.wake.notify_all();
+    assert_eq!(taken, first, "the core padded the two entries instead of waiting");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lock(&sh.core).wbuf.taken != first + 4 {
+        assert!(std::time::Instant::now() < deadline, "published entries were never written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    bdev.shutdown().expect("shutdown");
+}
+
+/// A flush writes a checkpoint only when an unmap is pending (so no replay undoes the trim); a flush
+/// of plain writes does not.
+#[test]
+fn a_flush_checkpoints_only_after_an_unmap() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("ckpt"));
+    let ckpts = |h: &Harness| h.stats()["checkpoints"].as_u64().expect("checkpoints");
+    let start = ckpts(&h);
+    h.write(1, &[1]);
+    h.cmd(IoKind::Flush, 0, 0);
+    assert_eq!(ckpts(&h), start, "a flush of writes checkpointed");
+    h.cmd(IoKind::Unmap, 1, 1);
+    h.cmd(IoKind::Flush, 0, 0);
+    assert_eq!(ckpts(&h), start + 1, "the flush after an unmap checkpoints");
+    h.stop(false);
+}
+
+/// The next band is erased ahead once the open band is `band_thld` % written, not before.
+#[test]
+fn the_next_band_is_erased_at_band_thld() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("ahead");
+    cfg.band_thld = 50;
+    let mut h = Harness::new(media, cfg);
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    // After a flush, once the core thread is idle: (written positions, band positions, next band).
+    let state = |h: &mut Harness| {
+        h.cmd(IoKind::Flush, 0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let c = lock(&sh.core);
+            if c.core_idle {
+                let b = &c.bands[c.open.expect("an open band") as usize];
+                return (b.next_pos, b.positions(&sh.geo), c.next);
+            }
+            drop(c);
+            assert!(std::time::Instant::now() < deadline, "the core thread never went idle");
+            std::thread::yield_now();
+        }
+    };
+    h.write(0, &[1]);
+    let mut lba = 1;
+    let mut s = state(&mut h);
+    assert!(s.2.is_none(), "erased ahead at {} of {} positions", s.0, s.1);
+    while s.0 + 8 < s.1 / 2 {
+        h.write(lba, &[1]);
+        lba += 1;
+        s = state(&mut h);
+        assert!(s.2.is_none(), "erased ahead at {} of {} positions", s.0, s.1);
+    }
+    while s.0 < s.1 / 2 {
+        h.write(lba, &[1]);
+        lba += 1;
+        s = state(&mut h);
+    }
+    assert!(s.2.is_some(), "not erased ahead at {} of {} positions", s.0, s.1);
+    h.stop(false);
+}
+
+/// Preparing a band resets only chunks that need it: a free chunk is used as it is (no wear), an
+/// offline one is skipped (not retried, not counted as a new failure); the band's erase count
+/// goes up by one.
+#[test]
+fn preparing_a_band_resets_only_written_chunks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
+    let mut h = Harness::new(media, FtlConfig::new("prep"));
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    let first = sh.geo.first_data_band();
+    let (free, offline) = (sh.geo.chunk(first, 0), sh.geo.chunk(first, 1));
+    emu.inject(Fault::OfflineChunk(offline)).expect("in range");
+    h.write(0, &[1]);
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let c = lock(&sh.core);
+        assert_eq!(c.open, Some(first), "the first data band is the least worn");
+        let b = &c.bands[first as usize];
+        assert_eq!(b.erase_count, 1);
+        assert!(b.good.contains(&0) && !b.good.contains(&1), "good chunks {:?}", b.good);
+    }
+    assert_eq!(emu.erase_count(free).expect("in range"), 0, "a free chunk was reset");
+    assert_eq!(h.stats()["retired_chunks"], 0, "the offline chunk was retried");
+    h.stop(false);
+}
+
+/// Preparing a band skips a chunk retired earlier (not even reset), and retires a chunk whose reset
+/// fails (here: a partly written chunk on a device without early reset).
+#[test]
+fn preparing_a_band_skips_and_records_retired_chunks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut g = geometry(20, 32);
+    g.mccap = crate::ocssd::spec::MCCAP_VECTOR_COPY | crate::ocssd::spec::MCCAP_MULTIPLE_RESETS;
+    let emu = make_media(dir.path(), g, vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
+    let mut h = Harness::new(media, FtlConfig::new("retire"));
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    let first = sh.geo.first_data_band();
+    lock(&sh.core).bands[first as usize].retired = 1 << 1; // as a restore loads it
+                                                           // PU 2's chunk of that band is open (partly written): its reset fails without early reset.
+    let open = sh.geo.chunk(first, 2);
+    let mut qp = emu.queue_pair(4).expect("qp");
+    let ppas = crate::ocssd::PpaList::contiguous(open, 4).expect("list");
+    let op = crate::ocssd::Op::Write { ppas, data: vec![7u8; 4 * BLOCK_BYTES].into(), oob: None };
+    qp.submit(crate::ocssd::Command { tag: 1, op }).expect("room");
+    let mut done = Vec::new();
+    assert_eq!(qp.poll(&mut done, 4), 1);
+    assert!(done[0].status.is_success());
+    h.write(0, &[1]);
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let c = lock(&sh.core);
+        assert_eq!(c.open, Some(first));
+        let b = &c.bands[first as usize];
+        assert_eq!(b.good, vec![0, 3], "good chunks");
+        assert_eq!(b.retired, 1 << 1 | 1 << 2, "retired chunks");
+    }
+    assert_eq!(emu.erase_count(sh.geo.chunk(first, 1)).expect("in range"), 0, "the retired chunk was reset");
+    assert_eq!(h.stats()["retired_chunks"], 1);
+    // (Not a clean stop: the checkpoint resets open metadata chunks, which needs early reset.)
+    h.stop(true);
+}
+
+/// After a media failure (here: the checkpoint a flush after an unmap writes fails), the FTL fails
+/// the flush and a shutdown right after still ends (with the failure), not spinning on it.
+#[test]
+fn shutdown_after_a_metadata_write_failure_ends() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
+    let mut h = Harness::new(media, FtlConfig::new("mdfail"));
+    let sh = Arc::clone(h.bdev.as_ref().expect("running").shared());
+    for band in 0..sh.geo.first_data_band() {
+        for i in 0..sh.geo.pus.len() {
+            let chunk = sh.geo.chunk(band, i);
+            for lbk in 0..32 {
+                emu.inject(Fault::WriteFail(chunk.with_lbk(lbk))).expect("in range");
+            }
+        }
+    }
+    h.write(1, &[1]);
+    h.cmd(IoKind::Unmap, 1, 1);
+    h.ch().submit(BdevIo::no_data(IoKind::Flush, 0, 0, 5));
+    let done = drive(h.ch());
+    assert_eq!(
+        done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(),
+        vec![(5, Err(IoError::Errno(libc::EIO)))]
+    );
+    assert!(lock(&sh.core).failed.is_some());
+    h.ch = None;
+    h.desc = None;
+    drop(h.reg.unregister("mdfail").expect("unregister"));
+    let b = h.bdev.take().expect("running");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(b.shutdown().is_err());
+    });
+    let failed = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the shutdown never ended");
+    assert!(failed, "the shutdown reports the failure");
+}

@@ -63,6 +63,16 @@ fn stream_cache(cut: SeqCutoff) -> (Registry, Arc<CacheBdev>, crate::bdev::Descr
     (reg, bdev, desc, ch)
 }
 
+/// The record of cache line `slot` as the cache device `cdev` holds it now (`None`: a free line).
+fn device_record(reg: &Registry, slot: u32) -> Option<layout::LineRecord> {
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let page = slot / layout::LINES_PER_PAGE;
+    let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
+    let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+    layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
+}
+
 fn stats(b: &CacheBdev) -> serde_json::Value {
     b.module_stats().unwrap()
 }
@@ -935,13 +945,7 @@ fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_rec
     assert_eq!(r[0].result, Ok(()));
     assert_eq!(waiters(), 3, "the rewrite waited for a record round of its own");
     // The device records line 0 dirty, so a crash now would load the rewrite.
-    let cdev = reg.open("cdev", false).unwrap();
-    let mut cch = cdev.channel().unwrap();
-    let page = slot / layout::LINES_PER_PAGE;
-    let rec_at = layout::page_offset(page) / BS;
-    let bytes = read(&mut cch, rec_at, layout::PAGE_BYTES / BS);
-    let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
-    let rec = layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap().unwrap();
+    let rec = device_record(&reg, slot).unwrap();
     assert_eq!((rec.used, rec.core_line, rec.dirty), (true, 0, 0xff), "record of line 0: {rec:?}");
 }
 
@@ -1582,14 +1586,7 @@ fn a_failed_write_to_a_recorded_dirty_line_persists_the_invalidation() {
     let sh = bdev.shared().clone();
     write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
     let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
-    let record = || {
-        let cdev = reg.open("cdev", false).unwrap();
-        let mut cch = cdev.channel().unwrap();
-        let page = slot / layout::LINES_PER_PAGE;
-        let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
-        let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
-        layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
-    };
+    let record = || device_record(&reg, slot);
     assert_eq!(record().map(|r| r.dirty), Some(0xff));
     {
         let mut h = lock(&cctl);
@@ -1617,14 +1614,7 @@ fn an_unmap_of_a_recorded_dirty_line_persists_the_invalidation() {
     let sh = bdev.shared().clone();
     write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
     let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
-    let record = || {
-        let cdev = reg.open("cdev", false).unwrap();
-        let mut cch = cdev.channel().unwrap();
-        let page = slot / layout::LINES_PER_PAGE;
-        let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
-        let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
-        layout::decode_line(&bytes[i..i + layout::LINE_MD_BYTES as usize], slot).unwrap()
-    };
+    let record = || device_record(&reg, slot);
     assert_eq!(record().map(|r| r.dirty), Some(0xff));
     assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 0, 4, 1)])[&1], Ok(()));
     assert_eq!(record().map_or(0, |r| r.dirty), 0xf0, "the device still records the unmapped sectors dirty");

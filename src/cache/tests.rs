@@ -871,6 +871,25 @@ fn held_core_setup() -> (Registry, Arc<std::sync::Mutex<HoldCtl>>) {
     (reg, ctl)
 }
 
+/// A 64-line `HoldBdev` cache device `cdev` and a 1 MiB malloc core `core0`, registered; the cache
+/// device's hold control.
+fn held_cdev_setup() -> (Registry, Arc<std::sync::Mutex<HoldCtl>>) {
+    let reg = Registry::new();
+    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    (reg, ctl)
+}
+
+/// Write-back, no cleaner, no cut-off, and record rounds only when a request asks for one.
+fn wb_records_on_demand() -> CacheConfig {
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 3_600_000;
+    c.seq_cutoff = SeqCutoff::Off;
+    c
+}
+
 /// Polls `ch` until `cond` holds (60 s deadline), given the completions seen so far; returns them.
 #[track_caller]
 fn poll_until(
@@ -896,14 +915,8 @@ fn poll_until(
 /// recorded it dirty (`start_md`'s `disk_sure &= dirty`).
 #[test]
 fn rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_record() {
-    let reg = Registry::new();
-    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
-    reg.register(cdev).unwrap();
-    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
-    let mut c = cfg(Mode::Wb);
-    c.cleaner = CleanerPolicy::Nop;
-    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
-    c.seq_cutoff = SeqCutoff::Off;
+    let (reg, ctl) = held_cdev_setup();
+    let c = wb_records_on_demand();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let sh = bdev.shared().clone();
     let waiters = || sh.md_waiters.load(Ordering::Acquire);
@@ -1369,10 +1382,7 @@ fn generations_wrap_without_losing_completions() {
 /// told so).
 #[test]
 fn a_read_hit_across_lines_completes_after_its_cache_reads() {
-    let reg = Registry::new();
-    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
-    reg.register(cdev).unwrap();
-    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let (reg, ctl) = held_cdev_setup();
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Off;
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
@@ -1530,10 +1540,7 @@ fn a_write_through_write_keeps_the_other_dirty_sectors_of_its_line() {
 /// the next read comes from the core (which has the new data), and cleaning writes nothing back.
 #[test]
 fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
-    let reg = Registry::new();
-    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
-    reg.register(cdev).unwrap();
-    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let (reg, cctl) = held_cdev_setup();
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Off;
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
@@ -1574,14 +1581,8 @@ fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
 /// dirty: after a crash the cache must not load sectors whose content is unknown.
 #[test]
 fn a_failed_write_to_a_recorded_dirty_line_persists_the_invalidation() {
-    let reg = Registry::new();
-    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
-    reg.register(cdev).unwrap();
-    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
-    let mut c = cfg(Mode::Wb);
-    c.cleaner = CleanerPolicy::Nop;
-    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
-    c.seq_cutoff = SeqCutoff::Off;
+    let (reg, cctl) = held_cdev_setup();
+    let c = wb_records_on_demand();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let sh = bdev.shared().clone();
     write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
@@ -1606,10 +1607,7 @@ fn a_failed_write_to_a_recorded_dirty_line_persists_the_invalidation() {
 fn an_unmap_of_a_recorded_dirty_line_persists_the_invalidation() {
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wb);
-    c.cleaner = CleanerPolicy::Nop;
-    c.md_lazy_ms = 3_600_000; // record rounds only when asked for
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wb_records_on_demand();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let sh = bdev.shared().clone();
     write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty, and recorded dirty before the ack
@@ -1804,10 +1802,7 @@ fn hits_of_a_dropped_channel_and_of_live_ones_all_count() {
 /// line's pin is released and the read's memory outlives it.
 #[test]
 fn a_dropped_channel_finishes_its_hits() {
-    let reg = Registry::new();
-    let (cdev, ctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
-    reg.register(cdev).unwrap();
-    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let (reg, ctl) = held_cdev_setup();
     let mut c = cfg(Mode::Wt);
     c.seq_cutoff = SeqCutoff::Off;
     let (bdev, _desc, mut a) = open_cache(&reg, &c);

@@ -747,8 +747,9 @@ fn core_never_takes_an_entry_a_writer_is_still_copying() {
     };
     sh.wake.notify_all();
     std::thread::sleep(std::time::Duration::from_millis(150));
-    assert_eq!(lock(&sh.core).wbuf.taken, first, "the core took entries whose data is not copied yet");
-    // Published: the core writes them.
+    let taken_unpublished = lock(&sh.core).wbuf.taken;
+    // Published (before any assertion: a test that failed with entries left unpublished would hang
+    // in the FTL's stop instead of failing): the core writes them.
     {
         let slots = Arc::clone(lock(&sh.core).wbuf.data());
         for i in 0..16u64 {
@@ -761,6 +762,7 @@ fn core_never_takes_an_entry_a_writer_is_still_copying() {
         }
     }
     sh.wake.notify_all();
+    assert_eq!(taken_unpublished, first, "the core took entries whose data is not copied yet");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         // (No more notifies: the last partial unit is padded after an idle period.)

@@ -292,19 +292,8 @@ impl Channel {
     /// Gives `io` back untouched when the general path is needed ([`Channel::submit`]).
     pub fn submit_direct(&mut self, io: BdevIo) -> Result<(), BdevIo> {
         let info = self.bdev.info();
-        let bs = u64::from(info.block_size);
-        let bytes = io.num_blocks.checked_mul(bs);
-        let plain = match io.kind {
-            IoKind::Read => true,
-            IoKind::Write => self.writable,
-            _ => false,
-        };
-        if !plain
-            || io.num_blocks == 0
-            || io.offset_blocks.checked_add(io.num_blocks).map_or(true, |e| e > info.num_blocks)
-            || bytes != Some(io.bufs.len_bytes())
-            || !(info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
-            || next_len(info, io.offset_blocks, io.num_blocks) != io.num_blocks
+        if !goes_as_is(info, &io)
+            || self.validate(info, &io).is_err()
             || !self.queue.is_empty()
             || !self.parked.is_empty()
             || self.control.frozen()
@@ -405,11 +394,7 @@ impl Channel {
         let bs = u64::from(info.block_size);
         // The common case first: a read or write that needs no bounce and no split goes to the module
         // as it came, with a direct record instead of a parent.
-        if matches!(io.kind, IoKind::Read | IoKind::Write)
-            && io.num_blocks > 0
-            && (info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
-            && next_len(info, io.offset_blocks, io.num_blocks) == io.num_blocks
-        {
+        if goes_as_is(info, &io) {
             self.start_direct(io);
             return;
         }
@@ -738,6 +723,15 @@ impl Channel {
     pub fn stats(&self) -> BdevStatsSnapshot {
         self.shard.snapshot()
     }
+}
+
+/// True for a read or write of at least one block that needs no bounce and no split: it can go to
+/// the module as it came (a direct I/O).
+fn goes_as_is(info: &BdevInfo, io: &BdevIo) -> bool {
+    matches!(io.kind, IoKind::Read | IoKind::Write)
+        && io.num_blocks > 0
+        && (info.buf_align <= 1 || io.bufs.is_aligned(info.buf_align as usize))
+        && next_len(info, io.offset_blocks, io.num_blocks) == io.num_blocks
 }
 
 /// Blocks of a read/write child starting at `off`, at most `remaining`, not crossing the optimal

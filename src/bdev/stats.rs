@@ -119,7 +119,7 @@ pub(crate) struct Sample {
 }
 
 /// Adds `v` to a counter that only the calling thread writes (no locked instruction).
-fn bump(c: &AtomicU64, v: u64) {
+pub(crate) fn bump(c: &AtomicU64, v: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
 }
 

@@ -224,7 +224,7 @@ impl Owner {
         let now = self.sh.now_ms();
         let timeout: i32 = if busy {
             20
-        } else if !wlock(&self.sh.map).md_pending.is_empty() {
+        } else if !rlock(&self.sh.map).md_pending.is_empty() {
             100
         } else {
             match self.sh.cleaner {

@@ -49,6 +49,7 @@ use std::sync::Arc;
 
 use super::map::{Key, LineMap};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
+use crate::bdev::stats::bump;
 use crate::bdev::{BdevError, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
 use slab::Slab;
 
@@ -174,7 +175,8 @@ pub struct CacheChannel {
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
     pins: Arc<[std::sync::atomic::AtomicU32]>,
-    /// Read hits of this channel (one writer: this channel; see `Shared::hit_shards`).
+    /// Read hits of this channel (one writer, this channel: counted with `bump`; see
+    /// `Shared::hit_shards`).
     hit_count: Arc<AtomicU64>,
 }
 
@@ -325,11 +327,10 @@ impl CacheChannel {
                     let want = mask(a, a + io.num_blocks);
                     if map.lines[s as usize].valid & want == want {
                         map.pin_for_hit(s);
-                        if self.seq_cutoff != SeqCutoff::Off {
-                            let _ = self.cut_off(&io, &map);
-                        }
+                        // Keep the stream detection going (a hit never fills, so the answer is moot).
+                        let _ = self.cut_off(&io, &map);
                         drop(map);
-                        self.count_hit();
+                        bump(&self.hit_count, 1);
                         let mut pins = [0u32; MAX_PINS];
                         pins[0] = s;
                         let ct = self.new_hit(io.tag, pins, 1, 1);
@@ -347,12 +348,10 @@ impl CacheChannel {
             } else {
                 let mut segs = std::mem::take(&mut self.seg_pool);
                 if let Some((pins, n)) = self.try_hit(&map, &io, &mut segs) {
-                    if self.seq_cutoff != SeqCutoff::Off {
-                        // Keep the stream detection going (a hit never fills, so the answer is moot).
-                        let _ = self.cut_off(&io, &map);
-                    }
+                    // Keep the stream detection going (a hit never fills, so the answer is moot).
+                    let _ = self.cut_off(&io, &map);
                     drop(map);
-                    self.count_hit();
+                    bump(&self.hit_count, 1);
                     self.issue_hit(io, pins, n, segs);
                     return Ok(());
                 }
@@ -558,12 +557,6 @@ impl CacheChannel {
             );
         }
         Some((slots, n as u8))
-    }
-
-    /// Counts a read hit in this channel's shard (one writer: a load and a store).
-    fn count_hit(&self) {
-        let c = &self.hit_count;
-        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     fn plan_read(

@@ -44,6 +44,9 @@
 //!   stacked modules on the bdev under them (a cache's read hits): it checks in one step that the I/O
 //!   is in range, plain, unsplit, aligned and that no QoS limit, reset or queued work applies, and
 //!   gives anything else back for [`Channel::submit`].
+//! * [`Lane`] is a stacked module's fast lane to the bdev under it: a module channel of its own,
+//!   taking only what `submit_direct` would, with no record at all (the caller's record carries the
+//!   start and size it reports back for the statistics). A cache's hit reads go through it.
 //!
 //! * QoS ([`super::qos`]): between validation and splitting, a parent is admitted by the bdev's shared
 //!   token buckets or parked in this channel's FIFO `parked` queue (new parents queue behind parked
@@ -90,7 +93,7 @@ pub(crate) fn zero_buf() -> Arc<AlignedBuf> {
 
 /// Nanoseconds from a process-wide origin to `t` (0 for instants before it): parents keep their
 /// start time as a number, so a latency is one subtraction instead of `Instant` arithmetic.
-fn nanos(t: Instant) -> u64 {
+pub(crate) fn nanos(t: Instant) -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
     u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
@@ -606,30 +609,7 @@ impl Channel {
     }
 
     fn validate(&self, info: &BdevInfo, io: &BdevIo) -> Result<(), IoError> {
-        let is_write = matches!(io.kind, IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes);
-        if is_write && !self.writable {
-            return Err(IoError::ReadOnly);
-        }
-        if !info.io_kind_supported(io.kind) {
-            return Err(IoError::Unsupported);
-        }
-        if matches!(io.kind, IoKind::Flush | IoKind::Reset) {
-            return Ok(());
-        }
-        let end = io.offset_blocks.checked_add(io.num_blocks).ok_or(IoError::InvalidRange)?;
-        if end > info.num_blocks {
-            return Err(IoError::InvalidRange);
-        }
-        if io.kind == IoKind::Unmap && io.num_blocks == 0 {
-            return Err(IoError::InvalidRange);
-        }
-        if matches!(io.kind, IoKind::Read | IoKind::Write) {
-            let want = io.num_blocks.checked_mul(u64::from(info.block_size)).ok_or(IoError::InvalidRange)?;
-            if io.bufs.len_bytes() != want {
-                return Err(IoError::InvalidRange);
-            }
-        }
-        Ok(())
+        validate(info, self.writable, io)
     }
 
     /// Appends finished I/O to `done`; returns how many were appended.
@@ -725,6 +705,35 @@ impl Channel {
     }
 }
 
+/// The checks every I/O passes before it reaches a module (SPDK's order: direction, support, range,
+/// length).
+fn validate(info: &BdevInfo, writable: bool, io: &BdevIo) -> Result<(), IoError> {
+    let is_write = matches!(io.kind, IoKind::Write | IoKind::Unmap | IoKind::WriteZeroes);
+    if is_write && !writable {
+        return Err(IoError::ReadOnly);
+    }
+    if !info.io_kind_supported(io.kind) {
+        return Err(IoError::Unsupported);
+    }
+    if matches!(io.kind, IoKind::Flush | IoKind::Reset) {
+        return Ok(());
+    }
+    let end = io.offset_blocks.checked_add(io.num_blocks).ok_or(IoError::InvalidRange)?;
+    if end > info.num_blocks {
+        return Err(IoError::InvalidRange);
+    }
+    if io.kind == IoKind::Unmap && io.num_blocks == 0 {
+        return Err(IoError::InvalidRange);
+    }
+    if matches!(io.kind, IoKind::Read | IoKind::Write) {
+        let want = io.num_blocks.checked_mul(u64::from(info.block_size)).ok_or(IoError::InvalidRange)?;
+        if io.bufs.len_bytes() != want {
+            return Err(IoError::InvalidRange);
+        }
+    }
+    Ok(())
+}
+
 /// True for a read or write of at least one block that needs no bounce and no split: it can go to
 /// the module as it came (a direct I/O).
 fn goes_as_is(info: &BdevInfo, io: &BdevIo) -> bool {
@@ -751,6 +760,115 @@ fn next_len(info: &BdevInfo, off: u64, remaining: u64) -> u64 {
 impl Drop for Channel {
     fn drop(&mut self) {
         // What this channel counted stays in the bdev's statistics.
+        self.stats.retire(&self.shard);
+    }
+}
+
+/// A stacked module's fast lane to the bdev under it (a cache's read hits): a module channel of its
+/// own that takes a plain read or write as it is, with none of [`Channel`]'s machinery (no parent or
+/// direct record, no split, bounce, NOMEM queue, QoS or reset handling). Whatever needs any of that
+/// is given back, for the caller's [`Channel`]. Each I/O is still validated and counted in the bdev's
+/// statistics, latency included: the lane keeps no record per I/O, so the caller reports each
+/// completion's size and start with [`Lane::account`] (its own record of the I/O has them).
+///
+/// Completions come out of [`Lane::poll`] with the caller's tag. The caller polls its lane and its
+/// channel, and sleeps on both `wait_fd`s.
+pub struct Lane {
+    bdev: Arc<dyn Bdev>,
+    module: Box<dyn ModuleChannel>,
+    writable: bool,
+    stats: Arc<BdevStats>,
+    shard: Arc<StatsShard>,
+    control: Arc<BdevControl>,
+    /// I/O in the module.
+    out: usize,
+    /// Start stamp of what is submitted now ([`Lane::set_batch_time`], moved on by `poll` like a
+    /// [`Channel`]'s); `None`: read the clock per I/O.
+    batch_now: Option<u64>,
+    /// Completion time of the last `poll`'s completions (one clock read per poll).
+    done_now: u64,
+}
+
+impl Lane {
+    pub(crate) fn new(
+        bdev: Arc<dyn Bdev>,
+        module: Box<dyn ModuleChannel>,
+        writable: bool,
+        stats: Arc<BdevStats>,
+        control: Arc<BdevControl>,
+    ) -> Self {
+        let shard = stats.shard();
+        Self { bdev, module, writable, stats, shard, control, out: 0, batch_now: None, done_now: 0 }
+    }
+
+    /// Stamps what is submitted from now on with `now` (see [`Channel::set_batch_time`]).
+    pub fn set_batch_time(&mut self, now: Instant) {
+        self.batch_now = Some(nanos(now));
+    }
+
+    /// Sends `io` to the module when it is a valid, plain read or write that needs no split or bounce,
+    /// no QoS limit applies and no reset is in progress; gives it back otherwise (also when the module
+    /// refuses it). Never completes inline.
+    pub fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo> {
+        let info = self.bdev.info();
+        if !goes_as_is(info, &io)
+            || validate(info, self.writable, &io).is_err()
+            || self.control.frozen()
+            || self.control.qos.enabled()
+        {
+            return Err(io);
+        }
+        match self.module.submit(io) {
+            Ok(()) => {
+                self.shard.submitted();
+                self.out += 1;
+                Ok(())
+            }
+            Err(Rejected::NoMem(io) | Rejected::Failed(io, _)) => Err(io),
+        }
+    }
+
+    /// The start stamp of an I/O submitted now, for [`Lane::account`]: the batch time, or the clock.
+    pub fn stamp(&self) -> u64 {
+        self.batch_now.unwrap_or_else(|| nanos(Instant::now()))
+    }
+
+    /// Appends finished I/O to `done` (the callers' tags); returns how many.
+    pub fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        if self.out == 0 {
+            return 0;
+        }
+        let n = self.module.poll(done);
+        if n > 0 {
+            self.out = self.out.saturating_sub(n);
+            self.done_now = nanos(Instant::now());
+            if self.batch_now.is_some() {
+                // What the owner submits from its poll starts now.
+                self.batch_now = Some(self.done_now);
+            }
+        }
+        n
+    }
+
+    /// Records a completed lane I/O in the bdev's statistics: `bytes` of `kind`, started at `start`
+    /// ([`Lane::stamp`] when it was submitted), completed by the last [`Lane::poll`].
+    pub fn account(&self, kind: IoKind, bytes: u64, start: u64, ok: bool) {
+        self.shard.record(Sample { kind, bytes, latency_ns: self.done_now.saturating_sub(start), ok });
+    }
+
+    /// I/O submitted and not yet returned by `poll`.
+    pub fn outstanding(&self) -> usize {
+        self.out
+    }
+
+    /// An fd an idle poller may sleep on for this lane's completions.
+    pub fn wait_fd(&self) -> Option<RawFd> {
+        self.module.wait_fd()
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
         self.stats.retire(&self.shard);
     }
 }

@@ -39,7 +39,7 @@ pub mod stats;
 pub(crate) mod tests;
 pub(crate) mod waitset;
 
-pub use channel::{BdevControl, Channel};
+pub use channel::{BdevControl, Channel, Lane};
 pub use iov::{AlignedBuf, IoVecs, IovList};
 pub use registry::{Descriptor, Registry, RemoveCallback};
 pub use stats::{BdevStats, BdevStatsSnapshot};

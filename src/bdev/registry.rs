@@ -266,6 +266,18 @@ impl Descriptor {
         Ok(())
     }
 
+    /// A new fast lane for the calling thread (see [`super::channel::Lane`]): for stacked modules only.
+    pub fn lane(&self) -> Result<super::channel::Lane, BdevError> {
+        let module = self.entry.bdev.create_channel()?;
+        Ok(super::channel::Lane::new(
+            self.entry.bdev.clone(),
+            module,
+            self.writable,
+            self.entry.stats.clone(),
+            self.entry.control.clone(),
+        ))
+    }
+
     /// A new generic I/O channel for the calling thread.
     pub fn channel(&self) -> Result<Channel, BdevError> {
         let module = self.entry.bdev.create_channel()?;

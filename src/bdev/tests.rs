@@ -1003,3 +1003,110 @@ fn only_unaligned_buffers_are_bounced() {
     assert_eq!(run1(&mut ch, BdevIo::read(8, 4, back.slice(0, 2048).expect("view"), 0)), Ok(()));
     assert_eq!(back.to_vec(), pattern(0, 5, 512, 3)[512..].to_vec());
 }
+
+/// Polls `lane` until nothing is in flight.
+fn drive_lane(lane: &mut super::Lane) -> Vec<Completion> {
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while lane.outstanding() > 0 {
+        if lane.poll(&mut done) == 0 {
+            assert!(std::time::Instant::now() < deadline, "I/O never completed");
+            std::thread::yield_now();
+        }
+    }
+    done
+}
+
+/// A lane takes only what a channel would hand the module unchanged (in range, right length,
+/// unsplit, aligned, no QoS, no reset, writable for a write), gives the rest (and what the module
+/// refuses) back untouched, completes what it took with the caller's tag, and counts each I/O the
+/// caller accounts for in the bdev's statistics, latency included.
+#[test]
+fn a_lane_takes_only_plain_io_and_counts_it() {
+    let (bdev, ctl) = StubBdev::new(|i| {
+        i.max_io_blocks = 8;
+        i.buf_align = 512;
+        i.supports.reset = true;
+    });
+    let (reg, desc, mut ch) = open_stub(bdev);
+    let mut lane = desc.lane().expect("lane");
+    let given_back = |lane: &mut super::Lane, io: BdevIo| {
+        let (kind, off, nb, tag) = (io.kind, io.offset_blocks, io.num_blocks, io.tag);
+        let back = lane.submit(io).expect_err("must be given back");
+        assert_eq!((back.kind, back.offset_blocks, back.num_blocks, back.tag), (kind, off, nb, tag));
+    };
+    let blocks = desc.info().num_blocks;
+    given_back(&mut lane, BdevIo::read(0, 9, IoVecs::alloc(9 * 512), 1)); // needs a split
+    given_back(&mut lane, BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 2)); // past the end
+    given_back(&mut lane, BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 2)); // overflowing range
+    given_back(&mut lane, BdevIo::read(0, 2, IoVecs::alloc(512), 3)); // wrong length
+    given_back(&mut lane, BdevIo::read(0, 0, IoVecs::alloc(0), 4)); // no blocks
+    given_back(&mut lane, BdevIo::no_data(IoKind::Flush, 0, 0, 5));
+    let raw = IoVecs::alloc(1025);
+    given_back(&mut lane, BdevIo::read(0, 2, raw.slice(1, 1024).expect("slice"), 6)); // unaligned
+    reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
+    given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(512), 7)); // QoS limits apply
+    reg.set_qos("stub", QosLimits::default()).expect("lift");
+    let ro = reg.open("stub", false).expect("read-only open");
+    let mut ro_lane = ro.lane().expect("lane");
+    given_back(&mut ro_lane, BdevIo::write(0, 1, IoVecs::alloc(512), 8)); // write, read-only
+    assert!(accepts(&ctl).is_empty(), "nothing given back reached the module");
+    assert_eq!(lane.outstanding(), 0);
+
+    // Taken up to the last block; completes with the caller's tag.
+    assert!(lane.submit(BdevIo::read(blocks - 1, 1, IoVecs::alloc(512), 15)).is_ok());
+    assert_eq!(lane.outstanding(), 1);
+    assert_eq!(drive_lane(&mut lane), vec![Completion { tag: 15, result: Ok(()) }]);
+
+    // Data written and read back; counted once each (by `account`), with a latency.
+    let before = desc.stats();
+    let data = pattern(3, 8, 512, 9);
+    let start = lane.stamp();
+    lane.submit(BdevIo::write(3, 8, IoVecs::from_slice(&data), 10)).expect("taken");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(drive_lane(&mut lane), vec![Completion { tag: 10, result: Ok(()) }]);
+    lane.account(IoKind::Write, 4096, start, true);
+    let back = IoVecs::alloc(8 * 512);
+    let view = back.slice(0, 8 * 512).expect("view");
+    let start = lane.stamp();
+    lane.submit(BdevIo::read(3, 8, back, 11)).expect("taken");
+    assert_eq!(drive_lane(&mut lane), vec![Completion { tag: 11, result: Ok(()) }]);
+    lane.account(IoKind::Read, 4096, start, true);
+    same(&view.to_vec(), &data);
+    let after = desc.stats();
+    assert_eq!((after.write_ops - before.write_ops, after.write_bytes - before.write_bytes), (1, 4096));
+    assert_eq!((after.read_ops - before.read_ops, after.read_bytes - before.read_bytes), (1, 4096));
+    assert!(
+        after.write_latency_ns_sum - before.write_latency_ns_sum >= 2_000_000,
+        "the write's latency covers its 2 ms in flight"
+    );
+
+    // A module error comes back with that error; accounted as an error.
+    ctl.lock().expect("ctl").fail_at = Some(20);
+    let start = lane.stamp();
+    lane.submit(BdevIo::read(20, 1, IoVecs::alloc(512), 12)).expect("taken");
+    assert_eq!(drive_lane(&mut lane), vec![Completion { tag: 12, result: Err(IoError::Errno(libc::EIO)) }]);
+    lane.account(IoKind::Read, 512, start, false);
+    assert_eq!(desc.stats().errors, before.errors + 1);
+    ctl.lock().expect("ctl").fail_at = None;
+
+    // Refused by the module (NOMEM): given back, not counted as in flight.
+    ctl.lock().expect("ctl").cap = Some(0);
+    given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(512), 14));
+    assert_eq!(lane.outstanding(), 0);
+    ctl.lock().expect("ctl").cap = None;
+
+    // While a reset is in progress: given back.
+    ctl.lock().expect("ctl").hold_all = true;
+    ch.submit(BdevIo::no_data(IoKind::Reset, 0, 0, 1));
+    given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(512), 16));
+    ctl.lock().expect("ctl").hold_all = false;
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }]);
+    assert!(lane.submit(BdevIo::read(0, 1, IoVecs::alloc(512), 17)).is_ok(), "taken again after the reset");
+    assert_eq!(drive_lane(&mut lane), vec![Completion { tag: 17, result: Ok(()) }]);
+
+    // What a dropped lane counted stays in the bdev's statistics.
+    let counted = desc.stats();
+    drop(lane);
+    assert_eq!(desc.stats().read_ops, counted.read_ops);
+}

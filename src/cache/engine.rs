@@ -50,7 +50,9 @@ use std::sync::Arc;
 use super::map::{Key, LineMap};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::stats::bump;
-use crate::bdev::{BdevError, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, ModuleChannel, Rejected};
+use crate::bdev::{
+    BdevError, BdevIo, Channel, Completion, IoError, IoKind, IoVecs, Lane, ModuleChannel, Rejected,
+};
 use slab::Slab;
 
 /// Lock owner ids of the cleaner and of owner-thread work, unique across the process. They stay
@@ -126,6 +128,10 @@ struct Req {
 /// the cache device complete.
 struct Hit {
     tag: u64,
+    /// Start stamp of its one read, when that went through the lane (for the cache device's
+    /// statistics); `lane_bytes` its size (0: it went through the channel, which counts it).
+    start: u64,
+    lane_bytes: u32,
     gen: u32,
     pins: [u32; MAX_PINS],
     npins: u8,
@@ -149,6 +155,9 @@ pub struct CacheChannel {
     sh: Arc<Shared>,
     core_id: u16,
     bs: u64,
+    /// log2(bs) and log2(the cache device's block size) (both powers of two: no division on a hit).
+    bs_shift: u32,
+    cache_shift: u32,
     lb: u64,
     /// log2(lb): blocks per line is a power of two (line size and block size are).
     lb_shift: u32,
@@ -158,6 +167,8 @@ pub struct CacheChannel {
     seq_cutoff: SeqCutoff,
     seq_cutoff_bytes: u64,
     cache_ch: Channel,
+    /// The cache device's fast lane: a hit within one line reads through it.
+    lane: Lane,
     core_ch: Channel,
     mailbox: Arc<Mailbox>,
     epfd: OwnedFd,
@@ -202,12 +213,13 @@ impl CacheChannel {
         let sh = b.inst.sh.clone();
         let pins = rlock(&sh.map).pins.clone();
         let cache_ch = sh.cache_desc.channel()?;
+        let lane = sh.cache_desc.lane()?;
         let core_ch = b.core.channel()?;
         let mailbox = Mailbox::new()?;
         lock(&sh.mailboxes).push(Arc::downgrade(&mailbox));
         let hit_count = Arc::new(AtomicU64::new(0));
         lock(&sh.hit_shards).push((b.core_id, hit_count.clone()));
-        let fds = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), core_ch.wait_fd()];
+        let fds = [Some(mailbox.efd.as_raw_fd()), cache_ch.wait_fd(), lane.wait_fd(), core_ch.wait_fd()];
         let epfd = epoll_set(fds.into_iter().flatten())
             .map_err(|e| BdevError::io("cache: setting up the channel's epoll set", e))?;
         let bs = u64::from(b.info.block_size);
@@ -217,9 +229,18 @@ impl CacheChannel {
                 "cache: {lb} blocks per line is not a power of two"
             )));
         }
+        for (what, b) in [("block size", bs), ("cache device's block size", u64::from(sh.cache_block))] {
+            if !b.is_power_of_two() {
+                return Err(BdevError::InvalidConfig(format!(
+                    "cache: the {what} ({b}) is not a power of two"
+                )));
+            }
+        }
         Ok(Self {
             lb,
             lb_shift: lb.trailing_zeros(),
+            bs_shift: bs.trailing_zeros(),
+            cache_shift: sh.cache_block.trailing_zeros(),
             sh,
             core_id: b.core_id,
             bs,
@@ -228,6 +249,7 @@ impl CacheChannel {
             seq_cutoff: b.seq_cutoff,
             seq_cutoff_bytes: b.seq_cutoff_bytes,
             cache_ch,
+            lane,
             core_ch,
             mailbox,
             epfd,
@@ -333,15 +355,22 @@ impl CacheChannel {
                         bump(&self.hit_count, 1);
                         let mut pins = [0u32; MAX_PINS];
                         pins[0] = s;
-                        let ct = self.new_hit(io.tag, pins, 1, 1);
-                        let bs = u64::from(self.sh.cache_block);
-                        self.cache_out += 1;
-                        self.submit_cache(BdevIo::read(
-                            self.cache_off(s, a) / bs,
-                            io.num_blocks * self.bs / bs,
+                        let bytes = io.num_blocks << self.bs_shift;
+                        let ct = self.new_hit(io.tag, pins, 1, 1, u32::try_from(bytes).unwrap_or(0));
+                        let read = BdevIo::read(
+                            self.cache_off(s, a) >> self.cache_shift,
+                            bytes >> self.cache_shift,
                             io.bufs,
                             ct,
-                        ));
+                        );
+                        if let Err(read) = self.lane.submit(read) {
+                            // Given back (e.g. a QoS limit on the cache device): the channel counts it.
+                            if let Some(h) = self.hits.get_mut(slot(ct)) {
+                                h.lane_bytes = 0;
+                            }
+                            self.cache_out += 1;
+                            self.submit_cache(read);
+                        }
                         return Ok(());
                     }
                 }
@@ -451,8 +480,8 @@ impl CacheChannel {
     /// Reads a hit's segments from the cache device (lines already pinned); no map lock, no
     /// request record: the hit's own small record is all its completion needs.
     fn issue_hit(&mut self, io: BdevIo, pins: [u32; MAX_PINS], npins: u8, mut segs: Vec<Seg>) {
-        let ct = self.new_hit(io.tag, pins, npins, 0);
-        let bs = u64::from(self.sh.cache_block);
+        let ct = self.new_hit(io.tag, pins, npins, 0, 0);
+        let cs = self.cache_shift;
         let (mut n, mut error) = (0u8, None);
         for s in segs.drain(..) {
             let Some(buf) = io.bufs.slice(s.buf_off, s.len) else {
@@ -461,7 +490,7 @@ impl CacheChannel {
             };
             n += 1;
             self.cache_out += 1;
-            self.submit_cache(BdevIo::read(s.dev_off / bs, s.len / bs, buf, ct));
+            self.submit_cache(BdevIo::read(s.dev_off >> cs, s.len >> cs, buf, ct));
         }
         self.seg_pool = segs;
         // Children never complete inside submit: setting the count afterwards is safe.
@@ -483,12 +512,15 @@ impl CacheChannel {
     }
 
     /// Records a read hit in flight (its lines already pinned); returns its children's tag.
-    fn new_hit(&mut self, tag: u64, pins: [u32; MAX_PINS], npins: u8, pending: u8) -> u64 {
+    /// `lane_bytes`: the size of its one read when that goes through the lane (0: through the
+    /// channel); its start stamp is the lane's now.
+    fn new_hit(&mut self, tag: u64, pins: [u32; MAX_PINS], npins: u8, pending: u8, lane_bytes: u32) -> u64 {
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen & 0x7fff_ffff;
+        let start = if lane_bytes > 0 { self.lane.stamp() } else { 0 };
         let entry = self.hits.vacant_entry();
         let ct = HIT_CHILD | u64::from(gen) << 32 | entry.key() as u64;
-        entry.insert(Hit { tag, gen, pins, npins, pending, error: None });
+        entry.insert(Hit { tag, start, lane_bytes, gen, pins, npins, pending, error: None });
         ct
     }
 
@@ -505,6 +537,9 @@ impl CacheChannel {
             return;
         }
         let h = self.hits.remove(slot);
+        if h.lane_bytes > 0 {
+            self.lane.account(IoKind::Read, u64::from(h.lane_bytes), h.start, h.error.is_none());
+        }
         for &p in &h.pins[..usize::from(h.npins)] {
             self.pins[p as usize].fetch_sub(1, Ordering::AcqRel);
         }
@@ -901,7 +936,7 @@ impl CacheChannel {
 impl ModuleChannel for CacheChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
         // Only a request on lines that an earlier waiting request also touches must queue behind it.
-        if self.blocked.iter().any(|b| self.overlap(b, &io)) {
+        if !self.blocked.is_empty() && self.blocked.iter().any(|b| self.overlap(b, &io)) {
             self.blocked.push_back(io);
             return Ok(());
         }
@@ -923,6 +958,7 @@ impl ModuleChannel for CacheChannel {
             if self.cache_out > 0 {
                 self.cache_out -= self.cache_ch.poll(&mut scratch).min(self.cache_out);
             }
+            self.lane.poll(&mut scratch);
             if self.core_out > 0 {
                 self.core_out -= self.core_ch.poll(&mut scratch).min(self.core_out);
             }
@@ -962,6 +998,7 @@ impl ModuleChannel for CacheChannel {
 
     fn set_batch_time(&mut self, now: std::time::Instant) {
         self.cache_ch.set_batch_time(now);
+        self.lane.set_batch_time(now);
         self.core_ch.set_batch_time(now);
     }
 }

@@ -1827,3 +1827,37 @@ fn a_dropped_channel_finishes_its_hits() {
     release.join().unwrap();
     assert_eq!(stats(&bdev)["read_hits"].as_u64().unwrap(), 1);
 }
+
+/// A read hit within one line reads through the cache device's lane; it is counted once in the cache
+/// device's statistics (ops, bytes, latency), also when the lane gives it back (a QoS limit on the
+/// cache device) and the hit goes through the device's channel instead.
+#[test]
+fn a_hit_is_counted_once_on_the_cache_device_whichever_way_it_goes() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let cdev = reg.open("cdev", false).unwrap();
+    let data = fill(7, 4096);
+    write(&mut ch, 8, &data); // line 1
+    let hits = |b: &CacheBdev| stats(b)["read_hits"].as_u64().unwrap();
+    for limited in [false, true] {
+        if limited {
+            let limits = crate::bdev::qos::QosLimits { iops: 1_000_000, bps: 0 };
+            reg.set_qos("cdev", limits).unwrap();
+        }
+        let (before, h0) = (cdev.stats(), hits(&bdev));
+        for _ in 0..3 {
+            same(&read(&mut ch, 9, 2), &data[512..1536], "hit");
+        }
+        let after = cdev.stats();
+        assert_eq!(hits(&bdev) - h0, 3, "three hits (QoS on the cache device: {limited})");
+        assert_eq!(
+            (after.read_ops - before.read_ops, after.read_bytes - before.read_bytes),
+            (3, 3 * 1024),
+            "each hit counted once on the cache device (QoS: {limited})"
+        );
+        assert!(after.read_latency_ns_sum > before.read_latency_ns_sum, "with a latency");
+    }
+}

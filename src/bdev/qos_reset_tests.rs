@@ -15,8 +15,14 @@ fn qos_parks_in_submission_order_and_releases_per_slice() {
     for i in 0..35u64 {
         ch.submit(BdevIo::write(i, 1, IoVecs::alloc(512), 100 + i));
     }
-    // 10,000 IOPS = 10 I/O per 1 ms slice: the rest waits, and says until when.
-    assert_eq!(accepts(&ctl).len(), 10, "the first slice admits exactly its budget");
+    // 10,000 IOPS = 10 I/O per 1 ms slice: the rest waits, and says until when. (On a loaded machine
+    // the loop may cross into the next slice, which admits its own 10: a whole number of slices.)
+    let admitted = accepts(&ctl).len();
+    let slices = 1 + t0.elapsed().as_micros() as usize / 1000 + 1;
+    assert!(
+        admitted % 10 == 0 && (10..=10 * slices.min(3)).contains(&admitted),
+        "each slice admits exactly its budget: {admitted} admitted in {slices} slices"
+    );
     assert_eq!(ch.outstanding(), 35);
     let until = ch.parked_until().expect("parked I/O reports its wake-up");
     assert!(until <= Instant::now() + Duration::from_millis(1));

@@ -312,8 +312,57 @@ impl CacheChannel {
         }
     }
 
-    /// Starts a request; gives it back when its lines are locked by someone else.
-    fn start(&mut self, io: BdevIo) -> Result<(), BdevIo> {
+    /// A read hit within one line (the common case), served from the cache device at once: look up,
+    /// check, pin and count under the read lock, then read through the lane. True when it was one
+    /// (its memory then moved to the read); false leaves `io` as it was, for [`Self::start`].
+    fn hit_in_line(&mut self, io: &mut BdevIo) -> bool {
+        if io.kind != IoKind::Read || io.num_blocks == 0 {
+            return false;
+        }
+        let first = io.offset_blocks >> self.lb_shift;
+        if (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift != first
+            || self.core_removed.load(Ordering::Acquire)
+            || self.sh.cache_removed.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
+        let map = rlock(&self.sh.map);
+        let Some(s) = map.lookup((self.core_id, first)) else { return false };
+        let a = io.offset_blocks - (first << self.lb_shift);
+        let want = mask(a, a + io.num_blocks);
+        if map.lines[s as usize].valid & want != want {
+            return false;
+        }
+        map.pin_for_hit(s);
+        // Keep the stream detection going (a hit never fills, so the answer is moot).
+        let _ = self.cut_off(io, &map);
+        drop(map);
+        bump(&self.hit_count, 1);
+        let mut pins = [0u32; MAX_PINS];
+        pins[0] = s;
+        let bytes = io.num_blocks << self.bs_shift;
+        let ct = self.new_hit(io.tag, pins, 1, 1, u32::try_from(bytes).unwrap_or(0));
+        let read = BdevIo::read(
+            self.cache_off(s, a) >> self.cache_shift,
+            bytes >> self.cache_shift,
+            std::mem::replace(&mut io.bufs, IoVecs::empty()),
+            ct,
+        );
+        if let Err(read) = self.lane.submit(read) {
+            // Given back (e.g. a QoS limit on the cache device): the channel counts it.
+            if let Some(h) = self.hits.get_mut(slot(ct)) {
+                h.lane_bytes = 0;
+            }
+            self.cache_out += 1;
+            self.submit_cache(read);
+        }
+        true
+    }
+
+    /// Starts a request; gives it back when its lines are locked by someone else. `try_hit`: false
+    /// when [`Self::hit_in_line`] has just said no.
+    fn start(&mut self, mut io: BdevIo, try_hit: bool) -> Result<(), BdevIo> {
         if self.core_removed.load(Ordering::Acquire) {
             self.done.push(Completion { tag: io.tag, result: Err(IoError::Removed) });
             return Ok(());
@@ -336,56 +385,26 @@ impl CacheChannel {
         }
         let first = io.offset_blocks >> self.lb_shift;
         let last = (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift;
-        if io.kind == IoKind::Read
+        if first == last {
+            if try_hit && self.hit_in_line(&mut io) {
+                return Ok(());
+            }
+        } else if io.kind == IoKind::Read
             && last - first < MAX_PINS as u64
             && !self.sh.cache_removed.load(Ordering::Acquire)
         {
-            // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
+            // A hit across lines: the read lock too, the reads through the cache device's channel.
             let map = rlock(&self.sh.map);
-            if first == last {
-                // Within one line (the common case): look up, check, pin and count in a few steps.
-                if let Some(s) = map.lookup((self.core_id, first)) {
-                    let a = io.offset_blocks - (first << self.lb_shift);
-                    let want = mask(a, a + io.num_blocks);
-                    if map.lines[s as usize].valid & want == want {
-                        map.pin_for_hit(s);
-                        // Keep the stream detection going (a hit never fills, so the answer is moot).
-                        let _ = self.cut_off(&io, &map);
-                        drop(map);
-                        bump(&self.hit_count, 1);
-                        let mut pins = [0u32; MAX_PINS];
-                        pins[0] = s;
-                        let bytes = io.num_blocks << self.bs_shift;
-                        let ct = self.new_hit(io.tag, pins, 1, 1, u32::try_from(bytes).unwrap_or(0));
-                        let read = BdevIo::read(
-                            self.cache_off(s, a) >> self.cache_shift,
-                            bytes >> self.cache_shift,
-                            io.bufs,
-                            ct,
-                        );
-                        if let Err(read) = self.lane.submit(read) {
-                            // Given back (e.g. a QoS limit on the cache device): the channel counts it.
-                            if let Some(h) = self.hits.get_mut(slot(ct)) {
-                                h.lane_bytes = 0;
-                            }
-                            self.cache_out += 1;
-                            self.submit_cache(read);
-                        }
-                        return Ok(());
-                    }
-                }
-            } else {
-                let mut segs = std::mem::take(&mut self.seg_pool);
-                if let Some((pins, n)) = self.try_hit(&map, &io, &mut segs) {
-                    // Keep the stream detection going (a hit never fills, so the answer is moot).
-                    let _ = self.cut_off(&io, &map);
-                    drop(map);
-                    bump(&self.hit_count, 1);
-                    self.issue_hit(io, pins, n, segs);
-                    return Ok(());
-                }
-                self.seg_pool = segs;
+            let mut segs = std::mem::take(&mut self.seg_pool);
+            if let Some((pins, n)) = self.try_hit(&map, &io, &mut segs) {
+                // Keep the stream detection going (a hit never fills, so the answer is moot).
+                let _ = self.cut_off(&io, &map);
+                drop(map);
+                bump(&self.hit_count, 1);
+                self.issue_hit(io, pins, n, segs);
+                return Ok(());
             }
+            self.seg_pool = segs;
         }
         // The slot the next insert takes (nothing is inserted in between).
         let id = self.uid | self.reqs.vacant_key() as u64;
@@ -934,13 +953,19 @@ impl CacheChannel {
 }
 
 impl ModuleChannel for CacheChannel {
-    fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
-        // Only a request on lines that an earlier waiting request also touches must queue behind it.
-        if !self.blocked.is_empty() && self.blocked.iter().any(|b| self.overlap(b, &io)) {
+    fn submit(&mut self, mut io: BdevIo) -> Result<(), Rejected> {
+        if self.blocked.is_empty() {
+            // The common case first, without moving the request around.
+            if self.hit_in_line(&mut io) {
+                return Ok(());
+            }
+        } else if self.blocked.iter().any(|b| self.overlap(b, &io)) {
+            // Only a request on lines that an earlier waiting request also touches must queue
+            // behind it.
             self.blocked.push_back(io);
             return Ok(());
         }
-        if let Err(io) = self.start(io) {
+        if let Err(io) = self.start(io, self.blocked.is_empty()) {
             self.blocked.push_back(io);
         }
         Ok(())
@@ -975,7 +1000,7 @@ impl ModuleChannel for CacheChannel {
                     continue;
                 }
                 let Some(io) = self.blocked.remove(i) else { break };
-                match self.start(io) {
+                match self.start(io, true) {
                     Ok(()) => progress = true,
                     Err(io) => {
                         self.blocked.insert(i, io);

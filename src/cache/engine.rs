@@ -954,7 +954,8 @@ impl CacheChannel {
 
 impl ModuleChannel for CacheChannel {
     fn submit(&mut self, mut io: BdevIo) -> Result<(), Rejected> {
-        if self.blocked.is_empty() {
+        let tried = self.blocked.is_empty();
+        if tried {
             // The common case first, without moving the request around.
             if self.hit_in_line(&mut io) {
                 return Ok(());
@@ -965,7 +966,7 @@ impl ModuleChannel for CacheChannel {
             self.blocked.push_back(io);
             return Ok(());
         }
-        if let Err(io) = self.start(io, self.blocked.is_empty()) {
+        if let Err(io) = self.start(io, !tried) {
             self.blocked.push_back(io);
         }
         Ok(())

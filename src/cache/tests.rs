@@ -1861,3 +1861,30 @@ fn a_hit_is_counted_once_on_the_cache_device_whichever_way_it_goes() {
         assert!(after.read_latency_ns_sum > before.read_latency_ns_sum, "with a latency");
     }
 }
+
+/// A read hit within one line takes the fast path (no range lock) also when another request of the
+/// channel waits for its lines: it completes while a write to its own line holds that line's lock.
+#[test]
+fn a_read_hit_passes_a_waiting_request_and_a_locked_line() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    write(&mut ch, 16, &fill(2, 4096)); // line 2, cached
+    write(&mut ch, 32, &fill(4, 4096)); // line 4, cached
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..(1 << 20) / BS);
+    let new = fill(5, 4096);
+    ch.submit(BdevIo::write(32, 8, IoVecs::from_slice(&new), 7)); // holds line 4
+    ch.submit(BdevIo::write(32, 8, IoVecs::from_slice(&new), 8)); // waits for line 4
+    ch.submit(BdevIo::write(16, 8, IoVecs::from_slice(&new), 9)); // holds line 2
+    assert_eq!(lock(&ctl).caught, 2, "the first write to each line is at the core");
+    let back = IoVecs::alloc(4096);
+    ch.submit(BdevIo::read(16, 8, back, 10)); // a hit on line 2
+    let done = poll_until(&mut ch, "the read hit of line 2", |d| !d.is_empty());
+    assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), vec![(10, Ok(()))]);
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "the writes", |d| [7, 8, 9].iter().all(|t| d.iter().any(|c| c.tag == *t)));
+    same(&read(&mut ch, 16, 8), &new, "line 2 after the write");
+    same(&read(&mut ch, 32, 8), &new, "line 4 after the writes");
+}

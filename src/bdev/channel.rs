@@ -242,8 +242,14 @@ impl Channel {
     /// (a poller calls it once per batch: one clock read per batch instead of one per request).
     /// Without it every parent reads the clock itself.
     pub fn set_batch_time(&mut self, now: Instant) {
-        self.batch_now = Some(nanos(now));
-        self.module.set_batch_time(now);
+        self.set_batch_stamp(nanos(now));
+    }
+
+    /// [`Channel::set_batch_time`] with the instant already converted (a stacked module's channels
+    /// under it: one conversion per batch for the whole stack).
+    pub(crate) fn set_batch_stamp(&mut self, now_ns: u64) {
+        self.batch_now = Some(now_ns);
+        self.module.set_batch_stamp(now_ns);
     }
 
     /// Moves the generation counter (tests: what happens after 2^31 I/O on one channel).
@@ -782,7 +788,7 @@ pub struct Lane {
     control: Arc<BdevControl>,
     /// I/O in the module.
     out: usize,
-    /// Start stamp of what is submitted now ([`Lane::set_batch_time`], moved on by `poll` like a
+    /// Start stamp of what is submitted now ([`Lane::set_batch_stamp`], moved on by `poll` like a
     /// [`Channel`]'s); `None`: read the clock per I/O.
     batch_now: Option<u64>,
     /// Completion time of the last `poll`'s completions (one clock read per poll).
@@ -801,9 +807,9 @@ impl Lane {
         Self { bdev, module, writable, stats, shard, control, out: 0, batch_now: None, done_now: 0 }
     }
 
-    /// Stamps what is submitted from now on with `now` (see [`Channel::set_batch_time`]).
-    pub fn set_batch_time(&mut self, now: Instant) {
-        self.batch_now = Some(nanos(now));
+    /// Stamps what is submitted from now on with `now_ns` (see [`Channel::set_batch_stamp`]).
+    pub(crate) fn set_batch_stamp(&mut self, now_ns: u64) {
+        self.batch_now = Some(now_ns);
     }
 
     /// Sends `io` to the module when it is a valid, plain read or write that needs no split or bounce,

@@ -349,7 +349,8 @@ pub trait ModuleChannel: Send {
     fn wait_fd(&self) -> Option<RawFd> {
         None
     }
-    /// The owner's batch time (see [`Channel::set_batch_time`]): a stacked module passes it on to the
-    /// channels it submits to, so its children cost no clock read either.
-    fn set_batch_time(&mut self, _now: std::time::Instant) {}
+    /// The owner's batch time (see [`Channel::set_batch_time`]) as a stamp (nanoseconds on the
+    /// channels' clock, converted once by the top channel): a stacked module passes it on to the
+    /// channels it submits to, so its children cost no clock read or conversion either.
+    fn set_batch_stamp(&mut self, _now_ns: u64) {}
 }

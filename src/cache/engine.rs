@@ -1022,10 +1022,10 @@ impl ModuleChannel for CacheChannel {
         Some(self.epfd.as_raw_fd())
     }
 
-    fn set_batch_time(&mut self, now: std::time::Instant) {
-        self.cache_ch.set_batch_time(now);
-        self.lane.set_batch_time(now);
-        self.core_ch.set_batch_time(now);
+    fn set_batch_stamp(&mut self, now_ns: u64) {
+        self.cache_ch.set_batch_stamp(now_ns);
+        self.lane.set_batch_stamp(now_ns);
+        self.core_ch.set_batch_stamp(now_ns);
     }
 }
 

@@ -1888,3 +1888,22 @@ fn a_read_hit_passes_a_waiting_request_and_a_locked_line() {
     same(&read(&mut ch, 16, 8), &new, "line 2 after the write");
     same(&read(&mut ch, 32, 8), &new, "line 4 after the writes");
 }
+
+/// The batch time reaches the cache device's lane too: a hit's read counts its latency from it.
+#[test]
+fn the_batch_time_reaches_the_cache_devices_lane() {
+    let (reg, _bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    write(&mut ch, 0, &fill(1, 4096));
+    let cdev_stats = reg.bdev_stats("cdev").unwrap();
+    let before = cdev_stats.snapshot().read_ops;
+    ch.set_batch_time(Instant::now());
+    std::thread::sleep(Duration::from_millis(50));
+    read(&mut ch, 0, 8); // a hit: read from the cache device
+    let s = cdev_stats.snapshot();
+    assert_eq!(s.read_ops, before + 1, "the hit's read");
+    assert!(
+        s.read_latency_ns_max >= 50_000_000,
+        "hit read latency {} ns: no batch time",
+        s.read_latency_ns_max
+    );
+}

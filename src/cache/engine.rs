@@ -973,6 +973,16 @@ impl ModuleChannel for CacheChannel {
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        if self.cache_out == 0
+            && self.core_out == 0
+            && self.lane.outstanding() == 0
+            && self.blocked.is_empty()
+            && self.done.is_empty()
+            && !self.mailbox.signalled()
+        {
+            // Nothing in flight, waiting or posted: nothing to give back (a poller asks often).
+            return 0;
+        }
         loop {
             let mut progress = false;
             for (id, res) in self.mailbox.take() {

@@ -271,6 +271,11 @@ impl Mailbox {
         self.signalled.store(true, Ordering::Release);
     }
 
+    /// True when something was posted since the last `take` (one plain load).
+    pub(crate) fn signalled(&self) -> bool {
+        self.signalled.load(Ordering::Acquire)
+    }
+
     /// Replies posted so far (empty, without a syscall, when nothing was signalled).
     pub(crate) fn take(&self) -> Vec<(u64, Result<(), IoError>)> {
         // A plain load first: a busy poller asks on every pass, and a swap is a locked instruction.

@@ -1907,3 +1907,28 @@ fn the_batch_time_reaches_the_cache_devices_lane() {
         s.read_latency_ns_max
     );
 }
+
+/// What a channel answers at once (a reset, a request of no blocks, any request once its core is
+/// gone) comes out of the next poll even when nothing else is in flight.
+#[test]
+fn an_idle_channel_gives_back_what_it_answers_at_once() {
+    use crate::bdev::ModuleChannel;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let bdev = CacheBdev::create(&cfg(Mode::Wt), &reg).unwrap();
+    let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    let mut answer = |io: BdevIo| {
+        let tag = io.tag;
+        assert!(mch.submit(io).is_ok());
+        let mut done = Vec::new();
+        for _ in 0..3 {
+            mch.poll(&mut done);
+        }
+        assert_eq!(done.len(), 1, "request {tag}: one answer");
+        (done[0].tag, done[0].result)
+    };
+    assert_eq!(answer(BdevIo::no_data(IoKind::Reset, 0, 0, 1)), (1, Ok(())));
+    assert_eq!(answer(BdevIo::read(8, 0, IoVecs::empty(), 2)), (2, Ok(())));
+    bdev.core_removed.store(true, Ordering::Release);
+    assert_eq!(answer(BdevIo::read(8, 8, IoVecs::alloc(4096), 3)), (3, Err(IoError::Removed)));
+}

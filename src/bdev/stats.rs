@@ -229,6 +229,12 @@ impl BdevStats {
         self.retired.merge_from(shard);
     }
 
+    /// Shards of live channels (tests: a dropped channel's is folded in and gone).
+    #[cfg(test)]
+    pub(crate) fn live_shards(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Every counter over the retired counts and the live shards.
     fn totals(&self) -> StatsShard {
         let shards = self.lock();

@@ -1076,10 +1076,9 @@ fn a_lane_takes_only_plain_io_and_counts_it() {
     let after = desc.stats();
     assert_eq!((after.write_ops - before.write_ops, after.write_bytes - before.write_bytes), (1, 4096));
     assert_eq!((after.read_ops - before.read_ops, after.read_bytes - before.read_bytes), (1, 4096));
-    assert!(
-        after.write_latency_ns_sum - before.write_latency_ns_sum >= 2_000_000,
-        "the write's latency covers its 2 ms in flight"
-    );
+    let lat = after.write_latency_ns_sum - before.write_latency_ns_sum;
+    assert!(lat >= 2_000_000, "the write's latency covers its 2 ms in flight: {lat} ns");
+    assert!(lat < 10_000_000_000, "and counts from its submission: {lat} ns");
 
     // A module error comes back with that error; accounted as an error.
     ctl.lock().expect("ctl").fail_at = Some(20);
@@ -1105,8 +1104,13 @@ fn a_lane_takes_only_plain_io_and_counts_it() {
     assert!(lane.submit(BdevIo::read(0, 1, IoVecs::alloc(512), 17)).is_ok(), "taken again after the reset");
     assert_eq!(drive_lane(&mut lane), vec![Completion { tag: 17, result: Ok(()) }]);
 
-    // What a dropped lane counted stays in the bdev's statistics.
+    // What a dropped lane counted stays in the bdev's statistics; its shard is folded in.
     let counted = desc.stats();
+    let stats = reg.bdev_stats("stub").expect("stats");
+    let shards = stats.live_shards();
     drop(lane);
     assert_eq!(desc.stats().read_ops, counted.read_ops);
+    assert_eq!(stats.live_shards(), shards - 1, "the lane's shard is retired");
+    drop(ch);
+    assert_eq!(stats.live_shards(), shards - 2, "and a channel's");
 }

@@ -681,6 +681,21 @@ impl Channel {
         self.module.wait_fd()
     }
 
+    /// The owner is about to sleep on [`Channel::wait_fd`] (see [`ModuleChannel::before_sleep`]).
+    /// With nothing in the module, one module poll clears a stale signal; anything it returns
+    /// anyway goes out with the next `poll`.
+    pub fn before_sleep(&mut self) {
+        if self.in_module == 0 {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            self.module.poll(&mut scratch);
+            for c in scratch.drain(..) {
+                self.child_done(c.tag, c.result);
+            }
+            self.scratch = scratch;
+        }
+        self.module.before_sleep();
+    }
+
     /// Submits `io` and blocks until a request of this channel completes; returns that result. For
     /// start-up and metadata paths that keep one request in flight (never a poller's hot path).
     pub fn submit_and_wait(&mut self, io: BdevIo) -> Result<(), IoError> {
@@ -870,6 +885,15 @@ impl Lane {
     /// An fd an idle poller may sleep on for this lane's completions.
     pub fn wait_fd(&self) -> Option<RawFd> {
         self.module.wait_fd()
+    }
+
+    /// The owner is about to sleep on [`Lane::wait_fd`]: with nothing in the module, one module
+    /// poll clears a stale signal (see [`ModuleChannel::before_sleep`]).
+    pub fn before_sleep(&mut self) {
+        if self.out == 0 {
+            self.module.poll(&mut Vec::new());
+        }
+        self.module.before_sleep();
     }
 }
 

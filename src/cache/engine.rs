@@ -1032,6 +1032,18 @@ impl ModuleChannel for CacheChannel {
         Some(self.epfd.as_raw_fd())
     }
 
+    fn before_sleep(&mut self) {
+        // `poll` skips the channels below with nothing in flight: clear what their last completions
+        // left signalled, or the channel's epoll fd stays readable and its owner never sleeps.
+        if self.cache_out == 0 {
+            self.cache_ch.before_sleep();
+        }
+        self.lane.before_sleep();
+        if self.core_out == 0 {
+            self.core_ch.before_sleep();
+        }
+    }
+
     fn set_batch_stamp(&mut self, now_ns: u64) {
         self.cache_ch.set_batch_stamp(now_ns);
         self.lane.set_batch_stamp(now_ns);

@@ -305,6 +305,11 @@ pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[
             }
         }
         if !again {
+            for &q in group {
+                if let Some(w) = workers.get(usize::from(q)) {
+                    lock_worker(w).before_sleep();
+                }
+            }
             if let Some(w) = owner {
                 lock_worker(w).asleep_since = Some(since);
             }
@@ -463,6 +468,13 @@ impl Worker {
             return Hold::Poll;
         }
         Hold::No
+    }
+
+    /// The thread is about to sleep: the bdev channel clears stale completion signals.
+    fn before_sleep(&mut self) {
+        if let Some(ch) = self.channel.as_mut() {
+            ch.before_sleep();
+        }
     }
 
     /// Turns guest notifications back on before sleeping; true when chains arrived meanwhile

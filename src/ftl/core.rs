@@ -409,7 +409,7 @@ pub fn run(shared: Arc<Shared>) {
             return;
         }
     };
-    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None, nv_ch: None };
+    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None, nv_ch: None, idle: IDLE_PERIOD };
     worker.main(qp.as_mut());
 }
 
@@ -420,6 +420,9 @@ fn fail_flushes(sh: &Shared) {
     }
 }
 
+/// How long the core thread sleeps with nothing to do before padding a partial mini-unit.
+const IDLE_PERIOD: Duration = Duration::from_millis(20);
+
 struct Worker {
     sh: Arc<Shared>,
     /// Pad a partial mini-unit on the next step: the core went idle with blocks waiting (nothing
@@ -429,6 +432,8 @@ struct Worker {
     tail_cache: Option<(u32, Vec<u8>)>,
     /// The core's channel on the nv-cache bdev (created on first use).
     nv_ch: Option<crate::bdev::Channel>,
+    /// The idle period ([`IDLE_PERIOD`]; tests set a longer one).
+    idle: Duration,
 }
 
 impl Worker {
@@ -456,11 +461,8 @@ impl Worker {
                         let waiting = c.wbuf.waiting();
                         let mut c = c;
                         c.core_idle = true;
-                        let (mut c, timeout) = self
-                            .sh
-                            .wake
-                            .wait_timeout(c, Duration::from_millis(20))
-                            .unwrap_or_else(|e| e.into_inner());
+                        let (mut c, timeout) =
+                            self.sh.wake.wait_timeout(c, self.idle).unwrap_or_else(|e| e.into_inner());
                         c.core_idle = false;
                         // Still the same partial unit after a quiet period: pad it next time.
                         self.pad_next = timeout.timed_out() && waiting > 0 && c.wbuf.waiting() == waiting;
@@ -1269,3 +1271,7 @@ pub fn persist(sh: &Shared, qp: &mut dyn QueuePair, ckpt: &Checkpoint) -> Result
 pub fn new_flush(mailbox: Arc<Mailbox>, tag: u64, upto: u64) -> FlushReq {
     FlushReq { mailbox, tag, upto }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -1,0 +1,322 @@
+//! Core-thread tests that drive a [`Worker`] by hand on an FTL whose own core thread is stopped:
+//! which positions and commands a batch gets (merging mini-units, holes, the tail), when a stop is
+//! drained, when the nv-cache ring makes the core flush, and when an idle core pads. No timing: the
+//! test decides when the worker runs.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::ftl::nvcache;
+use crate::ftl::tests::{geometry, make_media};
+use crate::ftl::wbuf::Origin;
+use crate::ftl::{FtlBdev, FtlConfig};
+use crate::ocssd::{Completion, EmuGeometry, Rejected};
+
+/// An FTL on a fresh emulated device with its core thread stopped, a worker of the test's own and a
+/// queue pair for it. `retired` is set on every data band first (as a restore loads it).
+fn setup(
+    g: EmuGeometry,
+    name: &str,
+    retired: u64,
+) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), g, vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
+    bdev.crash(); // the test's worker is the only one
+    let sh = Arc::clone(bdev.shared());
+    {
+        let mut c = lock(&sh.core);
+        let first = sh.geo.first_data_band() as usize;
+        for b in c.bands.iter_mut().skip(first) {
+            b.retired = retired;
+        }
+    }
+    let qp = sh.media.queue_pair(64).expect("qp");
+    let w = Worker { sh, pad_next: false, tail_cache: None, nv_ch: None, idle: IDLE_PERIOD };
+    (dir, bdev, w, qp)
+}
+
+/// Buffers `n` user blocks for LBAs `lba..` as a writer does (published); returns the first entry.
+fn push(sh: &Shared, lba: u64, n: u64) -> u64 {
+    let mut c = lock(&sh.core);
+    let first = c.wbuf.tail;
+    for i in 0..n {
+        let e = c.wbuf.push(lba + i, Origin::User, |d| d.fill(i as u8 + 1));
+        let old = sh.l2p.swap(lba + i, Loc::Cache(e));
+        sh.invalidate(&mut c, old);
+    }
+    first
+}
+
+/// (chunk, first position, blocks) of every command of a batch.
+fn shape(runs: &[Run]) -> Vec<(usize, u64, usize)> {
+    runs.iter().map(|r| (r.chunk, r.first_pos, r.items.len())).collect()
+}
+
+/// The blocks of a command: H (head), E<n> (entry `first + n`), T<i> (tail block i), P (padding).
+fn items(r: &Run, first: u64) -> Vec<String> {
+    r.items
+        .iter()
+        .map(|it| match *it {
+            Src::Head => "H".to_string(),
+            Src::Entry(e) => format!("E{}", e - first),
+            Src::Tail(i) => format!("T{i}"),
+            Src::Pad => "P".to_string(),
+        })
+        .collect()
+}
+
+fn strs(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+/// Opens a band and builds one batch from what is buffered.
+fn first_batch(w: &mut Worker, qp: &mut dyn QueuePair) -> Vec<Run> {
+    w.open_band(qp).expect("open band");
+    let sh = Arc::clone(&w.sh);
+    let mut c = lock(&sh.core);
+    w.build_batch(&mut c, false)
+}
+
+/// One command per chunk per batch, each the consecutive mini-units (`ws_min` = 4) of its chunk up
+/// to `ws_opt` (8) blocks: with four good chunks, a batch is one 8-block command on each.
+#[test]
+fn a_batch_merges_the_mini_units_of_a_chunk_into_one_command_per_chunk() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "merge", 0);
+    push(&w.sh, 0, 40);
+    let runs = first_batch(&mut w, qp.as_mut());
+    assert_eq!(shape(&runs), vec![(0, 0, 8), (1, 8, 8), (2, 16, 8), (3, 24, 8)]);
+}
+
+/// With one good chunk every position of the band is in that chunk: a command still stops at
+/// `ws_opt` blocks and the batch at one command.
+#[test]
+fn a_command_stops_at_ws_opt_blocks_in_a_band_of_one_chunk() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "one-chunk", 0b1110);
+    push(&w.sh, 0, 40);
+    let runs = first_batch(&mut w, qp.as_mut());
+    assert_eq!(shape(&runs), vec![(0, 0, 8)]);
+}
+
+/// A batch ends when the stripe comes back to a chunk it already has a command on, whichever chunk
+/// that is (here chunk 0 is not in the band).
+#[test]
+fn a_batch_ends_at_the_first_chunk_it_revisits() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "revisit", 0b0001);
+    push(&w.sh, 0, 40);
+    let runs = first_batch(&mut w, qp.as_mut());
+    assert_eq!(shape(&runs), vec![(1, 0, 8), (2, 8, 8), (3, 16, 8)]);
+}
+
+/// Entries overwritten or unmapped while buffered are not written: the head's mini-unit takes the
+/// next live ones.
+#[test]
+fn a_batch_skips_dead_entries() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "dead", 0);
+    let first = push(&w.sh, 0, 6);
+    {
+        let sh = Arc::clone(&w.sh);
+        let mut c = lock(&sh.core);
+        for lba in [1u64, 3] {
+            let old = sh.l2p.swap(lba, Loc::Unmapped);
+            sh.invalidate(&mut c, old);
+        }
+    }
+    let runs = first_batch(&mut w, qp.as_mut());
+    assert_eq!(runs.len(), 1);
+    assert_eq!(items(&runs[0], first), strs("H E0 E2 E4"));
+}
+
+/// Positions on a chunk retired while the band is written (holes) are skipped one mini-unit at a
+/// time: the batch goes on at the next good chunk of the stripe.
+#[test]
+fn a_batch_skips_the_positions_of_a_retired_chunk() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "hole", 0);
+    w.open_band(qp.as_mut()).expect("open band");
+    let sh = Arc::clone(&w.sh);
+    let mut c = lock(&sh.core);
+    let id = c.open.expect("open") as usize;
+    // Positions 0..40 written; then chunk 1 failed (retired), and position 40 is on it.
+    c.bands[id].state = BandState::Open;
+    c.bands[id].next_pos = 40;
+    c.bands[id].retired = 1 << 1;
+    assert_eq!(c.bands[id].locate(&sh.geo, 40), Some((1, 8)));
+    drop(c);
+    push(&sh, 0, 8);
+    let mut c = lock(&sh.core);
+    let runs = w.build_batch(&mut c, false);
+    assert_eq!(shape(&runs), vec![(2, 48, 8)]);
+    assert_eq!(c.bands[id].next_pos, 56);
+}
+
+/// A band of 4 × 1024 positions: its tail (LBA list) takes 9 blocks, 12 positions with padding:
+/// 4084..4088 on chunk 2, 4088..4096 on chunk 3.
+fn big_band(name: &str) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>, usize, u64) {
+    let (d, bdev, mut w, mut qp) = setup(geometry(12, 1024), name, 0);
+    w.open_band(qp.as_mut()).expect("open band");
+    let sh = Arc::clone(&w.sh);
+    let c = lock(&sh.core);
+    let id = c.open.expect("open") as usize;
+    let data_end = c.bands[id].data_end(&sh.geo);
+    assert_eq!(layout::blocks_for(layout::tail_bytes(sh.geo.max_positions as usize)), 9);
+    assert_eq!(data_end, 4084);
+    drop(c);
+    (d, bdev, w, qp, id, data_end)
+}
+
+/// The tail blocks go in order to the tail positions, the rest of the tail region is padding.
+#[test]
+fn a_tail_over_several_mini_units_is_written_in_order_then_padded() {
+    let (_d, _bdev, mut w, _qp, id, data_end) = big_band("tail");
+    let sh = Arc::clone(&w.sh);
+    let mut c = lock(&sh.core);
+    c.bands[id].state = BandState::Full;
+    c.bands[id].next_pos = data_end;
+    let runs = w.build_batch(&mut c, false);
+    assert_eq!(shape(&runs), vec![(2, 4084, 4), (3, 4088, 8)]);
+    assert_eq!(items(&runs[0], 0), strs("T0 T1 T2 T3"));
+    assert_eq!(items(&runs[1], 0), strs("T4 T5 T6 T7 T8 P P P"));
+    assert_eq!(c.bands[id].state, BandState::Closed);
+    assert!(c.bands[id].has_tail);
+}
+
+/// A tail that does not fit in the tail positions left by a retired chunk is not written at all
+/// (a partial tail would be read as one): its positions are padding.
+#[test]
+fn a_tail_that_does_not_fit_around_holes_is_left_out() {
+    let (_d, _bdev, mut w, _qp, id, data_end) = big_band("tail-hole");
+    let sh = Arc::clone(&w.sh);
+    let mut c = lock(&sh.core);
+    c.bands[id].state = BandState::Full;
+    c.bands[id].next_pos = data_end;
+    c.bands[id].retired = 1 << 3; // 4 tail positions left for 9 blocks
+    let runs = w.build_batch(&mut c, false);
+    assert_eq!(shape(&runs), vec![(2, 4084, 4)]);
+    assert_eq!(items(&runs[0], 0), strs("P P P P"));
+    assert!(!c.bands[id].has_tail);
+}
+
+/// A stop waits for an entry a writer is still copying (the worker is not drained while it is
+/// buffered), then writes it, and the clean checkpoint follows.
+#[test]
+fn a_stop_waits_for_an_entry_still_being_copied() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "stop-copy", 0);
+    w.open_band(qp.as_mut()).expect("open band");
+    let sh = Arc::clone(&w.sh);
+    let n = lock(&sh.core).wbuf.reserve(7, Origin::User);
+    assert_eq!(w.step(qp.as_mut(), true).ok(), Some(true), "drained with an entry not copied yet");
+    {
+        let mut c = lock(&sh.core);
+        c.wbuf.data().at(n).fill(7);
+        c.wbuf.set_ready(n);
+        sh.l2p.swap(7, Loc::Cache(n));
+    }
+    let mut steps = 0;
+    while w.step(qp.as_mut(), true).expect("step") {
+        steps += 1;
+        assert!(steps < 100, "the stop never drained");
+    }
+    assert!(matches!(sh.l2p.get(7), Loc::Media(_)), "the entry was not written");
+    w.checkpoint(qp.as_mut(), true).expect("clean checkpoint");
+}
+
+/// A queue pair that records the kind of every command submitted.
+struct Recorder {
+    inner: Box<dyn QueuePair>,
+    ops: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl QueuePair for Recorder {
+    fn submit(&mut self, cmd: Command) -> Result<(), Rejected> {
+        let kind = match &cmd.op {
+            Op::Flush => "flush",
+            Op::Write { .. } => "write",
+            Op::Read { .. } => "read",
+            Op::Reset { .. } => "reset",
+            _ => "other",
+        };
+        self.inner.submit(cmd)?;
+        lock(&self.ops).push(kind);
+        Ok(())
+    }
+    fn poll(&mut self, done: &mut Vec<Completion>, max: usize) -> usize {
+        self.inner.poll(done, max)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn depth(&self) -> usize {
+        self.inner.depth()
+    }
+}
+
+/// Whether an idle core flushes the media to reclaim nv-cache records, for a ring of 100 units with
+/// `used` in use whose oldest record is `done` (written to the nv-cache) and covers buffer entries
+/// up to `last_entry` (entry 0 is on the media, 1 is not).
+fn nv_flushes(used: u64, done: bool, last_entry: u64) -> bool {
+    let (_d, _bdev, mut w, qp) = setup(geometry(20, 32), "nv-half", 0);
+    let sh = Arc::clone(&w.sh);
+    {
+        let mut c = lock(&sh.core);
+        c.wbuf.push(0, Origin::User, |d| d.fill(1));
+        let tail = c.wbuf.tail;
+        c.wbuf.taken = tail;
+        c.wbuf.retire_to(tail);
+        assert_eq!(c.wbuf.head, 1);
+        let mut r = nvcache::NvRing::new(100, 1);
+        r.head_u = used;
+        r.pending.push_back(nvcache::NvRec { seq: 1, start_u: 0, units: used, last_entry, done });
+        c.nv = Some(r);
+    }
+    let ops = Arc::new(Mutex::new(Vec::new()));
+    let mut rec = Recorder { inner: qp, ops: Arc::clone(&ops) };
+    let busy = w.step(&mut rec, false).expect("step");
+    let ops = lock(&ops).clone();
+    assert_eq!(busy, !ops.is_empty(), "{ops:?}");
+    assert!(ops.iter().all(|k| *k == "flush"), "{ops:?}");
+    !ops.is_empty()
+}
+
+/// The core flushes the media for the nv-cache only when the ring is more than half full and its
+/// oldest record is complete and already written to the media.
+#[test]
+fn an_nv_cache_over_half_full_is_flushed_once_its_oldest_record_is_on_the_media() {
+    assert!(nv_flushes(60, true, 0), "over half full");
+    assert!(!nv_flushes(50, true, 0), "half full");
+    assert!(!nv_flushes(40, true, 0), "under half full");
+    assert!(!nv_flushes(60, false, 0), "oldest record still being written to the nv-cache");
+    assert!(!nv_flushes(60, true, 1), "oldest record still in the write buffer");
+}
+
+fn wait_for(sh: &Shared, what: &str, f: impl Fn(&Core) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f(&lock(&sh.core)) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// An idle core pads a partial mini-unit only after a whole idle period without news: a wake-up
+/// that brings no data (here with an idle period longer than the test) does not make it pad.
+#[test]
+fn a_wake_up_without_data_does_not_pad() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "nopad-wake", 0);
+    let sh = Arc::clone(&w.sh);
+    w.idle = Duration::from_secs(3600);
+    let first = push(&sh, 0, 1);
+    sh.stop.store(0, Ordering::SeqCst);
+    let t = std::thread::spawn(move || w.main(qp.as_mut()));
+    wait_for(&sh, "the core never went idle", |c| c.core_idle && c.open.is_some());
+    {
+        let mut c = lock(&sh.core);
+        c.core_idle = false;
+        sh.wake.notify_all();
+    }
+    wait_for(&sh, "the core never went idle again", |c| c.core_idle);
+    let taken = lock(&sh.core).wbuf.taken;
+    sh.stop.store(2, Ordering::SeqCst);
+    sh.wake.notify_all();
+    t.join().expect("core thread");
+    assert_eq!(taken, first, "the partial unit was padded on a wake-up that brought nothing");
+}

@@ -150,6 +150,30 @@ fn a_batch_skips_the_positions_of_a_retired_chunk() {
     assert_eq!(c.bands[id].next_pos, 56);
 }
 
+/// A band is Open until the batch that assigns its last data positions, then Full (the state a
+/// checkpoint records and `vblkd ftl info` shows) until its tail is queued. With `ws_opt` =
+/// `ws_min`, every mini-unit is on the next chunk of the stripe.
+#[test]
+fn a_band_is_full_once_its_last_data_unit_is_assigned() {
+    let mut g = geometry(20, 32);
+    g.ws_opt = 4;
+    let (_d, _bdev, mut w, mut qp) = setup(g, "full", 0);
+    push(&w.sh, 0, 40);
+    let runs = first_batch(&mut w, qp.as_mut());
+    assert_eq!(shape(&runs), vec![(0, 0, 4), (1, 4, 4), (2, 8, 4), (3, 12, 4)]);
+    let sh = Arc::clone(&w.sh);
+    let mut c = lock(&sh.core);
+    let id = c.open.expect("open") as usize;
+    assert_eq!(c.bands[id].state, BandState::Open);
+    // Up to the last data unit (120..124 on chunk 2); the tail (124..128) is on chunk 3, which
+    // this batch already writes.
+    assert_eq!(c.bands[id].data_end(&sh.geo), 124);
+    c.bands[id].next_pos = 108;
+    let runs = w.build_batch(&mut c, false);
+    assert_eq!(shape(&runs), vec![(3, 108, 4), (0, 112, 4), (1, 116, 4), (2, 120, 4)]);
+    assert_eq!(c.bands[id].state, BandState::Full);
+}
+
 /// A band of 4 × 1024 positions: its tail (LBA list) takes 9 blocks, 12 positions with padding:
 /// 4084..4088 on chunk 2, 4088..4096 on chunk 3.
 fn big_band(name: &str) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>, usize, u64) {

@@ -158,12 +158,16 @@ fn a_band_is_full_once_its_last_data_unit_is_assigned() {
     let mut g = geometry(20, 32);
     g.ws_opt = 4;
     let (_d, _bdev, mut w, mut qp) = setup(g, "full", 0);
-    push(&w.sh, 0, 40);
+    push(&w.sh, 0, 60);
     let runs = first_batch(&mut w, qp.as_mut());
     assert_eq!(shape(&runs), vec![(0, 0, 4), (1, 4, 4), (2, 8, 4), (3, 12, 4)]);
     let sh = Arc::clone(&w.sh);
     let mut c = lock(&sh.core);
     let id = c.open.expect("open") as usize;
+    assert_eq!(c.bands[id].state, BandState::Open);
+    c.bands[id].next_pos = 64;
+    let runs = w.build_batch(&mut c, false);
+    assert_eq!(shape(&runs), vec![(0, 64, 4), (1, 68, 4), (2, 72, 4), (3, 76, 4)]);
     assert_eq!(c.bands[id].state, BandState::Open);
     // Up to the last data unit (120..124 on chunk 2); the tail (124..128) is on chunk 3, which
     // this batch already writes.
@@ -203,6 +207,41 @@ fn a_tail_over_several_mini_units_is_written_in_order_then_padded() {
     assert_eq!(items(&runs[1], 0), strs("T4 T5 T6 T7 T8 P P P"));
     assert_eq!(c.bands[id].state, BandState::Closed);
     assert!(c.bands[id].has_tail);
+    // The commands carry the tail's blocks in that order.
+    let tail = w.tail_cache.clone().expect("tail").1;
+    assert_eq!(tail.len(), 9 * BLOCK_BYTES);
+    let p = w.prepare(&c, &runs);
+    let data: Vec<u8> = p.runs.iter().flat_map(|r| r.data.clone()).collect();
+    assert_eq!(data[..9 * BLOCK_BYTES], tail[..], "tail blocks");
+    assert!(data[9 * BLOCK_BYTES..].iter().all(|x| *x == 0), "padding");
+}
+
+/// A batch that ends after the tail's first mini-unit leaves the band Closing; the next batch
+/// writes the rest of the same tail (encoded once, when the band was full).
+#[test]
+fn a_tail_split_over_two_batches_is_one_encoding() {
+    let mut g = geometry(12, 1024);
+    g.ws_opt = 4;
+    let (_d, _bdev, mut w, mut qp) = setup(g, "tail-split", 0);
+    w.open_band(qp.as_mut()).expect("open band");
+    let sh = Arc::clone(&w.sh);
+    let first = push(&sh, 0, 12);
+    let mut c = lock(&sh.core);
+    let id = c.open.expect("open") as usize;
+    assert_eq!(c.bands[id].data_end(&sh.geo), 4084);
+    c.bands[id].state = BandState::Open;
+    c.bands[id].next_pos = 4072;
+    let runs = w.build_batch(&mut c, false);
+    // The last data units, then the tail's first unit (chunk 1); its next one is on chunk 2 again.
+    assert_eq!(shape(&runs), vec![(2, 4072, 4), (3, 4076, 4), (0, 4080, 4), (1, 4084, 4)]);
+    assert_eq!(items(&runs[3], first), strs("T0 T1 T2 T3"));
+    assert_eq!(c.bands[id].state, BandState::Closing);
+    let tail = w.tail_cache.clone().expect("tail");
+    let runs = w.build_batch(&mut c, false);
+    assert_eq!(shape(&runs), vec![(2, 4088, 4), (3, 4092, 4)]);
+    assert_eq!(items(&runs[1], first), strs("T8 P P P"));
+    assert_eq!(c.bands[id].state, BandState::Closed);
+    assert_eq!(w.tail_cache, Some(tail), "the tail was encoded again");
 }
 
 /// A tail that does not fit in the tail positions left by a retired chunk is not written at all

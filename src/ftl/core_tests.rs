@@ -11,7 +11,7 @@ use crate::ftl::nvcache;
 use crate::ftl::tests::{geometry, make_media};
 use crate::ftl::wbuf::Origin;
 use crate::ftl::{FtlBdev, FtlConfig};
-use crate::ocssd::{Completion, EmuGeometry, Rejected};
+use crate::ocssd::{Buffers, Completion, EmuDevice, EmuGeometry, Fault, LbaBitmap, Rejected, Status};
 
 /// An FTL on a fresh emulated device with its core thread stopped, a worker of the test's own and a
 /// queue pair for it. `retired` is set on every data band first (as a restore loads it).
@@ -20,8 +20,19 @@ fn setup(
     name: &str,
     retired: u64,
 ) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>) {
+    let (dir, bdev, w, qp, _) = setup_emu(g, name, retired);
+    (dir, bdev, w, qp)
+}
+
+/// [`setup`], and the emulated device (to inject faults).
+fn setup_emu(
+    g: EmuGeometry,
+    name: &str,
+    retired: u64,
+) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>, EmuDevice) {
     let dir = tempfile::tempdir().expect("tmp");
-    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), g, vec![]));
+    let emu = make_media(dir.path(), g, vec![]);
+    let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
     let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
     bdev.crash(); // the test's worker is the only one
     let sh = Arc::clone(bdev.shared());
@@ -34,7 +45,7 @@ fn setup(
     }
     let qp = sh.media.queue_pair(64).expect("qp");
     let w = Worker { sh, pad_next: false, tail_cache: None, nv_ch: None, idle: IDLE_PERIOD };
-    (dir, bdev, w, qp)
+    (dir, bdev, w, qp, emu)
 }
 
 /// Buffers `n` user blocks for LBAs `lba..` as a writer does (published); returns the first entry.
@@ -382,4 +393,94 @@ fn a_wake_up_without_data_does_not_pad() {
     sh.wake.notify_all();
     t.join().expect("core thread");
     assert_eq!(taken, first, "the partial unit was padded on a wake-up that brought nothing");
+}
+
+/// A first batch on four chunks (entries 0..15 for LBAs 0..15): chunk 0 gets the head and entries
+/// 0..7, chunk 1 entries 7..15 (LBAs 7..15 at lbk 0..8). Returns the band and the media blocks
+/// counted for the batch.
+fn write_first_batch(w: &mut Worker, qp: &mut dyn QueuePair) -> (usize, u64) {
+    push(&w.sh, 0, 15);
+    w.open_band(qp).expect("open band");
+    let before = w.sh.stats.media_write_blocks.load(Ordering::Relaxed);
+    assert_eq!(w.step(qp, false).ok(), Some(true));
+    let id = lock(&w.sh.core).open.expect("open") as usize;
+    (id, w.sh.stats.media_write_blocks.load(Ordering::Relaxed) - before)
+}
+
+/// A write that fails in one mini-unit of a command: only that unit's blocks go back to the buffer
+/// (the rest of the command is on the media), the chunk is retired, and the media write counter
+/// counts the blocks written.
+#[test]
+fn a_failed_unit_requeues_its_blocks_only_and_retires_its_chunk() {
+    let (_d, _bdev, mut w, mut qp, emu) = setup_emu(geometry(20, 32), "unit-fail", 0);
+    let sh = Arc::clone(&w.sh);
+    let band = sh.geo.first_data_band();
+    emu.inject(Fault::WriteFail(sh.geo.chunk(band, 1).with_lbk(5))).expect("in range");
+    let (id, written) = write_first_batch(&mut w, qp.as_mut());
+    assert_eq!(id as u32, band);
+    for lba in 0..15u64 {
+        let requeued = (11..15).contains(&lba);
+        let loc = sh.l2p.get(lba);
+        assert_eq!(matches!(loc, Loc::Cache(_)), requeued, "lba {lba}: {loc:?}");
+        assert_eq!(matches!(loc, Loc::Media(_)), !requeued, "lba {lba}: {loc:?}");
+    }
+    assert_eq!(lock(&sh.core).bands[id].retired, 1 << 1);
+    assert_eq!(sh.stats.retired_chunks.load(Ordering::Relaxed), 1);
+    assert_eq!(sh.stats.write_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(written, 12, "16 blocks, 4 of them failed");
+}
+
+/// A queue pair that fails every write to one chunk without saying which blocks failed (a device
+/// that reports only a command status), and passes everything else to the emulator.
+struct FailChunk {
+    inner: Box<dyn QueuePair>,
+    chunk: crate::ocssd::Ppa,
+    failed: Vec<Completion>,
+}
+
+impl QueuePair for FailChunk {
+    fn submit(&mut self, cmd: Command) -> Result<(), Rejected> {
+        if let Op::Write { ppas, .. } = &cmd.op {
+            if ppas.as_slice().first().is_some_and(|p| p.with_lbk(0) == self.chunk) {
+                self.failed.push(Completion {
+                    tag: cmd.tag,
+                    status: Status::INTERNAL_ERROR,
+                    failed: LbaBitmap::NONE,
+                    appended_at: None,
+                    buffers: Buffers::default(),
+                });
+                return Ok(());
+            }
+        }
+        self.inner.submit(cmd)
+    }
+    fn poll(&mut self, done: &mut Vec<Completion>, max: usize) -> usize {
+        let n = self.failed.len().min(max);
+        done.extend(self.failed.drain(..n));
+        n + self.inner.poll(done, max - n)
+    }
+    fn in_flight(&self) -> usize {
+        self.failed.len() + self.inner.in_flight()
+    }
+    fn depth(&self) -> usize {
+        self.inner.depth()
+    }
+}
+
+/// A failed write whose completion names no block fails all of its blocks: they go back to the
+/// buffer (not mapped to media blocks that were never written).
+#[test]
+fn a_failed_write_without_a_block_list_requeues_the_whole_command() {
+    let (_d, _bdev, mut w, qp) = setup(geometry(20, 32), "cmd-fail", 0);
+    let sh = Arc::clone(&w.sh);
+    let chunk = sh.geo.chunk(sh.geo.first_data_band(), 1);
+    let mut qp = FailChunk { inner: qp, chunk, failed: Vec::new() };
+    let (id, written) = write_first_batch(&mut w, &mut qp);
+    for lba in 0..15u64 {
+        let requeued = lba >= 7;
+        let loc = sh.l2p.get(lba);
+        assert_eq!(matches!(loc, Loc::Cache(_)), requeued, "lba {lba}: {loc:?}");
+    }
+    assert_eq!(lock(&sh.core).bands[id].retired, 1 << 1);
+    assert_eq!(written, 8, "chunk 0's blocks only");
 }

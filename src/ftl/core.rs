@@ -911,7 +911,6 @@ impl Worker {
         }
         let mut requeue: Vec<(u64, Origin, Vec<u8>)> = Vec::new();
         let mut media_blocks = 0u64;
-        let mut max_entry = c.wbuf.head;
         for (ri, r) in runs.iter().enumerate() {
             let failed = failed_of[ri];
             if failed != 0 {
@@ -938,7 +937,6 @@ impl Worker {
                     media_blocks += 1;
                 }
                 let Src::Entry(n) = *it else { continue };
-                max_entry = max_entry.max(n + 1);
                 let Some(en) = c.wbuf.get(n) else { continue };
                 let (lba, origin, live) = (en.lba, en.origin, en.live);
                 let pos = r.first_pos + k as u64;
@@ -969,8 +967,8 @@ impl Worker {
                 }
             }
         }
-        // Retire everything taken up to the last entry of this batch (including skipped dead ones).
-        let upto = c.wbuf.taken.min(max_entry.max(c.wbuf.taken));
+        // Retire everything taken (this batch's entries and the dead ones skipped before them).
+        let upto = c.wbuf.taken;
         let old_entries: Vec<(u64, u64)> = requeue
             .iter()
             .filter_map(|(lba, _, _)| match sh.l2p.get(*lba) {

@@ -424,7 +424,16 @@ fn a_failed_unit_requeues_its_blocks_only_and_retires_its_chunk() {
         assert_eq!(matches!(loc, Loc::Cache(_)), requeued, "lba {lba}: {loc:?}");
         assert_eq!(matches!(loc, Loc::Media(_)), !requeued, "lba {lba}: {loc:?}");
     }
-    assert_eq!(lock(&sh.core).bands[id].retired, 1 << 1);
+    let c = lock(&sh.core);
+    assert_eq!(c.bands[id].retired, 1 << 1);
+    // The band's tail will list the blocks written, not the failed ones (a restore from the tail
+    // would map those LBAs to blocks that hold nothing).
+    let chunk1 = &c.bands[id].lba_map[32..40];
+    assert_eq!(chunk1, [7, 8, 9, 10, LBA_PAD, LBA_PAD, LBA_PAD, LBA_PAD]);
+    // The nv-cache records of the failed blocks are kept until their rewritten copies (the newest
+    // entries) are on the media.
+    assert_eq!(c.nv_requeue_mark, c.wbuf.tail);
+    drop(c);
     assert_eq!(sh.stats.retired_chunks.load(Ordering::Relaxed), 1);
     assert_eq!(sh.stats.write_failures.load(Ordering::Relaxed), 1);
     assert_eq!(written, 12, "16 blocks, 4 of them failed");
@@ -481,6 +490,9 @@ fn a_failed_write_without_a_block_list_requeues_the_whole_command() {
         let loc = sh.l2p.get(lba);
         assert_eq!(matches!(loc, Loc::Cache(_)), requeued, "lba {lba}: {loc:?}");
     }
-    assert_eq!(lock(&sh.core).bands[id].retired, 1 << 1);
+    let c = lock(&sh.core);
+    assert_eq!(c.bands[id].retired, 1 << 1);
+    assert_eq!(c.bands[id].lba_map[32..40], [LBA_PAD; 8]);
+    drop(c);
     assert_eq!(written, 8, "chunk 0's blocks only");
 }

@@ -20,20 +20,20 @@ fn setup(
     name: &str,
     retired: u64,
 ) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>) {
-    let (dir, bdev, w, qp, _) = setup_emu(g, name, retired);
+    let (dir, bdev, w, qp, _) = setup_emu(g, FtlConfig::new(name), retired);
     (dir, bdev, w, qp)
 }
 
 /// [`setup`], and the emulated device (to inject faults).
 fn setup_emu(
     g: EmuGeometry,
-    name: &str,
+    cfg: FtlConfig,
     retired: u64,
 ) -> (tempfile::TempDir, FtlBdev, Worker, Box<dyn QueuePair>, EmuDevice) {
     let dir = tempfile::tempdir().expect("tmp");
     let emu = make_media(dir.path(), g, vec![]);
     let media: Arc<dyn MediaDevice> = Arc::new(emu.clone());
-    let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
+    let bdev = FtlBdev::open(cfg, media).expect("open");
     bdev.crash(); // the test's worker is the only one
     let sh = Arc::clone(bdev.shared());
     {
@@ -412,7 +412,7 @@ fn write_first_batch(w: &mut Worker, qp: &mut dyn QueuePair) -> (usize, u64) {
 /// counts the blocks written.
 #[test]
 fn a_failed_unit_requeues_its_blocks_only_and_retires_its_chunk() {
-    let (_d, _bdev, mut w, mut qp, emu) = setup_emu(geometry(20, 32), "unit-fail", 0);
+    let (_d, _bdev, mut w, mut qp, emu) = setup_emu(geometry(20, 32), FtlConfig::new("unit-fail"), 0);
     let sh = Arc::clone(&w.sh);
     let band = sh.geo.first_data_band();
     emu.inject(Fault::WriteFail(sh.geo.chunk(band, 1).with_lbk(5))).expect("in range");
@@ -495,4 +495,49 @@ fn a_failed_write_without_a_block_list_requeues_the_whole_command() {
     assert_eq!(c.bands[id].lba_map[32..40], [LBA_PAD; 8]);
     drop(c);
     assert_eq!(written, 8, "chunk 0's blocks only");
+}
+
+/// Whether a relocation step starts relocating a band, with `free` free data bands (limits scaled
+/// to CRIT 2, HIGH 4, LOW 6, START 8 free bands) and every other data band closed with `invalid`
+/// of its 100 written blocks invalid.
+fn relocation_starts(free: usize, invalid: u64) -> bool {
+    let mut cfg = FtlConfig::new("reloc-start");
+    cfg.lba_rsvd = 50;
+    cfg.limits = [
+        Limit { thld: 30, pct: 0 },
+        Limit { thld: 60, pct: 3 },
+        Limit { thld: 90, pct: 40 },
+        Limit { thld: 120, pct: 100 },
+    ];
+    let (_d, _bdev, mut w, mut qp, _) = setup_emu(geometry(20, 32), cfg, 0);
+    let sh = Arc::clone(&w.sh);
+    assert_eq!(sh.limits.map(|l| l.thld), [2, 4, 6, 8]);
+    {
+        let mut c = lock(&sh.core);
+        let first = sh.geo.first_data_band() as usize;
+        for (i, b) in c.bands.iter_mut().enumerate().skip(first) {
+            if i - first < free {
+                b.state = BandState::Free;
+            } else {
+                b.state = BandState::Closed;
+                b.written = 100;
+                b.valid = 100 - invalid;
+            }
+        }
+        sh.update_limits(&mut c);
+    }
+    w.relocate(qp.as_mut()).expect("relocate");
+    let started = sh.stats.relocated_bands.load(Ordering::Relaxed);
+    assert_eq!(started as usize, lock(&sh.core).relocs.len());
+    started > 0
+}
+
+/// Relocation starts at START free bands with a band over `invalid_thld` (10 %) invalid; only at
+/// CRIT does it take a band under that threshold (the last resort for room).
+#[test]
+fn relocation_starts_below_start_and_takes_any_band_at_crit() {
+    assert!(!relocation_starts(9, 50), "above START");
+    assert!(relocation_starts(5, 50), "below START");
+    assert!(!relocation_starts(4, 5), "HIGH, a band under the threshold");
+    assert!(relocation_starts(2, 5), "CRIT, a band under the threshold");
 }

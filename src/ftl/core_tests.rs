@@ -501,6 +501,13 @@ fn a_failed_write_without_a_block_list_requeues_the_whole_command() {
 /// to CRIT 2, HIGH 4, LOW 6, START 8 free bands) and every other data band closed with `invalid`
 /// of its 100 written blocks invalid.
 fn relocation_starts(free: usize, invalid: u64) -> bool {
+    let (started, _) = relocation_step(free, invalid, 0);
+    started
+}
+
+/// [`relocation_starts`] with the first `relocating` closed bands already being relocated;
+/// returns whether a band was added and the bands being relocated after the step.
+fn relocation_step(free: usize, invalid: u64, relocating: usize) -> (bool, Vec<u32>) {
     let mut cfg = FtlConfig::new("reloc-start");
     cfg.lba_rsvd = 50;
     cfg.limits = [
@@ -525,11 +532,13 @@ fn relocation_starts(free: usize, invalid: u64) -> bool {
             }
         }
         sh.update_limits(&mut c);
+        c.relocs = (0..relocating).map(|k| ((first + free + k) as u32, 0)).collect();
     }
     w.relocate(qp.as_mut()).expect("relocate");
     let started = sh.stats.relocated_bands.load(Ordering::Relaxed);
-    assert_eq!(started as usize, lock(&sh.core).relocs.len());
-    started > 0
+    let relocs: Vec<u32> = lock(&sh.core).relocs.iter().map(|r| r.0).collect();
+    assert_eq!(started as usize + relocating, relocs.len());
+    (started > 0, relocs)
 }
 
 /// Relocation starts at START free bands with a band over `invalid_thld` (10 %) invalid; only at
@@ -540,4 +549,17 @@ fn relocation_starts_below_start_and_takes_any_band_at_crit() {
     assert!(relocation_starts(5, 50), "below START");
     assert!(!relocation_starts(4, 5), "HIGH, a band under the threshold");
     assert!(relocation_starts(2, 5), "CRIT, a band under the threshold");
+}
+
+/// While bands are being relocated, another one is added only below START, up to `reloc_bands`
+/// (3) at a time, and never one already in the list.
+#[test]
+fn relocation_adds_bands_below_start_up_to_reloc_bands() {
+    let (added, relocs) = relocation_step(9, 50, 1);
+    assert!(!added, "above START: {relocs:?}");
+    let (added, relocs) = relocation_step(5, 50, 1);
+    assert!(added, "{relocs:?}");
+    assert!(relocs[1] != relocs[0], "the band being relocated was added again: {relocs:?}");
+    let (added, relocs) = relocation_step(5, 50, 3);
+    assert!(!added, "a fourth band: {relocs:?}");
 }

@@ -508,6 +508,16 @@ fn relocation_starts(free: usize, invalid: u64) -> bool {
 /// [`relocation_starts`] with the first `relocating` closed bands already being relocated;
 /// returns whether a band was added and the bands being relocated after the step.
 fn relocation_step(free: usize, invalid: u64, relocating: usize) -> (bool, Vec<u32>) {
+    relocation_step_with(free, invalid, relocating, |_| {})
+}
+
+/// [`relocation_step`], `f` changing the band table last.
+fn relocation_step_with(
+    free: usize,
+    invalid: u64,
+    relocating: usize,
+    f: impl FnOnce(&mut Vec<Band>),
+) -> (bool, Vec<u32>) {
     let mut cfg = FtlConfig::new("reloc-start");
     cfg.lba_rsvd = 50;
     cfg.limits = [
@@ -533,6 +543,7 @@ fn relocation_step(free: usize, invalid: u64, relocating: usize) -> (bool, Vec<u
         }
         sh.update_limits(&mut c);
         c.relocs = (0..relocating).map(|k| ((first + free + k) as u32, 0)).collect();
+        f(&mut c.bands);
     }
     w.relocate(qp.as_mut()).expect("relocate");
     let started = sh.stats.relocated_bands.load(Ordering::Relaxed);
@@ -562,4 +573,19 @@ fn relocation_adds_bands_below_start_up_to_reloc_bands() {
     assert!(relocs[1] != relocs[0], "the band being relocated was added again: {relocs:?}");
     let (added, relocs) = relocation_step(5, 50, 3);
     assert!(!added, "a fourth band: {relocs:?}");
+}
+
+/// Only a closed band is relocated: a free band a restore left with a written count (its blocks
+/// were all overwritten: no valid data, every written block invalid) is not, though it would have
+/// the best merit.
+#[test]
+fn relocation_takes_closed_bands_only() {
+    let mut free_band = None;
+    let (added, relocs) = relocation_step_with(5, 50, 0, |bands| {
+        let b = bands.iter_mut().find(|b| b.state == BandState::Free).expect("a free band");
+        (b.written, b.valid) = (100, 0);
+        free_band = Some(b.id);
+    });
+    assert!(added);
+    assert!(Some(relocs[0]) != free_band, "a free band is relocated: {relocs:?}");
 }

@@ -552,12 +552,14 @@ fn relocation_step_with(
     (started > 0, relocs)
 }
 
-/// Relocation starts at START free bands with a band over `invalid_thld` (10 %) invalid; only at
+/// Relocation starts below START free bands with a band over `invalid_thld` (10 %) invalid; only at
 /// CRIT does it take a band under that threshold (the last resort for room).
 #[test]
 fn relocation_starts_below_start_and_takes_any_band_at_crit() {
     assert!(!relocation_starts(9, 50), "above START");
     assert!(relocation_starts(5, 50), "below START");
+    assert!(relocation_starts(5, 11), "over invalid_thld");
+    assert!(!relocation_starts(5, 10), "at invalid_thld");
     assert!(!relocation_starts(4, 5), "HIGH, a band under the threshold");
     assert!(relocation_starts(2, 5), "CRIT, a band under the threshold");
 }

@@ -516,7 +516,7 @@ fn relocation_step_with(
     free: usize,
     invalid: u64,
     relocating: usize,
-    f: impl FnOnce(&mut Vec<Band>),
+    f: impl FnOnce(&mut Core),
 ) -> (bool, Vec<u32>) {
     let mut cfg = FtlConfig::new("reloc-start");
     cfg.lba_rsvd = 50;
@@ -543,7 +543,7 @@ fn relocation_step_with(
         }
         sh.update_limits(&mut c);
         c.relocs = (0..relocating).map(|k| ((first + free + k) as u32, 0)).collect();
-        f(&mut c.bands);
+        f(&mut c);
     }
     w.relocate(qp.as_mut()).expect("relocate");
     let started = sh.stats.relocated_bands.load(Ordering::Relaxed);
@@ -583,11 +583,42 @@ fn relocation_adds_bands_below_start_up_to_reloc_bands() {
 #[test]
 fn relocation_takes_closed_bands_only() {
     let mut free_band = None;
-    let (added, relocs) = relocation_step_with(5, 50, 0, |bands| {
-        let b = bands.iter_mut().find(|b| b.state == BandState::Free).expect("a free band");
+    let (added, relocs) = relocation_step_with(5, 50, 0, |c| {
+        let b = c.bands.iter_mut().find(|b| b.state == BandState::Free).expect("a free band");
         (b.written, b.valid) = (100, 0);
         free_band = Some(b.id);
     });
     assert!(added);
     assert!(Some(relocs[0]) != free_band, "a free band is relocated: {relocs:?}");
+}
+
+/// The band a relocation picks among closed bands given as (written, valid, age in sequence
+/// numbers), the others holding no invalid data: its index in `cands`.
+fn victim_of(cands: &[(u64, u64, u64)]) -> usize {
+    let mut ids = Vec::new();
+    let (added, relocs) = relocation_step_with(5, 0, 0, |c| {
+        c.next_seq = 100_000;
+        let closed = c.bands.iter_mut().filter(|b| b.state == BandState::Closed);
+        for (b, &(written, valid, age)) in closed.zip(cands) {
+            (b.written, b.valid, b.base_seq) = (written, valid, 100_000 - age);
+            ids.push(b.id);
+        }
+    });
+    assert!(added);
+    ids.iter().position(|id| *id == relocs[0]).expect("a candidate")
+}
+
+/// The victim has the best merit: invalid / (valid + 1) × (age + 1), the most to gain per block to
+/// move, older bands first.
+#[test]
+fn relocation_picks_the_band_of_best_merit() {
+    // By invalid share, same age; a band with no valid data left first.
+    assert_eq!(victim_of(&[(100, 80, 0), (100, 10, 0)]), 1);
+    assert_eq!(victim_of(&[(100, 50, 0), (100, 0, 0)]), 1);
+    // 2 invalid / 2 against 10 invalid / 7.
+    assert_eq!(victim_of(&[(3, 1, 0), (16, 6, 0)]), 1);
+    // The age multiplies: a band written just now has (age + 1) = 1.
+    assert_eq!(victim_of(&[(100, 80, 1), (100, 10, 0)]), 1);
+    assert_eq!(victim_of(&[(100, 10, 0), (100, 50, 100)]), 1);
+    assert_eq!(victim_of(&[(100, 89, 99), (100, 2, 0)]), 1);
 }

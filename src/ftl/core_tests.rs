@@ -622,3 +622,22 @@ fn relocation_picks_the_band_of_best_merit() {
     assert_eq!(victim_of(&[(100, 10, 0), (100, 50, 100)]), 1);
     assert_eq!(victim_of(&[(100, 89, 99), (100, 2, 0)]), 1);
 }
+
+/// A relocation step moves at most `reloc_qdepth` valid blocks of its band into the write buffer.
+#[test]
+fn a_relocation_step_moves_at_most_reloc_qdepth_blocks() {
+    let mut cfg = FtlConfig::new("reloc-qd");
+    cfg.reloc_qdepth = 8;
+    let (_d, _bdev, mut w, mut qp, _) = setup_emu(geometry(20, 32), cfg, 0);
+    let (id, _) = write_first_batch(&mut w, qp.as_mut());
+    let sh = Arc::clone(&w.sh);
+    {
+        let mut c = lock(&sh.core);
+        assert_eq!(c.bands[id].valid, 15);
+        c.relocs = vec![(id as u32, 0)];
+    }
+    assert_eq!(w.relocate(qp.as_mut()).ok(), Some(true));
+    assert_eq!(sh.stats.relocated_blocks.load(Ordering::Relaxed), 8);
+    let c = lock(&sh.core);
+    assert_eq!((c.bands[id].valid, c.bands[id].reloc_pending), (7, 8));
+}

@@ -1094,6 +1094,7 @@ impl Worker {
         let oob = done.buffers.oob.map(|o| o.as_slice().to_vec()).unwrap_or_default();
         let mut c = lock(&sh.core);
         let mut moved = 0u64;
+        let mut read_failed = false;
         for (k, &addr) in addrs.iter().enumerate() {
             if !done.status.is_success() && (k >= 64 || done.failed.0 & (1 << k) != 0) {
                 sh.stats.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -1105,9 +1106,7 @@ impl Worker {
                 );
                 // The block stays where it is; stop relocating this band.
                 c.relocs.retain(|(id, _)| *id != victim);
-                if let Some(b) = c.bands.get_mut(victim as usize) {
-                    b.written = b.valid; // no longer a candidate by invalid share
-                }
+                read_failed = true;
                 continue;
             }
             let (lba, _) = layout::decode_oob(oob.get(k * oob_bytes..(k + 1) * oob_bytes).unwrap_or(&[]));
@@ -1130,6 +1129,13 @@ impl Worker {
             }
             c.bands[victim as usize].reloc_pending += 1;
             moved += 1;
+        }
+        if read_failed {
+            // No longer a candidate by invalid share (counted once the blocks read with the failed
+            // one are moved too, or it would be picked again for the block it cannot read).
+            if let Some(b) = c.bands.get_mut(victim as usize) {
+                b.written = b.valid;
+            }
         }
         sh.stats.relocated_blocks.fetch_add(moved, Ordering::Relaxed);
         Ok(true)

@@ -11,7 +11,9 @@ use crate::ftl::nvcache;
 use crate::ftl::tests::{geometry, make_media};
 use crate::ftl::wbuf::Origin;
 use crate::ftl::{FtlBdev, FtlConfig};
-use crate::ocssd::{Buffers, Completion, EmuDevice, EmuGeometry, Fault, LbaBitmap, Rejected, Status};
+use crate::ocssd::{
+    Buffers, Completion, EmuDevice, EmuGeometry, Fault, LbaBitmap, ReadErrorKind, Rejected, Status,
+};
 
 /// An FTL on a fresh emulated device with its core thread stopped, a worker of the test's own and a
 /// queue pair for it. `retired` is set on every data band first (as a restore loads it).
@@ -640,4 +642,59 @@ fn a_relocation_step_moves_at_most_reloc_qdepth_blocks() {
     assert_eq!(sh.stats.relocated_blocks.load(Ordering::Relaxed), 8);
     let c = lock(&sh.core);
     assert_eq!((c.bands[id].valid, c.bands[id].reloc_pending), (7, 8));
+}
+
+/// A relocation read that fails for one block leaves that block where it is (mapped, valid) and
+/// moves the others read with it; the band is dropped from relocation and, with no invalid data
+/// counted any more, is not picked again for the block it cannot read.
+#[test]
+fn a_failed_relocation_read_leaves_the_block_and_drops_the_band() {
+    let (_d, _bdev, mut w, mut qp, emu) = setup_emu(geometry(20, 32), FtlConfig::new("reloc-rerr"), 0);
+    let (id, _) = write_first_batch(&mut w, qp.as_mut());
+    let sh = Arc::clone(&w.sh);
+    // LBA 2 is at chunk 0, block 3 (after the head and LBAs 0 and 1).
+    let bad = sh.geo.chunk(id as u32, 0).with_lbk(3);
+    let Loc::Media(addr) = sh.l2p.get(2) else { panic!("lba 2 not on the media") };
+    assert_eq!(sh.geo.ppa_of(addr), bad);
+    emu.inject(Fault::ReadError { ppa: bad, kind: ReadErrorKind::Unrecoverable }).expect("in range");
+    lock(&sh.core).relocs = vec![(id as u32, 0)];
+    assert_eq!(w.relocate(qp.as_mut()).ok(), Some(true));
+    assert_eq!(sh.stats.read_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(sh.stats.relocated_blocks.load(Ordering::Relaxed), 14);
+    assert_eq!(sh.l2p.get(2), Loc::Media(addr), "the unreadable block was moved");
+    for lba in (0..15u64).filter(|l| *l != 2) {
+        assert!(matches!(sh.l2p.get(lba), Loc::Cache(_)), "lba {lba} not moved");
+    }
+    let c = lock(&sh.core);
+    assert!(test_bit(&c.valid, addr));
+    assert!(c.relocs.is_empty());
+    assert_eq!((c.bands[id].valid, c.bands[id].invalid()), (1, 0));
+}
+
+/// A victim whose cursor reached its end with valid blocks behind it (skipped earlier) is
+/// rescanned from its start, its valid count taken from its valid bits.
+#[test]
+fn a_victim_is_rescanned_with_its_count_from_the_valid_bits() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "rescan", 0);
+    let sh = Arc::clone(&w.sh);
+    let first = sh.geo.first_data_band();
+    let (victim, before) = (first + 1, first);
+    {
+        let mut c = lock(&sh.core);
+        let base = u64::from(victim) * sh.geo.max_positions;
+        for o in [1u64, 2, 3] {
+            set_bit(&mut c.valid, base + o);
+        }
+        // (The band before it has valid blocks too: not counted.)
+        for o in 1..20u64 {
+            set_bit(&mut c.valid, u64::from(before) * sh.geo.max_positions + o);
+        }
+        let b = &mut c.bands[victim as usize];
+        (b.state, b.written, b.valid) = (BandState::Closed, 100, 5);
+        c.relocs = vec![(victim, 10)];
+    }
+    assert_eq!(w.relocate(qp.as_mut()).ok(), Some(true));
+    let c = lock(&sh.core);
+    assert_eq!(c.relocs, vec![(victim, 0)]);
+    assert_eq!(c.bands[victim as usize].valid, 3);
 }

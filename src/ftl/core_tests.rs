@@ -698,3 +698,16 @@ fn a_victim_is_rescanned_with_its_count_from_the_valid_bits() {
     assert_eq!(c.relocs, vec![(victim, 0)]);
     assert_eq!(c.bands[victim as usize].valid, 3);
 }
+
+/// A checkpoint's trim map has the bit of every unmapped LBA set, and only those.
+#[test]
+fn a_checkpoint_trim_map_lists_the_unmapped_lbas() {
+    let (_d, _bdev, w, _qp) = setup(geometry(20, 32), "trim-map", 0);
+    let sh = Arc::clone(&w.sh);
+    let first = sh.geo.first_data_band();
+    sh.l2p.swap(3, Loc::Media(u64::from(first) * sh.geo.max_positions + 1));
+    let ck = snapshot(&sh, false).expect("snapshot");
+    for lba in 0..sh.num_lbas {
+        assert_eq!(test_bit(&ck.trim, lba), lba != 3, "lba {lba}");
+    }
+}

@@ -711,3 +711,40 @@ fn a_checkpoint_trim_map_lists_the_unmapped_lbas() {
         assert_eq!(test_bit(&ck.trim, lba), lba != 3, "lba {lba}");
     }
 }
+
+/// nv-cache records are not reclaimed while blocks re-queued after a write failure (entries from
+/// `nv_requeue_mark` down) are not on the media yet: their records are the only durable copy.
+#[test]
+fn nv_cache_records_wait_for_requeued_blocks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(24, 64), vec![]));
+    let reg = crate::bdev::Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 2 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nv-mark");
+    cfg.wbuf_bytes = 256 << 10;
+    cfg.lba_rsvd = 30;
+    let desc = reg.open("nv", true).expect("open nv");
+    let bdev = FtlBdev::open_with_nv(cfg, media, Some(desc)).expect("open");
+    bdev.crash();
+    let sh = Arc::clone(bdev.shared());
+    let mut w =
+        Worker { sh: Arc::clone(&sh), pad_next: false, tail_cache: None, nv_ch: None, idle: IDLE_PERIOD };
+    let pending = |sh: &Shared| lock(&sh.core).nv.as_ref().expect("ring").pending.len();
+    let record = |sh: &Shared, mark: u64| {
+        let mut c = lock(&sh.core);
+        c.nv_requeue_mark = mark;
+        let r = c.nv.as_mut().expect("ring");
+        let seq = r.next_seq;
+        r.alloc(1, 3).expect("room");
+        r.mark_done(seq);
+    };
+    // A record of entry 3; entry 9 is a re-queued block: entries below 5 durable is not enough.
+    record(&sh, 10);
+    w.nv_reclaim(5).expect("reclaim");
+    assert_eq!(pending(&sh), 1, "reclaimed before the re-queued block is durable");
+    w.nv_reclaim(10).expect("reclaim");
+    assert_eq!(pending(&sh), 0);
+    drop(w);
+    drop(bdev);
+}

@@ -301,6 +301,8 @@ fn a_stop_waits_for_an_entry_still_being_copied() {
 struct Recorder {
     inner: Box<dyn QueuePair>,
     ops: Arc<Mutex<Vec<&'static str>>>,
+    /// Blocks written.
+    written: Arc<Mutex<u64>>,
 }
 
 impl QueuePair for Recorder {
@@ -312,8 +314,13 @@ impl QueuePair for Recorder {
             Op::Reset { .. } => "reset",
             _ => "other",
         };
+        let blocks = match &cmd.op {
+            Op::Write { ppas, .. } => ppas.len() as u64,
+            _ => 0,
+        };
         self.inner.submit(cmd)?;
         lock(&self.ops).push(kind);
+        *lock(&self.written) += blocks;
         Ok(())
     }
     fn poll(&mut self, done: &mut Vec<Completion>, max: usize) -> usize {
@@ -346,7 +353,7 @@ fn nv_flushes(used: u64, done: bool, last_entry: u64) -> bool {
         c.nv = Some(r);
     }
     let ops = Arc::new(Mutex::new(Vec::new()));
-    let mut rec = Recorder { inner: qp, ops: Arc::clone(&ops) };
+    let mut rec = Recorder { inner: qp, ops: Arc::clone(&ops), written: Arc::default() };
     let busy = w.step(&mut rec, false).expect("step");
     let ops = lock(&ops).clone();
     assert_eq!(busy, !ops.is_empty(), "{ops:?}");
@@ -747,4 +754,27 @@ fn nv_cache_records_wait_for_requeued_blocks() {
     assert_eq!(pending(&sh), 0);
     drop(w);
     drop(bdev);
+}
+
+/// Each checkpoint has the next generation, and the blocks it writes (mirror and primary copies)
+/// are counted as media and metadata writes.
+#[test]
+fn a_checkpoint_counts_its_blocks_under_the_next_generation() {
+    let (_d, _bdev, mut w, qp) = setup(geometry(20, 32), "ckpt-count", 0);
+    let sh = Arc::clone(&w.sh);
+    let generation = lock(&sh.core).generation;
+    let written = Arc::new(Mutex::new(0u64));
+    let mut rec = Recorder { inner: qp, ops: Arc::default(), written: Arc::clone(&written) };
+    let (media0, md0) = (
+        sh.stats.media_write_blocks.load(Ordering::Relaxed),
+        sh.stats.md_write_blocks.load(Ordering::Relaxed),
+    );
+    w.checkpoint(&mut rec, false).expect("checkpoint");
+    assert_eq!(lock(&sh.core).generation, generation + 1);
+    w.checkpoint(&mut rec, false).expect("checkpoint");
+    assert_eq!(lock(&sh.core).generation, generation + 2);
+    let n = *lock(&written);
+    assert!(n > 4, "{n} blocks");
+    assert_eq!(sh.stats.media_write_blocks.load(Ordering::Relaxed) - media0, n);
+    assert_eq!(sh.stats.md_write_blocks.load(Ordering::Relaxed) - md0, n);
 }

@@ -778,3 +778,50 @@ fn a_checkpoint_counts_its_blocks_under_the_next_generation() {
     assert_eq!(sh.stats.media_write_blocks.load(Ordering::Relaxed) - media0, n);
     assert_eq!(sh.stats.md_write_blocks.load(Ordering::Relaxed) - md0, n);
 }
+
+/// A queue pair that, when a read is submitted, fills the write buffer up to `leave` free slots (as
+/// writers would while a relocation read is in flight).
+struct FillOnRead {
+    inner: Box<dyn QueuePair>,
+    sh: Arc<Shared>,
+    leave: usize,
+}
+
+impl QueuePair for FillOnRead {
+    fn submit(&mut self, cmd: Command) -> Result<(), Rejected> {
+        if let Op::Read { .. } = &cmd.op {
+            let mut c = lock(&self.sh.core);
+            while c.wbuf.free() > self.leave {
+                c.wbuf.push(1000, Origin::User, |d| d.fill(9));
+            }
+        }
+        self.inner.submit(cmd)
+    }
+    fn poll(&mut self, done: &mut Vec<Completion>, max: usize) -> usize {
+        self.inner.poll(done, max)
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn depth(&self) -> usize {
+        self.inner.depth()
+    }
+}
+
+/// When the write buffer fills while a relocation read is in flight, the blocks that no longer fit
+/// stay where they are and the band's cursor goes back to the first of them.
+#[test]
+fn relocation_resumes_at_the_first_block_with_no_room() {
+    let mut cfg = FtlConfig::new("reloc-room");
+    cfg.reloc_qdepth = 8;
+    let (_d, _bdev, mut w, mut qp, _) = setup_emu(geometry(20, 32), cfg, 0);
+    let (id, _) = write_first_batch(&mut w, qp.as_mut());
+    let sh = Arc::clone(&w.sh);
+    lock(&sh.core).relocs = vec![(id as u32, 0)];
+    let mut qp = FillOnRead { inner: qp, sh: Arc::clone(&sh), leave: 3 };
+    assert_eq!(w.relocate(&mut qp).ok(), Some(true));
+    // LBAs 0..2 (chunk 0, blocks 1..3) moved; LBA 3 (block 4) is where the cursor resumes.
+    assert_eq!(sh.stats.relocated_blocks.load(Ordering::Relaxed), 3);
+    assert!(matches!(sh.l2p.get(3), Loc::Media(_)));
+    assert_eq!(lock(&sh.core).relocs, vec![(id as u32, 4)]);
+}

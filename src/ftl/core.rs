@@ -409,7 +409,7 @@ pub fn run(shared: Arc<Shared>) {
             return;
         }
     };
-    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None, nv_ch: None };
+    let mut worker = Worker { sh: shared, pad_next: false, tail_cache: None, nv_ch: None, idle: IDLE_PERIOD };
     worker.main(qp.as_mut());
 }
 
@@ -420,6 +420,9 @@ fn fail_flushes(sh: &Shared) {
     }
 }
 
+/// How long the core thread sleeps with nothing to do before padding a partial mini-unit.
+const IDLE_PERIOD: Duration = Duration::from_millis(20);
+
 struct Worker {
     sh: Arc<Shared>,
     /// Pad a partial mini-unit on the next step: the core went idle with blocks waiting (nothing
@@ -429,6 +432,8 @@ struct Worker {
     tail_cache: Option<(u32, Vec<u8>)>,
     /// The core's channel on the nv-cache bdev (created on first use).
     nv_ch: Option<crate::bdev::Channel>,
+    /// The idle period ([`IDLE_PERIOD`]; tests set a longer one).
+    idle: Duration,
 }
 
 impl Worker {
@@ -456,11 +461,8 @@ impl Worker {
                         let waiting = c.wbuf.waiting();
                         let mut c = c;
                         c.core_idle = true;
-                        let (mut c, timeout) = self
-                            .sh
-                            .wake
-                            .wait_timeout(c, Duration::from_millis(20))
-                            .unwrap_or_else(|e| e.into_inner());
+                        let (mut c, timeout) =
+                            self.sh.wake.wait_timeout(c, self.idle).unwrap_or_else(|e| e.into_inner());
                         c.core_idle = false;
                         // Still the same partial unit after a quiet period: pad it next time.
                         self.pad_next = timeout.timed_out() && waiting > 0 && c.wbuf.waiting() == waiting;
@@ -909,7 +911,6 @@ impl Worker {
         }
         let mut requeue: Vec<(u64, Origin, Vec<u8>)> = Vec::new();
         let mut media_blocks = 0u64;
-        let mut max_entry = c.wbuf.head;
         for (ri, r) in runs.iter().enumerate() {
             let failed = failed_of[ri];
             if failed != 0 {
@@ -936,7 +937,6 @@ impl Worker {
                     media_blocks += 1;
                 }
                 let Src::Entry(n) = *it else { continue };
-                max_entry = max_entry.max(n + 1);
                 let Some(en) = c.wbuf.get(n) else { continue };
                 let (lba, origin, live) = (en.lba, en.origin, en.live);
                 let pos = r.first_pos + k as u64;
@@ -967,8 +967,8 @@ impl Worker {
                 }
             }
         }
-        // Retire everything taken up to the last entry of this batch (including skipped dead ones).
-        let upto = c.wbuf.taken.min(max_entry.max(c.wbuf.taken));
+        // Retire everything taken (this batch's entries and the dead ones skipped before them).
+        let upto = c.wbuf.taken;
         let old_entries: Vec<(u64, u64)> = requeue
             .iter()
             .filter_map(|(lba, _, _)| match sh.l2p.get(*lba) {
@@ -1094,6 +1094,7 @@ impl Worker {
         let oob = done.buffers.oob.map(|o| o.as_slice().to_vec()).unwrap_or_default();
         let mut c = lock(&sh.core);
         let mut moved = 0u64;
+        let mut read_failed = false;
         for (k, &addr) in addrs.iter().enumerate() {
             if !done.status.is_success() && (k >= 64 || done.failed.0 & (1 << k) != 0) {
                 sh.stats.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -1105,9 +1106,7 @@ impl Worker {
                 );
                 // The block stays where it is; stop relocating this band.
                 c.relocs.retain(|(id, _)| *id != victim);
-                if let Some(b) = c.bands.get_mut(victim as usize) {
-                    b.written = b.valid; // no longer a candidate by invalid share
-                }
+                read_failed = true;
                 continue;
             }
             let (lba, _) = layout::decode_oob(oob.get(k * oob_bytes..(k + 1) * oob_bytes).unwrap_or(&[]));
@@ -1130,6 +1129,13 @@ impl Worker {
             }
             c.bands[victim as usize].reloc_pending += 1;
             moved += 1;
+        }
+        if read_failed {
+            // No longer a candidate by invalid share (counted once the blocks read with the failed
+            // one are moved too, or it would be picked again for the block it cannot read).
+            if let Some(b) = c.bands.get_mut(victim as usize) {
+                b.written = b.valid;
+            }
         }
         sh.stats.relocated_blocks.fetch_add(moved, Ordering::Relaxed);
         Ok(true)
@@ -1269,3 +1275,7 @@ pub fn persist(sh: &Shared, qp: &mut dyn QueuePair, ckpt: &Checkpoint) -> Result
 pub fn new_flush(mailbox: Arc<Mailbox>, tag: u64, upto: u64) -> FlushReq {
     FlushReq { mailbox, tag, upto }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

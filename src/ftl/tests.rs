@@ -833,6 +833,30 @@ fn a_completion_posted_during_the_wakeup_clear_keeps_the_fd_readable() {
     bdev.shutdown().expect("shutdown");
 }
 
+/// A poll that finds nothing clears the channel's wakeup: once its completions are taken, an idle
+/// channel's wait fd is not readable (the poller sleeps instead of spinning).
+#[test]
+fn an_idle_channel_wait_fd_is_not_readable() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("idle-fd"), media).expect("open");
+    bdev.crash(); // no core thread: the test posts the completion
+    let mut ch = bdev.create_channel().expect("channel");
+    let mailbox = lock(&bdev.shared().mailboxes).last().and_then(std::sync::Weak::upgrade).expect("mailbox");
+    mailbox.post(crate::bdev::Completion { tag: 42, result: Ok(()) });
+    let fd = ch.wait_fd().expect("wait fd");
+    let readable = || {
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on the stack; timeout 0.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    };
+    assert!(readable(), "a completion is waiting but the wait fd is not readable");
+    let mut done = Vec::new();
+    assert_eq!(ch.poll(&mut done), 1);
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(!readable(), "nothing is waiting but the wait fd is readable");
+}
+
 /// The user share of the write buffer at each limit: the limit's percentage of the buffer (at
 /// least one batch unless the percentage is 0), and never more than the free space above the CRIT
 /// reserve (plus the rest of the open band) can take.

@@ -158,3 +158,60 @@ fn idle_daemon_uses_no_cpu_and_wakes_on_the_first_request() {
     drop(clients);
     assert!(d.stop().success());
 }
+
+/// A cache over file bdevs (the threads engine: a worker signals its eventfd just after handing
+/// over the completion, so the poller may collect a completion before its signal lands) goes quiet
+/// after I/O: the cache polls only the channels below it that have I/O in flight, so a late signal
+/// would keep its wait fd readable and its poller awake for good, unless cleared before sleeping.
+#[test]
+fn an_idle_cache_over_files_sleeps_after_io() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("c.sock");
+    let (core, cdev) = (dir.path().join("core.img"), dir.path().join("cdev.img"));
+    let args: Vec<String> = [
+        "--control".to_string(),
+        "none".into(),
+        "--bdev".into(),
+        format!("driver=file,name=core,path={},size=64M,engine=threads", core.display()),
+        "--bdev".into(),
+        format!("driver=file,name=cd,path={},size=16M,engine=threads", cdev.display()),
+        "--bdev".into(),
+        "driver=cache,name=c0,cache=cd,core=core,mode=wt,seq-cutoff=off".into(),
+        "--export".into(),
+        format!("bdev=c0,socket={},queues=1", sock.display()),
+    ]
+    .into();
+    let mut d = Daemon::start(&args, &sock);
+    let pid = d.child.as_ref().expect("child").id();
+    let mut c = BlkClient::connect(&sock, 1, 64, 64 * 1024).expect("connect");
+    // Writes (the cache device's channel and the core's), misses, hits (the cache device's lane).
+    for round in 0..3u64 {
+        for i in 0..64u64 {
+            let off = 4096 * ((i * 7 + round) % 256);
+            let ret = if round == 0 {
+                c.sync(0, |c, tag| c.write(0, off, 0, 4096, tag))
+            } else {
+                c.sync(0, |c, tag| c.read(0, off, 0, 4096, tag))
+            };
+            assert_eq!(ret.expect("answered"), 0);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = cpu_ticks(pid);
+    let s0 = poller_switches(pid);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(pid) - t0;
+    let switches = poller_switches(pid) - s0;
+    let wall = start.elapsed();
+    let hz = ticks_per_second();
+    eprintln!("idle cache: {used} ticks (1/{hz} s) in {wall:?}; {switches} poller context switches");
+    assert!(switches <= 20, "the idle poller woke up {switches} times in {wall:?}");
+    assert!(
+        (used as f64) < 0.05 * wall.as_secs_f64() * hz as f64,
+        "idle cache used {used} ticks in {wall:?}"
+    );
+    assert_eq!(c.sync(0, |c, tag| c.read(0, 0, 0, 4096, tag)).expect("answered"), 0);
+    drop(c);
+    assert!(d.stop().success());
+}

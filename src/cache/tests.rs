@@ -23,6 +23,8 @@ use crate::bdev::{BdevIo, IoKind, IoVecs, Registry};
 
 const BS: u64 = 512;
 
+mod mutants;
+
 /// Bytes of a cache device with `lines` lines of `line` bytes.
 fn cache_dev_bytes(lines: u64, line: u64) -> u64 {
     let pages = lines.div_ceil(u64::from(layout::LINES_PER_PAGE));

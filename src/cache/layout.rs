@@ -340,6 +340,40 @@ mod tests {
         assert!(decode_line(&page[..128], 0).is_err());
     }
 
+    /// The superblock copy's byte layout is fixed (a device written by one build is read by the
+    /// next): magic, version, seq, body length, CRC32C over the header and body, the JSON body at
+    /// byte 28; bodies up to 4096 − 28 bytes fit, longer ones are refused.
+    #[test]
+    fn superblock_copy_layout_and_largest_body() {
+        let mut a = sb();
+        let out = encode_superblock(&a, 0x0102_0304_0506_0708).unwrap();
+        assert_eq!(out.len(), 4096);
+        let body = serde_json::to_vec(&a).unwrap();
+        assert_eq!(&out[0..8], MAGIC);
+        assert_eq!(out[8..12], VERSION.to_le_bytes());
+        assert_eq!(out[12..20], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(out[20..24], (body.len() as u32).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..24]), &body);
+        assert_eq!(out[24..28], crc.to_le_bytes());
+        assert_eq!(&out[28..28 + body.len()], body.as_slice());
+        assert!(out[28 + body.len()..].iter().all(|&b| b == 0));
+        // The largest body that fits, and one byte more.
+        let room = 4096 - 28;
+        a.uuid = "u".repeat(1 + room - body.len());
+        assert_eq!(serde_json::to_vec(&a).unwrap().len(), room);
+        let mut dev = vec![0u8; 8192];
+        dev[..4096].copy_from_slice(&encode_superblock(&a, 3).unwrap());
+        assert_eq!(decode_superblock(&dev), Ok((a.clone(), 3)));
+        a.uuid.push('u');
+        assert!(matches!(encode_superblock(&a, 3), Err(LayoutError::Corrupt(_))));
+        // A copy claiming a body past the end is damaged, not read out of bounds.
+        dev[20..24].copy_from_slice(&(room as u32 + 1).to_le_bytes());
+        assert!(matches!(decode_superblock(&dev), Err(LayoutError::Corrupt(_))));
+        // Less than both copies: no metadata (never a read past the buffer).
+        assert_eq!(decode_superblock(&dev[..8191]), Err(LayoutError::Absent));
+        assert_eq!(decode_superblock(&[]), Err(LayoutError::Absent));
+    }
+
     #[test]
     fn geometry_fits() {
         let (n, off) = geometry(64 << 20, 4096).unwrap();

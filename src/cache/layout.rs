@@ -374,6 +374,27 @@ mod tests {
         assert_eq!(decode_superblock(&[]), Err(LayoutError::Absent));
     }
 
+    /// geometry gives the most lines whose records (whole 4 KiB pages) and data fit the device.
+    #[test]
+    fn geometry_is_the_most_lines_that_fit() {
+        let needs = |n: u64, line: u64| MD_OFFSET + n.div_ceil(32) * PAGE_BYTES + n * line;
+        for line in [4096u64, 65536] {
+            let mut dev = MD_OFFSET;
+            while dev < needs(100, line) {
+                match geometry(dev, line) {
+                    None => assert!(needs(1, line) > dev, "{dev} B holds a {line} B line"),
+                    Some((n, off)) => {
+                        let n = u64::from(n);
+                        assert_eq!(off, needs(n, 0), "data offset of {n} lines");
+                        assert!(needs(n, line) <= dev, "{n} lines of {line} B do not fit {dev} B");
+                        assert!(needs(n + 1, line) > dev, "{} lines of {line} B fit {dev} B", n + 1);
+                    }
+                }
+                dev += 512;
+            }
+        }
+    }
+
     #[test]
     fn geometry_fits() {
         let (n, off) = geometry(64 << 20, 4096).unwrap();

@@ -208,4 +208,46 @@ mod tests {
         let v = info_json(&image(dir.path(), &sb, &[(0, rec(1, 4, true, 1, 0))])).unwrap();
         assert_eq!(counts(&v), ((0, 0), (1, 0), (1, 0)), "{v}");
     }
+
+    /// A bdev name goes to the daemon's control socket: its answer, marked with where it came
+    /// from; "no bdev named" said plainly; any other refusal passed on. A value with a `/` is a
+    /// path even when nothing is there.
+    #[test]
+    fn info_asks_the_daemon_about_a_bdev_name() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..3 {
+                let (s, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+                let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(req["method"], "cache-stats");
+                let answer = match req["params"]["name"].as_str().unwrap() {
+                    "c0" => serde_json::json!({"id": 1, "result": {"read_hits": 4}}),
+                    "c9" => {
+                        serde_json::json!({"id": 1, "error": {"code": -32602, "message": "name: no bdev named 'c9'"}})
+                    }
+                    _ => {
+                        serde_json::json!({"id": 1, "error": {"code": -32602, "message": "name: not a cache bdev"}})
+                    }
+                };
+                (&s).write_all(format!("{answer}\n").as_bytes()).unwrap();
+            }
+        });
+        let v = info_any("c0", &sock).unwrap();
+        assert_eq!(v["read_hits"], 4);
+        assert_eq!(v["source"], format!("daemon at {}", sock.display()));
+        assert_eq!(
+            info_any("c9", &sock).unwrap_err(),
+            format!("c9: no such file, and the daemon at {} has no bdev of that name", sock.display())
+        );
+        assert_eq!(info_any("m0", &sock).unwrap_err(), "m0: cache-stats: name: not a cache bdev");
+        server.join().unwrap();
+        let missing = dir.path().join("no-such.img");
+        let e = info_any(&missing.display().to_string(), &sock).unwrap_err();
+        assert!(e.starts_with(&format!("{}: ", missing.display())) && !e.contains("daemon"), "{e}");
+    }
 }

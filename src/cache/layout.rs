@@ -395,6 +395,27 @@ mod tests {
         }
     }
 
+    /// A superblock must name a valid line size, the geometry of the device it is on (lines and
+    /// data offset both) and the device's block size.
+    #[test]
+    fn check_superblock_refuses_what_does_not_describe_the_device() {
+        let dev = 8192 + 2 * 4096 + 40 * 4096;
+        let (num_lines, data_offset) = geometry(dev, 4096).unwrap();
+        let good = Superblock { num_lines, data_offset, ..sb() };
+        assert_eq!(check_superblock(&good, dev, 512), Ok(()));
+        let refused = |s: Superblock, block: u32| {
+            matches!(check_superblock(&s, dev, block), Err(LayoutError::Corrupt(_)))
+        };
+        assert!(refused(Superblock { line_size: 4095, ..good.clone() }, 512), "line size");
+        assert!(refused(Superblock { line_size: 8192, ..good.clone() }, 512), "another line size's geometry");
+        assert!(
+            refused(Superblock { num_lines: num_lines - 1, ..good.clone() }, 512),
+            "lines (same data offset)"
+        );
+        assert!(refused(Superblock { data_offset: data_offset + 4096, ..good.clone() }, 512), "data offset");
+        assert!(refused(good.clone(), 4096), "block size");
+    }
+
     #[test]
     fn geometry_fits() {
         let (n, off) = geometry(64 << 20, 4096).unwrap();

@@ -52,3 +52,30 @@ fn a_failed_write_is_logged_as_lost_dirty_data_only_on_a_dirty_line() {
             .any(|l| l.starts_with("ERROR: cache: write to a dirty line failed: core id 0 line 0")));
     }
 }
+
+/// Every mode and cleaner policy has its flag spelling, parses back from it, and survives the
+/// atomic's round trip; only 4–64 KiB powers of two are line sizes.
+#[test]
+fn mode_and_policy_spellings_and_line_sizes() {
+    let spellings: Vec<&str> = Mode::ALL.iter().map(|m| m.as_str()).collect();
+    assert_eq!(spellings, ["wt", "wb", "wa", "pt", "wi", "wo"]);
+    for m in Mode::ALL {
+        assert_eq!(Mode::parse(m.as_str()), Some(m));
+        assert_eq!(Mode::from_u8(m.to_u8()), m);
+    }
+    assert_eq!(Mode::parse("xx"), None);
+    assert_eq!(Mode::from_u8(200), Mode::Pt, "an unknown value is pass-through");
+    let policies = [CleanerPolicy::Alru, CleanerPolicy::Acp, CleanerPolicy::Nop].map(|p| p.as_str());
+    assert_eq!(policies, ["alru", "acp", "nop"]);
+    for (b, ok) in [
+        (4096, true),
+        (8192, true),
+        (65536, true),
+        (2048, false),
+        (131072, false),
+        (12288, false),
+        (0, false),
+    ] {
+        assert_eq!(valid_line_size(b), ok, "{b}");
+    }
+}

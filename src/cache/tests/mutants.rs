@@ -79,3 +79,140 @@ fn mode_and_policy_spellings_and_line_sizes() {
         assert_eq!(valid_line_size(b), ok, "{b}");
     }
 }
+
+/// The superblock of cache device `cdev`, copy A (`false`) or B (`true`), with its sequence number
+/// (`None`: that copy holds no valid superblock).
+fn sb_copy(reg: &Registry, b: bool) -> Option<(layout::Superblock, u64)> {
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let both = read(&mut cch, 0, layout::MD_OFFSET / BS);
+    let mut one = vec![0u8; layout::MD_OFFSET as usize];
+    let at = if b { layout::SB_BYTES as usize } else { 0 };
+    one[at..at + layout::SB_BYTES as usize].copy_from_slice(&both[at..at + layout::SB_BYTES as usize]);
+    layout::decode_superblock(&one).ok()
+}
+
+/// Superblock writes alternate between the two copies (a torn write only damages the one being
+/// written), each with the next sequence number, and never touch the line records.
+#[test]
+fn superblock_writes_alternate_between_the_copies() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, desc, mut ch) = open_cache(&reg, &cfg(Mode::Wb));
+    write(&mut ch, 0, &fill(1, 4096));
+    // Written so far: "in use" at the instance's start (seq 1), and with the core added (seq 2).
+    assert_eq!(stats(&bdev)["shared_cache"]["superblock_seq"], 2);
+    let (a, b) = (sb_copy(&reg, false).unwrap(), sb_copy(&reg, true).unwrap());
+    assert_eq!((a.1, b.1), (2, 1));
+    assert_eq!(a.0.cores.len(), 1);
+    assert!(!a.0.clean_shutdown);
+    drop(ch);
+    drop(desc);
+    let slot = wlock(&bdev.shared().map).lookup((0, 0)).unwrap();
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+    let (a, b) = (sb_copy(&reg, false).unwrap(), sb_copy(&reg, true).unwrap());
+    assert_eq!((a.1, b.1), (2, 3), "the clean shutdown's superblock goes to the other copy");
+    assert!(b.0.clean_shutdown && !a.0.clean_shutdown);
+    let r = device_record(&reg, slot).unwrap();
+    assert_eq!((r.used, r.core_line, r.dirty), (true, 0, 0xff), "the line's record");
+}
+
+/// A cache bdev dropped without a shutdown still stops its instance: records saved, superblock
+/// marked clean.
+#[test]
+fn a_cache_bdev_dropped_without_shutdown_saves_its_cache_clean() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let bdev = CacheBdev::create(&cfg(Mode::Wt), &reg).unwrap();
+    drop(bdev);
+    let newest = [false, true].into_iter().filter_map(|b| sb_copy(&reg, b)).max_by_key(|c| c.1).unwrap();
+    assert!(newest.0.clean_shutdown, "superblock seq {} says unclean", newest.1);
+}
+
+/// A core whose blocks are too small for 128 per line: only its info matters (it is refused
+/// before any I/O).
+struct TinyBlocks(crate::bdev::BdevInfo);
+
+impl crate::bdev::Bdev for TinyBlocks {
+    fn info(&self) -> &crate::bdev::BdevInfo {
+        &self.0
+    }
+    fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, BdevError> {
+        Err(BdevError::Module("no I/O".into()))
+    }
+}
+
+/// A line holds at most 128 core blocks (64 KiB of 512-byte blocks is fine, of 256-byte blocks
+/// not); the cache device's blocks may not be larger than the core's.
+#[test]
+fn line_and_block_size_limits() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.line_size = 65536;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    write(&mut ch, 0, &fill(1, 65536));
+    same(&read(&mut ch, 0, 128), &fill(1, 65536), "a 64 KiB line");
+
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
+    reg.register(Arc::new(TinyBlocks(crate::bdev::BdevInfo::new("tiny", "test", 256, 4096)))).unwrap();
+    c.core = "tiny".into();
+    let e = CacheBdev::create(&c, &reg).err().unwrap().to_string();
+    assert!(e.contains("holds more than 128 blocks of 256 B"), "{e}");
+
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 4096).unwrap())).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let e = CacheBdev::create(&cfg(Mode::Wt), &reg).err().unwrap().to_string();
+    assert!(e.contains("has 4096 B blocks, larger than the core's 512 B"), "{e}");
+}
+
+/// A second cache bdev on a shared cache device must use the same cleaner.
+#[test]
+fn a_shared_cache_refuses_another_cleaner() {
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Acp;
+    let (reg, b, _ca, _cb) = shared_pair(&a);
+    reg.register(Arc::new(MallocBdev::new("core2", 1 << 20, 512).unwrap())).unwrap();
+    let mut bad = b.clone();
+    bad.name = "c2".into();
+    bad.core = "core2".into();
+    bad.cleaner = CleanerPolicy::Nop;
+    let e = CacheBdev::create(&bad, &reg).err().unwrap().to_string();
+    assert!(e.contains("must agree: cleaner=nop (the shared cache uses acp)"), "{e}");
+}
+
+/// Leaving write-back cleans, but only for a mode that writes nothing dirty: write-back to
+/// write-only keeps the dirty lines.
+#[test]
+fn switching_between_write_back_and_write_only_cleans_nothing() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    write(&mut ch, 0, &fill(1, 4096));
+    let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+    assert_eq!(dirty(), 1);
+    bdev.set_mode(Mode::Wo).unwrap();
+    assert_eq!(dirty(), 1, "wb → wo");
+    bdev.set_mode(Mode::Wb).unwrap();
+    assert_eq!(dirty(), 1, "wo → wb");
+    bdev.set_mode(Mode::Wt).unwrap();
+    assert_eq!(dirty(), 0, "wb → wt");
+}
+
+/// A new cache's uuid is 16 random bytes in hex.
+#[test]
+fn a_new_cache_has_a_hex_uuid() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, _desc, _ch) = open_cache(&reg, &cfg(Mode::Wt));
+    let uuid = stats(&bdev)["shared_cache"]["uuid"].as_str().unwrap().to_string();
+    assert!(
+        uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{uuid}"
+    );
+    assert_eq!(sb_copy(&reg, false).unwrap().0.uuid, uuid);
+}

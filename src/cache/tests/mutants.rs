@@ -150,7 +150,8 @@ fn line_and_block_size_limits() {
     setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
     let mut c = cfg(Mode::Wt);
     c.line_size = 65536;
-    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    assert_eq!(bdev.info().optimal_io_boundary_blocks, 128, "I/O is split at line boundaries");
     write(&mut ch, 0, &fill(1, 65536));
     same(&read(&mut ch, 0, 128), &fill(1, 65536), "a 64 KiB line");
 
@@ -215,4 +216,19 @@ fn a_new_cache_has_a_hex_uuid() {
         "{uuid}"
     );
     assert_eq!(sb_copy(&reg, false).unwrap().0.uuid, uuid);
+}
+
+/// A cache device whose instance stopped (its cache bdevs shut down and dropped) can be opened
+/// again and shared again: the dead instance is forgotten, not found instead of the live one.
+#[test]
+fn a_reopened_cache_device_can_be_shared_again() {
+    let a = cfg(Mode::Wt);
+    let (reg, b, ca, cb) = shared_pair(&a);
+    for (n, bdev) in [("c0", ca), ("c1", cb)] {
+        reg.unregister(n).unwrap().shutdown().unwrap();
+        drop(bdev);
+    }
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let cb = CacheBdev::create(&b, &reg).unwrap();
+    assert!(Arc::ptr_eq(&ca.inst, &cb.inst), "one instance per cache device");
 }

@@ -232,3 +232,32 @@ fn a_reopened_cache_device_can_be_shared_again() {
     let cb = CacheBdev::create(&b, &reg).unwrap();
     assert!(Arc::ptr_eq(&ca.inst, &cb.inst), "one instance per cache device");
 }
+
+/// A record change nobody waits for (a line cleaned by a flush) is written by a lazy round within
+/// `md_lazy_ms`, and not before: with a long `md_lazy_ms` the device keeps the old record.
+#[test]
+fn a_cleaned_lines_record_is_written_lazily() {
+    for lazy_ms in [3_600_000, 20] {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+        let mut c = wb_records_on_demand();
+        c.md_lazy_ms = lazy_ms;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        write(&mut ch, 0, &fill(1, 4096));
+        let slot = wlock(&bdev.shared().map).lookup((0, 0)).unwrap();
+        let dirty = || device_record(&reg, slot).map_or(0, |r| r.dirty);
+        assert_eq!(dirty(), 0xff);
+        bdev.clean_all().unwrap();
+        assert_eq!(stats(&bdev)["dirty_lines"], 0);
+        if lazy_ms > 1000 {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(dirty(), 0xff, "a lazy round long before md_lazy_ms");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while dirty() != 0 {
+                assert!(Instant::now() < deadline, "no lazy round after 30 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}

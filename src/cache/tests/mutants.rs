@@ -261,3 +261,145 @@ fn a_cleaned_lines_record_is_written_lazily() {
         }
     }
 }
+
+/// `clean_all` (a mode switch's cleaning) waits for the write-back and reports its failure.
+#[test]
+fn a_failed_clean_all_reports_its_error() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    write(&mut ch, 0, &fill(1, 4096));
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..2048);
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    }
+    assert!(bdev.clean_all().is_err(), "the core refused the write-back");
+    assert_eq!(stats(&bdev)["dirty_lines"], 1);
+    lock(&ctl).fail_writes = false;
+    bdev.clean_all().unwrap();
+    assert_eq!(stats(&bdev)["dirty_lines"], 0);
+}
+
+/// A removed core's cache bdev writes its dirty lines back (waiting for them) before it reports
+/// what is at risk; its clean lines are freed; a core with nothing cached frees nothing. All of it
+/// is logged on the remover's thread.
+#[test]
+fn core_removal_logs_the_write_back_and_the_freed_lines() {
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Nop;
+    a.seq_cutoff = SeqCutoff::Off;
+    let (reg, _, ca, _cb) = shared_pair(&a);
+    {
+        let d = reg.open("c0", true).unwrap();
+        let mut ch = d.channel().unwrap();
+        write(&mut ch, 0, &fill(1, 4096));
+        read(&mut ch, 64, 8);
+    }
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("core0").unwrap()));
+    let has = |s: &str| logs.iter().any(|l| l.contains(s));
+    assert!(has("INFO: cache bdev 'c0': dirty lines of core 'core0' written back in"), "{logs:#?}");
+    assert!(!has("writing back to core"), "{logs:#?}");
+    assert!(has("WARN: cache bdev 'c0': core 'core0' removed with no dirty data at risk"), "{logs:#?}");
+    assert!(has("INFO: cache 'cdev': 2 clean lines of core 'core0' freed"), "{logs:#?}");
+    assert_eq!(ca.dirty_at_risk(), 0);
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("core1").unwrap()));
+    assert!(!logs.iter().any(|l| l.contains("freed")), "nothing of core1 was cached: {logs:#?}");
+}
+
+/// A cache device removed under dirty lines reports them per core: the count and the core line
+/// ranges; a clean one says so.
+#[test]
+fn cache_device_removal_logs_the_dirty_line_ranges() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    for line in [0, 1, 2, 5, 9] {
+        write(&mut ch, line * 8, &fill(line, 4096));
+    }
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("cdev").unwrap()));
+    let has = |s: &str| logs.iter().any(|l| l.contains(s));
+    assert!(
+        has("ERROR: cache 'cdev': cache device 'cdev' removed: 5 dirty lines of core id 0 are at risk \
+             (line size 4096 B, core lines 0-2,5-5,9-9)"),
+        "{logs:#?}"
+    );
+    assert!(has("ERROR: cache device 'cdev' removed with 5 dirty lines"), "{logs:#?}");
+    let _ = drive(&mut ch);
+
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &cfg(Mode::Wt));
+    write(&mut ch, 0, &fill(1, 4096));
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("cdev").unwrap()));
+    assert!(
+        logs.iter().any(|l| l.contains("WARN: cache device 'cdev' removed: the cache was clean")),
+        "{logs:#?}"
+    );
+    let _ = drive(&mut ch);
+}
+
+/// Once the owner thread has stopped, a request for it is answered at once with `Removed`.
+#[test]
+fn a_request_after_the_instance_stopped_is_refused() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, desc, ch) = open_cache(&reg, &cfg(Mode::Wt));
+    let sh = bdev.shared().clone();
+    drop(ch);
+    drop(desc);
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+    assert!(sh.stopped.load(Ordering::Acquire));
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 7));
+    sh.send(OwnerReq::Persist(mb.clone(), 8));
+    let deadline = Some(Instant::now() + Duration::from_secs(20));
+    assert_eq!(mb.wait_until(7, deadline), Some(Err(IoError::Removed)));
+    assert_eq!(mb.wait_until(8, deadline), Some(Err(IoError::Removed)));
+}
+
+/// A request waiting for a line another channel holds is woken through its channel's wait fd when
+/// the line is released (a poller asleep on that fd would otherwise never retry it).
+#[test]
+fn a_released_line_wakes_the_channel_waiting_for_it() {
+    use crate::bdev::ModuleChannel;
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..2048); // core writes held
+    let mut a = engine::CacheChannel::new(&bdev).unwrap();
+    let mut b = engine::CacheChannel::new(&bdev).unwrap();
+    let data = fill(1, 4096);
+    assert!(a.submit(BdevIo::write(0, 8, IoVecs::from_slice(&data), 1)).is_ok());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lock(&ctl).caught == 0 {
+        let _ = a.poll(&mut Vec::new());
+        assert!(Instant::now() < deadline, "a's core write never came");
+    }
+    assert!(b.submit(BdevIo::write(0, 8, IoVecs::from_slice(&data), 2)).is_ok());
+    let mut done = Vec::new();
+    let _ = b.poll(&mut done);
+    assert!(done.is_empty(), "b waits for a's line");
+    let fd = b.wait_fd().unwrap();
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0, "b's wait fd is quiet while it waits");
+    lock(&ctl).allow = usize::MAX;
+    let mut done_a = Vec::new();
+    while done_a.is_empty() {
+        let _ = a.poll(&mut done_a);
+        assert!(Instant::now() < deadline, "a never completed");
+    }
+    // SAFETY: one valid pollfd on the stack; 20 s at most.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 20_000) }, 1, "b was not woken when a released the line");
+    while done.is_empty() {
+        let _ = b.poll(&mut done);
+        assert!(Instant::now() < deadline, "b never completed");
+    }
+    assert_eq!(done[0].result, Ok(()));
+}

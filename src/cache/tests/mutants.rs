@@ -482,4 +482,12 @@ fn load_map_rebuilds_what_the_records_say() {
         );
     }
     assert!(matches!(load_map(&sb, &image(&recs)[..4096], 40, "cdev"), Err(layout::LayoutError::Corrupt(_))));
+    // Progress every time some time has passed: here after every line loaded.
+    let (_, logs) = crate::testlog::capture(|| {
+        super::super::load_map_logging(&sb, &image(&recs), 40, "cdev", Duration::ZERO).unwrap()
+    });
+    assert_eq!(
+        logs,
+        ["INFO: cache 'cdev': load: 0/40 records read", "INFO: cache 'cdev': load: 33/40 records read"]
+    );
 }

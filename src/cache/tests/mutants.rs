@@ -491,3 +491,40 @@ fn load_map_rebuilds_what_the_records_say() {
         ["INFO: cache 'cdev': load: 0/40 records read", "INFO: cache 'cdev': load: 33/40 records read"]
     );
 }
+
+/// A line touched again after exactly `num_lines / 8` other moves to the LRU head is no longer
+/// among the most recent: it moves to the head, and the next eviction takes the real LRU line.
+#[test]
+fn a_touch_after_the_recent_window_moves_the_line() {
+    let mut m = map::LineMap::new(16); // recent window: 2 moves
+    let a = m.alloc((0, 1)).unwrap(); // clock 1
+    let b = m.alloc((0, 2)).unwrap();
+    let c = m.alloc((0, 3)).unwrap(); // clock 3: a moved 2 moves ago
+    for i in [a, b, c] {
+        m.set_bits(i, 1, 0, 0);
+    }
+    m.touch(a);
+    for k in 4..17 {
+        let i = m.alloc((0, k)).unwrap();
+        m.set_bits(i, 1, 0, 0);
+    }
+    assert_eq!(m.free_lines(), 0);
+    assert_eq!(m.alloc((0, 99)), Some(b), "b is the least recently used");
+    assert_eq!(m.lookup((0, 1)), Some(a), "a was touched: kept");
+}
+
+/// Re-creating a cache bdev whose name a live shared instance knows, over another core, is refused:
+/// its lines in the cache belong to the first core.
+#[test]
+fn a_known_cache_bdev_over_another_core_is_refused() {
+    let a = cfg(Mode::Wt);
+    let (reg, _b, ca, _cb) = shared_pair(&a);
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+    drop(ca);
+    reg.register(Arc::new(MallocBdev::new("core2", 1 << 20, 512).unwrap())).unwrap();
+    let mut again = a.clone();
+    again.core = "core2".into();
+    let e = CacheBdev::create(&again, &reg).err().unwrap().to_string();
+    assert!(e.contains("holds metadata of cache bdev 'c0' over core 'core0'"), "{e}");
+    assert!(CacheBdev::create(&a, &reg).is_ok(), "over its own core it attaches again");
+}

@@ -528,3 +528,30 @@ fn a_known_cache_bdev_over_another_core_is_refused() {
     assert!(e.contains("holds metadata of cache bdev 'c0' over core 'core0'"), "{e}");
     assert!(CacheBdev::create(&a, &reg).is_ok(), "over its own core it attaches again");
 }
+
+/// acp cleans from the start (every 10 ms, whatever alru's wake-up interval says); alru's first
+/// round comes only after its wake-up interval.
+#[test]
+fn acp_cleans_at_once_and_alru_first_waits_its_interval() {
+    for policy in [CleanerPolicy::Acp, CleanerPolicy::Alru] {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+        let mut c = cfg(Mode::Wb);
+        c.cleaner = policy;
+        c.alru_wake_ms = 3_600_000;
+        c.alru_stale_ms = 0;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        write(&mut ch, 0, &fill(1, 4096));
+        let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+        if policy == CleanerPolicy::Acp {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while dirty() != 0 {
+                assert!(Instant::now() < deadline, "acp cleaned nothing in 10 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(dirty(), 1, "alru cleaned before its first wake-up");
+        }
+    }
+}

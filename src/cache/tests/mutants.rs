@@ -555,3 +555,53 @@ fn acp_cleans_at_once_and_alru_first_waits_its_interval() {
         }
     }
 }
+
+/// Formatting zeroes every record of the device, past the first MiB of records too (more than
+/// 8192 lines), and nothing past them; the smallest caches format and load again.
+#[test]
+fn formatting_zeroes_the_whole_record_area() {
+    let lines = 8300u64;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(lines, 4096), 1 << 20);
+    let (num_lines, data_offset) = layout::geometry(cache_dev_bytes(lines, 4096), 4096).unwrap();
+    assert_eq!(u64::from(num_lines), lines);
+    {
+        // Old records everywhere (garbage), and data in the first lines.
+        let cdev = reg.open("cdev", true).unwrap();
+        let mut cch = cdev.channel().unwrap();
+        write(
+            &mut cch,
+            layout::MD_OFFSET / BS,
+            &vec![0xa5; (data_offset + 8192 - layout::MD_OFFSET) as usize],
+        );
+    }
+    let mut c = cfg(Mode::Wt);
+    c.load = LoadPolicy::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let area = read(&mut cch, layout::MD_OFFSET / BS, (data_offset - layout::MD_OFFSET) / BS);
+    assert!(area.iter().all(|&b| b == 0), "a record left at byte {:?}", area.iter().position(|&b| b != 0));
+    assert!(read(&mut cch, data_offset / BS, 16).iter().all(|&b| b == 0xa5), "the data area was written");
+    drop(bdev);
+
+    for lines in [1u64, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(Mode::Wb);
+        c.cleaner = CleanerPolicy::Nop;
+        for load in [LoadPolicy::Auto, LoadPolicy::On] {
+            let reg = Registry::new();
+            file_setup(&reg, dir.path(), cache_dev_bytes(lines, 4096));
+            c.load = load;
+            let (bdev, desc, mut ch) = open_cache(&reg, &c);
+            if load == LoadPolicy::Auto {
+                write(&mut ch, 0, &fill(1, 4096));
+            }
+            same(&read(&mut ch, 0, 8), &fill(1, 4096), "line 0");
+            assert_eq!(stats(&bdev)["dirty_lines"], 1, "{lines} lines, {load:?}");
+            drop(ch);
+            drop(desc);
+            reg.unregister("c0").unwrap().shutdown().unwrap();
+        }
+    }
+}

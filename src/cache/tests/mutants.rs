@@ -605,3 +605,14 @@ fn formatting_zeroes_the_whole_record_area() {
         }
     }
 }
+
+/// The control socket finds a registered cache bdev's own type through `as_any` (mode switch).
+#[test]
+fn a_registered_cache_bdev_is_found_as_itself() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, _desc, _ch) = open_cache(&reg, &cfg(Mode::Wt));
+    let b = reg.get("c0").unwrap();
+    let found = b.as_any().and_then(|a| a.downcast_ref::<CacheBdev>()).expect("a cache bdev");
+    assert!(std::ptr::eq(found, &*bdev));
+}

@@ -616,3 +616,51 @@ fn a_registered_cache_bdev_is_found_as_itself() {
     let found = b.as_any().and_then(|a| a.downcast_ref::<CacheBdev>()).expect("a cache bdev");
     assert!(std::ptr::eq(found, &*bdev));
 }
+
+/// The map's dirty-line queries: per core or all, only attached cores, never locked lines, at most
+/// `max`, oldest first, and (`dirty_older_than`) only lines dirty since before the limit;
+/// `dirty_keys` gives one core's dirty lines; `forget_clean` frees one core's clean, unlocked lines
+/// whose records cannot say dirty, and counts them.
+#[test]
+fn the_maps_dirty_line_queries() {
+    let mut m = map::LineMap::new(16);
+    let line = |m: &mut map::LineMap, key: map::Key, dirty: u128, since: u64| {
+        let i = m.alloc(key).unwrap();
+        m.set_bits(i, 0xff, dirty, since);
+        i
+    };
+    let a = line(&mut m, (0, 1), 1, 10);
+    let b = line(&mut m, (1, 1), 1, 20);
+    let c = line(&mut m, (0, 2), 1, 30);
+    let d = line(&mut m, (0, 3), 0, 40); // clean
+    let e = line(&mut m, (2, 1), 1, 5); // a core not attached
+    let all = |_: u16| true;
+    let attached = |c: u16| c != 2;
+    assert_eq!(m.dirty_lines(None, &attached, 10), [a, b, c]);
+    assert_eq!(m.dirty_lines(None, &all, 10), [e, a, b, c]);
+    assert_eq!(m.dirty_lines(Some(0), &attached, 10), [a, c]);
+    assert_eq!(m.dirty_lines(Some(1), &attached, 10), [b]);
+    assert_eq!(m.dirty_lines(None, &attached, 2), [a, b]);
+    assert_eq!(m.dirty_older_than(None, &attached, 10, 30), [a, b], "since < 30 only");
+    assert_eq!(m.dirty_older_than(None, &attached, 10, 10), Vec::<u32>::new());
+    assert!(m.try_lock(0, 1, 1, 77));
+    assert_eq!(m.dirty_lines(None, &attached, 10), [b, c], "a is locked");
+    let mut keys = m.dirty_keys(0);
+    keys.sort_unstable();
+    assert_eq!(keys, [(0, 1), (0, 2)]);
+    assert_eq!(m.counters(0).dirty_lines, 2);
+    assert_eq!(m.counters(0).occupancy_lines, 3);
+    // forget_clean: core 0's clean, unlocked lines only.
+    let f = line(&mut m, (0, 4), 0, 50); // clean, locked below
+    assert!(m.try_lock(0, 4, 4, 78));
+    let g = line(&mut m, (1, 2), 0, 60); // clean, another core
+    assert_eq!(m.free_lines(), 16 - 7);
+    assert_eq!(m.forget_clean(0), 1, "only d");
+    assert_eq!(m.lookup((0, 3)), None);
+    for (k, i) in [((0, 1), a), ((0, 2), c), ((0, 4), f), ((1, 2), g), ((1, 1), b)] {
+        assert_eq!(m.lookup(k), Some(i), "{k:?} kept");
+    }
+    assert_eq!(m.free_lines(), 16 - 6);
+    assert_eq!(m.counters(0).occupancy_lines, 3);
+    let _ = d;
+}

@@ -664,3 +664,42 @@ fn the_maps_dirty_line_queries() {
     assert_eq!(m.counters(0).occupancy_lines, 3);
     let _ = d;
 }
+
+/// A line emptied while a read hit pinned it stays (the hit reads it) and is freed at the next
+/// record round after the hit, once nothing dirty can be recorded for it.
+#[test]
+fn a_line_emptied_under_a_hit_is_freed_by_the_next_record_round() {
+    let (reg, ctl) = held_cdev_setup();
+    let mut c = wb_records_on_demand();
+    c.mode = Mode::Wt;
+    let (bdev, desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: valid, clean
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.reads = true;
+        h.range = Some(sh.data_offset / BS..cache_dev_bytes(64, 4096) / BS);
+    }
+    let buf = IoVecs::alloc(4096);
+    ch.submit(BdevIo::read(0, 8, buf, 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lock(&ctl).caught == 0 {
+        ch.poll(&mut Vec::new());
+        assert!(Instant::now() < deadline, "the hit's read never came");
+    }
+    let mut ch2 = desc.channel().unwrap();
+    assert_eq!(run(&mut ch2, vec![BdevIo::no_data(IoKind::Unmap, 0, 8, 2)])[&2], Ok(()));
+    assert!(wlock(&sh.map).lookup((0, 0)).is_some(), "a pinned line stays");
+    lock(&ctl).allow = usize::MAX;
+    let mut done = Vec::new();
+    while done.is_empty() {
+        ch.poll(&mut done);
+        assert!(Instant::now() < deadline, "the hit never completed");
+    }
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 1));
+    assert_eq!(mb.wait_for(1), Ok(()));
+    assert_eq!(wlock(&sh.map).lookup((0, 0)), None, "the emptied line is freed");
+    assert_eq!(stats(&bdev)["occupancy_lines"], 0);
+}

@@ -703,3 +703,35 @@ fn a_line_emptied_under_a_hit_is_freed_by_the_next_record_round() {
     assert_eq!(wlock(&sh.map).lookup((0, 0)), None, "the emptied line is freed");
     assert_eq!(stats(&bdev)["occupancy_lines"], 0);
 }
+
+/// A write-back write that finds no clean line to take (every line dirty) goes to the core and
+/// asks for cleaning: alru cleans a batch at once (long before its own schedule); nop never cleans.
+#[test]
+fn pressure_cleans_a_batch_now_except_with_nop() {
+    for policy in [CleanerPolicy::Nop, CleanerPolicy::Alru] {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+        let mut c = cfg(Mode::Wb);
+        c.cleaner = policy;
+        c.alru_wake_ms = 3_600_000;
+        c.alru_stale_ms = 3_600_000;
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        for line in 0..64 {
+            write(&mut ch, line * 8, &fill(line, 4096));
+        }
+        let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+        assert_eq!(dirty(), 64);
+        write(&mut ch, 100 * 8, &fill(100, 4096)); // no clean line: to the core
+        if policy == CleanerPolicy::Nop {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(dirty(), 64, "nop cleaned under pressure");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while dirty() == 64 {
+                assert!(Instant::now() < deadline, "alru did not clean under pressure");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}

@@ -735,3 +735,27 @@ fn pressure_cleans_a_batch_now_except_with_nop() {
         }
     }
 }
+
+/// A 64 KiB line (128 sectors of 512 B) dirty up to its last sector is written back whole: the
+/// run search stops at the line's end.
+#[test]
+fn a_line_dirty_to_its_last_sector_is_written_back_whole() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
+    let mut c = wb_records_on_demand();
+    c.line_size = 65536;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (whole, last) = (fill(1, 65536), fill(2, 512));
+    write(&mut ch, 0, &whole); // line 0: sectors 0..128 dirty
+    write(&mut ch, 255, &last); // line 1: its last sector only
+    assert_eq!(stats(&bdev)["dirty_lines"], 2);
+    let mb = Mailbox::new().unwrap();
+    bdev.shared().send(OwnerReq::Flush(None, mb.clone(), 1));
+    let r = mb.wait_until(1, Some(Instant::now() + Duration::from_secs(30)));
+    assert_eq!(r, Some(Ok(())), "the flush");
+    let core = reg.open("core0", false).unwrap();
+    let mut core_ch = core.channel().unwrap();
+    same(&read(&mut core_ch, 0, 128), &whole, "line 0 on the core");
+    same(&read(&mut core_ch, 255, 1), &last, "line 1's last sector on the core");
+    assert_eq!(stats(&bdev)["dirty_lines"], 0);
+}

@@ -457,9 +457,11 @@ fn load_map_rebuilds_what_the_records_say() {
         (3, rec(0, 8, true, 0, 0)),
         (33, rec(1, 9, true, 0x10, 0x10)),
     ];
-    let ((map, loaded, dirty), logs) =
+    let ((mut map, loaded, dirty), logs) =
         crate::testlog::capture(|| load_map(&sb, &image(&recs), 40, "cdev").unwrap());
     assert_eq!((loaded, dirty), (3, 2));
+    let counts = |c: &map::Counters| (c.occupancy_lines, c.dirty_lines);
+    assert_eq!((counts(map.counters(0)), counts(map.counters(1))), ((1, 1), (2, 1)));
     let line = |k| map.lookup(k).map(|s| (s, map.lines[s as usize].valid, map.lines[s as usize].dirty));
     assert_eq!(line((0, 5)), Some((0, 0xff, 0x0f)));
     assert_eq!(line((1, 6)), Some((1, 0x03, 0)));
@@ -786,4 +788,38 @@ fn only_dirty_sectors_are_written_back() {
     let mut core_ch = core.channel().unwrap();
     let want = [&a[..], &old[512..1024], &b[..], &old[2048..3584], &d[..], &old[4096..]].concat();
     same(&read(&mut core_ch, 0, 16), &want, "the core after cleaning");
+}
+
+/// A flush is acknowledged only once every core's flush has completed (here core0's is held while
+/// core1's completes).
+#[test]
+fn a_flush_is_acknowledged_after_every_core_flush() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core0, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core0).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core1", 1 << 20, 512).unwrap())).unwrap();
+    let a = wb_records_on_demand();
+    let mut b = a.clone();
+    b.name = "c1".into();
+    b.core = "core1".into();
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let _cb = CacheBdev::create(&b, &reg).unwrap();
+    reg.register(ca.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    write(&mut ch, 80, &fill(1, 4096)); // line 10 of core0, dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.flushes = true;
+        h.range = Some(0..1); // core0's flushes (its write-back goes to block 80)
+    }
+    let mb = Mailbox::new().unwrap();
+    ca.shared().send(OwnerReq::Flush(None, mb.clone(), 1));
+    let r = mb.wait_until(1, Some(Instant::now() + Duration::from_secs(1)));
+    assert_eq!(r, None, "acknowledged while core0's flush is held");
+    assert!(lock(&ctl).caught >= 1, "core0 was flushed");
+    lock(&ctl).allow = usize::MAX;
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
 }

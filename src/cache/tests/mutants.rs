@@ -824,3 +824,30 @@ fn a_flush_is_acknowledged_after_every_core_flush() {
     lock(&ctl).allow = usize::MAX;
     assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
 }
+
+/// A flush of more than 1000 dirty lines says so on the owner thread, when it starts and when it
+/// ends; one of 1000 lines says nothing.
+#[test]
+fn a_large_flush_is_logged() {
+    for n in [1000u64, 1001] {
+        let reg = Registry::new();
+        reg.register(Arc::new(MallocBdev::new("cdevlog", cache_dev_bytes(1024, 4096), 512).unwrap()))
+            .unwrap();
+        reg.register(Arc::new(MallocBdev::new("core0", 8 << 20, 512).unwrap())).unwrap();
+        let mut c = CacheConfig::new("c0", "cdevlog", "core0");
+        c.mode = Mode::Wb;
+        c.cleaner = CleanerPolicy::Nop;
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        let data = fill(1, 4096);
+        for line in 0..n {
+            write(&mut ch, line * 8, &data);
+        }
+        assert_eq!(stats(&bdev)["dirty_lines"], n);
+        let (r, logs) = crate::testlog::capture_named(&["cache-cdevlog"], || bdev.clean_all());
+        r.unwrap();
+        let has = |s: &str| logs.iter().any(|l| l.contains(s));
+        let (start, end) = (has("flush: cleaning 1001 dirty lines"), has("flush: 1001 lines cleaned in"));
+        assert_eq!((start, end), (n > 1000, n > 1000), "{n} lines: {logs:#?}");
+    }
+}

@@ -17,4 +17,6 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod ocssd;
 pub mod tagmap;
+#[cfg(test)]
+mod testlog;
 pub mod vhost;

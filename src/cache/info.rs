@@ -120,3 +120,134 @@ pub fn info_any(target: &str, control: &std::path::Path) -> Result<serde_json::V
         Err(e) => Err(format!("{target}: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layout::{CoreEntry, LineRecord, Superblock};
+
+    /// A cache device image of `num_lines` 4 KiB lines (512-byte blocks) holding `sb` and `recs`
+    /// (line, record).
+    fn image(dir: &std::path::Path, sb: &Superblock, recs: &[(u32, LineRecord)]) -> std::path::PathBuf {
+        let (n, off) = (u64::from(sb.num_lines), sb.data_offset);
+        let mut dev = vec![0u8; (off + n * 4096) as usize];
+        dev[4096..8192].copy_from_slice(&layout::encode_superblock(sb, 5).unwrap());
+        for (line, r) in recs {
+            let page = layout::page_offset(line / layout::LINES_PER_PAGE) as usize;
+            let bytes = &mut dev[page..page + layout::PAGE_BYTES as usize];
+            layout::put_record(bytes, line % layout::LINES_PER_PAGE, r);
+        }
+        let p = dir.join(format!("cache-{}.img", sb.num_lines));
+        std::fs::write(&p, dev).unwrap();
+        p
+    }
+
+    fn rec(core_id: u16, core_line: u64, used: bool, valid: u128, dirty: u128) -> LineRecord {
+        LineRecord { seq: 1, used, core_id, core_line, valid, dirty }
+    }
+
+    /// Occupancy and dirty counts come from the records as a load would see them (used lines
+    /// with valid or dirty sectors; after an unclean shutdown only dirty ones), per core and in
+    /// total, records on every page included; saved counters come from the superblock (defaults
+    /// when none were saved).
+    #[test]
+    fn info_counts_the_lines_a_load_would_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = Counters { read_hits: 7, evictions: 3, ..Counters::default() };
+        let core = |id: u16, stats: serde_json::Value| CoreEntry {
+            id,
+            cache_bdev: format!("c{id}"),
+            core_bdev: format!("core{id}"),
+            core_blocks: 2048,
+            block_size: 512,
+            stats,
+        };
+        let (num_lines, data_offset) = layout::geometry(8192 + 2 * 4096 + 40 * 4096, 4096).unwrap();
+        assert_eq!((num_lines, data_offset), (40, 16384));
+        let mut sb = Superblock {
+            uuid: "ab".into(),
+            line_size: 4096,
+            mode: "wb".into(),
+            cleaner: "alru".into(),
+            num_lines,
+            cache_block_size: 512,
+            data_offset,
+            clean_shutdown: true,
+            cores: vec![core(0, serde_json::to_value(saved).unwrap()), core(1, serde_json::Value::Null)],
+        };
+        let recs = [
+            (0, rec(0, 10, true, 0xff, 0)),    // clean
+            (1, rec(0, 11, true, 0xff, 0x0f)), // dirty
+            (2, rec(1, 10, true, 0, 1)),       // dirty, no valid bits recorded
+            (3, rec(1, 11, true, 0, 0)),       // empty: not loaded
+            (4, rec(0, 12, false, 0xff, 0)),   // free
+            (35, rec(1, 12, true, 3, 0)),      // clean, on the second page
+            (36, rec(0, 13, true, 1, 1)),      // dirty, valid == dirty
+        ];
+        let counts = |v: &serde_json::Value| {
+            let c = |i: usize| {
+                let s = &v["cores"][i]["stats"];
+                (s["occupancy_lines"].as_u64().unwrap(), s["dirty_lines"].as_u64().unwrap())
+            };
+            (c(0), c(1), (v["occupancy_lines"].as_u64().unwrap(), v["dirty_lines"].as_u64().unwrap()))
+        };
+        let v = info_json(&image(dir.path(), &sb, &recs)).unwrap();
+        assert_eq!(counts(&v), ((3, 2), (2, 1), (5, 3)), "{v}");
+        assert_eq!(v["cores"][0]["stats"]["read_hits"], 7);
+        assert_eq!(v["cores"][0]["stats"]["evictions"], 3);
+        assert_eq!(v["cores"][0]["stats"]["mode"], "wb");
+        assert_eq!(v["cores"][1]["stats"]["read_hits"], 0, "no saved counters: zeros");
+        assert_eq!(v["superblock_seq"], 5);
+        sb.clean_shutdown = false;
+        let v = info_json(&image(dir.path(), &sb, &recs)).unwrap();
+        assert_eq!(counts(&v), ((2, 2), (1, 1), (3, 3)), "after an unclean shutdown: {v}");
+        // The smallest device: one line, its records page and the superblocks, nothing more.
+        let (num_lines, data_offset) = layout::geometry(3 * 4096 + 4096, 4096).unwrap();
+        assert_eq!((num_lines, data_offset), (1, 12288));
+        let sb = Superblock { num_lines, data_offset, clean_shutdown: true, ..sb };
+        let v = info_json(&image(dir.path(), &sb, &[(0, rec(1, 4, true, 1, 0))])).unwrap();
+        assert_eq!(counts(&v), ((0, 0), (1, 0), (1, 0)), "{v}");
+    }
+
+    /// A bdev name goes to the daemon's control socket: its answer, marked with where it came
+    /// from; "no bdev named" said plainly; any other refusal passed on. A value with a `/` is a
+    /// path even when nothing is there.
+    #[test]
+    fn info_asks_the_daemon_about_a_bdev_name() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..3 {
+                let (s, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+                let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(req["method"], "cache-stats");
+                let answer = match req["params"]["name"].as_str().unwrap() {
+                    "c0" => serde_json::json!({"id": 1, "result": {"read_hits": 4}}),
+                    "c9" => {
+                        serde_json::json!({"id": 1, "error": {"code": -32602, "message": "name: no bdev named 'c9'"}})
+                    }
+                    _ => {
+                        serde_json::json!({"id": 1, "error": {"code": -32602, "message": "name: not a cache bdev"}})
+                    }
+                };
+                (&s).write_all(format!("{answer}\n").as_bytes()).unwrap();
+            }
+        });
+        let v = info_any("c0", &sock).unwrap();
+        assert_eq!(v["read_hits"], 4);
+        assert_eq!(v["source"], format!("daemon at {}", sock.display()));
+        assert_eq!(
+            info_any("c9", &sock).unwrap_err(),
+            format!("c9: no such file, and the daemon at {} has no bdev of that name", sock.display())
+        );
+        assert_eq!(info_any("m0", &sock).unwrap_err(), "m0: cache-stats: name: not a cache bdev");
+        server.join().unwrap();
+        let missing = dir.path().join("no-such.img");
+        let e = info_any(&missing.display().to_string(), &sock).unwrap_err();
+        assert!(e.starts_with(&format!("{}: ", missing.display())) && !e.contains("daemon"), "{e}");
+    }
+}

@@ -340,6 +340,82 @@ mod tests {
         assert!(decode_line(&page[..128], 0).is_err());
     }
 
+    /// The superblock copy's byte layout is fixed (a device written by one build is read by the
+    /// next): magic, version, seq, body length, CRC32C over the header and body, the JSON body at
+    /// byte 28; bodies up to 4096 − 28 bytes fit, longer ones are refused.
+    #[test]
+    fn superblock_copy_layout_and_largest_body() {
+        let mut a = sb();
+        let out = encode_superblock(&a, 0x0102_0304_0506_0708).unwrap();
+        assert_eq!(out.len(), 4096);
+        let body = serde_json::to_vec(&a).unwrap();
+        assert_eq!(&out[0..8], MAGIC);
+        assert_eq!(out[8..12], VERSION.to_le_bytes());
+        assert_eq!(out[12..20], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(out[20..24], (body.len() as u32).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..24]), &body);
+        assert_eq!(out[24..28], crc.to_le_bytes());
+        assert_eq!(&out[28..28 + body.len()], body.as_slice());
+        assert!(out[28 + body.len()..].iter().all(|&b| b == 0));
+        // The largest body that fits, and one byte more.
+        let room = 4096 - 28;
+        a.uuid = "u".repeat(1 + room - body.len());
+        assert_eq!(serde_json::to_vec(&a).unwrap().len(), room);
+        let mut dev = vec![0u8; 8192];
+        dev[..4096].copy_from_slice(&encode_superblock(&a, 3).unwrap());
+        assert_eq!(decode_superblock(&dev), Ok((a.clone(), 3)));
+        a.uuid.push('u');
+        assert!(matches!(encode_superblock(&a, 3), Err(LayoutError::Corrupt(_))));
+        // A copy claiming a body past the end is damaged, not read out of bounds.
+        dev[20..24].copy_from_slice(&(room as u32 + 1).to_le_bytes());
+        assert!(matches!(decode_superblock(&dev), Err(LayoutError::Corrupt(_))));
+        // Less than both copies: no metadata (never a read past the buffer).
+        assert_eq!(decode_superblock(&dev[..8191]), Err(LayoutError::Absent));
+        assert_eq!(decode_superblock(&[]), Err(LayoutError::Absent));
+    }
+
+    /// geometry gives the most lines whose records (whole 4 KiB pages) and data fit the device.
+    #[test]
+    fn geometry_is_the_most_lines_that_fit() {
+        let needs = |n: u64, line: u64| MD_OFFSET + n.div_ceil(32) * PAGE_BYTES + n * line;
+        for line in [4096u64, 65536] {
+            let mut dev = MD_OFFSET;
+            while dev < needs(100, line) {
+                match geometry(dev, line) {
+                    None => assert!(needs(1, line) > dev, "{dev} B holds a {line} B line"),
+                    Some((n, off)) => {
+                        let n = u64::from(n);
+                        assert_eq!(off, needs(n, 0), "data offset of {n} lines");
+                        assert!(needs(n, line) <= dev, "{n} lines of {line} B do not fit {dev} B");
+                        assert!(needs(n + 1, line) > dev, "{} lines of {line} B fit {dev} B", n + 1);
+                    }
+                }
+                dev += 512;
+            }
+        }
+    }
+
+    /// A superblock must name a valid line size, the geometry of the device it is on (lines and
+    /// data offset both) and the device's block size.
+    #[test]
+    fn check_superblock_refuses_what_does_not_describe_the_device() {
+        let dev = 8192 + 2 * 4096 + 40 * 4096;
+        let (num_lines, data_offset) = geometry(dev, 4096).unwrap();
+        let good = Superblock { num_lines, data_offset, ..sb() };
+        assert_eq!(check_superblock(&good, dev, 512), Ok(()));
+        let refused = |s: Superblock, block: u32| {
+            matches!(check_superblock(&s, dev, block), Err(LayoutError::Corrupt(_)))
+        };
+        assert!(refused(Superblock { line_size: 4095, ..good.clone() }, 512), "line size");
+        assert!(refused(Superblock { line_size: 8192, ..good.clone() }, 512), "another line size's geometry");
+        assert!(
+            refused(Superblock { num_lines: num_lines - 1, ..good.clone() }, 512),
+            "lines (same data offset)"
+        );
+        assert!(refused(Superblock { data_offset: data_offset + 4096, ..good.clone() }, 512), "data offset");
+        assert!(refused(good.clone(), 4096), "block size");
+    }
+
     #[test]
     fn geometry_fits() {
         let (n, off) = geometry(64 << 20, 4096).unwrap();

@@ -602,6 +602,17 @@ pub fn load_map(
     num_lines: u32,
     dev: &str,
 ) -> Result<(LineMap, u64, u64), LayoutError> {
+    load_map_logging(sb, image, num_lines, dev, Duration::from_secs(1))
+}
+
+/// `load_map`, logging its progress every `every` (tests: a progress line per record).
+fn load_map_logging(
+    sb: &Superblock,
+    image: &[u8],
+    num_lines: u32,
+    dev: &str,
+    every: Duration,
+) -> Result<(LineMap, u64, u64), LayoutError> {
     let mut map = LineMap::new(num_lines);
     let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
     let (mut loaded_lines, mut dirty_lines) = (0u64, 0u64);
@@ -630,7 +641,7 @@ pub fn load_map(
         map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq);
         loaded_lines += 1;
         dirty_lines += u64::from(r.dirty != 0);
-        if last_log.elapsed() > Duration::from_secs(1) {
+        if last_log.elapsed() > every {
             log::info!("cache '{dev}': load: {i}/{num_lines} records read");
             last_log = Instant::now();
         }

@@ -23,6 +23,8 @@ use crate::bdev::{BdevIo, IoKind, IoVecs, Registry};
 
 const BS: u64 = 512;
 
+mod mutants;
+
 /// Bytes of a cache device with `lines` lines of `line` bytes.
 fn cache_dev_bytes(lines: u64, line: u64) -> u64 {
     let pages = lines.div_ceil(u64::from(layout::LINES_PER_PAGE));
@@ -759,6 +761,8 @@ fn rewrite_during_a_clean_record_round_waits_for_its_own_record() {
 struct HoldCtl {
     range: Option<std::ops::Range<u64>>,
     reads: bool,
+    /// Hold flushes too (a flush's offset is 0: `range` must hold block 0).
+    flushes: bool,
     fail_reads: bool,
     fail_writes: bool,
     caught: usize,
@@ -810,7 +814,9 @@ impl crate::bdev::ModuleChannel for HoldChannel {
     fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
         let mut ctl = lock(&self.ctl);
         ctl.submitted.push((io.kind, io.offset_blocks));
-        let kind = io.kind == IoKind::Write || (ctl.reads && io.kind == IoKind::Read);
+        let kind = io.kind == IoKind::Write
+            || (ctl.reads && io.kind == IoKind::Read)
+            || (ctl.flushes && io.kind == IoKind::Flush);
         let in_range = ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks));
         if kind && in_range {
             ctl.caught += 1;

@@ -1,0 +1,854 @@
+//! Tests written against mutants that the other cache tests let through (issue 12): each one checks
+//! a behaviour a mutant of the named function changes.
+//!
+//! ```text
+//!  HoldBdev cache device / malloc core ─► CacheBdev ─► Channel ◄── test (+ crate::testlog for log records)
+//! ```
+//!
+//! # Design
+//! Child module of `cache::tests`: it uses that module's helpers (devices, configs, `read`/`write`).
+
+use super::*;
+
+/// A write whose cache-device write fails logs "write to a dirty line failed" only when its line
+/// held dirty sectors there (dirty data is lost): not for a clean line (`CacheChannel::finalize`).
+#[test]
+fn a_failed_write_is_logged_as_lost_dirty_data_only_on_a_dirty_line() {
+    let lost = |logs: &[String]| logs.iter().filter(|l| l.contains("write to a dirty line failed")).count();
+    let fail_data_writes = |cctl: &Arc<std::sync::Mutex<HoldCtl>>, bdev: &CacheBdev| {
+        let mut h = lock(cctl);
+        h.range = Some(bdev.shared().data_offset / BS..cache_dev_bytes(64, 4096) / BS);
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    };
+    // Write-through: line 0 cached, clean.
+    {
+        let (reg, cctl) = held_cdev_setup();
+        let mut c = cfg(Mode::Wt);
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        write(&mut ch, 0, &fill(1, 4096));
+        fail_data_writes(&cctl, &bdev);
+        let (r, logs) = crate::testlog::capture(|| {
+            run(&mut ch, vec![BdevIo::write(0, 8, IoVecs::from_slice(&fill(2, 4096)), 1)])
+        });
+        assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+        assert_eq!(lost(&logs), 0, "a failed write to a clean line loses no dirty data: {logs:?}");
+    }
+    // Write-back: line 0 dirty (all of it, and a write over all of it).
+    {
+        let (reg, cctl) = held_cdev_setup();
+        let c = wb_records_on_demand();
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        write(&mut ch, 0, &fill(1, 4096));
+        fail_data_writes(&cctl, &bdev);
+        let (r, logs) = crate::testlog::capture(|| {
+            run(&mut ch, vec![BdevIo::write(0, 8, IoVecs::from_slice(&fill(2, 4096)), 1)])
+        });
+        assert_eq!(r[&1], Err(crate::bdev::IoError::Errno(libc::EIO)));
+        assert_eq!(lost(&logs), 1, "the lost dirty line is logged once: {logs:?}");
+        assert!(logs
+            .iter()
+            .any(|l| l.starts_with("ERROR: cache: write to a dirty line failed: core id 0 line 0")));
+    }
+}
+
+/// Every mode and cleaner policy has its flag spelling, parses back from it, and survives the
+/// atomic's round trip; only 4–64 KiB powers of two are line sizes.
+#[test]
+fn mode_and_policy_spellings_and_line_sizes() {
+    let spellings: Vec<&str> = Mode::ALL.iter().map(|m| m.as_str()).collect();
+    assert_eq!(spellings, ["wt", "wb", "wa", "pt", "wi", "wo"]);
+    for m in Mode::ALL {
+        assert_eq!(Mode::parse(m.as_str()), Some(m));
+        assert_eq!(Mode::from_u8(m.to_u8()), m);
+    }
+    assert_eq!(Mode::parse("xx"), None);
+    assert_eq!(Mode::from_u8(200), Mode::Pt, "an unknown value is pass-through");
+    let policies = [CleanerPolicy::Alru, CleanerPolicy::Acp, CleanerPolicy::Nop].map(|p| p.as_str());
+    assert_eq!(policies, ["alru", "acp", "nop"]);
+    for (b, ok) in [
+        (4096, true),
+        (8192, true),
+        (65536, true),
+        (2048, false),
+        (131072, false),
+        (12288, false),
+        (0, false),
+    ] {
+        assert_eq!(valid_line_size(b), ok, "{b}");
+    }
+}
+
+/// The superblock of cache device `cdev`, copy A (`false`) or B (`true`), with its sequence number
+/// (`None`: that copy holds no valid superblock).
+fn sb_copy(reg: &Registry, b: bool) -> Option<(layout::Superblock, u64)> {
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let both = read(&mut cch, 0, layout::MD_OFFSET / BS);
+    let mut one = vec![0u8; layout::MD_OFFSET as usize];
+    let at = if b { layout::SB_BYTES as usize } else { 0 };
+    one[at..at + layout::SB_BYTES as usize].copy_from_slice(&both[at..at + layout::SB_BYTES as usize]);
+    layout::decode_superblock(&one).ok()
+}
+
+/// Superblock writes alternate between the two copies (a torn write only damages the one being
+/// written), each with the next sequence number, and never touch the line records.
+#[test]
+fn superblock_writes_alternate_between_the_copies() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, desc, mut ch) = open_cache(&reg, &cfg(Mode::Wb));
+    write(&mut ch, 0, &fill(1, 4096));
+    // Written so far: "in use" at the instance's start (seq 1), and with the core added (seq 2).
+    assert_eq!(stats(&bdev)["shared_cache"]["superblock_seq"], 2);
+    let (a, b) = (sb_copy(&reg, false).unwrap(), sb_copy(&reg, true).unwrap());
+    assert_eq!((a.1, b.1), (2, 1));
+    assert_eq!(a.0.cores.len(), 1);
+    assert!(!a.0.clean_shutdown);
+    drop(ch);
+    drop(desc);
+    let slot = wlock(&bdev.shared().map).lookup((0, 0)).unwrap();
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+    let (a, b) = (sb_copy(&reg, false).unwrap(), sb_copy(&reg, true).unwrap());
+    assert_eq!((a.1, b.1), (2, 3), "the clean shutdown's superblock goes to the other copy");
+    assert!(b.0.clean_shutdown && !a.0.clean_shutdown);
+    let r = device_record(&reg, slot).unwrap();
+    assert_eq!((r.used, r.core_line, r.dirty), (true, 0, 0xff), "the line's record");
+}
+
+/// A cache bdev dropped without a shutdown still stops its instance: records saved, superblock
+/// marked clean.
+#[test]
+fn a_cache_bdev_dropped_without_shutdown_saves_its_cache_clean() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let bdev = CacheBdev::create(&cfg(Mode::Wt), &reg).unwrap();
+    drop(bdev);
+    let newest = [false, true].into_iter().filter_map(|b| sb_copy(&reg, b)).max_by_key(|c| c.1).unwrap();
+    assert!(newest.0.clean_shutdown, "superblock seq {} says unclean", newest.1);
+}
+
+/// A core whose blocks are too small for 128 per line: only its info matters (it is refused
+/// before any I/O).
+struct TinyBlocks(crate::bdev::BdevInfo);
+
+impl crate::bdev::Bdev for TinyBlocks {
+    fn info(&self) -> &crate::bdev::BdevInfo {
+        &self.0
+    }
+    fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, BdevError> {
+        Err(BdevError::Module("no I/O".into()))
+    }
+}
+
+/// A line holds at most 128 core blocks (64 KiB of 512-byte blocks is fine, of 256-byte blocks
+/// not); the cache device's blocks may not be larger than the core's.
+#[test]
+fn line_and_block_size_limits() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
+    let mut c = cfg(Mode::Wt);
+    c.line_size = 65536;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    assert_eq!(bdev.info().optimal_io_boundary_blocks, 128, "I/O is split at line boundaries");
+    write(&mut ch, 0, &fill(1, 65536));
+    same(&read(&mut ch, 0, 128), &fill(1, 65536), "a 64 KiB line");
+
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
+    reg.register(Arc::new(TinyBlocks(crate::bdev::BdevInfo::new("tiny", "test", 256, 4096)))).unwrap();
+    c.core = "tiny".into();
+    let e = CacheBdev::create(&c, &reg).err().unwrap().to_string();
+    assert!(e.contains("holds more than 128 blocks of 256 B"), "{e}");
+
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 4096).unwrap())).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let e = CacheBdev::create(&cfg(Mode::Wt), &reg).err().unwrap().to_string();
+    assert!(e.contains("has 4096 B blocks, larger than the core's 512 B"), "{e}");
+}
+
+/// A second cache bdev on a shared cache device must use the same cleaner.
+#[test]
+fn a_shared_cache_refuses_another_cleaner() {
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Acp;
+    let (reg, b, _ca, _cb) = shared_pair(&a);
+    reg.register(Arc::new(MallocBdev::new("core2", 1 << 20, 512).unwrap())).unwrap();
+    let mut bad = b.clone();
+    bad.name = "c2".into();
+    bad.core = "core2".into();
+    bad.cleaner = CleanerPolicy::Nop;
+    let e = CacheBdev::create(&bad, &reg).err().unwrap().to_string();
+    assert!(e.contains("must agree: cleaner=nop (the shared cache uses acp)"), "{e}");
+}
+
+/// Leaving write-back cleans, but only for a mode that writes nothing dirty: write-back to
+/// write-only keeps the dirty lines.
+#[test]
+fn switching_between_write_back_and_write_only_cleans_nothing() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    write(&mut ch, 0, &fill(1, 4096));
+    let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+    assert_eq!(dirty(), 1);
+    bdev.set_mode(Mode::Wo).unwrap();
+    assert_eq!(dirty(), 1, "wb → wo");
+    bdev.set_mode(Mode::Wb).unwrap();
+    assert_eq!(dirty(), 1, "wo → wb");
+    bdev.set_mode(Mode::Wt).unwrap();
+    assert_eq!(dirty(), 0, "wb → wt");
+}
+
+/// A new cache's uuid is 16 random bytes in hex.
+#[test]
+fn a_new_cache_has_a_hex_uuid() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, _desc, _ch) = open_cache(&reg, &cfg(Mode::Wt));
+    let uuid = stats(&bdev)["shared_cache"]["uuid"].as_str().unwrap().to_string();
+    assert!(
+        uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{uuid}"
+    );
+    assert_eq!(sb_copy(&reg, false).unwrap().0.uuid, uuid);
+}
+
+/// A cache device whose instance stopped (its cache bdevs shut down and dropped) can be opened
+/// again and shared again: the dead instance is forgotten, not found instead of the live one.
+#[test]
+fn a_reopened_cache_device_can_be_shared_again() {
+    let a = cfg(Mode::Wt);
+    let (reg, b, ca, cb) = shared_pair(&a);
+    for (n, bdev) in [("c0", ca), ("c1", cb)] {
+        reg.unregister(n).unwrap().shutdown().unwrap();
+        drop(bdev);
+    }
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let cb = CacheBdev::create(&b, &reg).unwrap();
+    assert!(Arc::ptr_eq(&ca.inst, &cb.inst), "one instance per cache device");
+}
+
+/// A record change nobody waits for (a line cleaned by a flush) is written by a lazy round within
+/// `md_lazy_ms`, and not before: with a long `md_lazy_ms` the device keeps the old record.
+#[test]
+fn a_cleaned_lines_record_is_written_lazily() {
+    for lazy_ms in [3_600_000, 20] {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+        let mut c = wb_records_on_demand();
+        c.md_lazy_ms = lazy_ms;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        write(&mut ch, 0, &fill(1, 4096));
+        let slot = wlock(&bdev.shared().map).lookup((0, 0)).unwrap();
+        let dirty = || device_record(&reg, slot).map_or(0, |r| r.dirty);
+        assert_eq!(dirty(), 0xff);
+        bdev.clean_all().unwrap();
+        assert_eq!(stats(&bdev)["dirty_lines"], 0);
+        if lazy_ms > 1000 {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(dirty(), 0xff, "a lazy round long before md_lazy_ms");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while dirty() != 0 {
+                assert!(Instant::now() < deadline, "no lazy round after 30 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// `clean_all` (a mode switch's cleaning) waits for the write-back and reports its failure.
+#[test]
+fn a_failed_clean_all_reports_its_error() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    write(&mut ch, 0, &fill(1, 4096));
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..2048);
+        h.allow = usize::MAX;
+        h.fail_writes = true;
+    }
+    assert!(bdev.clean_all().is_err(), "the core refused the write-back");
+    assert_eq!(stats(&bdev)["dirty_lines"], 1);
+    lock(&ctl).fail_writes = false;
+    bdev.clean_all().unwrap();
+    assert_eq!(stats(&bdev)["dirty_lines"], 0);
+}
+
+/// A removed core's cache bdev writes its dirty lines back (waiting for them) before it reports
+/// what is at risk; its clean lines are freed; a core with nothing cached frees nothing. All of it
+/// is logged on the remover's thread.
+#[test]
+fn core_removal_logs_the_write_back_and_the_freed_lines() {
+    let mut a = cfg(Mode::Wb);
+    a.cleaner = CleanerPolicy::Nop;
+    a.seq_cutoff = SeqCutoff::Off;
+    let (reg, _, ca, _cb) = shared_pair(&a);
+    {
+        let d = reg.open("c0", true).unwrap();
+        let mut ch = d.channel().unwrap();
+        write(&mut ch, 0, &fill(1, 4096));
+        read(&mut ch, 64, 8);
+    }
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("core0").unwrap()));
+    let has = |s: &str| logs.iter().any(|l| l.contains(s));
+    assert!(has("INFO: cache bdev 'c0': dirty lines of core 'core0' written back in"), "{logs:#?}");
+    assert!(!has("writing back to core"), "{logs:#?}");
+    assert!(has("WARN: cache bdev 'c0': core 'core0' removed with no dirty data at risk"), "{logs:#?}");
+    assert!(has("INFO: cache 'cdev': 2 clean lines of core 'core0' freed"), "{logs:#?}");
+    assert_eq!(ca.dirty_at_risk(), 0);
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("core1").unwrap()));
+    assert!(!logs.iter().any(|l| l.contains("freed")), "nothing of core1 was cached: {logs:#?}");
+}
+
+/// A cache device removed under dirty lines reports them per core: the count and the core line
+/// ranges; a clean one says so.
+#[test]
+fn cache_device_removal_logs_the_dirty_line_ranges() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    for line in [0, 1, 2, 5, 9] {
+        write(&mut ch, line * 8, &fill(line, 4096));
+    }
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("cdev").unwrap()));
+    let has = |s: &str| logs.iter().any(|l| l.contains(s));
+    assert!(
+        has("ERROR: cache 'cdev': cache device 'cdev' removed: 5 dirty lines of core id 0 are at risk \
+             (line size 4096 B, core lines 0-2,5-5,9-9)"),
+        "{logs:#?}"
+    );
+    assert!(has("ERROR: cache device 'cdev' removed with 5 dirty lines"), "{logs:#?}");
+    let _ = drive(&mut ch);
+
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &cfg(Mode::Wt));
+    write(&mut ch, 0, &fill(1, 4096));
+    let ((), logs) = crate::testlog::capture(|| drop(reg.unregister("cdev").unwrap()));
+    assert!(
+        logs.iter().any(|l| l.contains("WARN: cache device 'cdev' removed: the cache was clean")),
+        "{logs:#?}"
+    );
+    let _ = drive(&mut ch);
+}
+
+/// Once the owner thread has stopped, a request for it is answered at once with `Removed`.
+#[test]
+fn a_request_after_the_instance_stopped_is_refused() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, desc, ch) = open_cache(&reg, &cfg(Mode::Wt));
+    let sh = bdev.shared().clone();
+    drop(ch);
+    drop(desc);
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+    assert!(sh.stopped.load(Ordering::Acquire));
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 7));
+    sh.send(OwnerReq::Persist(mb.clone(), 8));
+    let deadline = Some(Instant::now() + Duration::from_secs(20));
+    assert_eq!(mb.wait_until(7, deadline), Some(Err(IoError::Removed)));
+    assert_eq!(mb.wait_until(8, deadline), Some(Err(IoError::Removed)));
+}
+
+/// A request waiting for a line another channel holds is woken through its channel's wait fd when
+/// the line is released (a poller asleep on that fd would otherwise never retry it).
+#[test]
+fn a_released_line_wakes_the_channel_waiting_for_it() {
+    use crate::bdev::ModuleChannel;
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..2048); // core writes held
+    let mut a = engine::CacheChannel::new(&bdev).unwrap();
+    let mut b = engine::CacheChannel::new(&bdev).unwrap();
+    let data = fill(1, 4096);
+    assert!(a.submit(BdevIo::write(0, 8, IoVecs::from_slice(&data), 1)).is_ok());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lock(&ctl).caught == 0 {
+        let _ = a.poll(&mut Vec::new());
+        assert!(Instant::now() < deadline, "a's core write never came");
+    }
+    assert!(b.submit(BdevIo::write(0, 8, IoVecs::from_slice(&data), 2)).is_ok());
+    let mut done = Vec::new();
+    let _ = b.poll(&mut done);
+    assert!(done.is_empty(), "b waits for a's line");
+    let fd = b.wait_fd().unwrap();
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0, "b's wait fd is quiet while it waits");
+    lock(&ctl).allow = usize::MAX;
+    let mut done_a = Vec::new();
+    while done_a.is_empty() {
+        let _ = a.poll(&mut done_a);
+        assert!(Instant::now() < deadline, "a never completed");
+    }
+    // SAFETY: one valid pollfd on the stack; 20 s at most.
+    assert_eq!(unsafe { libc::poll(&mut p, 1, 20_000) }, 1, "b was not woken when a released the line");
+    while done.is_empty() {
+        let _ = b.poll(&mut done);
+        assert!(Instant::now() < deadline, "b never completed");
+    }
+    assert_eq!(done[0].result, Ok(()));
+}
+
+/// `load_map` rebuilds the map from the records as a load does: after a clean shutdown every valid
+/// sector, after an unclean one only the dirty ones; free records keep their sequence numbers;
+/// unknown cores and a core line named twice are corruption; the counts it returns are the lines
+/// loaded and the dirty ones among them. A fast load logs no progress.
+#[test]
+fn load_map_rebuilds_what_the_records_say() {
+    use layout::LineRecord;
+    let rec = |core_id: u16, core_line: u64, used: bool, valid: u128, dirty: u128| LineRecord {
+        seq: 3,
+        used,
+        core_id,
+        core_line,
+        valid,
+        dirty,
+    };
+    let image = |recs: &[(u32, LineRecord)]| {
+        let mut img = vec![0u8; 2 * layout::PAGE_BYTES as usize];
+        for (line, r) in recs {
+            let page = (line / layout::LINES_PER_PAGE) as usize * layout::PAGE_BYTES as usize;
+            layout::put_record(
+                &mut img[page..page + layout::PAGE_BYTES as usize],
+                line % layout::LINES_PER_PAGE,
+                r,
+            );
+        }
+        img
+    };
+    let core = |id: u16| layout::CoreEntry {
+        id,
+        cache_bdev: format!("c{id}"),
+        core_bdev: format!("core{id}"),
+        core_blocks: 2048,
+        block_size: 512,
+        stats: serde_json::Value::Null,
+    };
+    let mut sb = layout::Superblock {
+        uuid: "ab".into(),
+        line_size: 4096,
+        mode: "wb".into(),
+        cleaner: "nop".into(),
+        num_lines: 40,
+        cache_block_size: 512,
+        data_offset: 16384,
+        clean_shutdown: true,
+        cores: vec![core(0), core(1)],
+    };
+    let recs = [
+        (0, rec(0, 5, true, 0xff, 0x0f)),
+        (1, rec(1, 6, true, 0x03, 0)),
+        (2, LineRecord { seq: 9, ..rec(0, 7, false, 0xff, 0) }),
+        (3, rec(0, 8, true, 0, 0)),
+        (33, rec(1, 9, true, 0x10, 0x10)),
+    ];
+    let ((mut map, loaded, dirty), logs) =
+        crate::testlog::capture(|| load_map(&sb, &image(&recs), 40, "cdev").unwrap());
+    assert_eq!((loaded, dirty), (3, 2));
+    let counts = |c: &map::Counters| (c.occupancy_lines, c.dirty_lines);
+    assert_eq!((counts(map.counters(0)), counts(map.counters(1))), ((1, 1), (2, 1)));
+    let line = |k| map.lookup(k).map(|s| (s, map.lines[s as usize].valid, map.lines[s as usize].dirty));
+    assert_eq!(line((0, 5)), Some((0, 0xff, 0x0f)));
+    assert_eq!(line((1, 6)), Some((1, 0x03, 0)));
+    assert_eq!(line((0, 7)), None);
+    assert_eq!(line((0, 8)), None);
+    assert_eq!(line((1, 9)), Some((33, 0x10, 0x10)));
+    assert_eq!(map.lines[2].seq, 9, "a free line's record keeps its sequence");
+    assert!(!logs.iter().any(|l| l.contains("records read")), "{logs:?}");
+    sb.clean_shutdown = false;
+    let (map, loaded, dirty) = load_map(&sb, &image(&recs), 40, "cdev").unwrap();
+    assert_eq!((loaded, dirty), (2, 2));
+    assert_eq!(map.lookup((0, 5)).map(|s| map.lines[s as usize].valid), Some(0x0f), "dirty sectors only");
+    assert_eq!(map.lookup((1, 6)), None);
+    for (what, bad) in [("unknown core", rec(7, 1, true, 1, 1)), ("line twice", rec(0, 5, true, 1, 1))] {
+        let mut r = recs.to_vec();
+        r.push((4, bad));
+        assert!(
+            matches!(load_map(&sb, &image(&r), 40, "cdev"), Err(layout::LayoutError::Corrupt(_))),
+            "{what}"
+        );
+    }
+    assert!(matches!(load_map(&sb, &image(&recs)[..4096], 40, "cdev"), Err(layout::LayoutError::Corrupt(_))));
+    // Progress every time some time has passed: here after every line loaded.
+    let (_, logs) = crate::testlog::capture(|| {
+        super::super::load_map_logging(&sb, &image(&recs), 40, "cdev", Duration::ZERO).unwrap()
+    });
+    assert_eq!(
+        logs,
+        ["INFO: cache 'cdev': load: 0/40 records read", "INFO: cache 'cdev': load: 33/40 records read"]
+    );
+}
+
+/// A line touched again after exactly `num_lines / 8` other moves to the LRU head is no longer
+/// among the most recent: it moves to the head, and the next eviction takes the real LRU line.
+#[test]
+fn a_touch_after_the_recent_window_moves_the_line() {
+    let mut m = map::LineMap::new(16); // recent window: 2 moves
+    let a = m.alloc((0, 1)).unwrap(); // clock 1
+    let b = m.alloc((0, 2)).unwrap();
+    let c = m.alloc((0, 3)).unwrap(); // clock 3: a moved 2 moves ago
+    for i in [a, b, c] {
+        m.set_bits(i, 1, 0, 0);
+    }
+    m.touch(a);
+    for k in 4..17 {
+        let i = m.alloc((0, k)).unwrap();
+        m.set_bits(i, 1, 0, 0);
+    }
+    assert_eq!(m.free_lines(), 0);
+    assert_eq!(m.alloc((0, 99)), Some(b), "b is the least recently used");
+    assert_eq!(m.lookup((0, 1)), Some(a), "a was touched: kept");
+}
+
+/// Re-creating a cache bdev whose name a live shared instance knows, over another core, is refused:
+/// its lines in the cache belong to the first core.
+#[test]
+fn a_known_cache_bdev_over_another_core_is_refused() {
+    let a = cfg(Mode::Wt);
+    let (reg, _b, ca, _cb) = shared_pair(&a);
+    reg.unregister("c0").unwrap().shutdown().unwrap();
+    drop(ca);
+    reg.register(Arc::new(MallocBdev::new("core2", 1 << 20, 512).unwrap())).unwrap();
+    let mut again = a.clone();
+    again.core = "core2".into();
+    let e = CacheBdev::create(&again, &reg).err().unwrap().to_string();
+    assert!(e.contains("holds metadata of cache bdev 'c0' over core 'core0'"), "{e}");
+    assert!(CacheBdev::create(&a, &reg).is_ok(), "over its own core it attaches again");
+}
+
+/// acp cleans from the start (every 10 ms, whatever alru's wake-up interval says); alru's first
+/// round comes only after its wake-up interval.
+#[test]
+fn acp_cleans_at_once_and_alru_first_waits_its_interval() {
+    for policy in [CleanerPolicy::Acp, CleanerPolicy::Alru] {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+        let mut c = cfg(Mode::Wb);
+        c.cleaner = policy;
+        c.alru_wake_ms = 3_600_000;
+        c.alru_stale_ms = 0;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        write(&mut ch, 0, &fill(1, 4096));
+        let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+        if policy == CleanerPolicy::Acp {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while dirty() != 0 {
+                assert!(Instant::now() < deadline, "acp cleaned nothing in 10 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(dirty(), 1, "alru cleaned before its first wake-up");
+        }
+    }
+}
+
+/// Formatting zeroes every record of the device, past the first MiB of records too (more than
+/// 8192 lines), and nothing past them; the smallest caches format and load again.
+#[test]
+fn formatting_zeroes_the_whole_record_area() {
+    let lines = 8300u64;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(lines, 4096), 1 << 20);
+    let (num_lines, data_offset) = layout::geometry(cache_dev_bytes(lines, 4096), 4096).unwrap();
+    assert_eq!(u64::from(num_lines), lines);
+    {
+        // Old records everywhere (garbage), and data in the first lines.
+        let cdev = reg.open("cdev", true).unwrap();
+        let mut cch = cdev.channel().unwrap();
+        write(
+            &mut cch,
+            layout::MD_OFFSET / BS,
+            &vec![0xa5; (data_offset + 8192 - layout::MD_OFFSET) as usize],
+        );
+    }
+    let mut c = cfg(Mode::Wt);
+    c.load = LoadPolicy::Off;
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let area = read(&mut cch, layout::MD_OFFSET / BS, (data_offset - layout::MD_OFFSET) / BS);
+    assert!(area.iter().all(|&b| b == 0), "a record left at byte {:?}", area.iter().position(|&b| b != 0));
+    assert!(read(&mut cch, data_offset / BS, 16).iter().all(|&b| b == 0xa5), "the data area was written");
+    drop(bdev);
+
+    for lines in [1u64, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(Mode::Wb);
+        c.cleaner = CleanerPolicy::Nop;
+        for load in [LoadPolicy::Auto, LoadPolicy::On] {
+            let reg = Registry::new();
+            file_setup(&reg, dir.path(), cache_dev_bytes(lines, 4096));
+            c.load = load;
+            let (bdev, desc, mut ch) = open_cache(&reg, &c);
+            if load == LoadPolicy::Auto {
+                write(&mut ch, 0, &fill(1, 4096));
+            }
+            same(&read(&mut ch, 0, 8), &fill(1, 4096), "line 0");
+            assert_eq!(stats(&bdev)["dirty_lines"], 1, "{lines} lines, {load:?}");
+            drop(ch);
+            drop(desc);
+            reg.unregister("c0").unwrap().shutdown().unwrap();
+        }
+    }
+}
+
+/// The control socket finds a registered cache bdev's own type through `as_any` (mode switch).
+#[test]
+fn a_registered_cache_bdev_is_found_as_itself() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, _desc, _ch) = open_cache(&reg, &cfg(Mode::Wt));
+    let b = reg.get("c0").unwrap();
+    let found = b.as_any().and_then(|a| a.downcast_ref::<CacheBdev>()).expect("a cache bdev");
+    assert!(std::ptr::eq(found, &*bdev));
+}
+
+/// The map's dirty-line queries: per core or all, only attached cores, never locked lines, at most
+/// `max`, oldest first, and (`dirty_older_than`) only lines dirty since before the limit;
+/// `dirty_keys` gives one core's dirty lines; `forget_clean` frees one core's clean, unlocked lines
+/// whose records cannot say dirty, and counts them.
+#[test]
+fn the_maps_dirty_line_queries() {
+    let mut m = map::LineMap::new(16);
+    let line = |m: &mut map::LineMap, key: map::Key, dirty: u128, since: u64| {
+        let i = m.alloc(key).unwrap();
+        m.set_bits(i, 0xff, dirty, since);
+        i
+    };
+    let a = line(&mut m, (0, 1), 1, 10);
+    let b = line(&mut m, (1, 1), 1, 20);
+    let c = line(&mut m, (0, 2), 1, 30);
+    let d = line(&mut m, (0, 3), 0, 40); // clean
+    let e = line(&mut m, (2, 1), 1, 5); // a core not attached
+    let all = |_: u16| true;
+    let attached = |c: u16| c != 2;
+    assert_eq!(m.dirty_lines(None, &attached, 10), [a, b, c]);
+    assert_eq!(m.dirty_lines(None, &all, 10), [e, a, b, c]);
+    assert_eq!(m.dirty_lines(Some(0), &attached, 10), [a, c]);
+    assert_eq!(m.dirty_lines(Some(1), &attached, 10), [b]);
+    assert_eq!(m.dirty_lines(None, &attached, 2), [a, b]);
+    assert_eq!(m.dirty_older_than(None, &attached, 10, 30), [a, b], "since < 30 only");
+    assert_eq!(m.dirty_older_than(None, &attached, 10, 10), Vec::<u32>::new());
+    assert!(m.try_lock(0, 1, 1, 77));
+    assert_eq!(m.dirty_lines(None, &attached, 10), [b, c], "a is locked");
+    let mut keys = m.dirty_keys(0);
+    keys.sort_unstable();
+    assert_eq!(keys, [(0, 1), (0, 2)]);
+    assert_eq!(m.counters(0).dirty_lines, 2);
+    assert_eq!(m.counters(0).occupancy_lines, 3);
+    // forget_clean: core 0's clean, unlocked lines only.
+    let f = line(&mut m, (0, 4), 0, 50); // clean, locked below
+    assert!(m.try_lock(0, 4, 4, 78));
+    let g = line(&mut m, (1, 2), 0, 60); // clean, another core
+    assert_eq!(m.free_lines(), 16 - 7);
+    assert_eq!(m.forget_clean(0), 1, "only d");
+    assert_eq!(m.lookup((0, 3)), None);
+    for (k, i) in [((0, 1), a), ((0, 2), c), ((0, 4), f), ((1, 2), g), ((1, 1), b)] {
+        assert_eq!(m.lookup(k), Some(i), "{k:?} kept");
+    }
+    assert_eq!(m.free_lines(), 16 - 6);
+    assert_eq!(m.counters(0).occupancy_lines, 3);
+    let _ = d;
+}
+
+/// A line emptied while a read hit pinned it stays (the hit reads it) and is freed at the next
+/// record round after the hit, once nothing dirty can be recorded for it.
+#[test]
+fn a_line_emptied_under_a_hit_is_freed_by_the_next_record_round() {
+    let (reg, ctl) = held_cdev_setup();
+    let mut c = wb_records_on_demand();
+    c.mode = Mode::Wt;
+    let (bdev, desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: valid, clean
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.reads = true;
+        h.range = Some(sh.data_offset / BS..cache_dev_bytes(64, 4096) / BS);
+    }
+    let buf = IoVecs::alloc(4096);
+    ch.submit(BdevIo::read(0, 8, buf, 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lock(&ctl).caught == 0 {
+        ch.poll(&mut Vec::new());
+        assert!(Instant::now() < deadline, "the hit's read never came");
+    }
+    let mut ch2 = desc.channel().unwrap();
+    assert_eq!(run(&mut ch2, vec![BdevIo::no_data(IoKind::Unmap, 0, 8, 2)])[&2], Ok(()));
+    assert!(wlock(&sh.map).lookup((0, 0)).is_some(), "a pinned line stays");
+    lock(&ctl).allow = usize::MAX;
+    let mut done = Vec::new();
+    while done.is_empty() {
+        ch.poll(&mut done);
+        assert!(Instant::now() < deadline, "the hit never completed");
+    }
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 1));
+    assert_eq!(mb.wait_for(1), Ok(()));
+    assert_eq!(wlock(&sh.map).lookup((0, 0)), None, "the emptied line is freed");
+    assert_eq!(stats(&bdev)["occupancy_lines"], 0);
+}
+
+/// A write-back write that finds no clean line to take (every line dirty) goes to the core and
+/// asks for cleaning: alru cleans a batch at once (long before its own schedule); nop never cleans.
+#[test]
+fn pressure_cleans_a_batch_now_except_with_nop() {
+    for policy in [CleanerPolicy::Nop, CleanerPolicy::Alru] {
+        let reg = Registry::new();
+        setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+        let mut c = cfg(Mode::Wb);
+        c.cleaner = policy;
+        c.alru_wake_ms = 3_600_000;
+        c.alru_stale_ms = 3_600_000;
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        for line in 0..64 {
+            write(&mut ch, line * 8, &fill(line, 4096));
+        }
+        let dirty = || stats(&bdev)["dirty_lines"].as_u64().unwrap();
+        assert_eq!(dirty(), 64);
+        write(&mut ch, 100 * 8, &fill(100, 4096)); // no clean line: to the core
+        if policy == CleanerPolicy::Nop {
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(dirty(), 64, "nop cleaned under pressure");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while dirty() == 64 {
+                assert!(Instant::now() < deadline, "alru did not clean under pressure");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// A 64 KiB line (128 sectors of 512 B) dirty up to its last sector is written back whole: the
+/// run search stops at the line's end.
+#[test]
+fn a_line_dirty_to_its_last_sector_is_written_back_whole() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(4, 65536), 1 << 20);
+    let mut c = wb_records_on_demand();
+    c.line_size = 65536;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let (whole, last) = (fill(1, 65536), fill(2, 512));
+    write(&mut ch, 0, &whole); // line 0: sectors 0..128 dirty
+    write(&mut ch, 255, &last); // line 1: its last sector only
+    assert_eq!(stats(&bdev)["dirty_lines"], 2);
+    let mb = Mailbox::new().unwrap();
+    bdev.shared().send(OwnerReq::Flush(None, mb.clone(), 1));
+    let r = mb.wait_until(1, Some(Instant::now() + Duration::from_secs(10)));
+    if r != Some(Ok(())) {
+        // The owner thread is gone or stuck: leak the cache rather than hang in its shutdown.
+        std::mem::forget((reg, bdev, _desc, ch));
+        panic!("the flush: {r:?}");
+    }
+    let core = reg.open("core0", false).unwrap();
+    let mut core_ch = core.channel().unwrap();
+    same(&read(&mut core_ch, 0, 128), &whole, "line 0 on the core");
+    same(&read(&mut core_ch, 255, 1), &last, "line 1's last sector on the core");
+    assert_eq!(stats(&bdev)["dirty_lines"], 0);
+}
+
+/// Cleaning writes back exactly the dirty sectors of a line: a sector between two dirty ones that
+/// the cache never held keeps the core's data (the cache device's copy of it is not data).
+#[test]
+fn only_dirty_sectors_are_written_back() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let old = fill(9, 8192);
+    {
+        let core = reg.open("core0", true).unwrap();
+        let mut core_ch = core.channel().unwrap();
+        write(&mut core_ch, 0, &old);
+    }
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let (a, b, d) = (fill(1, 512), fill(2, 1024), fill(3, 512));
+    write(&mut ch, 0, &a); // sector 0
+    write(&mut ch, 2, &b); // sectors 2, 3
+    write(&mut ch, 7, &d); // sector 7, the line's last
+    bdev.clean_all().unwrap();
+    let core = reg.open("core0", false).unwrap();
+    let mut core_ch = core.channel().unwrap();
+    let want = [&a[..], &old[512..1024], &b[..], &old[2048..3584], &d[..], &old[4096..]].concat();
+    same(&read(&mut core_ch, 0, 16), &want, "the core after cleaning");
+}
+
+/// A flush is acknowledged only once every core's flush has completed (here core0's is held while
+/// core1's completes), not when the flushes are sent or the first one completes.
+#[test]
+fn a_flush_is_acknowledged_after_every_core_flush() {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core0, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core0).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core1", 1 << 20, 512).unwrap())).unwrap();
+    let a = wb_records_on_demand();
+    let mut b = a.clone();
+    b.name = "c1".into();
+    b.core = "core1".into();
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let _cb = CacheBdev::create(&b, &reg).unwrap();
+    reg.register(ca.clone()).unwrap();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    write(&mut ch, 80, &fill(1, 4096)); // line 10 of core0, dirty
+    ca.clean_all().unwrap(); // nothing left to write back: the flush job goes straight to flushing
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.flushes = true;
+        h.range = Some(0..1); // core0's flushes
+    }
+    let mb = Mailbox::new().unwrap();
+    ca.shared().send(OwnerReq::Flush(None, mb.clone(), 1));
+    let r = mb.wait_until(1, Some(Instant::now() + Duration::from_secs(1)));
+    assert_eq!(r, None, "acknowledged while core0's flush is held");
+    assert!(lock(&ctl).caught >= 1, "core0 was flushed");
+    lock(&ctl).allow = usize::MAX;
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+}
+
+/// A flush of more than 1000 dirty lines says so on the owner thread, when it starts and when it
+/// ends; one of 1000 lines says nothing.
+#[test]
+fn a_large_flush_is_logged() {
+    for n in [1000u64, 1001] {
+        let reg = Registry::new();
+        reg.register(Arc::new(MallocBdev::new("cdevlog", cache_dev_bytes(1024, 4096), 512).unwrap()))
+            .unwrap();
+        reg.register(Arc::new(MallocBdev::new("core0", 8 << 20, 512).unwrap())).unwrap();
+        let mut c = CacheConfig::new("c0", "cdevlog", "core0");
+        c.mode = Mode::Wb;
+        c.cleaner = CleanerPolicy::Nop;
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        let data = fill(1, 4096);
+        for line in 0..n {
+            write(&mut ch, line * 8, &data);
+        }
+        assert_eq!(stats(&bdev)["dirty_lines"], n);
+        let (r, logs) = crate::testlog::capture_named(&["cache-cdevlog"], || bdev.clean_all());
+        r.unwrap();
+        let has = |s: &str| logs.iter().any(|l| l.contains(s));
+        let (start, end) =
+            (has(&format!("flush: cleaning {n} dirty lines")), has(&format!("flush: {n} lines cleaned in")));
+        assert_eq!((start, end), (n > 1000, n > 1000), "{n} lines: {logs:#?}");
+    }
+}

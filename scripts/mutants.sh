@@ -42,7 +42,8 @@ command -v cargo-mutants >/dev/null || {
 }
 
 # The fast tests that cover FILE: cargo test arguments, then "--" and a test-name filter if any
-# (arguments for the test binaries themselves, such as --skip, after a second "--").
+# (arguments for the test binaries themselves, such as --skip or several name filters, after a
+# second "--": cargo test itself takes one name filter only).
 tests_for() {
     case "$1" in
         src/vhost/request.rs) echo "--lib -- vhost::" ;;
@@ -56,10 +57,10 @@ tests_for() {
         # On-medium state (superblock, band metadata, restore, nv-cache ring): the crash tests too
         # (their test names are the filters after the module's own).
         src/ftl/md.rs | src/ftl/restore.rs | src/ftl/layout.rs | src/ftl/nvcache.rs)
-            echo "--lib --test ftl_crash --test ftl_nvcache -- ftl:: kill_9 nv_cache_refusals" ;;
+            echo "--lib --test ftl_crash --test ftl_nvcache -- -- ftl:: kill_9 nv_cache_refusals" ;;
         src/ftl/*) echo "--lib -- ftl::" ;;
         src/cache/layout.rs | src/cache/mod.rs)
-            echo "--lib --test cache_cli --test cache_crash -- cache:: kill_9 refusals defaults" ;;
+            echo "--lib --test cache_cli --test cache_crash -- -- cache:: kill_9 refusals defaults" ;;
         src/cache/*) echo "--lib -- cache::" ;;
         *) echo "--lib" ;;
     esac

@@ -682,10 +682,15 @@ impl Channel {
     }
 
     /// The owner is about to sleep on [`Channel::wait_fd`] (see [`ModuleChannel::before_sleep`]).
-    /// With nothing in the module, one module poll clears a stale signal; anything it returns
-    /// anyway goes out with the next `poll`.
-    pub fn before_sleep(&mut self) {
-        if self.in_module == 0 {
+    /// Only a channel with nothing in the module, queued or parked polls its module once, to clear a
+    /// stale signal (a busy one keeps the signals it will act on: a module's "room again" wake-up
+    /// for queued I/O must reach `poll`). Returns true when there is work after all (the owner
+    /// polls again instead of sleeping).
+    pub fn before_sleep(&mut self) -> bool {
+        if !self.local_done.is_empty() {
+            return true;
+        }
+        if self.in_module == 0 && self.queue.is_empty() && self.parked.is_empty() {
             let mut scratch = std::mem::take(&mut self.scratch);
             self.module.poll(&mut scratch);
             for c in scratch.drain(..) {
@@ -693,7 +698,8 @@ impl Channel {
             }
             self.scratch = scratch;
         }
-        self.module.before_sleep();
+        let more = self.module.before_sleep();
+        more || !self.local_done.is_empty()
     }
 
     /// Submits `io` and blocks until a request of this channel completes; returns that result. For
@@ -801,8 +807,10 @@ pub struct Lane {
     stats: Arc<BdevStats>,
     shard: Arc<StatsShard>,
     control: Arc<BdevControl>,
-    /// I/O in the module.
+    /// I/O in the module (and completions in `early`).
     out: usize,
+    /// Completions a `before_sleep` found (none are expected: the lane was idle), for the next poll.
+    early: Vec<Completion>,
     /// Start stamp of what is submitted now ([`Lane::set_batch_stamp`], moved on by `poll` like a
     /// [`Channel`]'s); `None`: read the clock per I/O.
     batch_now: Option<u64>,
@@ -819,7 +827,18 @@ impl Lane {
         control: Arc<BdevControl>,
     ) -> Self {
         let shard = stats.shard();
-        Self { bdev, module, writable, stats, shard, control, out: 0, batch_now: None, done_now: 0 }
+        Self {
+            bdev,
+            module,
+            writable,
+            stats,
+            shard,
+            control,
+            out: 0,
+            early: Vec::new(),
+            batch_now: None,
+            done_now: 0,
+        }
     }
 
     /// Stamps what is submitted from now on with `now_ns` (see [`Channel::set_batch_stamp`]).
@@ -859,7 +878,9 @@ impl Lane {
         if self.out == 0 {
             return 0;
         }
-        let n = self.module.poll(done);
+        let early = self.early.len();
+        done.append(&mut self.early);
+        let n = self.module.poll(done) + early;
         if n > 0 {
             self.out = self.out.saturating_sub(n);
             self.done_now = nanos(Instant::now());
@@ -888,12 +909,14 @@ impl Lane {
     }
 
     /// The owner is about to sleep on [`Lane::wait_fd`]: with nothing in the module, one module
-    /// poll clears a stale signal (see [`ModuleChannel::before_sleep`]).
-    pub fn before_sleep(&mut self) {
+    /// poll clears a stale signal (see [`ModuleChannel::before_sleep`]). Anything it returns anyway
+    /// is kept for the next `poll`; true then (poll again instead of sleeping).
+    pub fn before_sleep(&mut self) -> bool {
         if self.out == 0 {
-            self.module.poll(&mut Vec::new());
+            let n = self.module.poll(&mut self.early);
+            self.out += n;
         }
-        self.module.before_sleep();
+        self.module.before_sleep() || !self.early.is_empty()
     }
 }
 

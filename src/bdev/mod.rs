@@ -352,8 +352,11 @@ pub trait ModuleChannel: Send {
     /// The owner is about to sleep on [`ModuleChannel::wait_fd`]: clear readiness that completions
     /// already taken left behind (an eventfd signalled after its completion was collected). A stacked
     /// module that does not poll its idle channels below drains them here; otherwise a stale signal
-    /// would wake its owner at once, every time it tries to sleep. Completes nothing.
-    fn before_sleep(&mut self) {}
+    /// would wake its owner at once, every time it tries to sleep. Returns true when work turned up
+    /// (the owner polls again instead of sleeping); nothing is lost either way.
+    fn before_sleep(&mut self) -> bool {
+        false
+    }
     /// The owner's batch time (see [`Channel::set_batch_time`]) as a stamp (nanoseconds on the
     /// channels' clock, converted once by the top channel): a stacked module passes it on to the
     /// channels it submits to, so its children cost no clock read or conversion either.

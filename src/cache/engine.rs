@@ -1032,16 +1032,21 @@ impl ModuleChannel for CacheChannel {
         Some(self.epfd.as_raw_fd())
     }
 
-    fn before_sleep(&mut self) {
+    fn before_sleep(&mut self) -> bool {
         // `poll` skips the channels below with nothing in flight: clear what their last completions
         // left signalled, or the channel's epoll fd stays readable and its owner never sleeps.
-        if self.cache_out == 0 {
-            self.cache_ch.before_sleep();
+        let mut more = !self.done.is_empty();
+        if self.cache_out == 0 && self.cache_ch.before_sleep() {
+            // Work turned up in an idle channel below (not expected): poll it with the rest.
+            self.cache_out += 1;
+            more = true;
         }
-        self.lane.before_sleep();
-        if self.core_out == 0 {
-            self.core_ch.before_sleep();
+        more |= self.lane.before_sleep();
+        if self.core_out == 0 && self.core_ch.before_sleep() {
+            self.core_out += 1;
+            more = true;
         }
+        more
     }
 
     fn set_batch_stamp(&mut self, now_ns: u64) {

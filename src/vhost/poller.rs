@@ -305,10 +305,16 @@ pub fn run_group(ctx: &PollCtx<'_>, group: &[u16], vrings: &[Vring], workers: &[
             }
         }
         if !again {
+            let mut work = false;
             for &q in group {
                 if let Some(w) = workers.get(usize::from(q)) {
-                    lock_worker(w).before_sleep();
+                    work |= lock_worker(w).before_sleep();
                 }
+            }
+            if work {
+                // Something to deliver turned up while clearing stale signals: poll on.
+                idle_since = None;
+                continue;
             }
             if let Some(w) = owner {
                 lock_worker(w).asleep_since = Some(since);
@@ -470,11 +476,10 @@ impl Worker {
         Hold::No
     }
 
-    /// The thread is about to sleep: the bdev channel clears stale completion signals.
-    fn before_sleep(&mut self) {
-        if let Some(ch) = self.channel.as_mut() {
-            ch.before_sleep();
-        }
+    /// The thread is about to sleep: the bdev channel clears stale completion signals; true when
+    /// it has work after all.
+    fn before_sleep(&mut self) -> bool {
+        self.channel.as_mut().is_some_and(Channel::before_sleep)
     }
 
     /// Turns guest notifications back on before sleeping; true when chains arrived meanwhile

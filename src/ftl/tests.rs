@@ -1169,3 +1169,78 @@ fn shutdown_after_a_metadata_write_failure_ends() {
     let failed = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the shutdown never ended");
     assert!(failed, "the shutdown reports the failure");
 }
+
+/// Reads every block of the area `[first, first + bands)` (chunk-major over its online chunks).
+fn read_area_blocks(
+    media: &dyn MediaDevice,
+    qp: &mut dyn crate::ocssd::QueuePair,
+    geo: &Geo,
+    first: u32,
+    bands: u32,
+) -> Vec<u8> {
+    use crate::ocssd::{Op, PpaList, SgList};
+    let mut out = Vec::new();
+    for b in first..first + bands {
+        for i in md::online_chunks(media, geo, b) {
+            let ppas = PpaList::contiguous(geo.chunk(b, i), geo.clba as usize).expect("ppas");
+            let data = SgList::from(vec![0u8; geo.clba as usize * BLOCK_BYTES]);
+            let done = md::exec(qp, Op::Read { ppas, data, oob: None });
+            assert!(done.status.is_success(), "read band {b} chunk {i}: {}", done.status);
+            out.extend_from_slice(&done.buffers.data.expect("data").to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_metadata_area_takes_an_image_that_fills_it_exactly_and_refuses_a_larger_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    // Band 2 as a one-band area: 4 chunks of 32 blocks, 128 blocks. The bytes end 100 short of
+    // a block: the last block is padded with zeroes.
+    let cap = md::online_chunks(media.as_ref(), &geo, 2).len() as u64 * geo.clba;
+    assert_eq!(cap, 128);
+    let len = cap as usize * BLOCK_BYTES - 100;
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
+    let n = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &bytes, 7).expect("fits exactly");
+    assert_eq!(n, cap);
+    let back = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
+    assert_eq!(back.len(), cap as usize * BLOCK_BYTES);
+    assert!(back[..len] == bytes[..], "the area holds the image, block for block");
+    assert!(back[len..].iter().all(|&b| b == 0), "the last block is padded with zeroes");
+    // One block more than the area holds: refused before anything is reset or written.
+    let big = vec![0xa5u8; cap as usize * BLOCK_BYTES + 1];
+    let e = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &big, 8).err().expect("too large");
+    assert!(e.to_string().contains("metadata needs 129 blocks but the area at band 2 holds 128"), "{e}");
+    assert!(
+        read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1)[..len] == bytes[..],
+        "area left as it was"
+    );
+}
+
+#[test]
+fn a_primary_area_whose_block_0_holds_a_mirror_superblock_is_bad() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.write(5, &[42]);
+        h.cmd(IoKind::Flush, 0, 0);
+        h.stop(false);
+    }
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let k = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load").md_bands;
+    // The mirror's image, written over the primary area: a complete checkpoint, but a mirror one.
+    let mirror = md::read_area(media.as_ref(), qp.as_mut(), &geo, k, k).expect("mirror");
+    assert!(mirror.sb.mirror);
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, k, &mirror.encode(true), mirror.sb.generation)
+        .expect("write");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    assert_eq!(l.primary_bad.as_deref(), Some("block 0 holds a mirror superblock"));
+    assert_eq!(l.md_bands, k);
+    assert!(l.ckpt.sb.mirror);
+}

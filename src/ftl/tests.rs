@@ -1170,26 +1170,30 @@ fn shutdown_after_a_metadata_write_failure_ends() {
     assert!(failed, "the shutdown reports the failure");
 }
 
-/// Reads every block of the area `[first, first + bands)` (chunk-major over its online chunks).
+/// Reads every block of the area `[first, first + bands)` (chunk-major over its online chunks):
+/// data and OOB.
 fn read_area_blocks(
     media: &dyn MediaDevice,
     qp: &mut dyn crate::ocssd::QueuePair,
     geo: &Geo,
     first: u32,
     bands: u32,
-) -> Vec<u8> {
-    use crate::ocssd::{Op, PpaList, SgList};
-    let mut out = Vec::new();
+) -> (Vec<u8>, Vec<u8>) {
+    use crate::ocssd::{IoBuf, Op, PpaList, SgList};
+    let ob = media.info().oob_bytes_per_block as usize;
+    let (mut data, mut oob) = (Vec::new(), Vec::new());
     for b in first..first + bands {
         for i in md::online_chunks(media, geo, b) {
-            let ppas = PpaList::contiguous(geo.chunk(b, i), geo.clba as usize).expect("ppas");
-            let data = SgList::from(vec![0u8; geo.clba as usize * BLOCK_BYTES]);
-            let done = md::exec(qp, Op::Read { ppas, data, oob: None });
+            let n = geo.clba as usize;
+            let ppas = PpaList::contiguous(geo.chunk(b, i), n).expect("ppas");
+            let buf = SgList::from(vec![0u8; n * BLOCK_BYTES]);
+            let done = md::exec(qp, Op::Read { ppas, data: buf, oob: Some(IoBuf::zeroed(n * ob)) });
             assert!(done.status.is_success(), "read band {b} chunk {i}: {}", done.status);
-            out.extend_from_slice(&done.buffers.data.expect("data").to_vec());
+            data.extend_from_slice(&done.buffers.data.expect("data").to_vec());
+            oob.extend_from_slice(done.buffers.oob.expect("oob").as_slice());
         }
     }
-    out
+    (data, oob)
 }
 
 #[test]
@@ -1197,6 +1201,8 @@ fn a_metadata_area_takes_an_image_that_fills_it_exactly_and_refuses_a_larger_one
     let dir = tempfile::tempdir().expect("tmp");
     let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
     let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let ob = media.info().oob_bytes_per_block as usize;
+    assert!(ob >= 16);
     let mut qp = media.queue_pair(4).expect("qp");
     // Band 2 as a one-band area: 4 chunks of 32 blocks, 128 blocks. The bytes end 100 short of
     // a block: the last block is padded with zeroes.
@@ -1206,18 +1212,19 @@ fn a_metadata_area_takes_an_image_that_fills_it_exactly_and_refuses_a_larger_one
     let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
     let n = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &bytes, 7).expect("fits exactly");
     assert_eq!(n, cap);
-    let back = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
+    let (back, oob) = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
     assert_eq!(back.len(), cap as usize * BLOCK_BYTES);
     assert!(back[..len] == bytes[..], "the area holds the image, block for block");
     assert!(back[len..].iter().all(|&b| b == 0), "the last block is padded with zeroes");
+    for (i, o) in oob.chunks_exact(ob).enumerate() {
+        assert_eq!(layout::decode_oob(o), (layout::LBA_MD, 7), "OOB of block {i}");
+    }
     // One block more than the area holds: refused before anything is reset or written.
     let big = vec![0xa5u8; cap as usize * BLOCK_BYTES + 1];
     let e = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &big, 8).err().expect("too large");
     assert!(e.to_string().contains("metadata needs 129 blocks but the area at band 2 holds 128"), "{e}");
-    assert!(
-        read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1)[..len] == bytes[..],
-        "area left as it was"
-    );
+    let (again, _) = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
+    assert!(again[..len] == bytes[..], "area left as it was");
 }
 
 #[test]

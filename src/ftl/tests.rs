@@ -1251,3 +1251,22 @@ fn a_primary_area_whose_block_0_holds_a_mirror_superblock_is_bad() {
     assert_eq!(l.md_bands, k);
     assert!(l.ckpt.sb.mirror);
 }
+
+#[test]
+fn with_both_superblocks_corrupt_the_mirror_probe_stays_within_half_the_bands() {
+    // 12 bands: the mirror is probed at bands 1..=6 only (an area never takes more than half the
+    // bands); probing up to 16 would read past the media at 12 and report that instead.
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(12, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.write(5, &[42]);
+        h.cmd(IoKind::Flush, 0, 0);
+        h.stop(false);
+    }
+    corrupt_region(dir.path(), 0, layout::RegionId::Superblock);
+    corrupt_region(dir.path(), 1, layout::RegionId::Superblock);
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let e = FtlBdev::open(FtlConfig::new("md"), media).err().expect("must fail");
+    assert!(e.to_string().ends_with("; mirror: no mirror superblock found"), "{e}");
+}

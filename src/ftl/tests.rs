@@ -1221,7 +1221,7 @@ fn a_metadata_area_takes_an_image_that_fills_it_exactly_and_refuses_a_larger_one
     }
     // One block more than the area holds: refused before anything is reset or written.
     let big = vec![0xa5u8; cap as usize * BLOCK_BYTES + 1];
-    let e = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &big, 8).err().expect("too large");
+    let e = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &big, 8).expect_err("too large");
     assert!(e.to_string().contains("metadata needs 129 blocks but the area at band 2 holds 128"), "{e}");
     let (again, _) = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
     assert!(again[..len] == bytes[..], "area left as it was");

@@ -1270,3 +1270,17 @@ fn with_both_superblocks_corrupt_the_mirror_probe_stays_within_half_the_bands() 
     let e = FtlBdev::open(FtlConfig::new("md"), media).err().expect("must fail");
     assert!(e.to_string().ends_with("; mirror: no mirror superblock found"), "{e}");
 }
+
+#[test]
+fn an_ftl_opened_over_more_parallel_units_than_it_covers_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut a = FtlConfig::new("a");
+    a.pu_end = Some(1);
+    drop(FtlBdev::open(a.clone(), Arc::clone(&media)).expect("a on PUs 0-1"));
+    // Same first PU and the same bands, one PU more: the superblock says 0-1.
+    a.pu_end = Some(2);
+    let e = FtlBdev::open(a, media).err().expect("refused");
+    assert!(e.to_string().starts_with("punits"), "{e}");
+    assert!(e.to_string().contains("covers parallel units 0-1"), "{e}");
+}

@@ -1284,3 +1284,28 @@ fn an_ftl_opened_over_more_parallel_units_than_it_covers_is_refused_by_name() {
     assert!(e.to_string().starts_with("punits"), "{e}");
     assert!(e.to_string().contains("covers parallel units 0-1"), "{e}");
 }
+
+#[test]
+fn a_checkpoint_spanning_several_chunks_of_its_area_reads_back_whole() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.stop(false);
+    }
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let mut ck = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load").ckpt;
+    // 40 000 L2P entries: an image of about 45 blocks, over two of the band's four 32-block chunks.
+    ck.sb.num_lbas = 40_000;
+    ck.l2p = (0..40_000u64).map(|i| if i % 3 == 0 { layout::UNMAPPED } else { i * 7 }).collect();
+    ck.trim = vec![0x5555; 40_000usize.div_ceil(64)];
+    let image = ck.encode(false);
+    assert!(image.len() / BLOCK_BYTES > 40);
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 4, 1, &image, 9).expect("write");
+    let back = md::read_area(media.as_ref(), qp.as_mut(), &geo, 4, 1).expect("read back");
+    assert!(back.l2p == ck.l2p);
+    assert_eq!(back.trim, ck.trim);
+    assert_eq!(back.valid, ck.valid);
+}

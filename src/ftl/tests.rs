@@ -1309,3 +1309,31 @@ fn a_checkpoint_spanning_several_chunks_of_its_area_reads_back_whole() {
     assert_eq!(back.trim, ck.trim);
     assert_eq!(back.valid, ck.valid);
 }
+
+#[test]
+fn the_mirror_probe_takes_only_a_mirror_superblock_of_its_own_area_size() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.write(5, &[42]);
+        h.cmd(IoKind::Flush, 0, 0);
+        h.stop(false);
+    }
+    corrupt_region(dir.path(), 0, layout::RegionId::Superblock);
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("the mirror");
+    let k = l.md_bands;
+    // The mirror area rewritten with a complete checkpoint that says "primary": not a mirror.
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, k, k, &l.ckpt.encode(false), 9).expect("write");
+    let e = md::load(media.as_ref(), qp.as_mut(), &geo).err().expect("no usable copy");
+    assert!(e.to_string().contains("both metadata copies are unusable"), "{e}");
+    // The same with the mirror flag but another area size.
+    let mut other = l.ckpt.clone();
+    other.sb.md_bands = k + 1;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, k, k, &other.encode(true), 9).expect("write");
+    let e = md::load(media.as_ref(), qp.as_mut(), &geo).err().expect("no usable copy");
+    assert!(e.to_string().contains("both metadata copies are unusable"), "{e}");
+}

@@ -337,3 +337,49 @@ pub fn load(media: &dyn MediaDevice, qp: &mut dyn QueuePair, geo: &Geo) -> Resul
         "both metadata copies are unusable: primary: {primary_err}; mirror: {mirror_err}"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(num_bands: usize, num_lbas: usize, entry_bytes: u32, addr_space: usize) -> Checkpoint {
+        let sb = Superblock {
+            uuid: [3; 16],
+            pu_begin: 0,
+            pu_end: 3,
+            num_lbas: num_lbas as u64,
+            num_bands: num_bands as u32,
+            md_bands: 2,
+            mirror: false,
+            clean: true,
+            ckpt_seq: 1,
+            generation: 1,
+            l2p_entry_bytes: entry_bytes,
+            lba_rsvd: 20,
+            region_offsets: [0; 5],
+        };
+        Checkpoint {
+            sb,
+            bands: vec![layout::BandRecord::default(); num_bands],
+            l2p: vec![layout::UNMAPPED; num_lbas],
+            valid: vec![0; addr_space.div_ceil(64)],
+            trim: vec![0; num_lbas.div_ceil(64)],
+        }
+    }
+
+    /// The areas are sized with `blocks_needed`: it must be exactly what `encode` produces. The
+    /// sizes make every region span several blocks, so each term of the sum shows.
+    #[test]
+    fn blocks_needed_is_the_encoded_size() {
+        for (bands, lbas, entry, space) in [(300, 40_000, 4, 100_000), (130, 70_000, 8, 300_000)] {
+            let ck = checkpoint(bands, lbas, entry, space);
+            let encoded = ck.encode(false).len();
+            assert_eq!(encoded % BLOCK_BYTES, 0);
+            assert_eq!(
+                Checkpoint::blocks_needed(bands, lbas as u64, entry, space as u64),
+                (encoded / BLOCK_BYTES) as u64,
+                "bands {bands}, lbas {lbas}, entry {entry}, address space {space}"
+            );
+        }
+    }
+}

@@ -1169,3 +1169,171 @@ fn shutdown_after_a_metadata_write_failure_ends() {
     let failed = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the shutdown never ended");
     assert!(failed, "the shutdown reports the failure");
 }
+
+/// Reads every block of the area `[first, first + bands)` (chunk-major over its online chunks):
+/// data and OOB.
+fn read_area_blocks(
+    media: &dyn MediaDevice,
+    qp: &mut dyn crate::ocssd::QueuePair,
+    geo: &Geo,
+    first: u32,
+    bands: u32,
+) -> (Vec<u8>, Vec<u8>) {
+    use crate::ocssd::{IoBuf, Op, PpaList, SgList};
+    let ob = media.info().oob_bytes_per_block as usize;
+    let (mut data, mut oob) = (Vec::new(), Vec::new());
+    for b in first..first + bands {
+        for i in md::online_chunks(media, geo, b) {
+            let n = geo.clba as usize;
+            let ppas = PpaList::contiguous(geo.chunk(b, i), n).expect("ppas");
+            let buf = SgList::from(vec![0u8; n * BLOCK_BYTES]);
+            let done = md::exec(qp, Op::Read { ppas, data: buf, oob: Some(IoBuf::zeroed(n * ob)) });
+            assert!(done.status.is_success(), "read band {b} chunk {i}: {}", done.status);
+            data.extend_from_slice(&done.buffers.data.expect("data").to_vec());
+            oob.extend_from_slice(done.buffers.oob.expect("oob").as_slice());
+        }
+    }
+    (data, oob)
+}
+
+#[test]
+fn a_metadata_area_takes_an_image_that_fills_it_exactly_and_refuses_a_larger_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let ob = media.info().oob_bytes_per_block as usize;
+    assert!(ob >= 16);
+    let mut qp = media.queue_pair(4).expect("qp");
+    // Band 2 as a one-band area: 4 chunks of 32 blocks, 128 blocks. The bytes end 100 short of
+    // a block: the last block is padded with zeroes.
+    let cap = md::online_chunks(media.as_ref(), &geo, 2).len() as u64 * geo.clba;
+    assert_eq!(cap, 128);
+    let len = cap as usize * BLOCK_BYTES - 100;
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect();
+    let n = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &bytes, 7).expect("fits exactly");
+    assert_eq!(n, cap);
+    let (back, oob) = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
+    assert_eq!(back.len(), cap as usize * BLOCK_BYTES);
+    assert!(back[..len] == bytes[..], "the area holds the image, block for block");
+    assert!(back[len..].iter().all(|&b| b == 0), "the last block is padded with zeroes");
+    for (i, o) in oob.chunks_exact(ob).enumerate() {
+        assert_eq!(layout::decode_oob(o), (layout::LBA_MD, 7), "OOB of block {i}");
+    }
+    // One block more than the area holds: refused before anything is reset or written.
+    let big = vec![0xa5u8; cap as usize * BLOCK_BYTES + 1];
+    let e = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &big, 8).expect_err("too large");
+    assert!(e.to_string().contains("metadata needs 129 blocks but the area at band 2 holds 128"), "{e}");
+    let (again, _) = read_area_blocks(media.as_ref(), qp.as_mut(), &geo, 2, 1);
+    assert!(again[..len] == bytes[..], "area left as it was");
+}
+
+#[test]
+fn a_primary_area_whose_block_0_holds_a_mirror_superblock_is_bad() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.write(5, &[42]);
+        h.cmd(IoKind::Flush, 0, 0);
+        h.stop(false);
+    }
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let k = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load").md_bands;
+    // The mirror's image, written over the primary area: a complete checkpoint, but a mirror one.
+    let mirror = md::read_area(media.as_ref(), qp.as_mut(), &geo, k, k).expect("mirror");
+    assert!(mirror.sb.mirror);
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, k, &mirror.encode(true), mirror.sb.generation)
+        .expect("write");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    assert_eq!(l.primary_bad.as_deref(), Some("block 0 holds a mirror superblock"));
+    assert_eq!(l.md_bands, k);
+    assert!(l.ckpt.sb.mirror);
+}
+
+#[test]
+fn with_both_superblocks_corrupt_the_mirror_probe_stays_within_half_the_bands() {
+    // 12 bands: the mirror is probed at bands 1..=6 only (an area never takes more than half the
+    // bands); probing up to 16 would read past the media at 12 and report that instead.
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(12, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.write(5, &[42]);
+        h.cmd(IoKind::Flush, 0, 0);
+        h.stop(false);
+    }
+    corrupt_region(dir.path(), 0, layout::RegionId::Superblock);
+    corrupt_region(dir.path(), 1, layout::RegionId::Superblock);
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let e = FtlBdev::open(FtlConfig::new("md"), media).err().expect("must fail");
+    assert!(e.to_string().ends_with("; mirror: no mirror superblock found"), "{e}");
+}
+
+#[test]
+fn an_ftl_opened_over_more_parallel_units_than_it_covers_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut a = FtlConfig::new("a");
+    a.pu_end = Some(1);
+    drop(FtlBdev::open(a.clone(), Arc::clone(&media)).expect("a on PUs 0-1"));
+    // Same first PU and the same bands, one PU more: the superblock says 0-1.
+    a.pu_end = Some(2);
+    let e = FtlBdev::open(a, media).err().expect("refused");
+    assert!(e.to_string().starts_with("punits"), "{e}");
+    assert!(e.to_string().contains("covers parallel units 0-1"), "{e}");
+}
+
+#[test]
+fn a_checkpoint_spanning_several_chunks_of_its_area_reads_back_whole() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.stop(false);
+    }
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let mut ck = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load").ckpt;
+    // 40 000 L2P entries: an image of about 45 blocks, over two of the band's four 32-block chunks.
+    ck.sb.num_lbas = 40_000;
+    ck.l2p = (0..40_000u64).map(|i| if i % 3 == 0 { layout::UNMAPPED } else { i * 7 }).collect();
+    ck.trim = vec![0x5555; 40_000usize.div_ceil(64)];
+    let image = ck.encode(false);
+    assert!(image.len() / BLOCK_BYTES > 40);
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 4, 1, &image, 9).expect("write");
+    let back = md::read_area(media.as_ref(), qp.as_mut(), &geo, 4, 1).expect("read back");
+    assert!(back.l2p == ck.l2p);
+    assert_eq!(back.trim, ck.trim);
+    assert_eq!(back.valid, ck.valid);
+}
+
+#[test]
+fn the_mirror_probe_takes_only_a_mirror_superblock_of_its_own_area_size() {
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+        let mut h = Harness::new(media, FtlConfig::new("md"));
+        h.write(5, &[42]);
+        h.cmd(IoKind::Flush, 0, 0);
+        h.stop(false);
+    }
+    corrupt_region(dir.path(), 0, layout::RegionId::Superblock);
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("the mirror");
+    let k = l.md_bands;
+    // The mirror area rewritten with a complete checkpoint that says "primary": not a mirror.
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, k, k, &l.ckpt.encode(false), 9).expect("write");
+    let e = md::load(media.as_ref(), qp.as_mut(), &geo).err().expect("no usable copy");
+    assert!(e.to_string().contains("both metadata copies are unusable"), "{e}");
+    // The same with the mirror flag but another area size.
+    let mut other = l.ckpt.clone();
+    other.sb.md_bands = k + 1;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, k, k, &other.encode(true), 9).expect("write");
+    let e = md::load(media.as_ref(), qp.as_mut(), &geo).err().expect("no usable copy");
+    assert!(e.to_string().contains("both metadata copies are unusable"), "{e}");
+}

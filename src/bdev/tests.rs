@@ -588,6 +588,21 @@ fn child_tags_survive_generation_wrap() {
     }
 }
 
+/// I/O that the plain (direct, lane) path never takes as it is, on a stub of `blocks` 512-byte blocks
+/// with `max_io_blocks = 8` and `buf_align = 512`.
+fn not_plain(blocks: u64) -> Vec<BdevIo> {
+    let raw = IoVecs::alloc(1025);
+    vec![
+        BdevIo::read(0, 9, IoVecs::alloc(9 * 512), 1), // needs a split
+        BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 2), // past the end
+        BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 2), // overflowing range
+        BdevIo::read(0, 2, IoVecs::alloc(512), 3),     // wrong length
+        BdevIo::read(0, 0, IoVecs::alloc(0), 4),       // no blocks
+        BdevIo::no_data(IoKind::Flush, 0, 0, 5),       // not a read or write
+        BdevIo::read(0, 2, raw.slice(1, 1024).expect("slice"), 6), // unaligned
+    ]
+}
+
 /// `submit_direct` takes only what the general path would hand the module unchanged, and gives the
 /// rest back untouched; what it takes completes once, with the caller's tag, counted in the stats.
 #[test]
@@ -603,14 +618,9 @@ fn direct_submission_takes_only_plain_io() {
         assert_eq!((back.kind, back.offset_blocks, back.num_blocks, back.tag), (kind, off, nb, tag));
     };
     let blocks = desc.info().num_blocks;
-    given_back(&mut ch, BdevIo::read(0, 9, IoVecs::alloc(9 * 512), 1)); // needs a split
-    given_back(&mut ch, BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 2)); // past the end
-    given_back(&mut ch, BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 2)); // overflowing range
-    given_back(&mut ch, BdevIo::read(0, 2, IoVecs::alloc(512), 3)); // wrong length
-    given_back(&mut ch, BdevIo::read(0, 0, IoVecs::alloc(0), 4)); // no blocks
-    given_back(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, 5));
-    let raw = IoVecs::alloc(1025);
-    given_back(&mut ch, BdevIo::read(0, 2, raw.slice(1, 1024).expect("slice"), 6)); // unaligned
+    for io in not_plain(blocks) {
+        given_back(&mut ch, io);
+    }
     reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
     given_back(&mut ch, BdevIo::read(0, 1, IoVecs::alloc(512), 7)); // QoS limits apply
     reg.set_qos("stub", QosLimits::default()).expect("lift");
@@ -1036,14 +1046,9 @@ fn a_lane_takes_only_plain_io_and_counts_it() {
         assert_eq!((back.kind, back.offset_blocks, back.num_blocks, back.tag), (kind, off, nb, tag));
     };
     let blocks = desc.info().num_blocks;
-    given_back(&mut lane, BdevIo::read(0, 9, IoVecs::alloc(9 * 512), 1)); // needs a split
-    given_back(&mut lane, BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 2)); // past the end
-    given_back(&mut lane, BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 2)); // overflowing range
-    given_back(&mut lane, BdevIo::read(0, 2, IoVecs::alloc(512), 3)); // wrong length
-    given_back(&mut lane, BdevIo::read(0, 0, IoVecs::alloc(0), 4)); // no blocks
-    given_back(&mut lane, BdevIo::no_data(IoKind::Flush, 0, 0, 5));
-    let raw = IoVecs::alloc(1025);
-    given_back(&mut lane, BdevIo::read(0, 2, raw.slice(1, 1024).expect("slice"), 6)); // unaligned
+    for io in not_plain(blocks) {
+        given_back(&mut lane, io);
+    }
     reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
     given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(512), 7)); // QoS limits apply
     reg.set_qos("stub", QosLimits::default()).expect("lift");

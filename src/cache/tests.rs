@@ -42,6 +42,13 @@ fn cfg(mode: Mode) -> CacheConfig {
     c
 }
 
+/// A write-through cache with the sequential cut-off off (every read and write goes through the map).
+fn wt_no_cutoff() -> CacheConfig {
+    let mut c = cfg(Mode::Wt);
+    c.seq_cutoff = SeqCutoff::Off;
+    c
+}
+
 /// Creates cache bdev `c0` from `c`, registers it and opens a channel on it.
 fn open_cache(
     reg: &Registry,
@@ -1296,8 +1303,7 @@ fn a_zero_block_request_never_waits_behind_a_blocked_one() {
 fn each_read_counts_once_as_hit_miss_or_partial() {
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let counts = |b: &CacheBdev| {
         let s = stats(b);
@@ -1324,8 +1330,7 @@ fn each_read_counts_once_as_hit_miss_or_partial() {
 #[test]
 fn a_read_hit_across_lines_does_not_wait_for_their_lock() {
     let (reg, ctl) = held_core_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     let old = fill(2, 8192);
     write(&mut ch, 16, &old); // lines 2 and 3, cached
@@ -1352,8 +1357,7 @@ fn generations_wrap_without_losing_completions() {
     use crate::bdev::ModuleChannel;
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let bdev = CacheBdev::create(&c, &reg).unwrap();
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
     let one = |mch: &mut engine::CacheChannel, io: BdevIo| {
@@ -1389,8 +1393,7 @@ fn generations_wrap_without_losing_completions() {
 #[test]
 fn a_read_hit_across_lines_completes_after_its_cache_reads() {
     let (reg, ctl) = held_cdev_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let data = fill(1, 8192);
     write(&mut ch, 0, &data); // lines 0 and 1, cached
@@ -1420,8 +1423,7 @@ fn a_read_hit_across_lines_completes_after_its_cache_reads() {
 fn each_write_counts_once_as_hit_or_miss() {
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let counts = |b: &CacheBdev| {
         let s = stats(b);
@@ -1443,8 +1445,7 @@ fn each_write_counts_once_as_hit_or_miss() {
 fn a_long_unmap_invalidates_exactly_its_cached_lines() {
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 4 << 20); // a 1024-line core
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let occ = |b: &CacheBdev| stats(b)["occupancy_lines"].as_u64().unwrap();
     let (before, inside, after) = (fill(1, 4096), fill(2, 4096), fill(3, 4096));
@@ -1467,8 +1468,7 @@ fn a_long_unmap_invalidates_exactly_its_cached_lines() {
 #[test]
 fn a_write_through_write_waits_for_its_core_write() {
     let (reg, ctl) = held_core_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     let _release = ReleaseOnDrop(ctl.clone());
     lock(&ctl).range = Some(0..(1 << 20) / BS);
@@ -1494,8 +1494,7 @@ fn a_failed_read_miss_fills_nothing() {
     reg.register(cdev).unwrap();
     let (core, ctl) = HoldBdev::new("core0", 1 << 20);
     reg.register(core).unwrap();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     {
         let mut h = lock(&ctl);
@@ -1547,8 +1546,7 @@ fn a_write_through_write_keeps_the_other_dirty_sectors_of_its_line() {
 #[test]
 fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
     let (reg, cctl) = held_cdev_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let (old, new) = (fill(1, 4096), fill(2, 2048));
     write(&mut ch, 0, &old); // line 0, cached and valid
@@ -1636,8 +1634,7 @@ fn the_channel_wait_fd_wakes_for_a_completion() {
     use crate::bdev::ModuleChannel;
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let bdev = CacheBdev::create(&c, &reg).unwrap();
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
     let fd = mch.wait_fd().expect("a wait fd");
@@ -1760,8 +1757,7 @@ fn a_write_back_stream_past_the_cutoff_goes_to_the_core() {
 #[test]
 fn a_dropped_channel_finishes_its_requests() {
     let (reg, ctl) = held_core_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (_bdev, desc, mut a) = open_cache(&reg, &c);
     let mut b = desc.channel().unwrap();
     lock(&ctl).range = Some(0..8);
@@ -1809,8 +1805,7 @@ fn hits_of_a_dropped_channel_and_of_live_ones_all_count() {
 #[test]
 fn a_dropped_channel_finishes_its_hits() {
     let (reg, ctl) = held_cdev_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut a) = open_cache(&reg, &c);
     read(&mut a, 0, 8); // a miss fills line 0
     {
@@ -1841,8 +1836,7 @@ fn a_dropped_channel_finishes_its_hits() {
 fn a_hit_is_counted_once_on_the_cache_device_whichever_way_it_goes() {
     let reg = Registry::new();
     setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let cdev = reg.open("cdev", false).unwrap();
     let data = fill(7, 4096);
@@ -1874,8 +1868,7 @@ fn a_hit_is_counted_once_on_the_cache_device_whichever_way_it_goes() {
 #[test]
 fn a_read_hit_passes_a_waiting_request_and_a_locked_line() {
     let (reg, ctl) = held_core_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     write(&mut ch, 16, &fill(2, 4096)); // line 2, cached
     write(&mut ch, 32, &fill(4, 4096)); // line 4, cached
@@ -1946,8 +1939,7 @@ fn an_idle_channel_gives_back_what_it_answers_at_once() {
 #[test]
 fn a_hit_counts_from_its_batch_time_across_an_empty_poll() {
     let (reg, ctl) = held_cdev_setup();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
     write(&mut ch, 0, &fill(1, 8192)); // lines 0 and 1
     let cdev_stats = reg.bdev_stats("cdev").unwrap();
@@ -1982,8 +1974,7 @@ fn a_hit_wakes_a_poller_sleeping_on_the_channel() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::new();
     file_setup(&reg, dir.path(), cache_dev_bytes(64, 4096));
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let bdev = CacheBdev::create(&c, &reg).unwrap();
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
     let data = fill(3, 4096);
@@ -2071,8 +2062,7 @@ fn before_sleep_clears_late_signals_of_every_channel_below() {
     let cdev = MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap();
     reg.register(Arc::new(LateSignalBdev(cdev))).unwrap();
     reg.register(Arc::new(LateSignalBdev(MallocBdev::new("core0", 1 << 20, 512).unwrap()))).unwrap();
-    let mut c = cfg(Mode::Wt);
-    c.seq_cutoff = SeqCutoff::Off;
+    let c = wt_no_cutoff();
     let bdev = CacheBdev::create(&c, &reg).unwrap();
     let mut mch = engine::CacheChannel::new(&bdev).unwrap();
     let fd = mch.wait_fd().unwrap();

@@ -233,7 +233,7 @@ impl Channel {
         let entry = self.children.vacant_entry();
         // 31 bits of generation: the top bit is `DIRECT`'s (after 2^31 I/O on this channel an
         // unmasked generation would set it, and the completion would be taken for a direct I/O's).
-        let tag = ((self.next_gen & 0x7fff_ffff) << 32) | (entry.key() as u64 & 0xffff_ffff);
+        let tag = ((self.next_gen & GEN31) << 32) | (entry.key() as u64 & 0xffff_ffff);
         entry.insert((id, tag));
         tag
     }
@@ -301,12 +301,9 @@ impl Channel {
     /// Gives `io` back untouched when the general path is needed ([`Channel::submit`]).
     pub fn submit_direct(&mut self, io: BdevIo) -> Result<(), BdevIo> {
         let info = self.bdev.info();
-        if !goes_as_is(info, &io)
-            || self.validate(info, &io).is_err()
+        if !taken_as_is(info, self.writable, &self.control, &io)
             || !self.queue.is_empty()
             || !self.parked.is_empty()
-            || self.control.frozen()
-            || self.control.qos.enabled()
         {
             return Err(io);
         }
@@ -761,6 +758,16 @@ fn validate(info: &BdevInfo, writable: bool, io: &BdevIo) -> Result<(), IoError>
     Ok(())
 }
 
+/// True when `io` may go to the module as it is, past the general path: valid on a descriptor that is
+/// `writable` or not, needing no bounce or split, with no QoS limit and no reset in progress (what
+/// [`Channel::submit_direct`] and [`Lane::submit`] both require).
+fn taken_as_is(info: &BdevInfo, writable: bool, control: &BdevControl, io: &BdevIo) -> bool {
+    goes_as_is(info, io)
+        && validate(info, writable, io).is_ok()
+        && !control.frozen()
+        && !control.qos.enabled()
+}
+
 /// True for a read or write of at least one block that needs no bounce and no split: it can go to
 /// the module as it came (a direct I/O).
 fn goes_as_is(info: &BdevInfo, io: &BdevIo) -> bool {
@@ -851,11 +858,7 @@ impl Lane {
     /// refuses it). Never completes inline.
     pub fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo> {
         let info = self.bdev.info();
-        if !goes_as_is(info, &io)
-            || validate(info, self.writable, &io).is_err()
-            || self.control.frozen()
-            || self.control.qos.enabled()
-        {
+        if !taken_as_is(info, self.writable, &self.control, &io) {
             return Err(io);
         }
         match self.module.submit(io) {

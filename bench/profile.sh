@@ -7,7 +7,7 @@
 #   STACK="--bdev driver=malloc,name=cd,size=64M --bdev driver=malloc,name=core,size=1G \
 #          --bdev driver=cache,name=b0,cache=cd,core=core" SPAN=16 WARM=1 bench/profile.sh stack randread
 #       (STACK: the bdev flags instead of one BDEV, the exported one named b0; SPAN: MiB the client
-#        touches, default 512; WARM=1: 3 s of sequential reads over the span before collection, e.g. to fill a cache)
+#        touches, default 512; WARM=1: WARM_SECS (3) s of sequential reads over the span before collection, e.g. to fill a cache)
 #
 # vblkd runs under `valgrind --tool=callgrind` with `poll-us=0` (no idle spinning) and collection
 # switched on only inside the poller's per-queue pass (`Worker::pass`: pop, parse, submit, reap,
@@ -36,7 +36,7 @@ VG=$!
 for _ in $(seq 600); do [ -S "$sock" ] && break; sleep 0.1; done
 if [[ -n "${WARM:-}" ]]; then
     # Fill the span (sequential 128 KiB reads); collection counts these, so zero the counters.
-    target/release/vblkd-bench --socket "$sock" --rw read --bs 131072 --qd 4 --seconds 3 \
+    target/release/vblkd-bench --socket "$sock" --rw read --bs 131072 --qd 4 --seconds "${WARM_SECS:-3}" \
         --span-mib "$SPAN" >/dev/null
     callgrind_control --zero "$VG" >/dev/null
 fi

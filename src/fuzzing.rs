@@ -410,12 +410,12 @@ pub fn cache_md(data: &[u8]) -> u64 {
     let known: Vec<u16> = sb.cores.iter().map(|c| c.id).collect();
     let mut seen = 0u64;
     for (i, l) in map.lines.iter().enumerate() {
-        if let Some(k) = l.key {
+        if let Some(k) = l.key() {
             seen += 1;
             assert!(known.contains(&k.0), "line {i} of an unknown core");
             assert_eq!(map.lookup(k), Some(i as u32), "index and lines disagree");
-            assert_eq!(l.dirty & !l.valid, 0, "dirty sectors must be valid");
-            assert!(l.valid != 0, "an empty line is not loaded");
+            assert_eq!(l.dirty & !l.valid(), 0, "dirty sectors must be valid");
+            assert!(l.valid() != 0, "an empty line is not loaded");
         }
     }
     assert_eq!(seen, loaded);

@@ -284,7 +284,7 @@ impl Owner {
         let remaining: HashSet<Key> = map
             .lines
             .iter()
-            .filter_map(|l| l.key.filter(|k| l.dirty != 0 && core.map_or(true, |c| c == k.0)))
+            .filter_map(|l| l.key().filter(|k| l.dirty != 0 && core.map_or(true, |c| c == k.0)))
             .collect();
         drop(map);
         let remaining: HashSet<Key> = remaining.into_iter().filter(|k| self.attached(k.0)).collect();
@@ -351,13 +351,13 @@ impl Owner {
             let l = &mut map.lines[i as usize];
             l.md_dirty = false;
             l.seq += 1;
-            let (core_id, core_line) = l.key.unwrap_or((0, 0));
+            let (core_id, core_line) = l.key().unwrap_or((0, 0));
             let rec = layout::LineRecord {
                 seq: l.seq,
-                used: l.key.is_some(),
+                used: l.key().is_some(),
                 core_id,
                 core_line,
-                valid: l.valid,
+                valid: l.valid(),
                 dirty: l.dirty,
             };
             // Until the write completes the device holds the old or the new record.
@@ -493,7 +493,7 @@ impl Owner {
         let mut lines = Vec::new();
         for i in pick {
             let l = &map.lines[i as usize];
-            let Some(key) = l.key else { continue };
+            let Some(key) = l.key() else { continue };
             let dirty = l.dirty;
             if dirty == 0 || !is_attached(key.0) || !map.try_lock(key.0, key.1, key.1, owner) {
                 continue;
@@ -637,7 +637,7 @@ impl Owner {
             log::error!("cache '{}': cleaning failed: {e}; the lines stay dirty", sh.cache_name);
         } else {
             for l in &round.lines {
-                if map.lines[l.slot as usize].key != Some(l.key) {
+                if map.lines[l.slot as usize].key() != Some(l.key) {
                     continue;
                 }
                 map.counters(l.key.0).cleaner_writes += 1;
@@ -648,7 +648,7 @@ impl Owner {
                     continue;
                 }
                 let line = &map.lines[l.slot as usize];
-                let (v, d) = (line.valid, line.dirty & !l.dirty);
+                let (v, d) = (line.valid(), line.dirty & !l.dirty);
                 map.set_bits(l.slot, v, d, now);
                 cleaned.push(l.key);
             }

@@ -47,7 +47,7 @@ use crate::bdev::waitset::epoll_set;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::map::{Key, LineMap};
+use super::map::{Hot, Key, LineMap};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::stats::bump;
 use crate::bdev::{
@@ -185,7 +185,8 @@ pub struct CacheChannel {
     done: Vec<Completion>,
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
-    pins: Arc<[std::sync::atomic::AtomicU32]>,
+    /// The map's per-line hit records: a hit's completion unpins its lines there, without the lock.
+    hot: Arc<[Hot]>,
     /// Read hits of this channel (one writer, this channel: counted with `bump`; see
     /// `Shared::hit_shards`).
     hit_count: Arc<AtomicU64>,
@@ -211,7 +212,7 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
-        let pins = rlock(&sh.map).pins.clone();
+        let hot = rlock(&sh.map).hot.clone();
         let cache_ch = sh.cache_desc.channel()?;
         let lane = sh.cache_desc.lane()?;
         let core_ch = b.core.channel()?;
@@ -263,7 +264,7 @@ impl CacheChannel {
             done: Vec::new(),
             scratch: Vec::new(),
             seg_pool: Vec::new(),
-            pins,
+            hot,
             hit_count,
         })
     }
@@ -328,13 +329,10 @@ impl CacheChannel {
         }
         // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
         let map = rlock(&self.sh.map);
-        let Some(s) = map.lookup((self.core_id, first)) else { return false };
         let a = io.offset_blocks - (first << self.lb_shift);
-        let want = mask(a, a + io.num_blocks);
-        if map.lines[s as usize].valid & want != want {
+        let Some(s) = map.pin_if_valid((self.core_id, first), mask(a, a + io.num_blocks)) else {
             return false;
-        }
-        map.pin_for_hit(s);
+        };
         // Keep the stream detection going (a hit never fills, so the answer is moot).
         let _ = self.cut_off(io, &map);
         drop(map);
@@ -560,7 +558,9 @@ impl CacheChannel {
             self.lane.account(IoKind::Read, u64::from(h.lane_bytes), h.start, h.error.is_none());
         }
         for &p in &h.pins[..usize::from(h.npins)] {
-            self.pins[p as usize].fetch_sub(1, Ordering::AcqRel);
+            if let Some(h) = self.hot.get(p as usize) {
+                h.unpin();
+            }
         }
         let result = match h.error {
             Some(e) => Err(e),
@@ -596,7 +596,7 @@ impl CacheChannel {
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
             let s = map.lookup((self.core_id, line))?;
             let want = mask(a, e);
-            if map.lines[s as usize].valid & want != want {
+            if map.valid(s) & want != want {
                 return None;
             }
             *slots.get_mut(n)? = s;
@@ -649,7 +649,7 @@ impl CacheChannel {
                 miss = true;
                 continue;
             }
-            let valid = slot.map_or(0, |s| map.lines[s as usize].valid);
+            let valid = slot.map_or(0, |s| map.lines[s as usize].valid());
             if let Some(s) = slot {
                 map.touch(s);
             }
@@ -776,7 +776,7 @@ impl CacheChannel {
             }
         } else {
             for (i, l) in map.lines.iter().enumerate() {
-                if let Some((c, line)) = l.key {
+                if let Some((c, line)) = l.key() {
                     if c == self.core_id && (first..=last).contains(&line) {
                         add(i as u32, line);
                     }
@@ -863,7 +863,7 @@ impl CacheChannel {
             let ok = r.error.is_none();
             for p in &r.plans {
                 let l = &map.lines[p.slot as usize];
-                if l.key != Some(p.key) {
+                if l.key() != Some(p.key) {
                     continue;
                 }
                 if p.act != Act::Fill {
@@ -872,7 +872,7 @@ impl CacheChannel {
                     map.bump_wgen(p.slot);
                 }
                 let l = &map.lines[p.slot as usize];
-                let (mut v, mut d, dd, sure) = (l.valid, l.dirty, l.disk_dirty, l.disk_sure);
+                let (mut v, mut d, dd, sure) = (l.valid(), l.dirty, l.disk_dirty, l.disk_sure);
                 match (p.act, ok) {
                     (Act::Fill, true) => v |= p.mask,
                     (Act::Fill, false) => {}

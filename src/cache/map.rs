@@ -3,12 +3,18 @@
 //!
 //! ```text
 //!  index: (core id, core line) ──► cache line ──► Line { key, valid, dirty, disk_dirty, seq, lru links }
+//!                                              └──► Hot  { key, valid, pins }  (32 bytes: a read hit's)
 //!  lru:   head (most recent) ⇄ … ⇄ tail (eviction candidates)        free: unused cache lines
 //!  locks: [(core, first line, last line, owner, soft)] — one entry per request or cleaned line in flight
 //!  wgen:  per cache line, a write generation (the cleaner checks it before marking a line clean)
-//!  pins:  per cache line, read hits in flight and the reference bit (atomics; one word, so a hit
-//!         touches one cache line for both)                dirty order: (dirty since, line), oldest first
+//!  hot:   per cache line, a copy of its key and valid bits beside the pin word (read hits in flight
+//!         and the reference bit)                          dirty order: (dirty since, line), oldest first
 //! ```
+//!
+//! A read hit touches two cache lines of map memory, one after the other: the index slot and the
+//! line's `Hot` record (key compare, valid check and pin in one 32-byte record). With the key and
+//! valid bits only in `Line` and the pins apart, it was three dependent misses (slot, line, pin
+//! word); with a working set larger than the CPU's caches each is a trip to memory.
 //!
 //! # Design
 //! Plain data behind the instance's one `RwLock` (see `cache/mod.rs` for the locking rule: held only
@@ -32,7 +38,7 @@
 //! their lines to the head directly, skipping lines moved there within the last `num_lines / 8` moves.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// (core id, line number within the core).
@@ -43,12 +49,19 @@ const NIL: u32 = u32::MAX;
 const REFERENCED: u32 = 1 << 31;
 const PIN_COUNT: u32 = !REFERENCED;
 
+/// Takes a read hit's pin on a line and sets its reference bit (second chance).
+fn pin(h: &Hot) {
+    if h.pins.fetch_add(1, Ordering::AcqRel) & REFERENCED == 0 {
+        h.pins.fetch_or(REFERENCED, Ordering::Relaxed);
+    }
+}
+
 /// Lines examined from the LRU tail when looking for a victim.
 pub const EVICT_SCAN: usize = 512;
 
 /// The index (core line → cache line): open addressing with linear probing over `u32` cache line
-/// numbers, the key itself read from the line (which a look-up reads anyway), so a look-up costs one
-/// memory miss in the table instead of a hash map's control bytes plus bucket. At most half full;
+/// numbers, the key itself read from the line's `Hot` record (which a hit reads anyway), so a look-up
+/// costs one memory miss in the table instead of a hash map's control bytes plus bucket. At most half full;
 /// removal shifts the rest of the probe run back (no tombstones).
 struct Index {
     slots: Vec<u32>,
@@ -67,14 +80,14 @@ impl Index {
         (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize & self.mask
     }
 
-    fn find(&self, key: Key, lines: &[Line]) -> Option<u32> {
+    fn find(&self, key: Key, hot: &[Hot]) -> Option<u32> {
         let mut i = self.home(key);
         loop {
             let s = self.slots[i];
             if s == NIL {
                 return None;
             }
-            if lines[s as usize].key == Some(key) {
+            if hot.get(s as usize).is_some_and(|h| h.holds(key)) {
                 return Some(s);
             }
             i = (i + 1) & self.mask;
@@ -121,18 +134,74 @@ impl Index {
     }
 }
 
-/// One cache line at run time. Laid out so that a read hit (key, valid, LRU check) touches one
-/// 64-byte cache line of memory.
+/// What a read hit needs of one cache line, in 32 bytes (two per 64-byte cache line, never split):
+/// the key it holds and its valid sectors (copies of its [`Line`]'s, written with them under the
+/// map's write lock, read under its read lock), and the pin word: read hits in flight and the
+/// reference bit (taken under the read lock, dropped without any lock). Atomics, so the array can be
+/// shared with the channels for the unpin; the map's lock orders every access but the pin's, so the
+/// copies use relaxed loads and stores.
+#[derive(Debug)]
+#[repr(C, align(32))]
+pub struct Hot {
+    valid: [AtomicU64; 2],
+    /// The core line held; `NO_LINE` when none.
+    line: AtomicU64,
+    core: AtomicU32,
+    pins: AtomicU32,
+}
+
+/// `Hot::line` of a cache line that holds nothing (core lines are block numbers divided by the line's
+/// block count, so never this).
+const NO_LINE: u64 = u64::MAX;
+
+impl Hot {
+    fn empty() -> Self {
+        Self {
+            valid: [AtomicU64::new(0), AtomicU64::new(0)],
+            line: AtomicU64::new(NO_LINE),
+            core: AtomicU32::new(0),
+            pins: AtomicU32::new(0),
+        }
+    }
+
+    /// True when the line holds `key`.
+    fn holds(&self, key: Key) -> bool {
+        self.line.load(Ordering::Relaxed) == key.1 && self.core.load(Ordering::Relaxed) == u32::from(key.0)
+    }
+
+    /// The line's valid sectors.
+    fn valid(&self) -> u128 {
+        u128::from(self.valid[0].load(Ordering::Relaxed))
+            | u128::from(self.valid[1].load(Ordering::Relaxed)) << 64
+    }
+
+    fn set(&self, key: Option<Key>, valid: u128) {
+        let (core, line) = key.map_or((0, NO_LINE), |(c, l)| (u32::from(c), l));
+        self.core.store(core, Ordering::Relaxed);
+        self.line.store(line, Ordering::Relaxed);
+        self.valid[0].store(valid as u64, Ordering::Relaxed);
+        self.valid[1].store((valid >> 64) as u64, Ordering::Relaxed);
+    }
+
+    /// Ends a read hit on this line (see [`LineMap::pin_for_hit`]).
+    pub fn unpin(&self) {
+        self.pins.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One cache line at run time: what the owner (misses, writes, cleaning, metadata, LRU) works with.
+/// Its key and valid bits are private: every change goes through the map, which copies them into
+/// the line's [`Hot`] record.
 #[derive(Debug, Clone)]
 #[repr(C, align(64))]
 pub struct Line {
     /// The core line held, if any.
-    pub key: Option<Key>,
+    key: Option<Key>,
     in_lru: bool,
     /// The map's touch clock when this line was last moved to the LRU head.
     touched: u32,
     /// Valid sectors.
-    pub valid: u128,
+    valid: u128,
     /// Dirty sectors (newer than the core).
     pub dirty: u128,
     /// Dirty sectors that may be recorded on the cache device (over-estimate: while a record write
@@ -153,6 +222,16 @@ pub struct Line {
 }
 
 impl Line {
+    /// The core line held, if any.
+    pub fn key(&self) -> Option<Key> {
+        self.key
+    }
+
+    /// Valid sectors.
+    pub fn valid(&self) -> u128 {
+        self.valid
+    }
+
     fn empty() -> Self {
         Self {
             key: None,
@@ -232,10 +311,10 @@ pub struct LineMap {
     pub lock_waiters: bool,
     /// Dirty lines by (dirty since, line): the cleaner's order, without scanning the map.
     dirty_order: BTreeSet<(u64, u32)>,
-    /// Read hits in flight per cache line (taken under the map's lock, released without it): a pinned
-    /// line is never evicted, dropped or reused, so a hit reads its data without a range lock. The
-    /// top bit is the line's reference bit (`REFERENCED`).
-    pub pins: Arc<[AtomicU32]>,
+    /// Per cache line, what a read hit reads and its pin word: read hits in flight (taken under the
+    /// map's lock, released without it: a pinned line is never evicted, dropped or reused, so a hit
+    /// reads its data without a range lock); the top bit is the line's reference bit (`REFERENCED`).
+    pub hot: Arc<[Hot]>,
     /// Counts moves to the LRU head.
     clock: u32,
     /// A line moved to the head fewer than this many moves ago is still among the `recent` most
@@ -258,7 +337,7 @@ impl LineMap {
             counters: Vec::new(),
             lock_waiters: false,
             dirty_order: BTreeSet::new(),
-            pins: (0..num_lines).map(|_| AtomicU32::new(0)).collect(),
+            hot: (0..num_lines).map(|_| Hot::empty()).collect(),
             clock: 0,
             recent: num_lines / 8,
         }
@@ -275,7 +354,33 @@ impl LineMap {
 
     /// The cache line holding `key`.
     pub fn lookup(&self, key: Key) -> Option<u32> {
-        self.index.find(key, &self.lines)
+        self.index.find(key, &self.hot)
+    }
+
+    /// Valid sectors of cache line `i` (read from its `Hot` record: a read hit's look-up has it).
+    pub fn valid(&self, i: u32) -> u128 {
+        self.hot.get(i as usize).map_or(0, Hot::valid)
+    }
+
+    /// A read hit within one line: the cache line holding `key` when every sector of `want` is
+    /// valid there, pinned (see [`Self::pin_for_hit`]). Touches the index slot and the line's `Hot`
+    /// record only.
+    pub fn pin_if_valid(&self, key: Key, want: u128) -> Option<u32> {
+        let s = self.index.find(key, &self.hot)?;
+        let h = &self.hot[s as usize];
+        if h.valid() & want != want {
+            return None;
+        }
+        pin(h);
+        Some(s)
+    }
+
+    /// Sets line `i`'s key and valid bits, in the line and in its `Hot` record.
+    fn set_key_valid(&mut self, i: u32, key: Option<Key>, valid: u128) {
+        let l = &mut self.lines[i as usize];
+        l.key = key;
+        l.valid = valid;
+        self.hot[i as usize].set(key, valid);
     }
 
     /// Number of free lines.
@@ -337,7 +442,7 @@ impl LineMap {
     /// True while a read hit on cache line `i` is in flight (read under the map's lock: no new pin can
     /// appear until it is released).
     pub fn pinned(&self, i: u32) -> bool {
-        self.pins[i as usize].load(Ordering::Acquire) & PIN_COUNT != 0
+        self.hot[i as usize].pins.load(Ordering::Acquire) & PIN_COUNT != 0
     }
 
     /// True when a core line is locked.
@@ -375,7 +480,7 @@ impl LineMap {
     fn lru_push_front(&mut self, i: u32) {
         let old = self.head;
         self.clock = self.clock.wrapping_add(1);
-        self.pins[i as usize].fetch_and(PIN_COUNT, Ordering::Relaxed);
+        self.hot[i as usize].pins.fetch_and(PIN_COUNT, Ordering::Relaxed);
         {
             let l = &mut self.lines[i as usize];
             l.touched = self.clock;
@@ -405,10 +510,7 @@ impl LineMap {
     /// A read hit on line `i` (under the map's read lock): pins the line until the hit completes (the
     /// hit's completion unpins it without the map lock) and marks it referenced (second chance).
     pub fn pin_for_hit(&self, i: u32) {
-        let p = &self.pins[i as usize];
-        if p.fetch_add(1, Ordering::AcqRel) & REFERENCED == 0 {
-            p.fetch_or(REFERENCED, Ordering::Relaxed);
-        }
+        pin(&self.hot[i as usize]);
     }
 
     /// Queues the line's record for writing.
@@ -427,10 +529,8 @@ impl LineMap {
             None => self.evict()?,
         };
         self.wgen[i as usize] += 1;
-        let l = &mut self.lines[i as usize];
-        l.key = Some(key);
-        l.valid = 0;
-        l.dirty = 0;
+        self.set_key_valid(i, Some(key), 0);
+        self.lines[i as usize].dirty = 0;
         self.index.insert(key, i);
         self.lru_push_front(i);
         self.counters(key.0).occupancy_lines += 1;
@@ -446,7 +546,7 @@ impl LineMap {
             }
             let l = &self.lines[i as usize];
             let prev = l.prev;
-            if self.pins[i as usize].load(Ordering::Relaxed) & REFERENCED != 0 {
+            if self.hot[i as usize].pins.load(Ordering::Relaxed) & REFERENCED != 0 {
                 // Hit since it was last moved: a second chance at the head.
                 self.lru_remove(i);
                 self.lru_push_front(i);
@@ -474,13 +574,13 @@ impl LineMap {
             // While every line of the probe run still has its key (the index compares keys).
             self.index.remove(key, i, &self.lines);
         }
-        let l = &mut self.lines[i as usize];
-        if let Some(key) = l.key.take() {
+        if let Some(key) = self.lines[i as usize].key {
+            self.set_key_valid(i, None, 0);
+            let l = &mut self.lines[i as usize];
             let dirty = l.dirty != 0;
             if dirty {
                 self.dirty_order.remove(&(l.dirty_since_ms, i));
             }
-            l.valid = 0;
             l.dirty = 0;
             let c = self.counters(key.0);
             c.occupancy_lines = c.occupancy_lines.saturating_sub(1);
@@ -505,11 +605,12 @@ impl LineMap {
     /// Sets the valid and dirty masks of line `i`, keeping the counters right; frees a line left empty
     /// when nothing dirty may be recorded for it on disk.
     pub fn set_bits(&mut self, i: u32, valid: u128, dirty: u128, now_ms: u64) {
-        let l = &mut self.lines[i as usize];
+        let l = &self.lines[i as usize];
         let Some(key) = l.key else { return };
         let was_dirty = l.dirty != 0;
         let changed = l.valid != valid || l.dirty != dirty;
-        l.valid = valid;
+        self.set_key_valid(i, Some(key), valid);
+        let l = &mut self.lines[i as usize];
         l.dirty = dirty;
         if !was_dirty && dirty != 0 {
             l.dirty_since_ms = now_ms;
@@ -536,9 +637,8 @@ impl LineMap {
     /// Loads a persisted record into an empty line (at start-up).
     pub fn load(&mut self, i: u32, key: Key, valid: u128, dirty: u128, seq: u64) {
         self.free.retain(|&f| f != i);
+        self.set_key_valid(i, Some(key), valid);
         let l = &mut self.lines[i as usize];
-        l.key = Some(key);
-        l.valid = valid;
         l.dirty = dirty;
         l.disk_dirty = dirty;
         l.disk_sure = dirty;
@@ -646,13 +746,13 @@ mod pin_tests {
         m.set_bits(a, 1, 0, 0);
         m.set_bits(b, 1, 0, 0);
         m.touch(b);
-        m.pins[a as usize].fetch_add(1, Ordering::AcqRel);
+        m.pin_for_hit(a);
         assert_eq!(m.alloc((0, 3)), Some(b), "the pinned LRU tail is skipped");
         m.set_bits(a, 0, 0, 0);
         assert_eq!(m.lookup((0, 1)), Some(a), "an emptied pinned line keeps its slot until unpinned");
         assert_eq!(m.forget_clean(0), 1, "only the unpinned line is forgotten");
         assert_eq!(m.lookup((0, 1)), Some(a));
-        m.pins[a as usize].fetch_sub(1, Ordering::AcqRel);
+        m.hot[a as usize].unpin();
         assert_eq!(m.forget_clean(0), 1);
         assert_eq!(m.lookup((0, 1)), None);
     }
@@ -665,7 +765,7 @@ mod pin_tests {
         m.set_bits(a, 1, 0, 0);
         m.pin_for_hit(a);
         assert!(m.pinned(a));
-        m.pins[a as usize].fetch_sub(1, Ordering::AcqRel);
+        m.hot[a as usize].unpin();
         assert!(!m.pinned(a), "referenced only");
         assert_eq!(m.forget_clean(0), 1, "a referenced, unpinned line is forgotten");
     }
@@ -753,5 +853,39 @@ mod soft_lock_tests {
         let g = m.wgen(a);
         assert_eq!(m.alloc((0, 1)), Some(a));
         assert_ne!(m.wgen(a), g, "taking a line moves its generation");
+    }
+}
+
+#[cfg(test)]
+mod hot_tests {
+    use super::*;
+
+    /// A read hit reads only the `Hot` records: they follow every change of a line's key and valid
+    /// bits (take, set, drop, load), and a hit is pinned only when every wanted sector is valid.
+    #[test]
+    fn the_hit_records_follow_every_change_of_key_and_valid_bits() {
+        let mut m = LineMap::new(2);
+        let a = m.alloc((3, 7)).unwrap();
+        assert_eq!((m.lookup((3, 7)), m.valid(a)), (Some(a), 0), "taken: held, nothing valid");
+        assert_eq!(m.pin_if_valid((3, 7), 1), None, "nothing valid: no hit");
+        m.set_bits(a, 0b0110, 0, 0);
+        assert_eq!(m.valid(a), 0b0110);
+        assert_eq!(m.pin_if_valid((3, 7), 0b0111), None, "sector 0 is not valid");
+        assert!(!m.pinned(a), "a refused hit pins nothing");
+        assert_eq!(m.pin_if_valid((3, 7), 0b0100), Some(a));
+        assert!(m.pinned(a));
+        m.hot[a as usize].unpin();
+        assert_eq!(m.pin_if_valid((4, 7), 0b0100), None, "another core's line 7");
+        assert_eq!(m.pin_if_valid((3, 6), 0b0100), None, "another line of the core");
+        // The high half of a 128-sector line.
+        m.set_bits(a, 1 << 127 | 1, 0, 0);
+        assert_eq!(m.valid(a), 1 << 127 | 1);
+        assert_eq!(m.pin_if_valid((3, 7), 1 << 127), Some(a));
+        m.hot[a as usize].unpin();
+        m.set_bits(a, 0, 0, 0);
+        assert_eq!((m.lookup((3, 7)), m.valid(a)), (None, 0), "emptied: dropped");
+        m.load(1, (5, 9), 0b1000, 0, 1);
+        assert_eq!((m.lookup((5, 9)), m.valid(1)), (Some(1), 0b1000), "loaded");
+        assert_eq!(m.pin_if_valid((5, 9), 0b1000), Some(1));
     }
 }

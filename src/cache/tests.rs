@@ -1569,7 +1569,7 @@ fn a_failed_cache_write_leaves_its_sectors_neither_valid_nor_dirty() {
     let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
     let (valid, dirty) = {
         let m = wlock(&sh.map);
-        (m.lines[slot as usize].valid, m.lines[slot as usize].dirty)
+        (m.lines[slot as usize].valid(), m.lines[slot as usize].dirty)
     };
     assert_eq!((valid, dirty), (0x0f, 0), "sectors 4..8 are unknown in the cache");
     let want = [&old[..2048], new.as_slice()].concat();

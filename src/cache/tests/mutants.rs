@@ -462,7 +462,7 @@ fn load_map_rebuilds_what_the_records_say() {
     assert_eq!((loaded, dirty), (3, 2));
     let counts = |c: &map::Counters| (c.occupancy_lines, c.dirty_lines);
     assert_eq!((counts(map.counters(0)), counts(map.counters(1))), ((1, 1), (2, 1)));
-    let line = |k| map.lookup(k).map(|s| (s, map.lines[s as usize].valid, map.lines[s as usize].dirty));
+    let line = |k| map.lookup(k).map(|s| (s, map.lines[s as usize].valid(), map.lines[s as usize].dirty));
     assert_eq!(line((0, 5)), Some((0, 0xff, 0x0f)));
     assert_eq!(line((1, 6)), Some((1, 0x03, 0)));
     assert_eq!(line((0, 7)), None);
@@ -473,7 +473,7 @@ fn load_map_rebuilds_what_the_records_say() {
     sb.clean_shutdown = false;
     let (map, loaded, dirty) = load_map(&sb, &image(&recs), 40, "cdev").unwrap();
     assert_eq!((loaded, dirty), (2, 2));
-    assert_eq!(map.lookup((0, 5)).map(|s| map.lines[s as usize].valid), Some(0x0f), "dirty sectors only");
+    assert_eq!(map.lookup((0, 5)).map(|s| map.lines[s as usize].valid()), Some(0x0f), "dirty sectors only");
     assert_eq!(map.lookup((1, 6)), None);
     for (what, bad) in [("unknown core", rec(7, 1, true, 1, 1)), ("line twice", rec(0, 5, true, 1, 1))] {
         let mut r = recs.to_vec();

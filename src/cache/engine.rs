@@ -47,7 +47,7 @@ use crate::bdev::waitset::epoll_set;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::map::{Hot, Key, LineMap};
+use super::map::{Key, LineMap, Slot};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::stats::bump;
 use crate::bdev::{
@@ -133,6 +133,7 @@ struct Hit {
     start: u64,
     lane_bytes: u32,
     gen: u32,
+    /// The index slots it pinned (see `LineMap::pin_if_valid`).
     pins: [u32; MAX_PINS],
     npins: u8,
     pending: u8,
@@ -185,8 +186,8 @@ pub struct CacheChannel {
     done: Vec<Completion>,
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
-    /// The map's per-line hit records: a hit's completion unpins its lines there, without the lock.
-    hot: Arc<[Hot]>,
+    /// The map's index slots: a hit's completion unpins its slots there, without the lock.
+    slots: Arc<[Slot]>,
     /// Read hits of this channel (one writer, this channel: counted with `bump`; see
     /// `Shared::hit_shards`).
     hit_count: Arc<AtomicU64>,
@@ -212,7 +213,7 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
-        let hot = rlock(&sh.map).hot.clone();
+        let slots = rlock(&sh.map).slots();
         let cache_ch = sh.cache_desc.channel()?;
         let lane = sh.cache_desc.lane()?;
         let core_ch = b.core.channel()?;
@@ -264,7 +265,7 @@ impl CacheChannel {
             done: Vec::new(),
             scratch: Vec::new(),
             seg_pool: Vec::new(),
-            hot,
+            slots,
             hit_count,
         })
     }
@@ -330,7 +331,7 @@ impl CacheChannel {
         // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
         let map = rlock(&self.sh.map);
         let a = io.offset_blocks - (first << self.lb_shift);
-        let Some(s) = map.pin_if_valid((self.core_id, first), mask(a, a + io.num_blocks)) else {
+        let Some((s, pos)) = map.pin_if_valid((self.core_id, first), mask(a, a + io.num_blocks)) else {
             return false;
         };
         // Keep the stream detection going (a hit never fills, so the answer is moot).
@@ -338,7 +339,7 @@ impl CacheChannel {
         drop(map);
         bump(&self.hit_count, 1);
         let mut pins = [0u32; MAX_PINS];
-        pins[0] = s;
+        pins[0] = pos;
         let bytes = io.num_blocks << self.bs_shift;
         let ct = self.new_hit(io.tag, pins, 1, 1, u32::try_from(bytes).unwrap_or(0));
         let read = BdevIo::read(
@@ -558,8 +559,8 @@ impl CacheChannel {
             self.lane.account(IoKind::Read, u64::from(h.lane_bytes), h.start, h.error.is_none());
         }
         for &p in &h.pins[..usize::from(h.npins)] {
-            if let Some(h) = self.hot.get(p as usize) {
-                h.unpin();
+            if let Some(s) = self.slots.get(p as usize) {
+                s.unpin();
             }
         }
         let result = match h.error {
@@ -591,20 +592,18 @@ impl CacheChannel {
     /// (never evicted or reused while pinned), counts a hit and plans the reads from the cache device,
     /// all under the caller's one map lock; no range lock, and completion takes no map lock at all.
     fn try_hit(&self, map: &LineMap, io: &BdevIo, segs: &mut Vec<Seg>) -> Option<([u32; MAX_PINS], u8)> {
+        let mut lines = [0u32; MAX_PINS];
         let mut slots = [0u32; MAX_PINS];
         let mut n = 0usize;
         for (line, a, e, _) in self.pieces(io.offset_blocks, io.num_blocks) {
-            let s = map.lookup((self.core_id, line))?;
-            let want = mask(a, e);
-            if map.valid(s) & want != want {
-                return None;
-            }
-            *slots.get_mut(n)? = s;
+            let (s, slot) = map.find_valid((self.core_id, line), mask(a, e))?;
+            *lines.get_mut(n)? = s;
+            *slots.get_mut(n)? = slot;
             n += 1;
         }
         for (k, (_, a, e, boff)) in self.pieces(io.offset_blocks, io.num_blocks).enumerate() {
-            let s = slots[k];
-            map.pin_for_hit(s);
+            let s = lines[k];
+            map.pin_slot(slots[k]);
             push_seg(
                 segs,
                 Seg { dev: Dev::Cache, dev_off: self.cache_off(s, a), buf_off: boff, len: (e - a) * self.bs },

@@ -49,8 +49,8 @@ const NIL: u32 = u32::MAX;
 const REFERENCED: u32 = 1 << 31;
 const PIN_COUNT: u32 = !REFERENCED;
 
-/// Takes a read hit's pin on a line and sets its reference bit (second chance).
-fn pin(h: &Hot) {
+/// Takes a read hit's pin on a slot and sets its reference bit (second chance).
+fn pin(h: &Slot) {
     if h.pins.fetch_add(1, Ordering::AcqRel) & REFERENCED == 0 {
         h.pins.fetch_or(REFERENCED, Ordering::Relaxed);
     }
@@ -59,114 +59,52 @@ fn pin(h: &Hot) {
 /// Lines examined from the LRU tail when looking for a victim.
 pub const EVICT_SCAN: usize = 512;
 
-/// The index (core line → cache line): open addressing with linear probing over `u32` cache line
-/// numbers, the key itself read from the line's `Hot` record (which a hit reads anyway), so a look-up
-/// costs one memory miss in the table instead of a hash map's control bytes plus bucket. At most half full;
-/// removal shifts the rest of the probe run back (no tombstones).
-struct Index {
-    slots: Vec<u32>,
-    mask: usize,
-    shift: u32,
+/// `Slot::key` of a slot that never held a key since the last rebuild (ends a probe).
+const EMPTY: u64 = u64::MAX;
+/// `Slot::key` of a slot whose key was removed (a probe goes on past it; an insert may reuse it).
+const TOMB: u64 = u64::MAX - 1;
+/// Core lines at or above this are never cached (their packed key would need more than 48 bits; a
+/// core that large, 2^47 lines, is refused when it is attached).
+pub const MAX_CORE_LINES: u64 = 1 << 47;
+
+/// A key in one word: core id in the top 16 bits, core line below (None: too large to cache).
+fn pack(key: Key) -> Option<u64> {
+    (key.1 < MAX_CORE_LINES).then(|| u64::from(key.0) << 48 | key.1)
 }
 
-impl Index {
-    fn new(num_lines: u32) -> Self {
-        let size = (2 * num_lines as usize).next_power_of_two().max(2);
-        Self { slots: vec![NIL; size], mask: size - 1, shift: 64 - size.trailing_zeros() }
-    }
-
-    fn home(&self, key: Key) -> usize {
-        let x = (u64::from(key.0) << 48) ^ key.1;
-        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize & self.mask
-    }
-
-    fn find(&self, key: Key, hot: &[Hot]) -> Option<u32> {
-        let mut i = self.home(key);
-        loop {
-            let s = self.slots[i];
-            if s == NIL {
-                return None;
-            }
-            if hot.get(s as usize).is_some_and(|h| h.holds(key)) {
-                return Some(s);
-            }
-            i = (i + 1) & self.mask;
-        }
-    }
-
-    /// Adds `key` (absent) → `line`.
-    fn insert(&mut self, key: Key, line: u32) {
-        let mut i = self.home(key);
-        while self.slots[i] != NIL {
-            i = (i + 1) & self.mask;
-        }
-        self.slots[i] = line;
-    }
-
-    /// Removes `key` (held by `line`); every other entry's line must still hold its key.
-    fn remove(&mut self, key: Key, line: u32, lines: &[Line]) {
-        let mut i = self.home(key);
-        loop {
-            match self.slots[i] {
-                NIL => return,
-                s if s == line => break,
-                _ => i = (i + 1) & self.mask,
-            }
-        }
-        self.slots[i] = NIL;
-        let mut j = i;
-        loop {
-            j = (j + 1) & self.mask;
-            let s = self.slots[j];
-            if s == NIL {
-                return;
-            }
-            let Some(k) = lines[s as usize].key else { continue };
-            let h = self.home(k);
-            // Entry at j may move to the hole at i unless its home lies cyclically in (i, j].
-            let stays = if i <= j { i < h && h <= j } else { i < h || h <= j };
-            if !stays {
-                self.slots[i] = s;
-                self.slots[j] = NIL;
-                i = j;
-            }
-        }
-    }
+fn unpack(k: u64) -> Key {
+    ((k >> 48) as u16, k & ((1 << 48) - 1))
 }
 
-/// What a read hit needs of one cache line, in 32 bytes (two per 64-byte cache line, never split):
-/// the key it holds and its valid sectors (copies of its [`Line`]'s, written with them under the
-/// map's write lock, read under its read lock), and the pin word: read hits in flight and the
-/// reference bit (taken under the read lock, dropped without any lock). Atomics, so the array can be
-/// shared with the channels for the unpin; the map's lock orders every access but the pin's, so the
-/// copies use relaxed loads and stores.
+/// One slot of the index: a cached core line's key, the cache line holding it, its valid sectors
+/// (a copy of the line's, written with it) and its pin word, in 32 bytes (two per 64-byte cache line,
+/// never split). A read hit reads, checks and pins in this one record: one memory miss for the
+/// look-up, the valid check and the pin together.
+///
+/// Everything but the pin word is written only under the map's write lock and read under its read
+/// lock (relaxed atomics: the lock orders them); the pin word is taken under the read lock and
+/// dropped without any lock, by the slot's position, which is why a pinned slot never moves (see
+/// [`Index`]). Atomics, so the array can be shared with the channels for that unpin.
 #[derive(Debug)]
 #[repr(C, align(32))]
-pub struct Hot {
-    valid: [AtomicU64; 2],
-    /// The core line held; `NO_LINE` when none.
-    line: AtomicU64,
-    core: AtomicU32,
+pub struct Slot {
+    /// Packed key (see `pack`), `EMPTY` or `TOMB`.
+    key: AtomicU64,
+    /// The cache line holding the key.
+    line: AtomicU32,
+    /// Read hits in flight, and the line's reference bit (`REFERENCED`).
     pins: AtomicU32,
+    valid: [AtomicU64; 2],
 }
 
-/// `Hot::line` of a cache line that holds nothing (core lines are block numbers divided by the line's
-/// block count, so never this).
-const NO_LINE: u64 = u64::MAX;
-
-impl Hot {
+impl Slot {
     fn empty() -> Self {
         Self {
-            valid: [AtomicU64::new(0), AtomicU64::new(0)],
-            line: AtomicU64::new(NO_LINE),
-            core: AtomicU32::new(0),
+            key: AtomicU64::new(EMPTY),
+            line: AtomicU32::new(NIL),
             pins: AtomicU32::new(0),
+            valid: [AtomicU64::new(0), AtomicU64::new(0)],
         }
-    }
-
-    /// True when the line holds `key`.
-    fn holds(&self, key: Key) -> bool {
-        self.line.load(Ordering::Relaxed) == key.1 && self.core.load(Ordering::Relaxed) == u32::from(key.0)
     }
 
     /// The line's valid sectors.
@@ -175,29 +113,148 @@ impl Hot {
             | u128::from(self.valid[1].load(Ordering::Relaxed)) << 64
     }
 
-    fn set(&self, key: Option<Key>, valid: u128) {
-        let (core, line) = key.map_or((0, NO_LINE), |(c, l)| (u32::from(c), l));
-        self.core.store(core, Ordering::Relaxed);
-        self.line.store(line, Ordering::Relaxed);
+    fn set_valid(&self, valid: u128) {
         self.valid[0].store(valid as u64, Ordering::Relaxed);
         self.valid[1].store((valid >> 64) as u64, Ordering::Relaxed);
     }
 
-    /// Ends a read hit on this line (see [`LineMap::pin_for_hit`]).
+    /// Ends a read hit on this slot's line (see [`LineMap::pin_if_valid`]).
     pub fn unpin(&self) {
         self.pins.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
+/// The index (core line → cache line): open addressing with linear probing over [`Slot`] records
+/// that hold the key, the line number and what a read hit needs, so a hit's look-up, valid check and
+/// pin cost one memory miss (the line's own record is not touched). At most half full of keys.
+///
+/// Removal leaves a tombstone instead of shifting the probe run back: a slot never moves while its
+/// key is in the index, so a hit can drop its pin by the slot's position without the lock. When
+/// keys and tombstones fill three quarters of the table it is rebuilt (tombstones cleared, keys
+/// moved), at an insert, under the write lock, and only when no slot is pinned (pins last one read;
+/// the next insert tries again). Probes are bounded by the table size, so even a table without an
+/// empty slot (rebuilds held off by pins) answers.
+struct Index {
+    slots: Arc<[Slot]>,
+    mask: usize,
+    shift: u32,
+    /// Keys in the table.
+    used: usize,
+    /// Tombstones in the table.
+    tombs: usize,
+}
+
+impl Index {
+    fn new(num_lines: u32) -> Self {
+        let size = (2 * num_lines as usize).next_power_of_two().max(2);
+        Self {
+            slots: (0..size).map(|_| Slot::empty()).collect(),
+            mask: size - 1,
+            shift: 64 - size.trailing_zeros(),
+            used: 0,
+            tombs: 0,
+        }
+    }
+
+    fn home(&self, packed: u64) -> usize {
+        (packed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize & self.mask
+    }
+
+    /// The slot holding `key`.
+    fn find(&self, key: Key) -> Option<usize> {
+        let k = pack(key)?;
+        let mut i = self.home(k);
+        for _ in 0..self.slots.len() {
+            match self.slots[i].key.load(Ordering::Relaxed) {
+                x if x == k => return Some(i),
+                EMPTY => return None,
+                _ => i = (i + 1) & self.mask,
+            }
+        }
+        None
+    }
+
+    /// Adds `key` (absent; `pack`able) → `line` with `valid`; returns its slot, or None when the
+    /// key cannot be cached.
+    fn insert(&mut self, key: Key, line: u32, valid: u128) -> Option<usize> {
+        let k = pack(key)?;
+        let mut i = self.home(k);
+        for _ in 0..self.slots.len() {
+            let x = self.slots[i].key.load(Ordering::Relaxed);
+            if x == EMPTY || x == TOMB {
+                if x == TOMB {
+                    self.tombs -= 1;
+                }
+                let s = &self.slots[i];
+                s.key.store(k, Ordering::Relaxed);
+                s.line.store(line, Ordering::Relaxed);
+                s.pins.store(0, Ordering::Relaxed);
+                s.set_valid(valid);
+                self.used += 1;
+                return Some(i);
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// Removes the key of slot `i` (which must not be pinned).
+    fn remove(&mut self, i: usize) {
+        let s = &self.slots[i];
+        let x = s.key.load(Ordering::Relaxed);
+        if x == EMPTY || x == TOMB {
+            return;
+        }
+        s.key.store(TOMB, Ordering::Relaxed);
+        s.line.store(NIL, Ordering::Relaxed);
+        s.set_valid(0);
+        self.used -= 1;
+        self.tombs += 1;
+    }
+
+    /// True when a rebuild is due (keys and tombstones fill three quarters of the table).
+    fn crowded(&self) -> bool {
+        self.tombs > 0 && (self.used + self.tombs) * 4 >= self.slots.len() * 3
+    }
+
+    /// Rebuilds the table without tombstones when nothing is pinned; calls `moved(line, slot)` for
+    /// every key's new slot. Returns false (nothing changed) when a slot is pinned.
+    fn rebuild(&mut self, mut moved: impl FnMut(u32, usize)) -> bool {
+        if self.slots.iter().any(|s| s.pins.load(Ordering::Acquire) & PIN_COUNT != 0) {
+            return false;
+        }
+        let mut keys = Vec::with_capacity(self.used);
+        for s in self.slots.iter() {
+            let k = s.key.load(Ordering::Relaxed);
+            if k != EMPTY && k != TOMB {
+                keys.push((k, s.line.load(Ordering::Relaxed), s.valid(), s.pins.load(Ordering::Relaxed)));
+            }
+            s.key.store(EMPTY, Ordering::Relaxed);
+        }
+        self.used = 0;
+        self.tombs = 0;
+        for (k, line, valid, pins) in keys {
+            if let Some(i) = self.insert(unpack(k), line, valid) {
+                // The reference bit moves with the key.
+                self.slots[i].pins.store(pins, Ordering::Relaxed);
+                moved(line, i);
+            }
+        }
+        true
+    }
+}
+
 /// One cache line at run time: what the owner (misses, writes, cleaning, metadata, LRU) works with.
-/// Its key and valid bits are private: every change goes through the map, which copies them into
-/// the line's [`Hot`] record.
+/// Its key and valid bits are private: every change goes through the map, which keeps the index
+/// slot (key, valid copy) in step.
 #[derive(Debug, Clone)]
 #[repr(C, align(64))]
 pub struct Line {
     /// The core line held, if any.
     key: Option<Key>,
     in_lru: bool,
+    /// Runtime state differs from the persisted record.
+    pub md_dirty: bool,
     /// The map's touch clock when this line was last moved to the LRU head.
     touched: u32,
     /// Valid sectors.
@@ -211,14 +268,14 @@ pub struct Line {
     /// in flight, the bits both the old and the new record have). A write-back write must wait for
     /// a record write unless its sectors are all in here.
     pub disk_sure: u128,
-    /// Runtime state differs from the persisted record.
-    pub md_dirty: bool,
     /// Sequence number of the last persisted record.
     pub seq: u64,
     /// When the line became dirty (ms since the instance started).
     pub dirty_since_ms: u64,
     prev: u32,
     next: u32,
+    /// The index slot of its key (`NIL` without one).
+    slot: u32,
 }
 
 impl Line {
@@ -244,6 +301,7 @@ impl Line {
             dirty_since_ms: 0,
             prev: NIL,
             next: NIL,
+            slot: NIL,
             in_lru: false,
             touched: 0,
         }
@@ -311,10 +369,6 @@ pub struct LineMap {
     pub lock_waiters: bool,
     /// Dirty lines by (dirty since, line): the cleaner's order, without scanning the map.
     dirty_order: BTreeSet<(u64, u32)>,
-    /// Per cache line, what a read hit reads and its pin word: read hits in flight (taken under the
-    /// map's lock, released without it: a pinned line is never evicted, dropped or reused, so a hit
-    /// reads its data without a range lock); the top bit is the line's reference bit (`REFERENCED`).
-    pub hot: Arc<[Hot]>,
     /// Counts moves to the LRU head.
     clock: u32,
     /// A line moved to the head fewer than this many moves ago is still among the `recent` most
@@ -337,7 +391,6 @@ impl LineMap {
             counters: Vec::new(),
             lock_waiters: false,
             dirty_order: BTreeSet::new(),
-            hot: (0..num_lines).map(|_| Hot::empty()).collect(),
             clock: 0,
             recent: num_lines / 8,
         }
@@ -354,33 +407,76 @@ impl LineMap {
 
     /// The cache line holding `key`.
     pub fn lookup(&self, key: Key) -> Option<u32> {
-        self.index.find(key, &self.hot)
+        self.index.find(key).map(|i| self.index.slots[i].line.load(Ordering::Relaxed))
     }
 
-    /// Valid sectors of cache line `i` (read from its `Hot` record: a read hit's look-up has it).
-    pub fn valid(&self, i: u32) -> u128 {
-        self.hot.get(i as usize).map_or(0, Hot::valid)
+    /// The index slots, shared with the channels: a read hit's completion unpins its slots there
+    /// (by position, without the map's lock; see [`Slot::unpin`]).
+    pub fn slots(&self) -> Arc<[Slot]> {
+        self.index.slots.clone()
     }
 
-    /// A read hit within one line: the cache line holding `key` when every sector of `want` is
-    /// valid there, pinned (see [`Self::pin_for_hit`]). Touches the index slot and the line's `Hot`
-    /// record only.
-    pub fn pin_if_valid(&self, key: Key, want: u128) -> Option<u32> {
-        let s = self.index.find(key, &self.hot)?;
-        let h = &self.hot[s as usize];
-        if h.valid() & want != want {
-            return None;
+    /// A read hit within one line: when every sector of `want` of `key` is valid in the cache, pins
+    /// the key's slot (see [`Self::pin_for_hit`]) and returns (cache line, slot). Touches the slot
+    /// only.
+    pub fn pin_if_valid(&self, key: Key, want: u128) -> Option<(u32, u32)> {
+        let (line, slot) = self.find_valid(key, want)?;
+        self.pin_slot(slot);
+        Some((line, slot))
+    }
+
+    /// (cache line, slot) of `key` when every sector of `want` is valid in the cache.
+    pub fn find_valid(&self, key: Key, want: u128) -> Option<(u32, u32)> {
+        let i = self.index.find(key)?;
+        let h = &self.index.slots[i];
+        (h.valid() & want == want).then(|| (h.line.load(Ordering::Relaxed), i as u32))
+    }
+
+    /// Pins slot `slot` for a read hit (under the map's read lock; see [`Self::pin_for_hit`]).
+    pub fn pin_slot(&self, slot: u32) {
+        if let Some(s) = self.index.slots.get(slot as usize) {
+            pin(s);
         }
-        pin(h);
-        Some(s)
     }
 
-    /// Sets line `i`'s key and valid bits, in the line and in its `Hot` record.
-    fn set_key_valid(&mut self, i: u32, key: Option<Key>, valid: u128) {
+    /// Sets line `i`'s key and valid bits, keeping its index slot in step (removed, taken, or its
+    /// valid copy updated). False (nothing changed) when a new key cannot be cached (`pack`).
+    fn set_key_valid(&mut self, i: u32, key: Option<Key>, valid: u128) -> bool {
+        let l = &self.lines[i as usize];
+        if l.key == key {
+            if let Some(s) = self.index.slots.get(l.slot as usize) {
+                s.set_valid(valid);
+            }
+            self.lines[i as usize].valid = valid;
+            return true;
+        }
+        if l.key.is_some() {
+            let slot = l.slot as usize;
+            self.index.remove(slot);
+        }
+        let mut slot = NIL;
+        if let Some(k) = key {
+            if self.index.crowded() {
+                let lines = &mut self.lines;
+                self.index.rebuild(|line, s| lines[line as usize].slot = s as u32);
+            }
+            match self.index.insert(k, i, valid) {
+                Some(s) => slot = s as u32,
+                None => {
+                    let l = &mut self.lines[i as usize];
+                    (l.key, l.valid, l.slot) = (None, 0, NIL);
+                    return false;
+                }
+            }
+        }
         let l = &mut self.lines[i as usize];
-        l.key = key;
-        l.valid = valid;
-        self.hot[i as usize].set(key, valid);
+        (l.key, l.valid, l.slot) = (key, valid, slot);
+        true
+    }
+
+    /// The index slot of line `i` (None without a key).
+    fn slot_of(&self, i: u32) -> Option<&Slot> {
+        self.index.slots.get(self.lines.get(i as usize)?.slot as usize)
     }
 
     /// Number of free lines.
@@ -442,7 +538,7 @@ impl LineMap {
     /// True while a read hit on cache line `i` is in flight (read under the map's lock: no new pin can
     /// appear until it is released).
     pub fn pinned(&self, i: u32) -> bool {
-        self.hot[i as usize].pins.load(Ordering::Acquire) & PIN_COUNT != 0
+        self.slot_of(i).is_some_and(|s| s.pins.load(Ordering::Acquire) & PIN_COUNT != 0)
     }
 
     /// True when a core line is locked.
@@ -480,7 +576,9 @@ impl LineMap {
     fn lru_push_front(&mut self, i: u32) {
         let old = self.head;
         self.clock = self.clock.wrapping_add(1);
-        self.hot[i as usize].pins.fetch_and(PIN_COUNT, Ordering::Relaxed);
+        if let Some(s) = self.slot_of(i) {
+            s.pins.fetch_and(PIN_COUNT, Ordering::Relaxed);
+        }
         {
             let l = &mut self.lines[i as usize];
             l.touched = self.clock;
@@ -509,8 +607,11 @@ impl LineMap {
 
     /// A read hit on line `i` (under the map's read lock): pins the line until the hit completes (the
     /// hit's completion unpins it without the map lock) and marks it referenced (second chance).
-    pub fn pin_for_hit(&self, i: u32) {
-        pin(&self.hot[i as usize]);
+    /// Returns the slot to unpin (see [`Slot::unpin`]); None when the line holds nothing.
+    pub fn pin_for_hit(&self, i: u32) -> Option<u32> {
+        let s = self.slot_of(i)?;
+        pin(s);
+        Some(self.lines[i as usize].slot)
     }
 
     /// Queues the line's record for writing.
@@ -524,14 +625,17 @@ impl LineMap {
 
     /// A cache line for `key` (which must not be present): a free one or an evicted clean one.
     pub fn alloc(&mut self, key: Key) -> Option<u32> {
+        pack(key)?;
         let i = match self.free.pop() {
             Some(i) => i,
             None => self.evict()?,
         };
         self.wgen[i as usize] += 1;
-        self.set_key_valid(i, Some(key), 0);
         self.lines[i as usize].dirty = 0;
-        self.index.insert(key, i);
+        if !self.set_key_valid(i, Some(key), 0) {
+            self.free.push(i);
+            return None;
+        }
         self.lru_push_front(i);
         self.counters(key.0).occupancy_lines += 1;
         self.mark_md(i);
@@ -546,7 +650,7 @@ impl LineMap {
             }
             let l = &self.lines[i as usize];
             let prev = l.prev;
-            if self.hot[i as usize].pins.load(Ordering::Relaxed) & REFERENCED != 0 {
+            if self.slot_of(i).is_some_and(|s| s.pins.load(Ordering::Relaxed) & REFERENCED != 0) {
                 // Hit since it was last moved: a second chance at the head.
                 self.lru_remove(i);
                 self.lru_push_front(i);
@@ -570,10 +674,6 @@ impl LineMap {
     fn drop_line(&mut self, i: u32) {
         self.wgen[i as usize] += 1;
         self.lru_remove(i);
-        if let Some(key) = self.lines[i as usize].key {
-            // While every line of the probe run still has its key (the index compares keys).
-            self.index.remove(key, i, &self.lines);
-        }
         if let Some(key) = self.lines[i as usize].key {
             self.set_key_valid(i, None, 0);
             let l = &mut self.lines[i as usize];
@@ -635,9 +735,13 @@ impl LineMap {
     }
 
     /// Loads a persisted record into an empty line (at start-up).
-    pub fn load(&mut self, i: u32, key: Key, valid: u128, dirty: u128, seq: u64) {
+    /// False (nothing loaded) when the key cannot be cached: a core line at or past
+    /// [`MAX_CORE_LINES`], which no core attached to a cache has (corrupt metadata).
+    pub fn load(&mut self, i: u32, key: Key, valid: u128, dirty: u128, seq: u64) -> bool {
+        if !self.set_key_valid(i, Some(key), valid) {
+            return false;
+        }
         self.free.retain(|&f| f != i);
-        self.set_key_valid(i, Some(key), valid);
         let l = &mut self.lines[i as usize];
         l.dirty = dirty;
         l.disk_dirty = dirty;
@@ -646,13 +750,13 @@ impl LineMap {
         if dirty != 0 {
             self.dirty_order.insert((l.dirty_since_ms, i));
         }
-        self.index.insert(key, i);
         self.lru_push_front(i);
         let c = self.counters(key.0);
         c.occupancy_lines += 1;
         if dirty != 0 {
             c.dirty_lines += 1;
         }
+        true
     }
 
     /// Dirty lines of `core` (all cores when `None`), oldest first, at most `max`, skipping locked ones
@@ -752,7 +856,7 @@ mod pin_tests {
         assert_eq!(m.lookup((0, 1)), Some(a), "an emptied pinned line keeps its slot until unpinned");
         assert_eq!(m.forget_clean(0), 1, "only the unpinned line is forgotten");
         assert_eq!(m.lookup((0, 1)), Some(a));
-        m.hot[a as usize].unpin();
+        m.slots()[m.lines[a as usize].slot as usize].unpin();
         assert_eq!(m.forget_clean(0), 1);
         assert_eq!(m.lookup((0, 1)), None);
     }
@@ -765,7 +869,7 @@ mod pin_tests {
         m.set_bits(a, 1, 0, 0);
         m.pin_for_hit(a);
         assert!(m.pinned(a));
-        m.hot[a as usize].unpin();
+        m.slots()[m.lines[a as usize].slot as usize].unpin();
         assert!(!m.pinned(a), "referenced only");
         assert_eq!(m.forget_clean(0), 1, "a referenced, unpinned line is forgotten");
     }
@@ -774,9 +878,10 @@ mod pin_tests {
 #[cfg(test)]
 mod layout_tests {
     #[test]
-    fn a_line_is_two_cache_lines_with_the_hit_fields_in_the_first() {
+    fn a_line_is_two_cache_lines_and_a_slot_half_of_one() {
         assert_eq!(std::mem::size_of::<super::Line>(), 128);
-        assert_eq!(std::mem::offset_of!(super::Line, valid), 32);
+        assert_eq!(std::mem::size_of::<super::Slot>(), 32);
+        assert_eq!(std::mem::align_of::<super::Slot>(), 32, "a slot never straddles two cache lines");
     }
 }
 
@@ -785,7 +890,7 @@ mod index_tests {
     use super::*;
 
     /// Random inserts and removals against a std HashMap: look-ups agree after every step (probe runs
-    /// that wrap around the table end and backward-shift deletion included).
+    /// that wrap around the table end, tombstones and rebuilds included).
     #[test]
     fn index_agrees_with_a_hash_map() {
         let n = 64u32;
@@ -857,35 +962,138 @@ mod soft_lock_tests {
 }
 
 #[cfg(test)]
-mod hot_tests {
+mod slot_tests {
     use super::*;
 
-    /// A read hit reads only the `Hot` records: they follow every change of a line's key and valid
+    fn unpin(m: &LineMap, slot: u32) {
+        m.slots()[slot as usize].unpin();
+    }
+
+    /// A read hit reads only the index slot: it follows every change of a line's key and valid
     /// bits (take, set, drop, load), and a hit is pinned only when every wanted sector is valid.
     #[test]
-    fn the_hit_records_follow_every_change_of_key_and_valid_bits() {
+    fn the_slots_follow_every_change_of_key_and_valid_bits() {
         let mut m = LineMap::new(2);
         let a = m.alloc((3, 7)).unwrap();
-        assert_eq!((m.lookup((3, 7)), m.valid(a)), (Some(a), 0), "taken: held, nothing valid");
+        assert_eq!(m.lookup((3, 7)), Some(a), "taken: held");
         assert_eq!(m.pin_if_valid((3, 7), 1), None, "nothing valid: no hit");
         m.set_bits(a, 0b0110, 0, 0);
-        assert_eq!(m.valid(a), 0b0110);
         assert_eq!(m.pin_if_valid((3, 7), 0b0111), None, "sector 0 is not valid");
         assert!(!m.pinned(a), "a refused hit pins nothing");
-        assert_eq!(m.pin_if_valid((3, 7), 0b0100), Some(a));
+        let (l, s) = m.pin_if_valid((3, 7), 0b0100).unwrap();
+        assert_eq!(l, a);
         assert!(m.pinned(a));
-        m.hot[a as usize].unpin();
+        unpin(&m, s);
+        assert!(!m.pinned(a));
         assert_eq!(m.pin_if_valid((4, 7), 0b0100), None, "another core's line 7");
         assert_eq!(m.pin_if_valid((3, 6), 0b0100), None, "another line of the core");
         // The high half of a 128-sector line.
         m.set_bits(a, 1 << 127 | 1, 0, 0);
-        assert_eq!(m.valid(a), 1 << 127 | 1);
-        assert_eq!(m.pin_if_valid((3, 7), 1 << 127), Some(a));
-        m.hot[a as usize].unpin();
+        assert_eq!(m.find_valid((3, 7), 1 << 127).map(|x| x.0), Some(a));
+        assert_eq!(m.find_valid((3, 7), 1 << 126), None);
         m.set_bits(a, 0, 0, 0);
-        assert_eq!((m.lookup((3, 7)), m.valid(a)), (None, 0), "emptied: dropped");
-        m.load(1, (5, 9), 0b1000, 0, 1);
-        assert_eq!((m.lookup((5, 9)), m.valid(1)), (Some(1), 0b1000), "loaded");
-        assert_eq!(m.pin_if_valid((5, 9), 0b1000), Some(1));
+        assert_eq!((m.lookup((3, 7)), m.find_valid((3, 7), 0)), (None, None), "emptied: dropped");
+        assert!(m.load(1, (5, 9), 0b1000, 0, 1));
+        assert_eq!(m.find_valid((5, 9), 0b1000).map(|x| x.0), Some(1), "loaded");
+        assert_eq!(m.find_valid((5, 9), 0b1001), None);
+    }
+
+    /// Keys past what a slot can hold are never cached: a miss stays a miss, and a loaded record
+    /// naming one is refused (the caller reports corrupt metadata).
+    #[test]
+    fn a_core_line_too_large_to_pack_is_never_cached() {
+        let mut m = LineMap::new(2);
+        assert_eq!(m.alloc((1, MAX_CORE_LINES)), None);
+        assert_eq!(m.free_lines(), 2, "no line taken");
+        assert!(!m.load(0, (1, MAX_CORE_LINES), 1, 0, 1));
+        assert_eq!(m.free_lines(), 2);
+        assert_eq!(m.lookup((1, MAX_CORE_LINES)), None);
+        // The largest packable line of the largest core id is an ordinary key.
+        let k = (u16::MAX, MAX_CORE_LINES - 1);
+        let a = m.alloc(k).unwrap();
+        assert_eq!(m.lookup(k), Some(a));
+        assert_eq!(m.lookup((u16::MAX - 1, MAX_CORE_LINES - 1)), None);
+        assert_eq!(unpack(pack(k).unwrap()), k);
+    }
+
+    /// Churn: lines taken and dropped over and over leave tombstones; the table is rebuilt and every
+    /// key stays findable at every step, with the right line.
+    #[test]
+    fn churn_through_tombstones_and_rebuilds_keeps_every_key_findable() {
+        let mut m = LineMap::new(8);
+        let mut model: std::collections::BTreeMap<Key, u32> = Default::default();
+        let mut rebuilt = false;
+        for round in 0..2000u64 {
+            let key = (u16::try_from(round % 3).unwrap(), round * 7919 % 101);
+            if let Some(&line) = model.get(&key) {
+                m.set_bits(line, 0, 0, 0); // emptied: dropped (tombstone)
+                model.remove(&key);
+            } else if let Some(line) = m.alloc(key) {
+                m.set_bits(line, 1, 0, 0);
+                model.retain(|_, &mut l| l != line); // an evicted line's key is gone
+                model.insert(key, line);
+            }
+            rebuilt |= m.index.tombs == 0 && round > 0 && m.index.used > 0;
+            for (&k, &line) in &model {
+                assert_eq!(m.lookup(k), Some(line), "round {round}: {k:?}");
+            }
+            assert_eq!(m.index.used, model.len(), "round {round}");
+            assert!(m.index.used + m.index.tombs < m.index.slots.len(), "an empty slot remains");
+        }
+        assert!(rebuilt, "the churn rebuilt the table");
+        for c in 0..3u16 {
+            for l in 0..101 {
+                assert_eq!(m.lookup((c, l)), model.get(&(c, l)).copied());
+            }
+        }
+    }
+
+    /// A pinned slot never moves: a rebuild waits for the pin, and the hit unpins the same slot
+    /// after any amount of churn.
+    #[test]
+    fn a_pinned_slot_holds_off_the_rebuild_and_keeps_its_place() {
+        let mut m = LineMap::new(4);
+        let a = m.alloc((0, 1)).unwrap();
+        m.set_bits(a, 1, 0, 0);
+        let (_, pos) = m.pin_if_valid((0, 1), 1).unwrap();
+        for round in 0..200u64 {
+            let b = m.alloc((1, round)).unwrap();
+            assert_ne!(b, a, "the pinned line is never reused");
+            m.set_bits(b, 0, 0, 0);
+            assert_eq!(m.lines[a as usize].slot, pos, "round {round}: the pinned slot moved");
+            assert!(m.pinned(a));
+        }
+        assert!(m.index.tombs > 0, "tombstones built up while the slot was pinned");
+        let tombs = m.index.tombs;
+        unpin(&m, pos);
+        assert!(!m.pinned(a));
+        let b = m.alloc((2, 0)).unwrap();
+        assert!(m.index.tombs < tombs, "the next take rebuilt the table");
+        assert_eq!((m.lookup((0, 1)), m.lookup((2, 0))), (Some(a), Some(b)));
+        assert_eq!(m.pin_if_valid((0, 1), 1).map(|x| x.0), Some(a), "still a hit after the move");
+    }
+
+    /// The reference bit lives in the slot and moves with the key in a rebuild.
+    #[test]
+    fn the_reference_bit_survives_a_rebuild() {
+        let mut m = LineMap::new(4);
+        let a = m.alloc((0, 1)).unwrap();
+        m.set_bits(a, 1, 0, 0);
+        let (_, pos) = m.pin_if_valid((0, 1), 1).unwrap();
+        unpin(&m, pos);
+        let referenced =
+            |m: &LineMap| m.slot_of(a).is_some_and(|s| s.pins.load(Ordering::Relaxed) & REFERENCED != 0);
+        assert!(referenced(&m));
+        // Churn until the table is rebuilt (the tombstones are gone).
+        let (mut round, mut rebuilt) = (0, false);
+        while !rebuilt && round < 1000 {
+            let tombs = m.index.tombs;
+            let b = m.alloc((1, round)).unwrap();
+            rebuilt = m.index.tombs < tombs.saturating_sub(1);
+            m.set_bits(b, 0, 0, 0);
+            round += 1;
+        }
+        assert!(rebuilt, "no rebuild in {round} rounds");
+        assert!(referenced(&m), "the reference bit moved with the key");
     }
 }

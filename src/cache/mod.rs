@@ -638,7 +638,12 @@ fn load_map_logging(
         if valid == 0 {
             continue;
         }
-        map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq);
+        if !map.load(i, (r.core_id, r.core_line), valid | r.dirty, r.dirty, r.seq) {
+            return Err(LayoutError::Corrupt(format!(
+                "line {i} names core line {} of core id {}, past any core a cache takes",
+                r.core_line, r.core_id
+            )));
+        }
         loaded_lines += 1;
         dirty_lines += u64::from(r.dirty != 0);
         if last_log.elapsed() > every {

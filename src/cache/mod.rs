@@ -18,7 +18,9 @@
 //!   to the cache device and the core; the lock is *never* held across base I/O.
 //!   - A **read hit** (every sector valid) takes only the *read* lock: look-up, valid bits, and a
 //!     *pin* on each line (an atomic count: a pinned line is never evicted, dropped or reused; pins
-//!     are checked under the write lock). Its hit is counted in the channel's own counter (one
+//!     are checked under the write lock). All three are in the line's index slot (`map::Slot`, 32
+//!     bytes: key, line, a copy of the valid bits, pin word), so a hit within one line costs one
+//!     memory miss in the map; a pinned slot never moves, so the completion unpins by position. Its hit is counted in the channel's own counter (one
 //!     writer; summed when read, folded into the map when the channel drops). For the LRU it only
 //!     sets the line's reference bit (an atomic; the eviction scan gives a referenced line a second
 //!     chance at the head). It takes no range lock, and its completion only drops the pins (atomics,
@@ -41,7 +43,7 @@
 //!   We chose this over one owner thread doing all I/O (SPDK-style message passing to the map's
 //!   thread) because a hit then costs one look-up plus one read on the caller's own channel, with no
 //!   cross-thread hop, and queues scale with poller threads as long as the critical section stays
-//!   short (one cache-line miss in the open-addressing index, one in the 128-byte line record).
+//!   short (one cache-line miss: the open-addressing index slot holds what a hit needs).
 //!   Measured: BENCHMARKS.md, "Cache bdev" (part C: 1 vs 2 queues on an all-hit workload).
 //! * **One owner thread per instance** does what must be serialised: metadata page writes (group
 //!   commit in rounds, at most one write per page in flight, so records never go backwards), the

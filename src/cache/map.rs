@@ -1101,6 +1101,74 @@ mod slot_tests {
         assert_eq!(m.pin_if_valid(second, 1).map(|x| x.0), Some(b), "still a hit");
     }
 
+    /// Hits on other threads (read lock, pin, unpin later without the lock) while the owner fills,
+    /// evicts and drops lines under the write lock and so rebuilds the table again and again: a
+    /// pinned line keeps its key until its hit unpins it, and every pin is dropped from the slot
+    /// that took it.
+    #[test]
+    fn hits_on_other_threads_survive_eviction_and_rebuilds() {
+        use std::sync::{Arc, RwLock};
+        let map = Arc::new(RwLock::new(LineMap::new(16)));
+        let hot: Vec<Key> = (0..6).map(|l| (0, l)).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hitters: Vec<_> = (0..2)
+            .map(|t| {
+                let (map, stop, hot) = (map.clone(), stop.clone(), hot.clone());
+                std::thread::spawn(move || {
+                    let slots = map.read().unwrap().slots();
+                    let (mut hits, mut n) = (0u64, 0usize);
+                    while !stop.load(Ordering::Relaxed) || hits < 200 {
+                        n += 1;
+                        let k = hot[(n + t) % hot.len()];
+                        let Some((line, pos)) = map.read().unwrap().pin_if_valid(k, 1) else {
+                            std::thread::yield_now();
+                            continue;
+                        };
+                        std::thread::yield_now();
+                        let m = map.read().unwrap();
+                        assert_eq!(m.lookup(k), Some(line), "a pinned line lost its key");
+                        assert_eq!(m.lines[line as usize].slot, pos, "a pinned slot moved");
+                        drop(m);
+                        slots[pos as usize].unpin();
+                        hits += 1;
+                    }
+                    hits
+                })
+            })
+            .collect();
+        let mut rebuilds = 0;
+        for round in 0..20_000u64 {
+            let mut m = map.write().unwrap();
+            let tombs = m.index.tombs;
+            // Churn keys fill the map and push the hot ones out (when they are not pinned).
+            let k = if round % 3 == 0 { hot[(round / 3) as usize % hot.len()] } else { (1, round % 64) };
+            if m.lookup(k).is_none() {
+                if let Some(i) = m.alloc(k) {
+                    m.set_bits(i, 1, 0, 0);
+                }
+            } else if round % 5 == 0 && k.0 == 1 {
+                let i = m.lookup(k).unwrap();
+                m.set_bits(i, 0, 0, 0);
+            }
+            rebuilds += usize::from(m.index.tombs + 1 < tombs);
+            drop(m);
+            if round == 10_000 {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        for h in hitters {
+            assert!(h.join().unwrap() >= 200);
+        }
+        assert!(rebuilds > 10, "{rebuilds} rebuilds");
+        let m = map.read().unwrap();
+        for i in 0..16 {
+            assert!(!m.pinned(i), "line {i}: a pin left behind");
+            if let Some(k) = m.lines[i as usize].key() {
+                assert_eq!(m.lookup(k), Some(i));
+            }
+        }
+    }
+
     /// The reference bit lives in the slot and moves with the key in a rebuild.
     #[test]
     fn the_reference_bit_survives_a_rebuild() {

@@ -47,7 +47,7 @@ use crate::bdev::waitset::epoll_set;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::map::{Key, LineMap, Slot};
+use super::map::{Key, LineMap, Slot, SlotHint};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::stats::bump;
 use crate::bdev::{
@@ -183,6 +183,15 @@ pub struct CacheChannel {
     cache_out: usize,
     core_out: usize,
     blocked: VecDeque<BdevIo>,
+    /// Reads within one line submitted since the last poll, served there as a batch (see
+    /// [`CacheChannel::serve_pending`]).
+    pending: Vec<BdevIo>,
+    hint: SlotHint,
+    /// Between a batch time (a poller's pass starts: `set_batch_stamp`) and the next poll, which
+    /// that pass makes after its submissions: only then may reads wait for the poll. Whoever else
+    /// submits (a channel releasing what QoS held, in its poll; an owner thread; tests) gets them
+    /// started at once, as before.
+    batch_open: bool,
     done: Vec<Completion>,
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
@@ -213,7 +222,10 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
-        let slots = rlock(&sh.map).slots();
+        let (slots, hint) = {
+            let map = rlock(&sh.map);
+            (map.slots(), map.slot_hint())
+        };
         let cache_ch = sh.cache_desc.channel()?;
         let lane = sh.cache_desc.lane()?;
         let core_ch = b.core.channel()?;
@@ -262,6 +274,9 @@ impl CacheChannel {
             cache_out: 0,
             core_out: 0,
             blocked: VecDeque::new(),
+            pending: Vec::new(),
+            batch_open: false,
+            hint,
             done: Vec::new(),
             scratch: Vec::new(),
             seg_pool: Vec::new(),
@@ -951,27 +966,72 @@ impl CacheChannel {
     }
 }
 
-impl ModuleChannel for CacheChannel {
-    fn submit(&mut self, mut io: BdevIo) -> Result<(), Rejected> {
+impl CacheChannel {
+    /// Serves the reads deferred by `submit`, in order: first the home slot of each is touched, one
+    /// load right after the other (their misses overlap: the slots of a batch of random hits cost
+    /// about one memory latency instead of one each), then each goes the usual way.
+    fn serve_pending(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        let mut seen = 0u64;
+        for io in &pending {
+            seen ^= self.hint.touch((self.core_id, io.offset_blocks >> self.lb_shift));
+        }
+        std::hint::black_box(seen);
+        for io in pending.drain(..) {
+            self.submit_now(io);
+        }
+        self.pending = pending;
+    }
+
+    fn submit_now(&mut self, mut io: BdevIo) {
         let tried = self.blocked.is_empty();
         if tried {
             // The common case first, without moving the request around.
             if self.hit_in_line(&mut io) {
-                return Ok(());
+                return;
             }
         } else if self.blocked.iter().any(|b| self.overlap(b, &io)) {
             // Only a request on lines that an earlier waiting request also touches must queue
             // behind it.
             self.blocked.push_back(io);
-            return Ok(());
+            return;
         }
         if let Err(io) = self.start(io, !tried) {
             self.blocked.push_back(io);
         }
+    }
+}
+
+/// Reads deferred to the next poll at most (a bound on what waits there; a poller polls after every
+/// round of submissions).
+const MAX_PENDING: usize = 64;
+
+impl ModuleChannel for CacheChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), Rejected> {
+        // In a poller's pass, a read within one line (likely a hit) waits for the pass's poll, which
+        // serves every such read submitted meanwhile as a batch (see `serve_pending`). Anything else
+        // goes now, after them (in order).
+        if self.batch_open
+            && io.kind == IoKind::Read
+            && io.num_blocks > 0
+            && (io.offset_blocks ^ (io.offset_blocks + io.num_blocks - 1)) >> self.lb_shift == 0
+            && self.pending.len() < MAX_PENDING
+        {
+            self.pending.push(io);
+            return Ok(());
+        }
+        if !self.pending.is_empty() {
+            self.serve_pending();
+        }
+        self.submit_now(io);
         Ok(())
     }
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
+        self.batch_open = false;
+        if !self.pending.is_empty() {
+            self.serve_pending();
+        }
         if self.cache_out == 0
             && self.core_out == 0
             && self.lane.outstanding() == 0
@@ -1034,7 +1094,7 @@ impl ModuleChannel for CacheChannel {
     fn before_sleep(&mut self) -> bool {
         // `poll` skips the channels below with nothing in flight: clear what their last completions
         // left signalled, or the channel's epoll fd stays readable and its owner never sleeps.
-        let mut more = !self.done.is_empty();
+        let mut more = !self.done.is_empty() || !self.pending.is_empty();
         if self.cache_out == 0 && self.cache_ch.before_sleep() {
             // Work turned up in an idle channel below (not expected): poll it with the rest.
             self.cache_out += 1;
@@ -1049,6 +1109,7 @@ impl ModuleChannel for CacheChannel {
     }
 
     fn set_batch_stamp(&mut self, now_ns: u64) {
+        self.batch_open = true;
         self.cache_ch.set_batch_stamp(now_ns);
         self.lane.set_batch_stamp(now_ns);
         self.core_ch.set_batch_stamp(now_ns);
@@ -1082,7 +1143,7 @@ impl Drop for CacheChannel {
         // Finish what is in flight so no line stays locked and no child outlives its memory.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let mut sink = Vec::new();
-        while (!self.reqs.is_empty() || !self.hits.is_empty() || !self.blocked.is_empty())
+        while (!self.reqs.is_empty() || !self.hits.is_empty() || !self.blocked.is_empty() || !self.pending.is_empty())
             && std::time::Instant::now() < deadline
         {
             if self.poll(&mut sink) == 0 {

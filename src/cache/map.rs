@@ -124,6 +124,31 @@ impl Slot {
     }
 }
 
+/// Touches keys' home slots ahead of their look-ups, without the map's lock: a channel with a batch
+/// of read hits reads all their slots first, one load right after the other, so the CPU overlaps
+/// their cache misses instead of taking them one by one as each look-up comes. Only a hint: the
+/// value read is not used (the table's size and hash never change, so the home slot is right;
+/// what it holds is checked again under the lock).
+pub struct SlotHint {
+    slots: Arc<[Slot]>,
+    shift: u32,
+    mask: usize,
+}
+
+impl SlotHint {
+    /// Loads the home slot of `key`; returns what it read (fold it into a value the caller keeps
+    /// alive, e.g. through `std::hint::black_box`, so the load is not dropped).
+    pub fn touch(&self, key: Key) -> u64 {
+        pack(key).map_or(0, |k| {
+            let home = (k.wrapping_mul(HASH) >> self.shift) as usize & self.mask;
+            self.slots.get(home).map_or(0, |s| s.key.load(Ordering::Relaxed))
+        })
+    }
+}
+
+/// The index's multiplicative hash.
+const HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// The index (core line → cache line): open addressing with linear probing over [`Slot`] records
 /// that hold the key, the line number and what a read hit needs, so a hit's look-up, valid check and
 /// pin cost one memory miss (the line's own record is not touched). At most half full of keys.
@@ -156,7 +181,7 @@ impl Index {
     }
 
     fn home(&self, packed: u64) -> usize {
-        (packed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize & self.mask
+        (packed.wrapping_mul(HASH) >> self.shift) as usize & self.mask
     }
 
     /// The slot holding `key`.
@@ -431,6 +456,12 @@ impl LineMap {
     /// (by position, without the map's lock; see [`Slot::unpin`]).
     pub fn slots(&self) -> Arc<[Slot]> {
         self.index.slots.clone()
+    }
+
+    /// What a channel needs to touch a key's home slot ahead of its look-up, without the lock
+    /// (see [`SlotHint`]).
+    pub fn slot_hint(&self) -> SlotHint {
+        SlotHint { slots: self.index.slots.clone(), shift: self.index.shift, mask: self.index.mask }
     }
 
     /// A read hit within one line: when every sector of `want` of `key` is valid in the cache, pins

@@ -1966,6 +1966,55 @@ fn a_hit_counts_from_its_batch_time_across_an_empty_poll() {
     assert!(lat >= 100_000_000, "both hits count from the batch time, 50 ms before: {lat} ns in all");
 }
 
+/// In a poller's pass (a batch time set, no poll yet) reads within one line wait for the pass's poll,
+/// which starts them all, in order; a request that cannot wait starts after them; outside a pass
+/// (after the poll, or with no batch time) a read starts at once.
+#[test]
+fn a_pass_serves_its_reads_within_one_line_at_its_poll_in_order() {
+    let (reg, ctl) = held_cdev_setup();
+    let c = wt_no_cutoff();
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    write(&mut ch, 0, &fill(1, 4 * 4096)); // lines 0..3: hits
+    let _release = ReleaseOnDrop(ctl.clone());
+    let reads_at_cdev = || lock(&ctl).submitted.iter().filter(|(k, _)| *k == IoKind::Read).count();
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..u64::MAX);
+        h.reads = true;
+        h.submitted.clear();
+    }
+    let mut done = Vec::new();
+    // Outside a pass: at once.
+    ch.submit(BdevIo::read(0, 8, IoVecs::alloc(4096), 1));
+    assert_eq!(reads_at_cdev(), 1, "no batch time: the hit's read starts at submission");
+    // A pass: three hits wait for the poll.
+    ch.set_batch_time(Instant::now());
+    for (tag, line) in [(2, 3u64), (3, 1), (4, 2)] {
+        ch.submit(BdevIo::read(line * 8, 8, IoVecs::alloc(4096), tag));
+    }
+    assert_eq!(reads_at_cdev(), 1, "the pass's hits wait for its poll");
+    ch.poll(&mut done);
+    assert_eq!(reads_at_cdev(), 4, "the poll started them");
+    let cdev_offsets: Vec<u64> =
+        lock(&ctl).submitted.iter().filter(|(k, _)| *k == IoKind::Read).map(|&(_, o)| o).collect();
+    // Cache lines are taken in order from line 0: core line n is in cache line n here.
+    let order: Vec<u64> = cdev_offsets.iter().map(|o| o - cdev_offsets[0]).collect();
+    assert_eq!(order, [0, 24, 8, 16], "in submission order");
+    // After the poll (the pass is over) a read starts at once again.
+    ch.submit(BdevIo::read(8, 8, IoVecs::alloc(4096), 5));
+    assert_eq!(reads_at_cdev(), 5);
+    // A pass with a write after a waiting read: the read is started first.
+    ch.set_batch_time(Instant::now());
+    lock(&ctl).submitted.clear();
+    ch.submit(BdevIo::read(16, 8, IoVecs::alloc(4096), 6));
+    ch.submit(BdevIo::write(40, 8, IoVecs::from_slice(&fill(2, 4096)), 7));
+    let kinds: Vec<IoKind> = lock(&ctl).submitted.iter().map(|&(k, _)| k).collect();
+    assert_eq!(kinds.first(), Some(&IoKind::Read), "the waiting read goes before the write: {kinds:?}");
+    assert!(kinds.contains(&IoKind::Write), "the write went at its submission: {kinds:?}");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "every request", |d| d.len() == 7 - done.len());
+}
+
 /// A channel whose cache device completes through a wait fd (a file): a hit's completion wakes a
 /// poller sleeping on the channel's wait fd.
 #[test]

@@ -1143,7 +1143,10 @@ impl Drop for CacheChannel {
         // Finish what is in flight so no line stays locked and no child outlives its memory.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let mut sink = Vec::new();
-        while (!self.reqs.is_empty() || !self.hits.is_empty() || !self.blocked.is_empty() || !self.pending.is_empty())
+        while (!self.reqs.is_empty()
+            || !self.hits.is_empty()
+            || !self.blocked.is_empty()
+            || !self.pending.is_empty())
             && std::time::Instant::now() < deadline
         {
             if self.poll(&mut sink) == 0 {

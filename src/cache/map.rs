@@ -140,14 +140,17 @@ impl SlotHint {
     /// alive, e.g. through `std::hint::black_box`, so the load is not dropped).
     pub fn touch(&self, key: Key) -> u64 {
         pack(key).map_or(0, |k| {
-            let home = (k.wrapping_mul(HASH) >> self.shift) as usize & self.mask;
+            let home = home_of(k, self.shift, self.mask);
             self.slots.get(home).map_or(0, |s| s.key.load(Ordering::Relaxed))
         })
     }
 }
 
-/// The index's multiplicative hash.
-const HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+/// A packed key's home slot in a table of `mask + 1` slots (`shift`: 64 - log2 of that): the index's
+/// multiplicative hash.
+fn home_of(packed: u64, shift: u32, mask: usize) -> usize {
+    (packed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> shift) as usize & mask
+}
 
 /// The index (core line → cache line): open addressing with linear probing over [`Slot`] records
 /// that hold the key, the line number and what a read hit needs, so a hit's look-up, valid check and
@@ -181,7 +184,7 @@ impl Index {
     }
 
     fn home(&self, packed: u64) -> usize {
-        (packed.wrapping_mul(HASH) >> self.shift) as usize & self.mask
+        home_of(packed, self.shift, self.mask)
     }
 
     /// The slot holding `key`.

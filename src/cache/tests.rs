@@ -2015,6 +2015,40 @@ fn a_pass_serves_its_reads_within_one_line_at_its_poll_in_order() {
     poll_until(&mut ch, "every request", |d| d.len() == 7 - done.len());
 }
 
+/// Reads waiting for a pass's poll are work: `before_sleep` says so (a caller that would sleep
+/// without polling polls instead), and a zero-length read in a pass is answered like any other.
+#[test]
+fn reads_waiting_for_the_poll_keep_the_poller_awake() {
+    use crate::bdev::ModuleChannel;
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core0", 1 << 20, 512).unwrap())).unwrap();
+    let c = wt_no_cutoff();
+    let bdev = CacheBdev::create(&c, &reg).unwrap();
+    let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    let mut done = Vec::new();
+    mch.set_batch_stamp(1);
+    assert!(mch.submit(BdevIo::read(0, 0, IoVecs::empty(), 1)).is_ok(), "a zero-length read");
+    assert!(mch.submit(BdevIo::read(8, 8, IoVecs::alloc(4096), 2)).is_ok(), "a miss within one line");
+    assert!(mch.before_sleep(), "two reads wait for the poll: not idle");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < 2 {
+        mch.poll(&mut done);
+        assert!(Instant::now() < deadline, "never completed: {done:?}");
+    }
+    done.sort_by_key(|c| c.tag);
+    assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), [(1, Ok(())), (2, Ok(()))]);
+    let mut quiet = false;
+    for _ in 0..100 {
+        if !mch.before_sleep() {
+            quiet = true;
+            break;
+        }
+        mch.poll(&mut done);
+    }
+    assert!(quiet, "idle once everything is answered");
+}
+
 /// A channel whose cache device completes through a wait fd (a file): a hit's completion wakes a
 /// poller sleeping on the channel's wait fd.
 #[test]

@@ -282,3 +282,17 @@ fn a_tail_entry_at_or_past_the_lba_count_is_not_a_data_block() {
     assert_eq!(want.iter().map(|b| b.1).collect::<Vec<_>>(), vec![100, NUM_LBAS - 1, 101]);
     assert_eq!(sorted(&s), want);
 }
+
+#[test]
+fn an_oob_scan_reads_a_chunk_of_more_than_64_blocks_up_to_its_write_pointer_only() {
+    // 128-block chunks; an open band whose chunk 0 is written up to block 100 and the others up
+    // to 96: each is read in two commands (64 blocks, then the rest up to the write pointer).
+    let mut m = media(128);
+    let blocks = band_blocks(&m.geo, &[0, 1, 2, 3], &(0..387).collect::<Vec<_>>(), false);
+    assert_eq!(blocks.iter().filter(|b| b.i == 0).map(|b| b.lbk).max(), Some(99));
+    put(&mut m, &blocks);
+    let (s, logs) = crate::testlog::capture(|| scan(&mut m));
+    assert!(s.head.is_some() && !s.has_tail);
+    assert_eq!(sorted(&s), expected(&m.geo, &blocks));
+    assert!(logs.is_empty(), "nothing unreadable, nothing past a write pointer read: {logs:?}");
+}

@@ -159,6 +159,8 @@ fn an_oob_scan_skips_an_unreadable_block_and_keeps_the_others_of_its_read() {
     let mut want = expected(&m.geo, &blocks);
     want.retain(|b| b.1 != 102);
     assert_eq!(sorted(&s), want, "every readable data block, and not the unreadable one");
+    // Positions 0..32 written (head, 30 data blocks, one padding block).
+    assert_eq!(s.end_seq, BASE + 32);
 }
 
 /// Completes every read with an error status and no failure bitmap (the buffers as read).
@@ -224,6 +226,9 @@ fn block_0_is_a_head_only_when_its_oob_says_so() {
     assert!(s.head.is_none());
     assert!(!s.has_tail, "no head, so the tail is not looked for");
     assert_eq!(sorted(&s), expected(&m.geo, &blocks), "the OOB scan finds LBA 7 at block 0 too");
+    // Without a head, the band's sequence numbers come from its blocks (data, padding, tail): the
+    // next sequence number must not go below them.
+    assert_eq!(s.end_seq, BASE + 128);
 }
 
 #[test]
@@ -294,5 +299,6 @@ fn an_oob_scan_reads_a_chunk_of_more_than_64_blocks_up_to_its_write_pointer_only
     let (s, logs) = crate::testlog::capture(|| scan(&mut m));
     assert!(s.head.is_some() && !s.has_tail);
     assert_eq!(sorted(&s), expected(&m.geo, &blocks));
+    assert_eq!(s.end_seq, BASE + 388);
     assert!(logs.is_empty(), "nothing unreadable, nothing past a write pointer read: {logs:?}");
 }

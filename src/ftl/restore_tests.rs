@@ -302,3 +302,21 @@ fn an_oob_scan_reads_a_chunk_of_more_than_64_blocks_up_to_its_write_pointer_only
     assert_eq!(s.end_seq, BASE + 388);
     assert!(logs.is_empty(), "nothing unreadable, nothing past a write pointer read: {logs:?}");
 }
+
+#[test]
+fn a_torn_open_band_without_a_head_ends_after_its_last_data_block() {
+    let mut m = media(32);
+    // Head and 31 data blocks (positions 0..32, no padding); the head is unreadable.
+    let blocks = band_blocks(&m.geo, &[0, 1, 2, 3], &(100..131).collect::<Vec<_>>(), false);
+    assert_eq!(blocks.len(), 32);
+    assert!(blocks.iter().skip(1).all(|b| b.lba < NUM_LBAS));
+    put(&mut m, &blocks);
+    m.emu
+        .inject(Fault::ReadError { ppa: ppa_of(&m.geo, &blocks[0]), kind: ReadErrorKind::Unrecoverable })
+        .expect("inject");
+    let s = scan(&mut m);
+    assert!(s.head.is_none());
+    assert_eq!(sorted(&s), expected(&m.geo, &blocks));
+    // The rebuild takes the next sequence number from here: above every block of the band.
+    assert_eq!(s.end_seq, BASE + 32);
+}

@@ -320,3 +320,19 @@ fn a_torn_open_band_without_a_head_ends_after_its_last_data_block() {
     // The rebuild takes the next sequence number from here: above every block of the band.
     assert_eq!(s.end_seq, BASE + 32);
 }
+
+#[test]
+fn oob_blocks_with_an_lba_past_the_lba_count_are_not_data_and_do_not_raise_the_sequence() {
+    let mut m = media(32);
+    let mut blocks = band_blocks(&m.geo, &[0, 1, 2, 3], &(100..131).collect::<Vec<_>>(), false);
+    // Two blocks whose OOB is not the FTL's (an LBA at or past the count, below the markers), with
+    // sequence numbers far above the band's.
+    (blocks[5].lba, blocks[5].seq) = (NUM_LBAS + 5, BASE + 1_000_000);
+    (blocks[6].lba, blocks[6].seq) = (NUM_LBAS, BASE + 2_000_000);
+    put(&mut m, &blocks);
+    let s = scan(&mut m);
+    let want = expected(&m.geo, &blocks);
+    assert_eq!(want.len(), 29);
+    assert_eq!(sorted(&s), want);
+    assert_eq!(s.end_seq, BASE + 32);
+}

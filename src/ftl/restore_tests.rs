@@ -39,6 +39,7 @@ fn media(clba: u32) -> Media {
 /// One block to write: range chunk index, lbk, data, OOB (lba, seq).
 #[derive(Clone)]
 struct Blk {
+    band: u32,
     i: usize,
     lbk: u64,
     data: Vec<u8>,
@@ -53,14 +54,23 @@ fn data_block(lba: u64) -> Vec<u8> {
 }
 
 fn head(good: &[usize], base_seq: u64) -> BandHead {
-    BandHead { uuid: [7; 16], band: BAND, base_seq, good_mask: good.iter().fold(0, |m, i| m | 1 << i) }
+    head_of(BAND, good, base_seq)
+}
+
+fn head_of(band: u32, good: &[usize], base_seq: u64) -> BandHead {
+    BandHead { uuid: [7; 16], band, base_seq, good_mask: good.iter().fold(0, |m, i| m | 1 << i) }
 }
 
 /// The blocks of band `BAND` over chunks `good`: the head, `data[k]` at position 1 + k, then, when
 /// `closed`, padding up to the data end and the tail there (padded to the band's end); an open band
 /// ends with padding at the next ws_min boundary.
 fn band_blocks(geo: &Geo, good: &[usize], data: &[u64], closed: bool) -> Vec<Blk> {
-    let mut band = Band::new(BAND);
+    band_blocks_of(geo, BAND, good, data, closed)
+}
+
+/// `band_blocks` for band `id`.
+fn band_blocks_of(geo: &Geo, id: u32, good: &[usize], data: &[u64], closed: bool) -> Vec<Blk> {
+    let mut band = Band::new(id);
     band.good = good.to_vec();
     let data_end = band.data_end(geo);
     assert!(1 + data.len() as u64 <= data_end);
@@ -71,16 +81,16 @@ fn band_blocks(geo: &Geo, good: &[usize], data: &[u64], closed: bool) -> Vec<Blk
     for pos in 0..end {
         let (i, lbk) = band.locate(geo, pos).expect("in band");
         let (d, lba) = match pos {
-            0 => (head(good, BASE).encode(), LBA_HEAD),
+            0 => (head_of(id, good, BASE).encode(), LBA_HEAD),
             p if p <= data.len() as u64 => (data_block(data[p as usize - 1]), data[p as usize - 1]),
             p if p >= data_end => (Vec::new(), layout::LBA_TAIL),
             _ => (vec![0; BLOCK_BYTES], layout::LBA_PAD),
         };
         lbas[(i as u64 * geo.clba + lbk) as usize] = lba;
-        v.push(Blk { i, lbk, data: d, lba, seq: BASE + pos });
+        v.push(Blk { band: id, i, lbk, data: d, lba, seq: BASE + pos });
     }
     if closed {
-        let tail = layout::encode_tail(BAND, BASE, head(good, BASE).good_mask, &lbas);
+        let tail = layout::encode_tail(id, BASE, head(good, BASE).good_mask, &lbas);
         let mut k = 0;
         for b in v.iter_mut().filter(|b| b.lba == layout::LBA_TAIL) {
             b.data =
@@ -95,8 +105,11 @@ fn band_blocks(geo: &Geo, good: &[usize], data: &[u64], closed: bool) -> Vec<Blk
 /// Writes the blocks, chunk by chunk (each chunk's blocks from lbk 0, in order).
 fn put(m: &mut Media, blocks: &[Blk]) {
     let ob = m.emu.info().oob_bytes_per_block as usize;
-    for i in 0..m.geo.pus.len() {
-        let mut mine: Vec<&Blk> = blocks.iter().filter(|b| b.i == i).collect();
+    let mut chunks: Vec<(u32, usize)> = blocks.iter().map(|b| (b.band, b.i)).collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    for (band, i) in chunks {
+        let mut mine: Vec<&Blk> = blocks.iter().filter(|b| (b.band, b.i) == (band, i)).collect();
         mine.sort_by_key(|b| b.lbk);
         for run in mine.chunks(64) {
             let mut data = Vec::new();
@@ -107,7 +120,7 @@ fn put(m: &mut Media, blocks: &[Blk]) {
                 layout::encode_oob(b.lba, b.seq, &mut oob[k * ob..(k + 1) * ob]);
             }
             let ppas =
-                PpaList::contiguous(m.geo.chunk(BAND, i).with_lbk(run[0].lbk), run.len()).expect("ppas");
+                PpaList::contiguous(m.geo.chunk(band, i).with_lbk(run[0].lbk), run.len()).expect("ppas");
             let done = md::exec(
                 m.qp.as_mut(),
                 Op::Write { ppas, data: SgList::from(data), oob: Some(IoBuf::from_vec(oob)) },
@@ -122,7 +135,7 @@ fn expected(geo: &Geo, blocks: &[Blk]) -> Vec<(u64, u64, u64)> {
     let mut v: Vec<_> = blocks
         .iter()
         .filter(|b| b.lba < NUM_LBAS)
-        .map(|b| (geo.addr(BAND, b.i, b.lbk), b.lba, b.seq))
+        .map(|b| (geo.addr(b.band, b.i, b.lbk), b.lba, b.seq))
         .collect();
     v.sort_unstable();
     v
@@ -140,7 +153,7 @@ fn sorted(s: &BandScan) -> Vec<(u64, u64, u64)> {
 }
 
 fn ppa_of(geo: &Geo, b: &Blk) -> Ppa {
-    geo.chunk(BAND, b.i).with_lbk(b.lbk)
+    geo.chunk(b.band, b.i).with_lbk(b.lbk)
 }
 
 #[test]
@@ -335,4 +348,143 @@ fn oob_blocks_with_an_lba_past_the_lba_count_are_not_data_and_do_not_raise_the_s
     assert_eq!(want.len(), 29);
     assert_eq!(sorted(&s), want);
     assert_eq!(s.end_seq, BASE + 32);
+}
+
+/// A checkpoint of the tests' FTL: `bands` records by band, `l2p` (its valid map follows from it).
+fn checkpoint(
+    geo: &Geo,
+    clean: bool,
+    ckpt_seq: u64,
+    bands: &[(u32, layout::BandRecord)],
+    l2p: Vec<u64>,
+) -> Checkpoint {
+    let mut recs = vec![layout::BandRecord::default(); geo.num_bands as usize];
+    for &(id, r) in bands {
+        recs[id as usize] = r;
+    }
+    let mut valid = vec![0u64; geo.addr_space().div_ceil(64) as usize];
+    for &a in l2p.iter().filter(|a| **a != UNMAPPED) {
+        set_bit(&mut valid, a);
+    }
+    let sb = layout::Superblock {
+        uuid: [7; 16],
+        pu_begin: 0,
+        pu_end: 3,
+        num_lbas: NUM_LBAS,
+        num_bands: geo.num_bands,
+        md_bands: geo.md_bands,
+        mirror: false,
+        clean,
+        ckpt_seq,
+        generation: 3,
+        l2p_entry_bytes: 8,
+        lba_rsvd: 0,
+        region_offsets: [0; 5],
+    };
+    Checkpoint { sb, bands: recs, l2p, valid, trim: vec![0; NUM_LBAS.div_ceil(64) as usize] }
+}
+
+fn rebuild_logged(m: &mut Media, ck: &Checkpoint) -> (Rebuilt, Vec<String>, Duration) {
+    let Media { emu, geo, qp, .. } = m;
+    let t = Instant::now();
+    let (r, logs) =
+        crate::testlog::capture(|| rebuild(emu.as_ref(), qp.as_mut(), geo, ck, "rb").expect("rebuild"));
+    (r, logs, t.elapsed())
+}
+
+fn rec(state: BandState, base_seq: u64, retired: u64) -> layout::BandRecord {
+    layout::BandRecord { state: state.code(), base_seq, retired, erase_count: 4 }
+}
+
+#[test]
+fn a_clean_rebuild_takes_the_bands_from_the_checkpoint() {
+    let mut m = media(32);
+    let geo = m.geo.clone();
+    let mut l2p = vec![UNMAPPED; NUM_LBAS as usize];
+    l2p[3] = geo.addr(5, 0, 5);
+    l2p[4] = geo.addr(5, 3, 9);
+    // Band 5 closed, its chunk 2 retired; band 6 free with a retired chunk; band 7 erased (Prep).
+    let bands = [
+        (5, rec(BandState::Closed, 900, 1 << 2)),
+        (6, rec(BandState::Free, 0, 1 << 1)),
+        (7, rec(BandState::Prep, 0, 0)),
+    ];
+    let ck = checkpoint(&geo, true, 777, &bands, l2p.clone());
+    let (r, _, _) = rebuild_logged(&mut m, &ck);
+    assert!(r.bands[..2].iter().all(|b| b.state == BandState::Metadata), "bands 0 and 1 hold the metadata");
+    let b5 = &r.bands[5];
+    assert_eq!(b5.state, BandState::Closed);
+    assert_eq!(b5.good, vec![0, 1, 3], "the online chunks, less the retired one");
+    assert_eq!((b5.retired, b5.base_seq, b5.erase_count, b5.valid), (1 << 2, 900, 4, 2));
+    assert_eq!(b5.written, 3 * 32 - 1 - geo.tail_len(3), "every data position of its chunks");
+    for id in [6, 7] {
+        let b = &r.bands[id];
+        assert_eq!(b.state, BandState::Free, "band {id}");
+        assert!(b.good.is_empty(), "band {id}: a free band has no chunk set until it is prepared");
+        assert_eq!(b.written, 0, "band {id}");
+    }
+    assert!(r.bands[8..].iter().all(|b| b.state == BandState::Free));
+    assert!(r.l2p == l2p);
+    assert_eq!(r.valid, ck.valid);
+    assert_eq!(r.next_seq, 777);
+    assert_eq!((r.from_tail, r.from_oob), (0, 0));
+}
+
+#[test]
+fn a_dirty_rebuild_replays_a_closed_band_from_its_tail() {
+    let mut m = media(32);
+    let geo = m.geo.clone();
+    // LBA 100 is written twice: the later block (position 31) wins.
+    let mut data: Vec<u64> = (100..130).collect();
+    data.push(100);
+    let blocks = band_blocks(&geo, &[0, 1, 2, 3], &data, true);
+    put(&mut m, &blocks);
+    // The checkpoint predates the band (free then, everything unmapped).
+    let ck = checkpoint(&geo, false, BASE, &[], vec![UNMAPPED; NUM_LBAS as usize]);
+    let (r, logs, took) = rebuild_logged(&mut m, &ck);
+    let at = |lba: u64| blocks.iter().rev().find(|b| b.lba == lba).map(|b| geo.addr(b.band, b.i, b.lbk));
+    for lba in 100..130 {
+        assert_eq!(Some(r.l2p[lba as usize]), at(lba), "lba {lba}");
+        assert!(crate::ftl::core::test_bit(&r.valid, r.l2p[lba as usize]));
+    }
+    assert_eq!(r.l2p.iter().filter(|v| **v != UNMAPPED).count(), 30);
+    let b = &r.bands[5];
+    assert_eq!(b.state, BandState::Closed);
+    assert!(b.has_tail);
+    assert_eq!((b.valid, b.written, b.base_seq), (30, 31, BASE));
+    assert_eq!(b.good, vec![0, 1, 2, 3]);
+    assert_eq!((r.from_tail, r.from_oob), (1, 0));
+    assert_eq!(r.next_seq, BASE + 128, "past every position of the band");
+    // Progress lines come once a second at most (18 data bands scanned: not one per band).
+    let progress = logs.iter().filter(|l| l.contains("restore: scanned band")).count() as u64;
+    assert!(progress <= took.as_secs(), "{progress} progress lines in {took:?}: {logs:?}");
+}
+
+#[test]
+fn a_dirty_rebuild_drops_checkpoint_entries_whose_block_holds_another_lba_now() {
+    let mut m = media(32);
+    let geo = m.geo.clone();
+    // An open band (no tail): positions 1..=30 hold LBAs 100..130, sequence BASE + position.
+    let blocks = band_blocks(&geo, &[0, 1, 2, 3], &(100..130).collect::<Vec<_>>(), false);
+    put(&mut m, &blocks);
+    let addr =
+        |lba: u64| blocks.iter().find(|b| b.lba == lba).map(|b| geo.addr(b.band, b.i, b.lbk)).expect("lba");
+    // Checkpoint at BASE + 10: positions below 10 are in it, the others are replayed.
+    let mut l2p = vec![UNMAPPED; NUM_LBAS as usize];
+    l2p[100] = addr(100); // still holds LBA 100, older than the checkpoint: kept
+    l2p[50] = addr(101); // now holds LBA 101: LBA 50's block was rewritten, dropped
+    let ck = checkpoint(&geo, false, BASE + 10, &[(5, rec(BandState::Open, BASE, 0))], l2p);
+    let (r, logs, _) = rebuild_logged(&mut m, &ck);
+    assert_eq!(r.l2p[100], addr(100));
+    assert_eq!(r.l2p[50], UNMAPPED);
+    assert_eq!(r.l2p[101], UNMAPPED, "older than the checkpoint, which does not map it: not replayed");
+    for lba in 109..130 {
+        assert_eq!(r.l2p[lba as usize], addr(lba), "lba {lba} replayed");
+    }
+    assert_eq!(r.bands[5].valid, 1 + 21);
+    assert_eq!((r.from_tail, r.from_oob), (0, 1));
+    assert!(
+        logs.iter().any(|l| l == "INFO: ftl 'rb': restore: 1 checkpoint entries pointed to rewritten blocks"),
+        "{logs:?}"
+    );
 }

@@ -458,6 +458,7 @@ fn a_dirty_rebuild_replays_a_closed_band_from_its_tail() {
     // Progress lines come once a second at most (18 data bands scanned: not one per band).
     let progress = logs.iter().filter(|l| l.contains("restore: scanned band")).count() as u64;
     assert!(progress <= took.as_secs(), "{progress} progress lines in {took:?}: {logs:?}");
+    assert!(!logs.iter().any(|l| l.contains("checkpoint entries")), "nothing dropped: {logs:?}");
 }
 
 #[test]

@@ -496,6 +496,34 @@ mod tests {
         assert!(NvSuper::decode(&bad).unwrap_err().contains("magic"));
     }
 
+    /// `s` encoded, then changed by `f` and sealed with a fresh checksum.
+    fn sealed(s: &NvSuper, f: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let mut b = s.encode();
+        f(&mut b);
+        let c = crc(&b[..BLOCK_BYTES - 4]);
+        b[BLOCK_BYTES - 4..].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_superblock_with_a_zero_ring_or_sequence_or_another_version_or_size_is_refused() {
+        let s = NvSuper { uuid: [1; 16], nonce: [2; 16], generation: 3, durable_seq: 4, ring_units: 5 };
+        for z in [NvSuper { ring_units: 0, ..s }, NvSuper { durable_seq: 0, ..s }] {
+            assert_eq!(
+                NvSuper::decode(&z.encode()),
+                Err("ring size or sequence number is zero".into()),
+                "{z:?}"
+            );
+        }
+        let v2 = sealed(&s, |b| b[8..12].copy_from_slice(&2u32.to_le_bytes()));
+        assert_eq!(NvSuper::decode(&v2), Err("version 2 not supported (this build reads 1)".into()));
+        let b = s.encode();
+        assert_eq!(
+            NvSuper::decode(&b[..BLOCK_BYTES - 1]),
+            Err(format!("superblock of {} bytes", BLOCK_BYTES - 1))
+        );
+    }
+
     #[test]
     fn record_header_needs_the_nonce_and_crc() {
         let h = RecordHeader { seq: 9, lba: 77, num_blocks: 2, data_crc: 0xabcd };

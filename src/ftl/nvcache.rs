@@ -551,4 +551,60 @@ mod tests {
         assert_eq!(r.used(), 4 + 2 + 3);
         assert_eq!(r.take_durable(1000), Some((7, 8)));
     }
+
+    #[test]
+    fn a_record_header_is_52_bytes_and_covers_at_least_one_block() {
+        let h = RecordHeader { seq: 9, lba: 77, num_blocks: 1, data_crc: 0xabcd };
+        let b = h.encode(&[7; 16]);
+        assert_eq!(RecordHeader::decode(&b[..52], &[7; 16]), Some(h), "the header's 52 bytes are enough");
+        assert_eq!(RecordHeader::decode(&b[..51], &[7; 16]), None);
+        let empty = RecordHeader { num_blocks: 0, ..h }.encode(&[7; 16]);
+        assert_eq!(RecordHeader::decode(&empty, &[7; 16]), None, "a record of no block");
+        let mut magic = b;
+        magic[0] = b'X';
+        let c = crc(&magic[..48]);
+        magic[48..52].copy_from_slice(&c.to_le_bytes());
+        assert_eq!(RecordHeader::decode(&magic, &[7; 16]), None, "another magic");
+    }
+
+    #[test]
+    fn a_record_that_ends_exactly_at_the_ring_end_or_fills_the_ring_fits() {
+        let mut r = NvRing::new(10, 1);
+        assert_eq!(r.alloc(5, 1), Some((1, 0))); // units 0..6
+        assert_eq!(r.alloc(3, 2), Some((2, 6)), "units 6..10: ends at the ring's end, no skip");
+        assert_eq!(r.used(), 10);
+        assert_eq!(r.alloc(0, 3), None, "full");
+        r.mark_done(1);
+        r.mark_done(2);
+        assert_eq!(r.take_durable(3), Some((3, 10)));
+        r.tail_u = 10;
+        assert_eq!(r.alloc(9, 4), Some((3, 0)), "a record of the ring's size fits an empty ring");
+        assert_eq!(r.used(), 10);
+        r.mark_done(3);
+        assert_eq!(r.take_durable(5), Some((4, 20)));
+        r.tail_u = 20;
+        assert_eq!(r.alloc(10, 5), None, "larger than the ring");
+        assert_eq!(r.used(), 0);
+        assert_eq!(r.next_seq, 4, "a refused record takes no sequence number");
+    }
+
+    #[test]
+    fn only_written_records_whose_entries_are_below_the_durable_entry_are_reclaimed() {
+        let mut r = NvRing::new(100, 10);
+        assert_eq!(r.alloc(1, 5), Some((10, 0)));
+        assert_eq!(r.alloc(1, 7), Some((11, 2)));
+        assert_eq!(r.alloc(1, 9), Some((12, 4)));
+        r.mark_done(9); // before the first pending record: ignored
+        r.mark_done(13); // past the last: ignored
+        assert_eq!(r.take_durable(100), None, "nothing written yet");
+        r.mark_done(11);
+        r.mark_done(10);
+        assert_eq!(r.take_durable(5), None, "entry 5 is not below 5");
+        assert_eq!(r.take_durable(6), Some((11, 2)));
+        assert_eq!(r.take_durable(100), Some((12, 4)), "seq 12 is not written: it stops there");
+        assert_eq!(r.pending.len(), 1);
+        r.mark_done(12);
+        assert!(r.pending[0].done);
+        assert_eq!(r.take_durable(10), Some((13, 6)));
+    }
 }

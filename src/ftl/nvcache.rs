@@ -607,4 +607,52 @@ mod tests {
         assert!(r.pending[0].done);
         assert_eq!(r.take_durable(10), Some((13, 6)));
     }
+
+    /// A fresh nv-cache on a RAM bdev of `units` 4 KiB units (its registry keeps the bdev).
+    fn fresh(units: u64) -> (crate::bdev::Registry, NvCache) {
+        let reg = crate::bdev::Registry::new();
+        let ram =
+            crate::bdev::malloc::MallocBdev::new("nv", units * BLOCK_BYTES as u64, 4096).expect("malloc");
+        reg.register(std::sync::Arc::new(ram)).expect("register");
+        let desc = reg.open("nv", true).expect("open");
+        match open(desc, [1; 16], 1, true, false).expect("open nv") {
+            Opened::Fresh(nv) => (reg, nv),
+            Opened::Existing(_) => panic!("a blank device is fresh"),
+        }
+    }
+
+    /// Writes a record (header and data) at ring unit `u`; returns its header.
+    fn put_record(nv: &NvCache, ch: &mut Channel, u: u64, seq: u64, lba: u64, n: u32) -> RecordHeader {
+        let data: Vec<u8> = (0..n as usize * BLOCK_BYTES).map(|i| (i as u64 ^ seq) as u8).collect();
+        let h = RecordHeader { seq, lba, num_blocks: n, data_crc: crc(&data) };
+        let mut unit = h.encode(&nv.nonce());
+        unit.extend_from_slice(&data);
+        write_units(ch, nv.blocks_per_unit, RING_FIRST + u, &unit).expect("write");
+        h
+    }
+
+    #[test]
+    fn the_scan_finds_every_whole_record_from_the_durable_sequence_across_read_chunks() {
+        // 600 ring units: the scan reads them 256 at a time.
+        let (_reg, nv) = fresh(2 + 600);
+        let mut ch = nv.desc.channel().expect("channel");
+        persist_super(&nv, &mut ch, 10, true).expect("durable_seq 10");
+        let a = put_record(&nv, &mut ch, 0, 12, 100, 2);
+        let _old = put_record(&nv, &mut ch, 10, 9, 101, 1); // below durable_seq
+        let b = put_record(&nv, &mut ch, 255, 11, 102, 3); // header last of the first read
+        let c = put_record(&nv, &mut ch, 259, 15, 103, 1); // header first of the next read
+                                                           // A torn record (its data does not match its CRC) whose claimed data hides a whole one.
+        let mut torn = put_record(&nv, &mut ch, 300, 13, 104, 4);
+        torn.data_crc ^= 1;
+        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 300, &torn.encode(&nv.nonce())).expect("tear");
+        let d = put_record(&nv, &mut ch, 302, 14, 105, 1);
+        let e = put_record(&nv, &mut ch, 596, 16, 106, 3); // ends exactly at the ring's end
+                                                           // A header whose data would run past the ring's end (its data is never read).
+        let over = RecordHeader { seq: 18, lba: 108, num_blocks: 20, data_crc: 0 };
+        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 590, &over.encode(&nv.nonce())).expect("write");
+        let found = scan(&nv, &mut ch).expect("scan");
+        let want = [(b, 255), (a, 0), (d, 302), (c, 259), (e, 596)];
+        let want: Vec<Found> = want.iter().map(|&(header, unit)| Found { header, unit }).collect();
+        assert_eq!(found, want, "by sequence");
+    }
 }

@@ -73,7 +73,7 @@ fn band_blocks_of(geo: &Geo, id: u32, good: &[usize], data: &[u64], closed: bool
     let mut band = Band::new(id);
     band.good = good.to_vec();
     let data_end = band.data_end(geo);
-    assert!(1 + data.len() as u64 <= data_end);
+    assert!((data.len() as u64) < data_end, "the data fits before the tail");
     let end =
         if closed { band.positions(geo) } else { (1 + data.len() as u64).div_ceil(geo.ws_min) * geo.ws_min };
     let mut lbas = vec![layout::LBA_PAD; geo.max_positions as usize];

@@ -655,4 +655,51 @@ mod tests {
         let want: Vec<Found> = want.iter().map(|&(header, unit)| Found { header, unit }).collect();
         assert_eq!(found, want, "by sequence");
     }
+
+    /// A RAM bdev of `bytes` bytes in `bs`-byte blocks, registered as "nv".
+    fn ram(bytes: u64, bs: u32) -> crate::bdev::Registry {
+        let reg = crate::bdev::Registry::new();
+        let ram = crate::bdev::malloc::MallocBdev::new("nv", bytes, bs).expect("malloc");
+        reg.register(std::sync::Arc::new(ram)).expect("register");
+        reg
+    }
+
+    #[test]
+    fn a_512_byte_block_bdev_is_used_in_4k_units_from_two_superblocks_plus_the_smallest_ring() {
+        // 2 superblock units + a ring of at least 10 units: 12 units (96 blocks of 512 bytes).
+        let reg = ram(12 * 4096, 512);
+        let Opened::Fresh(nv) =
+            open(reg.open("nv", true).expect("open"), [1; 16], 10, true, false).expect("fits")
+        else {
+            panic!("blank: fresh");
+        };
+        assert_eq!(nv.blocks_per_unit, 8);
+        assert_eq!(nv.ring_block(3), (2 + 3) * 8);
+        let sb = *crate::ftl::core::lock(&nv.sb);
+        assert_eq!((sb.ring_units, sb.durable_seq, sb.generation, sb.uuid), (10, 1, 0, [1; 16]));
+        // Both copies written: generations 1 (unit 1) and 2 (unit 0); then one more, in unit 1.
+        let mut ch = nv.desc.channel().expect("channel");
+        persist_super(&nv, &mut ch, 7, true).expect("format");
+        persist_super(&nv, &mut ch, 9, false).expect("persist");
+        let units = read_units(&mut ch, 8, 0, 2).expect("read");
+        let copy = |i: usize| NvSuper::decode(&units[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]).expect("valid");
+        assert_eq!(copy(0).map(|s| (s.generation, s.durable_seq)), Some((2, 7)));
+        assert_eq!(copy(1).map(|s| (s.generation, s.durable_seq)), Some((3, 9)));
+        assert_eq!(*crate::ftl::core::lock(&nv.sb), NvSuper { generation: 3, durable_seq: 9, ..sb });
+        drop(ch);
+        drop(nv);
+        // Reopened: this FTL's cache, the newest copy.
+        let Opened::Existing(nv) =
+            open(reg.open("nv", true).expect("open"), [1; 16], 10, false, false).expect("ok")
+        else {
+            panic!("formatted: existing");
+        };
+        assert_eq!(*crate::ftl::core::lock(&nv.sb), NvSuper { generation: 3, durable_seq: 9, ..sb });
+        drop(nv);
+        // One ring unit short.
+        let small = ram(11 * 4096, 512);
+        let e =
+            open(small.open("nv", true).expect("open"), [1; 16], 10, true, false).err().expect("too small");
+        assert!(e.to_string().contains("45056 bytes is too small: at least 49152 bytes are needed"), "{e}");
+    }
 }

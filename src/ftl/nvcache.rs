@@ -695,11 +695,40 @@ mod tests {
             panic!("formatted: existing");
         };
         assert_eq!(*crate::ftl::core::lock(&nv.sb), NvSuper { generation: 3, durable_seq: 9, ..sb });
+        // Records are found at their units (8 blocks each).
+        let mut ch = nv.desc.channel().expect("channel");
+        let h = put_record(&nv, &mut ch, 3, 9, 40, 2);
+        assert_eq!(scan(&nv, &mut ch).expect("scan"), vec![Found { header: h, unit: 3 }]);
+        drop(ch);
         drop(nv);
+        // Another FTL (not being created) does not take it.
+        let e = open(reg.open("nv", true).expect("open"), [2; 16], 10, false, false).err().expect("refused");
+        assert!(e.to_string().contains("holds the nv-cache of another FTL"), "{e}");
         // One ring unit short.
         let small = ram(11 * 4096, 512);
         let e =
             open(small.open("nv", true).expect("open"), [1; 16], 10, true, false).err().expect("too small");
         assert!(e.to_string().contains("45056 bytes is too small: at least 49152 bytes are needed"), "{e}");
+    }
+
+    /// A bdev with 8 KiB blocks (only its info is used: it is refused before any I/O).
+    struct BigBlocks(crate::bdev::BdevInfo);
+
+    impl crate::bdev::Bdev for BigBlocks {
+        fn info(&self) -> &crate::bdev::BdevInfo {
+            &self.0
+        }
+        fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, crate::bdev::BdevError> {
+            Err(crate::bdev::BdevError::Module("no I/O".into()))
+        }
+    }
+
+    #[test]
+    fn a_bdev_whose_block_size_does_not_divide_4k_is_refused() {
+        let reg = crate::bdev::Registry::new();
+        let info = crate::bdev::BdevInfo::new("big", "test", 8192, 1024);
+        reg.register(std::sync::Arc::new(BigBlocks(info))).expect("register");
+        let e = open(reg.open("big", true).expect("open"), [1; 16], 10, true, false).err().expect("refused");
+        assert!(e.to_string().contains("block size 8192 does not divide 4096"), "{e}");
     }
 }

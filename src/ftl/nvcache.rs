@@ -624,9 +624,15 @@ mod tests {
     /// Writes a record (header and data) at ring unit `u`; returns its header.
     fn put_record(nv: &NvCache, ch: &mut Channel, u: u64, seq: u64, lba: u64, n: u32) -> RecordHeader {
         let data: Vec<u8> = (0..n as usize * BLOCK_BYTES).map(|i| (i as u64 ^ seq) as u8).collect();
-        let h = RecordHeader { seq, lba, num_blocks: n, data_crc: crc(&data) };
+        put_data(nv, ch, u, seq, lba, &data)
+    }
+
+    /// Writes a record of `data` (whole units) at ring unit `u`; returns its header.
+    fn put_data(nv: &NvCache, ch: &mut Channel, u: u64, seq: u64, lba: u64, data: &[u8]) -> RecordHeader {
+        let n = (data.len() / BLOCK_BYTES) as u32;
+        let h = RecordHeader { seq, lba, num_blocks: n, data_crc: crc(data) };
         let mut unit = h.encode(&nv.nonce());
-        unit.extend_from_slice(&data);
+        unit.extend_from_slice(data);
         write_units(ch, nv.blocks_per_unit, RING_FIRST + u, &unit).expect("write");
         h
     }
@@ -638,22 +644,47 @@ mod tests {
         let mut ch = nv.desc.channel().expect("channel");
         persist_super(&nv, &mut ch, 10, true).expect("durable_seq 10");
         let a = put_record(&nv, &mut ch, 0, 12, 100, 2);
-        let _old = put_record(&nv, &mut ch, 10, 9, 101, 1); // below durable_seq
-        let b = put_record(&nv, &mut ch, 255, 11, 102, 3); // header last of the first read
-        let c = put_record(&nv, &mut ch, 259, 15, 103, 1); // header first of the next read
-                                                           // A torn record (its data does not match its CRC) whose claimed data hides a whole one.
+        // Below durable_seq: skipped.
+        let _old = put_record(&nv, &mut ch, 10, 9, 101, 1);
+        // At durable_seq: replayed.
+        let f = put_record(&nv, &mut ch, 100, 10, 109, 1);
+        // Header last of the first read, data in the next one.
+        let b = put_record(&nv, &mut ch, 255, 11, 102, 3);
+        // Header first of the next read.
+        let c = put_record(&nv, &mut ch, 259, 15, 103, 1);
+        // A torn record (its data does not match its CRC) whose claimed data hides a whole one.
         let mut torn = put_record(&nv, &mut ch, 300, 13, 104, 4);
         torn.data_crc ^= 1;
         write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 300, &torn.encode(&nv.nonce())).expect("tear");
         let d = put_record(&nv, &mut ch, 302, 14, 105, 1);
-        let e = put_record(&nv, &mut ch, 596, 16, 106, 3); // ends exactly at the ring's end
-                                                           // A header whose data would run past the ring's end (its data is never read).
+        // A record whose data block is itself a valid header of this cache (of a record of one
+        // zero block, the next unit): it is data, not a record.
+        let inner = RecordHeader { seq: 20, lba: 110, num_blocks: 1, data_crc: crc(&[0u8; BLOCK_BYTES]) };
+        let g = put_data(&nv, &mut ch, 400, 17, 111, &inner.encode(&nv.nonce()));
+        // A header whose data would run one unit past the ring's end (its data is never read).
         let over = RecordHeader { seq: 18, lba: 108, num_blocks: 20, data_crc: 0 };
-        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 590, &over.encode(&nv.nonce())).expect("write");
-        let found = scan(&nv, &mut ch).expect("scan");
-        let want = [(b, 255), (a, 0), (d, 302), (c, 259), (e, 596)];
+        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 580, &over.encode(&nv.nonce())).expect("write");
+        // Ends exactly at the ring's end.
+        let e = put_record(&nv, &mut ch, 596, 16, 106, 3);
+        let t = std::time::Instant::now();
+        let (found, logs) = crate::testlog::capture(|| scan(&nv, &mut ch).expect("scan"));
+        let took = t.elapsed();
+        let want = [(f, 100), (b, 255), (a, 0), (d, 302), (c, 259), (e, 596), (g, 400)];
         let want: Vec<Found> = want.iter().map(|&(header, unit)| Found { header, unit }).collect();
         assert_eq!(found, want, "by sequence");
+        assert_eq!(
+            logs.iter().filter(|l| l.contains("nv-cache nv: 7 records to replay")).count(),
+            1,
+            "{logs:?}"
+        );
+        // Progress lines come once a second at most (the scan made 3 reads of 256 units).
+        let progress = logs.iter().filter(|l| l.contains("scanning: block")).count() as u64;
+        assert!(progress <= took.as_secs(), "{progress} progress lines in {took:?}: {logs:?}");
+        // Nothing to replay: nothing logged.
+        persist_super(&nv, &mut ch, 21, false).expect("durable_seq 21");
+        let (found, logs) = crate::testlog::capture(|| scan(&nv, &mut ch).expect("scan"));
+        assert!(found.is_empty());
+        assert!(logs.iter().all(|l| !l.contains("records to replay")), "{logs:?}");
     }
 
     /// A RAM bdev of `bytes` bytes in `bs`-byte blocks, registered as "nv".

@@ -639,8 +639,8 @@ mod tests {
 
     #[test]
     fn the_scan_finds_every_whole_record_from_the_durable_sequence_across_read_chunks() {
-        // 600 ring units: the scan reads them 256 at a time.
-        let (_reg, nv) = fresh(2 + 600);
+        // 900 ring units: the scan reads them 256 at a time.
+        let (_reg, nv) = fresh(2 + 900);
         let mut ch = nv.desc.channel().expect("channel");
         persist_super(&nv, &mut ch, 10, true).expect("durable_seq 10");
         let a = put_record(&nv, &mut ch, 0, 12, 100, 2);
@@ -661,27 +661,30 @@ mod tests {
         // zero block, the next unit): it is data, not a record.
         let inner = RecordHeader { seq: 20, lba: 110, num_blocks: 1, data_crc: crc(&[0u8; BLOCK_BYTES]) };
         let g = put_data(&nv, &mut ch, 400, 17, 111, &inner.encode(&nv.nonce()));
+        // A record longer than a read, and one right after it.
+        let big = put_record(&nv, &mut ch, 410, 19, 112, 256);
+        let h = put_record(&nv, &mut ch, 667, 21, 113, 1);
         // A header whose data would run one unit past the ring's end (its data is never read).
         let over = RecordHeader { seq: 18, lba: 108, num_blocks: 20, data_crc: 0 };
-        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 580, &over.encode(&nv.nonce())).expect("write");
+        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 880, &over.encode(&nv.nonce())).expect("write");
         // Ends exactly at the ring's end.
-        let e = put_record(&nv, &mut ch, 596, 16, 106, 3);
+        let e = put_record(&nv, &mut ch, 896, 16, 106, 3);
         let t = std::time::Instant::now();
         let (found, logs) = crate::testlog::capture(|| scan(&nv, &mut ch).expect("scan"));
         let took = t.elapsed();
-        let want = [(f, 100), (b, 255), (a, 0), (d, 302), (c, 259), (e, 596), (g, 400)];
+        let want = [(f, 100), (b, 255), (a, 0), (d, 302), (c, 259), (e, 896), (g, 400), (big, 410), (h, 667)];
         let want: Vec<Found> = want.iter().map(|&(header, unit)| Found { header, unit }).collect();
         assert_eq!(found, want, "by sequence");
         assert_eq!(
-            logs.iter().filter(|l| l.contains("nv-cache nv: 7 records to replay")).count(),
+            logs.iter().filter(|l| l.contains("nv-cache nv: 9 records to replay")).count(),
             1,
             "{logs:?}"
         );
-        // Progress lines come once a second at most (the scan made 3 reads of 256 units).
+        // Progress lines come once a second at most (not one per read of 256 units).
         let progress = logs.iter().filter(|l| l.contains("scanning: block")).count() as u64;
         assert!(progress <= took.as_secs(), "{progress} progress lines in {took:?}: {logs:?}");
         // Nothing to replay: nothing logged.
-        persist_super(&nv, &mut ch, 21, false).expect("durable_seq 21");
+        persist_super(&nv, &mut ch, 22, false).expect("durable_seq 22");
         let (found, logs) = crate::testlog::capture(|| scan(&nv, &mut ch).expect("scan"));
         assert!(found.is_empty());
         assert!(logs.iter().all(|l| !l.contains("records to replay")), "{logs:?}");

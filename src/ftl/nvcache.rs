@@ -765,4 +765,14 @@ mod tests {
         let e = open(reg.open("big", true).expect("open"), [1; 16], 10, true, false).err().expect("refused");
         assert!(e.to_string().contains("block size 8192 does not divide 4096"), "{e}");
     }
+
+    #[test]
+    fn a_ring_of_two_whole_reads_is_scanned_to_its_end_and_no_further() {
+        let (_reg, nv) = fresh(2 + 512);
+        let mut ch = nv.desc.channel().expect("channel");
+        let a = put_record(&nv, &mut ch, 256, 5, 1, 1);
+        let b = put_record(&nv, &mut ch, 510, 6, 2, 1);
+        let found = scan(&nv, &mut ch).expect("scan");
+        assert_eq!(found, vec![Found { header: a, unit: 256 }, Found { header: b, unit: 510 }]);
+    }
 }

@@ -496,6 +496,34 @@ mod tests {
         assert!(NvSuper::decode(&bad).unwrap_err().contains("magic"));
     }
 
+    /// `s` encoded, then changed by `f` and sealed with a fresh checksum.
+    fn sealed(s: &NvSuper, f: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let mut b = s.encode();
+        f(&mut b);
+        let c = crc(&b[..BLOCK_BYTES - 4]);
+        b[BLOCK_BYTES - 4..].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_superblock_with_a_zero_ring_or_sequence_or_another_version_or_size_is_refused() {
+        let s = NvSuper { uuid: [1; 16], nonce: [2; 16], generation: 3, durable_seq: 4, ring_units: 5 };
+        for z in [NvSuper { ring_units: 0, ..s }, NvSuper { durable_seq: 0, ..s }] {
+            assert_eq!(
+                NvSuper::decode(&z.encode()),
+                Err("ring size or sequence number is zero".into()),
+                "{z:?}"
+            );
+        }
+        let v2 = sealed(&s, |b| b[8..12].copy_from_slice(&2u32.to_le_bytes()));
+        assert_eq!(NvSuper::decode(&v2), Err("version 2 not supported (this build reads 1)".into()));
+        let b = s.encode();
+        assert_eq!(
+            NvSuper::decode(&b[..BLOCK_BYTES - 1]),
+            Err(format!("superblock of {} bytes", BLOCK_BYTES - 1))
+        );
+    }
+
     #[test]
     fn record_header_needs_the_nonce_and_crc() {
         let h = RecordHeader { seq: 9, lba: 77, num_blocks: 2, data_crc: 0xabcd };
@@ -522,5 +550,229 @@ mod tests {
         assert_eq!(r.alloc(2, 102), Some((7, 0)), "skips the 2 units at the end");
         assert_eq!(r.used(), 4 + 2 + 3);
         assert_eq!(r.take_durable(1000), Some((7, 8)));
+    }
+
+    #[test]
+    fn a_record_header_is_52_bytes_and_covers_at_least_one_block() {
+        let h = RecordHeader { seq: 9, lba: 77, num_blocks: 1, data_crc: 0xabcd };
+        let b = h.encode(&[7; 16]);
+        assert_eq!(RecordHeader::decode(&b[..52], &[7; 16]), Some(h), "the header's 52 bytes are enough");
+        assert_eq!(RecordHeader::decode(&b[..51], &[7; 16]), None);
+        let empty = RecordHeader { num_blocks: 0, ..h }.encode(&[7; 16]);
+        assert_eq!(RecordHeader::decode(&empty, &[7; 16]), None, "a record of no block");
+        let mut magic = b;
+        magic[0] = b'X';
+        let c = crc(&magic[..48]);
+        magic[48..52].copy_from_slice(&c.to_le_bytes());
+        assert_eq!(RecordHeader::decode(&magic, &[7; 16]), None, "another magic");
+    }
+
+    #[test]
+    fn a_record_that_ends_exactly_at_the_ring_end_or_fills_the_ring_fits() {
+        let mut r = NvRing::new(10, 1);
+        assert_eq!(r.alloc(5, 1), Some((1, 0))); // units 0..6
+        assert_eq!(r.alloc(3, 2), Some((2, 6)), "units 6..10: ends at the ring's end, no skip");
+        assert_eq!(r.used(), 10);
+        assert_eq!(r.alloc(0, 3), None, "full");
+        r.mark_done(1);
+        r.mark_done(2);
+        assert_eq!(r.take_durable(3), Some((3, 10)));
+        r.tail_u = 10;
+        assert_eq!(r.alloc(9, 4), Some((3, 0)), "a record of the ring's size fits an empty ring");
+        assert_eq!(r.used(), 10);
+        r.mark_done(3);
+        assert_eq!(r.take_durable(5), Some((4, 20)));
+        r.tail_u = 20;
+        assert_eq!(r.alloc(10, 5), None, "larger than the ring");
+        assert_eq!(r.used(), 0);
+        assert_eq!(r.next_seq, 4, "a refused record takes no sequence number");
+    }
+
+    #[test]
+    fn only_written_records_whose_entries_are_below_the_durable_entry_are_reclaimed() {
+        let mut r = NvRing::new(100, 10);
+        assert_eq!(r.alloc(1, 5), Some((10, 0)));
+        assert_eq!(r.alloc(1, 7), Some((11, 2)));
+        assert_eq!(r.alloc(1, 9), Some((12, 4)));
+        r.mark_done(9); // before the first pending record: ignored
+        r.mark_done(13); // past the last: ignored
+        assert_eq!(r.take_durable(100), None, "nothing written yet");
+        r.mark_done(11);
+        r.mark_done(10);
+        assert_eq!(r.take_durable(5), None, "entry 5 is not below 5");
+        assert_eq!(r.take_durable(6), Some((11, 2)));
+        assert_eq!(r.take_durable(100), Some((12, 4)), "seq 12 is not written: it stops there");
+        assert_eq!(r.pending.len(), 1);
+        r.mark_done(12);
+        assert!(r.pending[0].done);
+        assert_eq!(r.take_durable(10), Some((13, 6)));
+    }
+
+    /// A fresh nv-cache on a RAM bdev of `units` 4 KiB units (its registry keeps the bdev).
+    fn fresh(units: u64) -> (crate::bdev::Registry, NvCache) {
+        let reg = crate::bdev::Registry::new();
+        let ram =
+            crate::bdev::malloc::MallocBdev::new("nv", units * BLOCK_BYTES as u64, 4096).expect("malloc");
+        reg.register(std::sync::Arc::new(ram)).expect("register");
+        let desc = reg.open("nv", true).expect("open");
+        match open(desc, [1; 16], 1, true, false).expect("open nv") {
+            Opened::Fresh(nv) => (reg, nv),
+            Opened::Existing(_) => panic!("a blank device is fresh"),
+        }
+    }
+
+    /// Writes a record (header and data) at ring unit `u`; returns its header.
+    fn put_record(nv: &NvCache, ch: &mut Channel, u: u64, seq: u64, lba: u64, n: u32) -> RecordHeader {
+        let data: Vec<u8> = (0..n as usize * BLOCK_BYTES).map(|i| (i as u64 ^ seq) as u8).collect();
+        put_data(nv, ch, u, seq, lba, &data)
+    }
+
+    /// Writes a record of `data` (whole units) at ring unit `u`; returns its header.
+    fn put_data(nv: &NvCache, ch: &mut Channel, u: u64, seq: u64, lba: u64, data: &[u8]) -> RecordHeader {
+        let n = (data.len() / BLOCK_BYTES) as u32;
+        let h = RecordHeader { seq, lba, num_blocks: n, data_crc: crc(data) };
+        let mut unit = h.encode(&nv.nonce());
+        unit.extend_from_slice(data);
+        write_units(ch, nv.blocks_per_unit, RING_FIRST + u, &unit).expect("write");
+        h
+    }
+
+    #[test]
+    fn the_scan_finds_every_whole_record_from_the_durable_sequence_across_read_chunks() {
+        // 900 ring units: the scan reads them 256 at a time.
+        let (_reg, nv) = fresh(2 + 900);
+        let mut ch = nv.desc.channel().expect("channel");
+        persist_super(&nv, &mut ch, 10, true).expect("durable_seq 10");
+        let a = put_record(&nv, &mut ch, 0, 12, 100, 2);
+        // Below durable_seq: skipped.
+        let _old = put_record(&nv, &mut ch, 10, 9, 101, 1);
+        // At durable_seq: replayed.
+        let f = put_record(&nv, &mut ch, 100, 10, 109, 1);
+        // Header last of the first read, data in the next one.
+        let b = put_record(&nv, &mut ch, 255, 11, 102, 3);
+        // Header first of the next read.
+        let c = put_record(&nv, &mut ch, 259, 15, 103, 1);
+        // A torn record (its data does not match its CRC) whose claimed data hides a whole one.
+        let mut torn = put_record(&nv, &mut ch, 300, 13, 104, 4);
+        torn.data_crc ^= 1;
+        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 300, &torn.encode(&nv.nonce())).expect("tear");
+        let d = put_record(&nv, &mut ch, 302, 14, 105, 1);
+        // A record whose data block is itself a valid header of this cache (of a record of one
+        // zero block, the next unit): it is data, not a record.
+        let inner = RecordHeader { seq: 20, lba: 110, num_blocks: 1, data_crc: crc(&[0u8; BLOCK_BYTES]) };
+        let g = put_data(&nv, &mut ch, 400, 17, 111, &inner.encode(&nv.nonce()));
+        // A record longer than a read, and one right after it.
+        let big = put_record(&nv, &mut ch, 410, 19, 112, 256);
+        let h = put_record(&nv, &mut ch, 667, 21, 113, 1);
+        // A header whose data would run one unit past the ring's end (its data is never read).
+        let over = RecordHeader { seq: 18, lba: 108, num_blocks: 20, data_crc: 0 };
+        write_units(&mut ch, nv.blocks_per_unit, RING_FIRST + 880, &over.encode(&nv.nonce())).expect("write");
+        // Ends exactly at the ring's end.
+        let e = put_record(&nv, &mut ch, 896, 16, 106, 3);
+        let t = std::time::Instant::now();
+        let (found, logs) = crate::testlog::capture(|| scan(&nv, &mut ch).expect("scan"));
+        let took = t.elapsed();
+        let want = [(f, 100), (b, 255), (a, 0), (d, 302), (c, 259), (e, 896), (g, 400), (big, 410), (h, 667)];
+        let want: Vec<Found> = want.iter().map(|&(header, unit)| Found { header, unit }).collect();
+        assert_eq!(found, want, "by sequence");
+        assert_eq!(
+            logs.iter().filter(|l| l.contains("nv-cache nv: 9 records to replay")).count(),
+            1,
+            "{logs:?}"
+        );
+        // Progress lines come once a second at most (not one per read of 256 units).
+        let progress = logs.iter().filter(|l| l.contains("scanning: block")).count() as u64;
+        assert!(progress <= took.as_secs(), "{progress} progress lines in {took:?}: {logs:?}");
+        // Nothing to replay: nothing logged.
+        persist_super(&nv, &mut ch, 22, false).expect("durable_seq 22");
+        let (found, logs) = crate::testlog::capture(|| scan(&nv, &mut ch).expect("scan"));
+        assert!(found.is_empty());
+        assert!(logs.iter().all(|l| !l.contains("records to replay")), "{logs:?}");
+    }
+
+    /// A RAM bdev of `bytes` bytes in `bs`-byte blocks, registered as "nv".
+    fn ram(bytes: u64, bs: u32) -> crate::bdev::Registry {
+        let reg = crate::bdev::Registry::new();
+        let ram = crate::bdev::malloc::MallocBdev::new("nv", bytes, bs).expect("malloc");
+        reg.register(std::sync::Arc::new(ram)).expect("register");
+        reg
+    }
+
+    #[test]
+    fn a_512_byte_block_bdev_is_used_in_4k_units_from_two_superblocks_plus_the_smallest_ring() {
+        // 2 superblock units + a ring of at least 10 units: 12 units (96 blocks of 512 bytes).
+        let reg = ram(12 * 4096, 512);
+        let Opened::Fresh(nv) =
+            open(reg.open("nv", true).expect("open"), [1; 16], 10, true, false).expect("fits")
+        else {
+            panic!("blank: fresh");
+        };
+        assert_eq!(nv.blocks_per_unit, 8);
+        assert_eq!(nv.ring_block(3), (2 + 3) * 8);
+        let sb = *crate::ftl::core::lock(&nv.sb);
+        assert_eq!((sb.ring_units, sb.durable_seq, sb.generation, sb.uuid), (10, 1, 0, [1; 16]));
+        // Both copies written: generations 1 (unit 1) and 2 (unit 0); then one more, in unit 1.
+        let mut ch = nv.desc.channel().expect("channel");
+        persist_super(&nv, &mut ch, 7, true).expect("format");
+        persist_super(&nv, &mut ch, 9, false).expect("persist");
+        let units = read_units(&mut ch, 8, 0, 2).expect("read");
+        let copy = |i: usize| NvSuper::decode(&units[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]).expect("valid");
+        assert_eq!(copy(0).map(|s| (s.generation, s.durable_seq)), Some((2, 7)));
+        assert_eq!(copy(1).map(|s| (s.generation, s.durable_seq)), Some((3, 9)));
+        assert_eq!(*crate::ftl::core::lock(&nv.sb), NvSuper { generation: 3, durable_seq: 9, ..sb });
+        drop(ch);
+        drop(nv);
+        // Reopened: this FTL's cache, the newest copy.
+        let Opened::Existing(nv) =
+            open(reg.open("nv", true).expect("open"), [1; 16], 10, false, false).expect("ok")
+        else {
+            panic!("formatted: existing");
+        };
+        assert_eq!(*crate::ftl::core::lock(&nv.sb), NvSuper { generation: 3, durable_seq: 9, ..sb });
+        // Records are found at their units (8 blocks each).
+        let mut ch = nv.desc.channel().expect("channel");
+        let h = put_record(&nv, &mut ch, 3, 9, 40, 2);
+        assert_eq!(scan(&nv, &mut ch).expect("scan"), vec![Found { header: h, unit: 3 }]);
+        drop(ch);
+        drop(nv);
+        // Another FTL (not being created) does not take it.
+        let e = open(reg.open("nv", true).expect("open"), [2; 16], 10, false, false).err().expect("refused");
+        assert!(e.to_string().contains("holds the nv-cache of another FTL"), "{e}");
+        // One ring unit short.
+        let small = ram(11 * 4096, 512);
+        let e =
+            open(small.open("nv", true).expect("open"), [1; 16], 10, true, false).err().expect("too small");
+        assert!(e.to_string().contains("45056 bytes is too small: at least 49152 bytes are needed"), "{e}");
+    }
+
+    /// A bdev with 8 KiB blocks (only its info is used: it is refused before any I/O).
+    struct BigBlocks(crate::bdev::BdevInfo);
+
+    impl crate::bdev::Bdev for BigBlocks {
+        fn info(&self) -> &crate::bdev::BdevInfo {
+            &self.0
+        }
+        fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, crate::bdev::BdevError> {
+            Err(crate::bdev::BdevError::Module("no I/O".into()))
+        }
+    }
+
+    #[test]
+    fn a_bdev_whose_block_size_does_not_divide_4k_is_refused() {
+        let reg = crate::bdev::Registry::new();
+        let info = crate::bdev::BdevInfo::new("big", "test", 8192, 1024);
+        reg.register(std::sync::Arc::new(BigBlocks(info))).expect("register");
+        let e = open(reg.open("big", true).expect("open"), [1; 16], 10, true, false).err().expect("refused");
+        assert!(e.to_string().contains("block size 8192 does not divide 4096"), "{e}");
+    }
+
+    #[test]
+    fn a_ring_of_two_whole_reads_is_scanned_to_its_end_and_no_further() {
+        let (_reg, nv) = fresh(2 + 512);
+        let mut ch = nv.desc.channel().expect("channel");
+        let a = put_record(&nv, &mut ch, 256, 5, 1, 1);
+        let b = put_record(&nv, &mut ch, 510, 6, 2, 1);
+        let found = scan(&nv, &mut ch).expect("scan");
+        assert_eq!(found, vec![Found { header: a, unit: 256 }, Found { header: b, unit: 510 }]);
     }
 }

@@ -320,3 +320,7 @@ pub fn rebuild(
     }
     Ok(Rebuilt { l2p, bands, valid, next_seq, generation: ckpt.sb.generation, from_tail, from_oob })
 }
+
+#[cfg(test)]
+#[path = "restore_tests.rs"]
+mod tests;

@@ -1337,3 +1337,39 @@ fn the_mirror_probe_takes_only_a_mirror_superblock_of_its_own_area_size() {
     let e = md::load(media.as_ref(), qp.as_mut(), &geo).err().expect("no usable copy");
     assert!(e.to_string().contains("both metadata copies are unusable"), "{e}");
 }
+
+// ---- band.rs / layout.rs / mod.rs mutants (mutftl4) ----
+
+/// With every chunk of band 0 bad, one band cannot hold the metadata: the areas take two bands each
+/// (primary 0..2, mirror 2..4), and data starts at band 4. No data lands in band 1, part of the
+/// primary area, and the data survives a clean restart (the checkpoint is rewritten over bands 0..2).
+#[test]
+fn two_band_metadata_areas_keep_data_out_of_both() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad: Vec<Ppa> = (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect();
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), bad));
+    let mut h = Harness::new(Arc::clone(&media), FtlConfig::new("md2"));
+    let vers: Vec<u64> = (1..=64).collect();
+    h.write(0, &vers);
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let sh = h.bdev.as_ref().expect("running").shared();
+        assert_eq!((sh.geo.md_bands, sh.geo.first_data_band()), (2, 4));
+        let c = lock(&sh.core);
+        for b in &c.bands[..4] {
+            assert_eq!(b.state, BandState::Metadata, "band {}", b.id);
+        }
+        for lba in 0..64 {
+            if let Loc::Media(a) = sh.l2p.get(lba) {
+                assert!(sh.geo.split(a).0 >= 4, "lba {lba} at {a}, in a metadata area");
+            }
+        }
+    }
+    invariants(&h, "two-band areas");
+    h.stop(false);
+    h.start();
+    let data = h.read(0, 64).expect("read");
+    for (i, b) in data.chunks(BLOCK_BYTES).enumerate() {
+        assert_eq!(decode(b), Some((i as u64, i as u64 + 1)), "lba {i} after a clean restart");
+    }
+}

@@ -1373,3 +1373,93 @@ fn two_band_metadata_areas_keep_data_out_of_both() {
         assert_eq!(decode(b), Some((i as u64, i as u64 + 1)), "lba {i} after a clean restart");
     }
 }
+
+/// An image for `ftl info`: 300 blocks written (a band filled and closed, the next one open), 40 of
+/// them unmapped again, flushed and shut down cleanly. With `bad0`, band 0's chunks are all bad and
+/// the metadata areas take two bands each. Returns the image's directory and the checkpoint.
+fn info_image(bad0: bool) -> (tempfile::TempDir, md::Loaded) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad: Vec<Ppa> =
+        if bad0 { (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect() } else { vec![] };
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), bad));
+    let mut h = Harness::new(Arc::clone(&media), FtlConfig::new("info"));
+    for lba in (0..300).step_by(50) {
+        let vers: Vec<u64> = (1..=50).collect();
+        h.write(lba, &vers);
+    }
+    h.cmd(IoKind::Unmap, 100, 40);
+    h.cmd(IoKind::Flush, 0, 0);
+    h.stop(false);
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    (dir, l)
+}
+
+/// `ftl info` against what the checkpoint holds: each band's state (the metadata bands by
+/// position), its valid blocks (counted from the L2P), the band and mapped-LBA totals.
+fn check_info(dir: &Path, l: &md::Loaded) {
+    let v = info::info_json(&dir.join("media.img"), 0, None).expect("info");
+    let geo = {
+        let media = EmuDevice::open(&dir.join("media.img")).expect("open");
+        geo_for(&media, &FtlConfig::new("x")).expect("geo")
+    };
+    let k = l.md_bands as usize;
+    let mut valid = vec![0u64; geo.num_bands as usize];
+    for a in l.ckpt.l2p.iter().filter(|a| **a != layout::UNMAPPED) {
+        valid[(a / geo.max_positions) as usize] += 1;
+    }
+    let names = ["free", "prep", "opening", "open", "full", "closing", "closed", "metadata"];
+    let bands = v["bands"].as_array().expect("bands");
+    assert_eq!(bands.len(), geo.num_bands as usize);
+    let (mut free, mut open, mut closed) = (0, 0, 0);
+    for (i, b) in bands.iter().enumerate() {
+        let want = if i < 2 * k { "metadata" } else { names[l.ckpt.bands[i].state as usize] };
+        match want {
+            "free" | "prep" => free += 1,
+            "closed" => closed += 1,
+            "metadata" => {}
+            _ => open += 1,
+        }
+        assert_eq!(b["state"], want, "band {i}: {b}");
+        assert_eq!(b["valid_blocks"], valid[i], "band {i}: {b}");
+        assert_eq!(b["band"], i);
+    }
+    assert!(free > 0 && open > 0 && closed > 0, "{v}");
+    assert!(valid.iter().filter(|n| **n > 0).count() >= 2, "{valid:?}");
+    let s = &v["statistics"];
+    assert_eq!(
+        (s["bands_free"].as_u64(), s["bands_open"].as_u64(), s["bands_closed"].as_u64()),
+        (Some(free), Some(open), Some(closed))
+    );
+    assert_eq!(s["mapped_lbas"], 260);
+    assert_eq!(s["num_lbas"], l.ckpt.sb.num_lbas);
+    assert_eq!(v["metadata"]["bands_per_area"], k);
+    assert_eq!(v["metadata"]["copy_used"], "primary");
+}
+
+#[test]
+fn ftl_info_shows_bands_valid_blocks_and_totals() {
+    let (dir, l) = info_image(false);
+    assert_eq!(l.md_bands, 1);
+    check_info(dir.path(), &l);
+}
+
+/// With two-band areas, and a checkpoint whose records of bands 1 and 3 (in the areas) claim
+/// "free": `ftl info` shows all four as metadata, by position.
+#[test]
+fn ftl_info_shows_the_metadata_bands_by_position() {
+    let (dir, mut l) = info_image(true);
+    assert_eq!(l.md_bands, 2);
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    l.ckpt.bands[1].state = 0;
+    l.ckpt.bands[3].state = 0;
+    let g = l.ckpt.sb.generation;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, 2, &l.ckpt.encode(false), g).expect("primary");
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 2, &l.ckpt.encode(true), g).expect("mirror");
+    drop(qp);
+    drop(media);
+    check_info(dir.path(), &l);
+}

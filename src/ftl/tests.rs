@@ -1463,3 +1463,26 @@ fn ftl_info_shows_the_metadata_bands_by_position() {
     drop(media);
     check_info(dir.path(), &l);
 }
+
+/// `waf` is media writes over user writes, and 0 before any user write (not a division by zero).
+#[test]
+fn stats_waf_is_media_over_user_writes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("waf"));
+    let s = h.stats();
+    assert_eq!(s["user_write_blocks"], 0);
+    assert_eq!(s["waf"].as_f64(), Some(0.0), "{s}");
+    let vers: Vec<u64> = (1..=50).collect();
+    h.write(0, &vers);
+    h.write(0, &vers);
+    h.write(0, &vers[..7]);
+    h.cmd(IoKind::Flush, 0, 0);
+    let s = h.stats();
+    let (user, media) =
+        (s["user_write_blocks"].as_u64().expect("user"), s["media_write_blocks"].as_u64().expect("media"));
+    assert_eq!(user, 107);
+    assert!(media > 0, "{s}");
+    assert_eq!(s["waf"].as_f64(), Some(media as f64 / user as f64), "{s}");
+    h.stop(false);
+}

@@ -1486,3 +1486,29 @@ fn stats_waf_is_media_over_user_writes() {
     assert_eq!(s["waf"].as_f64(), Some(media as f64 / user as f64), "{s}");
     h.stop(false);
 }
+
+/// `vblkd ftl info` through `cli::run_to`: the info JSON for a PU range, and the option named in
+/// each refusal.
+#[test]
+fn ftl_info_command_prints_the_json_or_names_the_option() {
+    let (dir, l) = info_image(false);
+    let media = dir.path().join("media.img");
+    let mut out = Vec::new();
+    cli::run_to(cli::FtlCommand::Info { media: media.clone(), punits: Some("0-3".into()) }, &mut out)
+        .expect("info");
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(v["statistics"]["num_lbas"], l.ckpt.sb.num_lbas);
+    assert_eq!(v["statistics"]["mapped_lbas"], 260);
+    let e = cli::run_to(
+        cli::FtlCommand::Info { media: media.clone(), punits: Some("3-1".into()) },
+        &mut Vec::new(),
+    )
+    .expect_err("reversed range");
+    assert_eq!(e, "--punits=3-1: the range ends before it begins");
+    let e = cli::run_to(
+        cli::FtlCommand::Info { media: dir.path().join("nope.img"), punits: None },
+        &mut Vec::new(),
+    )
+    .expect_err("no image");
+    assert!(e.starts_with(&format!("--media {}: ", dir.path().join("nope.img").display())), "{e}");
+}

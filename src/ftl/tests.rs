@@ -1512,3 +1512,53 @@ fn ftl_info_command_prints_the_json_or_names_the_option() {
     .expect_err("no image");
     assert!(e.starts_with(&format!("--media {}: ", dir.path().join("nope.img").display())), "{e}");
 }
+
+/// Every `FtlConfig::validate` rule at its bounds: the last accepted value and the first refused
+/// one, the refusal naming the option.
+#[test]
+fn config_validate_bounds() {
+    type Tweak = Box<dyn Fn(&mut FtlConfig)>;
+    let check = |f: Tweak, want: Option<&str>| {
+        let mut c = FtlConfig::new("v");
+        f(&mut c);
+        match (c.validate(), want) {
+            (Ok(()), None) => {}
+            (Err(FtlError::Config { option, .. }), Some(w)) if option == w => {}
+            (r, w) => panic!("{c:?}: {r:?}, wanted {w:?}"),
+        }
+    };
+    check(Box::new(|_| {}), None);
+    check(Box::new(|c| c.invalid_thld = 99), None);
+    check(Box::new(|c| c.invalid_thld = 100), Some("invalid-thld"));
+    check(Box::new(|c| c.lba_rsvd = 1), None);
+    check(Box::new(|c| c.lba_rsvd = 99), None);
+    check(Box::new(|c| c.lba_rsvd = 0), Some("lba-rsvd"));
+    check(Box::new(|c| c.lba_rsvd = 100), Some("lba-rsvd"));
+    check(Box::new(|c| c.wbuf_bytes = 16 * 4096), None);
+    check(Box::new(|c| c.wbuf_bytes = 15 * 4096), Some("wbuf"));
+    check(Box::new(|c| c.wbuf_bytes = 16 * 4096 + 1), Some("wbuf"));
+    check(Box::new(|c| c.wbuf_bytes = 0), Some("wbuf"));
+    check(Box::new(|c| c.band_thld = 1), None);
+    check(Box::new(|c| c.band_thld = 100), None);
+    check(Box::new(|c| c.band_thld = 0), Some("band-thld"));
+    check(Box::new(|c| c.band_thld = 101), Some("band-thld"));
+    check(Box::new(|c| c.reloc_qdepth = 1), None);
+    check(Box::new(|c| c.reloc_qdepth = 1024), None);
+    check(Box::new(|c| c.reloc_qdepth = 0), Some("reloc-qdepth"));
+    check(Box::new(|c| c.reloc_qdepth = 1025), Some("reloc-qdepth"));
+    check(Box::new(|c| c.reloc_bands = 1), None);
+    check(Box::new(|c| c.reloc_bands = 0), Some("reloc-bands"));
+    check(Box::new(|c| c.interleave_units = 0), Some("interleave"));
+    check(Box::new(|c| c.limits[3].pct = 100), None);
+    check(Box::new(|c| c.limits[3].pct = 101), Some("limits"));
+    check(Box::new(|c| c.limits[0].pct = 101), Some("limits"));
+    check(Box::new(|c| (c.pu_begin, c.pu_end) = (3, Some(3))), None);
+    check(Box::new(|c| (c.pu_begin, c.pu_end) = (3, Some(2))), Some("punits"));
+    check(Box::new(|c| c.size_bytes = Some(4096)), None);
+    check(Box::new(|c| c.size_bytes = Some(0)), Some("size"));
+    check(Box::new(|c| c.size_bytes = Some(4097)), Some("size"));
+    let mut c = FtlConfig::new("v");
+    c.limits[2].pct = 101;
+    let e = c.validate().expect_err("limits").to_string();
+    assert!(e.contains(&format!("{} limit 101%", core::LIMIT_NAMES[2])), "{e}");
+}

@@ -1562,3 +1562,33 @@ fn config_validate_bounds() {
     let e = c.validate().expect_err("limits").to_string();
     assert!(e.contains(&format!("{} limit 101%", core::LIMIT_NAMES[2])), "{e}");
 }
+
+/// FTLs on one media claim exactly their PU ranges: adjacent ranges coexist, overlapping ones are
+/// refused, another media is independent, and a failed open releases its range.
+#[test]
+fn pu_ranges_claim_exactly_their_units() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let other_dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let other: Arc<dyn MediaDevice> = Arc::new(make_media(other_dir.path(), geometry(20, 32), vec![]));
+    let cfg = |name: &str, b: u32, e: u32| {
+        let mut c = FtlConfig::new(name);
+        (c.pu_begin, c.pu_end) = (b, Some(e));
+        c
+    };
+    // A restore of nothing fails after the range was claimed: the range is free again.
+    let mut r = cfg("r", 2, 3);
+    r.mode = Mode::Restore;
+    let e = FtlBdev::open(r, Arc::clone(&media)).err().expect("restore of nothing");
+    assert!(e.to_string().starts_with("mode"), "{e}");
+    let a = FtlBdev::open(cfg("a", 0, 1), Arc::clone(&media)).expect("0-1");
+    let b = FtlBdev::open(cfg("b", 2, 3), Arc::clone(&media)).expect("2-3, next to 0-1");
+    let o = FtlBdev::open(cfg("o", 1, 2), Arc::clone(&other)).expect("1-2 of another media");
+    for (x, y) in [(1, 2), (0, 0), (1, 1), (3, 3), (2, 2)] {
+        let e = FtlBdev::open(cfg("c", x, y), Arc::clone(&media)).err().expect("overlap");
+        assert!(e.to_string().contains("overlaps"), "{x}-{y}: {e}");
+    }
+    drop(b);
+    drop(FtlBdev::open(cfg("b2", 3, 3), Arc::clone(&media)).expect("3 again, once 2-3 is gone"));
+    drop((a, o));
+}

@@ -1592,3 +1592,34 @@ fn pu_ranges_claim_exactly_their_units() {
     drop(FtlBdev::open(cfg("b2", 3, 3), Arc::clone(&media)).expect("3 again, once 2-3 is gone"));
     drop((a, o));
 }
+
+/// A dirty restore finds the tail of a band with a bad chunk where the band's head says (its good
+/// chunks, from the head's mask), not where a band of every chunk would keep it.
+#[test]
+fn dirty_restore_reads_the_tail_of_bands_with_a_bad_chunk() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // PU 1 of group 0 (range index 2) is bad in bands 2..12.
+    let bad: Vec<Ppa> = (2..12).map(|b| Ppa::new(0, 1, b, 0)).collect();
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), bad));
+    let mut h = Harness::new(media, FtlConfig::new("tailbad"));
+    let n = h.num_lbas();
+    for lba in 0..n.min(450) {
+        h.write(lba, &[lba + 1]);
+    }
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let sh = h.bdev.as_ref().expect("running").shared();
+        let c = lock(&sh.core);
+        let b = &c.bands[2];
+        assert_eq!((b.state, b.good.clone()), (BandState::Closed, vec![0, 1, 3]), "band 2");
+    }
+    h.stop(true);
+    h.start();
+    let s = h.stats();
+    assert!(s["restore_tail_bands"].as_u64().unwrap_or(0) >= 3, "{s}");
+    assert!(s["restore_oob_bands"].as_u64().unwrap_or(9) <= 1, "{s}");
+    for lba in 0..n.min(450) {
+        assert_eq!(decode(&h.read(lba, 1).expect("read")), Some((lba, lba + 1)));
+    }
+    h.stop(false);
+}

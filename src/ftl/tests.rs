@@ -1635,3 +1635,64 @@ fn dirty_restore_reads_the_tail_of_bands_with_a_bad_chunk() {
     }
     h.stop(false);
 }
+
+/// The exposed size of a new FTL: (data bands × data blocks per band) × (100 − lba-rsvd)%, or the
+/// size asked for when it fits. geometry(20, 32): 128 positions a band, 1 head and a 4-block tail
+/// (one block rounded up to ws_min): 123 data blocks; 91 with one chunk bad.
+#[test]
+fn a_new_ftl_exposes_its_data_bands_less_the_reserve() {
+    let blocks = |g: EmuGeometry, bad: Vec<Ppa>, tweak: &dyn Fn(&mut FtlConfig)| {
+        let dir = tempfile::tempdir().expect("tmp");
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), g, bad));
+        let mut cfg = FtlConfig::new("size");
+        tweak(&mut cfg);
+        FtlBdev::open(cfg, media).map(|f| f.info().num_blocks).map_err(|e| e.to_string())
+    };
+    let band0: Vec<Ppa> = (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect();
+    assert_eq!(blocks(geometry(20, 32), vec![], &|_| {}), Ok(18 * 123 * 80 / 100));
+    assert_eq!(blocks(geometry(20, 32), vec![], &|c| c.lba_rsvd = 50), Ok(18 * 123 / 2));
+    // Band 0 all bad: two-band areas, 16 data bands.
+    assert_eq!(blocks(geometry(20, 32), band0, &|_| {}), Ok(16 * 123 * 80 / 100));
+    // One bad chunk in band 5: a data band of 91 blocks.
+    assert_eq!(blocks(geometry(20, 32), vec![Ppa::new(1, 1, 5, 0)], &|_| {}), Ok((17 * 123 + 91) * 80 / 100));
+    let max = 18 * 123 * 80 / 100;
+    assert_eq!(blocks(geometry(20, 32), vec![], &|c| c.size_bytes = Some(max * 4096)), Ok(max));
+    assert_eq!(blocks(geometry(20, 32), vec![], &|c| c.size_bytes = Some(1000 * 4096)), Ok(1000));
+    let e =
+        blocks(geometry(20, 32), vec![], &|c| c.size_bytes = Some((max + 1) * 4096)).expect_err("too big");
+    assert!(e.starts_with("size"), "{e}");
+    // 4 bands: room for the two areas and two data bands (then too few spare bands); 3: none.
+    let e = blocks(geometry(4, 32), vec![], &|_| {}).expect_err("4 bands");
+    assert!(e.starts_with("lba-rsvd"), "{e}");
+    let e = blocks(geometry(3, 32), vec![], &|_| {}).expect_err("3 bands");
+    assert!(e.contains("too small for an FTL"), "{e}");
+}
+
+/// A new FTL uses 4-byte L2P entries when every media address fits in 32 bits.
+#[test]
+fn a_small_ftl_persists_4_byte_l2p_entries() {
+    let (_dir, l) = info_image(false);
+    assert_eq!(l.ckpt.sb.l2p_entry_bytes, 4);
+}
+
+/// Data anywhere in the first 32 bands (the largest two areas) marks the range in use, so
+/// `mode=create` refuses it without force; data past them does not.
+#[test]
+fn data_in_the_last_band_an_area_may_take_marks_the_range_in_use() {
+    for (band, in_use) in [(31, true), (32, false)] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(40, 32), vec![]));
+        let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+        let mut qp = media.queue_pair(4).expect("qp");
+        md::write_area(media.as_ref(), qp.as_mut(), &geo, band, 1, &[7u8; 4096], 1).expect("foreign data");
+        drop(qp);
+        let mut cfg = FtlConfig::new("inuse");
+        cfg.mode = Mode::Create;
+        let r = FtlBdev::open(cfg, media).map(drop).map_err(|e| e.to_string());
+        if in_use {
+            assert!(r.as_ref().is_err_and(|e| e.contains("already hold data")), "band {band}: {r:?}");
+        } else {
+            assert_eq!(r, Ok(()), "band {band}");
+        }
+    }
+}

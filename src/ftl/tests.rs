@@ -1666,6 +1666,12 @@ fn a_new_ftl_exposes_its_data_bands_less_the_reserve() {
     assert!(e.starts_with("lba-rsvd"), "{e}");
     let e = blocks(geometry(3, 32), vec![], &|_| {}).expect_err("3 bands");
     assert!(e.contains("too small for an FTL"), "{e}");
+    // With band 0 bad, two-band areas need 2 * 2 + 2 = 6 bands: 7 take them (3 data bands of
+    // 123 blocks, 33% exposed to keep two spare), 5 do not.
+    let band0: Vec<Ppa> = (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect();
+    assert_eq!(blocks(geometry(7, 32), band0.clone(), &|c| c.lba_rsvd = 67), Ok(3 * 123 * 33 / 100));
+    let e = blocks(geometry(5, 32), band0, &|c| c.lba_rsvd = 67).expect_err("5 bands, band 0 bad");
+    assert!(e.contains("too small for an FTL"), "{e}");
 }
 
 /// A new FTL uses 4-byte L2P entries when every media address fits in 32 bits.

@@ -1702,3 +1702,41 @@ fn data_in_the_last_band_an_area_may_take_marks_the_range_in_use() {
         }
     }
 }
+
+/// geo_for: the PU range (inside the device, at most 64 PUs, alternating across groups) and a
+/// media with the FTL's minimum of 16 OOB bytes a block.
+#[test]
+fn geo_for_takes_ranges_of_up_to_64_pus_alternating_across_groups() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let g = EmuGeometry {
+        num_grp: 2,
+        num_pu: 33,
+        num_chk: 4,
+        clba: 8,
+        ws_min: 4,
+        ws_opt: 8,
+        oob_bytes: 16,
+        ..EmuGeometry::default()
+    };
+    let media = make_media(dir.path(), g, vec![]);
+    let geo = |b: u32, e: Option<u32>| {
+        let mut c = FtlConfig::new("g");
+        (c.pu_begin, c.pu_end) = (b, e);
+        geo_for(&media, &c).map_err(|e| e.to_string())
+    };
+    let g = geo(1, Some(4)).expect("1-4");
+    assert_eq!(g.pus, vec![(1, 0), (0, 1), (1, 1), (0, 2)]);
+    assert_eq!((g.clba, g.ws_min, g.ws_opt, g.num_bands, g.max_positions), (8, 4, 8, 4, 32));
+    assert_eq!(geo(0, Some(63)).expect("64 PUs").pus.len(), 64);
+    assert_eq!(geo(2, None).expect("2-65").pus.len(), 64);
+    assert_eq!(geo(65, None).expect("the last PU").pus, vec![(1, 32)]);
+    for (b, e, want) in [
+        (0, None, "66 PUs; at most 64"),
+        (1, None, "65 PUs; at most 64"),
+        (66, None, "outside the device's 66"),
+        (0, Some(66), "outside the device's 66"),
+    ] {
+        let r = geo(b, e);
+        assert!(r.as_ref().is_err_and(|m| m.starts_with("punits") && m.contains(want)), "{b}-{e:?}: {r:?}");
+    }
+}

@@ -1740,3 +1740,63 @@ fn geo_for_takes_ranges_of_up_to_64_pus_alternating_across_groups() {
         assert!(r.as_ref().is_err_and(|m| m.starts_with("punits") && m.contains(want)), "{b}-{e:?}: {r:?}");
     }
 }
+
+/// A media that reports another geometry than the emulator underneath (which refuses such
+/// geometries itself): for geo_for's own checks. Only `info` differs.
+struct OtherInfo {
+    inner: EmuDevice,
+    info: crate::ocssd::MediaInfo,
+}
+
+impl MediaDevice for OtherInfo {
+    fn info(&self) -> &crate::ocssd::MediaInfo {
+        &self.info
+    }
+    fn chunk_info(&self, chunk: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
+        self.inner.chunk_info(chunk)
+    }
+    fn report_chunks(
+        &self,
+        first_index: u64,
+        max: usize,
+        out: &mut Vec<crate::ocssd::ChunkInfo>,
+    ) -> Result<usize, crate::ocssd::MediaError> {
+        self.inner.report_chunks(first_index, max, out)
+    }
+    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
+        self.inner.take_notifications(out)
+    }
+    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
+        self.inner.queue_pair(depth)
+    }
+}
+
+/// geo_for refuses write sizes the FTL cannot stripe (ws_min 0, ws_opt not a multiple of ws_min,
+/// over 64, or not dividing the chunk) and media with fewer than 16 OOB bytes a block; it takes
+/// ws_opt 64 and more OOB bytes.
+#[test]
+fn geo_for_checks_the_write_sizes_and_oob_bytes_it_is_given() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let base = *emu.info();
+    let mut m = OtherInfo { inner: emu, info: base };
+    let mut check = |edit: &dyn Fn(&mut crate::ocssd::MediaInfo), want: Option<&str>| {
+        m.info = base;
+        edit(&mut m.info);
+        let r = geo_for(&m, &FtlConfig::new("w")).map(drop).map_err(|e| e.to_string());
+        match want {
+            None => assert_eq!(r, Ok(()), "{:?}", m.info.geometry),
+            Some(w) => assert!(r.as_ref().is_err_and(|e| e.contains(w)), "{:?}: {r:?}", m.info.geometry),
+        }
+    };
+    let ws = "unsupported write-size geometry";
+    check(&|_| {}, None);
+    check(&|i| (i.geometry.ws_min, i.geometry.ws_opt, i.geometry.clba) = (8, 64, 128), None);
+    check(&|i| i.oob_bytes_per_block = 64, None);
+    check(&|i| i.oob_bytes_per_block = 15, "the FTL needs 16".into());
+    check(&|i| i.block_size_bytes = 512, "is not 4096".into());
+    check(&|i| i.geometry.ws_min = 0, ws.into());
+    check(&|i| i.geometry.ws_min = 3, ws.into());
+    check(&|i| (i.geometry.ws_min, i.geometry.ws_opt, i.geometry.clba) = (8, 128, 128), ws.into());
+    check(&|i| i.geometry.clba = 36, ws.into());
+}

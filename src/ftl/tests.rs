@@ -1800,3 +1800,16 @@ fn geo_for_checks_the_write_sizes_and_oob_bytes_it_is_given() {
     check(&|i| (i.geometry.ws_min, i.geometry.ws_opt, i.geometry.clba) = (8, 128, 128), ws.into());
     check(&|i| i.geometry.clba = 36, ws.into());
 }
+
+/// Formatting logs its progress once a second at most: a quick format of 40 bands logs a few lines,
+/// not one per band.
+#[test]
+fn format_progress_is_logged_once_a_second_at_most() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(40, 32), vec![]));
+    let (f, logs) = crate::testlog::capture(|| FtlBdev::open(FtlConfig::new("fmt"), media));
+    drop(f.expect("open"));
+    let lines = logs.iter().filter(|l| l.contains("format: band")).count();
+    assert!(logs.iter().any(|l| l.contains("formatting parallel units")), "{logs:?}");
+    assert!(lines < 10, "{lines} progress lines: {logs:?}");
+}

@@ -1813,3 +1813,25 @@ fn format_progress_is_logged_once_a_second_at_most() {
     assert!(logs.iter().any(|l| l.contains("formatting parallel units")), "{logs:?}");
     assert!(lines < 10, "{lines} progress lines: {logs:?}");
 }
+
+/// A superblock that records another PU range of the same size (md::load checks only the size
+/// and the band count) is refused by open ("does not match").
+#[test]
+fn a_superblock_of_another_range_of_the_same_size_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("rr");
+    (cfg.pu_begin, cfg.pu_end) = (1, Some(2));
+    drop(FtlBdev::open(cfg.clone(), Arc::clone(&media)).expect("1-2"));
+    let geo = geo_for(media.as_ref(), &cfg).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let mut l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    let k = l.md_bands;
+    (l.ckpt.sb.pu_begin, l.ckpt.sb.pu_end) = (0, 1);
+    let g = l.ckpt.sb.generation;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, k, &l.ckpt.encode(false), g).expect("primary");
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, k, k, &l.ckpt.encode(true), g).expect("mirror");
+    drop(qp);
+    let r = FtlBdev::open(cfg, media).map(drop).map_err(|e| e.to_string());
+    assert!(r.as_ref().is_err_and(|m| m.starts_with("punits") && m.contains("does not match")), "{r:?}");
+}

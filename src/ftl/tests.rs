@@ -1835,3 +1835,24 @@ fn a_superblock_of_another_range_of_the_same_size_is_refused() {
     let r = FtlBdev::open(cfg, media).map(drop).map_err(|e| e.to_string());
     assert!(r.as_ref().is_err_and(|m| m.starts_with("punits") && m.contains("does not match")), "{r:?}");
 }
+
+/// A write is held back only when it would take the user blocks in the buffer past the limit:
+/// up to exactly the limit is taken. (The core thread is stopped: nothing leaves the buffer.)
+#[test]
+fn a_write_up_to_the_user_limit_is_taken_one_more_block_is_not() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("lim"), media).expect("open");
+    bdev.crash();
+    let sh = Arc::clone(bdev.shared());
+    lock(&sh.core).user_limit = 8;
+    let mut ch = new_channel(&sh).expect("channel");
+    let data = vec![5u8; 8 * BLOCK_BYTES];
+    let w = |ch: &mut FtlChannel, lba: u64, n: u64| {
+        ch.write(BdevIo::write(lba, n, IoVecs::from_slice(&data[..n as usize * BLOCK_BYTES]), lba)).is_ok()
+    };
+    assert!(w(&mut ch, 0, 5), "5 of 8");
+    assert!(w(&mut ch, 5, 3), "8 of 8");
+    assert!(!w(&mut ch, 8, 1), "9 of 8");
+    assert_eq!(lock(&sh.core).wbuf.user, 8);
+}

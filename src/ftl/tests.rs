@@ -1856,3 +1856,28 @@ fn a_write_up_to_the_user_limit_is_taken_one_more_block_is_not() {
     assert!(!w(&mut ch, 8, 1), "9 of 8");
     assert_eq!(lock(&sh.core).wbuf.user, 8);
 }
+
+/// An nv-cache needs two superblock blocks and a ring of twice the write buffer: with 64 KiB of
+/// write buffer (16 blocks), 34 blocks are enough and 33 are not.
+#[test]
+fn an_nv_cache_needs_a_ring_of_twice_the_write_buffer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("nvsize");
+    cfg.wbuf_bytes = 64 << 10;
+    for (blocks, ok) in [(33u64, false), (34, true)] {
+        let reg = Registry::new();
+        let nv = crate::bdev::malloc::MallocBdev::new("nv", blocks * 4096, 4096).expect("malloc");
+        reg.register(Arc::new(nv)).expect("register");
+        let r =
+            FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))
+                .map(|f| f.info().max_io_blocks)
+                .map_err(|e| e.to_string());
+        if ok {
+            // ... and a write buffer of 16 blocks takes I/Os of 8 blocks at most (half of it).
+            assert_eq!(r, Ok(8), "{blocks} blocks");
+        } else {
+            assert!(r.as_ref().is_err_and(|e| e.contains("too small")), "{blocks} blocks: {r:?}");
+        }
+    }
+}

@@ -1922,3 +1922,31 @@ fn records_replayed_once_are_not_replayed_after_the_next_crash() {
         drop(bdev);
     }
 }
+
+/// An nv-cache reformatted for a new FTL (mode=create, force=on) gets both superblock copies
+/// rewritten: the copy of the FTL it held before (a higher generation) cannot win at the next start.
+#[test]
+fn a_reformatted_nv_cache_keeps_no_superblock_of_its_former_ftl() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let ma: Arc<dyn MediaDevice> = Arc::new(make_media(da.path(), geometry(20, 32), vec![]));
+    let mb: Arc<dyn MediaDevice> = Arc::new(make_media(db.path(), geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nvf");
+    cfg.wbuf_bytes = 64 << 10;
+    let open = |cfg: &FtlConfig, m: &Arc<dyn MediaDevice>| {
+        FtlBdev::open_with_nv(cfg.clone(), Arc::clone(m), Some(reg.open("nv", true).expect("nv")))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    for _ in 0..3 {
+        assert_eq!(open(&cfg, &ma), Ok(()), "FTL A");
+    }
+    let mut create = cfg.clone();
+    (create.mode, create.force) = (Mode::Create, true);
+    assert_eq!(open(&create, &mb), Ok(()), "FTL B, reformatting the nv-cache");
+    assert_eq!(open(&cfg, &mb), Ok(()), "FTL B again");
+    let e = open(&cfg, &ma).expect_err("the nv-cache is B's now");
+    assert!(e.contains("another FTL"), "{e}");
+}

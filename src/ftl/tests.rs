@@ -1855,6 +1855,21 @@ fn a_write_up_to_the_user_limit_is_taken_one_more_block_is_not() {
     assert!(w(&mut ch, 5, 3), "8 of 8");
     assert!(!w(&mut ch, 8, 1), "9 of 8");
     assert_eq!(lock(&sh.core).wbuf.user, 8);
+    // The same for the free slots: a write that fills the buffer exactly is taken.
+    let free = {
+        let mut c = lock(&sh.core);
+        c.user_limit = usize::MAX;
+        c.wbuf.free()
+    };
+    let mut lba = 8;
+    for _ in 0..(free - 8) / 8 {
+        assert!(w(&mut ch, lba, 8), "8 more, {} free", lock(&sh.core).wbuf.free());
+        lba += 8;
+    }
+    let rest = lock(&sh.core).wbuf.free() as u64;
+    assert!((1..=8).contains(&rest), "{rest}");
+    assert!(w(&mut ch, lba, rest), "the last {rest} free slots");
+    assert!(!w(&mut ch, lba + rest, 1), "a full buffer");
 }
 
 /// An nv-cache needs two superblock blocks and a ring of twice the write buffer: with 64 KiB of
@@ -1949,4 +1964,45 @@ fn a_reformatted_nv_cache_keeps_no_superblock_of_its_former_ftl() {
     assert_eq!(open(&cfg, &mb), Ok(()), "FTL B again");
     let e = open(&cfg, &ma).expect_err("the nv-cache is B's now");
     assert!(e.contains("another FTL"), "{e}");
+}
+
+/// A start that replays nv-cache records says how many blocks it replayed; one with nothing to
+/// replay says nothing.
+#[test]
+fn a_replay_logs_the_blocks_it_replayed_and_only_then() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nvlog");
+    cfg.wbuf_bytes = 64 << 10;
+    let open = || {
+        crate::testlog::capture(|| {
+            FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))
+                .expect("open")
+        })
+    };
+    let (bdev, _) = open();
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    let mut done = Vec::new();
+    for lba in 0..3u64 {
+        let io = BdevIo::write(lba, 1, IoVecs::from_slice(&block(lba, 1)), lba);
+        assert!(ch.write(io).is_ok(), "write {lba}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while done.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "writes not acknowledged: {done:?}");
+        ch.poll(&mut done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(ch);
+    bdev.crash();
+    drop(bdev);
+    let (bdev, logs) = open();
+    assert!(logs.iter().any(|l| l.contains("replayed 3 blocks from nv-cache")), "{logs:?}");
+    drop(bdev);
+    let (bdev, logs) = open();
+    assert!(!logs.iter().any(|l| l.contains("replayed")), "{logs:?}");
+    drop(bdev);
 }

@@ -286,4 +286,28 @@ mod tests {
         assert_eq!(g.split(g.addr(3, 2, 17)), (3, 2, 17));
         assert_eq!(g.ppa_of(g.addr(3, 1, 5)), Ppa::new(1, 0, 3, 5));
     }
+
+    /// A band's data end (its tail starts there), flat addresses, holes and stale count: the
+    /// values the FTL otherwise only shows by hanging or misplacing data.
+    #[test]
+    fn data_end_addresses_holes_and_invalid() {
+        let g = geo();
+        let mut b = Band::new(4);
+        b.good = vec![0, 2];
+        // 64 positions; the tail of 64 LBAs (48 + 512 bytes) is one block, rounded up to ws_min.
+        assert_eq!((g.tail_len(2), b.data_end(&g)), (4, 60));
+        assert_eq!(b.addr(&g, 9), Some(g.addr(4, 2, 1)));
+        assert_eq!(b.addr(&g, 9), Some(4 * 96 + 2 * 32 + 1));
+        assert_eq!(b.addr(&g, 64), None);
+        assert_eq!(b.ppa(&g, 64), None);
+        assert!(!b.is_hole(&g, 9) && !b.is_hole(&g, 64));
+        b.retired = 1 << 0;
+        assert!(b.is_hole(&g, 1) && !b.is_hole(&g, 9));
+        (b.written, b.valid) = (50, 20);
+        assert_eq!(b.invalid(), 30);
+        (b.written, b.valid) = (5, 20);
+        assert_eq!(b.invalid(), 0);
+        assert_eq!(mask_indices(0b1010_0101, 6), vec![0, 2, 5]);
+        assert_eq!(b.good_mask(), 0b101);
+    }
 }

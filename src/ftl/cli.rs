@@ -46,3 +46,19 @@ pub fn run_to(cmd: FtlCommand, out: &mut dyn Write) -> Result<(), String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn punits_ranges() {
+        assert_eq!(parse_punits("2-5"), Ok((2, 5)));
+        assert_eq!(parse_punits(" 1 - 4 "), Ok((1, 4)));
+        assert_eq!(parse_punits("3"), Ok((3, 3)));
+        assert_eq!(parse_punits("3-3"), Ok((3, 3)));
+        assert_eq!(parse_punits("5-2"), Err("punits=5-2: the range ends before it begins".into()));
+        assert_eq!(parse_punits("x-2"), Err("punits=x-2: 'x' is not a number".into()));
+        assert_eq!(parse_punits("1-y"), Err("punits=1-y: 'y' is not a number".into()));
+    }
+}

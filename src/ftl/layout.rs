@@ -623,4 +623,257 @@ mod tests {
         assert_eq!(parse_uuid(&format_uuid(&u)), Some(u));
         assert_eq!(parse_uuid("xyz"), None);
     }
+
+    /// A region header with `len` as its payload length and the rest as `encode_region` writes it,
+    /// after `edit` (the header's own checksum recomputed).
+    fn header(id: RegionId, len: u64, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        let mut h = encode_region(id, &[])[..REGION_HEADER_BYTES].to_vec();
+        h[16..24].copy_from_slice(&len.to_le_bytes());
+        edit(&mut h);
+        let c = crc32c::crc32c(&h[0..28]);
+        h[28..32].copy_from_slice(&c.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn block_counts() {
+        assert_eq!([0, 1, 4096, 4097, 8192].map(blocks_for), [0, 1, 1, 2, 2]);
+        assert_eq!([0, 4064, 4065].map(region_blocks), [1, 1, 2]);
+        assert_eq!(encode_region(RegionId::BandMd, &[0u8; 4064]).len(), BLOCK_BYTES);
+        assert_eq!(encode_region(RegionId::BandMd, &[0u8; 4065]).len(), 2 * BLOCK_BYTES);
+        assert_eq!((tail_bytes(0), tail_bytes(3)), (48, 72));
+    }
+
+    /// Each refusal of a region header, by kind; a bare header (empty payload) is a whole region.
+    #[test]
+    fn region_headers_are_checked_field_by_field() {
+        let names = REGIONS.map(RegionId::name);
+        assert_eq!(names, ["superblock", "band metadata", "L2P", "valid map", "trim map"]);
+        let r = encode_region(RegionId::ValidMap, b"abc");
+        assert_eq!(&r[0..4], b"FLGR");
+        assert_eq!((u32_at(&r, 4), u32_at(&r, 8), u64_at(&r, 16)), (3, VERSION, 3));
+        assert_eq!(&r[32..35], b"abc");
+        assert!(r[35..].iter().all(|b| *b == 0));
+        let bare = header(RegionId::TrimMap, 0, |_| {});
+        assert_eq!(decode_region(RegionId::TrimMap, &bare), Ok(&[][..]));
+        assert_eq!(
+            region_len(RegionId::TrimMap, &bare[..31]),
+            Err(LayoutError::Truncated { what: "trim map", got: 31, need: 32 })
+        );
+        assert_eq!(
+            region_len(RegionId::L2p, &header(RegionId::L2p, 5, |h| h[0] ^= 1)),
+            Err(LayoutError::BadMagic("L2P"))
+        );
+        let mut torn = bare.clone();
+        torn[20] ^= 1;
+        assert_eq!(region_len(RegionId::TrimMap, &torn), Err(LayoutError::Checksum("trim map")));
+        assert_eq!(
+            region_len(RegionId::TrimMap, &header(RegionId::BandMd, 0, |_| {})),
+            Err(LayoutError::Invalid { what: "trim map", reason: "region id 1".into() })
+        );
+        assert_eq!(
+            region_len(RegionId::L2p, &header(RegionId::L2p, 0, |h| h[8] = 2)),
+            Err(LayoutError::Version { what: "L2P", found: 2 })
+        );
+        // Lengths up to 2^40 bytes are taken (the caller then reads that much), not one more.
+        assert_eq!(region_len(RegionId::L2p, &header(RegionId::L2p, 1 << 40, |_| {})), Ok(1 << 40));
+        assert_eq!(
+            region_len(RegionId::L2p, &header(RegionId::L2p, (1 << 40) + 1, |_| {})),
+            Err(LayoutError::Invalid { what: "L2P", reason: "length too large".into() })
+        );
+        // A payload cut short by one byte.
+        let r = encode_region(RegionId::L2p, &[9u8; 100]);
+        assert_eq!(decode_region(RegionId::L2p, &r[..132]), Ok(&[9u8; 100][..]));
+        assert_eq!(
+            decode_region(RegionId::L2p, &r[..131]),
+            Err(LayoutError::Truncated { what: "L2P", got: 131, need: 132 })
+        );
+    }
+
+    fn sb() -> Superblock {
+        Superblock {
+            uuid: core::array::from_fn(|i| i as u8 * 17),
+            pu_begin: 3,
+            pu_end: 3,
+            num_lbas: 0x0102_0304_0506,
+            num_bands: 5,
+            md_bands: 2,
+            mirror: false,
+            clean: true,
+            ckpt_seq: 0x0a0b_0c0d_0e0f,
+            generation: 0x1112_1314,
+            l2p_entry_bytes: 8,
+            lba_rsvd: 21,
+            region_offsets: [0, 9, 18, 27, 36],
+        }
+    }
+
+    /// A single-PU range and the largest area (2 * md_bands = num_bands - 1) are taken; one band
+    /// fewer, a reversed range, no area or an odd L2P entry size are refused.
+    #[test]
+    fn superblock_geometry_limits() {
+        let s = sb();
+        assert_eq!(Superblock::decode(&s.encode()), Ok(s.clone()));
+        let inconsistent =
+            Err(LayoutError::Invalid { what: "superblock", reason: "inconsistent geometry".into() });
+        let with = |f: &dyn Fn(&mut Superblock)| {
+            let mut x = sb();
+            f(&mut x);
+            Superblock::decode(&x.encode())
+        };
+        assert_eq!(with(&|x| x.num_bands = 4), inconsistent);
+        assert_eq!(with(&|x| x.pu_begin = 4), inconsistent);
+        assert_eq!(with(&|x| x.md_bands = 0), inconsistent);
+        assert!(with(&|x| (x.md_bands, x.num_bands) = (1, 3)).is_ok());
+        assert!(with(&|x| x.l2p_entry_bytes = 4).is_ok());
+        assert_eq!(
+            with(&|x| x.l2p_entry_bytes = 5),
+            Err(LayoutError::Invalid { what: "superblock", reason: "L2P entry size 5".into() })
+        );
+        // A superblock region whose payload is one byte short, or does not start with the magic.
+        let p = &s.encode()[REGION_HEADER_BYTES..REGION_HEADER_BYTES + SB_PAYLOAD_BYTES];
+        assert_eq!(
+            Superblock::decode(&encode_region(RegionId::Superblock, &p[..119])),
+            Err(LayoutError::Truncated { what: "superblock", got: 119, need: 120 })
+        );
+        let mut q = p.to_vec();
+        q[0] ^= 1;
+        assert_eq!(
+            Superblock::decode(&encode_region(RegionId::Superblock, &q)),
+            Err(LayoutError::BadMagic("superblock"))
+        );
+        assert_eq!(format_uuid(&s.uuid), "00112233-4455-6677-8899-aabbccddeeff");
+    }
+
+    #[test]
+    fn uuid_text_parses_exactly_32_hex_digits() {
+        let u: [u8; 16] = core::array::from_fn(|i| (i as u8) << 4 | (15 - i as u8));
+        let t = format_uuid(&u);
+        assert_eq!(t, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
+        assert_eq!(parse_uuid(&t), Some(u));
+        assert_eq!(parse_uuid(&t.replace('-', "")), Some(u));
+        assert_eq!(parse_uuid(&t.to_uppercase()), Some(u));
+        assert_eq!(parse_uuid(&t[1..]), None);
+        assert_eq!(parse_uuid(&format!("{t}0")), None);
+        // from_str_radix alone would take "+f" as 15.
+        assert_eq!(parse_uuid(&format!("+f{}", &t[2..])), None);
+        assert_eq!(parse_uuid(&format!("g{}", &t[1..])), None);
+    }
+
+    #[test]
+    fn band_records_l2p_oob_and_bitmaps() {
+        let recs = [
+            BandRecord { state: 6, base_seq: 0x0102_0304, retired: 0b101, erase_count: 9 },
+            BandRecord { state: 7, base_seq: u64::MAX, retired: 1 << 63, erase_count: 0 },
+        ];
+        let p = encode_bands(&recs);
+        assert_eq!(p.len(), 64);
+        assert_eq!(
+            (p[0], &p[1..8], u64_at(&p, 8), u64_at(&p, 16), u64_at(&p, 24)),
+            (6, &[0u8; 7][..], 0x0102_0304, 5, 9)
+        );
+        assert_eq!(decode_bands(&p, 2), Ok(recs.to_vec()));
+        assert!(decode_bands(&p, 3).is_err() && decode_bands(&p[..63], 2).is_err());
+        // 4-byte L2P entries: an address that does not fit reads back unmapped; 8-byte ones keep it.
+        let v = [7, u64::from(u32::MAX) - 1, u64::from(u32::MAX), 1 << 33, UNMAPPED];
+        let p4 = encode_l2p(&v, 4);
+        assert_eq!(p4.len(), 20);
+        assert_eq!(decode_l2p(&p4, 5, 4), Ok(vec![7, u64::from(u32::MAX) - 1, UNMAPPED, UNMAPPED, UNMAPPED]));
+        assert_eq!(decode_l2p(&encode_l2p(&v, 8), 5, 8), Ok(v.to_vec()));
+        assert!(
+            decode_l2p(&p4, 5, 5).is_err()
+                && decode_l2p(&p4, 4, 4).is_err()
+                && decode_l2p(&p4, 5, 8).is_err()
+        );
+        assert!(decode_l2p(&p4, usize::MAX, 4).is_err());
+        assert_eq!(decode_l2p(&[], 0, 8), Ok(vec![]));
+        // OOB: lba then seq, written only into a buffer that holds both.
+        let mut oob = [0xeeu8; 24];
+        encode_oob(LBA_TAIL, 42, &mut oob[..16]);
+        assert_eq!(decode_oob(&oob), (LBA_TAIL, 42));
+        assert_eq!(oob[16..], [0xee; 8]);
+        let mut short = [0xeeu8; 15];
+        encode_oob(1, 2, &mut short);
+        assert_eq!(short, [0xee; 15]);
+        assert_eq!(decode_oob(&short[..4]), (0, 0));
+        let markers = [LBA_PAD, LBA_HEAD, LBA_TAIL, LBA_MD];
+        assert_eq!(markers, [u64::MAX, u64::MAX - 1, u64::MAX - 2, u64::MAX - 3]);
+        // Bitmaps: whole words, little-endian.
+        let p = encode_bitmap(&[1, 1 << 63]);
+        assert_eq!(p[0..8], [1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(decode_bitmap(&p, 65, "m"), Ok(vec![1, 1 << 63]));
+        assert_eq!(decode_bitmap(&p, 128, "m"), Ok(vec![1, 1 << 63]));
+        assert_eq!(
+            decode_bitmap(&p, 64, "m"),
+            Err(LayoutError::Invalid { what: "m", reason: "16 bytes for 64 bits".into() })
+        );
+        assert!(decode_bitmap(&p, 129, "m").is_err());
+    }
+
+    /// Head and tail blocks: exact sizes are taken, one byte short is refused, and each check
+    /// (magic, checksums, version, length) has its own error.
+    #[test]
+    fn head_and_tail_refusals() {
+        let h = BandHead { uuid: [3; 16], band: 9, base_seq: 1 << 40, good_mask: 1 << 63 | 1 };
+        let b = h.encode();
+        assert_eq!(BandHead::decode(&b[..52]), Ok(h.clone()));
+        assert_eq!(
+            BandHead::decode(&b[..51]),
+            Err(LayoutError::Truncated { what: "band head", got: 51, need: 52 })
+        );
+        let mut x = b.clone();
+        x[1] ^= 1;
+        assert_eq!(BandHead::decode(&x), Err(LayoutError::BadMagic("band head")));
+        let mut x = b.clone();
+        x[40] ^= 1;
+        assert_eq!(BandHead::decode(&x), Err(LayoutError::Checksum("band head")));
+        let mut x = b.clone();
+        x[8] = 2;
+        let c = crc32c::crc32c(&x[0..48]);
+        x[48..52].copy_from_slice(&c.to_le_bytes());
+        assert_eq!(BandHead::decode(&x), Err(LayoutError::Version { what: "band head", found: 2 }));
+
+        let lbas = [5, LBA_PAD, 1 << 50];
+        let t = encode_tail(2, 3, 4, &lbas);
+        assert_eq!(t.len(), BLOCK_BYTES);
+        let want = BandTail { band: 2, base_seq: 3, good_mask: 4, lbas: lbas.to_vec() };
+        assert_eq!(decode_tail(&t[..72]), Ok(want));
+        assert_eq!(
+            decode_tail(&t[..71]),
+            Err(LayoutError::Truncated { what: "band tail", got: 71, need: 72 })
+        );
+        assert_eq!(
+            decode_tail(&t[..47]),
+            Err(LayoutError::Truncated { what: "band tail", got: 47, need: 48 })
+        );
+        assert_eq!(
+            decode_tail(&t[..48]),
+            Err(LayoutError::Truncated { what: "band tail", got: 48, need: 72 })
+        );
+        let mut x = t.clone();
+        x[0] ^= 1;
+        assert_eq!(decode_tail(&x), Err(LayoutError::BadMagic("band tail")));
+        let mut x = t.clone();
+        x[13] ^= 1;
+        assert_eq!(decode_tail(&x), Err(LayoutError::Checksum("band tail")));
+        let mut x = t.clone();
+        x[60] ^= 1;
+        assert_eq!(decode_tail(&x), Err(LayoutError::Checksum("band tail")));
+        let mut x = t.clone();
+        x[8] = 2;
+        let c = crc32c::crc32c(&x[0..44]);
+        x[44..48].copy_from_slice(&c.to_le_bytes());
+        assert_eq!(decode_tail(&x), Err(LayoutError::Version { what: "band tail", found: 2 }));
+        // A count whose byte size overflows is refused, not a panic.
+        let mut x = t.clone();
+        x[24..32].copy_from_slice(&(u64::MAX / 4).to_le_bytes());
+        let c = crc32c::crc32c(&x[0..44]);
+        x[44..48].copy_from_slice(&c.to_le_bytes());
+        assert!(matches!(decode_tail(&x), Err(LayoutError::Truncated { need: usize::MAX, .. })));
+        // A tail over more than one block.
+        let many: Vec<u64> = (0..600).collect();
+        let t = encode_tail(1, 0, 1, &many);
+        assert_eq!(t.len(), 2 * BLOCK_BYTES);
+        assert_eq!(decode_tail(&t).map(|d| d.lbas), Ok(many));
+    }
 }

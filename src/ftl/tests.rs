@@ -1337,3 +1337,672 @@ fn the_mirror_probe_takes_only_a_mirror_superblock_of_its_own_area_size() {
     let e = md::load(media.as_ref(), qp.as_mut(), &geo).err().expect("no usable copy");
     assert!(e.to_string().contains("both metadata copies are unusable"), "{e}");
 }
+
+// ---- band.rs / layout.rs / mod.rs mutants (mutftl4) ----
+
+/// With every chunk of band 0 bad, one band cannot hold the metadata: the areas take two bands each
+/// (primary 0..2, mirror 2..4), and data starts at band 4. No data lands in band 1, part of the
+/// primary area, and the data survives a clean restart (the checkpoint is rewritten over bands 0..2).
+#[test]
+fn two_band_metadata_areas_keep_data_out_of_both() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad: Vec<Ppa> = (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect();
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), bad));
+    let mut h = Harness::new(Arc::clone(&media), FtlConfig::new("md2"));
+    let vers: Vec<u64> = (1..=64).collect();
+    h.write(0, &vers);
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let sh = h.bdev.as_ref().expect("running").shared();
+        assert_eq!((sh.geo.md_bands, sh.geo.first_data_band()), (2, 4));
+        let c = lock(&sh.core);
+        for b in &c.bands[..4] {
+            assert_eq!(b.state, BandState::Metadata, "band {}", b.id);
+        }
+        for lba in 0..64 {
+            if let Loc::Media(a) = sh.l2p.get(lba) {
+                assert!(sh.geo.split(a).0 >= 4, "lba {lba} at {a}, in a metadata area");
+            }
+        }
+    }
+    invariants(&h, "two-band areas");
+    h.stop(false);
+    h.start();
+    let data = h.read(0, 64).expect("read");
+    for (i, b) in data.chunks(BLOCK_BYTES).enumerate() {
+        assert_eq!(decode(b), Some((i as u64, i as u64 + 1)), "lba {i} after a clean restart");
+    }
+}
+
+/// An image for `ftl info`: 300 blocks written (a band filled and closed, the next one open), 40 of
+/// them unmapped again, flushed and shut down cleanly. With `bad0`, band 0's chunks are all bad and
+/// the metadata areas take two bands each. Returns the image's directory and the checkpoint.
+fn info_image(bad0: bool) -> (tempfile::TempDir, md::Loaded) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad: Vec<Ppa> =
+        if bad0 { (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect() } else { vec![] };
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), bad));
+    let mut h = Harness::new(Arc::clone(&media), FtlConfig::new("info"));
+    for lba in (0..300).step_by(50) {
+        let vers: Vec<u64> = (1..=50).collect();
+        h.write(lba, &vers);
+    }
+    h.cmd(IoKind::Unmap, 100, 40);
+    h.cmd(IoKind::Flush, 0, 0);
+    h.stop(false);
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    (dir, l)
+}
+
+/// `ftl info` against what the checkpoint holds: each band's state (the metadata bands by
+/// position), its valid blocks (counted from the L2P), the band and mapped-LBA totals.
+fn check_info(dir: &Path, l: &md::Loaded) {
+    let v = info::info_json(&dir.join("media.img"), 0, None).expect("info");
+    let geo = {
+        let media = EmuDevice::open(&dir.join("media.img")).expect("open");
+        geo_for(&media, &FtlConfig::new("x")).expect("geo")
+    };
+    let k = l.md_bands as usize;
+    let mut valid = vec![0u64; geo.num_bands as usize];
+    for a in l.ckpt.l2p.iter().filter(|a| **a != layout::UNMAPPED) {
+        valid[(a / geo.max_positions) as usize] += 1;
+    }
+    let names = ["free", "prep", "opening", "open", "full", "closing", "closed", "metadata"];
+    let bands = v["bands"].as_array().expect("bands");
+    assert_eq!(bands.len(), geo.num_bands as usize);
+    let (mut free, mut open, mut closed) = (0, 0, 0);
+    for (i, b) in bands.iter().enumerate() {
+        let want = if i < 2 * k { "metadata" } else { names[l.ckpt.bands[i].state as usize] };
+        match want {
+            "free" | "prep" => free += 1,
+            "closed" => closed += 1,
+            "metadata" => {}
+            _ => open += 1,
+        }
+        assert_eq!(b["state"], want, "band {i}: {b}");
+        assert_eq!(b["valid_blocks"], valid[i], "band {i}: {b}");
+        assert_eq!(b["band"], i);
+    }
+    assert!(free > 0 && open > 0 && closed > 0, "{v}");
+    assert!(valid.iter().filter(|n| **n > 0).count() >= 2, "{valid:?}");
+    let s = &v["statistics"];
+    assert_eq!(
+        (s["bands_free"].as_u64(), s["bands_open"].as_u64(), s["bands_closed"].as_u64()),
+        (Some(free), Some(open), Some(closed))
+    );
+    assert_eq!(s["mapped_lbas"], 260);
+    assert_eq!(s["num_lbas"], l.ckpt.sb.num_lbas);
+    assert_eq!(v["metadata"]["bands_per_area"], k);
+    assert_eq!(v["metadata"]["copy_used"], "primary");
+}
+
+#[test]
+fn ftl_info_shows_bands_valid_blocks_and_totals() {
+    let (dir, l) = info_image(false);
+    assert_eq!(l.md_bands, 1);
+    check_info(dir.path(), &l);
+}
+
+/// With two-band areas, and a checkpoint whose records of bands 1 and 3 (in the areas) claim
+/// "free": `ftl info` shows all four as metadata, by position.
+#[test]
+fn ftl_info_shows_the_metadata_bands_by_position() {
+    let (dir, mut l) = info_image(true);
+    assert_eq!(l.md_bands, 2);
+    let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
+    let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    l.ckpt.bands[1].state = 0;
+    l.ckpt.bands[3].state = 0;
+    let g = l.ckpt.sb.generation;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, 2, &l.ckpt.encode(false), g).expect("primary");
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 2, &l.ckpt.encode(true), g).expect("mirror");
+    drop(qp);
+    drop(media);
+    check_info(dir.path(), &l);
+}
+
+/// `waf` is media writes over user writes, and 0 before any user write (not a division by zero).
+#[test]
+fn stats_waf_is_media_over_user_writes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("waf"));
+    let s = h.stats();
+    assert_eq!(s["user_write_blocks"], 0);
+    assert_eq!(s["waf"].as_f64(), Some(0.0), "{s}");
+    let vers: Vec<u64> = (1..=50).collect();
+    h.write(0, &vers);
+    h.write(0, &vers);
+    h.write(0, &vers[..7]);
+    h.cmd(IoKind::Flush, 0, 0);
+    let s = h.stats();
+    let (user, media) =
+        (s["user_write_blocks"].as_u64().expect("user"), s["media_write_blocks"].as_u64().expect("media"));
+    assert_eq!(user, 107);
+    assert!(media > 0, "{s}");
+    assert_eq!(s["waf"].as_f64(), Some(media as f64 / user as f64), "{s}");
+    h.stop(false);
+}
+
+/// `vblkd ftl info` through `cli::run_to`: the info JSON for a PU range, and the option named in
+/// each refusal.
+#[test]
+fn ftl_info_command_prints_the_json_or_names_the_option() {
+    let (dir, l) = info_image(false);
+    let media = dir.path().join("media.img");
+    let mut out = Vec::new();
+    cli::run_to(cli::FtlCommand::Info { media: media.clone(), punits: Some("0-3".into()) }, &mut out)
+        .expect("info");
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(v["statistics"]["num_lbas"], l.ckpt.sb.num_lbas);
+    assert_eq!(v["statistics"]["mapped_lbas"], 260);
+    let e = cli::run_to(
+        cli::FtlCommand::Info { media: media.clone(), punits: Some("3-1".into()) },
+        &mut Vec::new(),
+    )
+    .expect_err("reversed range");
+    assert_eq!(e, "--punits=3-1: the range ends before it begins");
+    let e = cli::run_to(
+        cli::FtlCommand::Info { media: dir.path().join("nope.img"), punits: None },
+        &mut Vec::new(),
+    )
+    .expect_err("no image");
+    assert!(e.starts_with(&format!("--media {}: ", dir.path().join("nope.img").display())), "{e}");
+}
+
+/// Every `FtlConfig::validate` rule at its bounds: the last accepted value and the first refused
+/// one, the refusal naming the option.
+#[test]
+fn config_validate_bounds() {
+    type Tweak = Box<dyn Fn(&mut FtlConfig)>;
+    let check = |f: Tweak, want: Option<&str>| {
+        let mut c = FtlConfig::new("v");
+        f(&mut c);
+        match (c.validate(), want) {
+            (Ok(()), None) => {}
+            (Err(FtlError::Config { option, .. }), Some(w)) if option == w => {}
+            (r, w) => panic!("{c:?}: {r:?}, wanted {w:?}"),
+        }
+    };
+    check(Box::new(|_| {}), None);
+    check(Box::new(|c| c.invalid_thld = 99), None);
+    check(Box::new(|c| c.invalid_thld = 100), Some("invalid-thld"));
+    check(Box::new(|c| c.lba_rsvd = 1), None);
+    check(Box::new(|c| c.lba_rsvd = 99), None);
+    check(Box::new(|c| c.lba_rsvd = 0), Some("lba-rsvd"));
+    check(Box::new(|c| c.lba_rsvd = 100), Some("lba-rsvd"));
+    check(Box::new(|c| c.wbuf_bytes = 16 * 4096), None);
+    check(Box::new(|c| c.wbuf_bytes = 15 * 4096), Some("wbuf"));
+    check(Box::new(|c| c.wbuf_bytes = 16 * 4096 + 1), Some("wbuf"));
+    check(Box::new(|c| c.wbuf_bytes = 0), Some("wbuf"));
+    check(Box::new(|c| c.band_thld = 1), None);
+    check(Box::new(|c| c.band_thld = 100), None);
+    check(Box::new(|c| c.band_thld = 0), Some("band-thld"));
+    check(Box::new(|c| c.band_thld = 101), Some("band-thld"));
+    check(Box::new(|c| c.reloc_qdepth = 1), None);
+    check(Box::new(|c| c.reloc_qdepth = 1024), None);
+    check(Box::new(|c| c.reloc_qdepth = 0), Some("reloc-qdepth"));
+    check(Box::new(|c| c.reloc_qdepth = 1025), Some("reloc-qdepth"));
+    check(Box::new(|c| c.reloc_bands = 1), None);
+    check(Box::new(|c| c.reloc_bands = 0), Some("reloc-bands"));
+    check(Box::new(|c| c.interleave_units = 0), Some("interleave"));
+    check(Box::new(|c| c.limits[3].pct = 100), None);
+    check(Box::new(|c| c.limits[3].pct = 101), Some("limits"));
+    check(Box::new(|c| c.limits[0].pct = 101), Some("limits"));
+    check(Box::new(|c| (c.pu_begin, c.pu_end) = (3, Some(3))), None);
+    check(Box::new(|c| (c.pu_begin, c.pu_end) = (3, Some(2))), Some("punits"));
+    check(Box::new(|c| c.size_bytes = Some(4096)), None);
+    check(Box::new(|c| c.size_bytes = Some(0)), Some("size"));
+    check(Box::new(|c| c.size_bytes = Some(4097)), Some("size"));
+    let mut c = FtlConfig::new("v");
+    c.limits[2].pct = 101;
+    let e = c.validate().expect_err("limits").to_string();
+    assert!(e.contains(&format!("{} limit 101%", core::LIMIT_NAMES[2])), "{e}");
+}
+
+/// FTLs on one media claim exactly their PU ranges: adjacent ranges coexist, overlapping ones are
+/// refused, another media is independent, and a failed open releases its range.
+#[test]
+fn pu_ranges_claim_exactly_their_units() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let other_dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let other: Arc<dyn MediaDevice> = Arc::new(make_media(other_dir.path(), geometry(20, 32), vec![]));
+    let cfg = |name: &str, b: u32, e: u32| {
+        let mut c = FtlConfig::new(name);
+        (c.pu_begin, c.pu_end) = (b, Some(e));
+        c
+    };
+    // A restore of nothing fails after the range was claimed: the range is free again.
+    let mut r = cfg("r", 2, 3);
+    r.mode = Mode::Restore;
+    let e = FtlBdev::open(r, Arc::clone(&media)).err().expect("restore of nothing");
+    assert!(e.to_string().starts_with("mode"), "{e}");
+    let a = FtlBdev::open(cfg("a", 0, 1), Arc::clone(&media)).expect("0-1");
+    let b = FtlBdev::open(cfg("b", 2, 3), Arc::clone(&media)).expect("2-3, next to 0-1");
+    let o = FtlBdev::open(cfg("o", 1, 2), Arc::clone(&other)).expect("1-2 of another media");
+    for (x, y) in [(1, 2), (0, 0), (1, 1), (3, 3), (2, 2)] {
+        let e = FtlBdev::open(cfg("c", x, y), Arc::clone(&media)).err().expect("overlap");
+        assert!(e.to_string().contains("overlaps"), "{x}-{y}: {e}");
+    }
+    drop(b);
+    drop(FtlBdev::open(cfg("b2", 3, 3), Arc::clone(&media)).expect("3 again, once 2-3 is gone"));
+    drop((a, o));
+}
+
+/// A dirty restore finds the tail of a band with a bad chunk where the band's head says (its good
+/// chunks, from the head's mask), not where a band of every chunk would keep it.
+#[test]
+fn dirty_restore_reads_the_tail_of_bands_with_a_bad_chunk() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // PU 1 of group 0 (range index 2) is bad in bands 2..12.
+    let bad: Vec<Ppa> = (2..12).map(|b| Ppa::new(0, 1, b, 0)).collect();
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), bad));
+    let mut h = Harness::new(media, FtlConfig::new("tailbad"));
+    let n = h.num_lbas();
+    for lba in 0..n.min(450) {
+        h.write(lba, &[lba + 1]);
+    }
+    h.cmd(IoKind::Flush, 0, 0);
+    {
+        let sh = h.bdev.as_ref().expect("running").shared();
+        let c = lock(&sh.core);
+        let b = &c.bands[2];
+        assert_eq!((b.state, b.good.clone()), (BandState::Closed, vec![0, 1, 3]), "band 2");
+    }
+    h.stop(true);
+    h.start();
+    let s = h.stats();
+    assert!(s["restore_tail_bands"].as_u64().unwrap_or(0) >= 3, "{s}");
+    assert!(s["restore_oob_bands"].as_u64().unwrap_or(9) <= 1, "{s}");
+    for lba in 0..n.min(450) {
+        assert_eq!(decode(&h.read(lba, 1).expect("read")), Some((lba, lba + 1)));
+    }
+    // The restored band keeps its head's chunks, after a crash and after a clean restart: its
+    // positions (91 data blocks written, not 123) feed relocation's invalid count.
+    for crash in [true, false] {
+        {
+            let sh = h.bdev.as_ref().expect("running").shared();
+            let c = lock(&sh.core);
+            let b = &c.bands[2];
+            assert_eq!((b.good.clone(), b.written), (vec![0, 1, 3], 91), "band 2 (crash {crash})");
+        }
+        h.stop(false);
+        h.start();
+    }
+    h.stop(false);
+}
+
+/// The exposed size of a new FTL: (data bands × data blocks per band) × (100 − lba-rsvd)%, or the
+/// size asked for when it fits. geometry(20, 32): 128 positions a band, 1 head and a 4-block tail
+/// (one block rounded up to ws_min): 123 data blocks; 91 with one chunk bad.
+#[test]
+fn a_new_ftl_exposes_its_data_bands_less_the_reserve() {
+    let blocks = |g: EmuGeometry, bad: Vec<Ppa>, tweak: &dyn Fn(&mut FtlConfig)| {
+        let dir = tempfile::tempdir().expect("tmp");
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), g, bad));
+        let mut cfg = FtlConfig::new("size");
+        tweak(&mut cfg);
+        FtlBdev::open(cfg, media).map(|f| f.info().num_blocks).map_err(|e| e.to_string())
+    };
+    let band0: Vec<Ppa> = (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect();
+    assert_eq!(blocks(geometry(20, 32), vec![], &|_| {}), Ok(18 * 123 * 80 / 100));
+    assert_eq!(blocks(geometry(20, 32), vec![], &|c| c.lba_rsvd = 50), Ok(18 * 123 / 2));
+    // Band 0 all bad: two-band areas, 16 data bands.
+    assert_eq!(blocks(geometry(20, 32), band0, &|_| {}), Ok(16 * 123 * 80 / 100));
+    // One bad chunk in band 5: a data band of 91 blocks.
+    assert_eq!(blocks(geometry(20, 32), vec![Ppa::new(1, 1, 5, 0)], &|_| {}), Ok((17 * 123 + 91) * 80 / 100));
+    let max = 18 * 123 * 80 / 100;
+    assert_eq!(blocks(geometry(20, 32), vec![], &|c| c.size_bytes = Some(max * 4096)), Ok(max));
+    assert_eq!(blocks(geometry(20, 32), vec![], &|c| c.size_bytes = Some(1000 * 4096)), Ok(1000));
+    let e =
+        blocks(geometry(20, 32), vec![], &|c| c.size_bytes = Some((max + 1) * 4096)).expect_err("too big");
+    assert!(e.starts_with("size"), "{e}");
+    // 4 bands: room for the two areas and two data bands (then too few spare bands); 3: none.
+    let e = blocks(geometry(4, 32), vec![], &|_| {}).expect_err("4 bands");
+    assert!(e.starts_with("lba-rsvd"), "{e}");
+    let e = blocks(geometry(3, 32), vec![], &|_| {}).expect_err("3 bands");
+    assert!(e.contains("too small for an FTL"), "{e}");
+    // With band 0 bad, two-band areas need 2 * 2 + 2 = 6 bands: 7 take them (3 data bands of
+    // 123 blocks, 33% exposed to keep two spare), 5 do not.
+    let band0: Vec<Ppa> = (0..2).flat_map(|g| (0..2).map(move |p| Ppa::new(g, p, 0, 0))).collect();
+    assert_eq!(blocks(geometry(7, 32), band0.clone(), &|c| c.lba_rsvd = 67), Ok(3 * 123 * 33 / 100));
+    let e = blocks(geometry(5, 32), band0, &|c| c.lba_rsvd = 67).expect_err("5 bands, band 0 bad");
+    assert!(e.contains("too small for an FTL"), "{e}");
+}
+
+/// A new FTL uses 4-byte L2P entries when every media address fits in 32 bits.
+#[test]
+fn a_small_ftl_persists_4_byte_l2p_entries() {
+    let (_dir, l) = info_image(false);
+    assert_eq!(l.ckpt.sb.l2p_entry_bytes, 4);
+}
+
+/// Data anywhere in the first 32 bands (the largest two areas) marks the range in use, so
+/// `mode=create` refuses it without force; data past them does not.
+#[test]
+fn data_in_the_last_band_an_area_may_take_marks_the_range_in_use() {
+    for (band, in_use) in [(31, true), (32, false)] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(40, 32), vec![]));
+        let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+        let mut qp = media.queue_pair(4).expect("qp");
+        md::write_area(media.as_ref(), qp.as_mut(), &geo, band, 1, &[7u8; 4096], 1).expect("foreign data");
+        drop(qp);
+        let mut cfg = FtlConfig::new("inuse");
+        cfg.mode = Mode::Create;
+        let r = FtlBdev::open(cfg, media).map(drop).map_err(|e| e.to_string());
+        if in_use {
+            assert!(r.as_ref().is_err_and(|e| e.contains("already hold data")), "band {band}: {r:?}");
+        } else {
+            assert_eq!(r, Ok(()), "band {band}");
+        }
+    }
+}
+
+/// geo_for: the PU range (inside the device, at most 64 PUs, alternating across groups) and a
+/// media with the FTL's minimum of 16 OOB bytes a block.
+#[test]
+fn geo_for_takes_ranges_of_up_to_64_pus_alternating_across_groups() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let g = EmuGeometry {
+        num_grp: 2,
+        num_pu: 33,
+        num_chk: 4,
+        clba: 8,
+        ws_min: 4,
+        ws_opt: 8,
+        oob_bytes: 16,
+        ..EmuGeometry::default()
+    };
+    let media = make_media(dir.path(), g, vec![]);
+    let geo = |b: u32, e: Option<u32>| {
+        let mut c = FtlConfig::new("g");
+        (c.pu_begin, c.pu_end) = (b, e);
+        geo_for(&media, &c).map_err(|e| e.to_string())
+    };
+    let g = geo(1, Some(4)).expect("1-4");
+    assert_eq!(g.pus, vec![(1, 0), (0, 1), (1, 1), (0, 2)]);
+    assert_eq!((g.clba, g.ws_min, g.ws_opt, g.num_bands, g.max_positions), (8, 4, 8, 4, 32));
+    assert_eq!(geo(0, Some(63)).expect("64 PUs").pus.len(), 64);
+    assert_eq!(geo(2, None).expect("2-65").pus.len(), 64);
+    assert_eq!(geo(65, None).expect("the last PU").pus, vec![(1, 32)]);
+    for (b, e, want) in [
+        (0, None, "66 PUs; at most 64"),
+        (1, None, "65 PUs; at most 64"),
+        (66, None, "outside the device's 66"),
+        (0, Some(66), "outside the device's 66"),
+    ] {
+        let r = geo(b, e);
+        assert!(r.as_ref().is_err_and(|m| m.starts_with("punits") && m.contains(want)), "{b}-{e:?}: {r:?}");
+    }
+}
+
+/// A media that reports another geometry than the emulator underneath (which refuses such
+/// geometries itself): for geo_for's own checks. Only `info` differs.
+struct OtherInfo {
+    inner: EmuDevice,
+    info: crate::ocssd::MediaInfo,
+}
+
+impl MediaDevice for OtherInfo {
+    fn info(&self) -> &crate::ocssd::MediaInfo {
+        &self.info
+    }
+    fn chunk_info(&self, chunk: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
+        self.inner.chunk_info(chunk)
+    }
+    fn report_chunks(
+        &self,
+        first_index: u64,
+        max: usize,
+        out: &mut Vec<crate::ocssd::ChunkInfo>,
+    ) -> Result<usize, crate::ocssd::MediaError> {
+        self.inner.report_chunks(first_index, max, out)
+    }
+    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
+        self.inner.take_notifications(out)
+    }
+    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
+        self.inner.queue_pair(depth)
+    }
+}
+
+/// geo_for refuses write sizes the FTL cannot stripe (ws_min 0, ws_opt not a multiple of ws_min,
+/// over 64, or not dividing the chunk) and media with fewer than 16 OOB bytes a block; it takes
+/// ws_opt 64 and more OOB bytes.
+#[test]
+fn geo_for_checks_the_write_sizes_and_oob_bytes_it_is_given() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let base = *emu.info();
+    let mut m = OtherInfo { inner: emu, info: base };
+    let mut check = |edit: &dyn Fn(&mut crate::ocssd::MediaInfo), want: Option<&str>| {
+        m.info = base;
+        edit(&mut m.info);
+        let r = geo_for(&m, &FtlConfig::new("w")).map(drop).map_err(|e| e.to_string());
+        match want {
+            None => assert_eq!(r, Ok(()), "{:?}", m.info.geometry),
+            Some(w) => assert!(r.as_ref().is_err_and(|e| e.contains(w)), "{:?}: {r:?}", m.info.geometry),
+        }
+    };
+    let ws = "unsupported write-size geometry";
+    check(&|_| {}, None);
+    check(&|i| (i.geometry.ws_min, i.geometry.ws_opt, i.geometry.clba) = (8, 64, 128), None);
+    check(&|i| i.oob_bytes_per_block = 64, None);
+    check(&|i| i.oob_bytes_per_block = 15, "the FTL needs 16".into());
+    check(&|i| i.block_size_bytes = 512, "is not 4096".into());
+    check(&|i| i.geometry.ws_min = 0, ws.into());
+    check(&|i| i.geometry.ws_min = 3, ws.into());
+    check(&|i| (i.geometry.ws_min, i.geometry.ws_opt, i.geometry.clba) = (8, 128, 128), ws.into());
+    check(&|i| i.geometry.clba = 36, ws.into());
+}
+
+/// Formatting logs its progress once a second at most: a quick format of 40 bands logs a few lines,
+/// not one per band.
+#[test]
+fn format_progress_is_logged_once_a_second_at_most() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(40, 32), vec![]));
+    let (f, logs) = crate::testlog::capture(|| FtlBdev::open(FtlConfig::new("fmt"), media));
+    drop(f.expect("open"));
+    let lines = logs.iter().filter(|l| l.contains("format: band")).count();
+    assert!(logs.iter().any(|l| l.contains("formatting parallel units")), "{logs:?}");
+    assert!(lines < 10, "{lines} progress lines: {logs:?}");
+}
+
+/// A superblock that records another PU range of the same size (md::load checks only the size
+/// and the band count) is refused by open ("does not match").
+#[test]
+fn a_superblock_of_another_range_of_the_same_size_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("rr");
+    (cfg.pu_begin, cfg.pu_end) = (1, Some(2));
+    drop(FtlBdev::open(cfg.clone(), Arc::clone(&media)).expect("1-2"));
+    let geo = geo_for(media.as_ref(), &cfg).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let mut l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    let k = l.md_bands;
+    (l.ckpt.sb.pu_begin, l.ckpt.sb.pu_end) = (0, 1);
+    let g = l.ckpt.sb.generation;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, k, &l.ckpt.encode(false), g).expect("primary");
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, k, k, &l.ckpt.encode(true), g).expect("mirror");
+    drop(qp);
+    let r = FtlBdev::open(cfg, media).map(drop).map_err(|e| e.to_string());
+    assert!(r.as_ref().is_err_and(|m| m.starts_with("punits") && m.contains("does not match")), "{r:?}");
+}
+
+/// A write is held back only when it would take the user blocks in the buffer past the limit:
+/// up to exactly the limit is taken. (The core thread is stopped: nothing leaves the buffer.)
+#[test]
+fn a_write_up_to_the_user_limit_is_taken_one_more_block_is_not() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let bdev = FtlBdev::open(FtlConfig::new("lim"), media).expect("open");
+    bdev.crash();
+    let sh = Arc::clone(bdev.shared());
+    lock(&sh.core).user_limit = 8;
+    let mut ch = new_channel(&sh).expect("channel");
+    let data = vec![5u8; 8 * BLOCK_BYTES];
+    let w = |ch: &mut FtlChannel, lba: u64, n: u64| {
+        ch.write(BdevIo::write(lba, n, IoVecs::from_slice(&data[..n as usize * BLOCK_BYTES]), lba)).is_ok()
+    };
+    assert!(w(&mut ch, 0, 5), "5 of 8");
+    assert!(w(&mut ch, 5, 3), "8 of 8");
+    assert!(!w(&mut ch, 8, 1), "9 of 8");
+    assert_eq!(lock(&sh.core).wbuf.user, 8);
+    // The same for the free slots: a write that fills the buffer exactly is taken.
+    let free = {
+        let mut c = lock(&sh.core);
+        c.user_limit = usize::MAX;
+        c.wbuf.free()
+    };
+    let mut lba = 8;
+    for _ in 0..(free - 8) / 8 {
+        assert!(w(&mut ch, lba, 8), "8 more, {} free", lock(&sh.core).wbuf.free());
+        lba += 8;
+    }
+    let rest = lock(&sh.core).wbuf.free() as u64;
+    assert!((1..=8).contains(&rest), "{rest}");
+    assert!(w(&mut ch, lba, rest), "the last {rest} free slots");
+    assert!(!w(&mut ch, lba + rest, 1), "a full buffer");
+}
+
+/// An nv-cache needs two superblock blocks and a ring of twice the write buffer: with 64 KiB of
+/// write buffer (16 blocks), 34 blocks are enough and 33 are not.
+#[test]
+fn an_nv_cache_needs_a_ring_of_twice_the_write_buffer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut cfg = FtlConfig::new("nvsize");
+    cfg.wbuf_bytes = 64 << 10;
+    for (blocks, ok) in [(33u64, false), (34, true)] {
+        let reg = Registry::new();
+        let nv = crate::bdev::malloc::MallocBdev::new("nv", blocks * 4096, 4096).expect("malloc");
+        reg.register(Arc::new(nv)).expect("register");
+        let r =
+            FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))
+                .map(|f| f.info().max_io_blocks)
+                .map_err(|e| e.to_string());
+        if ok {
+            // ... and a write buffer of 16 blocks takes I/Os of 8 blocks at most (half of it).
+            assert_eq!(r, Ok(8), "{blocks} blocks");
+        } else {
+            assert!(r.as_ref().is_err_and(|e| e.contains("too small")), "{blocks} blocks: {r:?}");
+        }
+    }
+}
+
+/// After a start that replayed the nv-cache, the ring starts over past the last replayed record:
+/// records of the old ring are not taken again at the next start, even where the new ring has
+/// not overwritten them yet (here: LBA 9, written again after the replay, keeps its new data
+/// through a second crash).
+#[test]
+fn records_replayed_once_are_not_replayed_after_the_next_crash() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(24, 64), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 2 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nvr");
+    (cfg.wbuf_bytes, cfg.lba_rsvd) = (256 << 10, 30);
+    for (round, writes) in [(0u64, (0..10).collect::<Vec<u64>>()), (1, vec![9]), (2, vec![])] {
+        let nv = reg.open("nv", true).expect("nv");
+        let bdev = Arc::new(FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(nv)).expect("open"));
+        let r2 = Registry::new();
+        r2.register(bdev.clone()).expect("register");
+        let desc = r2.open("nvr", true).expect("desc");
+        let mut ch = desc.channel().expect("channel");
+        for lba in 0..10u64 {
+            let want = if lba == 9 && round == 2 { 2 } else { 1 };
+            let bufs = IoVecs::alloc(BLOCK_BYTES);
+            let view = bufs.slice(0, BLOCK_BYTES as u64).expect("view");
+            if round > 0 {
+                assert_eq!(run(&mut ch, vec![BdevIo::read(lba, 1, view, 2)])[&2], Ok(()));
+                assert_eq!(decode(&bufs.to_vec()), Some((lba, want)), "round {round}: lba {lba}");
+            }
+        }
+        for lba in writes {
+            let r = run(&mut ch, vec![BdevIo::write(lba, 1, IoVecs::from_slice(&block(lba, round + 1)), 1)]);
+            assert_eq!(r[&1], Ok(()), "write {lba}");
+        }
+        drop(ch);
+        drop(desc);
+        bdev.crash();
+        drop(r2.unregister("nvr").expect("unregister"));
+        drop(bdev);
+    }
+}
+
+/// An nv-cache reformatted for a new FTL (mode=create, force=on) gets both superblock copies
+/// rewritten: the copy of the FTL it held before (a higher generation) cannot win at the next start.
+#[test]
+fn a_reformatted_nv_cache_keeps_no_superblock_of_its_former_ftl() {
+    let (da, db) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let ma: Arc<dyn MediaDevice> = Arc::new(make_media(da.path(), geometry(20, 32), vec![]));
+    let mb: Arc<dyn MediaDevice> = Arc::new(make_media(db.path(), geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nvf");
+    cfg.wbuf_bytes = 64 << 10;
+    let open = |cfg: &FtlConfig, m: &Arc<dyn MediaDevice>| {
+        FtlBdev::open_with_nv(cfg.clone(), Arc::clone(m), Some(reg.open("nv", true).expect("nv")))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    for _ in 0..3 {
+        assert_eq!(open(&cfg, &ma), Ok(()), "FTL A");
+    }
+    let mut create = cfg.clone();
+    (create.mode, create.force) = (Mode::Create, true);
+    assert_eq!(open(&create, &mb), Ok(()), "FTL B, reformatting the nv-cache");
+    assert_eq!(open(&cfg, &mb), Ok(()), "FTL B again");
+    let e = open(&cfg, &ma).expect_err("the nv-cache is B's now");
+    assert!(e.contains("another FTL"), "{e}");
+}
+
+/// A start that replays nv-cache records says how many blocks it replayed; one with nothing to
+/// replay says nothing.
+#[test]
+fn a_replay_logs_the_blocks_it_replayed_and_only_then() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nvlog");
+    cfg.wbuf_bytes = 64 << 10;
+    let open = || {
+        crate::testlog::capture(|| {
+            FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))
+                .expect("open")
+        })
+    };
+    let (bdev, _) = open();
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    let mut done = Vec::new();
+    for lba in 0..3u64 {
+        let io = BdevIo::write(lba, 1, IoVecs::from_slice(&block(lba, 1)), lba);
+        assert!(ch.write(io).is_ok(), "write {lba}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while done.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "writes not acknowledged: {done:?}");
+        ch.poll(&mut done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(ch);
+    bdev.crash();
+    drop(bdev);
+    let (bdev, logs) = open();
+    assert!(logs.iter().any(|l| l.contains("replayed 3 blocks from nv-cache")), "{logs:?}");
+    drop(bdev);
+    let (bdev, logs) = open();
+    assert!(!logs.iter().any(|l| l.contains("replayed")), "{logs:?}");
+    drop(bdev);
+}

@@ -229,4 +229,65 @@ mod tests {
         w.set_ready(1);
         assert!(w.get(a).is_some_and(|e| !e.ready) && w.get(b).is_some_and(|e| !e.ready));
     }
+
+    /// `get` and `kill` answer for exactly the numbers the ring holds (`head <= n < tail`): a
+    /// retired number or one not given out yet shares its slot with a held entry, which they must
+    /// not report or kill. `kill` gives the origin of a live entry once.
+    #[test]
+    fn get_and_kill_answer_only_for_held_numbers() {
+        let mut w = WriteBuffer::new(4);
+        for i in 0..4 {
+            w.push(100 + i, Origin::User, |_| {});
+        }
+        w.taken = 2;
+        w.retire_to(2);
+        let a = w.push(104, Origin::Reloc(7), |_| {});
+        let b = w.push(105, Origin::User, |_| {});
+        assert_eq!((w.head, w.tail, a, b), (2, 6, 4, 5));
+        // Held: 2..6, each with its own lba (4 and 5 sit in the slots of 0 and 1).
+        assert_eq!(
+            (2..6).map(|n| w.get(n).map(|e| e.lba)).collect::<Vec<_>>(),
+            [102, 103, 104, 105].map(Some)
+        );
+        // Retired 0, 1 and not given out 6, 7 (the slots of 2 and 3): nothing.
+        for n in [0, 1, 6, 7, 9] {
+            assert!(w.get(n).is_none(), "get({n})");
+            assert_eq!(w.kill(n), None, "kill({n})");
+        }
+        assert!((2..6).all(|n| w.get(n).is_some_and(|e| e.live)), "a number not held killed an entry");
+        // A live entry's origin, once.
+        assert_eq!(w.kill(a), Some(Origin::Reloc(7)));
+        assert_eq!(w.kill(a), None);
+        assert_eq!(w.kill(2), Some(Origin::User));
+        assert!(!w.get(2).expect("held").live && w.get(3).is_some_and(|e| e.live));
+    }
+
+    /// `retire_to` drops entries from `head` up to `n`, never past `taken` (entries not taken yet are
+    /// not on media), and counts down the user entries only.
+    #[test]
+    fn retire_to_stops_at_taken_and_counts_user_entries() {
+        let mut w = WriteBuffer::new(8);
+        w.push(1, Origin::User, |_| {});
+        w.push(2, Origin::Reloc(3), |_| {});
+        w.push(3, Origin::User, |_| {});
+        w.push(4, Origin::Reloc(3), |_| {});
+        w.push(5, Origin::User, |_| {});
+        assert_eq!(w.user, 3);
+        w.retire_to(4);
+        assert_eq!((w.head, w.user), (0, 3), "nothing taken: nothing retired");
+        w.taken = 3;
+        w.retire_to(1);
+        assert_eq!((w.head, w.user), (1, 2));
+        w.retire_to(1);
+        assert_eq!((w.head, w.user), (1, 2), "retiring to head again is a no-op");
+        w.retire_to(5);
+        assert_eq!(
+            (w.head, w.user, w.free()),
+            (3, 1, 6),
+            "stops at taken; the reloc entry is not a user one"
+        );
+        w.taken = 5;
+        w.retire_to(5);
+        assert_eq!((w.head, w.user, w.free()), (5, 0, 8));
+    }
 }

@@ -1020,6 +1020,33 @@ mod slot_tests {
         m.slots()[slot as usize].unpin();
     }
 
+    /// (keys, tombstones) counted slot by slot.
+    fn census(m: &LineMap) -> (usize, usize) {
+        let keys = m.index.slots.iter().map(|s| s.key.load(Ordering::Relaxed));
+        let tombs = keys.clone().filter(|&k| k == TOMB).count();
+        (keys.filter(|&k| k != TOMB && k != EMPTY).count(), tombs)
+    }
+
+    /// A rebuild with nothing pinned leaves no tombstone, every key findable and the counts right.
+    #[test]
+    fn a_rebuild_without_pins_leaves_no_tombstone() {
+        let mut m = LineMap::new(8);
+        let keys: Vec<Key> = (0..8).map(|l| (0, l * 3)).collect();
+        let lines: Vec<u32> = keys.iter().map(|&k| m.alloc(k).unwrap()).collect();
+        for &i in &lines[..4] {
+            m.set_bits(i, 0, 0, 0); // dropped: tombstones, some inside probe runs
+        }
+        assert_eq!(census(&m), (4, 4));
+        let ls = &mut m.lines;
+        m.index.rebuild(|line, s| ls[line as usize].slot = s as u32);
+        assert_eq!(census(&m), (4, 0), "no tombstone left");
+        assert_eq!((m.index.used, m.index.tombs), (4, 0));
+        for (&k, &i) in keys.iter().zip(&lines).skip(4) {
+            assert_eq!(m.lookup(k), Some(i));
+            assert_eq!(m.slot_of(i).map(|s| s.key.load(Ordering::Relaxed)), pack(k), "the line knows its slot");
+        }
+    }
+
     /// A read hit reads only the index slot: it follows every change of a line's key and valid
     /// bits (take, set, drop, load), and a hit is pinned only when every wanted sector is valid.
     #[test]
@@ -1089,6 +1116,7 @@ mod slot_tests {
                 assert_eq!(m.lookup(k), Some(line), "round {round}: {k:?}");
             }
             assert_eq!(m.index.used, model.len(), "round {round}");
+            assert_eq!(census(&m), (m.index.used, m.index.tombs), "round {round}: the counts match the table");
             assert!(m.index.used + m.index.tombs < m.index.slots.len(), "an empty slot remains");
         }
         assert!(rebuilt, "the churn rebuilt the table");

@@ -852,3 +852,118 @@ fn a_large_flush_is_logged() {
         assert_eq!((start, end), (n > 1000, n > 1000), "{n} lines: {logs:#?}");
     }
 }
+
+/// Polls nothing, waits (60 s at most) until `cond` holds.
+#[track_caller]
+fn wait_until_true(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not after 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A flush's snapshot holds a dirty line that an unmap in flight (so the line is locked and no
+/// round picks it) then invalidates: once the line is no longer dirty the flush is done with it and
+/// completes (`check_jobs` keeps only the dirty lines of attached cores: a clean one would never be
+/// written back and the flush would never end).
+#[test]
+fn a_flush_is_done_with_a_line_unmapped_before_its_write_back() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..8);
+        h.unmaps = true;
+    }
+    ch.submit(BdevIo::no_data(IoKind::Unmap, 0, 8, 1));
+    let early = poll_until(&mut ch, "the unmap reaching the core", |_| lock(&ctl).caught == 1);
+    assert!(early.is_empty());
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 2));
+    wait_until_true("the owner taking the flush", || lock(&sh.requests).is_empty());
+    // The job is made right after its request is taken; line 0 is still dirty (and locked) then.
+    assert_eq!(mb.wait_until(2, Some(Instant::now() + Duration::from_millis(300))), None);
+    {
+        let m = rlock(&sh.map);
+        assert!(m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty == 0xff));
+    }
+    lock(&ctl).allow = usize::MAX;
+    let r = poll_until(&mut ch, "the unmap", |d| !d.is_empty());
+    assert_eq!(r[0].result, Ok(()));
+    assert_eq!(
+        mb.wait_until(2, Some(Instant::now() + Duration::from_secs(20))),
+        Some(Ok(())),
+        "the flush never ended after its only line was unmapped"
+    );
+}
+
+/// Shutdown flushes the cache device, marks the superblock clean and answers only after its final
+/// record round is written (`try_finish` waits while a record round is in flight).
+#[test]
+fn shutdown_flushes_the_cache_device_after_its_final_records() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096));
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(layout::MD_OFFSET / BS..sh.data_offset / BS);
+    let flushes = || lock(&ctl).submitted.iter().filter(|(k, _)| *k == IoKind::Flush).count();
+    let before = flushes();
+    let inst = bdev.inst.clone();
+    let stop = std::thread::spawn(move || inst.stop());
+    wait_until_true("the final record round", || lock(&ctl).caught >= 1);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        assert!(!stop.is_finished(), "shutdown ended while its final records were in flight");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(flushes(), before, "the cache device was flushed before its final records were written");
+    lock(&ctl).allow = usize::MAX;
+    stop.join().unwrap().unwrap();
+    assert!(flushes() > before, "no final flush");
+    let newest = [sb_copy(&reg, false), sb_copy(&reg, true)].into_iter().flatten().max_by_key(|c| c.1);
+    assert!(newest.is_some_and(|(sb, _)| sb.clean_shutdown), "the superblock does not say clean");
+}
+
+/// A flush that arrives during shutdown (after the final records) is cleaned before the thread
+/// exits; if its core goes away while its round's write-back is in flight, the flush is done (the
+/// core's lines no longer count), but shutdown still waits for the round (`try_finish`).
+#[test]
+fn shutdown_waits_for_a_cleaning_round_in_flight() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    let _release = (ReleaseOnDrop(cctl.clone()), ReleaseOnDrop(ctl.clone()));
+    {
+        let mut h = lock(&cctl);
+        h.range = Some(0..1); // the cache device's flushes (and superblock copy 0, written later)
+        h.flushes = true;
+    }
+    lock(&ctl).range = Some(0..8); // line 0's write-back to the core
+    let inst = bdev.inst.clone();
+    let stop = std::thread::spawn(move || inst.stop());
+    wait_until_true("the final cache flush", || lock(&cctl).caught == 1);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(Some(bdev.core_id), mb.clone(), 1));
+    wait_until_true("the write-back of line 0", || lock(&ctl).caught == 1);
+    // The core goes away: line 0 no longer counts for the flush, which ends.
+    lock(&sh.cores).get(&bdev.core_id).unwrap().removed.store(true, Ordering::Release);
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    lock(&cctl).allow = usize::MAX; // the final flush completes
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        assert!(!stop.is_finished(), "shutdown ended while a cleaning round was in flight");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lock(&ctl).allow = usize::MAX;
+    stop.join().unwrap().unwrap();
+}

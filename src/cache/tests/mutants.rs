@@ -1041,3 +1041,115 @@ fn an_unmap_during_a_clean_record_round_waits_for_its_own_record() {
         assert_eq!(device_record(&reg, s).map_or(0, |r| r.dirty), 0);
     }
 }
+
+/// One record round asked for and answered: the owner thread has run a whole loop pass since.
+fn owner_pass(sh: &Shared) {
+    let mb = Mailbox::new().unwrap();
+    for t in [1, 2] {
+        sh.send(OwnerReq::Persist(mb.clone(), t));
+        assert_eq!(mb.wait_until(t, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    }
+}
+
+/// True when core line `line` is dirty in the cache.
+fn line_dirty(sh: &Shared, line: u64) -> bool {
+    let m = rlock(&sh.map);
+    m.lookup((0, line)).is_some_and(|s| m.lines[s as usize].dirty != 0)
+}
+
+/// Waits (10 s at most) until core line `line` is clean; false if it never is.
+fn cleaned_within(sh: &Shared, line: u64, d: Duration) -> bool {
+    let deadline = Instant::now() + d;
+    while line_dirty(sh, line) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// `acp` with the clock stepped by hand (`Shared::frozen_ms`): after a batch that was not full it
+/// waits 10 ms before the next one; a line dirtied meanwhile is cleaned once the clock gets there,
+/// not before (`start_clean`: the `now >= next_clean_ms` guard and `now + 10`).
+#[test]
+fn acp_waits_10_ms_after_a_partial_batch() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Acp;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let f = sh.now_ms() + 1000;
+    sh.frozen_ms.store(f, Ordering::Release);
+    // Two whole loop passes at f: one of them ran acp (nothing dirty: not a full batch), so the
+    // next run is due at f + 10.
+    owner_pass(&sh);
+    write(&mut ch, 0, &fill(1, 4096));
+    owner_pass(&sh);
+    assert!(!cleaned_within(&sh, 0, Duration::from_secs(1)), "acp ran again before its 10 ms were up");
+    sh.frozen_ms.store(f + 10, Ordering::Release);
+    assert!(cleaned_within(&sh, 0, Duration::from_secs(10)), "acp did not run 10 ms after its last batch");
+}
+
+/// `alru` with the clock stepped by hand: it runs every `alru_wake_ms` (the first time after one
+/// interval), and then cleans the lines dirty for `alru_stale_ms` or more (exactly that long too);
+/// a line stale in between waits for the next run (`start_clean`'s alru arm).
+#[test]
+fn alru_cleans_lines_exactly_stale_at_each_wake_up_only() {
+    const STALE: u64 = 100;
+    const WAKE: u64 = 1_000_000;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Alru;
+    c.alru_stale_ms = STALE;
+    c.alru_wake_ms = WAKE;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    assert!(sh.now_ms() < WAKE - STALE);
+    sh.frozen_ms.store(WAKE - STALE, Ordering::Release);
+    write(&mut ch, 0, &fill(1, 4096)); // dirty since WAKE - STALE
+    owner_pass(&sh);
+    assert!(line_dirty(&sh, 0), "alru ran before its first interval");
+    // The first run: line 0 has been dirty for exactly the staleness time.
+    sh.frozen_ms.store(WAKE, Ordering::Release);
+    assert!(cleaned_within(&sh, 0, Duration::from_secs(10)), "alru left a line dirty for alru_stale_ms");
+    write(&mut ch, 8, &fill(2, 4096)); // line 1, dirty since WAKE
+    sh.frozen_ms.store(WAKE + STALE, Ordering::Release); // stale now, but the next run is at 2 * WAKE
+    owner_pass(&sh);
+    assert!(!cleaned_within(&sh, 1, Duration::from_secs(1)), "alru ran again before alru_wake_ms");
+    sh.frozen_ms.store(2 * WAKE, Ordering::Release);
+    assert!(
+        cleaned_within(&sh, 1, Duration::from_secs(10)),
+        "alru did not run alru_wake_ms after its last run"
+    );
+}
+
+/// Shutdown cleans nothing by policy: a line left dirty when the cleaning round in flight ends
+/// stays dirty (it is saved as such), even with `acp` (`start_clean` skips the policy then).
+#[test]
+fn shutdown_starts_no_policy_cleaning() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Acp;
+    c.clean_batch = 1;
+    c.seq_cutoff = SeqCutoff::Off;
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..16); // the write-back of lines 0 and 1
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096));
+    write(&mut ch, 8, &fill(2, 4096));
+    wait_until_true("the first write-back", || lock(&ctl).caught == 1);
+    let inst = bdev.inst.clone();
+    let stop = std::thread::spawn(move || inst.stop());
+    wait_until_true("the owner taking the shutdown", || lock(&sh.requests).is_empty() && !stop.is_finished());
+    lock(&ctl).allow = usize::MAX;
+    stop.join().unwrap().unwrap();
+    let writes = lock(&ctl).submitted.iter().filter(|(k, o)| *k == IoKind::Write && *o < 16).count();
+    assert_eq!(writes, 1, "a line was written back during shutdown");
+    assert_eq!(stats(&bdev)["dirty_lines"], 1);
+}

@@ -1182,3 +1182,22 @@ fn a_flush_after_a_round_read_an_older_copy_waits_for_the_newer_one() {
     let mut cch = core.channel().unwrap();
     same(&read(&mut cch, 0, 8), &newer, "the core after the second flush");
 }
+
+/// Once a core is detached (its `removed` flag, set by `core_gone` after its last write-back), the
+/// cleaner no longer touches it: a flush of every core leaves its dirty lines alone and completes
+/// (`Owner::attached`).
+#[test]
+fn the_cleaner_leaves_a_detached_core_alone() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    lock(&sh.cores).get(&bdev.core_id).unwrap().removed.store(true, Ordering::Release);
+    let before = lock(&ctl).submitted.len();
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 1));
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let after: Vec<_> = lock(&ctl).submitted[before..].to_vec();
+    assert!(after.iter().all(|(k, _)| *k != IoKind::Write), "written back to a detached core: {after:?}");
+    assert!(line_dirty(&sh, 0));
+}

@@ -1201,3 +1201,37 @@ fn the_cleaner_leaves_a_detached_core_alone() {
     assert!(after.iter().all(|(k, _)| *k != IoKind::Write), "written back to a detached core: {after:?}");
     assert!(line_dirty(&sh, 0));
 }
+
+/// While a cleaning round is in flight the owner thread polls its devices every 20 ms (a device
+/// may have no wait fd, as here), not at the policy's idle interval (alru: up to 1 s): a round
+/// whose core write completes is finished at once (`Owner::sleep`'s `busy`).
+#[test]
+fn the_owner_polls_often_while_a_round_is_in_flight() {
+    const WAKE: u64 = 1_000_000;
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Alru;
+    c.alru_stale_ms = 0;
+    c.alru_wake_ms = WAKE;
+    c.seq_cutoff = SeqCutoff::Off;
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..1 << 11);
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let t = Instant::now();
+    for i in 0..4u64 {
+        sh.frozen_ms.store((i + 1) * WAKE - 1, Ordering::Release);
+        write(&mut ch, i * 8, &fill(i, 4096));
+        // Alru's next run is due now; the owner runs it on its next pass.
+        sh.frozen_ms.store((i + 1) * WAKE, Ordering::Release);
+        owner_pass(&sh);
+        wait_until_true("the write-back", || lock(&ctl).caught == i as usize + 1);
+        lock(&ctl).allow += 1; // the owner is asleep now: a poll 20 ms later finds it done
+        assert!(cleaned_within(&sh, i, Duration::from_secs(20)));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "4 rounds took {took:?}: the owner slept while they were in flight"
+    );
+}

@@ -1235,3 +1235,78 @@ fn the_owner_polls_often_while_a_round_is_in_flight() {
         "4 rounds took {took:?}: the owner slept while they were in flight"
     );
 }
+
+/// A cache device shared by `c0` (over the `HoldBdev` core0) and `c1` (over malloc core1), write-back,
+/// no background cleaning; `c0` is registered and `ch` is a channel on it.
+fn held_shared_pair() -> (Registry, Arc<std::sync::Mutex<HoldCtl>>, Arc<CacheBdev>, Arc<CacheBdev>) {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core0, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core0).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core1", 1 << 20, 512).unwrap())).unwrap();
+    let a = wb_records_on_demand();
+    let mut b = a.clone();
+    b.name = "c1".into();
+    b.core = "core1".into();
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let cb = CacheBdev::create(&b, &reg).unwrap();
+    reg.register(ca.clone()).unwrap();
+    (reg, ctl, ca, cb)
+}
+
+/// A core whose cache bdev is shut down (it leaves the shared instance) while a cleaning round
+/// writes back one of its lines: the owner keeps that core's channel until the round is over, so
+/// the round ends (`take_requests` forgets detached cores only with no round in flight).
+#[test]
+fn a_round_on_a_core_that_leaves_the_instance_still_ends() {
+    use crate::bdev::Bdev;
+    let (reg, ctl, ca, _cb) = held_shared_pair();
+    let sh = ca.shared().clone();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0 of core0: dirty
+    drop(ch);
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..8);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 1));
+    wait_until_true("the write-back", || lock(&ctl).caught == 1);
+    ca.shutdown().unwrap(); // core0 leaves the instance (c1 keeps it running)
+    owner_pass(&sh);
+    lock(&ctl).allow = usize::MAX;
+    let key = (ca.core_id, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wlock(&sh.map).is_locked(key) {
+        if Instant::now() >= deadline {
+            std::mem::forget((reg, ca, _cb, desc));
+            panic!("the round on core0 never ended");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The same for a flush's core flush in flight: the core's channel is kept until it completes, and
+/// the flush is answered (`take_requests` waits for jobs flushing).
+#[test]
+fn a_core_flush_of_a_core_that_leaves_the_instance_still_ends() {
+    use crate::bdev::Bdev;
+    let (reg, ctl, ca, _cb) = held_shared_pair();
+    let sh = ca.shared().clone();
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.flushes = true;
+        h.range = Some(0..1);
+    }
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(Some(ca.core_id), mb.clone(), 1)); // nothing dirty: straight to the flush
+    wait_until_true("core0's flush", || lock(&ctl).caught == 1);
+    ca.shutdown().unwrap();
+    owner_pass(&sh);
+    lock(&ctl).allow = usize::MAX;
+    let r = mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20)));
+    if r != Some(Ok(())) {
+        std::mem::forget((reg, ca, _cb));
+        panic!("the flush of core0 never ended: {r:?}");
+    }
+}

@@ -1310,3 +1310,96 @@ fn a_core_flush_of_a_core_that_leaves_the_instance_still_ends() {
         panic!("the flush of core0 never ended: {r:?}");
     }
 }
+
+/// The flush of one core snapshots that core's dirty lines only: another core's dirty line in the
+/// shared cache stays dirty (`new_job`'s filter).
+#[test]
+fn a_flush_of_one_core_leaves_the_other_cores_lines_dirty() {
+    let (reg, _ctl, ca, cb) = held_shared_pair();
+    reg.register(cb.clone()).unwrap();
+    let sh = ca.shared().clone();
+    let d1 = reg.open("c1", true).unwrap();
+    let mut c1 = d1.channel().unwrap();
+    write(&mut c1, 0, &fill(1, 4096)); // line 0 of core1: dirty
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(Some(ca.core_id), mb.clone(), 1));
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let m = rlock(&sh.map);
+    assert!(
+        m.lookup((cb.core_id, 0)).is_some_and(|s| m.lines[s as usize].dirty == 0xff),
+        "core1's line was cleaned"
+    );
+}
+
+/// While a flush waits for its core flush the owner thread polls every 20 ms (a device may have no
+/// wait fd, as here), not at the idle interval (1 s with `nop`) (`Owner::sleep`'s `busy`).
+#[test]
+fn the_owner_polls_often_while_a_flush_is_in_flight() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, _ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.flushes = true;
+        h.range = Some(0..1);
+    }
+    let mb = Mailbox::new().unwrap();
+    let t = Instant::now();
+    for i in 0..4u64 {
+        sh.send(OwnerReq::Flush(None, mb.clone(), i)); // nothing dirty: straight to the core flush
+        wait_until_true("the core flush", || lock(&ctl).caught == i as usize + 1);
+        lock(&ctl).allow += 1; // the owner is asleep now: a poll 20 ms later finds it done
+        assert_eq!(mb.wait_until(i, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "4 flushes took {took:?}: the owner slept while they were in flight"
+    );
+}
+
+/// With records waiting to be written lazily the owner thread wakes every 100 ms to check whether
+/// they are due (not at the idle interval: 1 s with `nop`), so a lazy record round follows soon
+/// after `md_lazy_ms` (`Owner::sleep`).
+#[test]
+fn lazy_records_are_written_soon() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = wt_no_cutoff();
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 150;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let rounds = || sh.md_rounds.load(Ordering::Acquire);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 100)); // a record round now: the next lazy one is 150 ms away
+    assert_eq!(mb.wait_until(100, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let t = Instant::now();
+    for i in 0..4u64 {
+        let r = rounds();
+        read(&mut ch, i * 8, 8); // a fill: its record is written lazily
+                                 // Wake the owner (a flush with nothing dirty): it goes back to sleep with a record pending.
+        sh.send(OwnerReq::Flush(None, mb.clone(), i));
+        assert_eq!(mb.wait_until(i, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+        wait_until_true("the lazy record round", || rounds() > r);
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(2500), "4 lazy rounds took {took:?}");
+}
+
+/// `simulate_crash` (for the crash tests) really skips the clean shutdown: the superblock still
+/// says "in use" afterwards.
+#[test]
+fn a_simulated_crash_leaves_the_superblock_in_use() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, desc, ch) = open_cache(&reg, &cfg(Mode::Wb));
+    bdev.shared().simulate_crash.store(true, Ordering::Release);
+    drop(ch);
+    drop(desc);
+    drop(reg.unregister("c0").unwrap());
+    drop(bdev);
+    let newest = [sb_copy(&reg, false), sb_copy(&reg, true)].into_iter().flatten().max_by_key(|c| c.1);
+    assert!(newest.is_some_and(|(sb, _)| !sb.clean_shutdown), "the superblock says clean after a crash");
+}

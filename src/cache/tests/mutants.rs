@@ -1403,3 +1403,29 @@ fn a_simulated_crash_leaves_the_superblock_in_use() {
     let newest = [sb_copy(&reg, false), sb_copy(&reg, true)].into_iter().flatten().max_by_key(|c| c.1);
     assert!(newest.is_some_and(|(sb, _)| !sb.clean_shutdown), "the superblock says clean after a crash");
 }
+
+/// A read that starts in the last sector of a line and ends in the next one is not a one-line hit
+/// even when its first line holds that sector: it is served line by line, from wherever each line
+/// is cached (with 64 KiB lines the first line's sector mask alone would say "hit", and the read
+/// would run on into the next cache line) (`hit_in_line`'s one-line check).
+#[test]
+fn a_read_across_two_lines_is_not_a_one_line_hit() {
+    const LB: u64 = 128; // 64 KiB lines of 512-byte blocks
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(16, 65536), 1 << 20);
+    let mut c = wt_no_cutoff();
+    c.line_size = 65536;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| fill(i + 1, 65536)).collect();
+    for k in [1u64, 0, 2] {
+        write(&mut ch, k * LB, &data[k as usize]); // cached in this order: not in consecutive cache lines
+    }
+    let slot = |k: u64| wlock(&sh.map).lookup((0, k)).unwrap();
+    let k = (0..2u64).find(|&k| slot(k + 1) != slot(k) + 1).unwrap();
+    let got = read(&mut ch, k * LB + LB - 1, 2);
+    let k = k as usize;
+    let mut want = data[k][65536 - 512..].to_vec();
+    want.extend_from_slice(&data[k + 1][..512]);
+    same(&got, &want, "a read across two lines");
+}

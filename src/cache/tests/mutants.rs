@@ -1417,7 +1417,7 @@ fn a_read_across_two_lines_is_not_a_one_line_hit() {
     c.line_size = 65536;
     let (bdev, _desc, mut ch) = open_cache(&reg, &c);
     let sh = bdev.shared().clone();
-    let data: Vec<Vec<u8>> = (0..3).map(|i| fill(i + 1, 65536)).collect();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| fill(2 * i + 1, 65536)).collect();
     for k in [1u64, 0, 2] {
         write(&mut ch, k * LB, &data[k as usize]); // cached in this order: not in consecutive cache lines
     }

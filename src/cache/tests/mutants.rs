@@ -1429,3 +1429,34 @@ fn a_read_across_two_lines_is_not_a_one_line_hit() {
     want.extend_from_slice(&data[k + 1][..512]);
     same(&got, &want, "a read across two lines");
 }
+
+/// A mode switch from write-back to write-through sets the mode, then cleans every dirty line (a
+/// flush job). A write-through write to a dirty line already in flight when the job starts holds
+/// the line (the job waits), then leaves it clean: the job skips it, though it is still listed,
+/// and completes (`start_clean` skips a picked line with nothing dirty).
+#[test]
+fn a_flush_skips_a_line_a_write_through_write_cleaned() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..8);
+    sh.mode.store(Mode::Wt.to_u8(), Ordering::Release); // what `set_mode` does first
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&fill(3, 4096)), 1)); // its core write is held
+    let early = poll_until(&mut ch, "the write-through write", |_| lock(&ctl).caught == 1);
+    assert!(early.is_empty());
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 2)); // what `set_mode` does next
+    wait_until_true("the owner taking the flush", || lock(&sh.requests).is_empty());
+    owner_pass(&sh);
+    lock(&ctl).allow = usize::MAX;
+    let r = poll_until(&mut ch, "the write-through write", |d| !d.is_empty());
+    assert_eq!(r[0].result, Ok(()));
+    assert!(!line_dirty(&sh, 0));
+    let r = mb.wait_until(2, Some(Instant::now() + Duration::from_secs(20)));
+    if r != Some(Ok(())) {
+        std::mem::forget((reg, bdev, desc, ch));
+        panic!("the flush never ended: {r:?}");
+    }
+}

@@ -1460,3 +1460,23 @@ fn a_flush_skips_a_line_a_write_through_write_cleaned() {
         panic!("the flush never ended: {r:?}");
     }
 }
+
+/// A hit read through the cache device's lane counts its latency from its own submission (no batch
+/// time set): at most the time the read took, not the time since the clock's origin (`new_hit`
+/// stamps the hits that go through the lane).
+#[test]
+fn a_lane_hit_counts_its_latency_from_its_submission() {
+    let (reg, _bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    write(&mut ch, 0, &fill(1, 4096));
+    let _ = crate::bdev::channel::nanos(Instant::now()); // the latency clock's origin is set by now
+    std::thread::sleep(Duration::from_secs(1));
+    let cdev_stats = reg.bdev_stats("cdev").unwrap();
+    let before = cdev_stats.snapshot();
+    let t = Instant::now();
+    read(&mut ch, 0, 8); // a hit within one line: read through the lane
+    let took = t.elapsed().as_nanos() as u64;
+    let s = cdev_stats.snapshot();
+    assert_eq!(s.read_ops, before.read_ops + 1, "the hit's read");
+    let lat = s.read_latency_ns_sum - before.read_latency_ns_sum;
+    assert!(lat <= took, "the hit's read took {took} ns, counted {lat} ns");
+}

@@ -1480,3 +1480,40 @@ fn a_lane_hit_counts_its_latency_from_its_submission() {
     let lat = s.read_latency_ns_sum - before.read_latency_ns_sum;
     assert!(lat <= took, "the hit's read took {took} ns, counted {lat} ns");
 }
+
+/// A read hit across two lines cached apart is read in two pieces; it completes only when both
+/// have been read (`hit_done` waits for the hit's last child).
+#[test]
+fn a_hit_in_two_pieces_completes_after_both() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wt_no_cutoff());
+    let sh = bdev.shared().clone();
+    let (a, b) = (fill(1, 4096), fill(3, 4096));
+    write(&mut ch, 8, &b); // line 1 first: the two lines are not cached side by side
+    write(&mut ch, 0, &a);
+    let s1 = wlock(&sh.map).lookup((0, 1)).unwrap();
+    assert_ne!(wlock(&sh.map).lookup((0, 0)).unwrap() + 1, s1);
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        let first = (sh.data_offset + u64::from(s1) * 4096) / BS;
+        h.range = Some(first..first + 8); // line 1's read
+        h.reads = true;
+    }
+    let buf = IoVecs::alloc(8192);
+    let view = buf.slice(0, 8192).unwrap();
+    ch.submit(BdevIo::read(0, 16, buf, 1));
+    let mut done = Vec::new();
+    for _ in 0..50 {
+        ch.poll(&mut done);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(lock(&ctl).caught, 1, "line 1's read is held");
+    assert!(done.is_empty(), "the hit completed with one of its two reads held");
+    lock(&ctl).allow = usize::MAX;
+    let r = poll_until(&mut ch, "the hit", |d| !d.is_empty());
+    assert_eq!(r[0].result, Ok(()));
+    let got = view.to_vec();
+    same(&got[..4096], &a, "line 0");
+    same(&got[4096..], &b, "line 1");
+}

@@ -1517,3 +1517,34 @@ fn a_hit_in_two_pieces_completes_after_both() {
     same(&got[..4096], &a, "line 0");
     same(&got[4096..], &b, "line 1");
 }
+
+/// A read hit within one line submitted while another request of its channel waits still takes the
+/// fast path (pins, no line lock): a write to that line from another channel goes ahead during the
+/// hit's read (`submit` tries the fast path for a request that did not try it yet).
+#[test]
+fn a_hit_behind_a_waiting_request_does_not_lock_its_line() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, desc, mut ch) = open_cache(&reg, &wt_no_cutoff());
+    let sh = bdev.shared().clone();
+    let mut ch2 = desc.channel().unwrap();
+    write(&mut ch, 16, &fill(1, 4096)); // line 2, cached
+    write(&mut ch, 32, &fill(3, 4096)); // line 4, cached
+    let off = |line: u64| (sh.data_offset + u64::from(wlock(&sh.map).lookup((0, line)).unwrap()) * 4096) / BS;
+    let (o2, o4) = (off(2), off(4));
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(o2.min(o4)..o2.max(o4) + 8);
+        h.reads = true;
+    }
+    ch.submit(BdevIo::write(32, 8, IoVecs::from_slice(&fill(5, 4096)), 1)); // holds line 4
+    ch.submit(BdevIo::write(32, 8, IoVecs::from_slice(&fill(7, 4096)), 2)); // waits for line 4
+    ch.submit(BdevIo::read(16, 8, IoVecs::alloc(4096), 3)); // a hit on line 2, its read held
+    let n = lock(&ctl).submitted.len();
+    ch2.submit(BdevIo::write(16, 8, IoVecs::from_slice(&fill(9, 4096)), 4));
+    let after: Vec<_> = lock(&ctl).submitted[n..].to_vec();
+    assert!(after.contains(&(IoKind::Write, o2)), "the write to line 2 waited for the hit: {after:?}");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "the first channel", |d| d.len() == 3);
+    poll_until(&mut ch2, "the write", |d| d.len() == 1);
+}

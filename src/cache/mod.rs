@@ -375,6 +375,9 @@ pub struct Shared {
     /// Clean lines are needed (a write found none): the cleaner runs a batch now.
     pub(crate) pressure: AtomicBool,
     pub(crate) start: Instant,
+    /// Tests: while not `u64::MAX`, `now_ms` answers this (the cleaner's schedule, stepped by hand).
+    #[cfg(test)]
+    pub(crate) frozen_ms: AtomicU64,
     pub(crate) sb: Mutex<(Superblock, u64)>,
     /// Metadata rounds written, pages written by them, and requests answered by them (group commit:
     /// waiters per round).
@@ -390,6 +393,10 @@ impl Shared {
     }
 
     pub(crate) fn now_ms(&self) -> u64 {
+        #[cfg(test)]
+        if self.frozen_ms.load(Ordering::Acquire) != u64::MAX {
+            return self.frozen_ms.load(Ordering::Acquire);
+        }
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -957,6 +964,8 @@ impl CacheBdev {
             stopped: AtomicBool::new(false),
             pressure: AtomicBool::new(false),
             start: Instant::now(),
+            #[cfg(test)]
+            frozen_ms: AtomicU64::new(u64::MAX),
             sb: Mutex::new((sb, seq)),
             md_rounds: AtomicU64::new(0),
             md_pages: AtomicU64::new(0),

@@ -770,6 +770,8 @@ struct HoldCtl {
     reads: bool,
     /// Hold flushes too (a flush's offset is 0: `range` must hold block 0).
     flushes: bool,
+    /// Hold unmaps too.
+    unmaps: bool,
     fail_reads: bool,
     fail_writes: bool,
     caught: usize,
@@ -823,7 +825,8 @@ impl crate::bdev::ModuleChannel for HoldChannel {
         ctl.submitted.push((io.kind, io.offset_blocks));
         let kind = io.kind == IoKind::Write
             || (ctl.reads && io.kind == IoKind::Read)
-            || (ctl.flushes && io.kind == IoKind::Flush);
+            || (ctl.flushes && io.kind == IoKind::Flush)
+            || (ctl.unmaps && io.kind == IoKind::Unmap);
         let in_range = ctl.range.as_ref().is_some_and(|r| r.contains(&io.offset_blocks));
         if kind && in_range {
             ctl.caught += 1;

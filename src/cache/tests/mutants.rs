@@ -852,3 +852,699 @@ fn a_large_flush_is_logged() {
         assert_eq!((start, end), (n > 1000, n > 1000), "{n} lines: {logs:#?}");
     }
 }
+
+/// Polls nothing, waits (60 s at most) until `cond` holds.
+#[track_caller]
+fn wait_until_true(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not after 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A flush's snapshot holds a dirty line that an unmap in flight (so the line is locked and no
+/// round picks it) then invalidates: once the line is no longer dirty the flush is done with it and
+/// completes (`check_jobs` keeps only the dirty lines of attached cores: a clean one would never be
+/// written back and the flush would never end).
+#[test]
+fn a_flush_is_done_with_a_line_unmapped_before_its_write_back() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(0..8);
+        h.unmaps = true;
+    }
+    ch.submit(BdevIo::no_data(IoKind::Unmap, 0, 8, 1));
+    let early = poll_until(&mut ch, "the unmap reaching the core", |_| lock(&ctl).caught == 1);
+    assert!(early.is_empty());
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 2));
+    wait_until_true("the owner taking the flush", || lock(&sh.requests).is_empty());
+    // The job is made right after its request is taken; line 0 is still dirty (and locked) then.
+    assert_eq!(mb.wait_until(2, Some(Instant::now() + Duration::from_millis(300))), None);
+    {
+        let m = rlock(&sh.map);
+        assert!(m.lookup((0, 0)).is_some_and(|s| m.lines[s as usize].dirty == 0xff));
+    }
+    lock(&ctl).allow = usize::MAX;
+    let r = poll_until(&mut ch, "the unmap", |d| !d.is_empty());
+    assert_eq!(r[0].result, Ok(()));
+    let r = mb.wait_until(2, Some(Instant::now() + Duration::from_secs(20)));
+    if r != Some(Ok(())) {
+        // Shutdown would wait for the flush forever: leave this cache running, and fail.
+        std::mem::forget((reg, bdev, _desc, ch));
+        panic!("the flush never ended after its only line was unmapped: {r:?}");
+    }
+}
+
+/// Shutdown flushes the cache device, marks the superblock clean and answers only after its final
+/// record round is written (`try_finish` waits while a record round is in flight).
+#[test]
+fn shutdown_flushes_the_cache_device_after_its_final_records() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096));
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(layout::MD_OFFSET / BS..sh.data_offset / BS);
+    let flushes = || lock(&ctl).submitted.iter().filter(|(k, _)| *k == IoKind::Flush).count();
+    let before = flushes();
+    let inst = bdev.inst.clone();
+    let stop = std::thread::spawn(move || inst.stop());
+    wait_until_true("the final record round", || lock(&ctl).caught >= 1);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        assert!(!stop.is_finished(), "shutdown ended while its final records were in flight");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(flushes(), before, "the cache device was flushed before its final records were written");
+    lock(&ctl).allow = usize::MAX;
+    stop.join().unwrap().unwrap();
+    assert!(flushes() > before, "no final flush");
+    let newest = [sb_copy(&reg, false), sb_copy(&reg, true)].into_iter().flatten().max_by_key(|c| c.1);
+    assert!(newest.is_some_and(|(sb, _)| sb.clean_shutdown), "the superblock does not say clean");
+}
+
+/// A flush that arrives during shutdown (after the final records) is cleaned before the thread
+/// exits; if its core goes away while its round's write-back is in flight, the flush is done (the
+/// core's lines no longer count), but shutdown still waits for the round (`try_finish`).
+#[test]
+fn shutdown_waits_for_a_cleaning_round_in_flight() {
+    let reg = Registry::new();
+    let (cdev, cctl) = HoldBdev::new("cdev", cache_dev_bytes(64, 4096));
+    reg.register(cdev).unwrap();
+    let (core, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core).unwrap();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    let _release = (ReleaseOnDrop(cctl.clone()), ReleaseOnDrop(ctl.clone()));
+    {
+        let mut h = lock(&cctl);
+        h.range = Some(0..1); // the cache device's flushes (and superblock copy 0, written later)
+        h.flushes = true;
+    }
+    lock(&ctl).range = Some(0..8); // line 0's write-back to the core
+    let inst = bdev.inst.clone();
+    let stop = std::thread::spawn(move || inst.stop());
+    wait_until_true("the final cache flush", || lock(&cctl).caught == 1);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(Some(bdev.core_id), mb.clone(), 1));
+    wait_until_true("the write-back of line 0", || lock(&ctl).caught == 1);
+    // The core goes away: line 0 no longer counts for the flush, which ends.
+    lock(&sh.cores).get(&bdev.core_id).unwrap().removed.store(true, Ordering::Release);
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    lock(&cctl).allow = usize::MAX; // the final flush completes
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        assert!(!stop.is_finished(), "shutdown ended while a cleaning round was in flight");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lock(&ctl).allow = usize::MAX;
+    stop.join().unwrap().unwrap();
+}
+
+/// The 128 bytes of cache line `slot`'s two record slots as the cache device holds them now.
+fn record_slots(reg: &Registry, slot: u32) -> Vec<u8> {
+    let cdev = reg.open("cdev", false).unwrap();
+    let mut cch = cdev.channel().unwrap();
+    let page = slot / layout::LINES_PER_PAGE;
+    let bytes = read(&mut cch, layout::page_offset(page) / BS, layout::PAGE_BYTES / BS);
+    let i = (slot % layout::LINES_PER_PAGE) as usize * layout::LINE_MD_BYTES as usize;
+    bytes[i..i + layout::LINE_MD_BYTES as usize].to_vec()
+}
+
+/// Each record write of a line goes to the other slot than the one before (its sequence number
+/// picks it), so a torn record write leaves the previous record whole (`start_md` numbers them).
+#[test]
+fn record_writes_alternate_between_a_lines_two_slots() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: recorded dirty
+    let slot = wlock(&sh.map).lookup((0, 0)).unwrap();
+    bdev.clean_all().unwrap();
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 1)); // line 0 recorded clean
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let raw = record_slots(&reg, slot);
+    let one = |k: usize| {
+        let mut b = vec![0u8; layout::LINE_MD_BYTES as usize];
+        let r = k * layout::SLOT_BYTES..(k + 1) * layout::SLOT_BYTES;
+        b[r.clone()].copy_from_slice(&raw[r]);
+        layout::decode_line(&b, slot).unwrap()
+    };
+    let (Some(a), Some(b)) = (one(0), one(1)) else { panic!("a record slot of line 0 is empty") };
+    let (old, new) = if a.seq < b.seq { (a, b) } else { (b, a) };
+    assert_eq!(new.seq, old.seq + 1);
+    assert_eq!((old.dirty, new.dirty), (0xff, 0), "old {old:?}, new {new:?}");
+}
+
+/// The race of `rewrite_while_the_clean_record_is_in_flight_is_acknowledged_after_its_own_record`
+/// for an unmap: while a record round writing "clean" for a line the device records dirty is in
+/// flight, the device may still say dirty (`start_md`'s `disk_dirty |= dirty`), so an unmap of that
+/// line is acknowledged only after a round of its own has recorded the invalidation.
+#[test]
+fn an_unmap_during_a_clean_record_round_waits_for_its_own_record() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    let waiters = || sh.md_waiters.load(Ordering::Acquire);
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: recorded dirty
+    flush(&mut ch); // cleaned; the device still says dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(layout::MD_OFFSET / BS..sh.data_offset / BS);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 1));
+    wait_until_true("the record round", || lock(&ctl).caught >= 1);
+    let w = waiters();
+    ch.submit(BdevIo::no_data(IoKind::Unmap, 0, 8, 7));
+    let early = poll_until(&mut ch, "the unmap's invalidation", |_| {
+        let m = wlock(&sh.map);
+        m.lookup((0, 0)).map_or(true, |s| m.lines[s as usize].valid == 0)
+    });
+    assert!(early.is_empty(), "the unmap was acknowledged while the device may still record line 0 dirty");
+    lock(&ctl).allow = usize::MAX;
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let r = drive(&mut ch);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].result, Ok(()));
+    assert_eq!(waiters(), w + 1, "the unmap waited for a record round of its own");
+    let slot = wlock(&sh.map).lookup((0, 0));
+    if let Some(s) = slot {
+        assert_eq!(device_record(&reg, s).map_or(0, |r| r.dirty), 0);
+    }
+}
+
+/// One record round asked for and answered: the owner thread has run a whole loop pass since.
+fn owner_pass(sh: &Shared) {
+    let mb = Mailbox::new().unwrap();
+    for t in [1, 2] {
+        sh.send(OwnerReq::Persist(mb.clone(), t));
+        assert_eq!(mb.wait_until(t, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    }
+}
+
+/// True when core line `line` is dirty in the cache.
+fn line_dirty(sh: &Shared, line: u64) -> bool {
+    let m = rlock(&sh.map);
+    m.lookup((0, line)).is_some_and(|s| m.lines[s as usize].dirty != 0)
+}
+
+/// Waits (10 s at most) until core line `line` is clean; false if it never is.
+fn cleaned_within(sh: &Shared, line: u64, d: Duration) -> bool {
+    let deadline = Instant::now() + d;
+    while line_dirty(sh, line) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+/// `acp` with the clock stepped by hand (`Shared::frozen_ms`): after a batch that was not full it
+/// waits 10 ms before the next one; a line dirtied meanwhile is cleaned once the clock gets there,
+/// not before (`start_clean`: the `now >= next_clean_ms` guard and `now + 10`).
+#[test]
+fn acp_waits_10_ms_after_a_partial_batch() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Acp;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let f = sh.now_ms() + 1000;
+    sh.frozen_ms.store(f, Ordering::Release);
+    // Two whole loop passes at f: one of them ran acp (nothing dirty: not a full batch), so the
+    // next run is due at f + 10.
+    owner_pass(&sh);
+    write(&mut ch, 0, &fill(1, 4096));
+    owner_pass(&sh);
+    assert!(!cleaned_within(&sh, 0, Duration::from_secs(1)), "acp ran again before its 10 ms were up");
+    sh.frozen_ms.store(f + 10, Ordering::Release);
+    assert!(cleaned_within(&sh, 0, Duration::from_secs(10)), "acp did not run 10 ms after its last batch");
+}
+
+/// `alru` with the clock stepped by hand: it runs every `alru_wake_ms` (the first time after one
+/// interval), and then cleans the lines dirty for `alru_stale_ms` or more (exactly that long too);
+/// a line stale in between waits for the next run (`start_clean`'s alru arm).
+#[test]
+fn alru_cleans_lines_exactly_stale_at_each_wake_up_only() {
+    const STALE: u64 = 100;
+    const WAKE: u64 = 1_000_000;
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Alru;
+    c.alru_stale_ms = STALE;
+    c.alru_wake_ms = WAKE;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    assert!(sh.now_ms() < WAKE - STALE);
+    sh.frozen_ms.store(WAKE - STALE, Ordering::Release);
+    write(&mut ch, 0, &fill(1, 4096)); // dirty since WAKE - STALE
+    owner_pass(&sh);
+    assert!(line_dirty(&sh, 0), "alru ran before its first interval");
+    // The first run: line 0 has been dirty for exactly the staleness time.
+    sh.frozen_ms.store(WAKE, Ordering::Release);
+    assert!(cleaned_within(&sh, 0, Duration::from_secs(10)), "alru left a line dirty for alru_stale_ms");
+    write(&mut ch, 8, &fill(2, 4096)); // line 1, dirty since WAKE
+    sh.frozen_ms.store(WAKE + STALE, Ordering::Release); // stale now, but the next run is at 2 * WAKE
+    owner_pass(&sh);
+    assert!(!cleaned_within(&sh, 1, Duration::from_secs(1)), "alru ran again before alru_wake_ms");
+    sh.frozen_ms.store(2 * WAKE, Ordering::Release);
+    assert!(
+        cleaned_within(&sh, 1, Duration::from_secs(10)),
+        "alru did not run alru_wake_ms after its last run"
+    );
+}
+
+/// Shutdown cleans nothing by policy: a line left dirty when the cleaning round in flight ends
+/// stays dirty (it is saved as such), even with `acp` (`start_clean` skips the policy then).
+#[test]
+fn shutdown_starts_no_policy_cleaning() {
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Acp;
+    c.clean_batch = 1;
+    c.seq_cutoff = SeqCutoff::Off;
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..16); // the write-back of lines 0 and 1
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096));
+    write(&mut ch, 8, &fill(2, 4096));
+    wait_until_true("the first write-back", || lock(&ctl).caught == 1);
+    let inst = bdev.inst.clone();
+    let stop = std::thread::spawn(move || inst.stop());
+    wait_until_true("the owner taking the shutdown", || lock(&sh.requests).is_empty() && !stop.is_finished());
+    lock(&ctl).allow = usize::MAX;
+    stop.join().unwrap().unwrap();
+    let writes = lock(&ctl).submitted.iter().filter(|(k, o)| *k == IoKind::Write && *o < 16).count();
+    assert_eq!(writes, 1, "a line was written back during shutdown");
+    assert_eq!(stats(&bdev)["dirty_lines"], 1);
+}
+
+/// A flush that arrives while a cleaning round is writing back an older copy of a line (the line
+/// was rewritten after the round read it) is acknowledged only once the newer data reached the
+/// core: rounds are numbered (`start_clean`'s `rounds += 1`), and only a round started after the
+/// flush arrived counts for it as written.
+#[test]
+fn a_flush_after_a_round_read_an_older_copy_waits_for_the_newer_one() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096));
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..8);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 1));
+    wait_until_true("the write-back of line 0", || lock(&ctl).caught == 1);
+    let newer = fill(2, 4096);
+    write(&mut ch, 0, &newer); // passes the round's soft lock
+    sh.send(OwnerReq::Flush(None, mb.clone(), 2));
+    wait_until_true("the owner taking the second flush", || lock(&sh.requests).is_empty());
+    std::thread::sleep(Duration::from_millis(100));
+    lock(&ctl).allow = usize::MAX;
+    let deadline = Some(Instant::now() + Duration::from_secs(20));
+    assert_eq!(mb.wait_until(1, deadline), Some(Ok(())));
+    assert_eq!(mb.wait_until(2, deadline), Some(Ok(())));
+    let core = reg.open("core0", false).unwrap();
+    let mut cch = core.channel().unwrap();
+    same(&read(&mut cch, 0, 8), &newer, "the core after the second flush");
+}
+
+/// Once a core is detached (its `removed` flag, set by `core_gone` after its last write-back), the
+/// cleaner no longer touches it: a flush of every core leaves its dirty lines alone and completes
+/// (`Owner::attached`).
+#[test]
+fn the_cleaner_leaves_a_detached_core_alone() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    lock(&sh.cores).get(&bdev.core_id).unwrap().removed.store(true, Ordering::Release);
+    let before = lock(&ctl).submitted.len();
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 1));
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let after: Vec<_> = lock(&ctl).submitted[before..].to_vec();
+    assert!(after.iter().all(|(k, _)| *k != IoKind::Write), "written back to a detached core: {after:?}");
+    assert!(line_dirty(&sh, 0));
+}
+
+/// While a cleaning round is in flight the owner thread polls its devices every 20 ms (a device
+/// may have no wait fd, as here), not at the policy's idle interval (alru: up to 1 s): a round
+/// whose core write completes is finished at once (`Owner::sleep`'s `busy`).
+#[test]
+fn the_owner_polls_often_while_a_round_is_in_flight() {
+    const WAKE: u64 = 1_000_000;
+    let (reg, ctl) = held_core_setup();
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Alru;
+    c.alru_stale_ms = 0;
+    c.alru_wake_ms = WAKE;
+    c.seq_cutoff = SeqCutoff::Off;
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..1 << 11);
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let t = Instant::now();
+    for i in 0..4u64 {
+        sh.frozen_ms.store((i + 1) * WAKE - 1, Ordering::Release);
+        write(&mut ch, i * 8, &fill(i, 4096));
+        // Alru's next run is due now; the owner runs it on its next pass.
+        sh.frozen_ms.store((i + 1) * WAKE, Ordering::Release);
+        owner_pass(&sh);
+        wait_until_true("the write-back", || lock(&ctl).caught == i as usize + 1);
+        lock(&ctl).allow += 1; // the owner is asleep now: a poll 20 ms later finds it done
+        assert!(cleaned_within(&sh, i, Duration::from_secs(20)));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "4 rounds took {took:?}: the owner slept while they were in flight"
+    );
+}
+
+/// A cache device shared by `c0` (over the `HoldBdev` core0) and `c1` (over malloc core1), write-back,
+/// no background cleaning; `c0` is registered and `ch` is a channel on it.
+fn held_shared_pair() -> (Registry, Arc<std::sync::Mutex<HoldCtl>>, Arc<CacheBdev>, Arc<CacheBdev>) {
+    let reg = Registry::new();
+    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
+    let (core0, ctl) = HoldBdev::new("core0", 1 << 20);
+    reg.register(core0).unwrap();
+    reg.register(Arc::new(MallocBdev::new("core1", 1 << 20, 512).unwrap())).unwrap();
+    let a = wb_records_on_demand();
+    let mut b = a.clone();
+    b.name = "c1".into();
+    b.core = "core1".into();
+    let ca = CacheBdev::create(&a, &reg).unwrap();
+    let cb = CacheBdev::create(&b, &reg).unwrap();
+    reg.register(ca.clone()).unwrap();
+    (reg, ctl, ca, cb)
+}
+
+/// A core whose cache bdev is shut down (it leaves the shared instance) while a cleaning round
+/// writes back one of its lines: the owner keeps that core's channel until the round is over, so
+/// the round ends (`take_requests` forgets detached cores only with no round in flight).
+#[test]
+fn a_round_on_a_core_that_leaves_the_instance_still_ends() {
+    use crate::bdev::Bdev;
+    let (reg, ctl, ca, _cb) = held_shared_pair();
+    let sh = ca.shared().clone();
+    let desc = reg.open("c0", true).unwrap();
+    let mut ch = desc.channel().unwrap();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0 of core0: dirty
+    drop(ch);
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..8);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 1));
+    wait_until_true("the write-back", || lock(&ctl).caught == 1);
+    ca.shutdown().unwrap(); // core0 leaves the instance (c1 keeps it running)
+    owner_pass(&sh);
+    lock(&ctl).allow = usize::MAX;
+    let key = (ca.core_id, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wlock(&sh.map).is_locked(key) {
+        if Instant::now() >= deadline {
+            std::mem::forget((reg, ca, _cb, desc));
+            panic!("the round on core0 never ended");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The same for a flush's core flush in flight: the core's channel is kept until it completes, and
+/// the flush is answered (`take_requests` waits for jobs flushing).
+#[test]
+fn a_core_flush_of_a_core_that_leaves_the_instance_still_ends() {
+    use crate::bdev::Bdev;
+    let (reg, ctl, ca, _cb) = held_shared_pair();
+    let sh = ca.shared().clone();
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.flushes = true;
+        h.range = Some(0..1);
+    }
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(Some(ca.core_id), mb.clone(), 1)); // nothing dirty: straight to the flush
+    wait_until_true("core0's flush", || lock(&ctl).caught == 1);
+    ca.shutdown().unwrap();
+    owner_pass(&sh);
+    lock(&ctl).allow = usize::MAX;
+    let r = mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20)));
+    if r != Some(Ok(())) {
+        std::mem::forget((reg, ca, _cb));
+        panic!("the flush of core0 never ended: {r:?}");
+    }
+}
+
+/// The flush of one core snapshots that core's dirty lines only: another core's dirty line in the
+/// shared cache stays dirty (`new_job`'s filter).
+#[test]
+fn a_flush_of_one_core_leaves_the_other_cores_lines_dirty() {
+    let (reg, _ctl, ca, cb) = held_shared_pair();
+    reg.register(cb.clone()).unwrap();
+    let sh = ca.shared().clone();
+    let d1 = reg.open("c1", true).unwrap();
+    let mut c1 = d1.channel().unwrap();
+    write(&mut c1, 0, &fill(1, 4096)); // line 0 of core1: dirty
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(Some(ca.core_id), mb.clone(), 1));
+    assert_eq!(mb.wait_until(1, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let m = rlock(&sh.map);
+    assert!(
+        m.lookup((cb.core_id, 0)).is_some_and(|s| m.lines[s as usize].dirty == 0xff),
+        "core1's line was cleaned"
+    );
+}
+
+/// While a flush waits for its core flush the owner thread polls every 20 ms (a device may have no
+/// wait fd, as here), not at the idle interval (1 s with `nop`) (`Owner::sleep`'s `busy`).
+#[test]
+fn the_owner_polls_often_while_a_flush_is_in_flight() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, _desc, _ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.flushes = true;
+        h.range = Some(0..1);
+    }
+    let mb = Mailbox::new().unwrap();
+    let t = Instant::now();
+    for i in 0..4u64 {
+        sh.send(OwnerReq::Flush(None, mb.clone(), i)); // nothing dirty: straight to the core flush
+        wait_until_true("the core flush", || lock(&ctl).caught == i as usize + 1);
+        lock(&ctl).allow += 1; // the owner is asleep now: a poll 20 ms later finds it done
+        assert_eq!(mb.wait_until(i, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "4 flushes took {took:?}: the owner slept while they were in flight"
+    );
+}
+
+/// With records waiting to be written lazily the owner thread wakes every 100 ms to check whether
+/// they are due (not at the idle interval: 1 s with `nop`), so a lazy record round follows soon
+/// after `md_lazy_ms` (`Owner::sleep`).
+#[test]
+fn lazy_records_are_written_soon() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = wt_no_cutoff();
+    c.cleaner = CleanerPolicy::Nop;
+    c.md_lazy_ms = 150;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let rounds = || sh.md_rounds.load(Ordering::Acquire);
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Persist(mb.clone(), 100)); // a record round now: the next lazy one is 150 ms away
+    assert_eq!(mb.wait_until(100, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+    let t = Instant::now();
+    for i in 0..4u64 {
+        let r = rounds();
+        read(&mut ch, i * 8, 8); // a fill: its record is written lazily
+                                 // Wake the owner (a flush with nothing dirty): it goes back to sleep with a record pending.
+        sh.send(OwnerReq::Flush(None, mb.clone(), i));
+        assert_eq!(mb.wait_until(i, Some(Instant::now() + Duration::from_secs(20))), Some(Ok(())));
+        wait_until_true("the lazy record round", || rounds() > r);
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(2500), "4 lazy rounds took {took:?}");
+}
+
+/// `simulate_crash` (for the crash tests) really skips the clean shutdown: the superblock still
+/// says "in use" afterwards.
+#[test]
+fn a_simulated_crash_leaves_the_superblock_in_use() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let (bdev, desc, ch) = open_cache(&reg, &cfg(Mode::Wb));
+    bdev.shared().simulate_crash.store(true, Ordering::Release);
+    drop(ch);
+    drop(desc);
+    drop(reg.unregister("c0").unwrap());
+    drop(bdev);
+    let newest = [sb_copy(&reg, false), sb_copy(&reg, true)].into_iter().flatten().max_by_key(|c| c.1);
+    assert!(newest.is_some_and(|(sb, _)| !sb.clean_shutdown), "the superblock says clean after a crash");
+}
+
+/// A read that starts in the last sector of a line and ends in the next one is not a one-line hit
+/// even when its first line holds that sector: it is served line by line, from wherever each line
+/// is cached (with 64 KiB lines the first line's sector mask alone would say "hit", and the read
+/// would run on into the next cache line) (`hit_in_line`'s one-line check).
+#[test]
+fn a_read_across_two_lines_is_not_a_one_line_hit() {
+    const LB: u64 = 128; // 64 KiB lines of 512-byte blocks
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(16, 65536), 1 << 20);
+    let mut c = wt_no_cutoff();
+    c.line_size = 65536;
+    let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+    let sh = bdev.shared().clone();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| fill(2 * i + 1, 65536)).collect();
+    for k in [1u64, 0, 2] {
+        write(&mut ch, k * LB, &data[k as usize]); // cached in this order: not in consecutive cache lines
+    }
+    let slot = |k: u64| wlock(&sh.map).lookup((0, k)).unwrap();
+    let k = (0..2u64).find(|&k| slot(k + 1) != slot(k) + 1).unwrap();
+    let got = read(&mut ch, k * LB + LB - 1, 2);
+    let k = k as usize;
+    let mut want = data[k][65536 - 512..].to_vec();
+    want.extend_from_slice(&data[k + 1][..512]);
+    same(&got, &want, "a read across two lines");
+}
+
+/// A mode switch from write-back to write-through sets the mode, then cleans every dirty line (a
+/// flush job). A write-through write to a dirty line already in flight when the job starts holds
+/// the line (the job waits), then leaves it clean: the job skips it, though it is still listed,
+/// and completes (`start_clean` skips a picked line with nothing dirty).
+#[test]
+fn a_flush_skips_a_line_a_write_through_write_cleaned() {
+    let (reg, ctl) = held_core_setup();
+    let (bdev, desc, mut ch) = open_cache(&reg, &wb_records_on_demand());
+    let sh = bdev.shared().clone();
+    write(&mut ch, 0, &fill(1, 4096)); // line 0: dirty
+    let _release = ReleaseOnDrop(ctl.clone());
+    lock(&ctl).range = Some(0..8);
+    sh.mode.store(Mode::Wt.to_u8(), Ordering::Release); // what `set_mode` does first
+    ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&fill(3, 4096)), 1)); // its core write is held
+    let early = poll_until(&mut ch, "the write-through write", |_| lock(&ctl).caught == 1);
+    assert!(early.is_empty());
+    let mb = Mailbox::new().unwrap();
+    sh.send(OwnerReq::Flush(None, mb.clone(), 2)); // what `set_mode` does next
+    wait_until_true("the owner taking the flush", || lock(&sh.requests).is_empty());
+    owner_pass(&sh);
+    lock(&ctl).allow = usize::MAX;
+    let r = poll_until(&mut ch, "the write-through write", |d| !d.is_empty());
+    assert_eq!(r[0].result, Ok(()));
+    assert!(!line_dirty(&sh, 0));
+    let r = mb.wait_until(2, Some(Instant::now() + Duration::from_secs(20)));
+    if r != Some(Ok(())) {
+        std::mem::forget((reg, bdev, desc, ch));
+        panic!("the flush never ended: {r:?}");
+    }
+}
+
+/// A hit read through the cache device's lane counts its latency from its own submission (no batch
+/// time set): at most the time the read took, not the time since the clock's origin (`new_hit`
+/// stamps the hits that go through the lane).
+#[test]
+fn a_lane_hit_counts_its_latency_from_its_submission() {
+    let (reg, _bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    write(&mut ch, 0, &fill(1, 4096));
+    let _ = crate::bdev::channel::nanos(Instant::now()); // the latency clock's origin is set by now
+    std::thread::sleep(Duration::from_secs(1));
+    let cdev_stats = reg.bdev_stats("cdev").unwrap();
+    let before = cdev_stats.snapshot();
+    let t = Instant::now();
+    read(&mut ch, 0, 8); // a hit within one line: read through the lane
+    let took = t.elapsed().as_nanos() as u64;
+    let s = cdev_stats.snapshot();
+    assert_eq!(s.read_ops, before.read_ops + 1, "the hit's read");
+    let lat = s.read_latency_ns_sum - before.read_latency_ns_sum;
+    assert!(lat <= took, "the hit's read took {took} ns, counted {lat} ns");
+}
+
+/// A read hit across two lines cached apart is read in two pieces; it completes only when both
+/// have been read (`hit_done` waits for the hit's last child).
+#[test]
+fn a_hit_in_two_pieces_completes_after_both() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, _desc, mut ch) = open_cache(&reg, &wt_no_cutoff());
+    let sh = bdev.shared().clone();
+    let (a, b) = (fill(1, 4096), fill(3, 4096));
+    write(&mut ch, 8, &b); // line 1 first: the two lines are not cached side by side
+    write(&mut ch, 0, &a);
+    let s1 = wlock(&sh.map).lookup((0, 1)).unwrap();
+    assert_ne!(wlock(&sh.map).lookup((0, 0)).unwrap() + 1, s1);
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        let first = (sh.data_offset + u64::from(s1) * 4096) / BS;
+        h.range = Some(first..first + 8); // line 1's read
+        h.reads = true;
+    }
+    let buf = IoVecs::alloc(8192);
+    let view = buf.slice(0, 8192).unwrap();
+    ch.submit(BdevIo::read(0, 16, buf, 1));
+    let mut done = Vec::new();
+    for _ in 0..50 {
+        ch.poll(&mut done);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(lock(&ctl).caught, 1, "line 1's read is held");
+    assert!(done.is_empty(), "the hit completed with one of its two reads held");
+    lock(&ctl).allow = usize::MAX;
+    let r = poll_until(&mut ch, "the hit", |d| !d.is_empty());
+    assert_eq!(r[0].result, Ok(()));
+    let got = view.to_vec();
+    same(&got[..4096], &a, "line 0");
+    same(&got[4096..], &b, "line 1");
+}
+
+/// A read hit within one line submitted while another request of its channel waits still takes the
+/// fast path (pins, no line lock): a write to that line from another channel goes ahead during the
+/// hit's read (`submit` tries the fast path for a request that did not try it yet).
+#[test]
+fn a_hit_behind_a_waiting_request_does_not_lock_its_line() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, desc, mut ch) = open_cache(&reg, &wt_no_cutoff());
+    let sh = bdev.shared().clone();
+    let mut ch2 = desc.channel().unwrap();
+    write(&mut ch, 16, &fill(1, 4096)); // line 2, cached
+    write(&mut ch, 32, &fill(3, 4096)); // line 4, cached
+    let off = |line: u64| (sh.data_offset + u64::from(wlock(&sh.map).lookup((0, line)).unwrap()) * 4096) / BS;
+    let (o2, o4) = (off(2), off(4));
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(o2.min(o4)..o2.max(o4) + 8);
+        h.reads = true;
+    }
+    ch.submit(BdevIo::write(32, 8, IoVecs::from_slice(&fill(5, 4096)), 1)); // holds line 4
+    ch.submit(BdevIo::write(32, 8, IoVecs::from_slice(&fill(7, 4096)), 2)); // waits for line 4
+    ch.submit(BdevIo::read(16, 8, IoVecs::alloc(4096), 3)); // a hit on line 2, its read held
+    let n = lock(&ctl).submitted.len();
+    ch2.submit(BdevIo::write(16, 8, IoVecs::from_slice(&fill(9, 4096)), 4));
+    let after: Vec<_> = lock(&ctl).submitted[n..].to_vec();
+    assert!(after.contains(&(IoKind::Write, o2)), "the write to line 2 waited for the hit: {after:?}");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch, "the first channel", |d| d.len() == 3);
+    poll_until(&mut ch2, "the write", |d| d.len() == 1);
+}

@@ -1027,7 +1027,7 @@ fn an_unmap_during_a_clean_record_round_waits_for_its_own_record() {
     ch.submit(BdevIo::no_data(IoKind::Unmap, 0, 8, 7));
     let early = poll_until(&mut ch, "the unmap's invalidation", |_| {
         let m = wlock(&sh.map);
-        m.lookup((0, 0)).map_or(true, |s| m.lines[s as usize].valid == 0)
+        m.lookup((0, 0)).map_or(true, |s| m.lines[s as usize].valid() == 0)
     });
     assert!(early.is_empty(), "the unmap was acknowledged while the device may still record line 0 dirty");
     lock(&ctl).allow = usize::MAX;

@@ -1048,7 +1048,11 @@ mod slot_tests {
         assert_eq!(m.lines[b as usize].slot as usize, home(&m, first), "the displaced key moved home");
         for (k, i) in others.into_iter().chain([(second, b)]) {
             assert_eq!(m.lookup(k), Some(i));
-            assert_eq!(m.slot_of(i).map(|s| s.key.load(Ordering::Relaxed)), pack(k), "the line knows its slot");
+            assert_eq!(
+                m.slot_of(i).map(|s| s.key.load(Ordering::Relaxed)),
+                pack(k),
+                "the line knows its slot"
+            );
         }
     }
 
@@ -1121,7 +1125,11 @@ mod slot_tests {
                 assert_eq!(m.lookup(k), Some(line), "round {round}: {k:?}");
             }
             assert_eq!(m.index.used, model.len(), "round {round}");
-            assert_eq!(census(&m), (m.index.used, m.index.tombs), "round {round}: the counts match the table");
+            assert_eq!(
+                census(&m),
+                (m.index.used, m.index.tombs),
+                "round {round}: the counts match the table"
+            );
             assert!(m.index.used + m.index.tombs < m.index.slots.len(), "an empty slot remains");
         }
         assert!(rebuilt, "the churn rebuilt the table");

@@ -1020,6 +1020,13 @@ mod slot_tests {
         m.slots()[slot as usize].unpin();
     }
 
+    /// Two keys of core 0 with the same home slot in `m`'s index.
+    fn same_home(m: &LineMap) -> (Key, Key) {
+        let home = |k: Key| m.index.home(pack(k).unwrap_or(0));
+        let first = (0, 1);
+        (first, (2..).map(|l| (0, l)).find(|&k| home(k) == home(first)).unwrap_or(first))
+    }
+
     /// (keys, tombstones) counted slot by slot.
     fn census(m: &LineMap) -> (usize, usize) {
         let keys = m.index.slots.iter().map(|s| s.key.load(Ordering::Relaxed));
@@ -1032,9 +1039,8 @@ mod slot_tests {
     #[test]
     fn a_rebuild_without_pins_leaves_no_tombstone() {
         let mut m = LineMap::new(8);
+        let (first, second) = same_home(&m);
         let home = |m: &LineMap, k: Key| m.index.home(pack(k).unwrap_or(0));
-        let first = (0, 1);
-        let second = (1..).map(|l| (0, l + 1)).find(|&k| home(&m, k) == home(&m, first)).unwrap();
         let a = m.alloc(first).unwrap();
         let b = m.alloc(second).unwrap();
         let others: Vec<(Key, u32)> = (100..104).map(|l| ((1, l), m.alloc((1, l)).unwrap())).collect();
@@ -1147,9 +1153,8 @@ mod slot_tests {
     fn a_pinned_slot_stays_in_place_through_rebuilds() {
         let mut m = LineMap::new(4);
         // Two keys with the same home: the second lands one slot further.
+        let (first, second) = same_home(&m);
         let home = |m: &LineMap, k: Key| m.index.home(pack(k).unwrap_or(0));
-        let first = (0, 1);
-        let second = (1..).map(|l| (0, l + 1)).find(|&k| home(&m, k) == home(&m, first)).unwrap();
         let a = m.alloc(first).unwrap();
         let b = m.alloc(second).unwrap();
         m.set_bits(a, 1, 0, 0);

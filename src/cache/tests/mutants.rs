@@ -253,11 +253,7 @@ fn a_cleaned_lines_record_is_written_lazily() {
             std::thread::sleep(Duration::from_millis(500));
             assert_eq!(dirty(), 0xff, "a lazy round long before md_lazy_ms");
         } else {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while dirty() != 0 {
-                assert!(Instant::now() < deadline, "no lazy round after 30 s");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_until_true("a lazy round", || dirty() == 0);
         }
     }
 }

@@ -471,7 +471,11 @@ fn load_map_rebuilds_what_the_records_say() {
     assert_eq!((loaded, dirty), (2, 2));
     assert_eq!(map.lookup((0, 5)).map(|s| map.lines[s as usize].valid()), Some(0x0f), "dirty sectors only");
     assert_eq!(map.lookup((1, 6)), None);
-    for (what, bad) in [("unknown core", rec(7, 1, true, 1, 1)), ("line twice", rec(0, 5, true, 1, 1))] {
+    for (what, bad) in [
+        ("unknown core", rec(7, 1, true, 1, 1)),
+        ("line twice", rec(0, 5, true, 1, 1)),
+        ("a core line no core has", rec(0, map::MAX_CORE_LINES, true, 1, 1)),
+    ] {
         let mut r = recs.to_vec();
         r.push((4, bad));
         assert!(

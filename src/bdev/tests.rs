@@ -588,6 +588,11 @@ fn child_tags_survive_generation_wrap() {
     }
 }
 
+/// What identifies an I/O handed back: kind, range and tag.
+fn io_id(io: &BdevIo) -> (IoKind, u64, u64, u64) {
+    (io.kind, io.offset_blocks, io.num_blocks, io.tag)
+}
+
 /// I/O that the plain (direct, lane) path never takes as it is, on a stub of `blocks` 512-byte blocks
 /// with `max_io_blocks = 8` and `buf_align = 512`.
 fn not_plain(blocks: u64) -> Vec<BdevIo> {
@@ -613,9 +618,9 @@ fn direct_submission_takes_only_plain_io() {
     });
     let (reg, desc, mut ch) = open_stub(bdev);
     let given_back = |ch: &mut Channel, io: BdevIo| {
-        let (kind, off, nb, tag) = (io.kind, io.offset_blocks, io.num_blocks, io.tag);
+        let id = io_id(&io);
         let back = ch.submit_direct(io).expect_err("must take the general path");
-        assert_eq!((back.kind, back.offset_blocks, back.num_blocks, back.tag), (kind, off, nb, tag));
+        assert_eq!(io_id(&back), id);
     };
     let blocks = desc.info().num_blocks;
     for io in not_plain(blocks) {
@@ -1041,9 +1046,9 @@ fn a_lane_takes_only_plain_io_and_counts_it() {
     let (reg, desc, mut ch) = open_stub(bdev);
     let mut lane = desc.lane().expect("lane");
     let given_back = |lane: &mut super::Lane, io: BdevIo| {
-        let (kind, off, nb, tag) = (io.kind, io.offset_blocks, io.num_blocks, io.tag);
+        let id = io_id(&io);
         let back = lane.submit(io).expect_err("must be given back");
-        assert_eq!((back.kind, back.offset_blocks, back.num_blocks, back.tag), (kind, off, nb, tag));
+        assert_eq!(io_id(&back), id);
     };
     let blocks = desc.info().num_blocks;
     for io in not_plain(blocks) {

@@ -1172,6 +1172,16 @@ fn shutdown_after_a_metadata_write_failure_ends() {
 
 /// Reads every block of the area `[first, first + bands)` (chunk-major over its online chunks):
 /// data and OOB.
+/// Media of `chunks` chunks per PU holding an FTL "md" with block 5 written and flushed, then
+/// stopped cleanly: its superblocks and checkpoint are on the media for a test to corrupt or load.
+fn flushed_ftl_media(dir: &Path, chunks: u32) {
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir, geometry(chunks, 32), vec![]));
+    let mut h = Harness::new(media, FtlConfig::new("md"));
+    h.write(5, &[42]);
+    h.cmd(IoKind::Flush, 0, 0);
+    h.stop(false);
+}
+
 fn read_area_blocks(
     media: &dyn MediaDevice,
     qp: &mut dyn crate::ocssd::QueuePair,
@@ -1230,13 +1240,7 @@ fn a_metadata_area_takes_an_image_that_fills_it_exactly_and_refuses_a_larger_one
 #[test]
 fn a_primary_area_whose_block_0_holds_a_mirror_superblock_is_bad() {
     let dir = tempfile::tempdir().expect("tmp");
-    {
-        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
-        let mut h = Harness::new(media, FtlConfig::new("md"));
-        h.write(5, &[42]);
-        h.cmd(IoKind::Flush, 0, 0);
-        h.stop(false);
-    }
+    flushed_ftl_media(dir.path(), 20);
     let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
     let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
     let mut qp = media.queue_pair(4).expect("qp");
@@ -1257,13 +1261,7 @@ fn with_both_superblocks_corrupt_the_mirror_probe_stays_within_half_the_bands() 
     // 12 bands: the mirror is probed at bands 1..=6 only (an area never takes more than half the
     // bands); probing up to 16 would read past the media at 12 and report that instead.
     let dir = tempfile::tempdir().expect("tmp");
-    {
-        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(12, 32), vec![]));
-        let mut h = Harness::new(media, FtlConfig::new("md"));
-        h.write(5, &[42]);
-        h.cmd(IoKind::Flush, 0, 0);
-        h.stop(false);
-    }
+    flushed_ftl_media(dir.path(), 12);
     corrupt_region(dir.path(), 0, layout::RegionId::Superblock);
     corrupt_region(dir.path(), 1, layout::RegionId::Superblock);
     let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
@@ -1313,13 +1311,7 @@ fn a_checkpoint_spanning_several_chunks_of_its_area_reads_back_whole() {
 #[test]
 fn the_mirror_probe_takes_only_a_mirror_superblock_of_its_own_area_size() {
     let dir = tempfile::tempdir().expect("tmp");
-    {
-        let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
-        let mut h = Harness::new(media, FtlConfig::new("md"));
-        h.write(5, &[42]);
-        h.cmd(IoKind::Flush, 0, 0);
-        h.stop(false);
-    }
+    flushed_ftl_media(dir.path(), 20);
     corrupt_region(dir.path(), 0, layout::RegionId::Superblock);
     let media: Arc<dyn MediaDevice> = Arc::new(EmuDevice::open(&dir.path().join("media.img")).expect("open"));
     let geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");

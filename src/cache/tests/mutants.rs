@@ -794,18 +794,7 @@ fn only_dirty_sectors_are_written_back() {
 /// core1's completes), not when the flushes are sent or the first one completes.
 #[test]
 fn a_flush_is_acknowledged_after_every_core_flush() {
-    let reg = Registry::new();
-    reg.register(Arc::new(MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap())).unwrap();
-    let (core0, ctl) = HoldBdev::new("core0", 1 << 20);
-    reg.register(core0).unwrap();
-    reg.register(Arc::new(MallocBdev::new("core1", 1 << 20, 512).unwrap())).unwrap();
-    let a = wb_records_on_demand();
-    let mut b = a.clone();
-    b.name = "c1".into();
-    b.core = "core1".into();
-    let ca = CacheBdev::create(&a, &reg).unwrap();
-    let _cb = CacheBdev::create(&b, &reg).unwrap();
-    reg.register(ca.clone()).unwrap();
+    let (reg, ctl, ca, _cb) = held_shared_pair();
     let desc = reg.open("c0", true).unwrap();
     let mut ch = desc.channel().unwrap();
     write(&mut ch, 80, &fill(1, 4096)); // line 10 of core0, dirty

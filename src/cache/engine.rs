@@ -47,7 +47,7 @@ use crate::bdev::waitset::epoll_set;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::map::{Key, LineMap, Slot, SlotHint};
+use super::map::{Key, LineMap, Slots};
 use super::{lock, rlock, wlock, CacheBdev, Mailbox, Mode, OwnerReq, SeqCutoff, SeqState, Shared};
 use crate::bdev::stats::bump;
 use crate::bdev::{
@@ -186,7 +186,6 @@ pub struct CacheChannel {
     /// Reads within one line submitted since the last poll, served there as a batch (see
     /// [`CacheChannel::serve_pending`]).
     pending: Vec<BdevIo>,
-    hint: SlotHint,
     /// Between a batch time (a poller's pass starts: `set_batch_stamp`) and the next poll, which
     /// that pass makes after its submissions: only then may reads wait for the poll. Whoever else
     /// submits (a channel releasing what QoS held, in its poll; an owner thread; tests) gets them
@@ -195,8 +194,9 @@ pub struct CacheChannel {
     done: Vec<Completion>,
     scratch: Vec<Completion>,
     seg_pool: Vec<Seg>,
-    /// The map's index slots: a hit's completion unpins its slots there, without the lock.
-    slots: Arc<[Slot]>,
+    /// The map's index slots: a hit's completion unpins its slots there, and a batch of reads
+    /// touches theirs ahead (`serve_pending`), without the lock.
+    slots: Slots,
     /// Read hits of this channel (one writer, this channel: counted with `bump`; see
     /// `Shared::hit_shards`).
     hit_count: Arc<AtomicU64>,
@@ -222,10 +222,7 @@ fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
 impl CacheChannel {
     pub(crate) fn new(b: &CacheBdev) -> Result<Self, BdevError> {
         let sh = b.inst.sh.clone();
-        let (slots, hint) = {
-            let map = rlock(&sh.map);
-            (map.slots(), map.slot_hint())
-        };
+        let slots = rlock(&sh.map).slots();
         let cache_ch = sh.cache_desc.channel()?;
         let lane = sh.cache_desc.lane()?;
         let core_ch = b.core.channel()?;
@@ -276,7 +273,6 @@ impl CacheChannel {
             blocked: VecDeque::new(),
             pending: Vec::new(),
             batch_open: false,
-            hint,
             done: Vec::new(),
             scratch: Vec::new(),
             seg_pool: Vec::new(),
@@ -574,9 +570,7 @@ impl CacheChannel {
             self.lane.account(IoKind::Read, u64::from(h.lane_bytes), h.start, h.error.is_none());
         }
         for &p in &h.pins[..usize::from(h.npins)] {
-            if let Some(s) = self.slots.get(p as usize) {
-                s.unpin();
-            }
+            self.slots.unpin(p);
         }
         let result = match h.error {
             Some(e) => Err(e),
@@ -974,7 +968,7 @@ impl CacheChannel {
         let mut pending = std::mem::take(&mut self.pending);
         let mut seen = 0u64;
         for io in &pending {
-            seen ^= self.hint.touch((self.core_id, io.offset_blocks >> self.lb_shift));
+            seen ^= self.slots.touch((self.core_id, io.offset_blocks >> self.lb_shift));
         }
         std::hint::black_box(seen);
         for io in pending.drain(..) {

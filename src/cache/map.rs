@@ -117,25 +117,29 @@ impl Slot {
         self.valid[0].store(valid as u64, Ordering::Relaxed);
         self.valid[1].store((valid >> 64) as u64, Ordering::Relaxed);
     }
-
-    /// Ends a read hit on this slot's line (see [`LineMap::pin_if_valid`]).
-    pub fn unpin(&self) {
-        self.pins.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
-/// Touches keys' home slots ahead of their look-ups, without the map's lock: a channel with a batch
-/// of read hits reads all their slots first, one load right after the other, so the CPU overlaps
-/// their cache misses instead of taking them one by one as each look-up comes. Only a hint: the
-/// value read is not used (the table's size and hash never change, so the home slot is right;
-/// what it holds is checked again under the lock).
-pub struct SlotHint {
+/// A channel's view of the index slots, used without the map's lock:
+/// * [`Slots::unpin`]: a read hit's completion drops its pin by the slot's position (a pinned slot
+///   never moves);
+/// * [`Slots::touch`]: a channel with a batch of read hits reads all their home slots first, one
+///   load right after the other, so the CPU overlaps their cache misses instead of taking them one
+///   by one as each look-up comes. Only a hint: the value read is not used (the table's size and
+///   hash never change, so the home slot is right; what it holds is checked again under the lock).
+pub struct Slots {
     slots: Arc<[Slot]>,
     shift: u32,
     mask: usize,
 }
 
-impl SlotHint {
+impl Slots {
+    /// Ends a read hit on slot `pos` (see [`LineMap::pin_if_valid`]).
+    pub fn unpin(&self, pos: u32) {
+        if let Some(s) = self.slots.get(pos as usize) {
+            s.pins.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Loads the home slot of `key`; returns what it read (fold it into a value the caller keeps
     /// alive, e.g. through `std::hint::black_box`, so the load is not dropped).
     pub fn touch(&self, key: Key) -> u64 {
@@ -455,20 +459,13 @@ impl LineMap {
         self.index.find(key).map(|i| self.index.slots[i].line.load(Ordering::Relaxed))
     }
 
-    /// The index slots, shared with the channels: a read hit's completion unpins its slots there
-    /// (by position, without the map's lock; see [`Slot::unpin`]).
-    pub fn slots(&self) -> Arc<[Slot]> {
-        self.index.slots.clone()
-    }
-
-    /// What a channel needs to touch a key's home slot ahead of its look-up, without the lock
-    /// (see [`SlotHint`]).
-    pub fn slot_hint(&self) -> SlotHint {
-        SlotHint { slots: self.index.slots.clone(), shift: self.index.shift, mask: self.index.mask }
+    /// The index slots, shared with a channel (see [`Slots`]).
+    pub fn slots(&self) -> Slots {
+        Slots { slots: self.index.slots.clone(), shift: self.index.shift, mask: self.index.mask }
     }
 
     /// A read hit within one line: when every sector of `want` of `key` is valid in the cache, pins
-    /// the key's slot (see [`Self::pin_for_hit`]) and returns (cache line, slot). Touches the slot
+    /// the key's slot (see [`Self::pin_slot`]) and returns (cache line, slot). Touches the slot
     /// only.
     pub fn pin_if_valid(&self, key: Key, want: u128) -> Option<(u32, u32)> {
         let (line, slot) = self.find_valid(key, want)?;
@@ -483,7 +480,9 @@ impl LineMap {
         (h.valid() & want == want).then(|| (h.line.load(Ordering::Relaxed), i as u32))
     }
 
-    /// Pins slot `slot` for a read hit (under the map's read lock; see [`Self::pin_for_hit`]).
+    /// A read hit on slot `slot` (under the map's read lock): pins its line until the hit completes
+    /// (the hit's completion unpins it without the map lock, [`Slots::unpin`]) and marks it
+    /// referenced (second chance).
     pub fn pin_slot(&self, slot: u32) {
         if let Some(s) = self.index.slots.get(slot as usize) {
             pin(s);
@@ -654,15 +653,6 @@ impl LineMap {
         }
         self.lru_remove(i);
         self.lru_push_front(i);
-    }
-
-    /// A read hit on line `i` (under the map's read lock): pins the line until the hit completes (the
-    /// hit's completion unpins it without the map lock) and marks it referenced (second chance).
-    /// Returns the slot to unpin (see [`Slot::unpin`]); None when the line holds nothing.
-    pub fn pin_for_hit(&self, i: u32) -> Option<u32> {
-        let s = self.slot_of(i)?;
-        pin(s);
-        Some(self.lines[i as usize].slot)
     }
 
     /// Queues the line's record for writing.
@@ -901,13 +891,13 @@ mod pin_tests {
         m.set_bits(a, 1, 0, 0);
         m.set_bits(b, 1, 0, 0);
         m.touch(b);
-        m.pin_for_hit(a);
+        m.pin_slot(m.lines[a as usize].slot);
         assert_eq!(m.alloc((0, 3)), Some(b), "the pinned LRU tail is skipped");
         m.set_bits(a, 0, 0, 0);
         assert_eq!(m.lookup((0, 1)), Some(a), "an emptied pinned line keeps its slot until unpinned");
         assert_eq!(m.forget_clean(0), 1, "only the unpinned line is forgotten");
         assert_eq!(m.lookup((0, 1)), Some(a));
-        m.slots()[m.lines[a as usize].slot as usize].unpin();
+        m.slots().unpin(m.lines[a as usize].slot);
         assert_eq!(m.forget_clean(0), 1);
         assert_eq!(m.lookup((0, 1)), None);
     }
@@ -918,9 +908,9 @@ mod pin_tests {
         let mut m = LineMap::new(2);
         let a = m.alloc((0, 1)).unwrap();
         m.set_bits(a, 1, 0, 0);
-        m.pin_for_hit(a);
+        m.pin_slot(m.lines[a as usize].slot);
         assert!(m.pinned(a));
-        m.slots()[m.lines[a as usize].slot as usize].unpin();
+        m.slots().unpin(m.lines[a as usize].slot);
         assert!(!m.pinned(a), "referenced only");
         assert_eq!(m.forget_clean(0), 1, "a referenced, unpinned line is forgotten");
     }
@@ -1017,7 +1007,7 @@ mod slot_tests {
     use super::*;
 
     fn unpin(m: &LineMap, slot: u32) {
-        m.slots()[slot as usize].unpin();
+        m.slots().unpin(slot);
     }
 
     /// Two keys of core 0 with the same home slot in `m`'s index.
@@ -1209,7 +1199,7 @@ mod slot_tests {
                         assert_eq!(m.lookup(k), Some(line), "a pinned line lost its key");
                         assert_eq!(m.lines[line as usize].slot, pos, "a pinned slot moved");
                         drop(m);
-                        slots[pos as usize].unpin();
+                        slots.unpin(pos);
                         hits += 1;
                     }
                     hits

@@ -325,18 +325,19 @@ impl CacheChannel {
         }
     }
 
+    /// The core line of a non-empty request that lies within one line.
+    fn one_line(&self, io: &BdevIo) -> Option<u64> {
+        let first = io.offset_blocks >> self.lb_shift;
+        (io.num_blocks > 0 && (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift == first)
+            .then_some(first)
+    }
+
     /// A read hit within one line (the common case), served from the cache device at once: look up,
     /// check, pin and count under the read lock, then read through the lane. True when it was one
     /// (its memory then moved to the read); false leaves `io` as it was, for [`Self::start`].
     fn hit_in_line(&mut self, io: &mut BdevIo) -> bool {
-        if io.kind != IoKind::Read || io.num_blocks == 0 {
-            return false;
-        }
-        let first = io.offset_blocks >> self.lb_shift;
-        if (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift != first
-            || self.core_removed.load(Ordering::Acquire)
-            || self.sh.cache_removed.load(Ordering::Acquire)
-        {
+        let Some(first) = self.one_line(io).filter(|_| io.kind == IoKind::Read) else { return false };
+        if self.core_removed.load(Ordering::Acquire) || self.sh.cache_removed.load(Ordering::Acquire) {
             return false;
         }
         // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
@@ -1007,8 +1008,7 @@ impl ModuleChannel for CacheChannel {
         // goes now, after them (in order).
         if self.batch_open
             && io.kind == IoKind::Read
-            && io.num_blocks > 0
-            && (io.offset_blocks ^ (io.offset_blocks + io.num_blocks - 1)) >> self.lb_shift == 0
+            && self.one_line(&io).is_some()
             && self.pending.len() < MAX_PENDING
         {
             self.pending.push(io);

@@ -173,6 +173,11 @@ impl DoneQueue {
         self.0.push_back(Completion { tag, result: Ok(()) });
     }
 
+    /// True when no completion is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Moves every recorded completion to `done`; returns how many.
     pub fn drain_into(&mut self, done: &mut Vec<Completion>) -> usize {
         let n = self.0.len();

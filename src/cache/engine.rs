@@ -186,6 +186,8 @@ pub struct CacheChannel {
     /// Reads within one line submitted since the last poll, served there as a batch (see
     /// [`CacheChannel::serve_pending`]).
     pending: Vec<BdevIo>,
+    /// What `serve_pending` found for each pending read: (line index, (cache line, slot)) of a hit.
+    found: Vec<Option<(u64, (u32, u32))>>,
     /// Between a batch time (a poller's pass starts: `set_batch_stamp`) and the next poll, which
     /// that pass makes after its submissions: only then may reads wait for the poll. Whoever else
     /// submits (a channel releasing what QoS held, in its poll; an owner thread; tests) gets them
@@ -272,6 +274,7 @@ impl CacheChannel {
             core_out: 0,
             blocked: VecDeque::new(),
             pending: Vec::new(),
+            found: Vec::new(),
             batch_open: false,
             done: Vec::new(),
             scratch: Vec::new(),
@@ -337,18 +340,37 @@ impl CacheChannel {
     /// (its memory then moved to the read); false leaves `io` as it was, for [`Self::start`].
     fn hit_in_line(&mut self, io: &mut BdevIo) -> bool {
         let Some(first) = self.one_line(io).filter(|_| io.kind == IoKind::Read) else { return false };
-        if self.core_removed.load(Ordering::Acquire) || self.sh.cache_removed.load(Ordering::Acquire) {
+        if self.removed() {
             return false;
         }
         // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
         let map = rlock(&self.sh.map);
-        let a = io.offset_blocks - (first << self.lb_shift);
-        let Some((s, pos)) = map.pin_if_valid((self.core_id, first), mask(a, a + io.num_blocks)) else {
-            return false;
-        };
-        // Keep the stream detection going (a hit never fills, so the answer is moot).
-        let _ = self.cut_off(io, &map);
+        let Some(found) = self.pin_line_hit(&map, io, first) else { return false };
         drop(map);
+        self.issue_line_hit(io, first, found);
+        true
+    }
+
+    /// True when the core or the cache device is gone (no hit is served then).
+    fn removed(&self) -> bool {
+        self.core_removed.load(Ordering::Acquire) || self.sh.cache_removed.load(Ordering::Acquire)
+    }
+
+    /// Under the map's read lock: when every sector a read within line `first` reads is valid in the
+    /// cache, pins the line and returns (cache line, slot) for [`Self::issue_line_hit`].
+    #[inline]
+    fn pin_line_hit(&self, map: &LineMap, io: &BdevIo, first: u64) -> Option<(u32, u32)> {
+        let a = io.offset_blocks - (first << self.lb_shift);
+        let found = map.pin_if_valid((self.core_id, first), mask(a, a + io.num_blocks))?;
+        // Keep the stream detection going (a hit never fills, so the answer is moot).
+        let _ = self.cut_off(io, map);
+        Some(found)
+    }
+
+    /// Reads a pinned hit within line `first` (cache line `s`, slot `pos`) from the cache device.
+    #[inline]
+    fn issue_line_hit(&mut self, io: &mut BdevIo, first: u64, (s, pos): (u32, u32)) {
+        let a = io.offset_blocks - (first << self.lb_shift);
         bump(&self.hit_count, 1);
         let mut pins = [0u32; MAX_PINS];
         pins[0] = pos;
@@ -368,7 +390,6 @@ impl CacheChannel {
             self.cache_out += 1;
             self.submit_cache(read);
         }
-        true
     }
 
     /// Starts a request; gives it back when its lines are locked by someone else. `try_hit`: false
@@ -964,18 +985,40 @@ impl CacheChannel {
 impl CacheChannel {
     /// Serves the reads deferred by `submit`, in order: first the home slot of each is touched, one
     /// load right after the other (their misses overlap: the slots of a batch of random hits cost
-    /// about one memory latency instead of one each), then each goes the usual way.
+    /// about one memory latency instead of one each); then the hits among them are looked up and
+    /// pinned under one read lock for the batch (one lock round trip instead of one per read), and
+    /// each goes its way.
     fn serve_pending(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
+        let mut found = std::mem::take(&mut self.found);
         let mut seen = 0u64;
         for io in &pending {
             seen ^= self.slots.touch((self.core_id, io.offset_blocks >> self.lb_shift));
         }
         std::hint::black_box(seen);
-        for io in pending.drain(..) {
-            self.submit_now(io);
+        found.clear();
+        if self.blocked.is_empty() && !self.removed() {
+            let map = rlock(&self.sh.map);
+            found.extend(pending.iter().map(|io| {
+                let first = io.offset_blocks >> self.lb_shift;
+                self.pin_line_hit(&map, io, first).map(|hit| (first, hit))
+            }));
+        }
+        for (i, mut io) in pending.drain(..).enumerate() {
+            match found.get(i).copied().flatten() {
+                // A read on lines an earlier waiting request touches queues behind it.
+                Some((_, (_, pos)))
+                    if !self.blocked.is_empty() && self.blocked.iter().any(|b| self.overlap(b, &io)) =>
+                {
+                    self.slots.unpin(pos);
+                    self.submit_now(io);
+                }
+                Some((first, hit)) => self.issue_line_hit(&mut io, first, hit),
+                None => self.submit_now(io),
+            }
         }
         self.pending = pending;
+        self.found = found;
     }
 
     fn submit_now(&mut self, mut io: BdevIo) {

@@ -2175,3 +2175,40 @@ fn before_sleep_clears_late_signals_of_every_channel_below() {
     mch.before_sleep();
     assert!(!readable(), "before_sleep cleared every late signal");
 }
+
+/// In a pass, the hits are looked up together; a hit on a line an earlier read of the same pass
+/// waits for (locked by another channel's write) waits behind it, as outside a pass, and its pin is
+/// given back: the line is not left pinned.
+#[test]
+fn a_pass_hit_behind_a_waiting_read_of_its_line_waits_and_leaves_no_pin() {
+    let (reg, ctl) = held_cdev_setup();
+    let (bdev, desc, mut ch) = open_cache(&reg, &wt_no_cutoff());
+    let sh = bdev.shared().clone();
+    let mut ch2 = desc.channel().unwrap();
+    write(&mut ch, 16, &fill(1, 2048)); // line 2, sectors 0..4 valid
+    let line = wlock(&sh.map).lookup((0, 2)).unwrap();
+    let o2 = (sh.data_offset + u64::from(line) * 4096) / BS;
+    let _release = ReleaseOnDrop(ctl.clone());
+    {
+        let mut h = lock(&ctl);
+        h.range = Some(o2..o2 + 8);
+        h.reads = true;
+        h.submitted.clear();
+    }
+    ch2.submit(BdevIo::write(22, 1, IoVecs::from_slice(&fill(2, 512)), 9)); // locks line 2
+    assert!(lock(&ctl).submitted.iter().any(|&(k, _)| k == IoKind::Write), "the write is held");
+    ch.set_batch_time(Instant::now());
+    ch.submit(BdevIo::read(20, 4, IoVecs::alloc(2048), 1)); // sectors 4..8: a miss, waits for the line
+    ch.submit(BdevIo::read(16, 4, IoVecs::alloc(2048), 2)); // sectors 0..4: a hit
+    let mut done = Vec::new();
+    ch.poll(&mut done);
+    assert!(done.is_empty(), "{done:?}");
+    let reads = lock(&ctl).submitted.iter().filter(|&&(k, _)| k == IoKind::Read).count();
+    assert_eq!(reads, 0, "the hit went ahead of the read it must wait behind");
+    assert!(!wlock(&sh.map).pinned(line), "the waiting hit kept its pin");
+    lock(&ctl).allow = usize::MAX;
+    poll_until(&mut ch2, "the write", |d| d.len() == 1);
+    let done = poll_until(&mut ch, "both reads", |d| d.len() == 2);
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    assert!(!wlock(&sh.map).pinned(line), "a completed hit left its pin");
+}

@@ -218,19 +218,20 @@ impl Guest {
         out
     }
 
-    /// The daemon must answer a vhost-user message within 1 s.
+    /// The daemon must answer a vhost-user message within 5 s (a hung daemon never answers; 5 s leaves room
+    /// for a loaded CI machine).
     fn assert_responsive(&mut self) {
         let t = Instant::now();
         let n = self.f.get_queue_num().expect("GET_QUEUE_NUM answered");
         assert_eq!(n, 2);
-        assert!(t.elapsed() < Duration::from_secs(1), "GET_QUEUE_NUM took {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "GET_QUEUE_NUM took {:?}", t.elapsed());
     }
 
-    /// GET_VRING_BASE (stops the ring, drains it) must be answered within 1 s.
+    /// GET_VRING_BASE (stops the ring, drains it) must be answered within 5 s.
     fn assert_ring_stops(&mut self, q: usize) -> u32 {
         let t = Instant::now();
         let base = self.f.get_vring_base(q).expect("GET_VRING_BASE answered");
-        assert!(t.elapsed() < Duration::from_secs(1), "GET_VRING_BASE took {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "GET_VRING_BASE took {:?}", t.elapsed());
         base
     }
 
@@ -384,7 +385,7 @@ fn ring_size_the_device_cannot_honour_is_refused() {
     f.set_hdr_flags(VhostUserHeaderFlag::empty());
     let t = Instant::now();
     assert_eq!(f.get_queue_num().expect("still answered"), 2);
-    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(t.elapsed() < Duration::from_secs(5), "GET_QUEUE_NUM took {:?}", t.elapsed());
 }
 
 /// The guest declares a 48-entry ring (not a power of two), ignores the refusal and uses it as

@@ -303,6 +303,38 @@ pub struct Loaded {
     pub primary_bad: Option<String>,
 }
 
+/// The parallel units of another FTL on this media that overlap `begin..=end`: a primary
+/// superblock (an FTL's block 0: chunk 0, block 0 of the first unit of its range) on any unit of the
+/// media that names a range overlapping this one and is not exactly this one. A format of this
+/// range would destroy part of that FTL (its units inside this range may hold nothing yet, so the
+/// chunk states of this range alone cannot tell). Reads one block per written chunk 0; never writes.
+pub fn foreign_ftl(
+    media: &dyn MediaDevice,
+    qp: &mut dyn QueuePair,
+    begin: u32,
+    end: u32,
+) -> Option<(u32, u32)> {
+    let g = &media.info().geometry;
+    let ng = u64::from(g.num_grp).max(1);
+    for i in 0..g.total_pus() {
+        let chunk = Ppa::new(i % ng, i / ng, 0, 0);
+        if !media.chunk_info(chunk).is_ok_and(|c| matches!(c.state, ChunkState::Open | ChunkState::Closed)) {
+            continue;
+        }
+        let Ok(ppas) = PpaList::contiguous(chunk, 1) else { continue };
+        let done = exec(qp, Op::Read { ppas, data: SgList::from(vec![0u8; BLOCK_BYTES]), oob: None });
+        if !done.status.is_success() {
+            continue;
+        }
+        let Some(block) = done.buffers.data.map(|d| d.to_vec()) else { continue };
+        let Ok(sb) = Superblock::decode(&block) else { continue };
+        if sb.pu_begin <= end && begin <= sb.pu_end && (sb.pu_begin, sb.pu_end) != (begin, end) {
+            return Some((sb.pu_begin, sb.pu_end));
+        }
+    }
+    None
+}
+
 /// Loads the checkpoint: primary, else mirror. Never writes.
 pub fn load(media: &dyn MediaDevice, qp: &mut dyn QueuePair, geo: &Geo) -> Result<Loaded, FtlError> {
     // The area size is not known before a superblock is read: read the primary with the

@@ -457,6 +457,18 @@ impl FtlBdev {
                 true
             }
         };
+        if create && !cfg.force {
+            // Another FTL's units inside this range may hold nothing yet: its superblock says so.
+            if let Some((b, e)) = md::foreign_ftl(media.as_ref(), qp.as_mut(), key.1, key.2) {
+                return Err(FtlError::Config {
+                    option: "punits",
+                    reason: format!(
+                        "{range} overlaps the FTL on parallel units {b}-{e} of this media: a format would \
+                         destroy its data (choose a range outside it, or mode=create,force=on to reformat)"
+                    ),
+                });
+            }
+        }
         let (uuid, num_lbas, entry_bytes, rebuilt, primary_bad) = if create {
             let s = size_new(media.as_ref(), geo, &cfg)?;
             log::info!("ftl '{}': formatting parallel units {range} ({} bands)", cfg.name, geo.num_bands);

@@ -1581,8 +1581,42 @@ fn pu_ranges_claim_exactly_their_units() {
         assert!(e.to_string().contains("overlaps"), "{x}-{y}: {e}");
     }
     drop(b);
-    drop(FtlBdev::open(cfg("b2", 3, 3), Arc::clone(&media)).expect("3 again, once 2-3 is gone"));
+    // 2-3 is closed but its FTL is still on the media: a format of 3 alone would destroy it.
+    let e = FtlBdev::open(cfg("b2", 3, 3), Arc::clone(&media)).err().expect("3 holds part of 2-3");
+    assert!(e.to_string().starts_with("punits") && e.to_string().contains("parallel units 2-3"), "{e}");
+    let mut forced = cfg("b2", 3, 3);
+    (forced.mode, forced.force) = (Mode::Create, true);
+    drop(FtlBdev::open(forced, Arc::clone(&media)).expect("3 again, reformatted on purpose"));
     drop((a, o));
+}
+
+/// An FTL whose units inside another range hold nothing yet (a fresh one keeps its metadata on its
+/// first units) is still found by its superblock: a new FTL overlapping it is refused in every mode
+/// that would format, and the old one still opens with its data; a range beside it is fine.
+#[test]
+fn a_format_over_part_of_a_closed_ftl_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> =
+        Arc::new(make_media(dir.path(), EmuGeometry { num_grp: 2, num_pu: 4, ..geometry(20, 32) }, vec![]));
+    let cfg = |name: &str, b: u32, e: u32| {
+        let mut c = FtlConfig::new(name);
+        (c.pu_begin, c.pu_end) = (b, Some(e));
+        c
+    };
+    let mut a = Harness::new(Arc::clone(&media), cfg("a", 0, 3));
+    a.write(5, &[1]);
+    a.stop(false);
+    for mode in [Mode::Auto, Mode::Create] {
+        let mut c = cfg("b", 2, 5);
+        c.mode = mode;
+        let e = FtlBdev::open(c, Arc::clone(&media)).err().expect("2-5 overlaps 0-3");
+        let m = e.to_string();
+        assert!(m.starts_with("punits") && m.contains("parallel units 0-3") && m.contains("force=on"), "{m}");
+    }
+    drop(FtlBdev::open(cfg("c", 4, 7), Arc::clone(&media)).expect("4-7, beside 0-3"));
+    a.start();
+    assert_eq!(decode(&a.read(5, 1).expect("read")), Some((5, 1)), "the data of 0-3 survived");
+    a.stop(false);
 }
 
 /// A dirty restore finds the tail of a band with a bad chunk where the band's head says (its good

@@ -324,7 +324,10 @@ mod engine_poll_tests {
         }
     }
 
-    fn channel() -> (InlineChannel, Arc<AtomicUsize>, Arc<Mutex<Vec<u64>>>, Arc<InlineState>) {
+    /// The channel, the engine's poll count, its stale completions, and the inline switches.
+    type Parts = (InlineChannel, Arc<AtomicUsize>, Arc<Mutex<Vec<u64>>>, Arc<InlineState>);
+
+    fn channel() -> Parts {
         let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmpfs file");
         f.as_file().set_len(1 << 20).expect("size");
         let file: Arc<std::fs::File> = Arc::new(f.reopen().expect("reopen"));

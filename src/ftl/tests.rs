@@ -1603,19 +1603,21 @@ fn a_format_over_part_of_a_closed_ftl_is_refused() {
         (c.pu_begin, c.pu_end) = (b, Some(e));
         c
     };
-    let mut a = Harness::new(Arc::clone(&media), cfg("a", 0, 3));
+    // 2-4 starts on group 0, unit 1 (units alternate across the 2 groups).
+    let mut a = Harness::new(Arc::clone(&media), cfg("a", 2, 4));
     a.write(5, &[1]);
     a.stop(false);
     for mode in [Mode::Auto, Mode::Create] {
-        let mut c = cfg("b", 2, 5);
+        let mut c = cfg("b", 4, 6);
         c.mode = mode;
-        let e = FtlBdev::open(c, Arc::clone(&media)).err().expect("2-5 overlaps 0-3");
+        let e = FtlBdev::open(c, Arc::clone(&media)).err().expect("4-6 overlaps 2-4");
         let m = e.to_string();
-        assert!(m.starts_with("punits") && m.contains("parallel units 0-3") && m.contains("force=on"), "{m}");
+        assert!(m.starts_with("punits") && m.contains("parallel units 2-4") && m.contains("force=on"), "{m}");
     }
-    drop(FtlBdev::open(cfg("c", 4, 7), Arc::clone(&media)).expect("4-7, beside 0-3"));
+    drop(FtlBdev::open(cfg("c", 5, 7), Arc::clone(&media)).expect("5-7, after 2-4"));
+    drop(FtlBdev::open(cfg("d", 0, 1), Arc::clone(&media)).expect("0-1, before 2-4"));
     a.start();
-    assert_eq!(decode(&a.read(5, 1).expect("read")), Some((5, 1)), "the data of 0-3 survived");
+    assert_eq!(decode(&a.read(5, 1).expect("read")), Some((5, 1)), "the data of 2-4 survived");
     a.stop(false);
 }
 

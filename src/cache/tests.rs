@@ -2212,3 +2212,22 @@ fn a_pass_hit_behind_a_waiting_read_of_its_line_waits_and_leaves_no_pin() {
     assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
     assert!(!wlock(&sh.map).pinned(line), "a completed hit left its pin");
 }
+
+/// After the cache device is gone, a poller's pass serves no hit from it either (its reads are
+/// looked up together at the poll): a dirty line's read fails, a clean one passes through.
+#[test]
+fn a_pass_after_the_cache_device_is_removed_serves_no_hit_from_it() {
+    let reg = Registry::new();
+    setup(&reg, cache_dev_bytes(64, 4096), 1 << 20);
+    let mut c = cfg(Mode::Wb);
+    c.cleaner = CleanerPolicy::Nop;
+    c.seq_cutoff = SeqCutoff::Off;
+    let (_bdev, _desc, mut ch) = open_cache(&reg, &c);
+    write(&mut ch, 0, &fill(1, 4096));
+    drop(reg.unregister("cdev").unwrap());
+    ch.set_batch_time(Instant::now());
+    ch.submit(BdevIo::read(0, 8, IoVecs::alloc(4096), 7));
+    let done = drive(&mut ch);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].result, Err(IoError::Errno(libc::EIO)), "a removed cache's dirty data was served");
+}

@@ -1537,3 +1537,102 @@ fn a_hit_behind_a_waiting_request_does_not_lock_its_line() {
     poll_until(&mut ch, "the first channel", |d| d.len() == 3);
     poll_until(&mut ch2, "the write", |d| d.len() == 1);
 }
+
+// ---- session 8 (branch mutcache4) ----
+
+/// What a test sees of the channels an [`AskingBdev`] created: `ask` makes the next
+/// `before_sleep` of one of them report work (once); `polled` counts the polls of a channel that
+/// reported work, after its report.
+#[derive(Default)]
+struct Asking {
+    ask: std::sync::atomic::AtomicBool,
+    polled: std::sync::atomic::AtomicUsize,
+}
+
+/// A malloc bdev whose channels report work from `before_sleep` when the test asks them to, with
+/// nothing in flight: a module "that asks for polling right after being polled" (the
+/// `ModuleChannel::before_sleep` contract allows it).
+struct AskingBdev(MallocBdev, Arc<Asking>);
+
+struct AskingChannel {
+    inner: Box<dyn crate::bdev::ModuleChannel>,
+    st: Arc<Asking>,
+    armed: bool,
+}
+
+impl crate::bdev::Bdev for AskingBdev {
+    fn info(&self) -> &crate::bdev::BdevInfo {
+        self.0.info()
+    }
+    fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, BdevError> {
+        Ok(Box::new(AskingChannel { inner: self.0.create_channel()?, st: self.1.clone(), armed: false }))
+    }
+}
+
+impl crate::bdev::ModuleChannel for AskingChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
+        self.inner.submit(io)
+    }
+    fn poll(&mut self, done: &mut Vec<crate::bdev::Completion>) -> usize {
+        if std::mem::take(&mut self.armed) {
+            self.st.polled.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.poll(done)
+    }
+    fn before_sleep(&mut self) -> bool {
+        // Only the cache channel's own channels below are ever asked (the owner thread never calls
+        // before_sleep), so the one that takes the request is the test's.
+        let ask = self.st.ask.swap(false, Ordering::SeqCst);
+        self.armed |= ask;
+        ask
+    }
+}
+
+/// When an idle channel below the cache (nothing of the cache's in flight there) still reports work
+/// from its `before_sleep`, the cache channel says "more" and polls that channel at its next poll
+/// ("poll it with the rest"): `before_sleep`'s `cache_out += 1` and `core_out += 1` (`*=` leaves
+/// the count at 0 and the next poll skips the channel; `-=` underflows).
+#[test]
+fn an_idle_channel_below_that_reports_work_is_polled_next() {
+    use crate::bdev::ModuleChannel;
+    let (cst, kst) = (Arc::new(Asking::default()), Arc::new(Asking::default()));
+    let reg = Registry::new();
+    let cdev = MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap();
+    reg.register(Arc::new(AskingBdev(cdev, cst.clone()))).unwrap();
+    let core = MallocBdev::new("core0", 1 << 20, 512).unwrap();
+    reg.register(Arc::new(AskingBdev(core, kst.clone()))).unwrap();
+    let bdev = CacheBdev::create(&wt_no_cutoff(), &reg).unwrap();
+    let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    let mut done = Vec::new();
+    let mut one = |mch: &mut engine::CacheChannel, io: BdevIo| {
+        assert!(mch.submit(io).is_ok());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        done.clear();
+        while done.is_empty() {
+            mch.poll(&mut done);
+            assert!(Instant::now() < deadline, "never completed");
+        }
+        assert_eq!(done[0].result, Ok(()));
+    };
+    one(&mut mch, BdevIo::write(0, 8, IoVecs::from_slice(&fill(9, 4096)), 1)); // cache device and core
+    one(&mut mch, BdevIo::read(0, 8, IoVecs::alloc(4096), 2)); // a hit
+    let mut sink = Vec::new();
+    let mut quiet = false;
+    for _ in 0..100 {
+        if !mch.before_sleep() {
+            quiet = true;
+            break;
+        }
+        mch.poll(&mut sink);
+    }
+    assert!(quiet, "idle once everything is answered");
+    for (st, what) in [(&cst, "the cache device's channel"), (&kst, "the core's channel")] {
+        st.ask.store(true, Ordering::SeqCst);
+        assert!(mch.before_sleep(), "{what} reported work: the owner must poll again");
+        assert!(!st.ask.load(Ordering::SeqCst), "{what} was asked");
+        assert_eq!(st.polled.load(Ordering::SeqCst), 0);
+        mch.poll(&mut sink);
+        assert_eq!(st.polled.load(Ordering::SeqCst), 1, "{what} was polled at the next poll");
+    }
+    assert!(sink.is_empty(), "nothing to answer: {sink:?}");
+}

@@ -1636,3 +1636,65 @@ fn an_idle_channel_below_that_reports_work_is_polled_next() {
     }
     assert!(sink.is_empty(), "nothing to answer: {sink:?}");
 }
+
+/// A flush of more than 1000 dirty lines (1001 here) whose write-back is held logs its progress on
+/// the owner thread once more than a second has passed since the flush started or since the last
+/// progress line (the test clock, `Shared::frozen_ms`, stands still otherwise): not before, not at
+/// exactly one second, once after it, then not again until another second has passed. One of 1000
+/// lines never does (`check_jobs`'s `j.total > 1000 && ... > 1 s`).
+#[test]
+fn a_long_flush_logs_its_progress_once_a_second() {
+    for n in [1001u64, 1000] {
+        let reg = Registry::new();
+        reg.register(Arc::new(MallocBdev::new("cdevprog", cache_dev_bytes(1024, 4096), 512).unwrap()))
+            .unwrap();
+        let (core, ctl) = HoldBdev::new("core0", 8 << 20);
+        reg.register(core).unwrap();
+        let mut c = CacheConfig::new("c0", "cdevprog", "core0");
+        c.mode = Mode::Wb;
+        c.cleaner = CleanerPolicy::Nop;
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        let sh = bdev.shared().clone();
+        let data = fill(1, 4096);
+        for line in 0..n {
+            write(&mut ch, line * 8, &data);
+        }
+        let _release = ReleaseOnDrop(ctl.clone());
+        lock(&ctl).range = Some(0..(8 << 20) / BS); // every write-back to the core
+        let t0 = sh.now_ms() + 1000;
+        sh.frozen_ms.store(t0, Ordering::Release);
+        // The flush job starts at t0 (its line list is taken at once) and cannot end.
+        ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1));
+        wait_until_true("a write-back held", || lock(&ctl).caught > 0);
+        let progress = |logs: &[String]| -> Vec<String> {
+            logs.iter().filter(|l| l.contains("dirty lines cleaned (")).cloned().collect()
+        };
+        let at = |ms: u64| {
+            let ((), logs) = crate::testlog::capture_named(&["cache-cdevprog"], || {
+                sh.frozen_ms.store(t0 + ms, Ordering::Release);
+                owner_pass(&sh);
+                owner_pass(&sh);
+            });
+            progress(&logs)
+        };
+        assert_eq!(at(0), Vec::<String>::new(), "{n} lines: at the start");
+        assert_eq!(at(1000), Vec::<String>::new(), "{n} lines: at exactly one second");
+        let line = at(1001);
+        if n > 1000 {
+            assert_eq!(line.len(), 1, "one progress line after a second: {line:?}");
+            assert!(
+                line[0].starts_with("INFO: cache 'cdevprog': flush: 0/1001 dirty lines cleaned (1 s)"),
+                "{line:?}"
+            );
+        } else {
+            assert_eq!(line, Vec::<String>::new(), "a flush of 1000 lines logs no progress");
+        }
+        assert_eq!(at(2001), Vec::<String>::new(), "{n} lines: one second after the last line");
+        let line = at(2002);
+        assert_eq!(line.len(), usize::from(n > 1000), "{n} lines: the next line: {line:?}");
+        lock(&ctl).allow = usize::MAX;
+        let r = poll_until(&mut ch, "the flush", |d| !d.is_empty());
+        assert_eq!(r[0].result, Ok(()));
+    }
+}

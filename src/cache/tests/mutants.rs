@@ -1698,3 +1698,25 @@ fn a_long_flush_logs_its_progress_once_a_second() {
         assert_eq!(r[0].result, Ok(()));
     }
 }
+
+/// A cache line's write generation never comes back to a value it had, even when the line is
+/// dropped (evicted, emptied) and taken again for the same core line: a cleaning round compares the
+/// generation it read with the line's at its end (`LineMap::drop_line`'s `+= 1`; with `-= 1` a drop
+/// and the next `alloc` give the old value back, and a line loaded at start-up, generation 0,
+/// underflows when it is evicted).
+#[test]
+fn a_lines_write_generation_never_repeats() {
+    let mut m = map::LineMap::new(1);
+    let mut seen = std::collections::HashSet::new();
+    let mut fresh =
+        |m: &map::LineMap, what: &str| assert!(seen.insert(m.wgen(0)), "{what}: a generation seen before");
+    assert!(m.load(0, (0, 1), 0xff, 0, 1));
+    fresh(&m, "loaded");
+    assert_eq!(m.alloc((0, 2)), Some(0), "the loaded clean line is evicted");
+    fresh(&m, "evicted and taken");
+    m.set_bits(0, 0, 0, 0);
+    assert_eq!(m.lookup((0, 2)), None, "emptied: dropped");
+    fresh(&m, "dropped");
+    assert_eq!(m.alloc((0, 2)), Some(0));
+    fresh(&m, "taken again for the same core line");
+}

@@ -1720,3 +1720,55 @@ fn a_lines_write_generation_never_repeats() {
     assert_eq!(m.alloc((0, 2)), Some(0));
     fresh(&m, "taken again for the same core line");
 }
+
+/// `LineMap::set_bits` queues a line's record when its valid or its dirty sectors change, and
+/// only then (`changed`); a dirty line made dirty again keeps its place (and its time) in the dirty
+/// order, so the cleaner still finds it, oldest first; a clean one leaves it.
+#[test]
+fn set_bits_queues_changed_records_and_keeps_the_dirty_order() {
+    let mut m = map::LineMap::new(4);
+    let a = m.alloc((0, 1)).unwrap();
+    let b = m.alloc((0, 2)).unwrap();
+    let written = |m: &mut map::LineMap| {
+        // What a record round does once the records are on the device.
+        for i in std::mem::take(&mut m.md_pending) {
+            m.lines[i as usize].md_dirty = false;
+        }
+    };
+    written(&mut m);
+    m.set_bits(a, 0xff, 0, 0);
+    assert_eq!(m.md_pending, [a], "valid sectors changed");
+    written(&mut m);
+    m.set_bits(a, 0xff, 0, 0);
+    assert!(m.md_pending.is_empty(), "nothing changed");
+    m.set_bits(a, 0x0f, 0, 0);
+    assert_eq!(m.md_pending, [a], "fewer valid sectors, still clean");
+    written(&mut m);
+    m.set_bits(a, 0xff, 0x01, 5);
+    assert_eq!(m.md_pending, [a], "dirty now");
+    written(&mut m);
+    m.set_bits(b, 0xff, 0x01, 7);
+    m.set_bits(a, 0xff, 0x03, 9); // dirty again: dirty since 5
+    let all = |_: u16| true;
+    assert_eq!(m.dirty_lines(None, &all, 10), [a, b], "oldest first");
+    assert_eq!(m.dirty_older_than(None, &all, 10, 6), [a], "a is dirty since 5");
+    m.set_bits(a, 0xff, 0, 10);
+    assert_eq!(m.dirty_lines(None, &all, 10), [b], "a is clean");
+}
+
+/// `LineMap::load` (start-up) takes its line off the free list and leaves the others there, and
+/// puts a dirty line, only a dirty one, in the dirty order the cleaner walks.
+#[test]
+fn load_takes_its_line_off_the_free_list_and_orders_dirty_lines() {
+    let mut m = map::LineMap::new(4);
+    assert_eq!(m.free_lines(), 4);
+    assert!(m.load(1, (0, 7), 0xff, 0x0f, 3));
+    assert_eq!(m.free_lines(), 3);
+    assert!(m.load(2, (0, 8), 0xff, 0, 3));
+    assert_eq!(m.free_lines(), 2);
+    let mut got = vec![m.alloc((0, 9)).unwrap(), m.alloc((0, 10)).unwrap()];
+    got.sort_unstable();
+    assert_eq!(got, [0, 3], "new lines come from the free ones, not from the loaded ones");
+    assert_eq!((m.lookup((0, 7)), m.lookup((0, 8))), (Some(1), Some(2)));
+    assert_eq!(m.dirty_lines(None, &|_| true, 10), [1], "the loaded dirty line, not the clean one");
+}

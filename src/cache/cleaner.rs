@@ -135,6 +135,22 @@ struct Owner {
     dead: bool,
 }
 
+/// `Instant::now()` for a flush's progress and duration log lines; in tests, while the test clock
+/// (`Shared::frozen_ms`) is set, that time as an `Instant`, so a test can step past the
+/// once-a-second progress line.
+fn log_now(sh: &Shared) -> Instant {
+    #[cfg(test)]
+    {
+        let f = sh.frozen_ms.load(Ordering::Acquire);
+        if f != u64::MAX {
+            return sh.start + Duration::from_millis(f);
+        }
+    }
+    #[cfg(not(test))]
+    let _ = sh;
+    Instant::now()
+}
+
 /// Runs the owner loop until shutdown.
 pub(crate) fn run(sh: Arc<Shared>, image: Vec<u8>) {
     let cache_ch = match sh.cache_desc.channel() {
@@ -291,7 +307,7 @@ impl Owner {
         if remaining.len() > 1000 {
             log::info!("cache '{}': flush: cleaning {} dirty lines", self.sh.cache_name, remaining.len());
         }
-        let now = Instant::now();
+        let now = log_now(&self.sh);
         self.jobs.push(FlushJob {
             id: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             after_round: self.rounds,
@@ -708,15 +724,17 @@ impl Owner {
                     None => self.cores.keys().copied().collect(),
                 };
                 to_flush.push((j.id, cores));
-            } else if j.total > 1000 && j.last_log.elapsed() > Duration::from_secs(1) {
+            } else if j.total > 1000
+                && log_now(&sh).saturating_duration_since(j.last_log) > Duration::from_secs(1)
+            {
                 log::info!(
                     "cache '{}': flush: {}/{} dirty lines cleaned ({} s)",
                     sh.cache_name,
                     j.total - j.remaining.len(),
                     j.total,
-                    j.started.elapsed().as_secs()
+                    log_now(&sh).saturating_duration_since(j.started).as_secs()
                 );
-                j.last_log = Instant::now();
+                j.last_log = log_now(&sh);
             }
         }
         for (id, cores) in to_flush {
@@ -760,7 +778,7 @@ impl Owner {
                 "cache '{}': flush: {} lines cleaned in {} ms",
                 self.sh.cache_name,
                 j.total,
-                j.started.elapsed().as_millis()
+                log_now(&self.sh).saturating_duration_since(j.started).as_millis()
             );
         }
         j.mb.post(j.token, j.error.map_or(Ok(()), Err));

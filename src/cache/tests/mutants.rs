@@ -1537,3 +1537,238 @@ fn a_hit_behind_a_waiting_request_does_not_lock_its_line() {
     poll_until(&mut ch, "the first channel", |d| d.len() == 3);
     poll_until(&mut ch2, "the write", |d| d.len() == 1);
 }
+
+// ---- session 8 (branch mutcache4) ----
+
+/// What a test sees of the channels an [`AskingBdev`] created: `ask` makes the next
+/// `before_sleep` of one of them report work (once); `polled` counts the polls of a channel that
+/// reported work, after its report.
+#[derive(Default)]
+struct Asking {
+    ask: std::sync::atomic::AtomicBool,
+    polled: std::sync::atomic::AtomicUsize,
+}
+
+/// A malloc bdev whose channels report work from `before_sleep` when the test asks them to, with
+/// nothing in flight: a module "that asks for polling right after being polled" (the
+/// `ModuleChannel::before_sleep` contract allows it).
+struct AskingBdev(MallocBdev, Arc<Asking>);
+
+struct AskingChannel {
+    inner: Box<dyn crate::bdev::ModuleChannel>,
+    st: Arc<Asking>,
+    armed: bool,
+}
+
+impl crate::bdev::Bdev for AskingBdev {
+    fn info(&self) -> &crate::bdev::BdevInfo {
+        self.0.info()
+    }
+    fn create_channel(&self) -> Result<Box<dyn crate::bdev::ModuleChannel>, BdevError> {
+        Ok(Box::new(AskingChannel { inner: self.0.create_channel()?, st: self.1.clone(), armed: false }))
+    }
+}
+
+impl crate::bdev::ModuleChannel for AskingChannel {
+    fn submit(&mut self, io: BdevIo) -> Result<(), crate::bdev::Rejected> {
+        self.inner.submit(io)
+    }
+    fn poll(&mut self, done: &mut Vec<crate::bdev::Completion>) -> usize {
+        if std::mem::take(&mut self.armed) {
+            self.st.polled.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.poll(done)
+    }
+    fn before_sleep(&mut self) -> bool {
+        // Only the cache channel's own channels below are ever asked (the owner thread never calls
+        // before_sleep), so the one that takes the request is the test's.
+        let ask = self.st.ask.swap(false, Ordering::SeqCst);
+        self.armed |= ask;
+        ask
+    }
+}
+
+/// When an idle channel below the cache (nothing of the cache's in flight there) still reports work
+/// from its `before_sleep`, the cache channel says "more" and polls that channel at its next poll
+/// ("poll it with the rest"): `before_sleep`'s `cache_out += 1` and `core_out += 1` (`*=` leaves
+/// the count at 0 and the next poll skips the channel; `-=` underflows).
+#[test]
+fn an_idle_channel_below_that_reports_work_is_polled_next() {
+    use crate::bdev::ModuleChannel;
+    let (cst, kst) = (Arc::new(Asking::default()), Arc::new(Asking::default()));
+    let reg = Registry::new();
+    let cdev = MallocBdev::new("cdev", cache_dev_bytes(64, 4096), 512).unwrap();
+    reg.register(Arc::new(AskingBdev(cdev, cst.clone()))).unwrap();
+    let core = MallocBdev::new("core0", 1 << 20, 512).unwrap();
+    reg.register(Arc::new(AskingBdev(core, kst.clone()))).unwrap();
+    let bdev = CacheBdev::create(&wt_no_cutoff(), &reg).unwrap();
+    let mut mch = engine::CacheChannel::new(&bdev).unwrap();
+    let mut done = Vec::new();
+    let mut one = |mch: &mut engine::CacheChannel, io: BdevIo| {
+        assert!(mch.submit(io).is_ok());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        done.clear();
+        while done.is_empty() {
+            mch.poll(&mut done);
+            assert!(Instant::now() < deadline, "never completed");
+        }
+        assert_eq!(done[0].result, Ok(()));
+    };
+    one(&mut mch, BdevIo::write(0, 8, IoVecs::from_slice(&fill(9, 4096)), 1)); // cache device and core
+    one(&mut mch, BdevIo::read(0, 8, IoVecs::alloc(4096), 2)); // a hit
+    let mut sink = Vec::new();
+    let mut quiet = false;
+    for _ in 0..100 {
+        if !mch.before_sleep() {
+            quiet = true;
+            break;
+        }
+        mch.poll(&mut sink);
+    }
+    assert!(quiet, "idle once everything is answered");
+    for (st, what) in [(&cst, "the cache device's channel"), (&kst, "the core's channel")] {
+        st.ask.store(true, Ordering::SeqCst);
+        assert!(mch.before_sleep(), "{what} reported work: the owner must poll again");
+        assert!(!st.ask.load(Ordering::SeqCst), "{what} was asked");
+        assert_eq!(st.polled.load(Ordering::SeqCst), 0);
+        mch.poll(&mut sink);
+        assert_eq!(st.polled.load(Ordering::SeqCst), 1, "{what} was polled at the next poll");
+    }
+    assert!(sink.is_empty(), "nothing to answer: {sink:?}");
+}
+
+/// A flush of more than 1000 dirty lines (1001 here) whose write-back is held logs its progress on
+/// the owner thread once more than a second has passed since the flush started or since the last
+/// progress line (the test clock, `Shared::frozen_ms`, stands still otherwise): not before, not at
+/// exactly one second, once after it, then not again until another second has passed. One of 1000
+/// lines never does (`check_jobs`'s `j.total > 1000 && ... > 1 s`).
+#[test]
+fn a_long_flush_logs_its_progress_once_a_second() {
+    for n in [1001u64, 1000] {
+        let reg = Registry::new();
+        reg.register(Arc::new(MallocBdev::new("cdevprog", cache_dev_bytes(1024, 4096), 512).unwrap()))
+            .unwrap();
+        let (core, ctl) = HoldBdev::new("core0", 8 << 20);
+        reg.register(core).unwrap();
+        let mut c = CacheConfig::new("c0", "cdevprog", "core0");
+        c.mode = Mode::Wb;
+        c.cleaner = CleanerPolicy::Nop;
+        c.seq_cutoff = SeqCutoff::Off;
+        let (bdev, _desc, mut ch) = open_cache(&reg, &c);
+        let sh = bdev.shared().clone();
+        let data = fill(1, 4096);
+        for line in 0..n {
+            write(&mut ch, line * 8, &data);
+        }
+        let _release = ReleaseOnDrop(ctl.clone());
+        lock(&ctl).range = Some(0..(8 << 20) / BS); // every write-back to the core
+        let t0 = sh.now_ms() + 1000;
+        sh.frozen_ms.store(t0, Ordering::Release);
+        // The flush job starts at t0 (its line list is taken at once) and cannot end.
+        ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1));
+        wait_until_true("a write-back held", || lock(&ctl).caught > 0);
+        let progress = |logs: &[String]| -> Vec<String> {
+            logs.iter().filter(|l| l.contains("dirty lines cleaned (")).cloned().collect()
+        };
+        let at = |ms: u64| {
+            let ((), logs) = crate::testlog::capture_named(&["cache-cdevprog"], || {
+                sh.frozen_ms.store(t0 + ms, Ordering::Release);
+                owner_pass(&sh);
+                owner_pass(&sh);
+            });
+            progress(&logs)
+        };
+        assert_eq!(at(0), Vec::<String>::new(), "{n} lines: at the start");
+        assert_eq!(at(1000), Vec::<String>::new(), "{n} lines: at exactly one second");
+        let line = at(1001);
+        if n > 1000 {
+            assert_eq!(line.len(), 1, "one progress line after a second: {line:?}");
+            assert!(
+                line[0].starts_with("INFO: cache 'cdevprog': flush: 0/1001 dirty lines cleaned (1 s)"),
+                "{line:?}"
+            );
+        } else {
+            assert_eq!(line, Vec::<String>::new(), "a flush of 1000 lines logs no progress");
+        }
+        assert_eq!(at(2001), Vec::<String>::new(), "{n} lines: one second after the last line");
+        let line = at(2002);
+        assert_eq!(line.len(), usize::from(n > 1000), "{n} lines: the next line: {line:?}");
+        lock(&ctl).allow = usize::MAX;
+        let r = poll_until(&mut ch, "the flush", |d| !d.is_empty());
+        assert_eq!(r[0].result, Ok(()));
+    }
+}
+
+/// A cache line's write generation never comes back to a value it had, even when the line is
+/// dropped (evicted, emptied) and taken again for the same core line: a cleaning round compares the
+/// generation it read with the line's at its end (`LineMap::drop_line`'s `+= 1`; with `-= 1` a drop
+/// and the next `alloc` give the old value back, and a line loaded at start-up, generation 0,
+/// underflows when it is evicted).
+#[test]
+fn a_lines_write_generation_never_repeats() {
+    let mut m = map::LineMap::new(1);
+    let mut seen = std::collections::HashSet::new();
+    let mut fresh =
+        |m: &map::LineMap, what: &str| assert!(seen.insert(m.wgen(0)), "{what}: a generation seen before");
+    assert!(m.load(0, (0, 1), 0xff, 0, 1));
+    fresh(&m, "loaded");
+    assert_eq!(m.alloc((0, 2)), Some(0), "the loaded clean line is evicted");
+    fresh(&m, "evicted and taken");
+    m.set_bits(0, 0, 0, 0);
+    assert_eq!(m.lookup((0, 2)), None, "emptied: dropped");
+    fresh(&m, "dropped");
+    assert_eq!(m.alloc((0, 2)), Some(0));
+    fresh(&m, "taken again for the same core line");
+}
+
+/// `LineMap::set_bits` queues a line's record when its valid or its dirty sectors change, and
+/// only then (`changed`); a dirty line made dirty again keeps its place (and its time) in the dirty
+/// order, so the cleaner still finds it, oldest first; a clean one leaves it.
+#[test]
+fn set_bits_queues_changed_records_and_keeps_the_dirty_order() {
+    let mut m = map::LineMap::new(4);
+    let a = m.alloc((0, 1)).unwrap();
+    let b = m.alloc((0, 2)).unwrap();
+    let written = |m: &mut map::LineMap| {
+        // What a record round does once the records are on the device.
+        for i in std::mem::take(&mut m.md_pending) {
+            m.lines[i as usize].md_dirty = false;
+        }
+    };
+    written(&mut m);
+    m.set_bits(a, 0xff, 0, 0);
+    assert_eq!(m.md_pending, [a], "valid sectors changed");
+    written(&mut m);
+    m.set_bits(a, 0xff, 0, 0);
+    assert!(m.md_pending.is_empty(), "nothing changed");
+    m.set_bits(a, 0x0f, 0, 0);
+    assert_eq!(m.md_pending, [a], "fewer valid sectors, still clean");
+    written(&mut m);
+    m.set_bits(a, 0xff, 0x01, 5);
+    assert_eq!(m.md_pending, [a], "dirty now");
+    written(&mut m);
+    m.set_bits(b, 0xff, 0x01, 7);
+    m.set_bits(a, 0xff, 0x03, 9); // dirty again: dirty since 5
+    let all = |_: u16| true;
+    assert_eq!(m.dirty_lines(None, &all, 10), [a, b], "oldest first");
+    assert_eq!(m.dirty_older_than(None, &all, 10, 6), [a], "a is dirty since 5");
+    m.set_bits(a, 0xff, 0, 10);
+    assert_eq!(m.dirty_lines(None, &all, 10), [b], "a is clean");
+}
+
+/// `LineMap::load` (start-up) takes its line off the free list and leaves the others there, and
+/// puts a dirty line, only a dirty one, in the dirty order the cleaner walks.
+#[test]
+fn load_takes_its_line_off_the_free_list_and_orders_dirty_lines() {
+    let mut m = map::LineMap::new(4);
+    assert_eq!(m.free_lines(), 4);
+    assert!(m.load(1, (0, 7), 0xff, 0x0f, 3));
+    assert_eq!(m.free_lines(), 3);
+    assert!(m.load(2, (0, 8), 0xff, 0, 3));
+    assert_eq!(m.free_lines(), 2);
+    let mut got = vec![m.alloc((0, 9)).unwrap(), m.alloc((0, 10)).unwrap()];
+    got.sort_unstable();
+    assert_eq!(got, [0, 3], "new lines come from the free ones, not from the loaded ones");
+    assert_eq!((m.lookup((0, 7)), m.lookup((0, 8))), (Some(1), Some(2)));
+    assert_eq!(m.dirty_lines(None, &|_| true, 10), [1], "the loaded dirty line, not the clean one");
+}

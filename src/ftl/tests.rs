@@ -1998,3 +1998,227 @@ fn a_replay_logs_the_blocks_it_replayed_and_only_then() {
     assert!(!logs.iter().any(|l| l.contains("replayed")), "{logs:?}");
     drop(bdev);
 }
+
+// ---- mod.rs channel-path mutants (mutftl5) ----
+
+/// A refused configuration stays a configuration error as a bdev error (the daemon names it so);
+/// the other FTL errors are module errors.
+#[test]
+fn ftl_config_errors_are_bdev_config_errors() {
+    let e = BdevError::from(FtlError::Config { option: "size", reason: "too big".into() });
+    assert!(matches!(&e, BdevError::InvalidConfig(m) if m == "size: too big"), "{e:?}");
+    let e = BdevError::from(FtlError::Media("gone".into()));
+    assert!(matches!(&e, BdevError::Module(m) if m == "media error: gone"), "{e:?}");
+}
+
+/// A malloc nv-cache "nv" of 1 MiB in a new registry, and an FTL config that fits it.
+fn nv_setup(name: &str) -> (Registry, FtlConfig) {
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new(name);
+    cfg.wbuf_bytes = 64 << 10;
+    (reg, cfg)
+}
+
+/// A flush reclaims the nv-cache record of the last write before it (its last buffer entry is
+/// below the flushed tail): a trim flushed after it is not undone by a replay of that record at
+/// the next start.
+#[test]
+fn a_flushed_write_leaves_no_record_to_replay_over_a_later_trim() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let (reg, cfg) = nv_setup("nvtrim");
+    let open = || {
+        let nv = reg.open("nv", true).expect("nv");
+        let bdev = Arc::new(FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(nv)).expect("open"));
+        let r = Registry::new();
+        r.register(bdev.clone()).expect("register");
+        let desc = r.open("nvtrim", true).expect("desc");
+        (bdev, r, desc)
+    };
+    let (bdev, r, desc) = open();
+    let mut ch = desc.channel().expect("channel");
+    let data: Vec<u8> = (3..5u64).flat_map(|lba| block(lba, 1)).collect();
+    assert_eq!(run(&mut ch, vec![BdevIo::write(3, 2, IoVecs::from_slice(&data), 1)])[&1], Ok(()));
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 2)])[&2], Ok(()));
+    let ring = lock(&bdev.shared().core).nv.as_ref().map(|r| (r.pending.len(), r.used()));
+    assert_eq!(ring, Some((0, 0)), "the flushed record is reclaimed");
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 3, 2, 3)])[&3], Ok(()));
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 4)])[&4], Ok(()));
+    drop(ch);
+    drop(desc);
+    bdev.crash();
+    drop(r.unregister("nvtrim").expect("unregister"));
+    drop(bdev);
+    let (bdev, r, desc) = open();
+    assert_eq!(bdev.shared().stats.nv_replayed_blocks.load(Ordering::Relaxed), 0, "nothing to replay");
+    let mut ch = desc.channel().expect("channel");
+    let bufs = IoVecs::alloc(2 * BLOCK_BYTES);
+    let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+    assert_eq!(run(&mut ch, vec![BdevIo::read(3, 2, view, 5)])[&5], Ok(()));
+    assert!(bufs.to_vec().iter().all(|b| *b == 0), "the trimmed blocks came back");
+    drop(ch);
+    drop(desc);
+    drop(r.unregister("nvtrim").expect("unregister"));
+    drop(bdev);
+}
+
+/// The version [`HoldWrites`] looks for in the blocks a write carries.
+const HELD_VERSION: u64 = 77;
+
+/// What [`HoldWrites`] shares with its test.
+#[derive(Default)]
+struct HoldGate {
+    /// Hold the completions of writes carrying a block of version [`HELD_VERSION`].
+    hold: std::sync::atomic::AtomicBool,
+    /// Such completions held so far.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+/// An emulated media whose queue pairs hold back, while the gate says so, the completions of the
+/// writes that carry a block written as `block(lba, HELD_VERSION)`: those writes are on the
+/// media only once the gate opens (other commands, metadata among them, pass).
+struct HoldWrites {
+    inner: EmuDevice,
+    gate: Arc<HoldGate>,
+}
+
+impl MediaDevice for HoldWrites {
+    fn info(&self) -> &crate::ocssd::MediaInfo {
+        self.inner.info()
+    }
+    fn chunk_info(&self, chunk: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
+        self.inner.chunk_info(chunk)
+    }
+    fn report_chunks(
+        &self,
+        first_index: u64,
+        max: usize,
+        out: &mut Vec<crate::ocssd::ChunkInfo>,
+    ) -> Result<usize, crate::ocssd::MediaError> {
+        self.inner.report_chunks(first_index, max, out)
+    }
+    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
+        self.inner.take_notifications(out)
+    }
+    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
+        Ok(Box::new(HoldQp {
+            inner: self.inner.queue_pair(depth)?,
+            gate: Arc::clone(&self.gate),
+            marked: std::collections::HashSet::new(),
+            stash: Vec::new(),
+        }))
+    }
+}
+
+struct HoldQp {
+    inner: Box<dyn crate::ocssd::QueuePair>,
+    gate: Arc<HoldGate>,
+    /// Tags of the writes carrying a held-version block.
+    marked: std::collections::HashSet<u64>,
+    /// Their completions, held.
+    stash: Vec<crate::ocssd::Completion>,
+}
+
+impl crate::ocssd::QueuePair for HoldQp {
+    fn submit(&mut self, cmd: crate::ocssd::Command) -> Result<(), crate::ocssd::Rejected> {
+        let mut mark = false;
+        if let crate::ocssd::Op::Write { ppas, data, .. } = &cmd.op {
+            for i in 0..ppas.len() {
+                let mut ver = Vec::new();
+                data.for_each_piece(i * BLOCK_BYTES + 8, 8, |p| ver.extend_from_slice(p));
+                mark |= ver == HELD_VERSION.to_le_bytes();
+            }
+        }
+        let tag = cmd.tag;
+        self.inner.submit(cmd)?;
+        if mark {
+            self.marked.insert(tag);
+        }
+        Ok(())
+    }
+    fn poll(&mut self, done: &mut Vec<crate::ocssd::Completion>, max: usize) -> usize {
+        let hold = self.gate.hold.load(Ordering::SeqCst);
+        let before = done.len();
+        if !hold {
+            done.append(&mut self.stash);
+        }
+        let mut got = Vec::new();
+        self.inner.poll(&mut got, max);
+        for c in got {
+            if hold && self.marked.remove(&c.tag) {
+                self.gate.held.fetch_add(1, Ordering::SeqCst);
+                self.stash.push(c);
+            } else {
+                self.marked.remove(&c.tag);
+                done.push(c);
+            }
+        }
+        done.len() - before
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.stash.len()
+    }
+    fn depth(&self) -> usize {
+        self.inner.depth()
+    }
+}
+
+/// A start that replays nv-cache records reports the FTL ready only once the replayed data is on
+/// the media (its flush completed): until then the ring still holds the only durable copy.
+/// (The replayed write's completion is held; open must still be waiting 2 s later.)
+#[test]
+fn a_replay_waits_for_its_flush_before_the_ftl_is_ready() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gate = Arc::new(HoldGate::default());
+    let media: Arc<dyn MediaDevice> = Arc::new(HoldWrites {
+        inner: make_media(dir.path(), geometry(20, 32), vec![]),
+        gate: Arc::clone(&gate),
+    });
+    let (reg, cfg) = nv_setup("nvhold");
+    let reg = Arc::new(reg);
+    let open = {
+        let (reg, media, cfg) = (Arc::clone(&reg), Arc::clone(&media), cfg.clone());
+        move || {
+            FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))
+                .map_err(|e| e.to_string())
+        }
+    };
+    // Four blocks acknowledged from the nv-cache, then a crash.
+    let bdev = open().expect("open");
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    let data: Vec<u8> = (0..4u64).flat_map(|lba| block(lba, HELD_VERSION)).collect();
+    assert!(ch.write(BdevIo::write(0, 4, IoVecs::from_slice(&data), 9)).is_ok(), "write");
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while done.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the write was not acknowledged");
+        ch.poll(&mut done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(done[0].result, Ok(()));
+    drop(ch);
+    bdev.crash();
+    drop(bdev);
+    // The next start replays them; their write to the media does not complete yet.
+    gate.hold.store(true, Ordering::SeqCst);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opener = std::thread::spawn(move || tx.send(open()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while gate.held.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the replayed blocks were never written");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let early = rx.recv_timeout(std::time::Duration::from_secs(2)).ok();
+    gate.hold.store(false, Ordering::SeqCst);
+    let ready = early.is_some();
+    let bdev = early
+        .or_else(|| rx.recv_timeout(std::time::Duration::from_secs(60)).ok())
+        .expect("open never returned")
+        .expect("open");
+    opener.join().expect("opener").expect("sent");
+    assert!(!ready, "the FTL was ready while its replay's flush waited for the media");
+    assert_eq!(bdev.shared().stats.nv_replayed_blocks.load(Ordering::Relaxed), 4);
+    drop(bdev);
+}

@@ -2074,11 +2074,17 @@ struct HoldGate {
     hold: std::sync::atomic::AtomicBool,
     /// Such completions held so far.
     held: std::sync::atomic::AtomicUsize,
+    /// Hold the completions of reads too, letting out only `release` of them (oldest first).
+    hold_reads: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicUsize,
+    /// The blocks of every read command submitted, in order.
+    reads: std::sync::Mutex<Vec<usize>>,
 }
 
 /// An emulated media whose queue pairs hold back, while the gate says so, the completions of the
 /// writes that carry a block written as `block(lba, HELD_VERSION)`: those writes are on the
-/// media only once the gate opens (other commands, metadata among them, pass).
+/// media only once the gate opens (other commands, metadata among them, pass). Read completions
+/// are held while `hold_reads` is set, and let out `release` at a time.
 struct HoldWrites {
     inner: EmuDevice,
     gate: Arc<HoldGate>,
@@ -2108,6 +2114,8 @@ impl MediaDevice for HoldWrites {
             gate: Arc::clone(&self.gate),
             marked: std::collections::HashSet::new(),
             stash: Vec::new(),
+            read_tags: std::collections::HashSet::new(),
+            rstash: std::collections::VecDeque::new(),
         }))
     }
 }
@@ -2119,11 +2127,18 @@ struct HoldQp {
     marked: std::collections::HashSet<u64>,
     /// Their completions, held.
     stash: Vec<crate::ocssd::Completion>,
+    /// Tags of the reads in flight, and the read completions held.
+    read_tags: std::collections::HashSet<u64>,
+    rstash: std::collections::VecDeque<crate::ocssd::Completion>,
 }
 
 impl crate::ocssd::QueuePair for HoldQp {
     fn submit(&mut self, cmd: crate::ocssd::Command) -> Result<(), crate::ocssd::Rejected> {
         let mut mark = false;
+        let read = match &cmd.op {
+            crate::ocssd::Op::Read { ppas, .. } => Some(ppas.len()),
+            _ => None,
+        };
         if let crate::ocssd::Op::Write { ppas, data, .. } = &cmd.op {
             for i in 0..ppas.len() {
                 let mut ver = Vec::new();
@@ -2136,6 +2151,10 @@ impl crate::ocssd::QueuePair for HoldQp {
         if mark {
             self.marked.insert(tag);
         }
+        if let Some(n) = read {
+            self.read_tags.insert(tag);
+            lock(&self.gate.reads).push(n);
+        }
         Ok(())
     }
     fn poll(&mut self, done: &mut Vec<crate::ocssd::Completion>, max: usize) -> usize {
@@ -2147,7 +2166,9 @@ impl crate::ocssd::QueuePair for HoldQp {
         let mut got = Vec::new();
         self.inner.poll(&mut got, max);
         for c in got {
-            if hold && self.marked.remove(&c.tag) {
+            if self.read_tags.remove(&c.tag) {
+                self.rstash.push_back(c);
+            } else if hold && self.marked.remove(&c.tag) {
                 self.gate.held.fetch_add(1, Ordering::SeqCst);
                 self.stash.push(c);
             } else {
@@ -2155,10 +2176,18 @@ impl crate::ocssd::QueuePair for HoldQp {
                 done.push(c);
             }
         }
+        while !self.rstash.is_empty() {
+            if self.gate.hold_reads.load(Ordering::SeqCst)
+                && self.gate.release.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err()
+            {
+                break;
+            }
+            done.extend(self.rstash.pop_front());
+        }
         done.len() - before
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.stash.len()
+        self.inner.in_flight() + self.stash.len() + self.rstash.len()
     }
     fn depth(&self) -> usize {
         self.inner.depth()
@@ -2261,5 +2290,111 @@ fn an_nv_cache_of_512_byte_blocks_replays_what_it_acknowledged() {
     drop(ch);
     drop(desc);
     drop(r.unregister("nv512").expect("unregister"));
+    drop(bdev);
+}
+
+/// Polls `ch` until `f` holds for the completions so far (30 s at most).
+fn poll_until(ch: &mut FtlChannel, done: &mut Vec<Completion>, what: &str, f: impl Fn(&[Completion]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !f(done) {
+        assert!(std::time::Instant::now() < deadline, "{what}: {done:?}");
+        ch.poll(done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// An FTL on a [`HoldWrites`] media with LBAs `0..n` written (`block(lba, 1)`) and flushed to the
+/// media, and a channel of the test's own.
+fn ftl_with_media_blocks(dir: &Path, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
+    let gate = Arc::new(HoldGate::default());
+    let media: Arc<dyn MediaDevice> =
+        Arc::new(HoldWrites { inner: make_media(dir, geometry(20, 32), vec![]), gate: Arc::clone(&gate) });
+    let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    let mut done = Vec::new();
+    for lba in 0..n {
+        let io = BdevIo::write(lba, 1, IoVecs::from_slice(&block(lba, 1)), lba);
+        assert!(ch.write(io).is_ok(), "write {lba}");
+        ch.poll(&mut done);
+    }
+    assert!(ch.flush(BdevIo::no_data(IoKind::Flush, 0, 0, u64::MAX)).is_ok(), "flush");
+    poll_until(&mut ch, &mut done, "flush", |d| d.iter().any(|c| c.tag == u64::MAX));
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    let sh = bdev.shared();
+    assert!((0..n).all(|lba| matches!(sh.l2p.get(lba), Loc::Media(_))), "not all on the media");
+    assert_eq!(ch.poll(&mut done), 0);
+    (bdev, gate, ch)
+}
+
+/// Whether the channel's wait fd is readable now.
+fn fd_readable(ch: &FtlChannel) -> bool {
+    let fd = ch.wait_fd().expect("wait fd");
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
+/// A read of 130 media blocks goes to the media as commands of 64, 64 and 2 blocks, wakes the
+/// channel once they are submitted, and completes only with the last of them (each let out by
+/// the media in turn), with every block read.
+#[test]
+fn a_read_takes_commands_of_64_blocks_and_completes_with_the_last() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rd64", 130);
+    assert!(!fd_readable(&ch), "idle");
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    lock(&gate.reads).clear();
+    let bufs = IoVecs::alloc(130 * BLOCK_BYTES);
+    let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+    assert!(ch.read(BdevIo::read(0, 130, view, 7)).is_ok(), "read");
+    assert_eq!(*lock(&gate.reads), vec![64, 64, 2]);
+    assert!(fd_readable(&ch), "commands in flight but the wait fd is not readable");
+    let mut done = Vec::new();
+    for k in 0..3 {
+        assert!(done.is_empty(), "completed after {k} of 3 commands: {done:?}");
+        gate.release.store(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while gate.release.load(Ordering::SeqCst) > 0 {
+            assert!(std::time::Instant::now() < deadline, "command {k} never completed");
+            ch.poll(&mut done);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    let want: Vec<u8> = (0..130u64).flat_map(|lba| block(lba, 1)).collect();
+    assert!(bufs.to_vec() == want, "the blocks read differ");
+    drop(ch);
+    drop(bdev);
+}
+
+/// A read is taken while its commands fit in the channel's queue pair (256 deep): with 255
+/// commands in flight one more read is taken, with 256 it is handed back (NoMem), as it could not
+/// be submitted.
+#[test]
+fn a_read_is_taken_while_its_commands_fit_in_the_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rdq", 1);
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    let depth = ch.qp.depth();
+    assert_eq!(depth, 256);
+    let mut bufs = Vec::new();
+    let mut read = |ch: &mut FtlChannel, tag: u64| {
+        let b = IoVecs::alloc(BLOCK_BYTES);
+        let view = b.slice(0, BLOCK_BYTES as u64).expect("view");
+        bufs.push(b);
+        ch.read(BdevIo::read(0, 1, view, tag)).is_ok()
+    };
+    for tag in 0..depth as u64 {
+        assert!(read(&mut ch, tag), "read {tag} with {} in flight", ch.qp.in_flight());
+    }
+    assert_eq!(ch.qp.in_flight(), depth);
+    assert!(!read(&mut ch, 999), "a read with the queue full is taken");
+    gate.hold_reads.store(false, Ordering::SeqCst);
+    let mut done = Vec::new();
+    poll_until(&mut ch, &mut done, "reads", |d| d.len() >= depth);
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    assert!(bufs[..depth].iter().all(|b| b.to_vec() == block(0, 1)));
+    drop(ch);
     drop(bdev);
 }

@@ -2398,3 +2398,45 @@ fn a_read_is_taken_while_its_commands_fit_in_the_queue() {
     drop(ch);
     drop(bdev);
 }
+
+/// Lets out one held read completion and polls the channel until it is taken (30 s at most).
+fn release_one_read(ch: &mut FtlChannel, gate: &HoldGate, done: &mut Vec<Completion>) {
+    gate.release.store(1, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gate.release.load(Ordering::SeqCst) > 0 {
+        assert!(std::time::Instant::now() < deadline, "no read command completed");
+        ch.poll(done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A block rewritten (and flushed to another place on the media) while a read of it is in flight
+/// is read again from its new place: the read completes only with that second command, with the
+/// new data.
+#[test]
+fn a_block_moved_while_read_is_read_again_from_its_new_place() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rdmove", 1);
+    let sh = Arc::clone(bdev.shared());
+    let old = sh.l2p.get(0);
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    lock(&gate.reads).clear();
+    let bufs = IoVecs::alloc(BLOCK_BYTES);
+    let view = bufs.slice(0, BLOCK_BYTES as u64).expect("view");
+    assert!(ch.read(BdevIo::read(0, 1, view, 7)).is_ok(), "read");
+    let mut done = Vec::new();
+    assert!(ch.write(BdevIo::write(0, 1, IoVecs::from_slice(&block(0, 2)), 8)).is_ok(), "write");
+    assert!(ch.flush(BdevIo::no_data(IoKind::Flush, 0, 0, 9)).is_ok(), "flush");
+    poll_until(&mut ch, &mut done, "write and flush", |d| d.iter().filter(|c| c.tag != 7).count() == 2);
+    assert!(matches!(sh.l2p.get(0), Loc::Media(_)) && sh.l2p.get(0) != old, "{:?}", sh.l2p.get(0));
+    done.clear();
+    release_one_read(&mut ch, &gate, &mut done);
+    assert!(done.is_empty(), "completed without reading the block again: {done:?}");
+    assert_eq!(lock(&gate.reads).len(), 2, "read again");
+    release_one_read(&mut ch, &gate, &mut done);
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    assert_eq!(decode(&bufs.to_vec()), Some((0, 2)));
+    drop(ch);
+    drop(bdev);
+}

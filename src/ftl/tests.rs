@@ -2306,9 +2306,13 @@ fn poll_until(ch: &mut FtlChannel, done: &mut Vec<Completion>, what: &str, f: im
 /// An FTL on a [`HoldWrites`] media with LBAs `0..n` written (`block(lba, 1)`) and flushed to the
 /// media, and a channel of the test's own.
 fn ftl_with_media_blocks(dir: &Path, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
+    ftl_with_media_blocks_on(make_media(dir, geometry(20, 32), vec![]), name, n)
+}
+
+/// [`ftl_with_media_blocks`] on a given emulated device (to inject faults).
+fn ftl_with_media_blocks_on(emu: EmuDevice, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
     let gate = Arc::new(HoldGate::default());
-    let media: Arc<dyn MediaDevice> =
-        Arc::new(HoldWrites { inner: make_media(dir, geometry(20, 32), vec![]), gate: Arc::clone(&gate) });
+    let media: Arc<dyn MediaDevice> = Arc::new(HoldWrites { inner: emu, gate: Arc::clone(&gate) });
     let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
     let mut ch = new_channel(bdev.shared()).expect("channel");
     let mut done = Vec::new();
@@ -2437,6 +2441,38 @@ fn a_block_moved_while_read_is_read_again_from_its_new_place() {
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
     assert_eq!(decode(&bufs.to_vec()), Some((0, 2)));
+    // Rewritten again, this time still in the write buffer when the read comes back: the block
+    // is copied from there and the read completes at once.
+    assert!(ch.read(BdevIo::read(0, 1, bufs.slice(0, BLOCK_BYTES as u64).expect("view"), 10)).is_ok());
+    assert!(ch.write(BdevIo::write(0, 1, IoVecs::from_slice(&block(0, 3)), 11)).is_ok(), "write");
+    assert!(matches!(sh.l2p.get(0), Loc::Cache(_)), "{:?}", sh.l2p.get(0));
+    done.clear();
+    release_one_read(&mut ch, &gate, &mut done);
+    let read: Vec<_> = done.iter().filter(|c| c.tag == 10).map(|c| c.result).collect();
+    assert_eq!(read, vec![Ok(())], "{done:?}");
+    assert_eq!(decode(&bufs.to_vec()), Some((0, 3)));
+    assert_eq!(lock(&gate.reads).len(), 3, "no media read for a buffered block");
+    gate.hold_reads.store(false, Ordering::SeqCst);
+    drop(ch);
+    drop(bdev);
+}
+
+/// A media read that fails for one block of its command fails the read, and only that block
+/// counts as a read error (the emulator reports which list entry failed).
+#[test]
+fn a_failed_block_of_a_read_command_is_the_only_read_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let (bdev, _gate, mut ch) = ftl_with_media_blocks_on(emu.clone(), "rderr", 4);
+    let sh = Arc::clone(bdev.shared());
+    let Loc::Media(addr) = sh.l2p.get(2) else { panic!("lba 2 not on the media") };
+    emu.inject(Fault::ReadError { ppa: sh.geo.ppa_of(addr), kind: ReadErrorKind::Unrecoverable }).expect("inject");
+    let bufs = IoVecs::alloc(4 * BLOCK_BYTES);
+    assert!(ch.read(BdevIo::read(0, 4, bufs.slice(0, bufs.len_bytes()).expect("view"), 7)).is_ok());
+    let mut done = Vec::new();
+    poll_until(&mut ch, &mut done, "read", |d| !d.is_empty());
+    assert!(matches!(done[0].result, Err(IoError::Media(_))), "{done:?}");
+    assert_eq!(sh.stats.read_errors.load(Ordering::Relaxed), 1);
     drop(ch);
     drop(bdev);
 }

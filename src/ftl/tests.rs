@@ -2476,3 +2476,53 @@ fn a_failed_block_of_a_read_command_is_the_only_read_error() {
     drop(ch);
     drop(bdev);
 }
+
+/// A media that reports `info` and answers every chunk-info query with the (free) first chunk of
+/// a small emulated device: enough for the sizing of a new FTL, which does no I/O.
+struct AllFree {
+    inner: EmuDevice,
+    info: crate::ocssd::MediaInfo,
+}
+
+impl MediaDevice for AllFree {
+    fn info(&self) -> &crate::ocssd::MediaInfo {
+        &self.info
+    }
+    fn chunk_info(&self, _: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
+        self.inner.chunk_info(Ppa::new(0, 0, 0, 0))
+    }
+    fn report_chunks(
+        &self,
+        first_index: u64,
+        max: usize,
+        out: &mut Vec<crate::ocssd::ChunkInfo>,
+    ) -> Result<usize, crate::ocssd::MediaError> {
+        self.inner.report_chunks(first_index, max, out)
+    }
+    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
+        self.inner.take_notifications(out)
+    }
+    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
+        self.inner.queue_pair(depth)
+    }
+}
+
+/// A new FTL's L2P entries take 4 bytes while the media has fewer than u32::MAX addresses and 8
+/// from u32::MAX addresses on: 257 bands of 15 PUs of 1 114 129 blocks are exactly u32::MAX
+/// (2^32 − 1) addresses, 17 blocks a chunk fewer are not. (Sizing only: no I/O, no image.)
+#[test]
+fn l2p_entries_take_8_bytes_from_u32_max_addresses_on() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let base = *emu.info();
+    let mut m = AllFree { inner: emu, info: base };
+    let cfg = FtlConfig::new("huge");
+    for (clba, addrs, want) in [(1_114_129u32, u64::from(u32::MAX), 8), (1_114_112, 4_294_901_760, 4)] {
+        let g = &mut m.info.geometry;
+        (g.num_grp, g.num_pu, g.num_chk, g.clba, g.ws_min, g.ws_opt) = (3, 5, 257, clba, 1, 17);
+        let mut geo = geo_for(&m, &cfg).expect("geometry");
+        assert_eq!(geo.addr_space(), addrs);
+        let s = size_new(&m, &mut geo, &cfg).expect("sizing");
+        assert_eq!(s.entry_bytes, want, "{addrs} addresses");
+    }
+}

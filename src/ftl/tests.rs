@@ -2526,3 +2526,44 @@ fn l2p_entries_take_8_bytes_from_u32_max_addresses_on() {
         assert_eq!(s.entry_bytes, want, "{addrs} addresses");
     }
 }
+
+/// A poll that finds nothing done keeps the channel's wakeup while a media read is in flight (its
+/// completion wakes nobody else); once the read is done and taken, an idle poll clears it.
+#[test]
+fn a_channel_keeps_its_wakeup_while_a_read_is_in_flight() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rdwake", 1);
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    let bufs = IoVecs::alloc(BLOCK_BYTES);
+    assert!(ch.read(BdevIo::read(0, 1, bufs.slice(0, BLOCK_BYTES as u64).expect("view"), 7)).is_ok());
+    let mut done = Vec::new();
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(fd_readable(&ch), "a read is in flight but the wait fd was cleared");
+    gate.hold_reads.store(false, Ordering::SeqCst);
+    poll_until(&mut ch, &mut done, "read", |d| !d.is_empty());
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(!fd_readable(&ch), "idle, but the wait fd is readable");
+    drop(ch);
+    drop(bdev);
+}
+
+/// With an nv-cache, a channel whose records are all acknowledged is idle: a poll that finds
+/// nothing clears its wakeup.
+#[test]
+fn an_nv_cache_channel_with_no_record_in_flight_clears_its_wakeup() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let (reg, cfg) = nv_setup("nvidle");
+    let nv = reg.open("nv", true).expect("nv");
+    let bdev = FtlBdev::open_with_nv(cfg, media, Some(nv)).expect("open");
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    assert!(ch.write(BdevIo::write(0, 1, IoVecs::from_slice(&block(0, 1)), 7)).is_ok(), "write");
+    let mut done = Vec::new();
+    poll_until(&mut ch, &mut done, "write", |d| !d.is_empty());
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(!fd_readable(&ch), "nothing in flight, but the wait fd is readable");
+    drop(ch);
+    drop(bdev);
+}

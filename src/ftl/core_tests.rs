@@ -840,7 +840,7 @@ fn a_write_of_ws_opt_blocks_wakes_an_idle_core() {
     let t = std::thread::spawn(move || w.main(qp.as_mut()));
     wait_for(&sh, "the core never went idle", |c| c.core_idle);
     let mut ch = crate::ftl::new_channel(&sh).expect("channel");
-    let n = sh.geo.ws_opt as u64;
+    let n = sh.geo.ws_opt;
     let data = vec![3u8; n as usize * crate::ftl::layout::BLOCK_BYTES];
     let io = crate::bdev::BdevIo::write(0, n, crate::bdev::IoVecs::from_slice(&data), 1);
     assert!(ch.write(io).is_ok(), "write");

@@ -2178,7 +2178,11 @@ impl crate::ocssd::QueuePair for HoldQp {
         }
         while !self.rstash.is_empty() {
             if self.gate.hold_reads.load(Ordering::SeqCst)
-                && self.gate.release.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err()
+                && self
+                    .gate
+                    .release
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_err()
             {
                 break;
             }
@@ -2233,7 +2237,7 @@ fn a_replay_waits_for_its_flush_before_the_ftl_is_ready() {
     // The next start replays them; their write to the media does not complete yet.
     gate.hold.store(true, Ordering::SeqCst);
     let (tx, rx) = std::sync::mpsc::channel();
-    let opener = std::thread::spawn(move || tx.send(open()));
+    let opener = std::thread::spawn(move || tx.send(open()).is_ok());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while gate.held.load(Ordering::SeqCst) == 0 {
         assert!(std::time::Instant::now() < deadline, "the replayed blocks were never written");
@@ -2246,7 +2250,7 @@ fn a_replay_waits_for_its_flush_before_the_ftl_is_ready() {
         .or_else(|| rx.recv_timeout(std::time::Duration::from_secs(60)).ok())
         .expect("open never returned")
         .expect("open");
-    opener.join().expect("opener").expect("sent");
+    assert!(opener.join().expect("opener"), "sent");
     assert!(!ready, "the FTL was ready while its replay's flush waited for the media");
     assert_eq!(bdev.shared().stats.nv_replayed_blocks.load(Ordering::Relaxed), 4);
     drop(bdev);
@@ -2294,7 +2298,12 @@ fn an_nv_cache_of_512_byte_blocks_replays_what_it_acknowledged() {
 }
 
 /// Polls `ch` until `f` holds for the completions so far (30 s at most).
-fn poll_until(ch: &mut FtlChannel, done: &mut Vec<Completion>, what: &str, f: impl Fn(&[Completion]) -> bool) {
+fn poll_until(
+    ch: &mut FtlChannel,
+    done: &mut Vec<Completion>,
+    what: &str,
+    f: impl Fn(&[Completion]) -> bool,
+) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !f(done) {
         assert!(std::time::Instant::now() < deadline, "{what}: {done:?}");
@@ -2466,7 +2475,8 @@ fn a_failed_block_of_a_read_command_is_the_only_read_error() {
     let (bdev, _gate, mut ch) = ftl_with_media_blocks_on(emu.clone(), "rderr", 4);
     let sh = Arc::clone(bdev.shared());
     let Loc::Media(addr) = sh.l2p.get(2) else { panic!("lba 2 not on the media") };
-    emu.inject(Fault::ReadError { ppa: sh.geo.ppa_of(addr), kind: ReadErrorKind::Unrecoverable }).expect("inject");
+    emu.inject(Fault::ReadError { ppa: sh.geo.ppa_of(addr), kind: ReadErrorKind::Unrecoverable })
+        .expect("inject");
     let bufs = IoVecs::alloc(4 * BLOCK_BYTES);
     assert!(ch.read(BdevIo::read(0, 4, bufs.slice(0, bufs.len_bytes()).expect("view"), 7)).is_ok());
     let mut done = Vec::new();

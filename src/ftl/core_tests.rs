@@ -825,3 +825,43 @@ fn relocation_resumes_at_the_first_block_with_no_room() {
     assert!(matches!(sh.l2p.get(3), Loc::Media(_)));
     assert_eq!(lock(&sh.core).relocs, vec![(id as u32, 4)]);
 }
+
+// ---- mod.rs channel-path mutants (mutftl5) ----
+
+/// A write that brings a whole optimal write unit (ws_opt blocks) into the buffer wakes an idle
+/// core, with no flush pending: here the idle period is longer than the test, so only that wake-up
+/// gets the blocks written (the first ones: the band's first batch also takes its head).
+#[test]
+fn a_write_of_ws_opt_blocks_wakes_an_idle_core() {
+    let (_d, _bdev, mut w, mut qp) = setup(geometry(20, 32), "wake-opt", 0);
+    let sh = Arc::clone(&w.sh);
+    w.idle = Duration::from_secs(3600);
+    sh.stop.store(0, Ordering::SeqCst);
+    let t = std::thread::spawn(move || w.main(qp.as_mut()));
+    wait_for(&sh, "the core never went idle", |c| c.core_idle);
+    let mut ch = crate::ftl::new_channel(&sh).expect("channel");
+    let n = sh.geo.ws_opt;
+    let data = vec![3u8; n as usize * crate::ftl::layout::BLOCK_BYTES];
+    let io = crate::bdev::BdevIo::write(0, n, crate::bdev::IoVecs::from_slice(&data), 1);
+    assert!(ch.write(io).is_ok(), "write");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // (The band's first batch takes its head block and ws_opt - 1 of them.)
+    while !matches!(sh.l2p.get(0), Loc::Media(_)) {
+        if Instant::now() > deadline {
+            sh.stop.store(2, Ordering::SeqCst);
+            sh.wake.notify_all();
+            let c = lock(&sh.core);
+            panic!(
+                "the core was not woken: the blocks are still buffered (idle {}, waiting {}, open {:?}, l2p {:?})",
+                c.core_idle,
+                c.wbuf.waiting(),
+                c.open,
+                sh.l2p.get(0)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    sh.stop.store(2, Ordering::SeqCst);
+    sh.wake.notify_all();
+    t.join().expect("core thread");
+}

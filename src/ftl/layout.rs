@@ -15,7 +15,8 @@
 //! A region header carries `magic, region id, version, payload length, payload crc32c` and its own
 //! crc32c, so a torn or corrupt region is detected on its own. The superblock lists every region's
 //! offset (in blocks from the start of the area) and is itself region 0 at block 0. L2P entries are 4
-//! bytes when every address of the device fits in 32 bits (with `u32::MAX` meaning unmapped), else 8.
+//! bytes when the device has fewer than `u32::MAX` addresses (every address is then below `u32::MAX`,
+//! which means unmapped), else 8.
 //!
 //! # Limitations
 //! Little-endian only on media (explicit `to_le_bytes`), so images move between hosts freely; there

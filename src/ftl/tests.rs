@@ -2034,3 +2034,582 @@ fn a_replay_logs_the_blocks_it_replayed_and_only_then() {
     assert!(!logs.iter().any(|l| l.contains("replayed")), "{logs:?}");
     drop(bdev);
 }
+
+// ---- mod.rs channel-path mutants (mutftl5) ----
+
+/// A refused configuration stays a configuration error as a bdev error (the daemon names it so);
+/// the other FTL errors are module errors.
+#[test]
+fn ftl_config_errors_are_bdev_config_errors() {
+    let e = BdevError::from(FtlError::Config { option: "size", reason: "too big".into() });
+    assert!(matches!(&e, BdevError::InvalidConfig(m) if m == "size: too big"), "{e:?}");
+    let e = BdevError::from(FtlError::Media("gone".into()));
+    assert!(matches!(&e, BdevError::Module(m) if m == "media error: gone"), "{e:?}");
+}
+
+/// A malloc nv-cache "nv" of 1 MiB in a new registry, and an FTL config that fits it.
+fn nv_setup(name: &str) -> (Registry, FtlConfig) {
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new(name);
+    cfg.wbuf_bytes = 64 << 10;
+    (reg, cfg)
+}
+
+/// A flush reclaims the nv-cache record of the last write before it (its last buffer entry is
+/// below the flushed tail): a trim flushed after it is not undone by a replay of that record at
+/// the next start.
+#[test]
+fn a_flushed_write_leaves_no_record_to_replay_over_a_later_trim() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let (reg, cfg) = nv_setup("nvtrim");
+    let open = || {
+        let nv = reg.open("nv", true).expect("nv");
+        let bdev = Arc::new(FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(nv)).expect("open"));
+        let r = Registry::new();
+        r.register(bdev.clone()).expect("register");
+        let desc = r.open("nvtrim", true).expect("desc");
+        (bdev, r, desc)
+    };
+    let (bdev, r, desc) = open();
+    let mut ch = desc.channel().expect("channel");
+    let data: Vec<u8> = (3..5u64).flat_map(|lba| block(lba, 1)).collect();
+    assert_eq!(run(&mut ch, vec![BdevIo::write(3, 2, IoVecs::from_slice(&data), 1)])[&1], Ok(()));
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 2)])[&2], Ok(()));
+    let ring = lock(&bdev.shared().core).nv.as_ref().map(|r| (r.pending.len(), r.used()));
+    assert_eq!(ring, Some((0, 0)), "the flushed record is reclaimed");
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Unmap, 3, 2, 3)])[&3], Ok(()));
+    assert_eq!(run(&mut ch, vec![BdevIo::no_data(IoKind::Flush, 0, 0, 4)])[&4], Ok(()));
+    drop(ch);
+    drop(desc);
+    bdev.crash();
+    drop(r.unregister("nvtrim").expect("unregister"));
+    drop(bdev);
+    let (bdev, r, desc) = open();
+    assert_eq!(bdev.shared().stats.nv_replayed_blocks.load(Ordering::Relaxed), 0, "nothing to replay");
+    let mut ch = desc.channel().expect("channel");
+    let bufs = IoVecs::alloc(2 * BLOCK_BYTES);
+    let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+    assert_eq!(run(&mut ch, vec![BdevIo::read(3, 2, view, 5)])[&5], Ok(()));
+    assert!(bufs.to_vec().iter().all(|b| *b == 0), "the trimmed blocks came back");
+    drop(ch);
+    drop(desc);
+    drop(r.unregister("nvtrim").expect("unregister"));
+    drop(bdev);
+}
+
+/// The version [`HoldWrites`] looks for in the blocks a write carries.
+const HELD_VERSION: u64 = 77;
+
+/// What [`HoldWrites`] shares with its test.
+#[derive(Default)]
+struct HoldGate {
+    /// Hold the completions of writes carrying a block of version [`HELD_VERSION`].
+    hold: std::sync::atomic::AtomicBool,
+    /// Such completions held so far.
+    held: std::sync::atomic::AtomicUsize,
+    /// Hold the completions of reads too, letting out only `release` of them (oldest first).
+    hold_reads: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicUsize,
+    /// The blocks of every read command submitted, in order.
+    reads: std::sync::Mutex<Vec<usize>>,
+}
+
+/// An emulated media whose queue pairs hold back, while the gate says so, the completions of the
+/// writes that carry a block written as `block(lba, HELD_VERSION)`: those writes are on the
+/// media only once the gate opens (other commands, metadata among them, pass). Read completions
+/// are held while `hold_reads` is set, and let out `release` at a time.
+struct HoldWrites {
+    inner: EmuDevice,
+    gate: Arc<HoldGate>,
+}
+
+impl MediaDevice for HoldWrites {
+    fn info(&self) -> &crate::ocssd::MediaInfo {
+        self.inner.info()
+    }
+    fn chunk_info(&self, chunk: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
+        self.inner.chunk_info(chunk)
+    }
+    fn report_chunks(
+        &self,
+        first_index: u64,
+        max: usize,
+        out: &mut Vec<crate::ocssd::ChunkInfo>,
+    ) -> Result<usize, crate::ocssd::MediaError> {
+        self.inner.report_chunks(first_index, max, out)
+    }
+    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
+        self.inner.take_notifications(out)
+    }
+    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
+        Ok(Box::new(HoldQp {
+            inner: self.inner.queue_pair(depth)?,
+            gate: Arc::clone(&self.gate),
+            marked: std::collections::HashSet::new(),
+            stash: Vec::new(),
+            read_tags: std::collections::HashSet::new(),
+            rstash: std::collections::VecDeque::new(),
+        }))
+    }
+}
+
+struct HoldQp {
+    inner: Box<dyn crate::ocssd::QueuePair>,
+    gate: Arc<HoldGate>,
+    /// Tags of the writes carrying a held-version block.
+    marked: std::collections::HashSet<u64>,
+    /// Their completions, held.
+    stash: Vec<crate::ocssd::Completion>,
+    /// Tags of the reads in flight, and the read completions held.
+    read_tags: std::collections::HashSet<u64>,
+    rstash: std::collections::VecDeque<crate::ocssd::Completion>,
+}
+
+impl crate::ocssd::QueuePair for HoldQp {
+    fn submit(&mut self, cmd: crate::ocssd::Command) -> Result<(), crate::ocssd::Rejected> {
+        let mut mark = false;
+        let read = match &cmd.op {
+            crate::ocssd::Op::Read { ppas, .. } => Some(ppas.len()),
+            _ => None,
+        };
+        if let crate::ocssd::Op::Write { ppas, data, .. } = &cmd.op {
+            for i in 0..ppas.len() {
+                let mut ver = Vec::new();
+                data.for_each_piece(i * BLOCK_BYTES + 8, 8, |p| ver.extend_from_slice(p));
+                mark |= ver == HELD_VERSION.to_le_bytes();
+            }
+        }
+        let tag = cmd.tag;
+        self.inner.submit(cmd)?;
+        if mark {
+            self.marked.insert(tag);
+        }
+        if let Some(n) = read {
+            self.read_tags.insert(tag);
+            lock(&self.gate.reads).push(n);
+        }
+        Ok(())
+    }
+    fn poll(&mut self, done: &mut Vec<crate::ocssd::Completion>, max: usize) -> usize {
+        let hold = self.gate.hold.load(Ordering::SeqCst);
+        let before = done.len();
+        if !hold {
+            done.append(&mut self.stash);
+        }
+        let mut got = Vec::new();
+        self.inner.poll(&mut got, max);
+        for c in got {
+            if self.read_tags.remove(&c.tag) {
+                self.rstash.push_back(c);
+            } else if hold && self.marked.remove(&c.tag) {
+                self.gate.held.fetch_add(1, Ordering::SeqCst);
+                self.stash.push(c);
+            } else {
+                self.marked.remove(&c.tag);
+                done.push(c);
+            }
+        }
+        while !self.rstash.is_empty() {
+            if self.gate.hold_reads.load(Ordering::SeqCst)
+                && self
+                    .gate
+                    .release
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_err()
+            {
+                break;
+            }
+            done.extend(self.rstash.pop_front());
+        }
+        done.len() - before
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.stash.len() + self.rstash.len()
+    }
+    fn depth(&self) -> usize {
+        self.inner.depth()
+    }
+}
+
+/// A start that replays nv-cache records reports the FTL ready only once the replayed data is on
+/// the media (its flush completed): until then the ring still holds the only durable copy.
+/// (The replayed write's completion is held; open must still be waiting 2 s later.)
+#[test]
+fn a_replay_waits_for_its_flush_before_the_ftl_is_ready() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gate = Arc::new(HoldGate::default());
+    let media: Arc<dyn MediaDevice> = Arc::new(HoldWrites {
+        inner: make_media(dir.path(), geometry(20, 32), vec![]),
+        gate: Arc::clone(&gate),
+    });
+    let (reg, cfg) = nv_setup("nvhold");
+    let reg = Arc::new(reg);
+    let open = {
+        let (reg, media, cfg) = (Arc::clone(&reg), Arc::clone(&media), cfg.clone());
+        move || {
+            FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))
+                .map_err(|e| e.to_string())
+        }
+    };
+    // Four blocks acknowledged from the nv-cache, then a crash.
+    let bdev = open().expect("open");
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    let data: Vec<u8> = (0..4u64).flat_map(|lba| block(lba, HELD_VERSION)).collect();
+    assert!(ch.write(BdevIo::write(0, 4, IoVecs::from_slice(&data), 9)).is_ok(), "write");
+    let mut done = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while done.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the write was not acknowledged");
+        ch.poll(&mut done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(done[0].result, Ok(()));
+    drop(ch);
+    bdev.crash();
+    drop(bdev);
+    // The next start replays them; their write to the media does not complete yet.
+    gate.hold.store(true, Ordering::SeqCst);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opener = std::thread::spawn(move || tx.send(open()).is_ok());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while gate.held.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the replayed blocks were never written");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let early = rx.recv_timeout(std::time::Duration::from_secs(2)).ok();
+    gate.hold.store(false, Ordering::SeqCst);
+    let ready = early.is_some();
+    let bdev = early
+        .or_else(|| rx.recv_timeout(std::time::Duration::from_secs(60)).ok())
+        .expect("open never returned")
+        .expect("open");
+    assert!(opener.join().expect("opener"), "sent");
+    assert!(!ready, "the FTL was ready while its replay's flush waited for the media");
+    assert_eq!(bdev.shared().stats.nv_replayed_blocks.load(Ordering::Relaxed), 4);
+    drop(bdev);
+}
+
+/// An nv-cache bdev of 512-byte blocks (8 per 4 KiB unit): a record (header + data) is written
+/// whole, so what was acknowledged is replayed at the next start.
+#[test]
+fn an_nv_cache_of_512_byte_blocks_replays_what_it_acknowledged() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 512).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("nv512");
+    cfg.wbuf_bytes = 64 << 10;
+    let open = || {
+        let nv = reg.open("nv", true).expect("nv");
+        let bdev = Arc::new(FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(nv)).expect("open"));
+        let r = Registry::new();
+        r.register(bdev.clone()).expect("register");
+        let desc = r.open("nv512", true).expect("desc");
+        (bdev, r, desc)
+    };
+    let (bdev, r, desc) = open();
+    let mut ch = desc.channel().expect("channel");
+    let data: Vec<u8> = (2..5u64).flat_map(|lba| block(lba, 1)).collect();
+    assert_eq!(run(&mut ch, vec![BdevIo::write(2, 3, IoVecs::from_slice(&data), 1)])[&1], Ok(()));
+    drop(ch);
+    drop(desc);
+    bdev.crash();
+    drop(r.unregister("nv512").expect("unregister"));
+    drop(bdev);
+    let (bdev, r, desc) = open();
+    assert_eq!(bdev.shared().stats.nv_replayed_blocks.load(Ordering::Relaxed), 3);
+    let mut ch = desc.channel().expect("channel");
+    let bufs = IoVecs::alloc(3 * BLOCK_BYTES);
+    let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+    assert_eq!(run(&mut ch, vec![BdevIo::read(2, 3, view, 2)])[&2], Ok(()));
+    assert_eq!(bufs.to_vec(), data);
+    drop(ch);
+    drop(desc);
+    drop(r.unregister("nv512").expect("unregister"));
+    drop(bdev);
+}
+
+/// Polls `ch` until `f` holds for the completions so far (30 s at most).
+fn poll_until(
+    ch: &mut FtlChannel,
+    done: &mut Vec<Completion>,
+    what: &str,
+    f: impl Fn(&[Completion]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !f(done) {
+        assert!(std::time::Instant::now() < deadline, "{what}: {done:?}");
+        ch.poll(done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// An FTL on a [`HoldWrites`] media with LBAs `0..n` written (`block(lba, 1)`) and flushed to the
+/// media, and a channel of the test's own.
+fn ftl_with_media_blocks(dir: &Path, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
+    ftl_with_media_blocks_on(make_media(dir, geometry(20, 32), vec![]), name, n)
+}
+
+/// [`ftl_with_media_blocks`] on a given emulated device (to inject faults).
+fn ftl_with_media_blocks_on(emu: EmuDevice, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
+    let gate = Arc::new(HoldGate::default());
+    let media: Arc<dyn MediaDevice> = Arc::new(HoldWrites { inner: emu, gate: Arc::clone(&gate) });
+    let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    let mut done = Vec::new();
+    for lba in 0..n {
+        let io = BdevIo::write(lba, 1, IoVecs::from_slice(&block(lba, 1)), lba);
+        assert!(ch.write(io).is_ok(), "write {lba}");
+        ch.poll(&mut done);
+    }
+    assert!(ch.flush(BdevIo::no_data(IoKind::Flush, 0, 0, u64::MAX)).is_ok(), "flush");
+    poll_until(&mut ch, &mut done, "flush", |d| d.iter().any(|c| c.tag == u64::MAX));
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    let sh = bdev.shared();
+    assert!((0..n).all(|lba| matches!(sh.l2p.get(lba), Loc::Media(_))), "not all on the media");
+    assert_eq!(ch.poll(&mut done), 0);
+    (bdev, gate, ch)
+}
+
+/// Whether the channel's wait fd is readable now.
+fn fd_readable(ch: &FtlChannel) -> bool {
+    let fd = ch.wait_fd().expect("wait fd");
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
+/// A read of 130 media blocks goes to the media as commands of 64, 64 and 2 blocks, wakes the
+/// channel once they are submitted, and completes only with the last of them (each let out by
+/// the media in turn), with every block read.
+#[test]
+fn a_read_takes_commands_of_64_blocks_and_completes_with_the_last() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rd64", 130);
+    assert!(!fd_readable(&ch), "idle");
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    lock(&gate.reads).clear();
+    let bufs = IoVecs::alloc(130 * BLOCK_BYTES);
+    let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+    assert!(ch.read(BdevIo::read(0, 130, view, 7)).is_ok(), "read");
+    assert_eq!(*lock(&gate.reads), vec![64, 64, 2]);
+    assert!(fd_readable(&ch), "commands in flight but the wait fd is not readable");
+    let mut done = Vec::new();
+    for k in 0..3 {
+        assert!(done.is_empty(), "completed after {k} of 3 commands: {done:?}");
+        gate.release.store(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while gate.release.load(Ordering::SeqCst) > 0 {
+            assert!(std::time::Instant::now() < deadline, "command {k} never completed");
+            ch.poll(&mut done);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    let want: Vec<u8> = (0..130u64).flat_map(|lba| block(lba, 1)).collect();
+    assert!(bufs.to_vec() == want, "the blocks read differ");
+    drop(ch);
+    drop(bdev);
+}
+
+/// A read is taken while its commands fit in the channel's queue pair (256 deep): with 255
+/// commands in flight one more read is taken, with 256 it is handed back (NoMem), as it could not
+/// be submitted.
+#[test]
+fn a_read_is_taken_while_its_commands_fit_in_the_queue() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rdq", 1);
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    let depth = ch.qp.depth();
+    assert_eq!(depth, 256);
+    let mut bufs = Vec::new();
+    let mut read = |ch: &mut FtlChannel, tag: u64| {
+        let b = IoVecs::alloc(BLOCK_BYTES);
+        let view = b.slice(0, BLOCK_BYTES as u64).expect("view");
+        bufs.push(b);
+        ch.read(BdevIo::read(0, 1, view, tag)).is_ok()
+    };
+    for tag in 0..depth as u64 {
+        assert!(read(&mut ch, tag), "read {tag} with {} in flight", ch.qp.in_flight());
+    }
+    assert_eq!(ch.qp.in_flight(), depth);
+    assert!(!read(&mut ch, 999), "a read with the queue full is taken");
+    gate.hold_reads.store(false, Ordering::SeqCst);
+    let mut done = Vec::new();
+    poll_until(&mut ch, &mut done, "reads", |d| d.len() >= depth);
+    assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+    assert!(bufs[..depth].iter().all(|b| b.to_vec() == block(0, 1)));
+    drop(ch);
+    drop(bdev);
+}
+
+/// Lets out one held read completion and polls the channel until it is taken (30 s at most).
+fn release_one_read(ch: &mut FtlChannel, gate: &HoldGate, done: &mut Vec<Completion>) {
+    gate.release.store(1, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gate.release.load(Ordering::SeqCst) > 0 {
+        assert!(std::time::Instant::now() < deadline, "no read command completed");
+        ch.poll(done);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A block rewritten (and flushed to another place on the media) while a read of it is in flight
+/// is read again from its new place: the read completes only with that second command, with the
+/// new data.
+#[test]
+fn a_block_moved_while_read_is_read_again_from_its_new_place() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rdmove", 1);
+    let sh = Arc::clone(bdev.shared());
+    let old = sh.l2p.get(0);
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    lock(&gate.reads).clear();
+    let bufs = IoVecs::alloc(BLOCK_BYTES);
+    let view = bufs.slice(0, BLOCK_BYTES as u64).expect("view");
+    assert!(ch.read(BdevIo::read(0, 1, view, 7)).is_ok(), "read");
+    let mut done = Vec::new();
+    assert!(ch.write(BdevIo::write(0, 1, IoVecs::from_slice(&block(0, 2)), 8)).is_ok(), "write");
+    assert!(ch.flush(BdevIo::no_data(IoKind::Flush, 0, 0, 9)).is_ok(), "flush");
+    poll_until(&mut ch, &mut done, "write and flush", |d| d.iter().filter(|c| c.tag != 7).count() == 2);
+    assert!(matches!(sh.l2p.get(0), Loc::Media(_)) && sh.l2p.get(0) != old, "{:?}", sh.l2p.get(0));
+    done.clear();
+    release_one_read(&mut ch, &gate, &mut done);
+    assert!(done.is_empty(), "completed without reading the block again: {done:?}");
+    assert_eq!(lock(&gate.reads).len(), 2, "read again");
+    release_one_read(&mut ch, &gate, &mut done);
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    assert_eq!(decode(&bufs.to_vec()), Some((0, 2)));
+    // Rewritten again, this time still in the write buffer when the read comes back: the block
+    // is copied from there and the read completes at once.
+    assert!(ch.read(BdevIo::read(0, 1, bufs.slice(0, BLOCK_BYTES as u64).expect("view"), 10)).is_ok());
+    assert!(ch.write(BdevIo::write(0, 1, IoVecs::from_slice(&block(0, 3)), 11)).is_ok(), "write");
+    assert!(matches!(sh.l2p.get(0), Loc::Cache(_)), "{:?}", sh.l2p.get(0));
+    done.clear();
+    release_one_read(&mut ch, &gate, &mut done);
+    let read: Vec<_> = done.iter().filter(|c| c.tag == 10).map(|c| c.result).collect();
+    assert_eq!(read, vec![Ok(())], "{done:?}");
+    assert_eq!(decode(&bufs.to_vec()), Some((0, 3)));
+    assert_eq!(lock(&gate.reads).len(), 3, "no media read for a buffered block");
+    gate.hold_reads.store(false, Ordering::SeqCst);
+    drop(ch);
+    drop(bdev);
+}
+
+/// A media read that fails for one block of its command fails the read, and only that block
+/// counts as a read error (the emulator reports which list entry failed).
+#[test]
+fn a_failed_block_of_a_read_command_is_the_only_read_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let (bdev, _gate, mut ch) = ftl_with_media_blocks_on(emu.clone(), "rderr", 4);
+    let sh = Arc::clone(bdev.shared());
+    let Loc::Media(addr) = sh.l2p.get(2) else { panic!("lba 2 not on the media") };
+    emu.inject(Fault::ReadError { ppa: sh.geo.ppa_of(addr), kind: ReadErrorKind::Unrecoverable })
+        .expect("inject");
+    let bufs = IoVecs::alloc(4 * BLOCK_BYTES);
+    assert!(ch.read(BdevIo::read(0, 4, bufs.slice(0, bufs.len_bytes()).expect("view"), 7)).is_ok());
+    let mut done = Vec::new();
+    poll_until(&mut ch, &mut done, "read", |d| !d.is_empty());
+    assert!(matches!(done[0].result, Err(IoError::Media(_))), "{done:?}");
+    assert_eq!(sh.stats.read_errors.load(Ordering::Relaxed), 1);
+    drop(ch);
+    drop(bdev);
+}
+
+/// A media that reports `info` and answers every chunk-info query with the (free) first chunk of
+/// a small emulated device: enough for the sizing of a new FTL, which does no I/O.
+struct AllFree {
+    inner: EmuDevice,
+    info: crate::ocssd::MediaInfo,
+}
+
+impl MediaDevice for AllFree {
+    fn info(&self) -> &crate::ocssd::MediaInfo {
+        &self.info
+    }
+    fn chunk_info(&self, _: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
+        self.inner.chunk_info(Ppa::new(0, 0, 0, 0))
+    }
+    fn report_chunks(
+        &self,
+        first_index: u64,
+        max: usize,
+        out: &mut Vec<crate::ocssd::ChunkInfo>,
+    ) -> Result<usize, crate::ocssd::MediaError> {
+        self.inner.report_chunks(first_index, max, out)
+    }
+    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
+        self.inner.take_notifications(out)
+    }
+    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
+        self.inner.queue_pair(depth)
+    }
+}
+
+/// A new FTL's L2P entries take 4 bytes while the media has fewer than u32::MAX addresses and 8
+/// from u32::MAX addresses on: 257 bands of 15 PUs of 1 114 129 blocks are exactly u32::MAX
+/// (2^32 − 1) addresses, 17 blocks a chunk fewer are not. (Sizing only: no I/O, no image.)
+#[test]
+fn l2p_entries_take_8_bytes_from_u32_max_addresses_on() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let emu = make_media(dir.path(), geometry(20, 32), vec![]);
+    let base = *emu.info();
+    let mut m = AllFree { inner: emu, info: base };
+    let cfg = FtlConfig::new("huge");
+    for (clba, addrs, want) in [(1_114_129u32, u64::from(u32::MAX), 8), (1_114_112, 4_294_901_760, 4)] {
+        let g = &mut m.info.geometry;
+        (g.num_grp, g.num_pu, g.num_chk, g.clba, g.ws_min, g.ws_opt) = (3, 5, 257, clba, 1, 17);
+        let mut geo = geo_for(&m, &cfg).expect("geometry");
+        assert_eq!(geo.addr_space(), addrs);
+        let s = size_new(&m, &mut geo, &cfg).expect("sizing");
+        assert_eq!(s.entry_bytes, want, "{addrs} addresses");
+    }
+}
+
+/// A poll that finds nothing done keeps the channel's wakeup while a media read is in flight (its
+/// completion wakes nobody else); once the read is done and taken, an idle poll clears it.
+#[test]
+fn a_channel_keeps_its_wakeup_while_a_read_is_in_flight() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (bdev, gate, mut ch) = ftl_with_media_blocks(dir.path(), "rdwake", 1);
+    gate.hold_reads.store(true, Ordering::SeqCst);
+    let bufs = IoVecs::alloc(BLOCK_BYTES);
+    assert!(ch.read(BdevIo::read(0, 1, bufs.slice(0, BLOCK_BYTES as u64).expect("view"), 7)).is_ok());
+    let mut done = Vec::new();
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(fd_readable(&ch), "a read is in flight but the wait fd was cleared");
+    gate.hold_reads.store(false, Ordering::SeqCst);
+    poll_until(&mut ch, &mut done, "read", |d| !d.is_empty());
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(!fd_readable(&ch), "idle, but the wait fd is readable");
+    drop(ch);
+    drop(bdev);
+}
+
+/// With an nv-cache, a channel whose records are all acknowledged is idle: a poll that finds
+/// nothing clears its wakeup.
+#[test]
+fn an_nv_cache_channel_with_no_record_in_flight_clears_its_wakeup() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let (reg, cfg) = nv_setup("nvidle");
+    let nv = reg.open("nv", true).expect("nv");
+    let bdev = FtlBdev::open_with_nv(cfg, media, Some(nv)).expect("open");
+    let mut ch = new_channel(bdev.shared()).expect("channel");
+    assert!(ch.write(BdevIo::write(0, 1, IoVecs::from_slice(&block(0, 1)), 7)).is_ok(), "write");
+    let mut done = Vec::new();
+    poll_until(&mut ch, &mut done, "write", |d| !d.is_empty());
+    assert_eq!((done[0].tag, done[0].result), (7, Ok(())));
+    assert_eq!(ch.poll(&mut done), 0);
+    assert!(!fd_readable(&ch), "nothing in flight, but the wait fd is readable");
+    drop(ch);
+    drop(bdev);
+}

@@ -1770,10 +1770,13 @@ fn geo_for_takes_ranges_of_up_to_64_pus_alternating_across_groups() {
 }
 
 /// A media that reports another geometry than the emulator underneath (which refuses such
-/// geometries itself): for geo_for's own checks. Only `info` differs.
+/// geometries itself): for geo_for's own checks. Only `info` differs, and with `all_free` every
+/// chunk-info query is answered with the (free) first chunk: enough for the sizing of a new FTL on a
+/// geometry far larger than the emulator's, which does no I/O.
 struct OtherInfo {
     inner: EmuDevice,
     info: crate::ocssd::MediaInfo,
+    all_free: bool,
 }
 
 impl MediaDevice for OtherInfo {
@@ -1781,7 +1784,7 @@ impl MediaDevice for OtherInfo {
         &self.info
     }
     fn chunk_info(&self, chunk: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
-        self.inner.chunk_info(chunk)
+        self.inner.chunk_info(if self.all_free { Ppa::new(0, 0, 0, 0) } else { chunk })
     }
     fn report_chunks(
         &self,
@@ -1807,7 +1810,7 @@ fn geo_for_checks_the_write_sizes_and_oob_bytes_it_is_given() {
     let dir = tempfile::tempdir().expect("tmp");
     let emu = make_media(dir.path(), geometry(20, 32), vec![]);
     let base = *emu.info();
-    let mut m = OtherInfo { inner: emu, info: base };
+    let mut m = OtherInfo { inner: emu, info: base, all_free: false };
     let mut check = |edit: &dyn Fn(&mut crate::ocssd::MediaInfo), want: Option<&str>| {
         m.info = base;
         edit(&mut m.info);
@@ -2523,36 +2526,6 @@ fn a_failed_block_of_a_read_command_is_the_only_read_error() {
     drop(bdev);
 }
 
-/// A media that reports `info` and answers every chunk-info query with the (free) first chunk of
-/// a small emulated device: enough for the sizing of a new FTL, which does no I/O.
-struct AllFree {
-    inner: EmuDevice,
-    info: crate::ocssd::MediaInfo,
-}
-
-impl MediaDevice for AllFree {
-    fn info(&self) -> &crate::ocssd::MediaInfo {
-        &self.info
-    }
-    fn chunk_info(&self, _: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
-        self.inner.chunk_info(Ppa::new(0, 0, 0, 0))
-    }
-    fn report_chunks(
-        &self,
-        first_index: u64,
-        max: usize,
-        out: &mut Vec<crate::ocssd::ChunkInfo>,
-    ) -> Result<usize, crate::ocssd::MediaError> {
-        self.inner.report_chunks(first_index, max, out)
-    }
-    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
-        self.inner.take_notifications(out)
-    }
-    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
-        self.inner.queue_pair(depth)
-    }
-}
-
 /// A new FTL's L2P entries take 4 bytes while the media has fewer than u32::MAX addresses and 8
 /// from u32::MAX addresses on: 257 bands of 15 PUs of 1 114 129 blocks are exactly u32::MAX
 /// (2^32 − 1) addresses, 17 blocks a chunk fewer are not. (Sizing only: no I/O, no image.)
@@ -2561,7 +2534,7 @@ fn l2p_entries_take_8_bytes_from_u32_max_addresses_on() {
     let dir = tempfile::tempdir().expect("tmp");
     let emu = make_media(dir.path(), geometry(20, 32), vec![]);
     let base = *emu.info();
-    let mut m = AllFree { inner: emu, info: base };
+    let mut m = OtherInfo { inner: emu, info: base, all_free: true };
     let cfg = FtlConfig::new("huge");
     for (clba, addrs, want) in [(1_114_129u32, u64::from(u32::MAX), 8), (1_114_112, 4_294_901_760, 4)] {
         let g = &mut m.info.geometry;

@@ -1769,17 +1769,28 @@ fn geo_for_takes_ranges_of_up_to_64_pus_alternating_across_groups() {
     }
 }
 
-/// A media that reports another geometry than the emulator underneath (which refuses such
-/// geometries itself): for geo_for's own checks. Only `info` differs, and with `all_free` every
-/// chunk-info query is answered with the (free) first chunk: enough for the sizing of a new FTL on a
-/// geometry far larger than the emulator's, which does no I/O.
-struct OtherInfo {
+/// An emulated media with test seams:
+/// * `info` may report another geometry than the emulator underneath (which refuses such
+///   geometries itself): for geo_for's own checks;
+/// * with `all_free`, every chunk-info query is answered with the (free) first chunk: enough for
+///   the sizing of a new FTL on a geometry far larger than the emulator's, which does no I/O;
+/// * with a `gate`, its queue pairs hold back completions as the gate says (see [`HoldGate`]).
+struct TestMedia {
     inner: EmuDevice,
     info: crate::ocssd::MediaInfo,
     all_free: bool,
+    gate: Option<Arc<HoldGate>>,
 }
 
-impl MediaDevice for OtherInfo {
+impl TestMedia {
+    /// `emu` as it is, its queue pairs held by `gate`.
+    fn holding(emu: EmuDevice, gate: &Arc<HoldGate>) -> Self {
+        let info = *emu.info();
+        Self { inner: emu, info, all_free: false, gate: Some(Arc::clone(gate)) }
+    }
+}
+
+impl MediaDevice for TestMedia {
     fn info(&self) -> &crate::ocssd::MediaInfo {
         &self.info
     }
@@ -1798,7 +1809,16 @@ impl MediaDevice for OtherInfo {
         self.inner.take_notifications(out)
     }
     fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
-        self.inner.queue_pair(depth)
+        let inner = self.inner.queue_pair(depth)?;
+        let Some(gate) = &self.gate else { return Ok(inner) };
+        Ok(Box::new(HoldQp {
+            inner,
+            gate: Arc::clone(gate),
+            marked: std::collections::HashSet::new(),
+            stash: Vec::new(),
+            read_tags: std::collections::HashSet::new(),
+            rstash: std::collections::VecDeque::new(),
+        }))
     }
 }
 
@@ -1810,7 +1830,7 @@ fn geo_for_checks_the_write_sizes_and_oob_bytes_it_is_given() {
     let dir = tempfile::tempdir().expect("tmp");
     let emu = make_media(dir.path(), geometry(20, 32), vec![]);
     let base = *emu.info();
-    let mut m = OtherInfo { inner: emu, info: base, all_free: false };
+    let mut m = TestMedia { inner: emu, info: base, all_free: false, gate: None };
     let mut check = |edit: &dyn Fn(&mut crate::ocssd::MediaInfo), want: Option<&str>| {
         m.info = base;
         edit(&mut m.info);
@@ -2103,10 +2123,13 @@ fn a_flushed_write_leaves_no_record_to_replay_over_a_later_trim() {
     drop(bdev);
 }
 
-/// The version [`HoldWrites`] looks for in the blocks a write carries.
+/// The version a held [`TestMedia`] looks for in the blocks a write carries.
 const HELD_VERSION: u64 = 77;
 
-/// What [`HoldWrites`] shares with its test.
+/// What a held [`TestMedia`] shares with its test. Its queue pairs hold back, while the gate says
+/// so, the completions of the writes that carry a block written as `block(lba, HELD_VERSION)`: those
+/// writes are on the media only once the gate opens (other commands, metadata among them, pass).
+/// Read completions are held while `hold_reads` is set, and let out `release` at a time.
 #[derive(Default)]
 struct HoldGate {
     /// Hold the completions of writes carrying a block of version [`HELD_VERSION`].
@@ -2118,45 +2141,6 @@ struct HoldGate {
     release: std::sync::atomic::AtomicUsize,
     /// The blocks of every read command submitted, in order.
     reads: std::sync::Mutex<Vec<usize>>,
-}
-
-/// An emulated media whose queue pairs hold back, while the gate says so, the completions of the
-/// writes that carry a block written as `block(lba, HELD_VERSION)`: those writes are on the
-/// media only once the gate opens (other commands, metadata among them, pass). Read completions
-/// are held while `hold_reads` is set, and let out `release` at a time.
-struct HoldWrites {
-    inner: EmuDevice,
-    gate: Arc<HoldGate>,
-}
-
-impl MediaDevice for HoldWrites {
-    fn info(&self) -> &crate::ocssd::MediaInfo {
-        self.inner.info()
-    }
-    fn chunk_info(&self, chunk: Ppa) -> Result<crate::ocssd::ChunkInfo, crate::ocssd::MediaError> {
-        self.inner.chunk_info(chunk)
-    }
-    fn report_chunks(
-        &self,
-        first_index: u64,
-        max: usize,
-        out: &mut Vec<crate::ocssd::ChunkInfo>,
-    ) -> Result<usize, crate::ocssd::MediaError> {
-        self.inner.report_chunks(first_index, max, out)
-    }
-    fn take_notifications(&self, out: &mut Vec<crate::ocssd::ChunkNotification>) -> usize {
-        self.inner.take_notifications(out)
-    }
-    fn queue_pair(&self, depth: usize) -> Result<Box<dyn crate::ocssd::QueuePair>, crate::ocssd::MediaError> {
-        Ok(Box::new(HoldQp {
-            inner: self.inner.queue_pair(depth)?,
-            gate: Arc::clone(&self.gate),
-            marked: std::collections::HashSet::new(),
-            stash: Vec::new(),
-            read_tags: std::collections::HashSet::new(),
-            rstash: std::collections::VecDeque::new(),
-        }))
-    }
 }
 
 struct HoldQp {
@@ -2244,10 +2228,8 @@ impl crate::ocssd::QueuePair for HoldQp {
 fn a_replay_waits_for_its_flush_before_the_ftl_is_ready() {
     let dir = tempfile::tempdir().expect("tmp");
     let gate = Arc::new(HoldGate::default());
-    let media: Arc<dyn MediaDevice> = Arc::new(HoldWrites {
-        inner: make_media(dir.path(), geometry(20, 32), vec![]),
-        gate: Arc::clone(&gate),
-    });
+    let media: Arc<dyn MediaDevice> =
+        Arc::new(TestMedia::holding(make_media(dir.path(), geometry(20, 32), vec![]), &gate));
     let (reg, cfg) = nv_setup("nvhold");
     let reg = Arc::new(reg);
     let open = {
@@ -2351,7 +2333,7 @@ fn poll_until(
     }
 }
 
-/// An FTL on a [`HoldWrites`] media with LBAs `0..n` written (`block(lba, 1)`) and flushed to the
+/// An FTL on a a held [`TestMedia`] media with LBAs `0..n` written (`block(lba, 1)`) and flushed to the
 /// media, and a channel of the test's own.
 fn ftl_with_media_blocks(dir: &Path, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
     ftl_with_media_blocks_on(make_media(dir, geometry(20, 32), vec![]), name, n)
@@ -2360,7 +2342,7 @@ fn ftl_with_media_blocks(dir: &Path, name: &str, n: u64) -> (FtlBdev, Arc<HoldGa
 /// [`ftl_with_media_blocks`] on a given emulated device (to inject faults).
 fn ftl_with_media_blocks_on(emu: EmuDevice, name: &str, n: u64) -> (FtlBdev, Arc<HoldGate>, FtlChannel) {
     let gate = Arc::new(HoldGate::default());
-    let media: Arc<dyn MediaDevice> = Arc::new(HoldWrites { inner: emu, gate: Arc::clone(&gate) });
+    let media: Arc<dyn MediaDevice> = Arc::new(TestMedia::holding(emu, &gate));
     let bdev = FtlBdev::open(FtlConfig::new(name), media).expect("open");
     let mut ch = new_channel(bdev.shared()).expect("channel");
     let mut done = Vec::new();
@@ -2534,7 +2516,7 @@ fn l2p_entries_take_8_bytes_from_u32_max_addresses_on() {
     let dir = tempfile::tempdir().expect("tmp");
     let emu = make_media(dir.path(), geometry(20, 32), vec![]);
     let base = *emu.info();
-    let mut m = OtherInfo { inner: emu, info: base, all_free: true };
+    let mut m = TestMedia { inner: emu, info: base, all_free: true, gate: None };
     let cfg = FtlConfig::new("huge");
     for (clba, addrs, want) in [(1_114_129u32, u64::from(u32::MAX), 8), (1_114_112, 4_294_901_760, 4)] {
         let g = &mut m.info.geometry;

@@ -2041,15 +2041,7 @@ fn reads_waiting_for_the_poll_keep_the_poller_awake() {
     }
     done.sort_by_key(|c| c.tag);
     assert_eq!(done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(), [(1, Ok(())), (2, Ok(()))]);
-    let mut quiet = false;
-    for _ in 0..100 {
-        if !mch.before_sleep() {
-            quiet = true;
-            break;
-        }
-        mch.poll(&mut done);
-    }
-    assert!(quiet, "idle once everything is answered");
+    assert_settles(&mut mch, &mut done);
 }
 
 /// A channel whose cache device completes through a wait fd (a file): a hit's completion wakes a
@@ -2230,4 +2222,18 @@ fn a_pass_after_the_cache_device_is_removed_serves_no_hit_from_it() {
     let done = drive(&mut ch);
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].result, Err(IoError::Errno(libc::EIO)), "a removed cache's dirty data was served");
+}
+
+/// A cache channel with everything answered goes idle: `before_sleep` stops reporting work within
+/// 100 polls (what those polls return is appended to `done`).
+#[track_caller]
+fn assert_settles(mch: &mut engine::CacheChannel, done: &mut Vec<crate::bdev::Completion>) {
+    use crate::bdev::ModuleChannel;
+    for _ in 0..100 {
+        if !mch.before_sleep() {
+            return;
+        }
+        mch.poll(done);
+    }
+    panic!("idle once everything is answered");
 }

@@ -1617,15 +1617,7 @@ fn an_idle_channel_below_that_reports_work_is_polled_next() {
     one(&mut mch, BdevIo::write(0, 8, IoVecs::from_slice(&fill(9, 4096)), 1)); // cache device and core
     one(&mut mch, BdevIo::read(0, 8, IoVecs::alloc(4096), 2)); // a hit
     let mut sink = Vec::new();
-    let mut quiet = false;
-    for _ in 0..100 {
-        if !mch.before_sleep() {
-            quiet = true;
-            break;
-        }
-        mch.poll(&mut sink);
-    }
-    assert!(quiet, "idle once everything is answered");
+    assert_settles(&mut mch, &mut sink);
     for (st, what) in [(&cst, "the cache device's channel"), (&kst, "the core's channel")] {
         st.ask.store(true, Ordering::SeqCst);
         assert!(mch.before_sleep(), "{what} reported work: the owner must poll again");

@@ -186,8 +186,8 @@ pub struct CacheChannel {
     /// Reads within one line submitted since the last poll, served there as a batch (see
     /// [`CacheChannel::serve_pending`]).
     pending: Vec<BdevIo>,
-    /// What `serve_pending` found for each pending read: (line index, (cache line, slot)) of a hit.
-    found: Vec<Option<(u64, (u32, u32))>>,
+    /// What `serve_pending` found for each pending read: (cache line, slot) of a hit.
+    found: Vec<Option<(u32, u32)>>,
     /// Between a batch time (a poller's pass starts: `set_batch_stamp`) and the next poll, which
     /// that pass makes after its submissions: only then may reads wait for the poll. Whoever else
     /// submits (a channel releasing what QoS held, in its poll; an owner thread; tests) gets them
@@ -999,21 +999,23 @@ impl CacheChannel {
         found.clear();
         if self.blocked.is_empty() && !self.removed() {
             let map = rlock(&self.sh.map);
-            found.extend(pending.iter().map(|io| {
-                let first = io.offset_blocks >> self.lb_shift;
-                self.pin_line_hit(&map, io, first).map(|hit| (first, hit))
-            }));
+            found.extend(
+                pending.iter().map(|io| self.pin_line_hit(&map, io, io.offset_blocks >> self.lb_shift)),
+            );
         }
         for (i, mut io) in pending.drain(..).enumerate() {
             match found.get(i).copied().flatten() {
                 // A read on lines an earlier waiting request touches queues behind it.
-                Some((_, (_, pos)))
+                Some((_, pos))
                     if !self.blocked.is_empty() && self.blocked.iter().any(|b| self.overlap(b, &io)) =>
                 {
                     self.slots.unpin(pos);
                     self.submit_now(io);
                 }
-                Some((first, hit)) => self.issue_line_hit(&mut io, first, hit),
+                Some(hit) => {
+                    let first = io.offset_blocks >> self.lb_shift;
+                    self.issue_line_hit(&mut io, first, hit);
+                }
                 None => self.submit_now(io),
             }
         }

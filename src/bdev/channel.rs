@@ -622,7 +622,11 @@ impl Channel {
         self.module.poll(&mut scratch);
         self.in_module = self.in_module.saturating_sub(scratch.len());
         // One clock read for the whole completion batch.
-        self.done_now = if scratch.is_empty() { None } else { Some(nanos(Instant::now())) };
+        self.done_now = if scratch.is_empty() {
+            None
+        } else {
+            Some(self.module.completion_stamp().unwrap_or_else(|| nanos(Instant::now())))
+        };
         for c in scratch.drain(..) {
             self.child_done(c.tag, c.result);
         }
@@ -823,6 +827,10 @@ pub struct Lane {
     batch_now: Option<u64>,
     /// Completion time of the last `poll`'s completions (one clock read per poll).
     done_now: u64,
+    /// For a bdev that takes any read as it comes (no buffer alignment, split or size limit: fixed
+    /// for the bdev's life), what a read must match, checked without the general test: its size in
+    /// blocks and its block size.
+    plain_read: Option<(u64, u64)>,
 }
 
 impl Lane {
@@ -834,6 +842,11 @@ impl Lane {
         control: Arc<BdevControl>,
     ) -> Self {
         let shard = stats.shard();
+        let info = bdev.info();
+        let plain_read = (info.buf_align <= 1
+            && info.max_io_blocks == 0
+            && !(info.split_on_optimal_io_boundary && info.optimal_io_boundary_blocks > 0))
+            .then(|| (info.num_blocks, u64::from(info.block_size)));
         Self {
             bdev,
             module,
@@ -845,6 +858,22 @@ impl Lane {
             early: Vec::new(),
             batch_now: None,
             done_now: 0,
+            plain_read,
+        }
+    }
+
+    /// True when `io` may go to the module as it is (see [`taken_as_is`]), for a read on a bdev
+    /// that needs no bounce or split (`plain_read`) by a shorter test that means the same.
+    fn takes(&self, io: &BdevIo) -> bool {
+        match self.plain_read {
+            Some((num_blocks, bs)) if io.kind == IoKind::Read => {
+                io.num_blocks > 0
+                    && io.offset_blocks.checked_add(io.num_blocks).is_some_and(|end| end <= num_blocks)
+                    && io.num_blocks.checked_mul(bs) == Some(io.bufs.len_bytes())
+                    && !self.control.frozen()
+                    && !self.control.qos.enabled()
+            }
+            _ => taken_as_is(self.bdev.info(), self.writable, &self.control, io),
         }
     }
 
@@ -857,8 +886,7 @@ impl Lane {
     /// no QoS limit applies and no reset is in progress; gives it back otherwise (also when the module
     /// refuses it). Never completes inline.
     pub fn submit(&mut self, io: BdevIo) -> Result<(), BdevIo> {
-        let info = self.bdev.info();
-        if !taken_as_is(info, self.writable, &self.control, &io) {
+        if !self.takes(&io) {
             return Err(io);
         }
         match self.module.submit(io) {
@@ -899,6 +927,11 @@ impl Lane {
     /// ([`Lane::stamp`] when it was submitted), completed by the last [`Lane::poll`].
     pub fn account(&self, kind: IoKind, bytes: u64, start: u64, ok: bool) {
         self.shard.record(Sample { kind, bytes, latency_ns: self.done_now.saturating_sub(start), ok });
+    }
+
+    /// When the last `poll` that returned completions read the clock (see [`Lane::account`]).
+    pub fn done_stamp(&self) -> u64 {
+        self.done_now
     }
 
     /// I/O submitted and not yet returned by `poll`.

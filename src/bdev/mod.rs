@@ -366,4 +366,10 @@ pub trait ModuleChannel: Send {
     /// channels' clock, converted once by the top channel): a stacked module passes it on to the
     /// channels it submits to, so its children cost no clock read or conversion either.
     fn set_batch_stamp(&mut self, _now_ns: u64) {}
+    /// When the last `poll` returned completions and read the clock for them (a stacked module
+    /// stamping its own statistics): that reading, as a stamp on the channels' clock. The owner
+    /// uses it for the same completions instead of reading the clock again.
+    fn completion_stamp(&self) -> Option<u64> {
+        None
+    }
 }

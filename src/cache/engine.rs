@@ -195,6 +195,9 @@ pub struct CacheChannel {
     batch_open: bool,
     done: Vec<Completion>,
     scratch: Vec<Completion>,
+    /// The lane's clock reading for its completions in the last `poll`, if it had any: the owner's
+    /// stamp for this poll's completions too ([`ModuleChannel::completion_stamp`]).
+    done_stamp: Option<u64>,
     seg_pool: Vec<Seg>,
     /// The map's index slots: a hit's completion unpins its slots there, and a batch of reads
     /// touches theirs ahead (`serve_pending`), without the lock.
@@ -205,10 +208,12 @@ pub struct CacheChannel {
 }
 
 fn mask(a: u64, b: u64) -> u128 {
-    // Sectors a..b of a line (b ≤ 128).
-    let hi = if b >= 128 { u128::MAX } else { (1u128 << b) - 1 };
-    let lo = if a >= 128 { u128::MAX } else { (1u128 << a) - 1 };
-    hi & !lo
+    // Sectors a..b of a line (none past 128): the low b - a bits, moved up to a.
+    let b = b.min(128);
+    if a >= b {
+        return 0;
+    }
+    (u128::MAX >> (128 - (b - a))) << a
 }
 
 fn push_seg(segs: &mut Vec<Seg>, s: Seg) {
@@ -278,6 +283,7 @@ impl CacheChannel {
             batch_open: false,
             done: Vec::new(),
             scratch: Vec::new(),
+            done_stamp: None,
             seg_pool: Vec::new(),
             slots,
             hit_count,
@@ -336,19 +342,19 @@ impl CacheChannel {
     }
 
     /// A read hit within one line (the common case), served from the cache device at once: look up,
-    /// check, pin and count under the read lock, then read through the lane. True when it was one
-    /// (its memory then moved to the read); false leaves `io` as it was, for [`Self::start`].
-    fn hit_in_line(&mut self, io: &mut BdevIo) -> bool {
-        let Some(first) = self.one_line(io).filter(|_| io.kind == IoKind::Read) else { return false };
+    /// check, pin and count under the read lock, then read through the lane. Gives `io` back as it
+    /// was when it is not one, for [`Self::start`].
+    fn hit_in_line(&mut self, io: BdevIo) -> Result<(), BdevIo> {
+        let Some(first) = self.one_line(&io).filter(|_| io.kind == IoKind::Read) else { return Err(io) };
         if self.removed() {
-            return false;
+            return Err(io);
         }
         // A read hit needs only the read lock: queues hitting the cache do not wait for each other.
         let map = rlock(&self.sh.map);
-        let Some(found) = self.pin_line_hit(&map, io, first) else { return false };
+        let Some(found) = self.pin_line_hit(&map, &io, first) else { return Err(io) };
         drop(map);
         self.issue_line_hit(io, first, found);
-        true
+        Ok(())
     }
 
     /// True when the core or the cache device is gone (no hit is served then).
@@ -369,20 +375,18 @@ impl CacheChannel {
 
     /// Reads a pinned hit within line `first` (cache line `s`, slot `pos`) from the cache device.
     #[inline]
-    fn issue_line_hit(&mut self, io: &mut BdevIo, first: u64, (s, pos): (u32, u32)) {
+    fn issue_line_hit(&mut self, mut io: BdevIo, first: u64, (s, pos): (u32, u32)) {
         let a = io.offset_blocks - (first << self.lb_shift);
         bump(&self.hit_count, 1);
         let mut pins = [0u32; MAX_PINS];
         pins[0] = pos;
         let bytes = io.num_blocks << self.bs_shift;
-        let ct = self.new_hit(io.tag, pins, 1, 1, u32::try_from(bytes).unwrap_or(0));
-        let read = BdevIo::read(
-            self.cache_off(s, a) >> self.cache_shift,
-            bytes >> self.cache_shift,
-            std::mem::replace(&mut io.bufs, IoVecs::empty()),
-            ct,
-        );
-        if let Err(read) = self.lane.submit(read) {
+        // The request becomes the cache device's read, in place (same memory, its own tag).
+        io.tag = self.new_hit(io.tag, pins, 1, 1, u32::try_from(bytes).unwrap_or(0));
+        io.offset_blocks = self.cache_off(s, a) >> self.cache_shift;
+        io.num_blocks = bytes >> self.cache_shift;
+        let ct = io.tag;
+        if let Err(read) = self.lane.submit(io) {
             // Given back (e.g. a QoS limit on the cache device): the channel counts it.
             if let Some(h) = self.hits.get_mut(slot(ct)) {
                 h.lane_bytes = 0;
@@ -418,8 +422,11 @@ impl CacheChannel {
         let first = io.offset_blocks >> self.lb_shift;
         let last = (io.offset_blocks + io.num_blocks - 1) >> self.lb_shift;
         if first == last {
-            if try_hit && self.hit_in_line(&mut io) {
-                return Ok(());
+            if try_hit {
+                match self.hit_in_line(io) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => io = back,
+                }
             }
         } else if io.kind == IoKind::Read
             && last - first < MAX_PINS as u64
@@ -565,6 +572,7 @@ impl CacheChannel {
     /// Records a read hit in flight (its lines already pinned); returns its children's tag.
     /// `lane_bytes`: the size of its one read when that goes through the lane (0: through the
     /// channel); its start stamp is the lane's now.
+    #[inline]
     fn new_hit(&mut self, tag: u64, pins: [u32; MAX_PINS], npins: u8, pending: u8, lane_bytes: u32) -> u64 {
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen & 0x7fff_ffff;
@@ -989,6 +997,13 @@ impl CacheChannel {
     /// pinned under one read lock for the batch (one lock round trip instead of one per read), and
     /// each goes its way.
     fn serve_pending(&mut self) {
+        if self.pending.len() == 1 {
+            // A batch of one (a queue depth of 1): nothing to overlap or share, the plain path.
+            if let Some(io) = self.pending.pop() {
+                self.submit_now(io);
+            }
+            return;
+        }
         let mut pending = std::mem::take(&mut self.pending);
         let mut found = std::mem::take(&mut self.found);
         let mut seen = 0u64;
@@ -1003,7 +1018,7 @@ impl CacheChannel {
                 pending.iter().map(|io| self.pin_line_hit(&map, io, io.offset_blocks >> self.lb_shift)),
             );
         }
-        for (i, mut io) in pending.drain(..).enumerate() {
+        for (i, io) in pending.drain(..).enumerate() {
             match found.get(i).copied().flatten() {
                 // A read on lines an earlier waiting request touches queues behind it.
                 Some((_, pos))
@@ -1014,7 +1029,7 @@ impl CacheChannel {
                 }
                 Some(hit) => {
                     let first = io.offset_blocks >> self.lb_shift;
-                    self.issue_line_hit(&mut io, first, hit);
+                    self.issue_line_hit(io, first, hit);
                 }
                 None => self.submit_now(io),
             }
@@ -1027,8 +1042,9 @@ impl CacheChannel {
         let tried = self.blocked.is_empty();
         if tried {
             // The common case first, without moving the request around.
-            if self.hit_in_line(&mut io) {
-                return;
+            match self.hit_in_line(io) {
+                Ok(()) => return,
+                Err(back) => io = back,
             }
         } else if self.blocked.iter().any(|b| self.overlap(b, &io)) {
             // Only a request on lines that an earlier waiting request also touches must queue
@@ -1068,6 +1084,7 @@ impl ModuleChannel for CacheChannel {
 
     fn poll(&mut self, done: &mut Vec<Completion>) -> usize {
         self.batch_open = false;
+        self.done_stamp = None;
         if !self.pending.is_empty() {
             self.serve_pending();
         }
@@ -1083,24 +1100,34 @@ impl ModuleChannel for CacheChannel {
         }
         loop {
             let mut progress = false;
-            for (id, res) in self.mailbox.take() {
-                progress = true;
-                self.on_reply(id, res);
+            if self.mailbox.signalled() {
+                for (id, res) in self.mailbox.take() {
+                    progress = true;
+                    self.on_reply(id, res);
+                }
             }
-            let mut scratch = std::mem::take(&mut self.scratch);
             // A channel with nothing in flight has nothing to give back.
             if self.cache_out > 0 {
-                self.cache_out -= self.cache_ch.poll(&mut scratch).min(self.cache_out);
+                self.cache_out -= self.cache_ch.poll(&mut self.scratch).min(self.cache_out);
             }
-            self.lane.poll(&mut scratch);
+            if self.lane.poll(&mut self.scratch) > 0 {
+                self.done_stamp = Some(self.lane.done_stamp());
+            }
             if self.core_out > 0 {
-                self.core_out -= self.core_ch.poll(&mut scratch).min(self.core_out);
+                self.core_out -= self.core_ch.poll(&mut self.scratch).min(self.core_out);
             }
-            progress |= !scratch.is_empty();
-            for c in scratch.drain(..) {
+            // In order. No completion's handling polls a channel: nothing joins `scratch` meanwhile.
+            let n = self.scratch.len();
+            let mut hits = 0;
+            for i in 0..n {
+                let c = self.scratch[i];
+                hits += usize::from(c.tag & HIT_CHILD != 0);
                 self.child_done(c.tag, c.result);
             }
-            self.scratch = scratch;
+            self.scratch.clear();
+            // A finished read hit only completes its request (and drops a pin): it starts nothing, so
+            // it calls for another round only when a waiting request might now go.
+            progress |= hits < n || (n > 0 && !self.blocked.is_empty());
             let mut i = 0;
             while i < self.blocked.len() {
                 // Keep the order of requests on the same lines: wait behind an earlier one.
@@ -1145,6 +1172,10 @@ impl ModuleChannel for CacheChannel {
             more = true;
         }
         more
+    }
+
+    fn completion_stamp(&self) -> Option<u64> {
+        self.done_stamp
     }
 
     fn set_batch_stamp(&mut self, now_ns: u64) {

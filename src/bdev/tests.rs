@@ -1125,3 +1125,76 @@ fn a_lane_takes_only_plain_io_and_counts_it() {
     drop(ch);
     assert_eq!(stats.live_shards(), shards - 2, "and a channel's");
 }
+
+/// A lane on a bdev that takes any read as it comes (no buffer alignment, split or size limit)
+/// checks a read by a shorter test (`Lane::takes`): it must give back exactly what the general
+/// test does (out of range, overflowing, no blocks, a buffer of the wrong length, a QoS limit, a
+/// reset in progress) and take the rest, e.g. a long read into an unaligned buffer. A bdev with any
+/// one of the limits keeps the general test for its reads: the long or unaligned read goes back.
+#[test]
+fn a_lane_on_a_plain_bdev_gives_back_exactly_what_the_general_test_would() {
+    let (bdev, ctl) = StubBdev::new(|i| i.supports.reset = true);
+    let (reg, desc, mut ch) = open_stub(bdev);
+    let mut lane = desc.lane().expect("lane");
+    let blocks = desc.info().num_blocks;
+    let given_back = |lane: &mut super::Lane, io: BdevIo| {
+        let id = io_id(&io);
+        let back = lane.submit(io).expect_err("must be given back");
+        assert_eq!(io_id(&back), id);
+    };
+    given_back(&mut lane, BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 1)); // past the end
+    given_back(&mut lane, BdevIo::read(blocks, 1, IoVecs::alloc(512), 2)); // just past it
+    given_back(&mut lane, BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 3)); // overflowing range
+    given_back(&mut lane, BdevIo::read(0, 0, IoVecs::alloc(0), 4)); // no blocks
+    given_back(&mut lane, BdevIo::read(0, 2, IoVecs::alloc(512), 5)); // buffer too short
+    given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(1024), 6)); // buffer too long
+    given_back(&mut lane, BdevIo::read(0, 1 << 55, IoVecs::alloc(0), 7)); // length overflows
+    reg.set_qos("stub", QosLimits { iops: 10_000, bps: 0 }).expect("qos");
+    given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(512), 8)); // QoS limits apply
+    reg.set_qos("stub", QosLimits::default()).expect("lift");
+    assert!(accepts(&ctl).is_empty(), "nothing given back reached the module");
+    ctl.lock().expect("ctl").hold_all = true;
+    ch.submit(BdevIo::no_data(IoKind::Reset, 0, 0, 9));
+    given_back(&mut lane, BdevIo::read(0, 1, IoVecs::alloc(512), 10)); // a reset in progress
+    ctl.lock().expect("ctl").hold_all = false;
+    assert_eq!(drive(&mut ch), vec![Completion { tag: 9, result: Ok(()) }]);
+    assert_eq!(accepts(&ctl), vec![(IoKind::Reset, 0, 0)], "only the reset reached the module");
+    ctl.lock().expect("ctl").events.clear();
+
+    // Taken: the last block, and 16 blocks into an unaligned buffer (no limit forbids either).
+    let raw = IoVecs::alloc(16 * 512 + 1);
+    let odd = raw.slice(1, 16 * 512).expect("slice");
+    lane.submit(BdevIo::read(blocks - 1, 1, IoVecs::alloc(512), 11)).expect("the last block is taken");
+    lane.submit(BdevIo::read(0, 16, odd, 12)).expect("a long, unaligned read is taken");
+    let mut done = drive_lane(&mut lane);
+    done.sort_by_key(|c| c.tag);
+    let ok = |tag| Completion { tag, result: Ok(()) };
+    assert_eq!(done, vec![ok(11), ok(12)]);
+    assert_eq!(accepts(&ctl), vec![(IoKind::Read, blocks - 1, 1), (IoKind::Read, 0, 16)]);
+
+    // Any one limit: the general test, which gives the long or the unaligned read back.
+    let limits: [(&str, fn(&mut BdevInfo)); 3] = [
+        ("buf_align", |i| i.buf_align = 512),
+        ("max_io_blocks", |i| i.max_io_blocks = 8),
+        ("split on the optimal boundary", |i| {
+            i.optimal_io_boundary_blocks = 8;
+            i.split_on_optimal_io_boundary = true;
+        }),
+    ];
+    for (what, limit) in limits {
+        let (bdev, ctl) = StubBdev::new(limit);
+        let (_reg, desc, _ch) = open_stub(bdev);
+        let mut lane = desc.lane().expect("lane");
+        let raw = IoVecs::alloc(16 * 512 + 1);
+        let io = BdevIo::read(0, 16, raw.slice(1, 16 * 512).expect("slice"), 13);
+        assert!(lane.submit(io).is_err(), "{what}: a read it limits must be given back");
+        assert!(accepts(&ctl).is_empty(), "{what}");
+    }
+    // A write is not a read: the general test (here: allowed, and taken).
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    let (_reg, desc, _ch) = open_stub(bdev);
+    let mut lane = desc.lane().expect("lane");
+    lane.submit(BdevIo::write(2, 1, IoVecs::alloc(512), 14)).expect("a plain write is taken");
+    assert_eq!(drive_lane(&mut lane), vec![ok(14)]);
+    assert_eq!(accepts(&ctl), vec![(IoKind::Write, 2, 1)]);
+}

@@ -1190,9 +1190,11 @@ fn a_lane_on_a_plain_bdev_gives_back_exactly_what_the_general_test_would() {
         assert!(lane.submit(io).is_err(), "{what}: a read it limits must be given back");
         assert!(accepts(&ctl).is_empty(), "{what}");
     }
-    // A write is not a read: the general test (here: allowed, and taken).
+    // A write is not a read: the general test (refused on a read-only descriptor; else taken).
     let (bdev, ctl) = StubBdev::new(|_| {});
-    let (_reg, desc, _ch) = open_stub(bdev);
+    let (reg, desc, _ch) = open_stub(bdev);
+    let mut ro_lane = reg.open("stub", false).expect("read-only open").lane().expect("lane");
+    assert!(ro_lane.submit(BdevIo::write(2, 1, IoVecs::alloc(512), 15)).is_err(), "read-only");
     let mut lane = desc.lane().expect("lane");
     lane.submit(BdevIo::write(2, 1, IoVecs::alloc(512), 14)).expect("a plain write is taken");
     assert_eq!(drive_lane(&mut lane), vec![ok(14)]);

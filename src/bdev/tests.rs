@@ -372,6 +372,8 @@ pub(crate) struct StubCtl {
     echo: bool,
     /// Address of the first buffer segment of every accepted I/O that has one.
     ptrs: Vec<usize>,
+    /// What the channel's `completion_stamp` says (a stacked module's clock reading).
+    stamp: Option<u64>,
 }
 
 pub(crate) struct StubBdev {
@@ -456,6 +458,10 @@ impl ModuleChannel for StubChannel {
         }
         self.inflight -= n;
         n + echoed
+    }
+
+    fn completion_stamp(&self) -> Option<u64> {
+        self.ctl.lock().expect("ctl").stamp
     }
 }
 
@@ -1199,4 +1205,32 @@ fn a_lane_on_a_plain_bdev_gives_back_exactly_what_the_general_test_would() {
     lane.submit(BdevIo::write(2, 1, IoVecs::alloc(512), 14)).expect("a plain write is taken");
     assert_eq!(drive_lane(&mut lane), vec![ok(14)]);
     assert_eq!(accepts(&ctl), vec![(IoKind::Write, 2, 1)]);
+}
+
+/// A channel takes the completion time of a poll's completions from its module when the module read
+/// the clock for them (`completion_stamp`, a stacked module's lane), instead of reading it again:
+/// the latency it counts ends there. Without one, it reads the clock.
+#[test]
+fn a_channel_ends_the_latency_at_the_modules_clock_reading() {
+    let (bdev, ctl) = StubBdev::new(|_| {});
+    let (_reg, desc, mut ch) = open_stub(bdev);
+    let read = |ch: &mut Channel| {
+        let t = std::time::Instant::now();
+        assert_eq!(run1(ch, BdevIo::read(0, 1, IoVecs::alloc(512), 0)), Ok(()));
+        t.elapsed().as_nanos() as u64
+    };
+    let before = desc.stats();
+    // The module says its completions were seen an hour from now: the latency ends there.
+    let hour = 3_600_000_000_000u64;
+    ctl.lock().expect("ctl").stamp = Some(super::channel::nanos(std::time::Instant::now()) + hour);
+    read(&mut ch);
+    let lat = desc.stats().read_latency_ns_sum - before.read_latency_ns_sum;
+    let within = hour - 60_000_000_000..=hour; // submitted (started) a little after the stamp was set
+    assert!(within.contains(&lat), "the module's reading ends the latency: {lat} ns");
+    // No reading from the module: the channel's own clock.
+    ctl.lock().expect("ctl").stamp = None;
+    let mid = desc.stats();
+    let took = read(&mut ch);
+    let lat = desc.stats().read_latency_ns_sum - mid.read_latency_ns_sum;
+    assert!(lat <= took, "the read took {took} ns, counted {lat} ns");
 }

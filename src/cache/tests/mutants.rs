@@ -1764,3 +1764,36 @@ fn load_takes_its_line_off_the_free_list_and_orders_dirty_lines() {
     assert_eq!((m.lookup((0, 7)), m.lookup((0, 8))), (Some(1), Some(2)));
     assert_eq!(m.dirty_lines(None, &|_| true, 10), [1], "the loaded dirty line, not the clean one");
 }
+
+/// A cache channel hands its lane's clock reading up (`completion_stamp`) after a poll that took a
+/// lane read's completion, so the owner's channel reads no clock again for it; after a poll without
+/// one (a miss, read from the core; an idle poll), it hands up nothing.
+#[test]
+fn a_cache_poll_hands_up_the_lanes_clock_reading_only_after_a_lane_completion() {
+    use crate::bdev::{Bdev, ModuleChannel};
+    let (_reg, bdev, _desc, mut ch) = stream_cache(SeqCutoff::Off);
+    write(&mut ch, 0, &fill(1, 4096)); // line 0 is cached
+    let mut m = bdev.create_channel().unwrap();
+    let settle = |m: &mut Box<dyn ModuleChannel>, tag: u64| {
+        let mut done = Vec::new();
+        let mut stamps = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done.iter().any(|c: &crate::bdev::Completion| c.tag == tag) {
+            m.poll(&mut done);
+            stamps.push(m.completion_stamp());
+            assert!(Instant::now() < deadline, "never completed");
+        }
+        stamps
+    };
+    let t0 = crate::bdev::channel::nanos(Instant::now());
+    m.submit(BdevIo::read(0, 8, IoVecs::alloc(4096), 1)).unwrap(); // a hit: through the lane
+    let stamps = settle(&mut m, 1);
+    let t1 = crate::bdev::channel::nanos(Instant::now());
+    let last = stamps.last().copied().flatten().expect("the poll that took the hit hands up a reading");
+    assert!(t0 <= last && last <= t1, "read while the hit was polled: {t0} <= {last} <= {t1}");
+    m.poll(&mut Vec::new());
+    assert_eq!(m.completion_stamp(), None, "an idle poll has no reading");
+    m.submit(BdevIo::read(40, 8, IoVecs::alloc(4096), 2)).unwrap(); // a miss: from the core
+    let stamps = settle(&mut m, 2);
+    assert!(stamps.iter().all(Option::is_none), "no lane read, no reading: {stamps:?}");
+}

@@ -927,3 +927,24 @@ fn a_channel_completes_writes_flushes_reads_and_unmaps_within_10_s() {
     drop(ch);
     drop(bdev);
 }
+
+// ---- core.rs relocate's victim filter (mutftl6) ----
+
+/// Relocation never takes a closed band with nothing written, not even at CRIT, where any closed
+/// band may be taken. Such a band has no chunk left to write: prepare_free_band closes a band whose
+/// every chunk is retired or offline, and a band is closed with nothing written only when every data
+/// write to it failed, which retired its chunks. Relocating it would only free it: counted as a free
+/// band it cannot give (the level would leave CRIT for it), closed again by the next preparation.
+/// Here the other closed bands hold no invalid data: every band's merit is 0 and the pick falls to
+/// the last of them, the band with nothing written, if the filter lets it in.
+#[test]
+fn relocation_never_takes_a_closed_band_with_nothing_written() {
+    let mut dead = None;
+    let (added, relocs) = relocation_step_with(2, 0, 0, |c| {
+        let b = c.bands.iter_mut().rev().find(|b| b.state == BandState::Closed).expect("a closed band");
+        (b.written, b.valid, b.good, b.retired) = (0, 0, Vec::new(), 0b1111);
+        dead = Some(b.id);
+    });
+    assert!(added, "at CRIT a band is taken");
+    assert!(!relocs.iter().any(|id| Some(*id) == dead), "the band with nothing written is relocated: {relocs:?}");
+}

@@ -946,5 +946,8 @@ fn relocation_never_takes_a_closed_band_with_nothing_written() {
         dead = Some(b.id);
     });
     assert!(added, "at CRIT a band is taken");
-    assert!(!relocs.iter().any(|id| Some(*id) == dead), "the band with nothing written is relocated: {relocs:?}");
+    assert!(
+        !relocs.iter().any(|id| Some(*id) == dead),
+        "the band with nothing written is relocated: {relocs:?}"
+    );
 }

@@ -889,8 +889,9 @@ fn complete_within_10s(ch: &mut crate::ftl::FtlChannel, io: crate::bdev::BdevIo,
 }
 
 /// Every kind of I/O submitted to an FTL channel completes (the core thread running, an nv-cache
-/// attached): a write (acknowledged from the nv-cache), a flush, a read of flushed blocks (media
-/// commands), an unmap, and a read of unmapped and media blocks. Named first in this module so that
+/// attached): a write (acknowledged from the nv-cache), a flush, a read of unwritten blocks (no
+/// media command), a read of flushed blocks (media commands), an unmap, and a read of unmapped and
+/// media blocks. Named first in this module so that
 /// it runs before the slower FTL tests, which otherwise hang on a channel that never completes.
 #[test]
 fn a_channel_completes_writes_flushes_reads_and_unmaps_within_10_s() {
@@ -913,12 +914,16 @@ fn a_channel_completes_writes_flushes_reads_and_unmaps_within_10_s() {
         (0..4).all(|lba| matches!(bdev.shared().l2p.get(lba), Loc::Media(_))),
         "the flushed blocks are on the media"
     );
-    let read = |ch: &mut crate::ftl::FtlChannel, tag: u64, what: &str| {
+    let read_at = |ch: &mut crate::ftl::FtlChannel, lba: u64, tag: u64, what: &str| {
         let bufs = IoVecs::alloc(4 * BLOCK_BYTES);
         let view = bufs.slice(0, bufs.len_bytes()).expect("view");
-        complete_within_10s(ch, BdevIo::read(0, 4, view, tag), what);
+        complete_within_10s(ch, BdevIo::read(lba, 4, view, tag), what);
         bufs.to_vec()
     };
+    let read = |ch: &mut crate::ftl::FtlChannel, tag: u64, what: &str| read_at(ch, 0, tag, what);
+    // A read with no media block (never written: zeros, no command) completes too.
+    let zeros = read_at(&mut ch, 8, 6, "read of unwritten blocks");
+    assert!(zeros.iter().all(|b| *b == 0), "unwritten blocks read other than zeros");
     assert!(read(&mut ch, 3, "read from the media") == data, "the media read returned other data");
     complete_within_10s(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 2, 4), "unmap");
     let mut want = vec![0u8; 2 * BLOCK_BYTES];

@@ -865,3 +865,94 @@ fn a_write_of_ws_opt_blocks_wakes_an_idle_core() {
     sh.wake.notify_all();
     t.join().expect("core thread");
 }
+
+// ---- session 9: channel I/O that never completes (mutftl6) ----
+
+/// Submits `io` to `ch` and polls until its completion arrives, 10 s at most: a channel that drops
+/// an I/O or never completes it fails here by name instead of hanging the suite. (The wait does not
+/// trust the poll's return value.)
+fn complete_within_10s(ch: &mut crate::ftl::FtlChannel, io: crate::bdev::BdevIo, what: &str) {
+    use crate::bdev::ModuleChannel;
+    let tag = io.tag;
+    assert!(ch.submit(io).is_ok(), "{what}: the channel did not take the I/O");
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        ch.poll(&mut done);
+        if let Some(c) = done.iter().find(|c| c.tag == tag) {
+            assert_eq!(c.result, Ok(()), "{what}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not completed after 10 s ({done:?})");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Every kind of I/O submitted to an FTL channel completes (the core thread running, an nv-cache
+/// attached): a write (acknowledged from the nv-cache), a flush, a read of unwritten blocks (no
+/// media command), a read of flushed blocks (media commands), an unmap, and a read of unmapped and
+/// media blocks. Named first in this module so that
+/// it runs before the slower FTL tests, which otherwise hang on a channel that never completes.
+#[test]
+fn a_channel_completes_writes_flushes_reads_and_unmaps_within_10_s() {
+    use crate::bdev::{BdevIo, IoKind, IoVecs, Registry};
+    use crate::ftl::layout::BLOCK_BYTES;
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new("completes");
+    cfg.wbuf_bytes = 64 << 10;
+    let nv = reg.open("nv", true).expect("nv");
+    let bdev = FtlBdev::open_with_nv(cfg, media, Some(nv)).expect("open");
+    let mut ch = crate::ftl::new_channel(bdev.shared()).expect("channel");
+    let data: Vec<u8> = (0..4u8).flat_map(|i| vec![i + 1; BLOCK_BYTES]).collect();
+    complete_within_10s(&mut ch, BdevIo::write(0, 4, IoVecs::from_slice(&data), 1), "write");
+    complete_within_10s(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, 2), "flush");
+    assert!(
+        (0..4).all(|lba| matches!(bdev.shared().l2p.get(lba), Loc::Media(_))),
+        "the flushed blocks are on the media"
+    );
+    let read_at = |ch: &mut crate::ftl::FtlChannel, lba: u64, tag: u64, what: &str| {
+        let bufs = IoVecs::alloc(4 * BLOCK_BYTES);
+        let view = bufs.slice(0, bufs.len_bytes()).expect("view");
+        complete_within_10s(ch, BdevIo::read(lba, 4, view, tag), what);
+        bufs.to_vec()
+    };
+    let read = |ch: &mut crate::ftl::FtlChannel, tag: u64, what: &str| read_at(ch, 0, tag, what);
+    // A read with no media block (never written: zeros, no command) completes too.
+    let zeros = read_at(&mut ch, 8, 6, "read of unwritten blocks");
+    assert!(zeros.iter().all(|b| *b == 0), "unwritten blocks read other than zeros");
+    assert!(read(&mut ch, 3, "read from the media") == data, "the media read returned other data");
+    complete_within_10s(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 2, 4), "unmap");
+    let mut want = vec![0u8; 2 * BLOCK_BYTES];
+    want.extend_from_slice(&data[2 * BLOCK_BYTES..]);
+    assert!(read(&mut ch, 5, "read after the unmap") == want, "the read after the unmap returned other data");
+    drop(ch);
+    drop(bdev);
+}
+
+// ---- core.rs relocate's victim filter (mutftl6) ----
+
+/// Relocation never takes a closed band with nothing written, not even at CRIT, where any closed
+/// band may be taken. Such a band has no chunk left to write: prepare_free_band closes a band whose
+/// every chunk is retired or offline, and a band is closed with nothing written only when every data
+/// write to it failed, which retired its chunks. Relocating it would only free it: counted as a free
+/// band it cannot give (the level would leave CRIT for it), closed again by the next preparation.
+/// Here the other closed bands hold no invalid data: every band's merit is 0 and the pick falls to
+/// the last of them, the band with nothing written, if the filter lets it in.
+#[test]
+fn relocation_never_takes_a_closed_band_with_nothing_written() {
+    let mut dead = None;
+    let (added, relocs) = relocation_step_with(2, 0, 0, |c| {
+        let b = c.bands.iter_mut().rev().find(|b| b.state == BandState::Closed).expect("a closed band");
+        (b.written, b.valid, b.good, b.retired) = (0, 0, Vec::new(), 0b1111);
+        dead = Some(b.id);
+    });
+    assert!(added, "at CRIT a band is taken");
+    assert!(
+        !relocs.iter().any(|id| Some(*id) == dead),
+        "the band with nothing written is relocated: {relocs:?}"
+    );
+}

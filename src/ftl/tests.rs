@@ -2568,3 +2568,59 @@ fn an_nv_cache_channel_with_no_record_in_flight_clears_its_wakeup() {
     drop(ch);
     drop(bdev);
 }
+
+// ---- md.rs write_area and load (mutftl6) ----
+
+/// write_area ends each chunk's last command at the chunk's end when ws_opt does not divide the
+/// chunk (geo_for refuses such a geometry; write_area does not rely on that): a 20-block image over
+/// chunks of 12 blocks (ws_opt 8) puts 8 + 4 blocks in the first chunk and 8 in the second, not 8 +
+/// 8 past the first chunk's end.
+#[test]
+fn write_area_ends_a_chunk_at_its_last_block_when_ws_opt_does_not_divide_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let mut geo = geo_for(media.as_ref(), &FtlConfig::new("x")).expect("geo");
+    assert_eq!(geo.ws_opt, 8);
+    // The first 12 blocks of each 32-block chunk, as a geometry of 12-block chunks would have them.
+    geo.clba = 12;
+    geo.max_positions = geo.pus.len() as u64 * geo.clba;
+    let mut qp = media.queue_pair(4).expect("qp");
+    let bytes = vec![0x5au8; 20 * BLOCK_BYTES];
+    let n = md::write_area(media.as_ref(), qp.as_mut(), &geo, 2, 1, &bytes, 7).expect("write");
+    assert_eq!(n, 20, "blocks written");
+    let wp = |i: usize| media.chunk_info(geo.chunk(2, i)).expect("chunk info").write_pointer_blocks;
+    assert_eq!((wp(0), wp(1), wp(2)), (12, 8, 0), "write pointers of the area's chunks");
+}
+
+/// load reads the primary over the largest area it may have (half the bands, 16 at most) until
+/// its superblock gives the real size: a region whose header claims a length past that is bad for
+/// that reason, and the primary's error that load reports (`ftl info` shows it as primary_error)
+/// says so; the mirror is used.
+#[test]
+fn a_primary_region_longer_than_half_the_bands_runs_past_its_area() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
+    let cfg = FtlConfig::new("long-region");
+    drop(FtlBdev::open(cfg.clone(), Arc::clone(&media)).expect("format"));
+    let geo = geo_for(media.as_ref(), &cfg).expect("geo");
+    let mut qp = media.queue_pair(4).expect("qp");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load");
+    assert!(l.primary_bad.is_none());
+    // 20 bands of 4 × 32 blocks: the primary is read over 10 bands (1 280 blocks) first. The band
+    // metadata region's header now claims a payload that ends at block 1 500: past those 10 bands,
+    // within 16.
+    let at = l.ckpt.sb.region_offsets[layout::RegionId::BandMd as usize] as usize;
+    let mut image = l.ckpt.encode(false);
+    let hdr = &mut image[at * BLOCK_BYTES..(at + 1) * BLOCK_BYTES];
+    let len = (1500 - at) * BLOCK_BYTES - 32; // 32: the region header
+    hdr[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+    let hcrc = crc32c::crc32c(&hdr[0..28]);
+    hdr[28..32].copy_from_slice(&hcrc.to_le_bytes());
+    assert_eq!(layout::region_len(layout::RegionId::BandMd, hdr).ok(), Some(len), "a well-formed header");
+    let g = l.ckpt.sb.generation;
+    md::write_area(media.as_ref(), qp.as_mut(), &geo, 0, l.md_bands, &image, g).expect("primary");
+    let l = md::load(media.as_ref(), qp.as_mut(), &geo).expect("load from the mirror");
+    assert!(l.ckpt.sb.mirror, "the mirror is used");
+    let why = l.primary_bad.expect("the primary is bad");
+    assert!(why.contains("metadata runs past its area"), "{why}");
+}

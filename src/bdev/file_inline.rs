@@ -204,7 +204,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::bdev::file::{Engine, FileBdev};
-    use crate::bdev::tests::{conformance, drive};
+    use crate::bdev::tests::{conformance, drive, many_segments, pattern};
     use crate::bdev::{Bdev, BdevIo, Completion, IoKind, IoVecs, Registry};
 
     #[test]
@@ -260,6 +260,42 @@ mod tests {
             ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1));
             assert_eq!(readable(10_000), 1, "{engine:?}: the wait fd never woke for the flush");
             assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }]);
+        }
+    }
+
+    /// A request of more than IOV_MAX (1024) segments goes to the engine, which splits it: offered
+    /// whole to `preadv2`/`pwritev2` it would fail with EINVAL, which turns the inline path off for
+    /// the whole bdev. A one-block request after it still completes inline.
+    #[test]
+    fn more_than_iov_max_segments_go_to_the_engine_and_keep_the_inline_path() {
+        // tmpfs: every request the inline path takes completes there (no RWF_NOWAIT refusals).
+        let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let f = Arc::new(
+            FileBdev::open("fs", d.path().join("img"), Some(4 << 20), false, Engine::IoUring)
+                .expect("file")
+                .with_inline(true),
+        );
+        let reg = Registry::new();
+        reg.register(f.clone()).expect("register");
+        let desc = reg.open("fs", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let data = pattern(10, 1500, 512, 3);
+        for kind in [IoKind::Write, IoKind::Read] {
+            let bufs = many_segments(1500);
+            let view = bufs.slice(0, 1500 * 512).expect("view");
+            if kind == IoKind::Write {
+                bufs.copy_from_slice(0, &data);
+            }
+            let (hits, misses) = f.inline_counts();
+            ch.submit(BdevIo { kind, offset_blocks: 10, num_blocks: 1500, bufs, tag: 1 });
+            assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }], "{kind:?}");
+            assert_eq!(f.inline_counts(), (hits, misses + 1), "{kind:?}: 1500 segments were not left to the engine");
+            if kind == IoKind::Read {
+                assert!(view.to_vec() == data, "the 1500-segment read returned other data");
+            }
+            ch.submit(BdevIo { kind, offset_blocks: 0, num_blocks: 1, bufs: IoVecs::alloc(512), tag: 2 });
+            assert_eq!(drive(&mut ch), vec![Completion { tag: 2, result: Ok(()) }], "{kind:?}");
+            assert_eq!(f.inline_counts(), (hits + 1, misses + 1), "{kind:?}: the inline path was turned off");
         }
     }
 

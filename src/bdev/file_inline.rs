@@ -392,13 +392,50 @@ mod engine_poll_tests {
     type Parts = (InlineChannel, Arc<AtomicUsize>, Arc<Mutex<Vec<u64>>>, Arc<InlineState>);
 
     fn channel() -> Parts {
+        channel_with_flags(None)
+    }
+
+    /// `channel()` on a tmpfs file, with these `preadv2`/`pwritev2` flags instead of the file's own.
+    fn channel_with_flags(flags: Option<libc::c_int>) -> Parts {
         let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmpfs file");
         f.as_file().set_len(1 << 20).expect("size");
         let file: Arc<std::fs::File> = Arc::new(f.reopen().expect("reopen"));
         let engine = Engine::default();
         let (polls, stale) = (engine.polls.clone(), engine.stale.clone());
-        let state = Arc::new(InlineState::new(std::os::fd::AsRawFd::as_raw_fd(&*file)));
+        let mut state = InlineState::new(std::os::fd::AsRawFd::as_raw_fd(&*file));
+        if let Some(flags) = flags {
+            state.flags = flags;
+        }
+        let state = Arc::new(state);
         (InlineChannel::new(file, 512, Box::new(engine), state.clone()), polls, stale, state)
+    }
+
+    /// Flags the kernel refuses (EOPNOTSUPP, as a kernel or file system without `RWF_NOWAIT` does)
+    /// turn the inline path off for that direction, with one log line: later requests of that
+    /// direction go straight to the engine; the other direction keeps trying until refused itself.
+    #[test]
+    fn refused_flags_turn_the_direction_off_once() {
+        // An unknown RWF_ bit: every kernel refuses it with EOPNOTSUPP.
+        let (mut ch, _polls, _stale, state) = channel_with_flags(Some(1 << 30));
+        let ((), logs) = crate::testlog::capture(|| {
+            for tag in 0..2 {
+                ch.submit(BdevIo::read(tag, 1, IoVecs::alloc(512), tag)).expect("to the engine");
+            }
+        });
+        assert!(!state.reads.load(Ordering::Relaxed), "a refused read left inline reads on");
+        assert!(state.writes.load(Ordering::Relaxed), "a refused read turned inline writes off");
+        let said: Vec<_> = logs.iter().filter(|l| l.contains("RWF_NOWAIT")).collect();
+        assert_eq!(said.len(), 1, "{logs:?}");
+        assert!(said[0].contains("reads unsupported"), "{said:?}");
+        let ((), logs) = crate::testlog::capture(|| {
+            ch.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 2)).expect("to the engine");
+        });
+        assert!(!state.writes.load(Ordering::Relaxed), "a refused write left inline writes on");
+        assert!(logs.iter().any(|l| l.contains("RWF_NOWAIT writes unsupported")), "{logs:?}");
+        assert_eq!(state.inline_ops.load(Ordering::Relaxed), 0);
+        assert_eq!(state.misses.load(Ordering::Relaxed), 3);
+        let mut done = Vec::new();
+        assert_eq!(ch.poll(&mut done), 3, "the engine completes what the inline path declined");
     }
 
     #[test]

@@ -289,7 +289,11 @@ mod tests {
             let (hits, misses) = f.inline_counts();
             ch.submit(BdevIo { kind, offset_blocks: 10, num_blocks: 1500, bufs, tag: 1 });
             assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }], "{kind:?}");
-            assert_eq!(f.inline_counts(), (hits, misses + 1), "{kind:?}: 1500 segments were not left to the engine");
+            assert_eq!(
+                f.inline_counts(),
+                (hits, misses + 1),
+                "{kind:?}: 1500 segments were not left to the engine"
+            );
             if kind == IoKind::Read {
                 assert!(view.to_vec() == data, "the 1500-segment read returned other data");
             }

@@ -811,6 +811,171 @@ impl Drop for ThreadsChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev::tests::{drive, pattern};
+    use crate::bdev::{Channel, Descriptor, IoVecs, Registry};
+
+    /// A registered file bdev on `path`, a writable descriptor and a channel.
+    fn open(f: FileBdev) -> (Arc<FileBdev>, Registry, Descriptor, Channel) {
+        let f = Arc::new(f);
+        let reg = Registry::new();
+        reg.register(f.clone()).expect("register");
+        let desc = reg.open(&f.info.name, true).expect("open");
+        let ch = desc.channel().expect("channel");
+        (f, reg, desc, ch)
+    }
+
+    fn run1(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
+        ch.submit(io);
+        let done = drive(ch);
+        assert_eq!(done.len(), 1, "{done:?}");
+        done[0].result
+    }
+
+    fn write(ch: &mut Channel, off: u64, n: u64, seed: u8) -> Result<(), IoError> {
+        run1(ch, BdevIo::write(off, n, IoVecs::from_slice(&pattern(off, n, 512, seed)), 1))
+    }
+
+    fn read(ch: &mut Channel, off: u64, n: u64) -> Vec<u8> {
+        let b = IoVecs::alloc((n * 512) as usize);
+        let view = b.slice(0, n * 512).expect("view");
+        assert_eq!(run1(ch, BdevIo::read(off, n, b, 2)), Ok(()));
+        view.to_vec()
+    }
+
+    /// True when byte `off` of `path` lies in a hole (`SEEK_HOLE` from there stays there).
+    fn hole_at(path: &Path, off: u64) -> bool {
+        let f = File::open(path).expect("open");
+        // SAFETY: plain syscall on an fd we own.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_HOLE) };
+        assert!(r >= 0, "SEEK_HOLE: {}", std::io::Error::last_os_error());
+        r as u64 == off
+    }
+
+    /// Once its completions are reaped, a channel's wait fd is quiet: an idle poller sleeps.
+    #[test]
+    fn the_wait_fd_is_quiet_once_completions_are_reaped() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let f = FileBdev::open("wq", d.path().join("img"), Some(1 << 20), false, engine).expect("file");
+            let (_f, _reg, _desc, mut ch) = open(f);
+            let fd = ch.wait_fd().expect("wait fd");
+            let readable = |ms: i32| {
+                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack, for the duration of the call.
+                unsafe { libc::poll(&mut p, 1, ms) }
+            };
+            ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&pattern(0, 8, 512, 1)), 1));
+            // One request, one signal: once the fd is readable the signal has been given.
+            assert_eq!(readable(10_000), 1, "{engine:?}: no signal");
+            assert_eq!(drive(&mut ch).len(), 1);
+            assert_eq!(readable(0), 0, "{engine:?}: the wait fd stays readable after the completion was reaped");
+        }
+    }
+
+    /// Unmap punches a hole; with the zero-write fallback (forced, or after fallocate said
+    /// EOPNOTSUPP) unmap and write_zeroes write zeros instead, from block 0 on too. On tmpfs, which
+    /// punches holes but refuses ZERO_RANGE.
+    #[test]
+    fn the_zero_write_fallback_writes_zeros_instead_of_punching_holes() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+            let path = d.path().join("img");
+            let f = FileBdev::open("zf", &path, Some(1 << 20), false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 128, 3)), Ok(()));
+            assert!(hole_at(&path, 0), "{engine:?}: unmap did not punch a hole");
+            assert_eq!(read(&mut ch, 0, 128), vec![0; 128 * 512]);
+            f.force_zero_write_fallback();
+            assert_eq!(write(&mut ch, 0, 512, 2), Ok(()));
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 128, 3)), Ok(()));
+            assert!(!hole_at(&path, 0), "{engine:?}: unmap punched a hole despite the fallback");
+            assert_eq!(read(&mut ch, 0, 128), vec![0; 128 * 512]);
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 256, 4)), Ok(()));
+            assert_eq!(read(&mut ch, 0, 256), vec![0; 256 * 512]);
+            assert_eq!(read(&mut ch, 256, 256), pattern(256, 256, 512, 2), "{engine:?}: past the range");
+        }
+    }
+
+    /// fallocate(ZERO_RANGE) refused (tmpfs) switches write_zeroes to zero writes, once, with one
+    /// log line; unmap keeps punching holes.
+    #[test]
+    fn an_unsupported_zero_range_switches_only_write_zeroes() {
+        let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let path = d.path().join("img");
+        let f = FileBdev::open("zr", &path, Some(1 << 20), false, Engine::IoUring).expect("file");
+        let (_f, _reg, _desc, mut ch) = open(f);
+        assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+        let (_, logs) = crate::testlog::capture(|| {
+            for off in [0, 64] {
+                assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, off, 32, 3)), Ok(()));
+            }
+        });
+        let said: Vec<_> = logs.iter().filter(|l| l.contains("not supported")).collect();
+        assert_eq!(said.len(), 1, "{logs:?}");
+        assert!(said[0].contains("WriteZeroes"), "{said:?}");
+        assert_eq!(read(&mut ch, 0, 128), [vec![0; 32 * 512], pattern(32, 32, 512, 1), vec![0; 32 * 512], pattern(96, 32, 512, 1)].concat());
+        assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 256, 128, 3)), Ok(()));
+        assert!(hole_at(&path, 256 * 512), "unmap stopped punching holes");
+    }
+
+    /// Errors of the medium reach the completion with their errno: a write-sealed memfd refuses
+    /// writes, unmap and zero writes with EPERM.
+    #[test]
+    fn medium_errors_complete_with_their_errno() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            // SAFETY: plain syscall with a NUL-terminated name; the fd is owned by the File below.
+            let fd = unsafe { libc::memfd_create(c"vblkd-sealed".as_ptr(), libc::MFD_ALLOW_SEALING) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh fd nobody else owns.
+            let mem = unsafe { File::from_raw_fd(fd) };
+            mem.set_len(1 << 20).expect("size");
+            let path = format!("/proc/self/fd/{fd}");
+            let f = FileBdev::open("se", &path, None, false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 8, 1), Ok(()));
+            // SAFETY: plain fcntl on our fd.
+            let rc = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+            assert_eq!(rc, 0, "F_SEAL_WRITE: {}", std::io::Error::last_os_error());
+            let eperm = Err(IoError::Errno(libc::EPERM));
+            assert_eq!(write(&mut ch, 0, 8, 2), eperm, "{engine:?}: write");
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 8, 3)), eperm, "{engine:?}: unmap");
+            f.force_zero_write_fallback();
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 8, 4)), eperm, "{engine:?}: zero writes");
+            assert_eq!(read(&mut ch, 0, 8), pattern(0, 8, 512, 1));
+        }
+    }
+
+    /// A read past the end of a file that shrank under the bdev fails with EIO.
+    #[test]
+    fn a_read_past_a_shrunk_file_fails_with_eio() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let path = d.path().join("img");
+            let f = FileBdev::open("sh", &path, Some(1 << 20), false, engine).expect("file");
+            let (_f, _reg, _desc, mut ch) = open(f);
+            std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(4096)).expect("shrink");
+            let b = IoVecs::alloc(8 * 512);
+            assert_eq!(run1(&mut ch, BdevIo::read(64, 8, b, 2)), Err(IoError::Errno(libc::EIO)), "{engine:?}");
+        }
+    }
+
+    /// Flushes are counted (module_stats "syncs"), and the close log says how many there were.
+    #[test]
+    fn flushes_and_the_sync_on_close_are_counted() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let f = FileBdev::open("fc", d.path().join("img"), Some(1 << 20), false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            for tag in 0..2 {
+                assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, tag)), Ok(()));
+            }
+            assert_eq!(f.module_stats().expect("stats")["syncs"], 2, "{engine:?}");
+            let (r, logs) = crate::testlog::capture(|| f.shutdown());
+            r.expect("shutdown");
+            assert!(logs.iter().any(|l| l.contains("(3 syncs since open)")), "{engine:?}: {logs:?}");
+        }
+    }
 
     #[test]
     fn io_uring_setup_failure_falls_back_to_threads() {

@@ -960,6 +960,70 @@ mod tests {
         }
     }
 
+    /// A path that cannot be looked up (here: under a regular file) is an I/O error, not a missing
+    /// file (which would be "no size was given").
+    #[test]
+    fn a_path_that_cannot_be_looked_up_is_an_io_error() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, b"x").expect("file");
+        let e = FileBdev::open("nd", plain.join("img"), None, false, Engine::Threads).err().expect("refused");
+        assert!(!matches!(e, BdevError::InvalidConfig(_)), "{e:?}");
+        assert!(e.to_string().contains("stat"), "{e}");
+    }
+
+    /// The threads engine runs its worker threads (named after the bdev); the io_uring one none.
+    #[test]
+    fn each_engine_builds_its_own_channel() {
+        let workers = |name: &str| {
+            let want = format!("file-{name}-0");
+            std::fs::read_dir("/proc/self/task")
+                .expect("tasks")
+                .flatten()
+                .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == want))
+                .count()
+        };
+        let d = tempfile::tempdir().expect("tempdir");
+        for (name, engine, n) in [("thrx", Engine::Threads, 1), ("urgx", Engine::IoUring, 0)] {
+            let f = FileBdev::open(name, d.path().join(name), Some(1 << 20), false, engine).expect("file");
+            assert_eq!(f.engine(), engine);
+            let ch = f.create_channel().expect("channel");
+            assert_eq!(workers(name), n, "{engine:?}: worker threads");
+            drop(ch);
+        }
+    }
+
+    /// A block device gives its size and its logical block size (a loop device of 512- and of
+    /// 4096-byte sectors); its whole size may be asked for, one block more may not.
+    #[test]
+    fn block_devices_give_their_size_and_logical_block_size() {
+        struct Loop(String);
+        impl Drop for Loop {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+            }
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        for sector in [512u32, 4096] {
+            let img = d.path().join(format!("loop{sector}.img"));
+            File::create(&img).and_then(|f| f.set_len(8 << 20)).expect("image");
+            // No silent skip: the test command runs as root (CI does), which a loop device needs.
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show", "--sector-size", &sector.to_string()])
+                .arg(&img)
+                .output()
+                .expect("losetup: this test needs root and util-linux");
+            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+            let dev = Loop(String::from_utf8(out.stdout).expect("utf-8").trim().to_string());
+            let f = FileBdev::open("bd", &dev.0, Some(8 << 20), false, Engine::Threads).expect("whole device");
+            assert_eq!(f.info().block_size, sector, "logical block size");
+            assert_eq!(f.info().num_blocks, (8 << 20) / u64::from(sector));
+            assert!(FileBdev::open("bd", &dev.0, Some((8 << 20) + 4096), false, Engine::Threads).is_err());
+            let f = FileBdev::open_with_block_size("bd", &dev.0, None, false, Engine::Threads, 4096).expect("4k");
+            assert_eq!(f.info().block_size, 4096);
+        }
+    }
+
     /// Flushes are counted (module_stats "syncs"), and the close log says how many there were.
     #[test]
     fn flushes_and_the_sync_on_close_are_counted() {

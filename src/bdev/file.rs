@@ -897,6 +897,23 @@ mod tests {
         }
     }
 
+    /// With the fallback, write_zeroes writes zeros on a disk file system too, where
+    /// fallocate(ZERO_RANGE) would leave unwritten extents (a hole to SEEK_HOLE on ext4).
+    #[test]
+    fn the_zero_write_fallback_writes_zeros_on_disk() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on disk");
+            let path = d.path().join("img");
+            let f = FileBdev::open("zd", &path, Some(1 << 20), false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            f.force_zero_write_fallback();
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 128, 4)), Ok(()));
+            assert!(!hole_at(&path, 0), "{engine:?}: write_zeroes used fallocate despite the fallback");
+            assert_eq!(read(&mut ch, 0, 128), vec![0; 128 * 512]);
+        }
+    }
+
     /// fallocate(ZERO_RANGE) refused (tmpfs) switches write_zeroes to zero writes, once, with one
     /// log line; unmap keeps punching holes.
     #[test]

@@ -907,6 +907,8 @@ mod tests {
             let f = FileBdev::open("zd", &path, Some(1 << 20), false, engine).expect("file");
             let (f, _reg, _desc, mut ch) = open(f);
             assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            // Allocated on disk (not delayed-allocation pages), as zero-range finds it later.
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, 3)), Ok(()));
             f.force_zero_write_fallback();
             assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 128, 4)), Ok(()));
             assert!(!hole_at(&path, 0), "{engine:?}: write_zeroes used fallocate despite the fallback");

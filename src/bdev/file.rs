@@ -958,7 +958,13 @@ mod tests {
             assert_eq!(rc, 0, "F_SEAL_WRITE: {}", std::io::Error::last_os_error());
             let eperm = Err(IoError::Errno(libc::EPERM));
             assert_eq!(write(&mut ch, 0, 8, 2), eperm, "{engine:?}: write");
-            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 8, 3)), eperm, "{engine:?}: unmap");
+            let (r, logs) = crate::testlog::capture_named(&["file-se-0", "file-se-1", "file-se-2", "file-se-3"], || {
+                run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 8, 3))
+            });
+            assert_eq!(r, eperm, "{engine:?}: unmap");
+            // EPERM is an error, not "fallocate unsupported": no switch to zero writes.
+            assert!(!f.shared.unmap_fallback.load(Ordering::Relaxed), "{engine:?}: {logs:?}");
+            assert!(!logs.iter().any(|l| l.contains("not supported")), "{engine:?}: {logs:?}");
             f.force_zero_write_fallback();
             assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 8, 4)), eperm, "{engine:?}: zero writes");
             assert_eq!(read(&mut ch, 0, 8), pattern(0, 8, 512, 1));

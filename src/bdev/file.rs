@@ -868,7 +868,11 @@ mod tests {
             // One request, one signal: once the fd is readable the signal has been given.
             assert_eq!(readable(10_000), 1, "{engine:?}: no signal");
             assert_eq!(drive(&mut ch).len(), 1);
-            assert_eq!(readable(0), 0, "{engine:?}: the wait fd stays readable after the completion was reaped");
+            assert_eq!(
+                readable(0),
+                0,
+                "{engine:?}: the wait fd stays readable after the completion was reaped"
+            );
         }
     }
 
@@ -933,7 +937,10 @@ mod tests {
         let said: Vec<_> = logs.iter().filter(|l| l.contains("not supported")).collect();
         assert_eq!(said.len(), 1, "{logs:?}");
         assert!(said[0].contains("WriteZeroes"), "{said:?}");
-        assert_eq!(read(&mut ch, 0, 128), [vec![0; 32 * 512], pattern(32, 32, 512, 1), vec![0; 32 * 512], pattern(96, 32, 512, 1)].concat());
+        assert_eq!(
+            read(&mut ch, 0, 128),
+            [vec![0; 32 * 512], pattern(32, 32, 512, 1), vec![0; 32 * 512], pattern(96, 32, 512, 1)].concat()
+        );
         assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 256, 128, 3)), Ok(()));
         assert!(hole_at(&path, 256 * 512), "unmap stopped punching holes");
     }
@@ -958,15 +965,20 @@ mod tests {
             assert_eq!(rc, 0, "F_SEAL_WRITE: {}", std::io::Error::last_os_error());
             let eperm = Err(IoError::Errno(libc::EPERM));
             assert_eq!(write(&mut ch, 0, 8, 2), eperm, "{engine:?}: write");
-            let (r, logs) = crate::testlog::capture_named(&["file-se-0", "file-se-1", "file-se-2", "file-se-3"], || {
-                run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 8, 3))
-            });
+            let (r, logs) =
+                crate::testlog::capture_named(&["file-se-0", "file-se-1", "file-se-2", "file-se-3"], || {
+                    run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 8, 3))
+                });
             assert_eq!(r, eperm, "{engine:?}: unmap");
             // EPERM is an error, not "fallocate unsupported": no switch to zero writes.
             assert!(!f.shared.unmap_fallback.load(Ordering::Relaxed), "{engine:?}: {logs:?}");
             assert!(!logs.iter().any(|l| l.contains("not supported")), "{engine:?}: {logs:?}");
             f.force_zero_write_fallback();
-            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 8, 4)), eperm, "{engine:?}: zero writes");
+            assert_eq!(
+                run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 8, 4)),
+                eperm,
+                "{engine:?}: zero writes"
+            );
             assert_eq!(read(&mut ch, 0, 8), pattern(0, 8, 512, 1));
         }
     }
@@ -979,9 +991,17 @@ mod tests {
             let path = d.path().join("img");
             let f = FileBdev::open("sh", &path, Some(1 << 20), false, engine).expect("file");
             let (_f, _reg, _desc, mut ch) = open(f);
-            std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(4096)).expect("shrink");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(4096))
+                .expect("shrink");
             let b = IoVecs::alloc(8 * 512);
-            assert_eq!(run1(&mut ch, BdevIo::read(64, 8, b, 2)), Err(IoError::Errno(libc::EIO)), "{engine:?}");
+            assert_eq!(
+                run1(&mut ch, BdevIo::read(64, 8, b, 2)),
+                Err(IoError::Errno(libc::EIO)),
+                "{engine:?}"
+            );
         }
     }
 
@@ -1040,11 +1060,13 @@ mod tests {
                 .expect("losetup: this test needs root and util-linux");
             assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
             let dev = Loop(String::from_utf8(out.stdout).expect("utf-8").trim().to_string());
-            let f = FileBdev::open("bd", &dev.0, Some(8 << 20), false, Engine::Threads).expect("whole device");
+            let f =
+                FileBdev::open("bd", &dev.0, Some(8 << 20), false, Engine::Threads).expect("whole device");
             assert_eq!(f.info().block_size, sector, "logical block size");
             assert_eq!(f.info().num_blocks, (8 << 20) / u64::from(sector));
             assert!(FileBdev::open("bd", &dev.0, Some((8 << 20) + 4096), false, Engine::Threads).is_err());
-            let f = FileBdev::open_with_block_size("bd", &dev.0, None, false, Engine::Threads, 4096).expect("4k");
+            let f =
+                FileBdev::open_with_block_size("bd", &dev.0, None, false, Engine::Threads, 4096).expect("4k");
             assert_eq!(f.info().block_size, 4096);
         }
     }

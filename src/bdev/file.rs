@@ -924,25 +924,31 @@ mod tests {
     /// log line; unmap keeps punching holes.
     #[test]
     fn an_unsupported_zero_range_switches_only_write_zeroes() {
-        let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
-        let path = d.path().join("img");
-        let f = FileBdev::open("zr", &path, Some(1 << 20), false, Engine::IoUring).expect("file");
-        let (_f, _reg, _desc, mut ch) = open(f);
-        assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
-        let (_, logs) = crate::testlog::capture(|| {
-            for off in [0, 64] {
-                assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, off, 32, 3)), Ok(()));
-            }
-        });
-        let said: Vec<_> = logs.iter().filter(|l| l.contains("not supported")).collect();
-        assert_eq!(said.len(), 1, "{logs:?}");
-        assert!(said[0].contains("WriteZeroes"), "{said:?}");
-        assert_eq!(
-            read(&mut ch, 0, 128),
-            [vec![0; 32 * 512], pattern(32, 32, 512, 1), vec![0; 32 * 512], pattern(96, 32, 512, 1)].concat()
-        );
-        assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 256, 128, 3)), Ok(()));
-        assert!(hole_at(&path, 256 * 512), "unmap stopped punching holes");
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+            let path = d.path().join("img");
+            let f = FileBdev::open("zr", &path, Some(1 << 20), false, engine).expect("file");
+            let (_f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            // The threads engine logs from its workers.
+            let (_, logs) =
+                crate::testlog::capture_named(&["file-zr-0", "file-zr-1", "file-zr-2", "file-zr-3"], || {
+                    for off in [0, 64] {
+                        let r = run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, off, 32, 3));
+                        assert_eq!(r, Ok(()), "{engine:?}");
+                    }
+                });
+            let said: Vec<_> = logs.iter().filter(|l| l.contains("not supported")).collect();
+            assert_eq!(said.len(), 1, "{engine:?}: {logs:?}");
+            assert!(said[0].contains("WriteZeroes"), "{said:?}");
+            assert_eq!(
+                read(&mut ch, 0, 128),
+                [vec![0; 32 * 512], pattern(32, 32, 512, 1), vec![0; 32 * 512], pattern(96, 32, 512, 1)]
+                    .concat()
+            );
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 256, 128, 3)), Ok(()));
+            assert!(hole_at(&path, 256 * 512), "{engine:?}: unmap stopped punching holes");
+        }
     }
 
     /// Errors of the medium reach the completion with their errno: a write-sealed memfd refuses

@@ -1011,6 +1011,44 @@ mod tests {
         }
     }
 
+    /// An engine's poll counts only the completions it adds: under the inline channel it is handed
+    /// a list that already holds the inline ones.
+    #[test]
+    fn an_engine_poll_after_inline_completions_counts_only_its_own() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+            let f = FileBdev::open("ip", d.path().join("img"), Some(1 << 20), false, engine)
+                .expect("file")
+                .with_inline(true);
+            let (_f, _reg, _desc, mut ch) = open(f);
+            let fd = ch.wait_fd().expect("wait fd");
+            for round in 0..3u64 {
+                // A flush goes to the engine; once it has signalled, a write completes inline (tmpfs).
+                ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 10 * round));
+                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack, for the duration of the call.
+                assert_eq!(
+                    unsafe { libc::poll(&mut p, 1, 10_000) },
+                    1,
+                    "{engine:?}: the flush never completed"
+                );
+                ch.submit(BdevIo::write(
+                    round,
+                    1,
+                    IoVecs::from_slice(&pattern(round, 1, 512, 1)),
+                    10 * round + 1,
+                ));
+                let mut done = drive(&mut ch);
+                done.sort_by_key(|c| c.tag);
+                let want = vec![
+                    Completion { tag: 10 * round, result: Ok(()) },
+                    Completion { tag: 10 * round + 1, result: Ok(()) },
+                ];
+                assert_eq!(done, want, "{engine:?}");
+            }
+        }
+    }
+
     /// A path that cannot be looked up (here: under a regular file) is an I/O error, not a missing
     /// file (which would be "no size was given").
     #[test]

@@ -1027,11 +1027,8 @@ mod tests {
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 10 * round));
                 let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
                 // SAFETY: one valid pollfd on the stack, for the duration of the call.
-                assert_eq!(
-                    unsafe { libc::poll(&mut p, 1, 10_000) },
-                    1,
-                    "{engine:?}: the flush never completed"
-                );
+                let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+                assert_eq!(n, 1, "{engine:?}: the flush never completed");
                 ch.submit(BdevIo::write(
                     round,
                     1,

@@ -29,6 +29,10 @@ FILES=(
     src/bdev/channel.rs
     src/bdev/registry.rs
     src/ocssd/emu.rs
+    # The file bdev's inline channel (RWF_NOWAIT on the poller thread, the default engine=auto path).
+    src/bdev/file_inline.rs
+    # The file bdev and its engines underneath (io_uring, threads).
+    src/bdev/file.rs
 )
 # The FTL and cache modules as they land.
 for f in src/ftl.rs src/ftl/*.rs src/bdev/ftl.rs src/bdev/ftl/*.rs src/cache.rs src/cache/*.rs src/bdev/cache.rs \
@@ -50,6 +54,13 @@ tests_for() {
         src/vhost/poller.rs | src/vhost/device.rs)
             echo "--lib --test vhost_frontend --test vhost_async --test vhost_blkio --test ops_gaps --test hostile_ring --test inflight_restart" ;;
         src/bdev/channel.rs) echo "--lib -- bdev:: -- --skip rbd::" ;;
+        # The inline channel: its own tests and the bdev conformance suite; inflight_restart runs the
+        # daemon with engine=auto on tmpfs (every request inline).
+        src/bdev/file_inline.rs) echo "--lib --test inflight_restart -- -- bdev:: requests_in_flight --skip rbd::" ;;
+        # The file bdev's engines: the conformance suite (both engines, direct, block device, zero-write
+        # fallback) and the daemon tests that count syncs and check the engine in use.
+        src/bdev/file.rs)
+            echo "--lib --test ops_gaps -- -- bdev:: write_through sigterm_syncs io_uring_file_bdevs stop_finishes --skip rbd::" ;;
         # The control socket's look-ups (claimed_by, bdev_stats, control) are tested through vblkd ctl.
         src/bdev/registry.rs) echo "--lib --test ops_registry --test control -- -- --skip rbd::" ;;
         # (Skipped: the lib tests of unrelated modules; the rbd ones also need the test Ceph cluster.)

@@ -811,6 +811,327 @@ impl Drop for ThreadsChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev::tests::{drive, pattern};
+    use crate::bdev::{Channel, Descriptor, IoVecs, Registry};
+
+    /// A registered file bdev on `path`, a writable descriptor and a channel.
+    fn open(f: FileBdev) -> (Arc<FileBdev>, Registry, Descriptor, Channel) {
+        let f = Arc::new(f);
+        let reg = Registry::new();
+        reg.register(f.clone()).expect("register");
+        let desc = reg.open(&f.info.name, true).expect("open");
+        let ch = desc.channel().expect("channel");
+        (f, reg, desc, ch)
+    }
+
+    fn run1(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
+        ch.submit(io);
+        let done = drive(ch);
+        assert_eq!(done.len(), 1, "{done:?}");
+        done[0].result
+    }
+
+    fn write(ch: &mut Channel, off: u64, n: u64, seed: u8) -> Result<(), IoError> {
+        run1(ch, BdevIo::write(off, n, IoVecs::from_slice(&pattern(off, n, 512, seed)), 1))
+    }
+
+    fn read(ch: &mut Channel, off: u64, n: u64) -> Vec<u8> {
+        let b = IoVecs::alloc((n * 512) as usize);
+        let view = b.slice(0, n * 512).expect("view");
+        assert_eq!(run1(ch, BdevIo::read(off, n, b, 2)), Ok(()));
+        view.to_vec()
+    }
+
+    /// True when byte `off` of `path` lies in a hole (`SEEK_HOLE` from there stays there).
+    fn hole_at(path: &Path, off: u64) -> bool {
+        let f = File::open(path).expect("open");
+        // SAFETY: plain syscall on an fd we own.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_HOLE) };
+        assert!(r >= 0, "SEEK_HOLE: {}", std::io::Error::last_os_error());
+        r as u64 == off
+    }
+
+    /// Once its completions are reaped, a channel's wait fd is quiet: an idle poller sleeps.
+    #[test]
+    fn the_wait_fd_is_quiet_once_completions_are_reaped() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let f = FileBdev::open("wq", d.path().join("img"), Some(1 << 20), false, engine).expect("file");
+            let (_f, _reg, _desc, mut ch) = open(f);
+            let fd = ch.wait_fd().expect("wait fd");
+            let readable = |ms: i32| {
+                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack, for the duration of the call.
+                unsafe { libc::poll(&mut p, 1, ms) }
+            };
+            ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&pattern(0, 8, 512, 1)), 1));
+            // One request, one signal: once the fd is readable the signal has been given.
+            assert_eq!(readable(10_000), 1, "{engine:?}: no signal");
+            assert_eq!(drive(&mut ch).len(), 1);
+            assert_eq!(
+                readable(0),
+                0,
+                "{engine:?}: the wait fd stays readable after the completion was reaped"
+            );
+        }
+    }
+
+    /// Unmap punches a hole; with the zero-write fallback (forced, or after fallocate said
+    /// EOPNOTSUPP) unmap and write_zeroes write zeros instead, from block 0 on too. On tmpfs, which
+    /// punches holes but refuses ZERO_RANGE.
+    #[test]
+    fn the_zero_write_fallback_writes_zeros_instead_of_punching_holes() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+            let path = d.path().join("img");
+            let f = FileBdev::open("zf", &path, Some(1 << 20), false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 128, 3)), Ok(()));
+            assert!(hole_at(&path, 0), "{engine:?}: unmap did not punch a hole");
+            assert_eq!(read(&mut ch, 0, 128), vec![0; 128 * 512]);
+            f.force_zero_write_fallback();
+            assert_eq!(write(&mut ch, 0, 512, 2), Ok(()));
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 128, 3)), Ok(()));
+            assert!(!hole_at(&path, 0), "{engine:?}: unmap punched a hole despite the fallback");
+            assert_eq!(read(&mut ch, 0, 128), vec![0; 128 * 512]);
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 256, 4)), Ok(()));
+            assert_eq!(read(&mut ch, 0, 256), vec![0; 256 * 512]);
+            assert_eq!(read(&mut ch, 256, 256), pattern(256, 256, 512, 2), "{engine:?}: past the range");
+        }
+    }
+
+    /// With the fallback, write_zeroes writes zeros on a disk file system too, where
+    /// fallocate(ZERO_RANGE) would leave unwritten extents (a hole to SEEK_HOLE on ext4).
+    #[test]
+    fn the_zero_write_fallback_writes_zeros_on_disk() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on disk");
+            let path = d.path().join("img");
+            let f = FileBdev::open("zd", &path, Some(1 << 20), false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            // Allocated on disk (not delayed-allocation pages), as zero-range finds it later.
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, 3)), Ok(()));
+            f.force_zero_write_fallback();
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 128, 4)), Ok(()));
+            assert!(!hole_at(&path, 0), "{engine:?}: write_zeroes used fallocate despite the fallback");
+            assert_eq!(read(&mut ch, 0, 128), vec![0; 128 * 512]);
+        }
+    }
+
+    /// fallocate(ZERO_RANGE) refused (tmpfs) switches write_zeroes to zero writes, once, with one
+    /// log line; unmap keeps punching holes.
+    #[test]
+    fn an_unsupported_zero_range_switches_only_write_zeroes() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+            let path = d.path().join("img");
+            let f = FileBdev::open("zr", &path, Some(1 << 20), false, engine).expect("file");
+            let (_f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 512, 1), Ok(()));
+            // The threads engine logs from its workers.
+            let (_, logs) =
+                crate::testlog::capture_named(&["file-zr-0", "file-zr-1", "file-zr-2", "file-zr-3"], || {
+                    for off in [0, 64] {
+                        let r = run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, off, 32, 3));
+                        assert_eq!(r, Ok(()), "{engine:?}");
+                    }
+                });
+            let said: Vec<_> = logs.iter().filter(|l| l.contains("not supported")).collect();
+            assert_eq!(said.len(), 1, "{engine:?}: {logs:?}");
+            assert!(said[0].contains("WriteZeroes"), "{said:?}");
+            assert_eq!(
+                read(&mut ch, 0, 128),
+                [vec![0; 32 * 512], pattern(32, 32, 512, 1), vec![0; 32 * 512], pattern(96, 32, 512, 1)]
+                    .concat()
+            );
+            assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 256, 128, 3)), Ok(()));
+            assert!(hole_at(&path, 256 * 512), "{engine:?}: unmap stopped punching holes");
+        }
+    }
+
+    /// Errors of the medium reach the completion with their errno: a write-sealed memfd refuses
+    /// writes, unmap and zero writes with EPERM.
+    #[test]
+    fn medium_errors_complete_with_their_errno() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            // SAFETY: plain syscall with a NUL-terminated name; the fd is owned by the File below.
+            let fd = unsafe { libc::memfd_create(c"vblkd-sealed".as_ptr(), libc::MFD_ALLOW_SEALING) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh fd nobody else owns.
+            let mem = unsafe { File::from_raw_fd(fd) };
+            mem.set_len(1 << 20).expect("size");
+            let path = format!("/proc/self/fd/{fd}");
+            let f = FileBdev::open("se", &path, None, false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            assert_eq!(write(&mut ch, 0, 8, 1), Ok(()));
+            // SAFETY: plain fcntl on our fd.
+            let rc = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+            assert_eq!(rc, 0, "F_SEAL_WRITE: {}", std::io::Error::last_os_error());
+            let eperm = Err(IoError::Errno(libc::EPERM));
+            assert_eq!(write(&mut ch, 0, 8, 2), eperm, "{engine:?}: write");
+            let (r, logs) =
+                crate::testlog::capture_named(&["file-se-0", "file-se-1", "file-se-2", "file-se-3"], || {
+                    run1(&mut ch, BdevIo::no_data(IoKind::Unmap, 0, 8, 3))
+                });
+            assert_eq!(r, eperm, "{engine:?}: unmap");
+            // EPERM is an error, not "fallocate unsupported": no switch to zero writes.
+            assert!(!f.shared.unmap_fallback.load(Ordering::Relaxed), "{engine:?}: {logs:?}");
+            assert!(!logs.iter().any(|l| l.contains("not supported")), "{engine:?}: {logs:?}");
+            f.force_zero_write_fallback();
+            assert_eq!(
+                run1(&mut ch, BdevIo::no_data(IoKind::WriteZeroes, 0, 8, 4)),
+                eperm,
+                "{engine:?}: zero writes"
+            );
+            assert_eq!(read(&mut ch, 0, 8), pattern(0, 8, 512, 1));
+        }
+    }
+
+    /// A read past the end of a file that shrank under the bdev fails with EIO.
+    #[test]
+    fn a_read_past_a_shrunk_file_fails_with_eio() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let path = d.path().join("img");
+            let f = FileBdev::open("sh", &path, Some(1 << 20), false, engine).expect("file");
+            let (_f, _reg, _desc, mut ch) = open(f);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(4096))
+                .expect("shrink");
+            let b = IoVecs::alloc(8 * 512);
+            assert_eq!(
+                run1(&mut ch, BdevIo::read(64, 8, b, 2)),
+                Err(IoError::Errno(libc::EIO)),
+                "{engine:?}"
+            );
+        }
+    }
+
+    /// An engine's poll counts only the completions it adds: under the inline channel it is handed
+    /// a list that already holds the inline ones.
+    #[test]
+    fn an_engine_poll_after_inline_completions_counts_only_its_own() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+            let f = FileBdev::open("ip", d.path().join("img"), Some(1 << 20), false, engine)
+                .expect("file")
+                .with_inline(true);
+            let (_f, _reg, _desc, mut ch) = open(f);
+            let fd = ch.wait_fd().expect("wait fd");
+            for round in 0..3u64 {
+                // A flush goes to the engine; once it has signalled, a write completes inline (tmpfs).
+                ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 10 * round));
+                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack, for the duration of the call.
+                let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+                assert_eq!(n, 1, "{engine:?}: the flush never completed");
+                ch.submit(BdevIo::write(
+                    round,
+                    1,
+                    IoVecs::from_slice(&pattern(round, 1, 512, 1)),
+                    10 * round + 1,
+                ));
+                let mut done = drive(&mut ch);
+                done.sort_by_key(|c| c.tag);
+                let want = vec![
+                    Completion { tag: 10 * round, result: Ok(()) },
+                    Completion { tag: 10 * round + 1, result: Ok(()) },
+                ];
+                assert_eq!(done, want, "{engine:?}");
+            }
+        }
+    }
+
+    /// A path that cannot be looked up (here: under a regular file) is an I/O error, not a missing
+    /// file (which would be "no size was given").
+    #[test]
+    fn a_path_that_cannot_be_looked_up_is_an_io_error() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, b"x").expect("file");
+        let e = FileBdev::open("nd", plain.join("img"), None, false, Engine::Threads).err().expect("refused");
+        assert!(!matches!(e, BdevError::InvalidConfig(_)), "{e:?}");
+        assert!(e.to_string().contains("stat"), "{e}");
+    }
+
+    /// The threads engine runs its worker threads, named after the bdev (a channel of the io_uring
+    /// engine would have none).
+    #[test]
+    fn the_threads_engine_builds_a_threads_channel() {
+        let workers = |want: &str| {
+            std::fs::read_dir("/proc/self/task")
+                .expect("tasks")
+                .flatten()
+                .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == want))
+                .count()
+        };
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = FileBdev::open("thrx", d.path().join("img"), Some(1 << 20), false, Engine::Threads)
+            .expect("file");
+        assert_eq!(f.engine(), Engine::Threads);
+        let ch = f.create_channel().expect("channel");
+        // A thread names itself once it runs: wait for it (a generous bound, never reached when right).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while workers("file-thrx-0") == 0 {
+            assert!(std::time::Instant::now() < deadline, "no worker thread named file-thrx-0");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(ch);
+    }
+
+    /// A block device gives its size and its logical block size (a loop device of 512- and of
+    /// 4096-byte sectors); its whole size may be asked for, one block more may not.
+    #[test]
+    fn block_devices_give_their_size_and_logical_block_size() {
+        struct Loop(String);
+        impl Drop for Loop {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+            }
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        for sector in [512u32, 4096] {
+            let img = d.path().join(format!("loop{sector}.img"));
+            File::create(&img).and_then(|f| f.set_len(8 << 20)).expect("image");
+            // No silent skip: the test command runs as root (CI does), which a loop device needs.
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show", "--sector-size", &sector.to_string()])
+                .arg(&img)
+                .output()
+                .expect("losetup: this test needs root and util-linux");
+            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+            let dev = Loop(String::from_utf8(out.stdout).expect("utf-8").trim().to_string());
+            let f =
+                FileBdev::open("bd", &dev.0, Some(8 << 20), false, Engine::Threads).expect("whole device");
+            assert_eq!(f.info().block_size, sector, "logical block size");
+            assert_eq!(f.info().num_blocks, (8 << 20) / u64::from(sector));
+            assert!(FileBdev::open("bd", &dev.0, Some((8 << 20) + 4096), false, Engine::Threads).is_err());
+            let f =
+                FileBdev::open_with_block_size("bd", &dev.0, None, false, Engine::Threads, 4096).expect("4k");
+            assert_eq!(f.info().block_size, 4096);
+        }
+    }
+
+    /// Flushes are counted (module_stats "syncs"), and the close log says how many there were.
+    #[test]
+    fn flushes_and_the_sync_on_close_are_counted() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let f = FileBdev::open("fc", d.path().join("img"), Some(1 << 20), false, engine).expect("file");
+            let (f, _reg, _desc, mut ch) = open(f);
+            for tag in 0..2 {
+                assert_eq!(run1(&mut ch, BdevIo::no_data(IoKind::Flush, 0, 0, tag)), Ok(()));
+            }
+            assert_eq!(f.module_stats().expect("stats")["syncs"], 2, "{engine:?}");
+            let (r, logs) = crate::testlog::capture(|| f.shutdown());
+            r.expect("shutdown");
+            assert!(logs.iter().any(|l| l.contains("(3 syncs since open)")), "{engine:?}: {logs:?}");
+        }
+    }
 
     #[test]
     fn io_uring_setup_failure_falls_back_to_threads() {

@@ -204,8 +204,8 @@ mod tests {
     use std::sync::Arc;
 
     use crate::bdev::file::{Engine, FileBdev};
-    use crate::bdev::tests::{conformance, drive};
-    use crate::bdev::{Bdev, BdevIo, IoVecs, Registry};
+    use crate::bdev::tests::{conformance, drive, many_segments, pattern};
+    use crate::bdev::{Bdev, BdevIo, Completion, IoKind, IoVecs, Registry};
 
     #[test]
     fn conformance_file_inline_io_uring_and_threads() {
@@ -233,6 +233,74 @@ mod tests {
         conformance(f.clone());
         let (hits, misses) = f.inline_counts();
         assert!(hits > 100 && misses == 0, "tmpfs: {hits} inline, {misses} to the engine");
+    }
+
+    /// An inline channel sleeps on its engine's wait fd: a request the inline path hands to the engine
+    /// (a flush, a cache miss) wakes it when it completes. Without the fd the vhost poller registers no
+    /// completion fd for the queue and spins while such a request is in flight.
+    #[test]
+    fn the_wait_fd_wakes_for_an_engine_completion() {
+        for engine in [Engine::IoUring, Engine::Threads] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let f = FileBdev::open("fw", d.path().join("img"), Some(1 << 20), false, engine)
+                .expect("file")
+                .with_inline(true);
+            assert!(f.inline());
+            let reg = Registry::new();
+            reg.register(Arc::new(f)).expect("register");
+            let desc = reg.open("fw", true).expect("open");
+            let mut ch = desc.channel().expect("channel");
+            let fd = ch.wait_fd().expect("an inline channel has a wait fd");
+            let readable = |ms: i32| {
+                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd on the stack, for the duration of the call.
+                unsafe { libc::poll(&mut p, 1, ms) }
+            };
+            assert_eq!(readable(0), 0, "{engine:?}: the wait fd is readable with nothing in flight");
+            ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1));
+            assert_eq!(readable(10_000), 1, "{engine:?}: the wait fd never woke for the flush");
+            assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }]);
+        }
+    }
+
+    /// A request of more than IOV_MAX (1024) segments goes to the engine, which splits it: offered
+    /// whole to `preadv2`/`pwritev2` it would fail with EINVAL, which turns the inline path off for
+    /// the whole bdev. A one-block request after it still completes inline.
+    #[test]
+    fn more_than_iov_max_segments_go_to_the_engine_and_keep_the_inline_path() {
+        // tmpfs: every request the inline path takes completes there (no RWF_NOWAIT refusals).
+        let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let f = Arc::new(
+            FileBdev::open("fs", d.path().join("img"), Some(4 << 20), false, Engine::IoUring)
+                .expect("file")
+                .with_inline(true),
+        );
+        let reg = Registry::new();
+        reg.register(f.clone()).expect("register");
+        let desc = reg.open("fs", true).expect("open");
+        let mut ch = desc.channel().expect("channel");
+        let data = pattern(10, 1500, 512, 3);
+        for kind in [IoKind::Write, IoKind::Read] {
+            let bufs = many_segments(1500);
+            let view = bufs.slice(0, 1500 * 512).expect("view");
+            if kind == IoKind::Write {
+                bufs.copy_from_slice(0, &data);
+            }
+            let (hits, misses) = f.inline_counts();
+            ch.submit(BdevIo { kind, offset_blocks: 10, num_blocks: 1500, bufs, tag: 1 });
+            assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }], "{kind:?}");
+            assert_eq!(
+                f.inline_counts(),
+                (hits, misses + 1),
+                "{kind:?}: 1500 segments were not left to the engine"
+            );
+            if kind == IoKind::Read {
+                assert!(view.to_vec() == data, "the 1500-segment read returned other data");
+            }
+            ch.submit(BdevIo { kind, offset_blocks: 0, num_blocks: 1, bufs: IoVecs::alloc(512), tag: 2 });
+            assert_eq!(drive(&mut ch), vec![Completion { tag: 2, result: Ok(()) }], "{kind:?}");
+            assert_eq!(f.inline_counts(), (hits + 1, misses + 1), "{kind:?}: the inline path was turned off");
+        }
     }
 
     #[test]
@@ -328,13 +396,50 @@ mod engine_poll_tests {
     type Parts = (InlineChannel, Arc<AtomicUsize>, Arc<Mutex<Vec<u64>>>, Arc<InlineState>);
 
     fn channel() -> Parts {
+        channel_with_flags(None)
+    }
+
+    /// `channel()` on a tmpfs file, with these `preadv2`/`pwritev2` flags instead of the file's own.
+    fn channel_with_flags(flags: Option<libc::c_int>) -> Parts {
         let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmpfs file");
         f.as_file().set_len(1 << 20).expect("size");
         let file: Arc<std::fs::File> = Arc::new(f.reopen().expect("reopen"));
         let engine = Engine::default();
         let (polls, stale) = (engine.polls.clone(), engine.stale.clone());
-        let state = Arc::new(InlineState::new(std::os::fd::AsRawFd::as_raw_fd(&*file)));
+        let mut state = InlineState::new(std::os::fd::AsRawFd::as_raw_fd(&*file));
+        if let Some(flags) = flags {
+            state.flags = flags;
+        }
+        let state = Arc::new(state);
         (InlineChannel::new(file, 512, Box::new(engine), state.clone()), polls, stale, state)
+    }
+
+    /// Flags the kernel refuses (EOPNOTSUPP, as a kernel or file system without `RWF_NOWAIT` does)
+    /// turn the inline path off for that direction, with one log line: later requests of that
+    /// direction go straight to the engine; the other direction keeps trying until refused itself.
+    #[test]
+    fn refused_flags_turn_the_direction_off_once() {
+        // An unknown RWF_ bit: every kernel refuses it with EOPNOTSUPP.
+        let (mut ch, _polls, _stale, state) = channel_with_flags(Some(1 << 30));
+        let ((), logs) = crate::testlog::capture(|| {
+            for tag in 0..2 {
+                ch.submit(BdevIo::read(tag, 1, IoVecs::alloc(512), tag)).expect("to the engine");
+            }
+        });
+        assert!(!state.reads.load(Ordering::Relaxed), "a refused read left inline reads on");
+        assert!(state.writes.load(Ordering::Relaxed), "a refused read turned inline writes off");
+        let said: Vec<_> = logs.iter().filter(|l| l.contains("RWF_NOWAIT")).collect();
+        assert_eq!(said.len(), 1, "{logs:?}");
+        assert!(said[0].contains("reads unsupported"), "{said:?}");
+        let ((), logs) = crate::testlog::capture(|| {
+            ch.submit(BdevIo::write(0, 1, IoVecs::alloc(512), 2)).expect("to the engine");
+        });
+        assert!(!state.writes.load(Ordering::Relaxed), "a refused write left inline writes on");
+        assert!(logs.iter().any(|l| l.contains("RWF_NOWAIT writes unsupported")), "{logs:?}");
+        assert_eq!(state.inline_ops.load(Ordering::Relaxed), 0);
+        assert_eq!(state.misses.load(Ordering::Relaxed), 3);
+        let mut done = Vec::new();
+        assert_eq!(ch.poll(&mut done), 3, "the engine completes what the inline path declined");
     }
 
     #[test]

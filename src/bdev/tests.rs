@@ -86,7 +86,7 @@ const fn io_tag_zero() -> u64 {
 }
 
 /// Deterministic content: each block carries its number and a seed.
-fn pattern(off: u64, n: u64, bs: u64, seed: u8) -> Vec<u8> {
+pub(crate) fn pattern(off: u64, n: u64, bs: u64, seed: u8) -> Vec<u8> {
     let mut v = Vec::with_capacity((n * bs) as usize);
     for b in off..off + n {
         for i in 0..bs {
@@ -903,7 +903,7 @@ fn conformance_file_block_device() {
 }
 
 /// `n` single-block segments of 512 bytes, every other one taken from a second buffer.
-fn many_segments(n: usize) -> IoVecs {
+pub(crate) fn many_segments(n: usize) -> IoVecs {
     let buf = Arc::new(AlignedBuf::zeroed(n * 1024));
     let iovs: Vec<_> = (0..n)
         .map(|i| libc::iovec { iov_base: buf.as_ptr().wrapping_add(i * 1024).cast(), iov_len: 512 })

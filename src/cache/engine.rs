@@ -1125,9 +1125,9 @@ impl ModuleChannel for CacheChannel {
                 self.child_done(c.tag, c.result);
             }
             self.scratch.clear();
-            // A finished read hit only completes its request (and drops a pin): it starts nothing, so
-            // it calls for another round only when a waiting request might now go.
-            progress |= hits < n || (n > 0 && !self.blocked.is_empty());
+            // A finished read hit only completes its request (and drops a pin, which no waiting
+            // request waits for: they wait for line locks): it starts nothing, so no other round.
+            progress |= hits < n;
             let mut i = 0;
             while i < self.blocked.len() {
                 // Keep the order of requests on the same lines: wait behind an earlier one.

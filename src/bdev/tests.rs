@@ -1179,7 +1179,8 @@ fn a_lane_on_a_plain_bdev_gives_back_exactly_what_the_general_test_would() {
     assert_eq!(accepts(&ctl), vec![(IoKind::Read, blocks - 1, 1), (IoKind::Read, 0, 16)]);
 
     // Any one limit: the general test, which gives the long or the unaligned read back.
-    let limits: [(&str, fn(&mut BdevInfo)); 3] = [
+    type Limit = (&'static str, fn(&mut BdevInfo));
+    let limits: [Limit; 3] = [
         ("buf_align", |i| i.buf_align = 512),
         ("max_io_blocks", |i| i.max_io_blocks = 8),
         ("split on the optimal boundary", |i| {

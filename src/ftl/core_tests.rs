@@ -895,15 +895,10 @@ fn complete_within_10s(ch: &mut crate::ftl::FtlChannel, io: crate::bdev::BdevIo,
 /// it runs before the slower FTL tests, which otherwise hang on a channel that never completes.
 #[test]
 fn a_channel_completes_writes_flushes_reads_and_unmaps_within_10_s() {
-    use crate::bdev::{BdevIo, IoKind, IoVecs, Registry};
+    use crate::bdev::{BdevIo, IoKind, IoVecs};
     use crate::ftl::layout::BLOCK_BYTES;
     let dir = tempfile::tempdir().expect("tmp");
-    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
-    let reg = Registry::new();
-    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
-    reg.register(Arc::new(nv)).expect("register");
-    let mut cfg = FtlConfig::new("completes");
-    cfg.wbuf_bytes = 64 << 10;
+    let (media, reg, cfg) = crate::ftl::tests::nv_ftl_setup(dir.path(), "completes");
     let nv = reg.open("nv", true).expect("nv");
     let bdev = FtlBdev::open_with_nv(cfg, media, Some(nv)).expect("open");
     let mut ch = crate::ftl::new_channel(bdev.shared()).expect("channel");

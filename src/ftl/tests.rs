@@ -31,6 +31,18 @@ pub(crate) fn geometry(chunks: u32, clba: u32) -> EmuGeometry {
     }
 }
 
+/// A 20-chunk media of 32-block chunks in `dir`, a registry holding a 1 MiB malloc bdev "nv" for an
+/// nv-cache, and an FTL config named `name` with a 64 KiB write buffer.
+pub(crate) fn nv_ftl_setup(dir: &Path, name: &str) -> (Arc<dyn MediaDevice>, Registry, FtlConfig) {
+    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir, geometry(20, 32), vec![]));
+    let reg = Registry::new();
+    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
+    reg.register(Arc::new(nv)).expect("register");
+    let mut cfg = FtlConfig::new(name);
+    cfg.wbuf_bytes = 64 << 10;
+    (media, reg, cfg)
+}
+
 pub(crate) fn make_media(dir: &Path, g: EmuGeometry, bad: Vec<Ppa>) -> EmuDevice {
     EmuDevice::create(&dir.join("media.img"), &EmuConfig { geometry: g, bad_chunks: bad, faults: vec![] })
         .expect("create media")
@@ -2022,12 +2034,7 @@ fn a_reformatted_nv_cache_keeps_no_superblock_of_its_former_ftl() {
 #[test]
 fn a_replay_logs_the_blocks_it_replayed_and_only_then() {
     let dir = tempfile::tempdir().expect("tmp");
-    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
-    let reg = Registry::new();
-    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
-    reg.register(Arc::new(nv)).expect("register");
-    let mut cfg = FtlConfig::new("nvlog");
-    cfg.wbuf_bytes = 64 << 10;
+    let (media, reg, cfg) = nv_ftl_setup(dir.path(), "nvlog");
     let open = || {
         crate::testlog::capture(|| {
             FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(reg.open("nv", true).expect("nv")))

@@ -31,15 +31,10 @@ pub(crate) fn geometry(chunks: u32, clba: u32) -> EmuGeometry {
     }
 }
 
-/// A 20-chunk media of 32-block chunks in `dir`, a registry holding a 1 MiB malloc bdev "nv" for an
-/// nv-cache, and an FTL config named `name` with a 64 KiB write buffer.
+/// A 20-chunk media of 32-block chunks in `dir`, with [`nv_setup`]'s registry and config.
 pub(crate) fn nv_ftl_setup(dir: &Path, name: &str) -> (Arc<dyn MediaDevice>, Registry, FtlConfig) {
     let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir, geometry(20, 32), vec![]));
-    let reg = Registry::new();
-    let nv = crate::bdev::malloc::MallocBdev::new("nv", 1 << 20, 4096).expect("malloc");
-    reg.register(Arc::new(nv)).expect("register");
-    let mut cfg = FtlConfig::new(name);
-    cfg.wbuf_bytes = 64 << 10;
+    let (reg, cfg) = nv_setup(name);
     (media, reg, cfg)
 }
 
@@ -2093,8 +2088,7 @@ fn nv_setup(name: &str) -> (Registry, FtlConfig) {
 #[test]
 fn a_flushed_write_leaves_no_record_to_replay_over_a_later_trim() {
     let dir = tempfile::tempdir().expect("tmp");
-    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
-    let (reg, cfg) = nv_setup("nvtrim");
+    let (media, reg, cfg) = nv_ftl_setup(dir.path(), "nvtrim");
     let open = || {
         let nv = reg.open("nv", true).expect("nv");
         let bdev = Arc::new(FtlBdev::open_with_nv(cfg.clone(), Arc::clone(&media), Some(nv)).expect("open"));
@@ -2561,8 +2555,7 @@ fn a_channel_keeps_its_wakeup_while_a_read_is_in_flight() {
 #[test]
 fn an_nv_cache_channel_with_no_record_in_flight_clears_its_wakeup() {
     let dir = tempfile::tempdir().expect("tmp");
-    let media: Arc<dyn MediaDevice> = Arc::new(make_media(dir.path(), geometry(20, 32), vec![]));
-    let (reg, cfg) = nv_setup("nvidle");
+    let (media, reg, cfg) = nv_ftl_setup(dir.path(), "nvidle");
     let nv = reg.open("nv", true).expect("nv");
     let bdev = FtlBdev::open_with_nv(cfg, media, Some(nv)).expect("open");
     let mut ch = new_channel(bdev.shared()).expect("channel");

@@ -809,26 +809,19 @@ impl Drop for ThreadsChannel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::bdev::tests::{drive, pattern};
+    use crate::bdev::tests::{drive, pattern, poll_in, run1};
     use crate::bdev::{Channel, Descriptor, IoVecs, Registry};
 
-    /// A registered file bdev on `path`, a writable descriptor and a channel.
-    fn open(f: FileBdev) -> (Arc<FileBdev>, Registry, Descriptor, Channel) {
+    /// `f` registered in a new registry, a writable descriptor and a channel.
+    pub(crate) fn open(f: FileBdev) -> (Arc<FileBdev>, Registry, Descriptor, Channel) {
         let f = Arc::new(f);
         let reg = Registry::new();
         reg.register(f.clone()).expect("register");
         let desc = reg.open(&f.info.name, true).expect("open");
         let ch = desc.channel().expect("channel");
         (f, reg, desc, ch)
-    }
-
-    fn run1(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
-        ch.submit(io);
-        let done = drive(ch);
-        assert_eq!(done.len(), 1, "{done:?}");
-        done[0].result
     }
 
     fn write(ch: &mut Channel, off: u64, n: u64, seed: u8) -> Result<(), IoError> {
@@ -859,17 +852,12 @@ mod tests {
             let f = FileBdev::open("wq", d.path().join("img"), Some(1 << 20), false, engine).expect("file");
             let (_f, _reg, _desc, mut ch) = open(f);
             let fd = ch.wait_fd().expect("wait fd");
-            let readable = |ms: i32| {
-                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd on the stack, for the duration of the call.
-                unsafe { libc::poll(&mut p, 1, ms) }
-            };
             ch.submit(BdevIo::write(0, 8, IoVecs::from_slice(&pattern(0, 8, 512, 1)), 1));
             // One request, one signal: once the fd is readable the signal has been given.
-            assert_eq!(readable(10_000), 1, "{engine:?}: no signal");
+            assert_eq!(poll_in(fd, 10_000), 1, "{engine:?}: no signal");
             assert_eq!(drive(&mut ch).len(), 1);
             assert_eq!(
-                readable(0),
+                poll_in(fd, 0),
                 0,
                 "{engine:?}: the wait fd stays readable after the completion was reaped"
             );
@@ -1025,10 +1013,7 @@ mod tests {
             for round in 0..3u64 {
                 // A flush goes to the engine; once it has signalled, a write completes inline (tmpfs).
                 ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 10 * round));
-                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd on the stack, for the duration of the call.
-                let n = unsafe { libc::poll(&mut p, 1, 10_000) };
-                assert_eq!(n, 1, "{engine:?}: the flush never completed");
+                assert_eq!(poll_in(fd, 10_000), 1, "{engine:?}: the flush never completed");
                 ch.submit(BdevIo::write(
                     round,
                     1,

@@ -203,8 +203,9 @@ impl ModuleChannel for InlineChannel {
 mod tests {
     use std::sync::Arc;
 
+    use crate::bdev::file::tests::open;
     use crate::bdev::file::{Engine, FileBdev};
-    use crate::bdev::tests::{conformance, drive, many_segments, pattern};
+    use crate::bdev::tests::{conformance, drive, many_segments, pattern, poll_in};
     use crate::bdev::{Bdev, BdevIo, Completion, IoKind, IoVecs, Registry};
 
     #[test]
@@ -246,19 +247,11 @@ mod tests {
                 .expect("file")
                 .with_inline(true);
             assert!(f.inline());
-            let reg = Registry::new();
-            reg.register(Arc::new(f)).expect("register");
-            let desc = reg.open("fw", true).expect("open");
-            let mut ch = desc.channel().expect("channel");
+            let (_f, _reg, _desc, mut ch) = open(f);
             let fd = ch.wait_fd().expect("an inline channel has a wait fd");
-            let readable = |ms: i32| {
-                let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd on the stack, for the duration of the call.
-                unsafe { libc::poll(&mut p, 1, ms) }
-            };
-            assert_eq!(readable(0), 0, "{engine:?}: the wait fd is readable with nothing in flight");
+            assert_eq!(poll_in(fd, 0), 0, "{engine:?}: the wait fd is readable with nothing in flight");
             ch.submit(BdevIo::no_data(IoKind::Flush, 0, 0, 1));
-            assert_eq!(readable(10_000), 1, "{engine:?}: the wait fd never woke for the flush");
+            assert_eq!(poll_in(fd, 10_000), 1, "{engine:?}: the wait fd never woke for the flush");
             assert_eq!(drive(&mut ch), vec![Completion { tag: 1, result: Ok(()) }]);
         }
     }
@@ -270,15 +263,10 @@ mod tests {
     fn more_than_iov_max_segments_go_to_the_engine_and_keep_the_inline_path() {
         // tmpfs: every request the inline path takes completes there (no RWF_NOWAIT refusals).
         let d = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
-        let f = Arc::new(
-            FileBdev::open("fs", d.path().join("img"), Some(4 << 20), false, Engine::IoUring)
-                .expect("file")
-                .with_inline(true),
-        );
-        let reg = Registry::new();
-        reg.register(f.clone()).expect("register");
-        let desc = reg.open("fs", true).expect("open");
-        let mut ch = desc.channel().expect("channel");
+        let f = FileBdev::open("fs", d.path().join("img"), Some(4 << 20), false, Engine::IoUring)
+            .expect("file")
+            .with_inline(true);
+        let (f, _reg, _desc, mut ch) = open(f);
         let data = pattern(10, 1500, 512, 3);
         for kind in [IoKind::Write, IoKind::Read] {
             let bufs = many_segments(1500);

@@ -48,7 +48,7 @@ pub(crate) fn drive(ch: &mut Channel) -> Vec<Completion> {
         if ch.poll(&mut done) == 0 {
             assert!(std::time::Instant::now() < deadline, "I/O never completed");
             if let Some(fd) = ch.wait_fd() {
-                wait_readable(fd, 100);
+                poll_in(fd, 100);
             } else {
                 std::thread::yield_now();
             }
@@ -57,10 +57,11 @@ pub(crate) fn drive(ch: &mut Channel) -> Vec<Completion> {
     done
 }
 
-fn wait_readable(fd: RawFd, ms: i32) {
+/// poll(2) for input on `fd`, waiting at most `ms`: 1 when readable, 0 when not, -1 on an error.
+pub(crate) fn poll_in(fd: RawFd, ms: i32) -> i32 {
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd on the stack.
-    unsafe { libc::poll(&mut p, 1, ms) };
+    // SAFETY: one valid pollfd on the stack, for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) }
 }
 
 /// Submits `ios` and returns each tag's result, asserting every tag completes exactly once.
@@ -77,12 +78,10 @@ pub(crate) fn run(ch: &mut Channel, ios: Vec<BdevIo>) -> HashMap<u64, Result<(),
     out
 }
 
-fn run1(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
-    run(ch, vec![io])[&io_tag_zero()]
-}
-
-const fn io_tag_zero() -> u64 {
-    0
+/// Submits one I/O (any tag) and returns its result.
+pub(crate) fn run1(ch: &mut Channel, io: BdevIo) -> Result<(), IoError> {
+    let tag = io.tag;
+    run(ch, vec![io])[&tag]
 }
 
 /// Deterministic content: each block carries its number and a seed.
@@ -1025,6 +1024,14 @@ fn only_unaligned_buffers_are_bounced() {
     assert_eq!(back.to_vec(), pattern(0, 5, 512, 3)[512..].to_vec());
 }
 
+/// Submits `io` to `lane`, which must give it back untouched.
+#[track_caller]
+fn given_back(lane: &mut super::Lane, io: BdevIo) {
+    let id = io_id(&io);
+    let back = lane.submit(io).expect_err("must be given back");
+    assert_eq!(io_id(&back), id);
+}
+
 /// Polls `lane` until nothing is in flight.
 fn drive_lane(lane: &mut super::Lane) -> Vec<Completion> {
     let mut done = Vec::new();
@@ -1051,11 +1058,6 @@ fn a_lane_takes_only_plain_io_and_counts_it() {
     });
     let (reg, desc, mut ch) = open_stub(bdev);
     let mut lane = desc.lane().expect("lane");
-    let given_back = |lane: &mut super::Lane, io: BdevIo| {
-        let id = io_id(&io);
-        let back = lane.submit(io).expect_err("must be given back");
-        assert_eq!(io_id(&back), id);
-    };
     let blocks = desc.info().num_blocks;
     for io in not_plain(blocks) {
         given_back(&mut lane, io);
@@ -1143,11 +1145,6 @@ fn a_lane_on_a_plain_bdev_gives_back_exactly_what_the_general_test_would() {
     let (reg, desc, mut ch) = open_stub(bdev);
     let mut lane = desc.lane().expect("lane");
     let blocks = desc.info().num_blocks;
-    let given_back = |lane: &mut super::Lane, io: BdevIo| {
-        let id = io_id(&io);
-        let back = lane.submit(io).expect_err("must be given back");
-        assert_eq!(io_id(&back), id);
-    };
     given_back(&mut lane, BdevIo::read(blocks - 1, 2, IoVecs::alloc(1024), 1)); // past the end
     given_back(&mut lane, BdevIo::read(blocks, 1, IoVecs::alloc(512), 2)); // just past it
     given_back(&mut lane, BdevIo::read(u64::MAX, 2, IoVecs::alloc(1024), 3)); // overflowing range
